@@ -1,0 +1,59 @@
+// The one place where LibTorch version differences live (Debian's 1.13 CPU build and
+// PyTorch 2.x with CUDA). Everything else calls these helpers instead of testing versions.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/autocast_mode.h>
+#include <torch/version.h>
+
+#if defined(ANDYLLM_TORCH_CUDA)
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#endif
+
+#define ANDYLLM_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+namespace andy::compat {
+
+// True where at::scaled_dot_product_attention exists (2.0+): fused / flash attention on GPU.
+constexpr bool kHasFusedSdpa = ANDYLLM_TORCH_AT_LEAST(2, 0);
+
+// Whether this LibTorch was built with CUDA (and found a device at run time).
+inline bool torch_has_cuda() {
+#if defined(ANDYLLM_TORCH_CUDA)
+  return true;
+#else
+  return false;
+#endif
+}
+
+// Enables or disables autocast for a device type with the given lower-precision dtype.
+inline void set_autocast(at::DeviceType device, bool enabled, at::ScalarType dtype) {
+#if ANDYLLM_TORCH_AT_LEAST(2, 4)
+  at::autocast::set_autocast_enabled(device, enabled);
+  at::autocast::set_autocast_dtype(device, dtype);
+#else
+  if (device == at::kCPU) {
+    at::autocast::set_cpu_enabled(enabled);
+    at::autocast::set_autocast_cpu_dtype(dtype);
+  } else {
+    at::autocast::set_enabled(enabled);
+    at::autocast::set_autocast_gpu_dtype(dtype);
+  }
+#endif
+}
+
+#if defined(ANDYLLM_TORCH_CUDA)
+// The stream LibTorch is issuing work on for `device_index` (what NCCL must order against).
+inline cudaStream_t current_cuda_stream(int device_index) {
+  return c10::cuda::getCurrentCUDAStream(device_index).stream();
+}
+// Tells the caching allocator that `t` is in use on `stream` (so it is not reused early).
+inline void record_stream(const at::Tensor& t, cudaStream_t stream) {
+  c10::cuda::CUDACachingAllocator::recordStream(
+      t.storage().data_ptr(), c10::cuda::getStreamFromExternal(stream, t.device().index()));
+}
+#endif
+
+}  // namespace andy::compat

@@ -1,0 +1,158 @@
+// Run configuration: typed sections, a schema (type, default, range, description per key),
+// TOML loading with file:line errors, command-line overrides and consistency checks.
+// Precedence: schema defaults < TOML file < command-line (--set and named flags, in order).
+// Every user mistake throws andy::ConfigError with a one-line message naming the source
+// (file:line or the flag), the key and what was expected.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <variant>
+#include <vector>
+
+namespace andy {
+
+struct ModelConfig {
+  int64_t dim = 256;
+  int64_t n_layer = 4;
+  int64_t n_head = 8;
+  int64_t n_kv_head = 4;
+  int64_t ffn_dim = 0;  // 0: derived as LLaMA does from dim and ffn_multiple_of
+  int64_t ffn_multiple_of = 32;
+  int64_t vocab_size = 4096;
+  int64_t max_seq_len = 256;
+  double norm_eps = 1e-5;
+  double rope_theta = 10000.0;
+  bool tie_embeddings = true;
+  double init_std = 0.02;
+};
+
+struct DataConfig {
+  std::string train_file = "data/demo/processed/train";
+  std::string val_file = "data/demo/processed/validation";
+  std::string tokenizer_path = "data/demo/processed/tokenizer.model";
+  int64_t seq_len = 128;
+  int64_t prefetch_batches = 4;
+};
+
+struct TrainConfig {
+  std::string output_dir = "outputs/run";
+  std::string device = "cpu";
+  int64_t seed = 1234;
+  int64_t batch_size = 8;
+  int64_t gradient_accumulation_steps = 1;
+  int64_t num_epochs = 1;
+  int64_t max_steps = 0;  // 0: run num_epochs
+  double learning_rate = 3e-4;
+  double min_learning_rate = 3e-5;
+  int64_t warmup_steps = 20;
+  double weight_decay = 0.1;
+  bool decay_norms_and_embeddings = false;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double adam_eps = 1e-8;
+  double grad_clip = 1.0;
+  int64_t log_interval = 10;
+  int64_t eval_interval = 100;
+  int64_t eval_batches = 16;
+  double bucket_size_mb = 25.0;
+  double peak_tflops = 0.0;  // 0: measured (CPU) or looked up (GPU); unknown if neither
+  int64_t intra_op_threads = 0;  // 0: cores per rank on this host
+};
+
+struct ParallelConfig {
+  int64_t tensor_parallel_size = 1;
+  std::string backend = "auto";  // auto: nccl for cuda, mpi for cpu
+  double collective_timeout_s = 300.0;
+};
+
+struct PrecisionConfig {
+  std::string mode = "fp32";
+  double loss_scale_init = 65536.0;
+  double loss_scale_growth_factor = 2.0;
+  double loss_scale_backoff = 0.5;
+  int64_t loss_scale_growth_interval = 2000;
+  double loss_scale_min = 1.0;
+};
+
+struct CheckpointConfig {
+  int64_t interval = 500;
+  int64_t keep_last = 3;
+  std::string resume = "auto";
+};
+
+struct ServeConfig {
+  std::string host = "127.0.0.1";
+  int64_t port = 8000;
+  std::string model_path = "";
+  int64_t max_batch_size = 8;
+  int64_t kv_block_size = 16;
+  int64_t kv_num_blocks = 0;  // 0: sized from max_batch_size x max_seq_len
+  int64_t max_tokens_default = 256;
+};
+
+struct Config {
+  ModelConfig model;
+  DataConfig data;
+  TrainConfig train;
+  ParallelConfig parallel;
+  PrecisionConfig precision;
+  CheckpointConfig checkpoint;
+  ServeConfig serve;
+  // Where each non-default value came from, by "section.key": "file.toml:12" or "--set".
+  std::map<std::string, std::string> origin;
+
+  // "file.toml:12" / "--batch_size" / "default" for a "section.key".
+  std::string origin_of(const std::string& dotted) const;
+};
+
+using ConfigValue = std::variant<int64_t, double, bool, std::string>;
+enum class ValueType { kInt, kFloat, kBool, kString };
+
+// One key of the schema. Ranges are inclusive; `choices` restricts strings.
+struct KeySpec {
+  std::string section;
+  std::string key;
+  ValueType type;
+  std::string description;
+  bool has_min = false, has_max = false;
+  double min = 0, max = 0;
+  bool min_exclusive = false;
+  std::vector<std::string> choices;
+  std::function<ConfigValue(const Config&)> get;
+  std::function<void(Config&, const ConfigValue&)> set;
+
+  std::string dotted() const { return section + "." + key; }
+  std::string type_name() const;
+  std::string range_text() const;  // "1 <= value <= 1024", "one of fp32, bf16, fp16", ""
+};
+
+// All keys, in the order they are printed.
+const std::vector<KeySpec>& config_schema();
+const KeySpec* find_key(const std::string& section, const std::string& key);
+
+// Applies a TOML file on top of `cfg`. Throws ConfigError (file:line, key, expectation).
+void apply_toml_file(Config& cfg, const std::string& path);
+// Applies TOML text (as from a file named `source_name`).
+void apply_toml_string(Config& cfg, const std::string& text, const std::string& source_name);
+// Applies "section.key=value" (from --set); `origin` names the flag in errors.
+void apply_set(Config& cfg, const std::string& assignment, const std::string& origin = "--set");
+// Sets one key from its textual value, type-checked and range-checked.
+void apply_value_text(Config& cfg, const std::string& dotted, const std::string& text,
+                      const std::string& origin);
+
+// Cross-key checks (heads divisible by TP, world divisible by TP, ...). world_size <= 0
+// skips the checks that need the world size. Throws ConfigError naming every key involved.
+void validate_config(const Config& cfg, int world_size);
+
+// The effective config as TOML (every key, with its origin as a comment).
+std::string config_to_toml(const Config& cfg);
+// Human-readable schema: every key with type, default, range and description.
+std::string config_schema_help();
+
+// Closest candidate by edit distance, or "" when nothing is close.
+std::string did_you_mean(const std::string& word, const std::vector<std::string>& candidates);
+
+}  // namespace andy

@@ -1,0 +1,214 @@
+// Flag parsing, help text and config loading for the subcommands.
+#include "launch/cli.h"
+
+#include <torch/torch.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <thread>
+
+#include "core/base/error.h"
+#include "core/base/logging.h"
+#include "parallel/world.h"
+
+namespace andy {
+
+namespace {
+std::string normalize(std::string s) {
+  std::replace(s.begin(), s.end(), '-', '_');
+  return s;
+}
+
+// The Python workflow's flag names and the keys they set.
+const std::vector<std::pair<std::string, std::string>>& named_config_flags() {
+  static const std::vector<std::pair<std::string, std::string>> m = {
+      {"train_file", "data.train_file"},
+      {"val_file", "data.val_file"},
+      {"tokenizer_path", "data.tokenizer_path"},
+      {"output_dir", "train.output_dir"},
+      {"device", "train.device"},
+      {"batch_size", "train.batch_size"},
+      {"learning_rate", "train.learning_rate"},
+      {"num_epochs", "train.num_epochs"},
+      {"gradient_accumulation_steps", "train.gradient_accumulation_steps"},
+  };
+  return m;
+}
+}  // namespace
+
+bool ParsedArgs::has(const std::string& name) const {
+  for (const auto& [k, v] : ordered_)
+    if (k == name) return true;
+  return false;
+}
+
+std::string ParsedArgs::get(const std::string& name, const std::string& fallback) const {
+  std::string out = fallback;
+  for (const auto& [k, v] : ordered_)
+    if (k == name) out = v;
+  return out;
+}
+
+double ParsedArgs::get_double(const std::string& name, double fallback) const {
+  if (!has(name)) return fallback;
+  std::string v = get(name);
+  char* end = nullptr;
+  double x = std::strtod(v.c_str(), &end);
+  if (v.empty() || *end) throw ConfigError("--" + name + " " + v + ": expected a number");
+  return x;
+}
+
+int64_t ParsedArgs::get_int(const std::string& name, int64_t fallback) const {
+  if (!has(name)) return fallback;
+  std::string v = get(name);
+  char* end = nullptr;
+  long long x = std::strtoll(v.c_str(), &end, 10);
+  if (v.empty() || *end) throw ConfigError("--" + name + " " + v + ": expected an integer");
+  return x;
+}
+
+ParsedArgs parse_flags(const std::string& command, const std::vector<Flag>& flags, int argc,
+                       char** argv, int start) {
+  ParsedArgs out;
+  for (int i = start; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a.rfind("--", 0) != 0 || a.size() == 2) {
+      out.positional_.push_back(a);
+      continue;
+    }
+    std::string body = a.substr(2), value;
+    bool has_value = false;
+    size_t eq = body.find('=');
+    if (eq != std::string::npos) {
+      value = body.substr(eq + 1);
+      body = body.substr(0, eq);
+      has_value = true;
+    }
+    std::string name = normalize(body);
+    if (name == "help") {
+      out.ordered_.push_back({"help", "true"});
+      continue;
+    }
+    const Flag* spec = nullptr;
+    for (const auto& f : flags)
+      if (normalize(f.name) == name) spec = &f;
+    if (!spec) {
+      std::vector<std::string> names;
+      for (const auto& f : flags) names.push_back(normalize(f.name));
+      std::string hint = did_you_mean(name, names);
+      throw ConfigError("andyllm " + command + ": unknown flag --" + body +
+                        (hint.empty() ? "" : " (did you mean --" + hint + "?)") +
+                        "; see 'andyllm " + command + " --help'");
+    }
+    if (spec->metavar.empty()) {
+      if (has_value && value != "true" && value != "false") {
+        throw ConfigError("andyllm " + command + ": --" + spec->name + " takes no value");
+      }
+      out.ordered_.push_back({spec->name, has_value ? value : "true"});
+      continue;
+    }
+    if (!has_value) {
+      if (i + 1 >= argc) {
+        throw ConfigError("andyllm " + command + ": --" + spec->name + " expects a value (" +
+                          spec->metavar + ")");
+      }
+      value = argv[++i];
+    }
+    out.ordered_.push_back({spec->name, value});
+  }
+  return out;
+}
+
+std::string format_flags_help(const std::vector<Flag>& flags) {
+  std::string out;
+  for (const auto& f : flags) {
+    std::string left = "  --" + f.name + (f.metavar.empty() ? "" : " " + f.metavar);
+    if (left.size() < 34) left += std::string(34 - left.size(), ' ');
+    else left += "\n" + std::string(34, ' ');
+    out += left + f.help + (f.repeatable ? " (repeatable)" : "") + "\n";
+  }
+  out += "  --help                          this text\n";
+  return out;
+}
+
+std::vector<Flag> config_flags() {
+  return {
+      {"config", "FILE", "TOML run config (see configs/); defaults apply without it"},
+      {"set", "SECTION.KEY=VALUE", "override one config key, e.g. --set parallel.tensor_parallel_size=2", true},
+      {"train_file", "PATH", "training shards (sets data.train_file)"},
+      {"val_file", "PATH", "validation shards (sets data.val_file)"},
+      {"tokenizer_path", "PATH", "sentencepiece model (sets data.tokenizer_path)"},
+      {"output_dir", "DIR", "run output directory (sets train.output_dir)"},
+      {"device", "cpu|cuda", "device (sets train.device)"},
+      {"batch_size", "N", "micro-batch per data-parallel rank (sets train.batch_size)"},
+      {"learning_rate", "LR", "peak learning rate (sets train.learning_rate)"},
+      {"num_epochs", "N", "epochs (sets train.num_epochs)"},
+      {"gradient_accumulation_steps", "N", "micro-batches per step (sets train.gradient_accumulation_steps)"},
+      {"fp16", "", "fp16 mixed precision with loss scaling (sets precision.mode=fp16)"},
+      {"print_config", "", "print the effective config (and model size) and exit"},
+      {"help_config", "", "print every config key with type, default, range and description"},
+  };
+}
+
+Config load_config(const ParsedArgs& args) {
+  Config cfg;
+  if (args.has("config")) apply_toml_file(cfg, args.get("config"));
+  for (const auto& [flag, value] : args.ordered()) {
+    if (flag == "set") {
+      apply_set(cfg, value, "--set " + value);
+    } else if (flag == "fp16") {
+      if (value == "true") apply_value_text(cfg, "precision.mode", "fp16", "--fp16");
+    } else {
+      for (const auto& [name, key] : named_config_flags()) {
+        if (flag == name) apply_value_text(cfg, key, value, "--" + name);
+      }
+    }
+  }
+  return cfg;
+}
+
+bool handle_config_info_flags(const ParsedArgs& args, const Config& cfg,
+                              const std::string& extra_info) {
+  if (args.has("help_config")) {
+    if (current_rank() <= 0) std::printf("%s", config_schema_help().c_str());
+    return true;
+  }
+  if (args.has("print_config")) {
+    if (current_rank() <= 0) std::printf("%s%s", config_to_toml(cfg).c_str(), extra_info.c_str());
+    return true;
+  }
+  return false;
+}
+
+Config load_config_collectively(const ParsedArgs& args, World* world) {
+  Config cfg;
+  std::string message;
+  try {
+    cfg = load_config(args);
+    validate_config(cfg, world ? world->size() : 0);
+  } catch (const ConfigError& e) {
+    message = e.what();
+  }
+  if (!world || world->size() == 1) {
+    if (!message.empty()) throw AgreedConfigError(message);
+    return cfg;
+  }
+  int failed = message.empty() ? world->size() : world->rank();
+  int first_failed = 0;
+  MPI_CHECK(MPI_Allreduce(&failed, &first_failed, 1, MPI_INT, MPI_MIN, world->comm().get()));
+  if (first_failed == world->size()) return cfg;
+  throw AgreedConfigError(world->rank() == first_failed ? message : "");
+}
+
+void configure_threads(const Config& cfg, const World* world) {
+  int threads = static_cast<int>(cfg.train.intra_op_threads);
+  if (threads <= 0) {
+    int cores = static_cast<int>(std::thread::hardware_concurrency());
+    int local = world ? world->local_size() : 1;
+    threads = std::max(1, cores / std::max(1, local));
+  }
+  at::set_num_threads(threads);
+}
+
+}  // namespace andy

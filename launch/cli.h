@@ -1,0 +1,78 @@
+// Command-line plumbing shared by the subcommands: flag specs, parsing (--name value,
+// --name=value; '-' and '_' interchangeable), help text, and the config flags every
+// config-driven subcommand accepts (--config, --set, the Python-workflow names).
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/base/error.h"
+#include "core/config/config.h"
+
+namespace andy {
+
+class World;
+
+struct Flag {
+  std::string name;       // without dashes, e.g. "batch_size"
+  std::string metavar;    // "N", "PATH"; empty for a switch
+  std::string help;
+  bool repeatable = false;
+};
+
+class ParsedArgs {
+ public:
+  bool has(const std::string& name) const;
+  // Last value given for `name`, or `fallback`.
+  std::string get(const std::string& name, const std::string& fallback = "") const;
+  double get_double(const std::string& name, double fallback) const;
+  int64_t get_int(const std::string& name, int64_t fallback) const;
+  // Every (flag, value) in command-line order; switches have value "true".
+  const std::vector<std::pair<std::string, std::string>>& ordered() const { return ordered_; }
+  const std::vector<std::string>& positional() const { return positional_; }
+
+  std::vector<std::pair<std::string, std::string>> ordered_;
+  std::vector<std::string> positional_;
+};
+
+// Parses argv[start..]; throws ConfigError on unknown flags (with a suggestion) or a missing
+// value. "--help" is recorded as the switch "help".
+ParsedArgs parse_flags(const std::string& command, const std::vector<Flag>& flags, int argc,
+                       char** argv, int start);
+std::string format_flags_help(const std::vector<Flag>& flags);
+
+struct Subcommand {
+  std::string name;
+  std::string summary;  // one line for `andyllm --help`
+  std::string usage;    // first lines of `andyllm NAME --help`
+  std::vector<Flag> flags;
+  bool needs_mpi = false;  // initialise the World before run()
+  std::function<int(const ParsedArgs&, World*)> run;
+};
+
+// --config, --set, --train_file ... --fp16, --print-config, --help-config.
+std::vector<Flag> config_flags();
+// defaults < --config file < (--set and named flags, in command-line order).
+Config load_config(const ParsedArgs& args);
+// Answers --help-config / --print-config; returns true when it printed and the command is done.
+bool handle_config_info_flags(const ParsedArgs& args, const Config& cfg,
+                              const std::string& extra_info = "");
+
+// A config error every rank of the job knows about: main exits cleanly (code 2), no abort.
+class AgreedConfigError : public ConfigError {
+ public:
+  using ConfigError::ConfigError;
+};
+
+// Loads and validates the config on every rank; if any rank fails, every rank throws
+// AgreedConfigError, with the message on the lowest failing rank only (printed once).
+Config load_config_collectively(const ParsedArgs& args, World* world);
+
+// Sets LibTorch intra-op threads: train.intra_op_threads, or host cores / ranks on the host.
+void configure_threads(const Config& cfg, const World* world);
+
+}  // namespace andy

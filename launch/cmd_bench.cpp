@@ -1,0 +1,91 @@
+// `andyllm bench TARGET`: comm (collective bandwidth + correctness, nccl-tests style).
+#include <cstdio>
+
+#include "core/base/logging.h"
+#include "launch/commands.h"
+#include "parallel/comm_bench.h"
+#include "parallel/process_grid.h"
+
+namespace andy {
+
+namespace {
+
+at::ScalarType parse_dtype(const std::string& s) {
+  if (s == "fp32" || s == "float") return at::kFloat;
+  if (s == "fp64" || s == "double") return at::kDouble;
+  if (s == "bf16") return at::kBFloat16;
+  if (s == "fp16") return at::kHalf;
+  if (s == "int32") return at::kInt;
+  if (s == "int64") return at::kLong;
+  throw ConfigError("--dtype " + s + ": expected fp32, fp64, bf16, fp16, int32 or int64");
+}
+
+int bench_comm(const ParsedArgs& args, World* world) {
+  CommBenchOptions o;
+  o.min_bytes = args.get_int("min_bytes", o.min_bytes);
+  o.max_bytes = args.get_int("max_bytes", o.max_bytes);
+  o.factor = args.get_int("factor", o.factor);
+  o.iters = static_cast<int>(args.get_int("iters", o.iters));
+  o.warmup = static_cast<int>(args.get_int("warmup", o.warmup));
+  o.dtype = parse_dtype(args.get("dtype", "fp32"));
+  o.debug_skip_rank = static_cast<int>(args.get_int("debug_skip_rank", -1));
+  if (args.has("op") && args.get("op") != "all") o.ops = {args.get("op")};
+  if (o.min_bytes < 1 || o.max_bytes < o.min_bytes || o.factor < 2 || o.iters < 1 || o.warmup < 0) {
+    throw ConfigError("andyllm bench comm: expected 1 <= --min_bytes <= --max_bytes, --factor >= 2, --iters >= 1");
+  }
+  std::string backend = args.get("backend", "mpi");
+  if (backend != "mpi" && backend != "nccl") throw ConfigError("--backend " + backend + ": expected mpi or nccl");
+  GridOptions g;
+  g.backend = backend == "nccl" ? Backend::kNccl : Backend::kMpi;
+  g.timeout = std::chrono::milliseconds(static_cast<int64_t>(args.get_double("timeout", 300) * 1000));
+  if (g.backend == Backend::kNccl) {
+    ANDY_CHECK_T(ConfigError, at::hasCUDA(), "--backend nccl needs a CUDA LibTorch and a visible GPU; "
+                 "this LibTorch ", (at::hasCUDA() ? "has" : "has no"), " CUDA device: use --backend mpi");
+    g.device = world->device_for_local_rank(static_cast<int>(at::detail::getCUDAHooks().getNumGPUs()));
+    o.device = at::Device(at::kCUDA, g.device);
+  }
+  ProcessGrid grid(*world, g);
+  if (world->is_root()) std::printf("%s", comm_bench_header(grid.world(), o).c_str());
+  int64_t wrong = 0;
+  run_comm_bench(grid.world(), o, [&](const CommBenchRow& row) {
+    wrong += row.wrong;
+    if (world->is_root()) {
+      std::printf("%s", comm_bench_format(row, o.dtype).c_str());
+      std::fflush(stdout);
+    }
+  });
+  if (world->is_root()) {
+    std::printf("# %d ranks, #wrong total: %lld -> %s\n", world->size(), static_cast<long long>(wrong),
+                wrong == 0 ? "collective check passed" : "COLLECTIVE CHECK FAILED");
+  }
+  return wrong == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+Subcommand make_bench_command() {
+  Subcommand c;
+  c.name = "bench";
+  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style)";
+  c.usage =
+      "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T]";
+  c.flags = {{"min_bytes", "B", "smallest buffer (default 8)"},
+             {"max_bytes", "B", "largest buffer (default 8388608)"},
+             {"factor", "F", "size multiplier between rows (default 8)"},
+             {"iters", "N", "timed iterations per size (default 5)"},
+             {"warmup", "N", "untimed iterations per size (default 2)"},
+             {"dtype", "T", "fp32 (default), fp64, bf16, fp16, int32, int64"},
+             {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
+             {"backend", "mpi|nccl", "communicator backend (default mpi, CPU tensors)"},
+             {"timeout", "SECONDS", "collective timeout (default 300)"},
+             {"debug_skip_rank", "R", "testing: rank R skips the first collective, to show the timeout path"}};
+  c.needs_mpi = true;
+  c.run = [](const ParsedArgs& args, World* world) {
+    std::string target = args.positional().empty() ? "" : args.positional()[0];
+    if (target == "comm") return bench_comm(args, world);
+    throw ConfigError("andyllm bench: expected a target: comm (got '" + target + "')");
+  };
+  return c;
+}
+
+}  // namespace andy

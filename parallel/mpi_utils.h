@@ -1,0 +1,47 @@
+// MPI helpers: MPI_CHECK (names file:line, rank and MPI's own error text) and MpiComm,
+// an owning wrapper for MPI_Comm (copy deleted, move allowed; never frees MPI_COMM_WORLD).
+#pragma once
+
+#include <mpi.h>
+
+#include <string>
+
+#include "core/base/error.h"
+
+namespace andy {
+
+std::string mpi_error_string(int code);
+
+#define MPI_CHECK(call)                                                                   \
+  do {                                                                                    \
+    int andy_mpi_rc_ = (call);                                                            \
+    if (andy_mpi_rc_ != MPI_SUCCESS) {                                                    \
+      throw ::andy::CommError(::andy::where(__FILE__, __LINE__) + #call " failed: " +    \
+                              ::andy::mpi_error_string(andy_mpi_rc_));                    \
+    }                                                                                     \
+  } while (0)
+
+class MpiComm {
+ public:
+  MpiComm() = default;
+  explicit MpiComm(MPI_Comm comm, bool owned) : comm_(comm), owned_(owned) {}
+  ~MpiComm();
+  MpiComm(const MpiComm&) = delete;
+  MpiComm& operator=(const MpiComm&) = delete;
+  MpiComm(MpiComm&& o) noexcept : comm_(o.comm_), owned_(o.owned_) { o.comm_ = MPI_COMM_NULL; o.owned_ = false; }
+  MpiComm& operator=(MpiComm&& o) noexcept;
+
+  MPI_Comm get() const { return comm_; }
+  int rank() const;
+  int size() const;
+  // MPI_Comm_split into a new owned communicator.
+  MpiComm split(int color, int key) const;
+  // MPI_Comm_dup (collectives on the duplicate never match ours).
+  MpiComm dup() const;
+
+ private:
+  MPI_Comm comm_ = MPI_COMM_NULL;
+  bool owned_ = false;
+};
+
+}  // namespace andy
