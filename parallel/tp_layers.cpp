@@ -1,0 +1,132 @@
+// Tensor-parallel linear and embedding layers (see tp_layers.h). Weights are registered as
+// "weight" so module paths give Hugging Face names.
+#include "parallel/tp_layers.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include "core/base/error.h"
+#include "parallel/tp_ops.h"
+
+namespace andy {
+
+at::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed) {
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(seed);
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(at::kFloat));
+  t.normal_(0.0, std, gen);
+  return t;
+}
+
+uint64_t param_seed(uint64_t seed, const std::string& name) {
+  uint64_t h = 1469598103934665603ull;  // FNV-1a
+  for (unsigned char c : name) {
+    h ^= c;
+    h *= 1099511628211ull;
+  }
+  // splitmix64 of the mix, so nearby seeds give unrelated streams
+  uint64_t z = h ^ (seed + 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return (z ^ (z >> 31)) & 0x7fffffffffffffffull;
+}
+
+namespace {
+
+at::Tensor register_sharded(torch::nn::Module& m, const at::Tensor& full, const PartitionSpec& spec,
+                            const CommPtr& tp) {
+  return m.register_parameter("weight", shard_tensor(full, spec, tp_rank_of(tp), tp_size_of(tp)));
+}
+
+void load_into(at::Tensor& weight, const at::Tensor& full, const PartitionSpec& spec, const CommPtr& tp) {
+  at::Tensor shard = shard_tensor(full, spec, tp_rank_of(tp), tp_size_of(tp));
+  ANDY_CHECK(shard.sizes() == weight.sizes(), "load_full_weight: shard shape ", shard.sizes(),
+             " does not match the parameter ", weight.sizes());
+  at::NoGradGuard g;
+  weight.copy_(shard);
+}
+
+}  // namespace
+
+// ---- ColumnParallelLinear ------------------------------------------------------------------
+
+ColumnParallelLinearImpl::ColumnParallelLinearImpl(ColumnParallelLinearOptions o) : options(std::move(o)) {
+  int tp = tp_size_of(options.tp());
+  int64_t padded = options.padded_out_features() > 0 ? options.padded_out_features() : options.out_features();
+  ANDY_CHECK_T(ConfigError, padded % tp == 0, "ColumnParallelLinear: output size ", padded,
+               " is not divisible by tensor_parallel_size ", tp);
+  weight = register_sharded(*this, seeded_normal({options.out_features(), options.in_features()},
+                                                 options.init_std(), options.seed()),
+                            partition_spec(), options.tp());
+}
+
+PartitionSpec ColumnParallelLinearImpl::partition_spec() const {
+  return PartitionSpec::split(0, options.out_features(), options.padded_out_features());
+}
+
+at::Tensor ColumnParallelLinearImpl::forward(const at::Tensor& x) {
+  at::Tensor in = options.copy_input() ? copy_to_tp_region(x, options.tp()) : x;
+  return at::linear(in, weight);
+}
+
+void ColumnParallelLinearImpl::load_full_weight(const at::Tensor& full) {
+  load_into(weight, full, partition_spec(), options.tp());
+}
+
+// ---- RowParallelLinear ---------------------------------------------------------------------
+
+RowParallelLinearImpl::RowParallelLinearImpl(RowParallelLinearOptions o) : options(std::move(o)) {
+  int tp = tp_size_of(options.tp());
+  ANDY_CHECK_T(ConfigError, options.in_features() % tp == 0, "RowParallelLinear: input size ",
+               options.in_features(), " is not divisible by tensor_parallel_size ", tp);
+  weight = register_sharded(*this, seeded_normal({options.out_features(), options.in_features()},
+                                                 options.init_std(), options.seed()),
+                            partition_spec(), options.tp());
+}
+
+PartitionSpec RowParallelLinearImpl::partition_spec() const {
+  return PartitionSpec::split(1, options.in_features());
+}
+
+at::Tensor RowParallelLinearImpl::forward(const at::Tensor& x) {
+  return reduce_from_tp_region(at::linear(x, weight), options.tp());
+}
+
+void RowParallelLinearImpl::load_full_weight(const at::Tensor& full) {
+  load_into(weight, full, partition_spec(), options.tp());
+}
+
+// ---- VocabParallelEmbedding ----------------------------------------------------------------
+
+VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(VocabParallelEmbeddingOptions o)
+    : options(std::move(o)) {
+  int tp = tp_size_of(options.tp());
+  ANDY_CHECK_T(ConfigError,
+               options.padded_vocab_size() % tp == 0 && options.padded_vocab_size() >= options.vocab_size(),
+               "VocabParallelEmbedding: padded vocabulary ", options.padded_vocab_size(),
+               " must be >= vocab_size ", options.vocab_size(), " and divisible by tensor_parallel_size ", tp);
+  weight = register_sharded(*this, seeded_normal({options.vocab_size(), options.dim()},
+                                                 options.init_std(), options.seed()),
+                            partition_spec(), options.tp());
+}
+
+PartitionSpec VocabParallelEmbeddingImpl::partition_spec() const {
+  return PartitionSpec::split(0, options.vocab_size(), options.padded_vocab_size());
+}
+
+int64_t VocabParallelEmbeddingImpl::vocab_start() const {
+  return tp_rank_of(options.tp()) * (options.padded_vocab_size() / tp_size_of(options.tp()));
+}
+
+at::Tensor VocabParallelEmbeddingImpl::forward(const at::Tensor& ids) {
+  if (!tp_active(options.tp())) return at::embedding(weight, ids);
+  int64_t start = vocab_start(), n = local_vocab();
+  at::Tensor outside = (ids < start).logical_or(ids >= start + n);
+  at::Tensor local = (ids - start).masked_fill(outside, 0);
+  at::Tensor out = at::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0.0);
+  return reduce_from_tp_region(out, options.tp());
+}
+
+void VocabParallelEmbeddingImpl::load_full_weight(const at::Tensor& full) {
+  load_into(weight, full, partition_spec(), options.tp());
+}
+
+}  // namespace andy
