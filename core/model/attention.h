@@ -1,0 +1,34 @@
+// Attention and rotary position embeddings, with Hugging Face Llama numerics.
+//
+// RoPE layout: Hugging Face's "rotate_half" (LlamaRotaryEmbedding / apply_rotary_pos_emb):
+// for head size d, inv_freq[i] = theta^(-2i/d), i < d/2; angle(p, i) = p * inv_freq[i];
+// cos/sin tables are [max_seq_len, d] with the d/2 angles repeated twice (cat(freqs, freqs));
+//   x_rot = x * cos + rotate_half(x) * sin,  rotate_half(x) = cat(-x[d/2:], x[:d/2]).
+// So dimension i pairs with i + d/2 (not 2i with 2i+1 as in Meta's original checkpoints and
+// GGUF's "normal" rope; see docs/PARALLELISM.md for the q/k row permutation between them).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace andy {
+
+// Causal scaled-dot-product attention with grouped-query heads, the one attention function of
+// the model. q [B, H, T, d]; k, v [B, H_kv, S, d] with H % H_kv == 0 (kv head j serves query
+// heads j*H/H_kv .. (j+1)*H/H_kv - 1, Hugging Face's repeat_kv). Query i sits at absolute
+// position q_offset + i and key j at position j; a query sees keys at positions <= its own
+// (q_offset = S - T for incremental decoding with a cache, 0 for a full forward).
+// Uses at::scaled_dot_product_attention where the LibTorch version has it
+// (compat::kHasFusedSdpa: flash / memory-efficient kernels on GPU) and the explicit
+// softmax(q k^T / sqrt(d) + mask) v otherwise (1.13), softmax in fp32. Returns [B, H, T, d].
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_offset);
+
+// Rotary tables for positions [0, max_seq_len): cos and sin, each [max_seq_len, head_dim] fp32.
+struct RopeTables {
+  at::Tensor cos, sin;
+};
+RopeTables make_rope_tables(int64_t head_dim, int64_t max_seq_len, double theta);
+
+// x [B, H, T, d]; cos, sin [B, T, d] (rows of the tables gathered at each token's position).
+at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+}  // namespace andy

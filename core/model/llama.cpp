@@ -1,0 +1,319 @@
+// LLaMA modules over the tensor-parallel layers (see llama.h). Collectives per block, forward:
+// all-reduce after o_proj and after down_proj; backward: all-reduce of the input gradient of
+// the q/k/v and gate/up groups (one each: the input is copied to the TP region once).
+#include "core/model/llama.h"
+
+#include <cmath>
+
+#include "core/base/error.h"
+#include "core/model/model_config.h"
+#include "parallel/tp_cross_entropy.h"
+#include "parallel/tp_ops.h"
+
+namespace andy {
+
+namespace {
+
+// Residual-stream output projections (o_proj, down_proj) start with std / sqrt(2 n_layer), as
+// GPT-2 and Megatron-LM do; every other matrix with init_std; norms with ones.
+double residual_std(const ModelConfig& cfg) { return cfg.init_std / std::sqrt(2.0 * cfg.n_layer); }
+
+}  // namespace
+
+// ---- RMSNorm -------------------------------------------------------------------------------
+
+RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
+  weight = register_parameter("weight", at::ones({dim}));
+}
+
+at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
+  at::Tensor h = x.to(at::kFloat);
+  at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(var + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+// ---- attention -----------------------------------------------------------------------------
+
+LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& p)
+    : tp_(tp) {
+  const int t = tp_size_of(tp);
+  head_dim_ = head_dim(cfg);
+  n_head_local_ = cfg.n_head / t;
+  n_kv_head_local_ = cfg.n_kv_head / t;
+  auto col = [&](const char* name, int64_t out) {
+    return register_module(name, ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, out, tp)
+                                                          .copy_input(false)
+                                                          .init_std(cfg.init_std)
+                                                          .seed(param_seed(seed, p + name + ".weight"))));
+  };
+  q_proj = col("q_proj", cfg.n_head * head_dim_);
+  k_proj = col("k_proj", cfg.n_kv_head * head_dim_);
+  v_proj = col("v_proj", cfg.n_kv_head * head_dim_);
+  o_proj = register_module("o_proj", RowParallelLinear(RowParallelLinearOptions(cfg.n_head * head_dim_, cfg.dim, tp)
+                                                           .init_std(residual_std(cfg))
+                                                           .seed(param_seed(seed, p + "o_proj.weight"))));
+}
+
+at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeRows& rope) {
+  const int64_t b = x.size(0), t = x.size(1);
+  at::Tensor xc = copy_to_tp_region(x, tp_);
+  at::Tensor q = q_proj(xc).view({b, t, n_head_local_, head_dim_}).transpose(1, 2);
+  at::Tensor k = k_proj(xc).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
+  at::Tensor v = v_proj(xc).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
+  q = apply_rope(q, rope.cos, rope.sin);
+  k = apply_rope(k, rope.cos, rope.sin);
+  at::Tensor o = attention(q, k, v, /*q_offset=*/0);
+  return o_proj(o.transpose(1, 2).reshape({b, t, n_head_local_ * head_dim_}));
+}
+
+at::Tensor LlamaAttentionImpl::forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
+                                              int64_t layer, const std::vector<KvSequence>& seqs) {
+  const int64_t b = x.size(0), t = x.size(1);
+  at::Tensor q = q_proj(x).view({b, t, n_head_local_, head_dim_}).transpose(1, 2);
+  at::Tensor k = k_proj(x).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
+  at::Tensor v = v_proj(x).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
+  q = apply_rope(q, rope.cos, rope.sin);
+  k = apply_rope(k, rope.cos, rope.sin);
+  at::Tensor k_flat = cache.k(layer).view({-1, n_kv_head_local_, head_dim_});
+  at::Tensor v_flat = cache.v(layer).view({-1, n_kv_head_local_, head_dim_});
+  std::vector<at::Tensor> outs;
+  for (int64_t i = 0; i < b; ++i) {
+    const KvSequence& s = seqs[i];
+    // [H_kv, T, d] -> [T, H_kv, d] into the new tokens' slots
+    k_flat.index_copy_(0, cache.slots(s, s.length, t), k[i].transpose(0, 1).to(k_flat.scalar_type()));
+    v_flat.index_copy_(0, cache.slots(s, s.length, t), v[i].transpose(0, 1).to(v_flat.scalar_type()));
+    at::Tensor all = cache.slots(s, 0, s.length + t);
+    at::Tensor keys = k_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
+    at::Tensor vals = v_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
+    outs.push_back(attention(q.narrow(0, i, 1), keys, vals, /*q_offset=*/s.length));
+  }
+  at::Tensor o = at::cat(outs, 0);
+  return o_proj(o.transpose(1, 2).reshape({b, t, n_head_local_ * head_dim_}));
+}
+
+// ---- MLP -----------------------------------------------------------------------------------
+
+LlamaMLPImpl::LlamaMLPImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& p) : tp_(tp) {
+  const int64_t ffn = derived_ffn_dim(cfg);
+  auto col = [&](const char* name) {
+    return register_module(name, ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, ffn, tp)
+                                                          .copy_input(false)
+                                                          .init_std(cfg.init_std)
+                                                          .seed(param_seed(seed, p + name + ".weight"))));
+  };
+  gate_proj = col("gate_proj");
+  up_proj = col("up_proj");
+  down_proj = register_module("down_proj", RowParallelLinear(RowParallelLinearOptions(ffn, cfg.dim, tp)
+                                                                 .init_std(residual_std(cfg))
+                                                                 .seed(param_seed(seed, p + "down_proj.weight"))));
+}
+
+at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
+  at::Tensor xc = copy_to_tp_region(x, tp_);
+  return down_proj(at::silu(gate_proj(xc)) * up_proj(xc));
+}
+
+// ---- decoder layer -------------------------------------------------------------------------
+
+LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
+                                             const std::string& p) {
+  input_layernorm = register_module("input_layernorm", RMSNorm(cfg.dim, cfg.norm_eps));
+  self_attn = register_module("self_attn", LlamaAttention(cfg, tp, seed, p + "self_attn."));
+  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(cfg.dim, cfg.norm_eps));
+  mlp = register_module("mlp", LlamaMLP(cfg, tp, seed, p + "mlp."));
+}
+
+at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const RopeRows& rope) {
+  at::Tensor h = x + self_attn(input_layernorm(x), rope);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+at::Tensor LlamaDecoderLayerImpl::forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
+                                                 int64_t layer, const std::vector<KvSequence>& seqs) {
+  at::Tensor h = x + self_attn->forward_cached(input_layernorm(x), rope, cache, layer, seqs);
+  return h + mlp(post_attention_layernorm(h));
+}
+
+// ---- decoder stack -------------------------------------------------------------------------
+
+LlamaModelImpl::LlamaModelImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed) {
+  const int t = tp_size_of(tp);
+  embed_tokens = register_module(
+      "embed_tokens",
+      VocabParallelEmbedding(VocabParallelEmbeddingOptions(cfg.vocab_size, padded_vocab_size(cfg, t), cfg.dim, tp)
+                                 .init_std(cfg.init_std)
+                                 .seed(param_seed(seed, "model.embed_tokens.weight"))));
+  layers = register_module("layers", torch::nn::ModuleList());
+  for (int64_t l = 0; l < cfg.n_layer; ++l)
+    layers->push_back(LlamaDecoderLayer(cfg, tp, seed, "model.layers." + std::to_string(l) + "."));
+  norm = register_module("norm", RMSNorm(cfg.dim, cfg.norm_eps));
+}
+
+// ---- causal LM -----------------------------------------------------------------------------
+
+PartitionSpecs llama_partition_specs(const ModelConfig& cfg, int tp) {
+  validate_model_shapes(cfg, tp);
+  const int64_t d = head_dim(cfg), ffn = derived_ffn_dim(cfg), vp = padded_vocab_size(cfg, tp);
+  PartitionSpecs s;
+  s["model.embed_tokens.weight"] = PartitionSpec::split(0, cfg.vocab_size, vp);
+  for (int64_t l = 0; l < cfg.n_layer; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    s[p + "input_layernorm.weight"] = PartitionSpec::replicate();
+    s[p + "post_attention_layernorm.weight"] = PartitionSpec::replicate();
+    s[p + "self_attn.q_proj.weight"] = PartitionSpec::split(0, cfg.n_head * d);
+    s[p + "self_attn.k_proj.weight"] = PartitionSpec::split(0, cfg.n_kv_head * d);
+    s[p + "self_attn.v_proj.weight"] = PartitionSpec::split(0, cfg.n_kv_head * d);
+    s[p + "self_attn.o_proj.weight"] = PartitionSpec::split(1, cfg.n_head * d);
+    s[p + "mlp.gate_proj.weight"] = PartitionSpec::split(0, ffn);
+    s[p + "mlp.up_proj.weight"] = PartitionSpec::split(0, ffn);
+    s[p + "mlp.down_proj.weight"] = PartitionSpec::split(1, ffn);
+  }
+  s["model.norm.weight"] = PartitionSpec::replicate();
+  if (!cfg.tie_embeddings) s["lm_head.weight"] = PartitionSpec::split(0, cfg.vocab_size, vp);
+  return s;
+}
+
+LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed)
+    : cfg_(cfg), tp_(tp) {
+  const int t = tp_size_of(tp);
+  validate_model_shapes(cfg, t);
+  padded_vocab_ = padded_vocab_size(cfg, t);
+  specs_ = llama_partition_specs(cfg, t);
+  model = register_module("model", LlamaModel(cfg, tp, seed));
+  if (!cfg.tie_embeddings) {
+    lm_head = register_module("lm_head", ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, cfg.vocab_size, tp)
+                                                                  .padded_out_features(padded_vocab_)
+                                                                  .init_std(cfg.init_std)
+                                                                  .seed(param_seed(seed, "lm_head.weight"))));
+  }
+  rope_ = make_rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta);
+  // Every registered parameter must have a spec and the other way round.
+  auto named = named_parameters();
+  ANDY_CHECK(named.size() == specs_.size(), "LlamaForCausalLM: ", named.size(), " parameters but ",
+             specs_.size(), " partition specs");
+  for (const auto& p : named)
+    ANDY_CHECK(specs_.count(p.key()), "LlamaForCausalLM: parameter '", p.key(), "' has no partition spec");
+}
+
+int LlamaForCausalLMImpl::tp_size() const { return tp_size_of(tp_); }
+int LlamaForCausalLMImpl::tp_rank() const { return tp_rank_of(tp_); }
+
+RopeRows LlamaForCausalLMImpl::rope_rows(const at::Tensor& positions) {
+  if (rope_.cos.device() != positions.device()) {
+    rope_.cos = rope_.cos.to(positions.device());
+    rope_.sin = rope_.sin.to(positions.device());
+  }
+  const auto b = positions.size(0), t = positions.size(1);
+  at::Tensor flat = positions.reshape({-1});
+  return {rope_.cos.index_select(0, flat).view({b, t, -1}), rope_.sin.index_select(0, flat).view({b, t, -1})};
+}
+
+at::Tensor LlamaForCausalLMImpl::logits_from_hidden(const at::Tensor& h) {
+  if (lm_head) return lm_head(h);
+  return at::linear(copy_to_tp_region(h, tp_), model->embed_tokens->weight);
+}
+
+at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& tokens) {
+  ANDY_CHECK(tokens.dim() == 2, "LlamaForCausalLM: tokens must be [B, T], got ", tokens.sizes());
+  ANDY_CHECK(tokens.size(1) <= cfg_.max_seq_len, "LlamaForCausalLM: ", tokens.size(1),
+             " tokens exceed model.max_seq_len = ", cfg_.max_seq_len);
+  const int64_t b = tokens.size(0), t = tokens.size(1);
+  at::Tensor positions = at::arange(t, tokens.options().dtype(at::kLong)).unsqueeze(0).expand({b, t});
+  RopeRows rope = rope_rows(positions);
+  at::Tensor h = model->embed_tokens(tokens);
+  for (const auto& layer : *model->layers) h = layer->as<LlamaDecoderLayer>()->forward(h, rope);
+  return model->norm(h);
+}
+
+at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& tokens) {
+  return logits_from_hidden(hidden_states(tokens));
+}
+
+at::Tensor LlamaForCausalLMImpl::loss(const at::Tensor& local_logits, const at::Tensor& targets, int64_t ignore_index) {
+  return vocab_parallel_cross_entropy_mean(local_logits, targets, tp_, vocab_start(), cfg_.vocab_size, ignore_index);
+}
+
+at::Tensor LlamaForCausalLMImpl::loss_per_token(const at::Tensor& local_logits, const at::Tensor& targets,
+                                                int64_t ignore_index) {
+  return vocab_parallel_cross_entropy(local_logits.reshape({-1, local_logits.size(-1)}), targets.reshape({-1}),
+                                      tp_, vocab_start(), cfg_.vocab_size, ignore_index);
+}
+
+at::Tensor LlamaForCausalLMImpl::forward_cached(const at::Tensor& tokens, KvCache& cache,
+                                                std::vector<KvSequence>& seqs) {
+  at::NoGradGuard no_grad;
+  ANDY_CHECK(tokens.dim() == 2 && tokens.size(0) == static_cast<int64_t>(seqs.size()),
+             "forward_cached: tokens [B, T] with one KvSequence per row expected, got ", tokens.sizes(),
+             " and ", seqs.size(), " sequences");
+  ANDY_CHECK(cache.n_layer() == cfg_.n_layer, "forward_cached: cache has ", cache.n_layer(), " layers, model ",
+             cfg_.n_layer);
+  const int64_t b = tokens.size(0), t = tokens.size(1);
+  std::vector<int64_t> pos(b * t);
+  for (int64_t i = 0; i < b; ++i) {
+    ANDY_CHECK(seqs[i].length + t <= cfg_.max_seq_len, "forward_cached: sequence ", i, " would reach ",
+               seqs[i].length + t, " tokens, beyond model.max_seq_len = ", cfg_.max_seq_len);
+    ANDY_CHECK(seqs[i].length + t <= seqs[i].capacity(cache.block_size()), "forward_cached: sequence ", i,
+               " has room for ", seqs[i].capacity(cache.block_size()), " tokens, needs ", seqs[i].length + t,
+               " (call KvCache::reserve)");
+    for (int64_t j = 0; j < t; ++j) pos[i * t + j] = seqs[i].length + j;
+  }
+  at::Tensor positions = at::tensor(pos, tokens.options().dtype(at::kLong)).view({b, t});
+  RopeRows rope = rope_rows(positions);
+  at::Tensor h = model->embed_tokens(tokens);
+  // The input of q/k/v needs no copy_to_tp_region here: there is no backward.
+  int64_t l = 0;
+  for (const auto& layer : *model->layers) {
+    h = layer->as<LlamaDecoderLayer>()->forward_cached(h, rope, cache, l, seqs);
+    ++l;
+  }
+  for (auto& s : seqs) s.length += t;
+  return logits_from_hidden(model->norm(h));
+}
+
+at::Tensor LlamaForCausalLMImpl::gather_logits(const at::Tensor& local_logits) const {
+  at::Tensor full = tp_active(tp_) ? gather_from_tp_region(local_logits, tp_) : local_logits;
+  return full.narrow(-1, 0, cfg_.vocab_size);
+}
+
+std::vector<ParamInfo> LlamaForCausalLMImpl::param_infos() {
+  std::vector<ParamInfo> out;
+  for (const auto& p : named_parameters()) {
+    ParamInfo info;
+    info.name = p.key();
+    info.param = p.value();
+    info.spec = specs_.at(p.key());
+    info.is_norm = info.name.find("norm.weight") != std::string::npos;
+    info.is_embedding = info.name == "model.embed_tokens.weight";
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+StateDict LlamaForCausalLMImpl::local_state_dict() {
+  StateDict out;
+  for (const auto& p : named_parameters()) out[p.key()] = p.value();
+  return out;
+}
+
+StateDict LlamaForCausalLMImpl::local_grads() {
+  StateDict out;
+  for (const auto& p : named_parameters())
+    out[p.key()] = p.value().grad().defined() ? p.value().grad() : at::zeros_like(p.value());
+  return out;
+}
+
+void LlamaForCausalLMImpl::load_full_state_dict(const StateDict& full) {
+  StateDict shard = split_state_dict(full, specs_, tp_rank(), tp_size());
+  at::NoGradGuard no_grad;
+  for (auto& p : named_parameters()) {
+    const at::Tensor& src = shard.at(p.key());
+    ANDY_CHECK(src.sizes() == p.value().sizes(), "load_full_state_dict: '", p.key(), "' shard ", src.sizes(),
+               " does not match the parameter ", p.value().sizes());
+    p.value().copy_(src);
+  }
+}
+
+StateDict LlamaForCausalLMImpl::full_state_dict() { return gather_full_state_dict(local_state_dict(), specs_, tp_); }
+
+}  // namespace andy

@@ -1,0 +1,178 @@
+// The LLaMA decoder (Hugging Face LlamaForCausalLM numerics) on tensor-parallel layers, shared
+// by training and serving. Module paths give Hugging Face tensor names:
+//   model.embed_tokens.weight                        [V, dim]       split dim 0 (vocab, padded)
+//   model.layers.N.input_layernorm.weight            [dim]          replicated
+//   model.layers.N.self_attn.{q,k,v}_proj.weight     [heads*d, dim] split dim 0 (whole heads)
+//   model.layers.N.self_attn.o_proj.weight           [dim, H*d]     split dim 1
+//   model.layers.N.post_attention_layernorm.weight   [dim]          replicated
+//   model.layers.N.mlp.{gate,up}_proj.weight         [ffn, dim]     split dim 0
+//   model.layers.N.mlp.down_proj.weight              [dim, ffn]     split dim 1
+//   model.norm.weight                                [dim]          replicated
+//   lm_head.weight                                   [V, dim]       split dim 0 (absent when tied)
+// Convention: forward returns this rank's slice of the logits, [B, T, padded_vocab / tp]
+// (global ids tp_rank * padded_vocab / tp + j); columns >= vocab_size are padding and count as
+// -inf in loss(). Initialisation: every weight is drawn whole from
+// param_seed(seed, its name) and then sliced, so any TP size gives the same function.
+// The TP communicator must outlive the model (null or size 1: no tensor parallelism).
+//
+//   LlamaForCausalLM model(cfg.model, grid.tp_ptr(), cfg.train.seed);
+//   at::Tensor logits = model->forward(tokens);            // [B, T, V_local]
+//   at::Tensor loss = model->loss(logits, targets);        // mean over targets != -100
+#pragma once
+
+#include <torch/torch.h>
+
+#include <string>
+#include <vector>
+
+#include "core/config/config.h"
+#include "core/model/attention.h"
+#include "core/model/kv_cache.h"
+#include "parallel/tp_layers.h"
+#include "parallel/tp_partition.h"
+
+namespace andy {
+
+class RMSNormImpl : public torch::nn::Module {
+ public:
+  RMSNormImpl(int64_t dim, double eps);
+  // As transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale.
+  at::Tensor forward(const at::Tensor& x);
+  at::Tensor weight;
+  double eps;
+};
+TORCH_MODULE(RMSNorm);
+
+// Cos/sin rows for each token, [B, T, head_dim].
+struct RopeRows {
+  at::Tensor cos, sin;
+};
+
+class LlamaAttentionImpl : public torch::nn::Module {
+ public:
+  LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& prefix);
+  // x [B, T, dim] replicated -> [B, T, dim] replicated.
+  at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
+  // Inference: appends this layer's k, v for the new tokens to `cache` and attends over each
+  // sequence's cached tokens plus the new ones. Sequence lengths are not advanced here.
+  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache, int64_t layer,
+                            const std::vector<KvSequence>& seqs);
+
+  ColumnParallelLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr};
+  RowParallelLinear o_proj{nullptr};
+
+ private:
+  CommPtr tp_;
+  int64_t n_head_local_, n_kv_head_local_, head_dim_;
+};
+TORCH_MODULE(LlamaAttention);
+
+class LlamaMLPImpl : public torch::nn::Module {
+ public:
+  LlamaMLPImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& prefix);
+  // down(silu(gate(x)) * up(x))
+  at::Tensor forward(const at::Tensor& x);
+  ColumnParallelLinear gate_proj{nullptr}, up_proj{nullptr};
+  RowParallelLinear down_proj{nullptr};
+
+ private:
+  CommPtr tp_;
+};
+TORCH_MODULE(LlamaMLP);
+
+class LlamaDecoderLayerImpl : public torch::nn::Module {
+ public:
+  LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& prefix);
+  at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
+  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache, int64_t layer,
+                            const std::vector<KvSequence>& seqs);
+  RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
+  LlamaAttention self_attn{nullptr};
+  LlamaMLP mlp{nullptr};
+};
+TORCH_MODULE(LlamaDecoderLayer);
+
+// The decoder stack ("model." in Hugging Face names): embedding, layers, final norm.
+class LlamaModelImpl : public torch::nn::Module {
+ public:
+  LlamaModelImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed);
+  VocabParallelEmbedding embed_tokens{nullptr};
+  torch::nn::ModuleList layers{nullptr};
+  RMSNorm norm{nullptr};
+};
+TORCH_MODULE(LlamaModel);
+
+// One parameter of the model, for optimizers, clipping and checkpoints.
+struct ParamInfo {
+  std::string name;   // Hugging Face name
+  at::Tensor param;   // this rank's tensor (shares storage with the module)
+  PartitionSpec spec;
+  bool tp_sharded() const { return !spec.replicated(); }
+  // Norm weights and the embedding (AdamW groups usually exclude them from weight decay).
+  bool is_norm = false;
+  bool is_embedding = false;
+};
+
+class LlamaForCausalLMImpl : public torch::nn::Module {
+ public:
+  // Validates shapes for tp (ConfigError), builds and initialises from `seed`.
+  LlamaForCausalLMImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed);
+
+  // tokens [B, T] int64 (T <= max_seq_len), positions 0..T-1 -> local logits [B, T, V_local].
+  at::Tensor forward(const at::Tensor& tokens);
+  // Last hidden state after the final norm, [B, T, dim] (replicated).
+  at::Tensor hidden_states(const at::Tensor& tokens);
+  // Mean cross-entropy over targets != ignore_index, from local logits (vocab-parallel: the
+  // full logits are never gathered). Same value on every TP rank.
+  at::Tensor loss(const at::Tensor& local_logits, const at::Tensor& targets, int64_t ignore_index = -100);
+  // Per-token losses [B*T] (0 where ignored), for callers that sum and count themselves.
+  at::Tensor loss_per_token(const at::Tensor& local_logits, const at::Tensor& targets,
+                            int64_t ignore_index = -100);
+
+  // Inference with a block KV cache (no autograd). tokens [B, T]: sequence b's new tokens,
+  // at positions seqs[b].length .. + T - 1. Every sequence must already have room
+  // (cache.reserve); on return each seqs[b].length has grown by T. Prompts of different
+  // lengths are prefilled one sequence at a time (B = 1) and then decoded together (T = 1).
+  at::Tensor forward_cached(const at::Tensor& tokens, KvCache& cache, std::vector<KvSequence>& seqs);
+
+  // Full-vocabulary logits [.., vocab_size] (all-gathered over TP, padding dropped): for
+  // sampling and tests, not for training.
+  at::Tensor gather_logits(const at::Tensor& local_logits) const;
+
+  std::vector<ParamInfo> param_infos();
+  const PartitionSpecs& partition_specs() const { return specs_; }
+  // name -> this rank's parameter (shares storage).
+  StateDict local_state_dict();
+  // name -> this rank's gradient (zeros where a parameter has none yet).
+  StateDict local_grads();
+  // Loads a full (Hugging Face shaped, unpadded) state dict: every name must be present.
+  void load_full_state_dict(const StateDict& full);
+  // Collective over TP: the full state dict, on every rank.
+  StateDict full_state_dict();
+
+  const ModelConfig& config() const { return cfg_; }
+  int tp_size() const;
+  int tp_rank() const;
+  int64_t padded_vocab() const { return padded_vocab_; }
+  int64_t vocab_start() const { return tp_rank() * (padded_vocab_ / tp_size()); }
+
+  LlamaModel model{nullptr};
+  ColumnParallelLinear lm_head{nullptr};  // null when tie_embeddings
+
+ private:
+  at::Tensor logits_from_hidden(const at::Tensor& h);
+  RopeRows rope_rows(const at::Tensor& positions);  // positions [B, T] -> rows
+
+  ModelConfig cfg_;
+  CommPtr tp_;
+  int64_t padded_vocab_;
+  RopeTables rope_;
+  PartitionSpecs specs_;
+};
+TORCH_MODULE(LlamaForCausalLM);
+
+// Partition specs of every parameter of the LLaMA model for `tp_size` ranks, by HF name
+// (usable without building a model: checkpoint reshaping, export, the server's loader).
+PartitionSpecs llama_partition_specs(const ModelConfig& cfg, int tp_size);
+
+}  // namespace andy
