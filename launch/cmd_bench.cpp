@@ -8,6 +8,8 @@
 
 namespace andy {
 
+int bench_data(const ParsedArgs& args, World* world);  // launch/cmd_bench_data.cpp
+
 namespace {
 
 at::ScalarType parse_dtype(const std::string& s) {
@@ -66,9 +68,10 @@ int bench_comm(const ParsedArgs& args, World* world) {
 Subcommand make_bench_command() {
   Subcommand c;
   c.name = "bench";
-  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style)";
+  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader)";
   c.usage =
-      "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T]";
+      "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T]\n"
+      "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]";
   c.flags = {{"min_bytes", "B", "smallest buffer (default 8)"},
              {"max_bytes", "B", "largest buffer (default 8388608)"},
              {"factor", "F", "size multiplier between rows (default 8)"},
@@ -78,12 +81,25 @@ Subcommand make_bench_command() {
              {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
              {"backend", "mpi|nccl", "communicator backend (default mpi, CPU tensors)"},
              {"timeout", "SECONDS", "collective timeout (default 300)"},
-             {"debug_skip_rank", "R", "testing: rank R skips the first collective, to show the timeout path"}};
+             {"debug_skip_rank", "R", "testing: rank R skips the first collective, to show the timeout path"},
+             // bench data
+             {"config", "FILE", "data: TOML run config (data.*, train.batch_size, train.seed)"},
+             {"set", "SECTION.KEY=VALUE", "data: override one config key", true},
+             {"train_file", "PATH", "data: split to read (default data.train_file)"},
+             {"tokenizer_path", "PATH", "data: the run's tokenizer (its checksum is checked)"},
+             {"batch_size", "N", "data: micro-batch per rank (default train.batch_size)"},
+             {"split", "PATH", "data: split to read, overrides --train_file"},
+             {"seq_len", "N", "data: tokens per window (default data.seq_len)"},
+             {"batches", "N", "data: batches to serve (default 200)"},
+             {"prefetch", "N", "data: batches read ahead (default data.prefetch_batches)"},
+             {"step_ms", "MS", "data: simulated training step per batch (default 0)"},
+             {"verify", "", "data: verify shard checksums against manifest.json first"}};
   c.needs_mpi = true;
   c.run = [](const ParsedArgs& args, World* world) {
     std::string target = args.positional().empty() ? "" : args.positional()[0];
     if (target == "comm") return bench_comm(args, world);
-    throw ConfigError("andyllm bench: expected a target: comm (got '" + target + "')");
+    if (target == "data") return bench_data(args, world);
+    throw ConfigError("andyllm bench: expected a target: comm or data (got '" + target + "')");
   };
   return c;
 }

@@ -1,0 +1,34 @@
+// HDF5 lock, quiet mode and error-stack text.
+#include "data/hdf5_utils.h"
+
+namespace andy::data {
+
+std::recursive_mutex& hdf5_mutex() {
+  static std::recursive_mutex m;
+  return m;
+}
+
+void hdf5_quiet() {
+  static std::once_flag once;
+  std::call_once(once, [] { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); });
+}
+
+namespace {
+herr_t walk(unsigned n, const H5E_error2_t* e, void* data) {
+  auto* out = static_cast<std::string*>(data);
+  if (e->desc && *e->desc) {
+    if (!out->empty()) *out += "; ";
+    *out += e->desc;
+  }
+  return 0;
+}
+}  // namespace
+
+std::string hdf5_error_text() {
+  std::string out;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD, walk, &out);
+  H5Eclear2(H5E_DEFAULT);
+  return out.empty() ? "(no HDF5 error detail)" : out;
+}
+
+}  // namespace andy::data

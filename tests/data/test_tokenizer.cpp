@@ -1,0 +1,140 @@
+// Tokenizer: training through the dlopen'ed sentencepiece module in a LibTorch process,
+// special ids, exact round trips (English, Chinese, emoji, whitespace), the vocabulary-size
+// errors, and parity with Debian's Python sentencepiece on our tokenizer.model.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "core/base/error.h"
+#include "data/checksum.h"
+#include "data/tokenizer.h"
+#include "tests/data/data_test_util.h"
+
+using namespace andy;
+using namespace andy::data;
+using namespace andy::data::testing;
+
+namespace {
+
+// One tokenizer for the whole binary (training takes a fraction of a second).
+class TokenizerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new TempDir("andyllm-tok");
+    std::string corpus;
+    for (int i = 0; i < 300; ++i) corpus += corpus_doc(i) + "\n";
+    write_file(*dir_ / "corpus.txt", corpus);
+    TokenizerTrainOptions o;
+    o.input_files = {*dir_ / "corpus.txt"};
+    o.model_prefix = *dir_ / "tok";
+    o.vocab_size = 600;
+    Tokenizer::train(o);
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static TempDir* dir_;
+};
+TempDir* TokenizerTest::dir_ = nullptr;
+
+}  // namespace
+
+TEST_F(TokenizerTest, SpecialIdsAndVocab) {
+  Tokenizer tok = Tokenizer::load(*dir_ / "tok.model");
+  EXPECT_EQ(tok.vocab_size(), 600);
+  EXPECT_EQ(tok.pad_id(), kPadId);
+  EXPECT_EQ(tok.unk_id(), kUnkId);
+  EXPECT_EQ(tok.bos_id(), kBosId);
+  EXPECT_EQ(tok.eos_id(), kEosId);
+  EXPECT_EQ(tok.id_to_piece(kEosId), "</s>");
+  EXPECT_EQ(tok.checksum(), file_checksum(*dir_ / "tok.model"));
+  EXPECT_EQ(tok.checksum().rfind("fnv1a64:", 0), 0u);
+  EXPECT_TRUE(std::filesystem::exists(*dir_ / "tok.vocab"));
+}
+
+TEST_F(TokenizerTest, RoundTripIsExactForAnyValidText) {
+  Tokenizer tok = Tokenizer::load(*dir_ / "tok.model");
+  std::vector<std::string> texts = {
+      "the quick brown fox",
+      "这是一个简单的中文句子，用来测试分词器。",
+      "混合 text with emoji 😀🚀👍🏽🇨🇳 and 数字 12345",
+      "  leading spaces, inner  double spaces,\ttabs\nand\n\nnewlines  ",
+      "unseen characters: Ωмир ∑ 鬱 🦄 — all via byte fallback",
+      "",
+  };
+  for (const auto& t : texts) {
+    auto ids = tok.encode(t);
+    for (int id : ids) EXPECT_NE(id, tok.unk_id()) << t;
+    EXPECT_EQ(tok.decode(ids), t);
+  }
+  // Chinese in the training text should be covered by pieces, not bytes.
+  auto zh = tok.encode("我们今天去公园散步。");
+  EXPECT_LE(zh.size(), 10u);
+}
+
+TEST_F(TokenizerTest, WorksNextToLibTorchOps) {
+  // The crash DEPENDENCIES.md describes happens when sentencepiece and LibTorch share a process.
+  auto t = torch::randn({64, 64});
+  Tokenizer tok = Tokenizer::load(*dir_ / "tok.model");
+  auto ids = tok.encode("hello 你好");
+  auto t2 = torch::matmul(t, t);
+  EXPECT_EQ(tok.decode(ids), "hello 你好");
+  EXPECT_EQ(t2.size(0), 64);
+}
+
+TEST_F(TokenizerTest, VocabularyTooLargeForTheCorpus) {
+  TokenizerTrainOptions o;
+  o.input_files = {*dir_ / "corpus.txt"};
+  o.model_prefix = *dir_ / "big";
+  o.vocab_size = 50000;
+  try {
+    Tokenizer::train(o);
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("--vocab_size 50000 is larger than this corpus can support"), std::string::npos) << m;
+    EXPECT_NE(m.find("at most"), std::string::npos) << m;
+  }
+  o.vocab_size = 100;
+  try {
+    Tokenizer::train(o);
+    FAIL() << "expected ConfigError";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find("--vocab_size 100 is too small"), std::string::npos) << e.what();
+  }
+}
+
+TEST_F(TokenizerTest, MissingOrInvalidModelFile) {
+  EXPECT_THROW(Tokenizer::load(*dir_ / "nope.model"), IoError);
+  write_file(*dir_ / "junk.model", "this is not a protobuf");
+  try {
+    Tokenizer::load(*dir_ / "junk.model");
+    FAIL() << "expected IoError";
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find("junk.model: not a readable sentencepiece model"), std::string::npos)
+        << e.what();
+  }
+}
+
+TEST_F(TokenizerTest, PythonSentencepieceGivesTheSameIds) {
+  if (!python_has("sentencepiece")) GTEST_SKIP() << "/usr/bin/python3 has no sentencepiece module (apt install python3-sentencepiece)";
+  Tokenizer tok = Tokenizer::load(*dir_ / "tok.model");
+  std::vector<std::string> texts = {"the quick brown fox (12).", "机器学习需要大量的数据。", "混合 mixed 😀 🇨🇳 text\nline two",
+                                    "unseen: Ωмир 🦄"};
+  std::string input;
+  for (const auto& t : texts) input += t + '\x1e';  // record separator: texts may hold newlines
+  write_file(*dir_ / "texts.bin", input);
+  write_file(*dir_ / "ids.py",
+             "import sys, sentencepiece as spm\n"
+             "sp = spm.SentencePieceProcessor(model_file=sys.argv[1])\n"
+             "data = open(sys.argv[2], 'rb').read().decode('utf-8').split('\\x1e')[:-1]\n"
+             "for t in data: print(' '.join(map(str, sp.encode(t))))\n");
+  auto [rc, out] = shell("/usr/bin/python3 " + (*dir_ / "ids.py") + " " + (*dir_ / "tok.model") + " " +
+                         (*dir_ / "texts.bin"));
+  ASSERT_EQ(rc, 0) << out;
+  std::istringstream lines(out);
+  for (const auto& t : texts) {
+    std::string line;
+    ASSERT_TRUE(std::getline(lines, line)) << out;
+    std::string ours;
+    for (int id : tok.encode(t)) ours += (ours.empty() ? "" : " ") + std::to_string(id);
+    EXPECT_EQ(line, ours) << "text: " << t;
+  }
+}
