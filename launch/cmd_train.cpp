@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "core/base/logging.h"
+#include "core/model/model_stats.h"
 #include "launch/commands.h"
 #include "parallel/world.h"
 
@@ -24,7 +25,7 @@ Subcommand make_train_command() {
     ParsedArgs a = args;
     if (args.has("resume")) a.ordered_.push_back({"set", "checkpoint.resume=" + args.get("resume")});
     Config cfg = load_config_collectively(a, world);
-    if (handle_config_info_flags(a, cfg)) return 0;
+    if (handle_config_info_flags(a, cfg, model_summary(cfg))) return 0;
     configure_threads(cfg, world);
     if (world->is_root()) {
       std::filesystem::create_directories(cfg.train.output_dir);
