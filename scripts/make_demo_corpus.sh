@@ -35,7 +35,7 @@ for f in "$SRC"/*; do
       if (cur ~ /[^ \t\n]/) { doc = doc (nf ? "\n" : "") cur; nf++; if (nf >= per) flush_doc() }
       cur = ""
     }
-    { gsub("." bs, "") }
+    { while (gsub("[^" bs "]" bs, "") > 0) {} gsub(bs, "") }
     /^%$/ { end_fortune(); next }
     { cur = cur $0 "\n" }
     END { end_fortune(); flush_doc() }

@@ -205,5 +205,7 @@ TEST(DataMpi, ABadFileOnOneRankStopsEveryRankWithItsMessage) {
   std::string m = error_of([&] { run_preprocess(o, &world); });
   EXPECT_NE(m.find("p4.jsonl:11: malformed JSONL line: not valid JSON"), std::string::npos) << m;
   MPI_Barrier(MPI_COMM_WORLD);
-  if (rank() == 0) EXPECT_FALSE(std::filesystem::exists(dir / "out/manifest.json"));
+  if (rank() == 0) {
+    EXPECT_FALSE(std::filesystem::exists(dir / "out/manifest.json"));
+  }
 }
