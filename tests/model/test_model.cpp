@@ -7,6 +7,7 @@
 #include <set>
 
 #include "core/base/error.h"
+#include "core/base/torch_compat.h"
 #include "core/model/llama.h"
 #include "core/model/model_config.h"
 #include "core/model/model_stats.h"
@@ -246,4 +247,30 @@ TEST(Model, ParamInfosAndHuggingFaceNames) {
   }
   ModelConfig t = tiny_config(true);
   EXPECT_EQ(LlamaForCausalLM(t, nullptr, 1)->param_infos().size(), 1 + 1 + 2 * 9u);
+}
+
+// Training will run the same model under CPU autocast to bf16: forward, loss and backward must
+// work there and stay close to fp32 (bf16 has 8 bits of mantissa, so the bound is loose).
+TEST(Model, Bf16AutocastForwardBackward) {
+  ModelConfig m = tiny_config(false, 4);
+  LlamaForCausalLM model(m, nullptr, 21);
+  at::Tensor tokens = andy::test::random_tokens(2, 16, m.vocab_size, 1);
+  at::Tensor targets = andy::test::random_tokens(2, 16, m.vocab_size, 2);
+  at::Tensor ref = model->loss(model->forward(tokens), targets);
+  compat::set_autocast(at::kCPU, true, at::kBFloat16);
+  at::Tensor logits = model->forward(tokens);
+  at::Tensor loss = model->loss(logits, targets);
+  compat::set_autocast(at::kCPU, false, at::kBFloat16);
+  at::autocast::clear_cache();
+  EXPECT_EQ(logits.scalar_type(), at::kBFloat16);
+  EXPECT_EQ(loss.scalar_type(), at::kFloat);
+  loss.backward();
+  double rel = std::abs(loss.item<double>() - ref.item<double>()) / ref.item<double>();
+  std::printf("  bf16 autocast loss %.6f vs fp32 %.6f, rel = %.3e\n", loss.item<double>(), ref.item<double>(), rel);
+  EXPECT_LT(rel, 2e-2);
+  for (const auto& p : model->param_infos()) {
+    ASSERT_TRUE(p.param.grad().defined()) << p.name;
+    EXPECT_EQ(p.param.grad().scalar_type(), at::kFloat) << p.name;
+    EXPECT_TRUE(p.param.grad().isfinite().all().item<bool>()) << p.name;
+  }
 }
