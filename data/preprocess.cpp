@@ -288,8 +288,9 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
   for (size_t i = 0; i < files.size(); ++i)
     if (owner[i] == ctx.rank) mine.push_back(i);
 
-  // 3. Read and normalize; write tokenizer-training text.
-  std::vector<std::vector<std::string>> docs(files.size());
+  // 3. Read and normalize, count documents, write tokenizer-training text. Nothing is kept:
+  //    step 5 reads each file again, so memory stays bounded by the largest file.
+  std::vector<int64_t> doc_counts(files.size(), 0);
   std::vector<int64_t> stats(4, 0);  // invalid_utf8, skipped lines, empty docs, doc bytes
   agreed(ctx, [&] {
     std::ofstream sp_in;
@@ -307,15 +308,13 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
         stats[3] += static_cast<int64_t>(d.size());
         if (train_tokenizer) write_training_lines(sp_in, d);
       }
-      docs[i] = std::move(fd.docs);
+      doc_counts[i] = static_cast<int64_t>(fd.docs.size());
     }
     if (train_tokenizer) {
       sp_in.close();
       ANDY_CHECK_T(IoError, sp_in, sp_path, ": write failed (disk full?)");
     }
   });
-  std::vector<int64_t> doc_counts(files.size(), 0);
-  for (size_t i : mine) doc_counts[i] = static_cast<int64_t>(docs[i].size());
   sum_i64(ctx, doc_counts);
   std::vector<int64_t> my_doc_bytes{stats[3]};
   sum_i64(ctx, stats);
@@ -418,8 +417,12 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
       return *writers[s];
     };
     Progress progress(my_doc_bytes[0], ctx.size);
+    ReadOptions again = opts.read;
+    again.log_problems = false;
     for (size_t fi : mine) {
-      auto& fdocs = docs[fi];
+      std::vector<std::string> fdocs = read_documents(files[fi], again).docs;
+      ANDY_CHECK_T(IoError, static_cast<int64_t>(fdocs.size()) == doc_counts[fi], files[fi].path,
+                   ": changed while preprocessing (", doc_counts[fi], " documents, now ", fdocs.size(), ")");
       const size_t chunk = 512;
       for (size_t b = 0; b < fdocs.size(); b += chunk) {
         size_t e = std::min(fdocs.size(), b + chunk);

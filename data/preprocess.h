@@ -14,6 +14,8 @@
 // (at least 1 when val_fraction > 0) go to validation, picked by a seeded permutation of the
 // global document index (files in path order, documents in file order), so the split does not
 // depend on the number of ranks or threads.
+// Memory: each input file is read twice (count + tokenizer text, then tokenize + write) and
+// never kept, so a rank holds one file's documents and one shard (shard_tokens x 4 bytes).
 #pragma once
 
 #include <cstdint>

@@ -184,7 +184,7 @@ FileDocuments read_documents(const TextFile& file, const ReadOptions& opts) {
         std::string msg = file.path + ":" + std::to_string(line_no) + ": malformed JSONL line: " + problem;
         ANDY_CHECK_T(ConfigError, opts.bad_jsonl == BadLinePolicy::kSkip, msg,
                      " (use --bad_jsonl skip to skip such lines)");
-        log::warn(msg, " (skipped)");
+        if (opts.log_problems) log::warn(msg, " (skipped)");
         ++r.skipped_lines;
       }
     }
@@ -196,7 +196,7 @@ FileDocuments read_documents(const TextFile& file, const ReadOptions& opts) {
       for (auto& d : split_blank_lines(text)) add(d);
     }
   }
-  if (r.invalid_utf8 > 0) {
+  if (r.invalid_utf8 > 0 && opts.log_problems) {
     log::warn(file.path, ": ", r.invalid_utf8, " invalid UTF-8 sequence(s) replaced by U+FFFD");
   }
   return r;

@@ -34,6 +34,7 @@ struct ReadOptions {
   TxtMode txt_mode = TxtMode::kWholeFile;  // Default: one document per .txt file
   std::string jsonl_field = "text";        // Default: "text"
   BadLinePolicy bad_jsonl = BadLinePolicy::kFail;  // Default: a malformed line is fatal
+  bool log_problems = true;  // warn about replaced UTF-8 and skipped lines (off for a second pass)
 };
 
 struct FileDocuments {
