@@ -16,9 +16,9 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 struct VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallelCrossEntropy> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_in, const at::Tensor& targets,
-                            Communicator* comm, int64_t vocab_start, int64_t vocab_size,
-                            int64_t ignore_index) {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_in,
+                            const at::Tensor& targets, Communicator* comm, int64_t vocab_start,
+                            int64_t vocab_size, int64_t ignore_index) {
     at::Tensor logits = logits_in.to(at::kFloat);
     const int64_t n_local = logits.size(1);
     const int64_t n_real = std::max<int64_t>(0, std::min(n_local, vocab_size - vocab_start));
@@ -32,11 +32,13 @@ struct VocabParallelCrossEntropy : public torch::autograd::Function<VocabParalle
     at::Tensor shifted = logits - max.unsqueeze(1);
     // 2. target logit (only the owning rank contributes) and sum of exp, in one all-reduce
     at::Tensor valid = targets.ne(ignore_index);
-    at::Tensor in_range = targets.ge(vocab_start).logical_and(targets.lt(vocab_start + n_local)).logical_and(valid);
+    at::Tensor in_range =
+        targets.ge(vocab_start).logical_and(targets.lt(vocab_start + n_local)).logical_and(valid);
     at::Tensor local_t = (targets - vocab_start).masked_fill(in_range.logical_not(), 0);
     at::Tensor exp = shifted.exp();
-    at::Tensor both = at::stack({shifted.gather(1, local_t.unsqueeze(1)).squeeze(1).masked_fill(
-                                     in_range.logical_not(), 0.0f),
+    at::Tensor both = at::stack({shifted.gather(1, local_t.unsqueeze(1))
+                                     .squeeze(1)
+                                     .masked_fill(in_range.logical_not(), 0.0f),
                                  exp.sum(1)})
                           .contiguous();
     if (comm) comm->all_reduce_sync(both, ReduceOp::kSum);
@@ -68,9 +70,11 @@ at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tens
   ANDY_CHECK(logits.dim() == 2 && targets.dim() == 1 && logits.size(0) == targets.size(0),
              "vocab_parallel_cross_entropy: expected logits [N, V_local] and targets [N], got ",
              logits.sizes(), " and ", targets.sizes());
-  ANDY_CHECK(targets.scalar_type() == at::kLong, "vocab_parallel_cross_entropy: targets must be int64");
+  ANDY_CHECK(targets.scalar_type() == at::kLong,
+             "vocab_parallel_cross_entropy: targets must be int64");
   Communicator* comm = tp_active(tp) ? tp.get() : nullptr;
-  return VocabParallelCrossEntropy::apply(logits, targets, comm, vocab_start, vocab_size, ignore_index);
+  return VocabParallelCrossEntropy::apply(logits, targets, comm, vocab_start, vocab_size,
+                                          ignore_index);
 }
 
 at::Tensor vocab_parallel_cross_entropy_mean(const at::Tensor& logits, const at::Tensor& targets,

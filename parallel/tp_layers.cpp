@@ -36,7 +36,8 @@ at::Tensor register_sharded(torch::nn::Module& m, const at::Tensor& full, const 
   return m.register_parameter("weight", shard_tensor(full, spec, tp_rank_of(tp), tp_size_of(tp)));
 }
 
-void load_into(at::Tensor& weight, const at::Tensor& full, const PartitionSpec& spec, const CommPtr& tp) {
+void load_into(at::Tensor& weight, const at::Tensor& full, const PartitionSpec& spec,
+               const CommPtr& tp) {
   at::Tensor shard = shard_tensor(full, spec, tp_rank_of(tp), tp_size_of(tp));
   ANDY_CHECK(shard.sizes() == weight.sizes(), "load_full_weight: shard shape ", shard.sizes(),
              " does not match the parameter ", weight.sizes());
@@ -48,13 +49,16 @@ void load_into(at::Tensor& weight, const at::Tensor& full, const PartitionSpec& 
 
 // ---- ColumnParallelLinear ------------------------------------------------------------------
 
-ColumnParallelLinearImpl::ColumnParallelLinearImpl(ColumnParallelLinearOptions o) : options(std::move(o)) {
+ColumnParallelLinearImpl::ColumnParallelLinearImpl(ColumnParallelLinearOptions o)
+    : options(std::move(o)) {
   int tp = tp_size_of(options.tp());
-  int64_t padded = options.padded_out_features() > 0 ? options.padded_out_features() : options.out_features();
+  int64_t padded =
+      options.padded_out_features() > 0 ? options.padded_out_features() : options.out_features();
   ANDY_CHECK_T(ConfigError, padded % tp == 0, "ColumnParallelLinear: output size ", padded,
                " is not divisible by tensor_parallel_size ", tp);
-  weight = register_sharded(*this, seeded_normal({options.out_features(), options.in_features()},
-                                                 options.init_std(), options.seed()),
+  weight = register_sharded(*this,
+                            seeded_normal({options.out_features(), options.in_features()},
+                                          options.init_std(), options.seed()),
                             partition_spec(), options.tp());
 }
 
@@ -77,8 +81,9 @@ RowParallelLinearImpl::RowParallelLinearImpl(RowParallelLinearOptions o) : optio
   int tp = tp_size_of(options.tp());
   ANDY_CHECK_T(ConfigError, options.in_features() % tp == 0, "RowParallelLinear: input size ",
                options.in_features(), " is not divisible by tensor_parallel_size ", tp);
-  weight = register_sharded(*this, seeded_normal({options.out_features(), options.in_features()},
-                                                 options.init_std(), options.seed()),
+  weight = register_sharded(*this,
+                            seeded_normal({options.out_features(), options.in_features()},
+                                          options.init_std(), options.seed()),
                             partition_spec(), options.tp());
 }
 
@@ -99,13 +104,16 @@ void RowParallelLinearImpl::load_full_weight(const at::Tensor& full) {
 VocabParallelEmbeddingImpl::VocabParallelEmbeddingImpl(VocabParallelEmbeddingOptions o)
     : options(std::move(o)) {
   int tp = tp_size_of(options.tp());
-  ANDY_CHECK_T(ConfigError,
-               options.padded_vocab_size() % tp == 0 && options.padded_vocab_size() >= options.vocab_size(),
-               "VocabParallelEmbedding: padded vocabulary ", options.padded_vocab_size(),
-               " must be >= vocab_size ", options.vocab_size(), " and divisible by tensor_parallel_size ", tp);
-  weight = register_sharded(*this, seeded_normal({options.vocab_size(), options.dim()},
-                                                 options.init_std(), options.seed()),
-                            partition_spec(), options.tp());
+  ANDY_CHECK_T(
+      ConfigError,
+      options.padded_vocab_size() % tp == 0 && options.padded_vocab_size() >= options.vocab_size(),
+      "VocabParallelEmbedding: padded vocabulary ", options.padded_vocab_size(),
+      " must be >= vocab_size ", options.vocab_size(), " and divisible by tensor_parallel_size ",
+      tp);
+  weight = register_sharded(
+      *this,
+      seeded_normal({options.vocab_size(), options.dim()}, options.init_std(), options.seed()),
+      partition_spec(), options.tp());
 }
 
 PartitionSpec VocabParallelEmbeddingImpl::partition_spec() const {

@@ -32,13 +32,13 @@ struct ColumnParallelLinearOptions {
   ColumnParallelLinearOptions(int64_t in_features, int64_t out_features, CommPtr tp)
       : in_features_(in_features), out_features_(out_features), tp_(std::move(tp)) {}
   TORCH_ARG(int64_t, in_features);
-  TORCH_ARG(int64_t, out_features);           // full (unsharded, unpadded) output size
+  TORCH_ARG(int64_t, out_features);  // full (unsharded, unpadded) output size
   TORCH_ARG(CommPtr, tp);
   TORCH_ARG(int64_t, padded_out_features) = 0;  // Default: 0 = out_features (must divide by tp)
-  TORCH_ARG(bool, copy_input) = true;         // Default: true. false when the caller already
-                                              // applied copy_to_tp_region to the input.
-  TORCH_ARG(double, init_std) = 0.02;         // Default: 0.02
-  TORCH_ARG(uint64_t, seed) = 0;              // Default: 0
+  TORCH_ARG(bool, copy_input) = true;           // Default: true. false when the caller already
+                                                // applied copy_to_tp_region to the input.
+  TORCH_ARG(double, init_std) = 0.02;           // Default: 0.02
+  TORCH_ARG(uint64_t, seed) = 0;                // Default: 0
 };
 
 class ColumnParallelLinearImpl : public torch::nn::Module {
@@ -59,7 +59,7 @@ TORCH_MODULE(ColumnParallelLinear);
 struct RowParallelLinearOptions {
   RowParallelLinearOptions(int64_t in_features, int64_t out_features, CommPtr tp)
       : in_features_(in_features), out_features_(out_features), tp_(std::move(tp)) {}
-  TORCH_ARG(int64_t, in_features);   // full input size (divides by tp)
+  TORCH_ARG(int64_t, in_features);  // full input size (divides by tp)
   TORCH_ARG(int64_t, out_features);
   TORCH_ARG(CommPtr, tp);
   TORCH_ARG(double, init_std) = 0.02;  // Default: 0.02
@@ -80,8 +80,12 @@ class RowParallelLinearImpl : public torch::nn::Module {
 TORCH_MODULE(RowParallelLinear);
 
 struct VocabParallelEmbeddingOptions {
-  VocabParallelEmbeddingOptions(int64_t vocab_size, int64_t padded_vocab_size, int64_t dim, CommPtr tp)
-      : vocab_size_(vocab_size), padded_vocab_size_(padded_vocab_size), dim_(dim), tp_(std::move(tp)) {}
+  VocabParallelEmbeddingOptions(int64_t vocab_size, int64_t padded_vocab_size, int64_t dim,
+                                CommPtr tp)
+      : vocab_size_(vocab_size),
+        padded_vocab_size_(padded_vocab_size),
+        dim_(dim),
+        tp_(std::move(tp)) {}
   TORCH_ARG(int64_t, vocab_size);         // real vocabulary (rows of the full weight)
   TORCH_ARG(int64_t, padded_vocab_size);  // multiple of tp; rows >= vocab_size are zero
   TORCH_ARG(int64_t, dim);

@@ -8,17 +8,21 @@ namespace andy {
 
 namespace {
 
-void check_spec(const at::Tensor& t, const PartitionSpec& spec, int tp_size, const std::string& what) {
+void check_spec(const at::Tensor& t, const PartitionSpec& spec, int tp_size,
+                const std::string& what) {
   if (spec.replicated()) return;
-  ANDY_CHECK(spec.dim < t.dim(), what, ": split dim ", spec.dim, " but the tensor has ", t.dim(), " dims");
-  ANDY_CHECK(spec.padded_size >= spec.full_size && spec.padded_size % tp_size == 0, what, ": padded size ",
-             spec.padded_size, " along dim ", spec.dim, " is not a multiple of tensor_parallel_size ",
-             tp_size, " at least the full size ", spec.full_size);
+  ANDY_CHECK(spec.dim < t.dim(), what, ": split dim ", spec.dim, " but the tensor has ", t.dim(),
+             " dims");
+  ANDY_CHECK(spec.padded_size >= spec.full_size && spec.padded_size % tp_size == 0, what,
+             ": padded size ", spec.padded_size, " along dim ", spec.dim,
+             " is not a multiple of tensor_parallel_size ", tp_size, " at least the full size ",
+             spec.full_size);
 }
 
 }  // namespace
 
-at::Tensor shard_tensor(const at::Tensor& full, const PartitionSpec& spec, int tp_rank, int tp_size) {
+at::Tensor shard_tensor(const at::Tensor& full, const PartitionSpec& spec, int tp_rank,
+                        int tp_size) {
   if (spec.replicated()) return full.clone(at::MemoryFormat::Contiguous);
   check_spec(full, spec, tp_size, "shard_tensor");
   ANDY_CHECK(full.size(spec.dim) == spec.full_size, "shard_tensor: size ", full.size(spec.dim),
@@ -45,7 +49,8 @@ at::Tensor merge_shards(const std::vector<at::Tensor>& shards, const PartitionSp
   return cat.narrow(spec.dim, 0, spec.full_size).contiguous();
 }
 
-StateDict split_state_dict(const StateDict& full, const PartitionSpecs& specs, int tp_rank, int tp_size) {
+StateDict split_state_dict(const StateDict& full, const PartitionSpecs& specs, int tp_rank,
+                           int tp_size) {
   StateDict out;
   for (const auto& [name, t] : full) {
     auto it = specs.find(name);
@@ -68,7 +73,8 @@ StateDict merge_state_dicts(const std::vector<StateDict>& shards, const Partitio
     std::vector<at::Tensor> parts;
     for (size_t r = 0; r < shards.size(); ++r) {
       auto it = shards[r].find(name);
-      ANDY_CHECK(it != shards[r].end(), "merge_state_dicts: shard ", r, " lacks tensor '", name, "'");
+      ANDY_CHECK(it != shards[r].end(), "merge_state_dicts: shard ", r, " lacks tensor '", name,
+                 "'");
       parts.push_back(it->second);
     }
     out[name] = merge_shards(parts, spec);
@@ -76,7 +82,8 @@ StateDict merge_state_dicts(const std::vector<StateDict>& shards, const Partitio
   return out;
 }
 
-StateDict gather_full_state_dict(const StateDict& local, const PartitionSpecs& specs, const CommPtr& tp) {
+StateDict gather_full_state_dict(const StateDict& local, const PartitionSpecs& specs,
+                                 const CommPtr& tp) {
   StateDict out;
   int tp_size = tp_size_of(tp);
   for (const auto& [name, spec] : specs) {

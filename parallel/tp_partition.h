@@ -25,9 +25,9 @@ namespace andy {
 
 // How one named parameter is laid out across the TP group.
 struct PartitionSpec {
-  int dim = -1;               // split dimension; -1: replicated on every TP rank
-  int64_t full_size = 0;      // size along `dim` in the full tensor (unpadded)
-  int64_t padded_size = 0;    // size along `dim` after padding; a multiple of tp
+  int dim = -1;             // split dimension; -1: replicated on every TP rank
+  int64_t full_size = 0;    // size along `dim` in the full tensor (unpadded)
+  int64_t padded_size = 0;  // size along `dim` after padding; a multiple of tp
   bool replicated() const { return dim < 0; }
 
   static PartitionSpec replicate() { return {}; }
@@ -43,19 +43,22 @@ using PartitionSpecs = std::map<std::string, PartitionSpec>;
 
 // Rank `tp_rank`'s chunk of `full` (a fresh contiguous tensor). Throws Error on a shape that
 // does not match the spec.
-at::Tensor shard_tensor(const at::Tensor& full, const PartitionSpec& spec, int tp_rank, int tp_size);
+at::Tensor shard_tensor(const at::Tensor& full, const PartitionSpec& spec, int tp_rank,
+                        int tp_size);
 // Concatenates the chunks of every rank (rank order) and drops padding.
 at::Tensor merge_shards(const std::vector<at::Tensor>& shards, const PartitionSpec& spec);
 
 // Splits every entry of `full` that `specs` names (a name missing from specs, or a spec
 // without a tensor, throws Error naming it).
-StateDict split_state_dict(const StateDict& full, const PartitionSpecs& specs, int tp_rank, int tp_size);
+StateDict split_state_dict(const StateDict& full, const PartitionSpecs& specs, int tp_rank,
+                           int tp_size);
 // Inverse of split_state_dict: `shards[r]` is rank r's state dict. Replicated entries are
 // taken from rank 0.
 StateDict merge_state_dicts(const std::vector<StateDict>& shards, const PartitionSpecs& specs);
 
 // Collective over `tp` (every rank calls it with the same names): gathers this rank's shards
 // into full tensors, on every rank. With a null or size-1 group it only drops padding.
-StateDict gather_full_state_dict(const StateDict& local, const PartitionSpecs& specs, const CommPtr& tp);
+StateDict gather_full_state_dict(const StateDict& local, const PartitionSpecs& specs,
+                                 const CommPtr& tp);
 
 }  // namespace andy

@@ -31,20 +31,24 @@ at::Tensor explicit_attention(const at::Tensor& q, const at::Tensor& k, const at
 
 }  // namespace
 
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in, int64_t q_offset) {
-  ANDY_CHECK(q.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "attention: expected [B, H, T, d] tensors");
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tensor& v_in,
+                     int64_t q_offset) {
+  ANDY_CHECK(q.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4,
+             "attention: expected [B, H, T, d] tensors");
   const int64_t h = q.size(1), h_kv = k_in.size(1);
-  ANDY_CHECK(h % h_kv == 0, "attention: ", h, " query heads are not a multiple of ", h_kv, " kv heads");
-  ANDY_CHECK(q_offset >= 0 && q_offset + q.size(2) <= k_in.size(2), "attention: queries at positions ",
-             q_offset, "..", q_offset + q.size(2) - 1, " but only ", k_in.size(2), " keys");
+  ANDY_CHECK(h % h_kv == 0, "attention: ", h, " query heads are not a multiple of ", h_kv,
+             " kv heads");
+  ANDY_CHECK(q_offset >= 0 && q_offset + q.size(2) <= k_in.size(2),
+             "attention: queries at positions ", q_offset, "..", q_offset + q.size(2) - 1,
+             " but only ", k_in.size(2), " keys");
   at::Tensor k = h == h_kv ? k_in : k_in.repeat_interleave(h / h_kv, 1);
   at::Tensor v = h == h_kv ? v_in : v_in.repeat_interleave(h / h_kv, 1);
   if constexpr (compat::kHasFusedSdpa) {
 #if ANDYLLM_TORCH_AT_LEAST(2, 0)
     if (q_offset == 0 && q.size(2) == k.size(2))
       return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
-    return at::scaled_dot_product_attention(q, k, v, causal_mask(q.size(2), k.size(2), q_offset, q.device()),
-                                            0.0, /*is_causal=*/false);
+    return at::scaled_dot_product_attention(
+        q, k, v, causal_mask(q.size(2), k.size(2), q_offset, q.device()), 0.0, /*is_causal=*/false);
 #endif
   }
   return explicit_attention(q, k, v, q_offset);
@@ -53,7 +57,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
 RopeTables make_rope_tables(int64_t head_dim, int64_t max_seq_len, double theta) {
   // As transformers' LlamaRotaryEmbedding: inv_freq = 1 / theta^(arange(0, d, 2).float() / d)
   auto f32 = at::TensorOptions().dtype(at::kFloat);
-  at::Tensor inv_freq = 1.0 / at::pow(theta, at::arange(0, head_dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) / head_dim);
+  at::Tensor inv_freq =
+      1.0 /
+      at::pow(theta,
+              at::arange(0, head_dim, 2, at::TensorOptions().dtype(at::kLong)).to(at::kFloat) /
+                  head_dim);
   at::Tensor t = at::arange(max_seq_len, f32);
   at::Tensor freqs = at::outer(t, inv_freq);
   at::Tensor emb = at::cat({freqs, freqs}, -1);

@@ -20,7 +20,8 @@ namespace andy {
 // Uses at::scaled_dot_product_attention where the LibTorch version has it
 // (compat::kHasFusedSdpa: flash / memory-efficient kernels on GPU) and the explicit
 // softmax(q k^T / sqrt(d) + mask) v otherwise (1.13), softmax in fp32. Returns [B, H, T, d].
-at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t q_offset);
+at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                     int64_t q_offset);
 
 // Rotary tables for positions [0, max_seq_len): cos and sin, each [max_seq_len, head_dim] fp32.
 struct RopeTables {

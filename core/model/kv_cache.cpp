@@ -22,11 +22,12 @@ KvCache::KvCache(const ModelConfig& cfg, int tp_size, int64_t block_size, int64_
 
 void KvCache::reserve(KvSequence& seq, int64_t n_new) {
   const int64_t need_tokens = seq.length + n_new;
-  const int64_t need_blocks = (need_tokens + block_size_ - 1) / block_size_ - static_cast<int64_t>(seq.block_table.size());
+  const int64_t need_blocks =
+      (need_tokens + block_size_ - 1) / block_size_ - static_cast<int64_t>(seq.block_table.size());
   if (need_blocks <= 0) return;
-  ANDY_CHECK(need_blocks <= num_free_blocks(), "KvCache: ", need_blocks, " more blocks of ", block_size_,
-             " tokens needed for a sequence of ", need_tokens, " tokens, but only ", num_free_blocks(),
-             " of ", num_blocks_, " blocks are free");
+  ANDY_CHECK(need_blocks <= num_free_blocks(), "KvCache: ", need_blocks, " more blocks of ",
+             block_size_, " tokens needed for a sequence of ", need_tokens, " tokens, but only ",
+             num_free_blocks(), " of ", num_blocks_, " blocks are free");
   for (int64_t i = 0; i < need_blocks; ++i) {
     seq.block_table.push_back(*free_.begin());
     free_.erase(free_.begin());

@@ -25,7 +25,9 @@ namespace andy {
 struct KvSequence {
   std::vector<int64_t> block_table;  // block ids in token order
   int64_t length = 0;                // tokens already cached (the next token's position)
-  int64_t capacity(int64_t block_size) const { return static_cast<int64_t>(block_table.size()) * block_size; }
+  int64_t capacity(int64_t block_size) const {
+    return static_cast<int64_t>(block_table.size()) * block_size;
+  }
 };
 
 class KvCache {

@@ -35,24 +35,27 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
 
 // ---- attention -----------------------------------------------------------------------------
 
-LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& p)
+LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
+                                       const std::string& p)
     : tp_(tp) {
   const int t = tp_size_of(tp);
   head_dim_ = head_dim(cfg);
   n_head_local_ = cfg.n_head / t;
   n_kv_head_local_ = cfg.n_kv_head / t;
   auto col = [&](const char* name, int64_t out) {
-    return register_module(name, ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, out, tp)
-                                                          .copy_input(false)
-                                                          .init_std(cfg.init_std)
-                                                          .seed(param_seed(seed, p + name + ".weight"))));
+    return register_module(name,
+                           ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, out, tp)
+                                                    .copy_input(false)
+                                                    .init_std(cfg.init_std)
+                                                    .seed(param_seed(seed, p + name + ".weight"))));
   };
   q_proj = col("q_proj", cfg.n_head * head_dim_);
   k_proj = col("k_proj", cfg.n_kv_head * head_dim_);
   v_proj = col("v_proj", cfg.n_kv_head * head_dim_);
-  o_proj = register_module("o_proj", RowParallelLinear(RowParallelLinearOptions(cfg.n_head * head_dim_, cfg.dim, tp)
-                                                           .init_std(residual_std(cfg))
-                                                           .seed(param_seed(seed, p + "o_proj.weight"))));
+  o_proj = register_module(
+      "o_proj", RowParallelLinear(RowParallelLinearOptions(cfg.n_head * head_dim_, cfg.dim, tp)
+                                      .init_std(residual_std(cfg))
+                                      .seed(param_seed(seed, p + "o_proj.weight"))));
 }
 
 at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeRows& rope) {
@@ -67,8 +70,9 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeRows& rope
   return o_proj(o.transpose(1, 2).reshape({b, t, n_head_local_ * head_dim_}));
 }
 
-at::Tensor LlamaAttentionImpl::forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
-                                              int64_t layer, const std::vector<KvSequence>& seqs) {
+at::Tensor LlamaAttentionImpl::forward_cached(const at::Tensor& x, const RopeRows& rope,
+                                              KvCache& cache, int64_t layer,
+                                              const std::vector<KvSequence>& seqs) {
   const int64_t b = x.size(0), t = x.size(1);
   at::Tensor q = q_proj(x).view({b, t, n_head_local_, head_dim_}).transpose(1, 2);
   at::Tensor k = k_proj(x).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
@@ -81,11 +85,15 @@ at::Tensor LlamaAttentionImpl::forward_cached(const at::Tensor& x, const RopeRow
   for (int64_t i = 0; i < b; ++i) {
     const KvSequence& s = seqs[i];
     // [H_kv, T, d] -> [T, H_kv, d] into the new tokens' slots
-    k_flat.index_copy_(0, cache.slots(s, s.length, t), k[i].transpose(0, 1).to(k_flat.scalar_type()));
-    v_flat.index_copy_(0, cache.slots(s, s.length, t), v[i].transpose(0, 1).to(v_flat.scalar_type()));
+    k_flat.index_copy_(0, cache.slots(s, s.length, t),
+                       k[i].transpose(0, 1).to(k_flat.scalar_type()));
+    v_flat.index_copy_(0, cache.slots(s, s.length, t),
+                       v[i].transpose(0, 1).to(v_flat.scalar_type()));
     at::Tensor all = cache.slots(s, 0, s.length + t);
-    at::Tensor keys = k_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
-    at::Tensor vals = v_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
+    at::Tensor keys =
+        k_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
+    at::Tensor vals =
+        v_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
     outs.push_back(attention(q.narrow(0, i, 1), keys, vals, /*q_offset=*/s.length));
   }
   at::Tensor o = at::cat(outs, 0);
@@ -94,19 +102,22 @@ at::Tensor LlamaAttentionImpl::forward_cached(const at::Tensor& x, const RopeRow
 
 // ---- MLP -----------------------------------------------------------------------------------
 
-LlamaMLPImpl::LlamaMLPImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& p) : tp_(tp) {
+LlamaMLPImpl::LlamaMLPImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& p)
+    : tp_(tp) {
   const int64_t ffn = derived_ffn_dim(cfg);
   auto col = [&](const char* name) {
-    return register_module(name, ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, ffn, tp)
-                                                          .copy_input(false)
-                                                          .init_std(cfg.init_std)
-                                                          .seed(param_seed(seed, p + name + ".weight"))));
+    return register_module(name,
+                           ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, ffn, tp)
+                                                    .copy_input(false)
+                                                    .init_std(cfg.init_std)
+                                                    .seed(param_seed(seed, p + name + ".weight"))));
   };
   gate_proj = col("gate_proj");
   up_proj = col("up_proj");
-  down_proj = register_module("down_proj", RowParallelLinear(RowParallelLinearOptions(ffn, cfg.dim, tp)
-                                                                 .init_std(residual_std(cfg))
-                                                                 .seed(param_seed(seed, p + "down_proj.weight"))));
+  down_proj = register_module(
+      "down_proj", RowParallelLinear(RowParallelLinearOptions(ffn, cfg.dim, tp)
+                                         .init_std(residual_std(cfg))
+                                         .seed(param_seed(seed, p + "down_proj.weight"))));
 }
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
@@ -120,7 +131,8 @@ LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp,
                                              const std::string& p) {
   input_layernorm = register_module("input_layernorm", RMSNorm(cfg.dim, cfg.norm_eps));
   self_attn = register_module("self_attn", LlamaAttention(cfg, tp, seed, p + "self_attn."));
-  post_attention_layernorm = register_module("post_attention_layernorm", RMSNorm(cfg.dim, cfg.norm_eps));
+  post_attention_layernorm =
+      register_module("post_attention_layernorm", RMSNorm(cfg.dim, cfg.norm_eps));
   mlp = register_module("mlp", LlamaMLP(cfg, tp, seed, p + "mlp."));
 }
 
@@ -129,8 +141,9 @@ at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const RopeRows& r
   return h + mlp(post_attention_layernorm(h));
 }
 
-at::Tensor LlamaDecoderLayerImpl::forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
-                                                 int64_t layer, const std::vector<KvSequence>& seqs) {
+at::Tensor LlamaDecoderLayerImpl::forward_cached(const at::Tensor& x, const RopeRows& rope,
+                                                 KvCache& cache, int64_t layer,
+                                                 const std::vector<KvSequence>& seqs) {
   at::Tensor h = x + self_attn->forward_cached(input_layernorm(x), rope, cache, layer, seqs);
   return h + mlp(post_attention_layernorm(h));
 }
@@ -141,9 +154,10 @@ LlamaModelImpl::LlamaModelImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed
   const int t = tp_size_of(tp);
   embed_tokens = register_module(
       "embed_tokens",
-      VocabParallelEmbedding(VocabParallelEmbeddingOptions(cfg.vocab_size, padded_vocab_size(cfg, t), cfg.dim, tp)
-                                 .init_std(cfg.init_std)
-                                 .seed(param_seed(seed, "model.embed_tokens.weight"))));
+      VocabParallelEmbedding(
+          VocabParallelEmbeddingOptions(cfg.vocab_size, padded_vocab_size(cfg, t), cfg.dim, tp)
+              .init_std(cfg.init_std)
+              .seed(param_seed(seed, "model.embed_tokens.weight"))));
   layers = register_module("layers", torch::nn::ModuleList());
   for (int64_t l = 0; l < cfg.n_layer; ++l)
     layers->push_back(LlamaDecoderLayer(cfg, tp, seed, "model.layers." + std::to_string(l) + "."));
@@ -182,10 +196,11 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& cfg, CommPtr tp, u
   specs_ = llama_partition_specs(cfg, t);
   model = register_module("model", LlamaModel(cfg, tp, seed));
   if (!cfg.tie_embeddings) {
-    lm_head = register_module("lm_head", ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, cfg.vocab_size, tp)
-                                                                  .padded_out_features(padded_vocab_)
-                                                                  .init_std(cfg.init_std)
-                                                                  .seed(param_seed(seed, "lm_head.weight"))));
+    lm_head = register_module(
+        "lm_head", ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, cfg.vocab_size, tp)
+                                            .padded_out_features(padded_vocab_)
+                                            .init_std(cfg.init_std)
+                                            .seed(param_seed(seed, "lm_head.weight"))));
   }
   rope_ = make_rope_tables(head_dim(cfg), cfg.max_seq_len, cfg.rope_theta);
   // Every registered parameter must have a spec and the other way round.
@@ -193,7 +208,8 @@ LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& cfg, CommPtr tp, u
   ANDY_CHECK(named.size() == specs_.size(), "LlamaForCausalLM: ", named.size(), " parameters but ",
              specs_.size(), " partition specs");
   for (const auto& p : named)
-    ANDY_CHECK(specs_.count(p.key()), "LlamaForCausalLM: parameter '", p.key(), "' has no partition spec");
+    ANDY_CHECK(specs_.count(p.key()), "LlamaForCausalLM: parameter '", p.key(),
+               "' has no partition spec");
 }
 
 int LlamaForCausalLMImpl::tp_size() const { return tp_size_of(tp_); }
@@ -206,7 +222,8 @@ RopeRows LlamaForCausalLMImpl::rope_rows(const at::Tensor& positions) {
   }
   const auto b = positions.size(0), t = positions.size(1);
   at::Tensor flat = positions.reshape({-1});
-  return {rope_.cos.index_select(0, flat).view({b, t, -1}), rope_.sin.index_select(0, flat).view({b, t, -1})};
+  return {rope_.cos.index_select(0, flat).view({b, t, -1}),
+          rope_.sin.index_select(0, flat).view({b, t, -1})};
 }
 
 at::Tensor LlamaForCausalLMImpl::logits_from_hidden(const at::Tensor& h) {
@@ -219,7 +236,8 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& tokens) {
   ANDY_CHECK(tokens.size(1) <= cfg_.max_seq_len, "LlamaForCausalLM: ", tokens.size(1),
              " tokens exceed model.max_seq_len = ", cfg_.max_seq_len);
   const int64_t b = tokens.size(0), t = tokens.size(1);
-  at::Tensor positions = at::arange(t, tokens.options().dtype(at::kLong)).unsqueeze(0).expand({b, t});
+  at::Tensor positions =
+      at::arange(t, tokens.options().dtype(at::kLong)).unsqueeze(0).expand({b, t});
   RopeRows rope = rope_rows(positions);
   at::Tensor h = model->embed_tokens(tokens);
   for (const auto& layer : *model->layers) h = layer->as<LlamaDecoderLayer>()->forward(h, rope);
@@ -230,31 +248,36 @@ at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& tokens) {
   return logits_from_hidden(hidden_states(tokens));
 }
 
-at::Tensor LlamaForCausalLMImpl::loss(const at::Tensor& local_logits, const at::Tensor& targets, int64_t ignore_index) {
-  return vocab_parallel_cross_entropy_mean(local_logits, targets, tp_, vocab_start(), cfg_.vocab_size, ignore_index);
+at::Tensor LlamaForCausalLMImpl::loss(const at::Tensor& local_logits, const at::Tensor& targets,
+                                      int64_t ignore_index) {
+  return vocab_parallel_cross_entropy_mean(local_logits, targets, tp_, vocab_start(),
+                                           cfg_.vocab_size, ignore_index);
 }
 
-at::Tensor LlamaForCausalLMImpl::loss_per_token(const at::Tensor& local_logits, const at::Tensor& targets,
-                                                int64_t ignore_index) {
-  return vocab_parallel_cross_entropy(local_logits.reshape({-1, local_logits.size(-1)}), targets.reshape({-1}),
-                                      tp_, vocab_start(), cfg_.vocab_size, ignore_index);
+at::Tensor LlamaForCausalLMImpl::loss_per_token(const at::Tensor& local_logits,
+                                                const at::Tensor& targets, int64_t ignore_index) {
+  return vocab_parallel_cross_entropy(local_logits.reshape({-1, local_logits.size(-1)}),
+                                      targets.reshape({-1}), tp_, vocab_start(), cfg_.vocab_size,
+                                      ignore_index);
 }
 
 at::Tensor LlamaForCausalLMImpl::forward_cached(const at::Tensor& tokens, KvCache& cache,
                                                 std::vector<KvSequence>& seqs) {
   at::NoGradGuard no_grad;
   ANDY_CHECK(tokens.dim() == 2 && tokens.size(0) == static_cast<int64_t>(seqs.size()),
-             "forward_cached: tokens [B, T] with one KvSequence per row expected, got ", tokens.sizes(),
-             " and ", seqs.size(), " sequences");
-  ANDY_CHECK(cache.n_layer() == cfg_.n_layer, "forward_cached: cache has ", cache.n_layer(), " layers, model ",
-             cfg_.n_layer);
+             "forward_cached: tokens [B, T] with one KvSequence per row expected, got ",
+             tokens.sizes(), " and ", seqs.size(), " sequences");
+  ANDY_CHECK(cache.n_layer() == cfg_.n_layer, "forward_cached: cache has ", cache.n_layer(),
+             " layers, model ", cfg_.n_layer);
   const int64_t b = tokens.size(0), t = tokens.size(1);
   std::vector<int64_t> pos(b * t);
   for (int64_t i = 0; i < b; ++i) {
-    ANDY_CHECK(seqs[i].length + t <= cfg_.max_seq_len, "forward_cached: sequence ", i, " would reach ",
-               seqs[i].length + t, " tokens, beyond model.max_seq_len = ", cfg_.max_seq_len);
-    ANDY_CHECK(seqs[i].length + t <= seqs[i].capacity(cache.block_size()), "forward_cached: sequence ", i,
-               " has room for ", seqs[i].capacity(cache.block_size()), " tokens, needs ", seqs[i].length + t,
+    ANDY_CHECK(seqs[i].length + t <= cfg_.max_seq_len, "forward_cached: sequence ", i,
+               " would reach ", seqs[i].length + t,
+               " tokens, beyond model.max_seq_len = ", cfg_.max_seq_len);
+    ANDY_CHECK(seqs[i].length + t <= seqs[i].capacity(cache.block_size()),
+               "forward_cached: sequence ", i, " has room for ",
+               seqs[i].capacity(cache.block_size()), " tokens, needs ", seqs[i].length + t,
                " (call KvCache::reserve)");
     for (int64_t j = 0; j < t; ++j) pos[i * t + j] = seqs[i].length + j;
   }
@@ -308,12 +331,14 @@ void LlamaForCausalLMImpl::load_full_state_dict(const StateDict& full) {
   at::NoGradGuard no_grad;
   for (auto& p : named_parameters()) {
     const at::Tensor& src = shard.at(p.key());
-    ANDY_CHECK(src.sizes() == p.value().sizes(), "load_full_state_dict: '", p.key(), "' shard ", src.sizes(),
-               " does not match the parameter ", p.value().sizes());
+    ANDY_CHECK(src.sizes() == p.value().sizes(), "load_full_state_dict: '", p.key(), "' shard ",
+               src.sizes(), " does not match the parameter ", p.value().sizes());
     p.value().copy_(src);
   }
 }
 
-StateDict LlamaForCausalLMImpl::full_state_dict() { return gather_full_state_dict(local_state_dict(), specs_, tp_); }
+StateDict LlamaForCausalLMImpl::full_state_dict() {
+  return gather_full_state_dict(local_state_dict(), specs_, tp_);
+}
 
 }  // namespace andy

@@ -55,8 +55,8 @@ class LlamaAttentionImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
   // Inference: appends this layer's k, v for the new tokens to `cache` and attends over each
   // sequence's cached tokens plus the new ones. Sequence lengths are not advanced here.
-  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache, int64_t layer,
-                            const std::vector<KvSequence>& seqs);
+  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
+                            int64_t layer, const std::vector<KvSequence>& seqs);
 
   ColumnParallelLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr};
   RowParallelLinear o_proj{nullptr};
@@ -82,10 +82,11 @@ TORCH_MODULE(LlamaMLP);
 
 class LlamaDecoderLayerImpl : public torch::nn::Module {
  public:
-  LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& prefix);
+  LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
+                        const std::string& prefix);
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
-  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache, int64_t layer,
-                            const std::vector<KvSequence>& seqs);
+  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
+                            int64_t layer, const std::vector<KvSequence>& seqs);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   LlamaAttention self_attn{nullptr};
   LlamaMLP mlp{nullptr};
@@ -104,8 +105,8 @@ TORCH_MODULE(LlamaModel);
 
 // One parameter of the model, for optimizers, clipping and checkpoints.
 struct ParamInfo {
-  std::string name;   // Hugging Face name
-  at::Tensor param;   // this rank's tensor (shares storage with the module)
+  std::string name;  // Hugging Face name
+  at::Tensor param;  // this rank's tensor (shares storage with the module)
   PartitionSpec spec;
   bool tp_sharded() const { return !spec.replicated(); }
   // Norm weights and the embedding (AdamW groups usually exclude them from weight decay).
@@ -124,7 +125,8 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   at::Tensor hidden_states(const at::Tensor& tokens);
   // Mean cross-entropy over targets != ignore_index, from local logits (vocab-parallel: the
   // full logits are never gathered). Same value on every TP rank.
-  at::Tensor loss(const at::Tensor& local_logits, const at::Tensor& targets, int64_t ignore_index = -100);
+  at::Tensor loss(const at::Tensor& local_logits, const at::Tensor& targets,
+                  int64_t ignore_index = -100);
   // Per-token losses [B*T] (0 where ignored), for callers that sum and count themselves.
   at::Tensor loss_per_token(const at::Tensor& local_logits, const at::Tensor& targets,
                             int64_t ignore_index = -100);
@@ -133,7 +135,8 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   // at positions seqs[b].length .. + T - 1. Every sequence must already have room
   // (cache.reserve); on return each seqs[b].length has grown by T. Prompts of different
   // lengths are prefilled one sequence at a time (B = 1) and then decoded together (T = 1).
-  at::Tensor forward_cached(const at::Tensor& tokens, KvCache& cache, std::vector<KvSequence>& seqs);
+  at::Tensor forward_cached(const at::Tensor& tokens, KvCache& cache,
+                            std::vector<KvSequence>& seqs);
 
   // Full-vocabulary logits [.., vocab_size] (all-gathered over TP, padding dropped): for
   // sampling and tests, not for training.

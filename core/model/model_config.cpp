@@ -35,8 +35,9 @@ void validate_model_shapes(const ModelConfig& m, int tp) {
     fail("head size model.dim / model.n_head = " + std::to_string(head_dim(m)) +
          " is odd: rotary embeddings need an even head size");
   if (m.n_kv_head > m.n_head || m.n_head % m.n_kv_head != 0)
-    fail("model.n_head = " + std::to_string(m.n_head) + " is not a multiple of model.n_kv_head = " +
-         std::to_string(m.n_kv_head) + ": each key/value head must serve a whole group of query heads");
+    fail("model.n_head = " + std::to_string(m.n_head) +
+         " is not a multiple of model.n_kv_head = " + std::to_string(m.n_kv_head) +
+         ": each key/value head must serve a whole group of query heads");
   if (m.n_head % tp != 0)
     fail("model.n_head = " + std::to_string(m.n_head) + " is not divisible by " + tps +
          ": each tensor-parallel rank must hold whole heads");

@@ -60,9 +60,17 @@ TEST(ModelConfig, InvalidShapesAreRefused) {
     const char* expect;
   };
   std::vector<Case> cases = {
-      {"n_head not divisible by tp", [](ModelConfig& m) { m.n_head = 6; m.n_kv_head = 2; m.dim = 96; }, 4, "model.n_head = 6"},
-      {"n_kv_head not divisible by tp", [](ModelConfig& m) { m.n_kv_head = 2; }, 4, "model.n_kv_head = 2"},
-      {"n_head not a multiple of n_kv_head", [](ModelConfig& m) { m.n_kv_head = 3; }, 1, "not a multiple of model.n_kv_head = 3"},
+      {"n_head not divisible by tp",
+       [](ModelConfig& m) {
+         m.n_head = 6;
+         m.n_kv_head = 2;
+         m.dim = 96;
+       },
+       4, "model.n_head = 6"},
+      {"n_kv_head not divisible by tp", [](ModelConfig& m) { m.n_kv_head = 2; }, 4,
+       "model.n_kv_head = 2"},
+      {"n_head not a multiple of n_kv_head", [](ModelConfig& m) { m.n_kv_head = 3; }, 1,
+       "not a multiple of model.n_kv_head = 3"},
       {"dim not divisible by n_head", [](ModelConfig& m) { m.dim = 60; }, 1, "model.dim = 60"},
       {"odd head size", [](ModelConfig& m) { m.dim = 72; }, 1, "odd"},
       {"ffn_dim not divisible by tp", [](ModelConfig& m) { m.ffn_dim = 190; }, 4, "ffn_dim = 190"},
@@ -99,7 +107,8 @@ TEST(ModelStats, ParameterCountMatchesTheModel) {
     int64_t n = 0;
     for (const auto& [name, t] : model->full_state_dict()) n += t.numel();  // unpadded
     ParamCounts c = count_parameters(m);
-    std::printf("  tie=%d: count_parameters %lld, model %lld\n", tie, (long long)c.total, (long long)n);
+    std::printf("  tie=%d: count_parameters %lld, model %lld\n", tie, (long long)c.total,
+                (long long)n);
     EXPECT_EQ(c.total, n);
     // 6N + 12 L H Q T, N without an untied embedding table.
     double expect = 6.0 * (c.total - (tie ? 0 : c.embedding)) + 12.0 * 2 * 8 * 8 * 16;
@@ -114,8 +123,13 @@ TEST(ModelStats, ParameterCountMatchesTheModel) {
   }
   // LLaMA-7B shapes give its well-known 6.74 B parameters.
   ModelConfig big;
-  big.dim = 4096; big.n_layer = 32; big.n_head = 32; big.n_kv_head = 32; big.ffn_multiple_of = 256;
-  big.vocab_size = 32000; big.tie_embeddings = false;
+  big.dim = 4096;
+  big.n_layer = 32;
+  big.n_head = 32;
+  big.n_kv_head = 32;
+  big.ffn_multiple_of = 256;
+  big.vocab_size = 32000;
+  big.tie_embeddings = false;
   EXPECT_EQ(count_parameters(big).total, 6738415616LL);
   Config cfg;
   cfg.model = big;
@@ -138,12 +152,16 @@ TEST(CrossEntropy, MatchesDenseWithPaddingAndIgnoredTargets) {
   at::Tensor ref = at::cross_entropy_loss(b, targets, {}, at::Reduction::None, -100);
   (ref * weights).sum().backward();
   EXPECT_LT(report("loss vs dense cross-entropy (TP=1)", loss, ref), 1e-6);
-  EXPECT_LT(report("grad vs dense cross-entropy (TP=1)", a.grad().narrow(1, 0, vocab), b.grad()), 1e-6);
-  EXPECT_EQ(andy::test::max_abs(a.grad().narrow(1, vocab, padded - vocab)), 0.0) << "padded columns get gradient";
-  EXPECT_EQ(andy::test::max_abs(a.grad().index({at::arange(0, n, 5)})), 0.0) << "ignored rows get gradient";
+  EXPECT_LT(report("grad vs dense cross-entropy (TP=1)", a.grad().narrow(1, 0, vocab), b.grad()),
+            1e-6);
+  EXPECT_EQ(andy::test::max_abs(a.grad().narrow(1, vocab, padded - vocab)), 0.0)
+      << "padded columns get gradient";
+  EXPECT_EQ(andy::test::max_abs(a.grad().index({at::arange(0, n, 5)})), 0.0)
+      << "ignored rows get gradient";
   // The mean form divides by the number of non-ignored targets.
   at::Tensor mean = vocab_parallel_cross_entropy_mean(logits, targets, nullptr, 0, vocab, -100);
-  at::Tensor ref_mean = at::cross_entropy_loss(logits.narrow(1, 0, vocab), targets, {}, at::Reduction::Mean, -100);
+  at::Tensor ref_mean =
+      at::cross_entropy_loss(logits.narrow(1, 0, vocab), targets, {}, at::Reduction::Mean, -100);
   EXPECT_LT(report("mean loss vs dense (TP=1)", mean, ref_mean), 1e-6);
 }
 
@@ -167,7 +185,8 @@ TEST(Partition, SplitThenMergeIsIdentity) {
         ASSERT_EQ(back.at(name).sizes(), t.sizes()) << name;
         worst = std::max(worst, andy::test::max_abs(back.at(name) - t));
       }
-      std::printf("  tie=%d tp=%d: split+merge max |diff| over %zu tensors = %g\n", tie, tp, full.size(), worst);
+      std::printf("  tie=%d tp=%d: split+merge max |diff| over %zu tensors = %g\n", tie, tp,
+                  full.size(), worst);
       EXPECT_EQ(worst, 0.0);
     }
   }
@@ -205,7 +224,8 @@ TEST(KvCache, IncrementalDecodingMatchesFullForwardTp1) {
     while (seqs[0].length < 12) {
       cache.reserve(seqs[0], 1);
       cache.reserve(seqs[1], 1);
-      at::Tensor step = at::stack({tokens[0][seqs[0].length], tokens[1][seqs[1].length]}).view({2, 1});
+      at::Tensor step =
+          at::stack({tokens[0][seqs[0].length], tokens[1][seqs[1].length]}).view({2, 1});
       at::Tensor out = model->forward_cached(step, cache, seqs);
       got0.push_back(out.narrow(0, 0, 1));
       got1.push_back(out.narrow(0, 1, 1));
@@ -217,7 +237,9 @@ TEST(KvCache, IncrementalDecodingMatchesFullForwardTp1) {
     EXPECT_EQ(one[0].length, 12);
     EXPECT_NE(seqs[0].block_table, std::vector<int64_t>({0, 1, 2})) << "blocks should interleave";
     at::Tensor inc = at::stack({at::cat(got0, 1)[0], at::cat(got1, 1)[0]});
-    EXPECT_LT(report(std::string("KV-cache decode vs full forward, TP=1, tie=") + (tie ? "1" : "0"), inc, full), 1e-5);
+    EXPECT_LT(report(std::string("KV-cache decode vs full forward, TP=1, tie=") + (tie ? "1" : "0"),
+                     inc, full),
+              1e-5);
     cache.release(seqs[0]);
     cache.release(one[0]);
     EXPECT_EQ(cache.num_free_blocks(), 16);
@@ -236,9 +258,10 @@ TEST(Model, ParamInfosAndHuggingFaceNames) {
   auto infos = model->param_infos();
   std::set<std::string> names;
   for (const auto& p : infos) names.insert(p.name);
-  for (const char* n : {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                        "model.layers.1.mlp.down_proj.weight", "model.layers.1.post_attention_layernorm.weight",
-                        "model.norm.weight", "lm_head.weight"})
+  for (const char* n :
+       {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.1.mlp.down_proj.weight", "model.layers.1.post_attention_layernorm.weight",
+        "model.norm.weight", "lm_head.weight"})
     EXPECT_TRUE(names.count(n)) << n;
   EXPECT_EQ(infos.size(), 2 + 1 + 2 * 9u);
   for (const auto& p : infos) {
@@ -266,7 +289,8 @@ TEST(Model, Bf16AutocastForwardBackward) {
   EXPECT_EQ(loss.scalar_type(), at::kFloat);
   loss.backward();
   double rel = std::abs(loss.item<double>() - ref.item<double>()) / ref.item<double>();
-  std::printf("  bf16 autocast loss %.6f vs fp32 %.6f, rel = %.3e\n", loss.item<double>(), ref.item<double>(), rel);
+  std::printf("  bf16 autocast loss %.6f vs fp32 %.6f, rel = %.3e\n", loss.item<double>(),
+              ref.item<double>(), rel);
   EXPECT_LT(rel, 2e-2);
   for (const auto& p : model->param_infos()) {
     ASSERT_TRUE(p.param.grad().defined()) << p.name;

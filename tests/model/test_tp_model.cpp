@@ -27,7 +27,8 @@ CommPtr world_tp() {
 }
 
 std::string tag(const std::string& what) {
-  return "[rank " + std::to_string(world_tp()->rank()) + " tp " + std::to_string(world_tp()->size()) + "] " + what;
+  return "[rank " + std::to_string(world_tp()->rank()) + " tp " +
+         std::to_string(world_tp()->size()) + "] " + what;
 }
 
 // The largest relative error over every rank (so all ranks agree on pass/fail).
@@ -45,13 +46,15 @@ void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
   const int tp_size = tp->size(), rank = tp->rank();
 
   // 1. Initialisation: the TP shards of the seed-initialised TP=1 model are this model's.
-  StateDict expect = split_state_dict(ref->full_state_dict(), par->partition_specs(), rank, tp_size);
+  StateDict expect =
+      split_state_dict(ref->full_state_dict(), par->partition_specs(), rank, tp_size);
   double init_diff = 0;
   for (const auto& [n, t] : par->local_state_dict()) {
     ASSERT_EQ(t.sizes(), expect.at(n).sizes()) << n;
     init_diff = std::max(init_diff, andy::test::max_abs(t - expect.at(n)));
   }
-  std::printf("  %-60s max|diff| = %.3e\n", tag(name + ": init shards vs TP=1 split").c_str(), init_diff);
+  std::printf("  %-60s max|diff| = %.3e\n", tag(name + ": init shards vs TP=1 split").c_str(),
+              init_diff);
   EXPECT_EQ(max_over_ranks(init_diff), 0.0);
 
   // 2. Logits and loss (targets include ignored positions).
@@ -70,7 +73,8 @@ void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
   double e_loss = report(tag(name + ": loss vs TP=1"), loss, ref_loss);
   // Full logits gathered over TP (the sampling path).
   at::Tensor gathered = par->gather_logits(logits.detach());
-  double e_gather = report(tag(name + ": gathered logits vs TP=1"), gathered, ref->gather_logits(ref_logits.detach()));
+  double e_gather = report(tag(name + ": gathered logits vs TP=1"), gathered,
+                           ref->gather_logits(ref_logits.detach()));
   EXPECT_LT(max_over_ranks(e_logits), 1e-5);
   EXPECT_LT(max_over_ranks(e_loss), 1e-5);
   EXPECT_LT(max_over_ranks(e_gather), 1e-5);
@@ -86,8 +90,9 @@ void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
     double e = andy::test::rel_err(grads.at(n), g);
     if (e > worst) worst = e, worst_name = n;
   }
-  std::printf("  %-60s worst rel = %.3e (%s)\n", tag(name + ": all " + std::to_string(grads.size()) + " grads vs TP=1").c_str(),
-              worst, worst_name.c_str());
+  std::printf("  %-60s worst rel = %.3e (%s)\n",
+              tag(name + ": all " + std::to_string(grads.size()) + " grads vs TP=1").c_str(), worst,
+              worst_name.c_str());
   EXPECT_LT(max_over_ranks(worst), 1e-5) << worst_name;
 
   // 4. Replicated parameters have the same gradient on every rank (what grad clipping assumes).
@@ -103,7 +108,9 @@ void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
 
 }  // namespace
 
-TEST(TensorParallel, GqaUntiedMatchesTp1) { check_tp_matches_tp1(tiny_config(false, 4), "gqa untied"); }
+TEST(TensorParallel, GqaUntiedMatchesTp1) {
+  check_tp_matches_tp1(tiny_config(false, 4), "gqa untied");
+}
 TEST(TensorParallel, GqaTiedMatchesTp1) { check_tp_matches_tp1(tiny_config(true, 4), "gqa tied"); }
 TEST(TensorParallel, MhaTiedMatchesTp1) { check_tp_matches_tp1(tiny_config(true, 8), "mha tied"); }
 TEST(TensorParallel, OddVocabMatchesTp1) {
@@ -129,7 +136,8 @@ TEST(TensorParallel, VocabParallelCrossEntropyMatchesDense) {
   (loss * weights).sum().backward();
   at::Tensor grad = gather_from_tp_region(mine.grad(), tp);
   double e_loss = report(tag("vocab-parallel CE loss vs dense"), loss, ref);
-  double e_grad = report(tag("vocab-parallel CE grad vs dense"), grad.narrow(1, 0, vocab), dense.grad());
+  double e_grad =
+      report(tag("vocab-parallel CE grad vs dense"), grad.narrow(1, 0, vocab), dense.grad());
   EXPECT_LT(max_over_ranks(e_loss), 1e-6);
   EXPECT_LT(max_over_ranks(e_grad), 1e-6);
   EXPECT_EQ(andy::test::max_abs(grad.narrow(1, vocab, padded - vocab)), 0.0);
@@ -162,8 +170,8 @@ TEST(TensorParallel, KvCacheDecodingMatchesFullForward) {
   LlamaForCausalLM ref(m, nullptr, 77);
   at::NoGradGuard g;
   at::Tensor ref_full = ref->forward(tokens);
-  double e1 = report(tag("KV-cache decode vs TP=1 full forward"), model->gather_logits(at::cat(got, 1)),
-                     ref->gather_logits(ref_full));
+  double e1 = report(tag("KV-cache decode vs TP=1 full forward"),
+                     model->gather_logits(at::cat(got, 1)), ref->gather_logits(ref_full));
   EXPECT_LT(max_over_ranks(e1), 1e-5);
 }
 
@@ -179,6 +187,7 @@ TEST(TensorParallel, GatherFullStateDictRoundTrip) {
   double worst = 0;
   for (const auto& [n, t] : a->local_state_dict())
     worst = std::max(worst, andy::test::max_abs(t - b->local_state_dict().at(n)));
-  std::printf("  %-60s max|diff| = %.3e\n", tag("load_full_state_dict(full_state_dict()) shards").c_str(), worst);
+  std::printf("  %-60s max|diff| = %.3e\n",
+              tag("load_full_state_dict(full_state_dict()) shards").c_str(), worst);
   EXPECT_EQ(max_over_ranks(worst), 0.0);
 }
