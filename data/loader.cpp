@@ -267,7 +267,10 @@ Batch DataLoader::next_batch() {
     auto t0 = std::chrono::steady_clock::now();
     std::unique_lock<std::mutex> lock(mu_);
     cv_.wait(lock, [&] { return !queue_.empty(); });
-    stats_.wait_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    stats_.wait_seconds += waited;
+    if (stats_.batches_served == 0) stats_.first_wait_seconds = waited;
+    else stats_.max_wait_seconds = std::max(stats_.max_wait_seconds, waited);
     // A failed read stays at the front: every later call rethrows it instead of waiting.
     if (queue_.front().error) std::rethrow_exception(queue_.front().error);
     Item item = std::move(queue_.front());

@@ -85,6 +85,8 @@ struct LoaderStats {
   double read_seconds = 0;  // time spent reading + assembling batches (read-ahead thread)
   int64_t batches_served = 0;
   double wait_seconds = 0;  // time next_batch() waited for the read-ahead thread
+  double first_wait_seconds = 0;  // of which the first batch (nothing read ahead yet)
+  double max_wait_seconds = 0;    // longest wait after the first batch
 };
 
 // The shard files a split names, sorted; checks listed in LoaderOptions::split.

@@ -58,12 +58,13 @@ int bench_data(const ParsedArgs& args, World* world) {
   }
   double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   data::LoaderStats s = loader.stats();
-  std::printf("rank %d: %lld batches, read %.3f ms/batch (%.0f tokens/s when reading), waited %.3f ms/batch, "
-              "step %.1f ms, wall %.3f s (%.0f tokens/s served)\n",
+  std::printf("rank %d: %lld batches, read %.3f ms/batch (%.0f tokens/s when reading), waited %.3f ms/batch "
+              "(first %.3f ms, then max %.3f ms), step %.1f ms, wall %.3f s (%.0f tokens/s served)\n",
               world ? world->rank() : 0, static_cast<long long>(batches),
               1e3 * s.read_seconds / std::max<int64_t>(1, s.batches_read),
               s.read_seconds > 0 ? s.batches_read * o.batch_size * o.seq_len / s.read_seconds : 0.0,
-              1e3 * s.wait_seconds / batches, step_ms, wall, tokens / wall);
+              1e3 * s.wait_seconds / batches, 1e3 * s.first_wait_seconds, 1e3 * s.max_wait_seconds, step_ms, wall,
+              tokens / wall);
   std::fflush(stdout);
   return 0;
 }
