@@ -26,9 +26,23 @@ CommPtr world_tp() {
   return *comm;
 }
 
-std::string tag(const std::string& what) {
-  return "[rank " + std::to_string(world_tp()->rank()) + " tp " +
-         std::to_string(world_tp()->size()) + "] " + what;
+// TP groups of two adjacent ranks (the ProcessGrid layout for tp = 2 with dp = world / 2).
+CommPtr pair_tp() {
+  static CommPtr* comm = [] {
+    int rank = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MpiComm group = MpiComm(MPI_COMM_WORLD, false).split(rank / 2, rank);
+    return new CommPtr(
+        std::make_shared<MpiCommunicator>(group, "tp[pair]", std::chrono::milliseconds(120000)));
+  }();
+  return *comm;
+}
+
+std::string tag(const std::string& what, const CommPtr& tp = world_tp()) {
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  return "[rank " + std::to_string(world_rank) + " tp " + std::to_string(tp->rank()) + "/" +
+         std::to_string(tp->size()) + "] " + what;
 }
 
 // The largest relative error over every rank (so all ranks agree on pass/fail).
@@ -38,8 +52,7 @@ double max_over_ranks(double x) {
   return out;
 }
 
-void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
-  CommPtr tp = world_tp();
+void check_tp_matches_tp1(const ModelConfig& m, const std::string& name, CommPtr tp = world_tp()) {
   const uint64_t seed = 1234;
   LlamaForCausalLM ref(m, nullptr, seed);
   LlamaForCausalLM par(m, tp, seed);
@@ -53,7 +66,7 @@ void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
     ASSERT_EQ(t.sizes(), expect.at(n).sizes()) << n;
     init_diff = std::max(init_diff, andy::test::max_abs(t - expect.at(n)));
   }
-  std::printf("  %-60s max|diff| = %.3e\n", tag(name + ": init shards vs TP=1 split").c_str(),
+  std::printf("  %-60s max|diff| = %.3e\n", tag(name + ": init shards vs TP=1 split", tp).c_str(),
               init_diff);
   EXPECT_EQ(max_over_ranks(init_diff), 0.0);
 
@@ -68,12 +81,12 @@ void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
   at::Tensor loss = par->loss(logits, targets);
   loss.backward();
   const int64_t local = par->padded_vocab() / tp_size;
-  double e_logits = report(tag(name + ": local logits vs TP=1"), logits,
+  double e_logits = report(tag(name + ": local logits vs TP=1", tp), logits,
                            ref_logits.narrow(-1, par->vocab_start(), local));
-  double e_loss = report(tag(name + ": loss vs TP=1"), loss, ref_loss);
+  double e_loss = report(tag(name + ": loss vs TP=1", tp), loss, ref_loss);
   // Full logits gathered over TP (the sampling path).
   at::Tensor gathered = par->gather_logits(logits.detach());
-  double e_gather = report(tag(name + ": gathered logits vs TP=1"), gathered,
+  double e_gather = report(tag(name + ": gathered logits vs TP=1", tp), gathered,
                            ref->gather_logits(ref_logits.detach()));
   EXPECT_LT(max_over_ranks(e_logits), 1e-5);
   EXPECT_LT(max_over_ranks(e_loss), 1e-5);
@@ -91,8 +104,8 @@ void check_tp_matches_tp1(const ModelConfig& m, const std::string& name) {
     if (e > worst) worst = e, worst_name = n;
   }
   std::printf("  %-60s worst rel = %.3e (%s)\n",
-              tag(name + ": all " + std::to_string(grads.size()) + " grads vs TP=1").c_str(), worst,
-              worst_name.c_str());
+              tag(name + ": all " + std::to_string(grads.size()) + " grads vs TP=1", tp).c_str(),
+              worst, worst_name.c_str());
   EXPECT_LT(max_over_ranks(worst), 1e-5) << worst_name;
 
   // 4. Replicated parameters have the same gradient on every rank (what grad clipping assumes).
@@ -117,6 +130,12 @@ TEST(TensorParallel, OddVocabMatchesTp1) {
   ModelConfig m = tiny_config(false, 4);
   m.vocab_size = 97;  // the last rank's slice is mostly padding
   check_tp_matches_tp1(m, "gqa untied vocab 97");
+}
+
+// With world 4 the model is split over two TP groups of two ranks each (as with dp = 2); with
+// world 2 this is the whole world again.
+TEST(TensorParallel, TpSubgroupsMatchTp1) {
+  check_tp_matches_tp1(tiny_config(false, 4), "gqa untied, tp pairs", pair_tp());
 }
 
 TEST(TensorParallel, VocabParallelCrossEntropyMatchesDense) {
