@@ -156,7 +156,7 @@ Config load_config(const ParsedArgs& args) {
   if (args.has("config")) apply_toml_file(cfg, args.get("config"));
   for (const auto& [flag, value] : args.ordered()) {
     if (flag == "set") {
-      apply_set(cfg, value, "--set " + value);
+      apply_set(cfg, value);
     } else if (flag == "fp16") {
       if (value == "true") apply_value_text(cfg, "precision.mode", "fp16", "--fp16");
     } else {
@@ -186,7 +186,9 @@ Config load_config_collectively(const ParsedArgs& args, World* world) {
   std::string message;
   try {
     cfg = load_config(args);
-    validate_config(cfg, world ? world->size() : 0);
+    // --print-config / --help-config describe a run without launching it: no world-size check.
+    bool describe_only = args.has("print_config") || args.has("help_config");
+    validate_config(cfg, world && !describe_only ? world->size() : 0);
   } catch (const ConfigError& e) {
     message = e.what();
   }

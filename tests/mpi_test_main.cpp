@@ -7,9 +7,10 @@
 #include <cstdio>
 #include <memory>
 
-#include "parallel/world.h"
+#include "tests/mpi_test_main.h"
 
 namespace {
+andy::World* g_world = nullptr;
 
 class RankFailurePrinter : public testing::EmptyTestEventListener {
  public:
@@ -27,8 +28,11 @@ class RankFailurePrinter : public testing::EmptyTestEventListener {
 
 }  // namespace
 
+andy::World& andy::test_world() { return *g_world; }
+
 int main(int argc, char** argv) {
   andy::World world(&argc, &argv);
+  g_world = &world;
   testing::InitGoogleTest(&argc, argv);
   if (world.rank() != 0) {
     auto& listeners = testing::UnitTest::GetInstance()->listeners();

@@ -280,14 +280,20 @@ void apply_table(Config& cfg, const toml::table& root, const std::string& source
 }
 
 size_t edit_distance(const std::string& a, const std::string& b) {
-  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  // Optimal-string-alignment distance (Levenshtein plus adjacent transpositions).
+  std::vector<size_t> prev2(b.size() + 1), prev(b.size() + 1), cur(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
   for (size_t i = 1; i <= a.size(); ++i) {
     cur[0] = i;
     for (size_t j = 1; j <= b.size(); ++j) {
       size_t sub = prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1);
       cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, sub});
+      // Transposition of two adjacent characters counts as one edit ("cdua" -> "cuda").
+      if (i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1]) {
+        cur[j] = std::min(cur[j], prev2[j - 2] + 1);
+      }
     }
+    prev2 = prev;
     std::swap(prev, cur);
   }
   return prev[b.size()];
@@ -422,7 +428,8 @@ void apply_value_text(Config& cfg, const std::string& dotted, const std::string&
   check_and_set(cfg, *k, v, origin);
 }
 
-void apply_set(Config& cfg, const std::string& assignment, const std::string& origin) {
+void apply_set(Config& cfg, const std::string& assignment, const std::string& origin_in) {
+  std::string origin = origin_in.empty() ? "--set " + assignment : origin_in;
   size_t eq = assignment.find('=');
   if (eq == std::string::npos) {
     fail(origin, "'" + assignment + "': expected section.key=value (for example train.batch_size=4)");

@@ -137,8 +137,9 @@ const KeySpec* find_key(const std::string& section, const std::string& key);
 void apply_toml_file(Config& cfg, const std::string& path);
 // Applies TOML text (as from a file named `source_name`).
 void apply_toml_string(Config& cfg, const std::string& text, const std::string& source_name);
-// Applies "section.key=value" (from --set); `origin` names the flag in errors.
-void apply_set(Config& cfg, const std::string& assignment, const std::string& origin = "--set");
+// Applies "section.key=value" (from --set); `origin` names the flag in errors
+// (default: "--set section.key=value").
+void apply_set(Config& cfg, const std::string& assignment, const std::string& origin = "");
 // Sets one key from its textual value, type-checked and range-checked.
 void apply_value_text(Config& cfg, const std::string& dotted, const std::string& text,
                       const std::string& origin);

@@ -1,0 +1,130 @@
+// The andyllm command line as a user drives it: help, config errors (one line, file:line, key,
+// expectation, non-zero exit), the effective config, and the collective timeout path.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "tests/launch/run_command.h"
+
+using namespace andy::testing_util;
+namespace fs = std::filesystem;
+
+namespace {
+
+void expect_contains(const std::string& text, const std::string& part) {
+  EXPECT_NE(text.find(part), std::string::npos) << "'" << part << "' not in:\n" << text;
+}
+
+std::string write_temp_config(const std::string& name, const std::string& text) {
+  fs::path dir = fs::temp_directory_path() / ("andyllm_cli_" + std::to_string(getpid()));
+  fs::create_directories(dir);
+  fs::path p = dir / name;
+  std::ofstream(p) << text;
+  return p.string();
+}
+
+int count_of(const std::string& text, const std::string& part) {
+  int n = 0;
+  for (size_t pos = text.find(part); pos != std::string::npos; pos = text.find(part, pos + 1)) ++n;
+  return n;
+}
+
+}  // namespace
+
+TEST(Cli, HelpDescribesSubcommandsAndFlags) {
+  auto r = run_command(andyllm_bin() + " --help");
+  EXPECT_EQ(r.exit_code, 0);
+  for (const char* sub : {"train", "serve", "preprocess", "quantize", "export", "bench", "version"})
+    expect_contains(r.output, std::string("  ") + sub);
+  r = run_command(andyllm_bin() + " train --help");
+  EXPECT_EQ(r.exit_code, 0);
+  for (const char* flag : {"--config", "--set", "--train_file", "--val_file", "--tokenizer_path",
+                           "--output_dir", "--device", "--batch_size", "--learning_rate",
+                           "--num_epochs", "--gradient_accumulation_steps", "--fp16",
+                           "--print_config", "--resume"})
+    expect_contains(r.output, flag);
+  r = run_command(andyllm_bin() + " trian");
+  EXPECT_EQ(r.exit_code, 2);
+  expect_contains(r.output, "did you mean 'train'?");
+  r = run_command(andyllm_bin() + " train --bach_size 3");
+  EXPECT_EQ(r.exit_code, 2);
+  expect_contains(r.output, "unknown flag --bach_size (did you mean --batch_size?)");
+}
+
+TEST(Cli, PrintConfigShowsPrecedence) {
+  std::string cfg = write_temp_config("p.toml", "[train]\nbatch_size = 4\nlearning_rate = 0.01\n");
+  auto r = run_command(andyllm_bin() + " train --config " + cfg +
+                       " --batch_size 6 --set train.seed=99 --print-config");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  expect_contains(r.output, "batch_size = 6");
+  expect_contains(r.output, "# --batch_size");
+  expect_contains(r.output, "learning_rate = 0.01");
+  expect_contains(r.output, cfg + ":3");
+  expect_contains(r.output, "seed = 99");
+  r = run_command(andyllm_bin() + " train --help-config");
+  EXPECT_EQ(r.exit_code, 0);
+  expect_contains(r.output, "gradient_accumulation_steps (integer, default 1");
+}
+
+TEST(Cli, ShippedConfigsAreValid) {
+  for (const auto& e : fs::directory_iterator(source_dir() + "/configs")) {
+    if (e.path().extension() != ".toml") continue;
+    auto r = run_command(andyllm_bin() + " train --config " + e.path().string() + " --print-config");
+    EXPECT_EQ(r.exit_code, 0) << e.path() << "\n" << r.output;
+  }
+}
+
+TEST(Cli, ConfigErrorsStopBeforeWorkWithOneLine) {
+  struct Case {
+    std::string toml, extra, expect;
+  };
+  const std::vector<Case> cases = {
+      {"[model]\nn_heads = 4\n", "", "p.toml:2: unknown key [model] n_heads (did you mean 'n_head'?)"},
+      {"[train]\nbatch_size = \"big\"\n", "", "p.toml:2: [train] batch_size: expected an integer, got a string"},
+      {"[train]\nlearning_rate = 50.0\n", "", "p.toml:2: [train] learning_rate = 50.0: out of range, expected 0 < value <= 10"},
+      {"[model]\nn_head = 6\nn_kv_head = 6\ndim = 192\n", "--set parallel.tensor_parallel_size=4",
+       "[model] n_head = 6 (" },
+      {"[train]\nseed = 1\n", "--fp16", "cannot run with [train] device = \"cpu\""},
+  };
+  for (const auto& c : cases) {
+    std::string cfg = write_temp_config("p.toml", c.toml);
+    std::string out_dir = fs::path(cfg).parent_path().string() + "/never_written";
+    auto r = run_command(andyllm_bin() + " train --config " + cfg + " " + c.extra +
+                         " --output_dir " + out_dir);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    expect_contains(r.output, c.expect);
+    EXPECT_EQ(count_of(r.output, "\n"), 1) << "expected exactly one line:\n" << r.output;
+    EXPECT_FALSE(fs::exists(out_dir)) << "a failed config must not create the output directory";
+  }
+}
+
+TEST(Cli, WorldSizeNotDivisibleIsReportedOnceByEveryRankAgreeing) {
+  auto r = run_command(mpirun(3) + andyllm_bin() +
+                       " train --set parallel.tensor_parallel_size=2 --output_dir /tmp/andyllm_never");
+  EXPECT_NE(r.exit_code, 0);
+  expect_contains(r.output, "world size 3 (mpirun -np) is not divisible by [parallel] tensor_parallel_size = 2 (--set parallel.tensor_parallel_size=2)");
+  EXPECT_EQ(count_of(r.output, "is not divisible"), 1) << r.output;
+}
+
+TEST(Cli, EffectiveConfigIsWrittenToTheOutputDirectory) {
+  fs::path out = fs::temp_directory_path() / ("andyllm_cli_out_" + std::to_string(getpid()));
+  fs::remove_all(out);
+  auto r = run_command(andyllm_bin() + " train --output_dir " + out.string() + " --set train.seed=5");
+  // The training loop may or may not be available; the effective config is written either way.
+  ASSERT_TRUE(fs::exists(out / "config.toml")) << r.output;
+  std::ifstream in(out / "config.toml");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  expect_contains(text, "seed = 5");
+  fs::remove_all(out);
+}
+
+TEST(Cli, CollectiveTimeoutAbortsTheJobWithAMessage) {
+  // Rank 1 skips the first collective; rank 0 must give up after 2 s and end the whole job.
+  auto r = run_command(mpirun(2) + andyllm_bin() +
+                       " bench comm --max_bytes 64 --iters 1 --timeout 2 --debug_skip_rank 1");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  expect_contains(r.output, "[rank 0] error:");
+  expect_contains(r.output, "collective all_reduce on world (group rank 0 of 2, world rank 0, mpi) did not complete within 2.0");
+  EXPECT_EQ(r.output.find("was not aborted"), std::string::npos) << "the skipping rank was not ended:\n" << r.output;
+}

@@ -1,0 +1,240 @@
+// Multi-rank tests of the MPI Communicator (run by ctest under mpirun -np 2, 3 and 4).
+// Results are checked against closed-form values for every dtype and op, sizes that do not
+// divide by the world size, empty tensors, uneven counts, sub-group communicators of the grid,
+// asynchronous overlap and the argument errors.
+#include <gtest/gtest.h>
+
+#include <memory>
+
+#include "core/base/error.h"
+#include "parallel/process_grid.h"
+#include "tests/mpi_test_main.h"
+
+using namespace andy;
+
+namespace {
+
+CommPtr world_comm() {
+  static CommPtr comm = make_communicator(Backend::kMpi, MpiComm(MPI_COMM_WORLD, false), "world",
+                                          -1, std::chrono::milliseconds(60000));
+  return comm;
+}
+
+const std::vector<at::ScalarType> kAllTypes = {at::kFloat, at::kDouble, at::kBFloat16,
+                                               at::kHalf,  at::kInt,    at::kLong};
+const std::vector<int64_t> kSizes = {1, 7, 1023, 4099};
+
+// Small integers: exact in every dtype (bf16 holds integers up to 256 exactly).
+at::Tensor pattern(int64_t n, double add, int64_t mod, at::ScalarType t) {
+  return (at::arange(n, at::kLong).remainder(mod).to(at::kDouble) + add).to(t);
+}
+
+double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0) return 0;
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>();
+}
+
+}  // namespace
+
+TEST(Collectives, AllReduceEveryDtypeAndOp) {
+  auto comm = world_comm();
+  const int n = comm->size(), r = comm->rank();
+  for (auto t : kAllTypes) {
+    for (int64_t size : kSizes) {
+      // sum
+      auto x = pattern(size, r + 1, 5, t);
+      comm->all_reduce(x, {ReduceOp::kSum})->wait();
+      auto expect = pattern(size, 0, 5, at::kDouble) * n + n * (n + 1) / 2.0;
+      EXPECT_EQ(max_abs_diff(x, expect), 0) << "sum " << t << " size " << size;
+      // max / min: rank r contributes r*(i%3)
+      auto y = pattern(size, 0, 3, at::kDouble).mul(r).to(t);
+      auto z = y.clone();
+      comm->all_reduce(y, {ReduceOp::kMax})->wait();
+      comm->all_reduce(z, {ReduceOp::kMin})->wait();
+      EXPECT_EQ(max_abs_diff(y, pattern(size, 0, 3, at::kDouble) * (n - 1)), 0) << "max " << t;
+      EXPECT_EQ(max_abs_diff(z, at::zeros({size}, at::kDouble)), 0) << "min " << t;
+      // avg (floating types only): mean of (r+1)*2 = n+1
+      if (at::isFloatingType(t)) {
+        auto w = at::full({size}, 2.0 * (r + 1), at::kDouble).to(t);
+        comm->all_reduce(w, {ReduceOp::kAvg})->wait();
+        EXPECT_EQ(max_abs_diff(w, at::full({size}, n + 1.0, at::kDouble)), 0) << "avg " << t;
+      }
+    }
+  }
+}
+
+TEST(Collectives, NarrowFloatSumIsRoundedOnce) {
+  // 1 + n * 2^-9: each partial sum in bf16 would round away the small terms; fp32 staging keeps
+  // them until the final rounding, so every rank gets the same correctly rounded value.
+  auto comm = world_comm();
+  const int n = comm->size();
+  auto x = at::full({5}, comm->rank() == 0 ? 1.0 : std::ldexp(1.0, -9), at::kBFloat16);
+  comm->all_reduce(x, {ReduceOp::kSum})->wait();
+  double exact = 1.0 + (n - 1) * std::ldexp(1.0, -9);
+  double expect = at::full({1}, exact, at::kDouble).to(at::kBFloat16).to(at::kDouble).item<double>();
+  EXPECT_EQ(x.to(at::kDouble)[0].item<double>(), expect);
+}
+
+TEST(Collectives, AllGatherEqualAndUneven) {
+  auto comm = world_comm();
+  const int n = comm->size(), r = comm->rank();
+  for (auto t : kAllTypes) {
+    for (int64_t size : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{1001}}) {
+      auto in = pattern(size, 4.0 * r, 4, t);
+      auto out = at::zeros({size * n}, t);
+      comm->all_gather(out, in)->wait();
+      std::vector<at::Tensor> parts;
+      for (int q = 0; q < n; ++q) parts.push_back(pattern(size, 4.0 * q, 4, at::kDouble));
+      EXPECT_EQ(max_abs_diff(out, at::cat(parts)), 0) << t << " size " << size;
+    }
+    // Uneven shares: rank q holds q + 2 elements (e.g. a vocab that does not split evenly).
+    std::vector<int64_t> counts;
+    for (int q = 0; q < n; ++q) counts.push_back(q + 2);
+    int64_t total = 0;
+    for (auto c : counts) total += c;
+    auto in = pattern(counts[r], 4.0 * r, 4, t);
+    auto out = at::zeros({total}, t);
+    comm->all_gather(out, in, {counts})->wait();
+    std::vector<at::Tensor> parts;
+    for (int q = 0; q < n; ++q) parts.push_back(pattern(counts[q], 4.0 * q, 4, at::kDouble));
+    EXPECT_EQ(max_abs_diff(out, at::cat(parts)), 0) << "uneven " << t;
+  }
+}
+
+TEST(Collectives, ReduceScatterEqualAndUneven) {
+  auto comm = world_comm();
+  const int n = comm->size(), r = comm->rank();
+  const double tri = n * (n + 1) / 2.0;
+  for (auto t : kAllTypes) {
+    for (int64_t shard : {int64_t{0}, int64_t{1}, int64_t{3}, int64_t{513}}) {
+      auto in = pattern(shard * n, r + 1, 5, t);
+      auto out = at::zeros({shard}, t);
+      comm->reduce_scatter(out, in, {ReduceOp::kSum, {}})->wait();
+      auto expect = pattern(shard * n, 0, 5, at::kDouble).narrow(0, r * shard, shard) * n + tri;
+      EXPECT_EQ(max_abs_diff(out, expect), 0) << t << " shard " << shard;
+    }
+    // Uneven: total 2n+1 elements (not divisible by n), rank q receives counts[q].
+    std::vector<int64_t> counts(n, 2);
+    counts[n - 1] = 3;
+    int64_t off = 2 * r;
+    auto in = pattern(2 * n + 1, r + 1, 5, t);
+    auto out = at::zeros({counts[r]}, t);
+    comm->reduce_scatter(out, in, {ReduceOp::kMax, counts})->wait();
+    auto expect = pattern(2 * n + 1, n, 5, at::kDouble).narrow(0, off, counts[r]);
+    EXPECT_EQ(max_abs_diff(out, expect), 0) << "uneven max " << t;
+    if (at::isFloatingType(t)) {
+      auto avg_in = at::full({2 * n + 1}, 2.0 * (r + 1), at::kDouble).to(t);
+      auto avg_out = at::zeros({counts[r]}, t);
+      comm->reduce_scatter(avg_out, avg_in, {ReduceOp::kAvg, counts})->wait();
+      EXPECT_EQ(max_abs_diff(avg_out, at::full({counts[r]}, n + 1.0, at::kDouble)), 0) << "avg " << t;
+    }
+  }
+}
+
+TEST(Collectives, BroadcastFromEveryRoot) {
+  auto comm = world_comm();
+  const int n = comm->size(), r = comm->rank();
+  for (auto t : kAllTypes) {
+    for (int root = 0; root < n; ++root) {
+      for (int64_t size : {int64_t{0}, int64_t{1}, int64_t{777}}) {
+        auto x = r == root ? pattern(size, root + 1, 7, t) : at::zeros({size}, t);
+        comm->broadcast(x, root)->wait();
+        EXPECT_EQ(max_abs_diff(x, pattern(size, root + 1, 7, at::kDouble)), 0) << t << " root " << root;
+      }
+    }
+  }
+}
+
+TEST(Collectives, MultiDimensionalAndEmptyTensors) {
+  auto comm = world_comm();
+  auto x = at::ones({3, 0, 2});
+  EXPECT_NO_THROW(comm->all_reduce(x)->wait());
+  auto y = at::ones({2, 3, 4}, at::kFloat);
+  comm->all_reduce(y, {ReduceOp::kSum})->wait();
+  EXPECT_EQ(y.sizes(), (at::IntArrayRef{2, 3, 4}));
+  EXPECT_EQ(max_abs_diff(y, at::full({2, 3, 4}, comm->size(), at::kDouble)), 0);
+}
+
+TEST(Collectives, AsyncHandlesOverlap) {
+  auto comm = world_comm();
+  const int n = comm->size();
+  std::vector<at::Tensor> bufs;
+  std::vector<WorkPtr> works;
+  for (int i = 0; i < 8; ++i) {
+    bufs.push_back(at::full({1000 + i}, static_cast<double>(i), at::kFloat));
+    works.push_back(comm->all_reduce(bufs.back(), {ReduceOp::kSum}));
+  }
+  // Wait in reverse order: completion of each is independent of the others being waited on.
+  for (int i = 7; i >= 0; --i) works[i]->wait();
+  for (int i = 0; i < 8; ++i) {
+    EXPECT_TRUE(works[i]->is_completed());
+    EXPECT_EQ(max_abs_diff(bufs[i], at::full({1000 + i}, 1.0 * i * n, at::kDouble)), 0);
+  }
+  comm->barrier()->wait();
+}
+
+TEST(Collectives, ArgumentErrorsAreReported) {
+  auto comm = world_comm();
+  auto expect_comm_error = [](auto&& f, const std::string& part) {
+    try {
+      f();
+      ADD_FAILURE() << "expected CommError containing '" << part << "'";
+    } catch (const CommError& e) {
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  auto strided = at::ones({4, 4}).t();
+  expect_comm_error([&] { comm->all_reduce(strided); }, "must be contiguous");
+  auto ints = at::ones({4}, at::kInt);
+  expect_comm_error([&] { comm->all_reduce(ints, {ReduceOp::kAvg}); }, "avg needs a floating dtype");
+  auto in = at::ones({3});
+  auto wrong_out = at::zeros({3 * comm->size() + 1});
+  expect_comm_error([&] { comm->all_gather(wrong_out, in); }, "size mismatch");
+  auto out_ok = at::zeros({3 * comm->size()}, at::kDouble);
+  expect_comm_error([&] { comm->all_gather(out_ok, in); }, "dtype mismatch");
+  auto small = at::zeros({2});  // 2 x n never equals the 3 input elements
+  expect_comm_error([&] { comm->reduce_scatter(small, in, {ReduceOp::kSum, {}}); }, "size mismatch");
+  expect_comm_error([&] { comm->broadcast(in, comm->size()); }, "outside the group");
+  auto cplx = at::ones({2}, at::kComplexFloat);
+  expect_comm_error([&] { comm->all_reduce(cplx); }, "unsupported dtype");
+  // Every rank raised the same errors before communicating; the communicator is still usable.
+  comm->barrier()->wait();
+}
+
+TEST(Collectives, GridSubGroups) {
+  World& world = test_world();
+  const int n = world.size();
+  for (int tp : {1, 2, n}) {
+    if (n % tp != 0) continue;
+    GridOptions opts;
+    opts.tensor_parallel_size = tp;
+    ProcessGrid grid(world, opts);
+    GridCoords c = grid_coords(world.rank(), n, tp);
+    ASSERT_EQ(grid.tp().size(), tp);
+    ASSERT_EQ(grid.dp().size(), n / tp);
+    EXPECT_EQ(grid.tp_rank(), c.tp_rank);
+    EXPECT_EQ(grid.dp_rank(), c.dp_rank);
+    EXPECT_EQ(grid.tp().rank(), c.tp_rank);
+    EXPECT_EQ(grid.dp().rank(), c.dp_rank);
+    // Sum of world ranks within my TP group (adjacent ranks) and my DP group (strided).
+    auto x = at::full({3}, world.rank(), at::kLong);
+    grid.tp().all_reduce(x)->wait();
+    int64_t tp_sum = 0;
+    for (int q : tp_group_ranks(c.dp_rank, n, tp)) tp_sum += q;
+    EXPECT_EQ(x[0].item<int64_t>(), tp_sum) << "tp " << tp;
+    auto y = at::full({3}, world.rank(), at::kLong);
+    grid.dp().all_reduce(y)->wait();
+    int64_t dp_sum = 0;
+    for (int q : dp_group_ranks(c.tp_rank, n, tp)) dp_sum += q;
+    EXPECT_EQ(y[0].item<int64_t>(), dp_sum) << "dp " << tp;
+    // Gather inside the TP group gives the group's world ranks in TP order.
+    auto me = at::full({1}, world.rank(), at::kInt);
+    auto all = at::zeros({tp}, at::kInt);
+    grid.tp().all_gather(all, me)->wait();
+    for (int q = 0; q < tp; ++q) EXPECT_EQ(all[q].item<int>(), tp_group_ranks(c.dp_rank, n, tp)[q]);
+    // The world communicator of the grid spans everyone.
+    auto w = at::ones({1}, at::kInt);
+    grid.world().all_reduce(w)->wait();
+    EXPECT_EQ(w.item<int>(), n);
+  }
+}
