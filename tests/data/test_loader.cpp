@@ -310,3 +310,24 @@ TEST(DataLoader, RefusesAnIncompleteDataset) {
   EXPECT_NE(m.find("no manifest.json"), std::string::npos) << m;
   EXPECT_NE(m.find("did not finish"), std::string::npos) << m;
 }
+
+TEST(Shard, LargeVocabulariesUseUint32AndIdsAreRangeChecked) {
+  TempDir dir;
+  ShardWriter w(dir / "big.h5", "train", 70000, kChecksum, 3);
+  std::vector<int32_t> ids = {0, 65535, 65536, 69999, 3};
+  w.add_document(ids.data(), ids.size());
+  std::vector<int32_t> bad = {70000};
+  EXPECT_THROW(w.add_document(bad.data(), bad.size()), Error);
+  ShardSummary s = w.finish();
+  EXPECT_EQ(s.tokens, 5);
+  EXPECT_FALSE(std::filesystem::exists(dir / "big.h5.tmp"));
+  ShardReader r(dir / "big.h5");
+  EXPECT_EQ(r.info().token_bytes, 4);
+  EXPECT_EQ(r.info().vocab_size, 70000);
+  EXPECT_EQ(r.read_all(), (std::vector<int64_t>{0, 65535, 65536, 69999, 3}));
+  EXPECT_EQ(r.doc_offsets(), (std::vector<int64_t>{0, 5}));
+  ShardWriter small(dir / "small.h5", "train", 65536, kChecksum, 3);
+  small.add_document(ids.data(), 2);
+  small.finish();
+  EXPECT_EQ(ShardReader(dir / "small.h5").info().token_bytes, 2);
+}
