@@ -19,6 +19,18 @@ namespace andy::compat {
 // True where at::scaled_dot_product_attention exists (2.0+): fused / flash attention on GPU.
 constexpr bool kHasFusedSdpa = ANDYLLM_TORCH_AT_LEAST(2, 0);
 
+// at::scaled_dot_product_attention (2.0+: flash / memory-efficient kernels on GPU). Only
+// called where kHasFusedSdpa; on 1.13 the caller uses its explicit attention instead.
+inline at::Tensor fused_sdpa(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                             const c10::optional<at::Tensor>& mask, bool is_causal) {
+#if ANDYLLM_TORCH_AT_LEAST(2, 0)
+  return at::scaled_dot_product_attention(q, k, v, mask, 0.0, is_causal);
+#else
+  (void)q; (void)k; (void)v; (void)mask; (void)is_causal;
+  TORCH_CHECK(false, "fused_sdpa needs LibTorch 2.0 or newer");
+#endif
+}
+
 // Whether this LibTorch was built with CUDA (and found a device at run time).
 inline bool torch_has_cuda() {
 #if defined(ANDYLLM_TORCH_CUDA)

@@ -44,12 +44,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
   at::Tensor k = h == h_kv ? k_in : k_in.repeat_interleave(h / h_kv, 1);
   at::Tensor v = h == h_kv ? v_in : v_in.repeat_interleave(h / h_kv, 1);
   if constexpr (compat::kHasFusedSdpa) {
-#if ANDYLLM_TORCH_AT_LEAST(2, 0)
-    if (q_offset == 0 && q.size(2) == k.size(2))
-      return at::scaled_dot_product_attention(q, k, v, {}, 0.0, /*is_causal=*/true);
-    return at::scaled_dot_product_attention(
-        q, k, v, causal_mask(q.size(2), k.size(2), q_offset, q.device()), 0.0, /*is_causal=*/false);
-#endif
+    if (q_offset == 0 && q.size(2) == k.size(2)) return compat::fused_sdpa(q, k, v, {}, true);
+    return compat::fused_sdpa(q, k, v, causal_mask(q.size(2), k.size(2), q_offset, q.device()),
+                              false);
   }
   return explicit_attention(q, k, v, q_offset);
 }
