@@ -58,7 +58,7 @@ class H5Handle {
     auto andy_h5_rc_ = (call);                                                                \
     if (andy_h5_rc_ < 0) {                                                                    \
       throw ErrType(::andy::where(__FILE__, __LINE__) + ::andy::detail::concat(__VA_ARGS__) + \
-                    ": HDF5: " + ::andy::data::hdf5_error_text());                           \
+                    ": HDF5: " + ::andy::data::hdf5_error_text());                            \
     }                                                                                         \
     return andy_h5_rc_;                                                                       \
   }())

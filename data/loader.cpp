@@ -21,7 +21,8 @@ namespace andy::data {
 namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::vector<std::string> shards_in_dir(const fs::path& dir) {
@@ -36,14 +37,16 @@ std::vector<std::string> shards_in_dir(const fs::path& dir) {
 }
 
 // Cross-checks a split directory against the manifest.json beside it.
-void check_manifest(const fs::path& dir, const std::vector<std::string>& files, bool verify_checksums) {
+void check_manifest(const fs::path& dir, const std::vector<std::string>& files,
+                    bool verify_checksums) {
   fs::path manifest = dir.parent_path() / "manifest.json";
   std::string split = dir.filename().string();
-  ANDY_CHECK_T(ConfigError, fs::is_regular_file(manifest), dir.string(), ": no manifest.json in ",
-               dir.parent_path().string(),
-               ": the preprocess run that wrote these shards did not finish (rerun andyllm preprocess), "
-               "or name the shards with a glob such as '",
-               (dir / "*.h5").string(), "' to read them without a manifest");
+  ANDY_CHECK_T(
+      ConfigError, fs::is_regular_file(manifest), dir.string(), ": no manifest.json in ",
+      dir.parent_path().string(),
+      ": the preprocess run that wrote these shards did not finish (rerun andyllm preprocess), "
+      "or name the shards with a glob such as '",
+      (dir / "*.h5").string(), "' to read them without a manifest");
   nlohmann::json j;
   try {
     std::ifstream in(manifest);
@@ -51,24 +54,26 @@ void check_manifest(const fs::path& dir, const std::vector<std::string>& files, 
   } catch (const std::exception& e) {
     ANDY_THROW(IoError, manifest.string(), ": not valid JSON: ", e.what());
   }
-  ANDY_CHECK_T(IoError, j.contains("splits") && j["splits"].contains(split), manifest.string(), ": lists no split '",
-               split, "'");
+  ANDY_CHECK_T(IoError, j.contains("splits") && j["splits"].contains(split), manifest.string(),
+               ": lists no split '", split, "'");
   std::map<std::string, nlohmann::json> listed;
-  for (const auto& s : j["splits"][split]["shards"]) listed[fs::path(s["file"].get<std::string>()).filename().string()] = s;
+  for (const auto& s : j["splits"][split]["shards"])
+    listed[fs::path(s["file"].get<std::string>()).filename().string()] = s;
   std::set<std::string> present;
   for (const auto& f : files) present.insert(fs::path(f).filename().string());
   for (const auto& [name, s] : listed) {
-    ANDY_CHECK_T(IoError, present.count(name), (dir / name).string(), ": listed in ", manifest.string(),
-                 " but missing (incomplete copy of the dataset?)");
+    ANDY_CHECK_T(IoError, present.count(name), (dir / name).string(), ": listed in ",
+                 manifest.string(), " but missing (incomplete copy of the dataset?)");
     if (verify_checksums) {
       std::string sum = file_checksum((dir / name).string());
-      ANDY_CHECK_T(IoError, sum == s["checksum"].get<std::string>(), (dir / name).string(), ": checksum ", sum,
-                   " differs from ", s["checksum"].get<std::string>(), " in ", manifest.string(),
-                   " (corrupt or modified shard)");
+      ANDY_CHECK_T(IoError, sum == s["checksum"].get<std::string>(), (dir / name).string(),
+                   ": checksum ", sum, " differs from ", s["checksum"].get<std::string>(), " in ",
+                   manifest.string(), " (corrupt or modified shard)");
     }
   }
   for (const auto& name : present) {
-    ANDY_CHECK_T(IoError, listed.count(name), (dir / name).string(), ": not listed in ", manifest.string(),
+    ANDY_CHECK_T(IoError, listed.count(name), (dir / name).string(), ": not listed in ",
+                 manifest.string(),
                  " (left over from another run? remove it or rerun preprocess with --overwrite)");
   }
 }
@@ -76,7 +81,8 @@ void check_manifest(const fs::path& dir, const std::vector<std::string>& files, 
 }  // namespace
 
 std::vector<std::string> resolve_split(const std::string& split, bool verify_checksums) {
-  ANDY_CHECK_T(ConfigError, !split.empty(), "data split: empty path (set data.train_file / --train_file)");
+  ANDY_CHECK_T(ConfigError, !split.empty(),
+               "data split: empty path (set data.train_file / --train_file)");
   if (split.find_first_of("*?[") != std::string::npos) {
     glob_t g{};
     int rc = glob(split.c_str(), 0, nullptr, &g);
@@ -95,7 +101,8 @@ std::vector<std::string> resolve_split(const std::string& split, bool verify_che
   if (p.has_filename() == false) p = p.parent_path();  // "dir/" -> "dir"
   if (fs::is_directory(p)) {
     auto files = shards_in_dir(p);
-    ANDY_CHECK_T(ConfigError, !files.empty(), "data split ", split, ": directory holds no .h5 shard");
+    ANDY_CHECK_T(ConfigError, !files.empty(), "data split ", split,
+                 ": directory holds no .h5 shard");
     check_manifest(p, files, verify_checksums);
     return files;
   }
@@ -107,34 +114,41 @@ std::vector<std::string> resolve_split(const std::string& split, bool verify_che
     }
   }
   ANDY_THROW(ConfigError, "data split ", split,
-             ": no such file or directory (expected a split directory from andyllm preprocess, a glob, or a .h5 shard)");
+             ": no such file or directory (expected a split directory from andyllm preprocess, a "
+             "glob, or a .h5 shard)");
 }
 
-DataLoader::DataLoader(const LoaderOptions& opts, LoaderCursor start) : opts_(opts), cursor_(start) {
+DataLoader::DataLoader(const LoaderOptions& opts, LoaderCursor start)
+    : opts_(opts), cursor_(start) {
   ANDY_CHECK_T(ConfigError, opts_.seq_len >= 1, "data.seq_len ", opts_.seq_len, ": expected >= 1");
-  ANDY_CHECK_T(ConfigError, opts_.batch_size >= 1, "batch_size ", opts_.batch_size, ": expected >= 1");
-  ANDY_CHECK_T(ConfigError, opts_.dp_size >= 1 && opts_.dp_rank >= 0 && opts_.dp_rank < opts_.dp_size, "dp_rank ",
-               opts_.dp_rank, " / dp_size ", opts_.dp_size, ": expected 0 <= dp_rank < dp_size");
-  ANDY_CHECK_T(ConfigError, opts_.prefetch_batches >= 0, "data.prefetch_batches ", opts_.prefetch_batches,
-               ": expected >= 0");
-  ANDY_CHECK_T(ConfigError, start.epoch >= 0 && start.position >= 0, "data cursor (", start.epoch, ", ",
-               start.position, "): expected non-negative epoch and position");
+  ANDY_CHECK_T(ConfigError, opts_.batch_size >= 1, "batch_size ", opts_.batch_size,
+               ": expected >= 1");
+  ANDY_CHECK_T(
+      ConfigError, opts_.dp_size >= 1 && opts_.dp_rank >= 0 && opts_.dp_rank < opts_.dp_size,
+      "dp_rank ", opts_.dp_rank, " / dp_size ", opts_.dp_size, ": expected 0 <= dp_rank < dp_size");
+  ANDY_CHECK_T(ConfigError, opts_.prefetch_batches >= 0, "data.prefetch_batches ",
+               opts_.prefetch_batches, ": expected >= 0");
+  ANDY_CHECK_T(ConfigError, start.epoch >= 0 && start.position >= 0, "data cursor (", start.epoch,
+               ", ", start.position, "): expected non-negative epoch and position");
   for (const auto& f : resolve_split(opts_.split, opts_.verify_checksums)) {
     readers_.push_back(std::make_unique<ShardReader>(f));
     const ShardInfo& info = readers_.back()->info();
     if (opts_.expected_vocab_size > 0) {
-      ANDY_CHECK_T(ConfigError, info.vocab_size == opts_.expected_vocab_size, f, ": shard vocab_size ",
-                   info.vocab_size, " differs from the run's tokenizer (", opts_.expected_vocab_size,
-                   "): these shards were made with another tokenizer; rerun andyllm preprocess with it");
+      ANDY_CHECK_T(
+          ConfigError, info.vocab_size == opts_.expected_vocab_size, f, ": shard vocab_size ",
+          info.vocab_size, " differs from the run's tokenizer (", opts_.expected_vocab_size,
+          "): these shards were made with another tokenizer; rerun andyllm preprocess with it");
     }
     if (!opts_.tokenizer_checksum.empty()) {
-      ANDY_CHECK_T(ConfigError, info.tokenizer_checksum == opts_.tokenizer_checksum, f, ": shard tokenizer checksum ",
-                   info.tokenizer_checksum, " differs from the run's tokenizer (", opts_.tokenizer_checksum,
+      ANDY_CHECK_T(ConfigError, info.tokenizer_checksum == opts_.tokenizer_checksum, f,
+                   ": shard tokenizer checksum ", info.tokenizer_checksum,
+                   " differs from the run's tokenizer (", opts_.tokenizer_checksum,
                    "): these shards were tokenized with another tokenizer.model");
     }
     if (!infos_.empty()) {
-      ANDY_CHECK_T(ConfigError, info.vocab_size == infos_[0].vocab_size &&
-                                    info.tokenizer_checksum == infos_[0].tokenizer_checksum,
+      ANDY_CHECK_T(ConfigError,
+                   info.vocab_size == infos_[0].vocab_size &&
+                       info.tokenizer_checksum == infos_[0].tokenizer_checksum,
                    f, ": vocab size / tokenizer checksum differ from ", infos_[0].path,
                    ": the split mixes shards of two tokenizers");
     }
@@ -145,12 +159,15 @@ DataLoader::DataLoader(const LoaderOptions& opts, LoaderCursor start) : opts_(op
   starts_.push_back(total_tokens_);
   windows_ = total_tokens_ > 1 ? (total_tokens_ - 1) / opts_.seq_len : 0;
   steps_per_epoch_ = windows_ / global_batch();
-  ANDY_CHECK_T(ConfigError, steps_per_epoch_ >= 1, "data split ", opts_.split, " has ", total_tokens_,
-               " tokens = ", windows_, " windows of seq_len + 1 = ", opts_.seq_len + 1,
-               " tokens: fewer than one global batch of ", global_batch(), " windows (batch_size ", opts_.batch_size,
-               " x data-parallel ranks ", opts_.dp_size, "); use more data, a smaller batch or a shorter seq_len");
-  ANDY_CHECK_T(ConfigError, cursor_.position <= steps_per_epoch_, "data cursor position ", cursor_.position,
-               " exceeds steps_per_epoch ", steps_per_epoch_, " (checkpoint from another dataset or batch size?)");
+  ANDY_CHECK_T(ConfigError, steps_per_epoch_ >= 1, "data split ", opts_.split, " has ",
+               total_tokens_, " tokens = ", windows_,
+               " windows of seq_len + 1 = ", opts_.seq_len + 1,
+               " tokens: fewer than one global batch of ", global_batch(), " windows (batch_size ",
+               opts_.batch_size, " x data-parallel ranks ", opts_.dp_size,
+               "); use more data, a smaller batch or a shorter seq_len");
+  ANDY_CHECK_T(ConfigError, cursor_.position <= steps_per_epoch_, "data cursor position ",
+               cursor_.position, " exceeds steps_per_epoch ", steps_per_epoch_,
+               " (checkpoint from another dataset or batch size?)");
   if (cursor_.position == steps_per_epoch_) cursor_ = {cursor_.epoch + 1, 0};
   start_thread();
 }
@@ -160,7 +177,8 @@ DataLoader::~DataLoader() { stop_thread(); }
 int64_t DataLoader::window_at(int64_t epoch, int64_t step, int dp_rank, int64_t row) const {
   uint64_t pos = static_cast<uint64_t>(step * global_batch() + dp_rank * opts_.batch_size + row);
   if (!opts_.shuffle) return static_cast<int64_t>(pos);
-  IndexPermutation perm(static_cast<uint64_t>(windows_), mix64(opts_.seed) ^ mix64(~static_cast<uint64_t>(epoch)));
+  IndexPermutation perm(static_cast<uint64_t>(windows_),
+                        mix64(opts_.seed) ^ mix64(~static_cast<uint64_t>(epoch)));
   return static_cast<int64_t>(perm(pos));
 }
 
@@ -203,7 +221,9 @@ void DataLoader::producer_loop(LoaderCursor from) {
   while (true) {
     {
       std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait(lock, [&] { return stop_ || static_cast<int64_t>(queue_.size()) < opts_.prefetch_batches; });
+      cv_.wait(lock, [&] {
+        return stop_ || static_cast<int64_t>(queue_.size()) < opts_.prefetch_batches;
+      });
       if (stop_) return;
     }
     Item item;
@@ -246,8 +266,9 @@ void DataLoader::stop_thread() {
 }
 
 void DataLoader::seek(LoaderCursor c) {
-  ANDY_CHECK_T(ConfigError, c.epoch >= 0 && c.position >= 0 && c.position <= steps_per_epoch_, "data cursor (",
-               c.epoch, ", ", c.position, "): expected 0 <= position <= steps_per_epoch ", steps_per_epoch_);
+  ANDY_CHECK_T(ConfigError, c.epoch >= 0 && c.position >= 0 && c.position <= steps_per_epoch_,
+               "data cursor (", c.epoch, ", ", c.position,
+               "): expected 0 <= position <= steps_per_epoch ", steps_per_epoch_);
   stop_thread();
   cursor_ = c.position == steps_per_epoch_ ? LoaderCursor{c.epoch + 1, 0} : c;
   start_thread();
@@ -269,8 +290,10 @@ Batch DataLoader::next_batch() {
     cv_.wait(lock, [&] { return !queue_.empty(); });
     double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     stats_.wait_seconds += waited;
-    if (stats_.batches_served == 0) stats_.first_wait_seconds = waited;
-    else stats_.max_wait_seconds = std::max(stats_.max_wait_seconds, waited);
+    if (stats_.batches_served == 0)
+      stats_.first_wait_seconds = waited;
+    else
+      stats_.max_wait_seconds = std::max(stats_.max_wait_seconds, waited);
     // A failed read stays at the front: every later call rethrows it instead of waiting.
     if (queue_.front().error) std::rethrow_exception(queue_.front().error);
     Item item = std::move(queue_.front());

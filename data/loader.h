@@ -63,20 +63,22 @@ struct LoaderOptions {
   // 0 / "" skip the check (inspection tools only).
   int64_t expected_vocab_size = 0;
   std::string tokenizer_checksum;
-  int64_t prefetch_batches = 4;  // batches read ahead; 0 reads in next_batch(). Default: 4
-  bool verify_checksums = false; // compare each shard's file checksum with manifest.json first
+  int64_t prefetch_batches = 4;   // batches read ahead; 0 reads in next_batch(). Default: 4
+  bool verify_checksums = false;  // compare each shard's file checksum with manifest.json first
 };
 
 struct LoaderCursor {
   int64_t epoch = 0;
   int64_t position = 0;  // micro-batches of `epoch` already served
-  bool operator==(const LoaderCursor& o) const { return epoch == o.epoch && position == o.position; }
+  bool operator==(const LoaderCursor& o) const {
+    return epoch == o.epoch && position == o.position;
+  }
 };
 
 struct Batch {
-  torch::Tensor input;   // int64 [batch_size, seq_len]
-  torch::Tensor target;  // int64 [batch_size, seq_len], input shifted by one
-  LoaderCursor cursor;   // where this batch sits (epoch, position)
+  torch::Tensor input;           // int64 [batch_size, seq_len]
+  torch::Tensor target;          // int64 [batch_size, seq_len], input shifted by one
+  LoaderCursor cursor;           // where this batch sits (epoch, position)
   std::vector<int64_t> windows;  // the global window index of each row
 };
 
@@ -84,7 +86,7 @@ struct LoaderStats {
   int64_t batches_read = 0;
   double read_seconds = 0;  // time spent reading + assembling batches (read-ahead thread)
   int64_t batches_served = 0;
-  double wait_seconds = 0;  // time next_batch() waited for the read-ahead thread
+  double wait_seconds = 0;        // time next_batch() waited for the read-ahead thread
   double first_wait_seconds = 0;  // of which the first batch (nothing read ahead yet)
   double max_wait_seconds = 0;    // longest wait after the first batch
 };

@@ -43,11 +43,17 @@ void agreed(const Ctx& c, const std::function<void()>& fn) {
   try {
     fn();
   } catch (const ConfigError& e) {
-    err = std::current_exception(); msg = e.what(); kind = 1;
+    err = std::current_exception();
+    msg = e.what();
+    kind = 1;
   } catch (const IoError& e) {
-    err = std::current_exception(); msg = e.what(); kind = 2;
+    err = std::current_exception();
+    msg = e.what();
+    kind = 2;
   } catch (const std::exception& e) {
-    err = std::current_exception(); msg = e.what(); kind = 3;
+    err = std::current_exception();
+    msg = e.what();
+    kind = 3;
   }
   if (c.size == 1) {
     if (err) std::rethrow_exception(err);
@@ -69,7 +75,8 @@ void agreed(const Ctx& c, const std::function<void()>& fn) {
 
 void sum_i64(const Ctx& c, std::vector<int64_t>& v) {
   if (c.size == 1 || v.empty()) return;
-  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v.data(), static_cast<int>(v.size()), MPI_INT64_T, MPI_SUM, c.comm));
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v.data(), static_cast<int>(v.size()), MPI_INT64_T, MPI_SUM,
+                          c.comm));
 }
 
 // Every rank's string, on rank 0 (empty elsewhere).
@@ -81,10 +88,14 @@ std::vector<std::string> gather_strings(const Ctx& c, const std::string& s) {
   std::string all;
   if (c.rank == 0) {
     int total = 0;
-    for (int r = 0; r < c.size; ++r) { displs[r] = total; total += lens[r]; }
+    for (int r = 0; r < c.size; ++r) {
+      displs[r] = total;
+      total += lens[r];
+    }
     all.resize(total);
   }
-  MPI_CHECK(MPI_Gatherv(s.data(), len, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR, 0, c.comm));
+  MPI_CHECK(MPI_Gatherv(s.data(), len, MPI_CHAR, all.data(), lens.data(), displs.data(), MPI_CHAR,
+                        0, c.comm));
   std::vector<std::string> out;
   if (c.rank == 0)
     for (int r = 0; r < c.size; ++r) out.push_back(all.substr(displs[r], lens[r]));
@@ -93,9 +104,12 @@ std::vector<std::string> gather_strings(const Ctx& c, const std::string& s) {
 
 std::string human_bytes(double b) {
   char buf[32];
-  if (b >= 1e9) std::snprintf(buf, sizeof buf, "%.2f GB", b / 1e9);
-  else if (b >= 1e6) std::snprintf(buf, sizeof buf, "%.1f MB", b / 1e6);
-  else std::snprintf(buf, sizeof buf, "%.1f kB", b / 1e3);
+  if (b >= 1e9)
+    std::snprintf(buf, sizeof buf, "%.2f GB", b / 1e9);
+  else if (b >= 1e6)
+    std::snprintf(buf, sizeof buf, "%.1f MB", b / 1e6);
+  else
+    std::snprintf(buf, sizeof buf, "%.1f kB", b / 1e3);
   return buf;
 }
 
@@ -103,18 +117,25 @@ std::string human_time(double s) {
   char buf[32];
   if (!std::isfinite(s)) return "?";
   int64_t t = static_cast<int64_t>(s + 0.5);
-  if (t >= 3600) std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600), (long long)(t % 3600 / 60));
-  else if (t >= 60) std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
-  else std::snprintf(buf, sizeof buf, "%llds", (long long)t);
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600),
+                  (long long)(t % 3600 / 60));
+  else if (t >= 60)
+    std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
+  else
+    std::snprintf(buf, sizeof buf, "%llds", (long long)t);
   return buf;
 }
 
 // Rank 0's progress line: bytes, documents and tokens per second, and an ETA from the bytes.
 class Progress {
  public:
-  Progress(int64_t total_bytes, int ranks) : total_(total_bytes), ranks_(ranks), t0_(Clock::now()), last_(t0_) {}
+  Progress(int64_t total_bytes, int ranks)
+      : total_(total_bytes), ranks_(ranks), t0_(Clock::now()), last_(t0_) {}
   void add(int64_t bytes, int64_t docs, int64_t tokens) {
-    bytes_ += bytes; docs_ += docs; tokens_ += tokens;
+    bytes_ += bytes;
+    docs_ += docs;
+    tokens_ += tokens;
     if (std::chrono::duration<double>(Clock::now() - last_).count() >= 2.0) print(false);
   }
   void print(bool final) {
@@ -124,9 +145,10 @@ class Progress {
     double eta = rate > 0 ? (total_ - bytes_) / rate : INFINITY;
     char buf[256];
     std::snprintf(buf, sizeof buf, "%.1f%%", total_ > 0 ? 100.0 * bytes_ / total_ : 100.0);
-    log::info("tokenize", ranks_ > 1 ? " (rank 0's share)" : "", ": ", buf, " ", human_bytes(bytes_), " / ",
-              human_bytes(total_), ", ", docs_, " docs, ", tokens_, " tokens | ", human_bytes(rate), "/s, ",
-              static_cast<int64_t>(docs_ / dt), " docs/s, ", static_cast<int64_t>(tokens_ / dt), " tokens/s | ",
+    log::info("tokenize", ranks_ > 1 ? " (rank 0's share)" : "", ": ", buf, " ",
+              human_bytes(bytes_), " / ", human_bytes(total_), ", ", docs_, " docs, ", tokens_,
+              " tokens | ", human_bytes(rate), "/s, ", static_cast<int64_t>(docs_ / dt),
+              " docs/s, ", static_cast<int64_t>(tokens_ / dt), " tokens/s | ",
               final ? "done in " + human_time(dt) : "ETA " + human_time(eta));
   }
 
@@ -137,17 +159,20 @@ class Progress {
 };
 
 void validate(const PreprocessOptions& o) {
-  ANDY_CHECK_T(ConfigError, !o.output_dir.empty(), "--output_dir: expected a directory to write the dataset into");
-  ANDY_CHECK_T(ConfigError, o.vocab_size >= 0, "--vocab_size ", o.vocab_size, ": expected a positive integer");
-  ANDY_CHECK_T(ConfigError, o.model_type == "bpe" || o.model_type == "unigram", "--model_type ", o.model_type,
-               ": expected bpe or unigram");
-  ANDY_CHECK_T(ConfigError, o.val_fraction >= 0 && o.val_fraction < 1, "--val_fraction ", o.val_fraction,
-               ": expected 0 <= fraction < 1");
-  ANDY_CHECK_T(ConfigError, o.shard_tokens >= 1, "--shard_tokens ", o.shard_tokens, ": expected >= 1");
-  ANDY_CHECK_T(ConfigError, o.compression >= 0 && o.compression <= 9, "--compression ", o.compression,
-               ": expected a gzip level 0..9");
-  ANDY_CHECK_T(ConfigError, o.character_coverage > 0 && o.character_coverage <= 1, "--character_coverage ",
-               o.character_coverage, ": expected 0 < coverage <= 1");
+  ANDY_CHECK_T(ConfigError, !o.output_dir.empty(),
+               "--output_dir: expected a directory to write the dataset into");
+  ANDY_CHECK_T(ConfigError, o.vocab_size >= 0, "--vocab_size ", o.vocab_size,
+               ": expected a positive integer");
+  ANDY_CHECK_T(ConfigError, o.model_type == "bpe" || o.model_type == "unigram", "--model_type ",
+               o.model_type, ": expected bpe or unigram");
+  ANDY_CHECK_T(ConfigError, o.val_fraction >= 0 && o.val_fraction < 1, "--val_fraction ",
+               o.val_fraction, ": expected 0 <= fraction < 1");
+  ANDY_CHECK_T(ConfigError, o.shard_tokens >= 1, "--shard_tokens ", o.shard_tokens,
+               ": expected >= 1");
+  ANDY_CHECK_T(ConfigError, o.compression >= 0 && o.compression <= 9, "--compression ",
+               o.compression, ": expected a gzip level 0..9");
+  ANDY_CHECK_T(ConfigError, o.character_coverage > 0 && o.character_coverage <= 1,
+               "--character_coverage ", o.character_coverage, ": expected 0 < coverage <= 1");
 }
 
 bool same_file(const std::string& a, const std::string& b) {
@@ -161,13 +186,16 @@ void prepare_output(const PreprocessOptions& o, const std::string& tmp_dir) {
   fs::path out(o.output_dir);
   std::error_code ec;
   if (fs::exists(out, ec)) {
-    ANDY_CHECK_T(ConfigError, fs::is_directory(out, ec), "--output_dir ", o.output_dir, ": exists and is not a directory");
+    ANDY_CHECK_T(ConfigError, fs::is_directory(out, ec), "--output_dir ", o.output_dir,
+                 ": exists and is not a directory");
     bool empty = fs::directory_iterator(out, ec) == fs::directory_iterator();
     if (!empty) {
-      ANDY_CHECK_T(ConfigError, o.overwrite, "--output_dir ", o.output_dir,
-                   " already exists and is not empty (",
-                   fs::exists(out / "manifest.json") ? "it holds a dataset" : "it holds other files",
-                   "): refusing to overwrite it; pass --overwrite to replace the dataset, or choose another directory");
+      ANDY_CHECK_T(
+          ConfigError, o.overwrite, "--output_dir ", o.output_dir,
+          " already exists and is not empty (",
+          fs::exists(out / "manifest.json") ? "it holds a dataset" : "it holds other files",
+          "): refusing to overwrite it; pass --overwrite to replace the dataset, or choose another "
+          "directory");
       fs::remove(out / "manifest.json", ec);
       for (const char* d : {"train", "validation", ".preprocess-tmp"}) fs::remove_all(out / d, ec);
       for (const char* f : {"tokenizer.model", "tokenizer.vocab"}) {
@@ -194,7 +222,8 @@ void write_training_lines(std::ofstream& out, const std::string& doc) {
       size_t n = std::min(kMax, e - b);
       while (b + n < e && n > 0 && (static_cast<unsigned char>(doc[b + n]) & 0xC0) == 0x80) --n;
       if (n == 0) n = std::min(kMax, e - b);
-      bool blank = std::all_of(doc.begin() + b, doc.begin() + b + n, [](char ch) { return ch == ' ' || ch == '\t'; });
+      bool blank = std::all_of(doc.begin() + b, doc.begin() + b + n,
+                               [](char ch) { return ch == ' ' || ch == '\t'; });
       if (!blank) {
         out.write(doc.data() + b, static_cast<std::streamsize>(n));
         out.put('\n');
@@ -206,8 +235,8 @@ void write_training_lines(std::ofstream& out, const std::string& doc) {
 }
 
 PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
-                              const std::vector<TextFile>& files, const std::string& tmp_dir, bool train_tokenizer,
-                              Clock::time_point t_start);
+                              const std::vector<TextFile>& files, const std::string& tmp_dir,
+                              bool train_tokenizer, Clock::time_point t_start);
 
 }  // namespace
 
@@ -220,7 +249,8 @@ PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* co
     ctx.comm = comm->get();
     if (ctx.size > 1) {
       MPI_Comm local;
-      MPI_CHECK(MPI_Comm_split_type(ctx.comm, MPI_COMM_TYPE_SHARED, ctx.rank, MPI_INFO_NULL, &local));
+      MPI_CHECK(
+          MPI_Comm_split_type(ctx.comm, MPI_COMM_TYPE_SHARED, ctx.rank, MPI_INFO_NULL, &local));
       MPI_CHECK(MPI_Comm_size(local, &ctx.local_size));
       MPI_CHECK(MPI_Comm_free(&local));
     }
@@ -235,7 +265,8 @@ PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* co
     validate(opts);
     files = list_input_files(opts.input_dir);
     if (!train_tokenizer) {
-      ANDY_CHECK_T(ConfigError, fs::is_regular_file(opts.tokenizer_path), "--tokenizer_path ", opts.tokenizer_path,
+      ANDY_CHECK_T(ConfigError, fs::is_regular_file(opts.tokenizer_path), "--tokenizer_path ",
+                   opts.tokenizer_path,
                    ": no such file (expected an existing sentencepiece .model)");
     }
   });
@@ -250,7 +281,8 @@ PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* co
     // leaves no half dataset behind and a rerun needs no --overwrite.
     if (ctx.rank == 0) {
       std::error_code ec;
-      for (const char* d : {"train", "validation", ".preprocess-tmp", "manifest.json.tmp"}) fs::remove_all(out / d, ec);
+      for (const char* d : {"train", "validation", ".preprocess-tmp", "manifest.json.tmp"})
+        fs::remove_all(out / d, ec);
       if (train_tokenizer) {
         fs::remove(out / "tokenizer.model", ec);
         fs::remove(out / "tokenizer.vocab", ec);
@@ -264,19 +296,21 @@ PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* co
 namespace {
 
 PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
-                              const std::vector<TextFile>& files, const std::string& tmp_dir, bool train_tokenizer,
-                              Clock::time_point t_start) {
+                              const std::vector<TextFile>& files, const std::string& tmp_dir,
+                              bool train_tokenizer, Clock::time_point t_start) {
   const fs::path out(opts.output_dir);
   PreprocessResult res;
   int64_t total_bytes = 0;
   for (const auto& f : files) total_bytes += static_cast<int64_t>(f.bytes);
-  log::info("preprocess: ", files.size(), " input files, ", human_bytes(static_cast<double>(total_bytes)), " in ",
-            opts.input_dir, " -> ", opts.output_dir, " (", ctx.size, " rank", ctx.size > 1 ? "s" : "", ")");
+  log::info("preprocess: ", files.size(), " input files, ",
+            human_bytes(static_cast<double>(total_bytes)), " in ", opts.input_dir, " -> ",
+            opts.output_dir, " (", ctx.size, " rank", ctx.size > 1 ? "s" : "", ")");
 
   // 2. This rank's files (largest first to the least-loaded rank: deterministic).
   std::vector<size_t> order(files.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
-  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return files[a].bytes > files[b].bytes; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](size_t a, size_t b) { return files[a].bytes > files[b].bytes; });
   std::vector<uint64_t> load(ctx.size, 0);
   std::vector<int> owner(files.size());
   for (size_t i : order) {
@@ -328,16 +362,19 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
   const int64_t n_docs = first_doc.back();
   res.documents = n_docs;
   agreed(ctx, [&] {
-    ANDY_CHECK_T(ConfigError, n_docs > 0, "--input_dir ", opts.input_dir, ": no readable text: ", files.size(),
-                 " files gave no non-empty document (", res.empty_documents, " empty after normalization, ",
-                 res.skipped_lines, " malformed JSONL lines skipped)");
-    ANDY_CHECK_T(ConfigError, opts.val_fraction == 0 || n_docs >= 2, "--val_fraction ", opts.val_fraction,
-                 ": the corpus has only ", n_docs,
-                 " document, so it cannot be split by documents into train and validation (use --val_fraction 0, "
+    ANDY_CHECK_T(ConfigError, n_docs > 0, "--input_dir ", opts.input_dir,
+                 ": no readable text: ", files.size(), " files gave no non-empty document (",
+                 res.empty_documents, " empty after normalization, ", res.skipped_lines,
+                 " malformed JSONL lines skipped)");
+    ANDY_CHECK_T(ConfigError, opts.val_fraction == 0 || n_docs >= 2, "--val_fraction ",
+                 opts.val_fraction, ": the corpus has only ", n_docs,
+                 " document, so it cannot be split by documents into train and validation (use "
+                 "--val_fraction 0, "
                  "or --txt_docs blank_lines to split .txt files at blank lines)");
   });
-  log::info("preprocess: ", n_docs, " documents (", res.empty_documents, " empty dropped, ", res.invalid_utf8,
-            " invalid UTF-8 sequences replaced, ", res.skipped_lines, " malformed JSONL lines skipped)");
+  log::info("preprocess: ", n_docs, " documents (", res.empty_documents, " empty dropped, ",
+            res.invalid_utf8, " invalid UTF-8 sequences replaced, ", res.skipped_lines,
+            " malformed JSONL lines skipped)");
 
   // 4. Tokenizer: trained on rank 0 from every rank's text, or the given one copied in.
   const std::string model_path = (out / "tokenizer.model").string();
@@ -345,7 +382,8 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
     if (ctx.rank != 0) return;
     if (train_tokenizer) {
       TokenizerTrainOptions t;
-      for (int r = 0; r < ctx.size; ++r) t.input_files.push_back(tmp_dir + "/spm_input." + std::to_string(r) + ".txt");
+      for (int r = 0; r < ctx.size; ++r)
+        t.input_files.push_back(tmp_dir + "/spm_input." + std::to_string(r) + ".txt");
       t.model_prefix = (out / "tokenizer").string();
       t.vocab_size = opts.vocab_size > 0 ? opts.vocab_size : 32000;
       t.model_type = opts.model_type;
@@ -354,18 +392,21 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
       t.num_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
       t.seed = static_cast<uint32_t>(opts.seed);
       auto t0 = Clock::now();
-      log::info("preprocess: training a ", opts.model_type, " sentencepiece tokenizer, vocab_size ", t.vocab_size);
+      log::info("preprocess: training a ", opts.model_type, " sentencepiece tokenizer, vocab_size ",
+                t.vocab_size);
       Tokenizer::train(t);
       log::info("preprocess: tokenizer trained in ",
-                human_time(std::chrono::duration<double>(Clock::now() - t0).count()), " -> ", model_path);
+                human_time(std::chrono::duration<double>(Clock::now() - t0).count()), " -> ",
+                model_path);
     } else if (!same_file(opts.tokenizer_path, model_path)) {
       std::error_code ec;
       fs::copy_file(opts.tokenizer_path, model_path, fs::copy_options::overwrite_existing, ec);
-      ANDY_CHECK_T(IoError, !ec, "--tokenizer_path ", opts.tokenizer_path, ": cannot copy to ", model_path, ": ",
-                   ec.message());
+      ANDY_CHECK_T(IoError, !ec, "--tokenizer_path ", opts.tokenizer_path, ": cannot copy to ",
+                   model_path, ": ", ec.message());
       std::string vocab = fs::path(opts.tokenizer_path).replace_extension(".vocab").string();
       if (fs::is_regular_file(vocab))
-        fs::copy_file(vocab, (out / "tokenizer.vocab").string(), fs::copy_options::overwrite_existing, ec);
+        fs::copy_file(vocab, (out / "tokenizer.vocab").string(),
+                      fs::copy_options::overwrite_existing, ec);
     }
   });
   Tokenizer tok;
@@ -374,15 +415,18 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
   res.tokenizer_path = model_path;
   res.tokenizer_checksum = tok.checksum();
   agreed(ctx, [&] {
-    ANDY_CHECK_T(ConfigError, train_tokenizer || opts.vocab_size == 0 || opts.vocab_size == tok.vocab_size(),
-                 "--vocab_size ", opts.vocab_size, " differs from the vocabulary of --tokenizer_path ",
-                 opts.tokenizer_path, " (", tok.vocab_size(), "); drop --vocab_size or use the matching tokenizer");
+    ANDY_CHECK_T(ConfigError,
+                 train_tokenizer || opts.vocab_size == 0 || opts.vocab_size == tok.vocab_size(),
+                 "--vocab_size ", opts.vocab_size,
+                 " differs from the vocabulary of --tokenizer_path ", opts.tokenizer_path, " (",
+                 tok.vocab_size(), "); drop --vocab_size or use the matching tokenizer");
   });
 
   // 5. Tokenize (threads) and write this rank's shards.
-  const int64_t n_val = opts.val_fraction == 0
-                            ? 0
-                            : std::clamp<int64_t>(std::llround(n_docs * opts.val_fraction), 1, n_docs - 1);
+  const int64_t n_val =
+      opts.val_fraction == 0
+          ? 0
+          : std::clamp<int64_t>(std::llround(n_docs * opts.val_fraction), 1, n_docs - 1);
   IndexPermutation split_perm(static_cast<uint64_t>(n_docs), mix64(opts.seed) ^ 0x5EEDULL);
   int threads = opts.threads;
   if (threads <= 0) {
@@ -407,12 +451,14 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
       writers[s].reset();
     };
     auto writer_for = [&](int s, int64_t n) -> ShardWriter& {
-      if (writers[s] && writers[s]->tokens() > 0 && writers[s]->tokens() + n > opts.shard_tokens) close(s);
+      if (writers[s] && writers[s]->tokens() > 0 && writers[s]->tokens() + n > opts.shard_tokens)
+        close(s);
       if (!writers[s]) {
         char name[64];
         std::snprintf(name, sizeof name, "shard-%05d-%05d.h5", ctx.rank, shard_index[s]++);
-        writers[s] = std::make_unique<ShardWriter>((out / split_names[s] / name).string(), split_names[s],
-                                                   tok.vocab_size(), tok.checksum(), tok.eos_id(), wo);
+        writers[s] =
+            std::make_unique<ShardWriter>((out / split_names[s] / name).string(), split_names[s],
+                                          tok.vocab_size(), tok.checksum(), tok.eos_id(), wo);
       }
       return *writers[s];
     };
@@ -422,7 +468,8 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
     for (size_t fi : mine) {
       std::vector<std::string> fdocs = read_documents(files[fi], again).docs;
       ANDY_CHECK_T(IoError, static_cast<int64_t>(fdocs.size()) == doc_counts[fi], files[fi].path,
-                   ": changed while preprocessing (", doc_counts[fi], " documents, now ", fdocs.size(), ")");
+                   ": changed while preprocessing (", doc_counts[fi], " documents, now ",
+                   fdocs.size(), ")");
       const size_t chunk = 512;
       for (size_t b = 0; b < fdocs.size(); b += chunk) {
         size_t e = std::min(fdocs.size(), b + chunk);
@@ -467,8 +514,9 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
   auto all = gather_strings(ctx, my_shards.dump());
   agreed(ctx, [&] {
     if (ctx.rank != 0) return;
-    nlohmann::json splits = {{"train", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}},
-                             {"validation", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}}};
+    nlohmann::json splits = {
+        {"train", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}},
+        {"validation", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}}};
     for (const auto& s : all) {
       for (const auto& sh : nlohmann::json::parse(s)) {
         auto& sp = splits[sh["split"].get<std::string>()];
@@ -480,8 +528,9 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
       }
     }
     for (auto& [name, sp] : splits.items()) {
-      std::sort(sp["shards"].begin(), sp["shards"].end(),
-                [](const nlohmann::json& a, const nlohmann::json& b) { return a["file"] < b["file"]; });
+      std::sort(
+          sp["shards"].begin(), sp["shards"].end(),
+          [](const nlohmann::json& a, const nlohmann::json& b) { return a["file"] < b["file"]; });
     }
     nlohmann::json m = {
         {"format_version", kShardFormatVersion},
@@ -490,9 +539,14 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
         {"tokenizer_checksum", tok.checksum()},
         {"vocab_size", tok.vocab_size()},
         {"token_dtype", tok.vocab_size() <= 65536 ? "uint16" : "uint32"},
-        {"special_ids", {{"pad", tok.pad_id()}, {"unk", tok.unk_id()}, {"bos", tok.bos_id()}, {"eos", tok.eos_id()}}},
+        {"special_ids",
+         {{"pad", tok.pad_id()},
+          {"unk", tok.unk_id()},
+          {"bos", tok.bos_id()},
+          {"eos", tok.eos_id()}}},
         {"normalization",
-         "invalid UTF-8 -> U+FFFD; CRLF/CR -> LF; document stripped of leading/trailing whitespace; empty documents "
+         "invalid UTF-8 -> U+FFFD; CRLF/CR -> LF; document stripped of leading/trailing "
+         "whitespace; empty documents "
          "dropped; sentencepiece identity rule with byte fallback"},
         {"end_of_document", "eos"},
         {"seed", opts.seed},
@@ -508,7 +562,8 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
           {"empty_documents_dropped", res.empty_documents}}},
         {"splits", splits},
     };
-    ANDY_CHECK_T(ConfigError, splits["train"]["tokens"].get<int64_t>() > 0, "preprocess produced no training tokens");
+    ANDY_CHECK_T(ConfigError, splits["train"]["tokens"].get<int64_t>() > 0,
+                 "preprocess produced no training tokens");
     std::string tmp = (out / "manifest.json.tmp").string();
     {
       std::ofstream f(tmp);
@@ -528,8 +583,9 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
     res.validation_shards = static_cast<int64_t>(splits["validation"]["shards"].size());
   });
   // Every rank gets rank 0's totals.
-  std::vector<int64_t> totals = {res.train_documents, res.train_tokens, res.train_shards,
-                                 res.validation_documents, res.validation_tokens, res.validation_shards};
+  std::vector<int64_t> totals = {res.train_documents,   res.train_tokens,
+                                 res.train_shards,      res.validation_documents,
+                                 res.validation_tokens, res.validation_shards};
   if (ctx.size > 1) MPI_CHECK(MPI_Bcast(totals.data(), 6, MPI_INT64_T, 0, ctx.comm));
   res.train_documents = totals[0];
   res.train_tokens = totals[1];
@@ -539,10 +595,10 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
   res.validation_shards = totals[5];
   res.manifest_path = (out / "manifest.json").string();
   res.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
-  log::info("preprocess: done in ", human_time(res.seconds), ": train ", res.train_documents, " docs, ",
-            res.train_tokens, " tokens in ", res.train_shards, " shards; validation ", res.validation_documents,
-            " docs, ", res.validation_tokens, " tokens in ", res.validation_shards, " shards; vocab ", res.vocab_size,
-            " -> ", res.manifest_path);
+  log::info("preprocess: done in ", human_time(res.seconds), ": train ", res.train_documents,
+            " docs, ", res.train_tokens, " tokens in ", res.train_shards, " shards; validation ",
+            res.validation_documents, " docs, ", res.validation_tokens, " tokens in ",
+            res.validation_shards, " shards; vocab ", res.vocab_size, " -> ", res.manifest_path);
   return res;
 }
 

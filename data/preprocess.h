@@ -32,19 +32,20 @@ namespace andy::data {
 struct PreprocessOptions {
   std::string input_dir;
   std::string output_dir;
-  int vocab_size = 0;                // 0: 32000 when training; with tokenizer_path it must match if set
-  std::string model_type = "bpe";    // bpe (default) or unigram
-  std::string tokenizer_path;        // existing .model: no training. Default: train one
+  int vocab_size = 0;  // 0: 32000 when training; with tokenizer_path it must match if set
+  std::string model_type = "bpe";  // bpe (default) or unigram
+  std::string tokenizer_path;      // existing .model: no training. Default: train one
   double character_coverage = 0.9995;
   int64_t tokenizer_sentences = 2000000;  // sentences sampled for tokenizer training
-  double val_fraction = 0.05;        // Default: 0.05 of the documents
+  double val_fraction = 0.05;             // Default: 0.05 of the documents
   uint64_t seed = 1234;
-  int64_t shard_tokens = int64_t{1} << 25;  // tokens per shard (documents are never split). Default: 32 Mi
-  int64_t chunk_tokens = 65536;      // HDF5 chunk length
-  int compression = 0;               // gzip level 0..9. Default: 0 (fastest random reads)
-  ReadOptions read;                  // .txt splitting, JSONL field, bad-line policy
-  bool overwrite = false;            // replace an existing output directory's dataset
-  int threads = 0;                   // tokenizer threads per rank; 0: cores / ranks on the host
+  int64_t shard_tokens = int64_t{1}
+                         << 25;  // tokens per shard (documents are never split). Default: 32 Mi
+  int64_t chunk_tokens = 65536;  // HDF5 chunk length
+  int compression = 0;           // gzip level 0..9. Default: 0 (fastest random reads)
+  ReadOptions read;              // .txt splitting, JSONL field, bad-line policy
+  bool overwrite = false;        // replace an existing output directory's dataset
+  int threads = 0;               // tokenizer threads per rank; 0: cores / ranks on the host
 };
 
 struct PreprocessResult {

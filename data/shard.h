@@ -46,8 +46,8 @@ struct ShardSummary {
 // Buffers one shard in memory and writes it on finish(). Not thread-safe.
 class ShardWriter {
  public:
-  ShardWriter(std::string path, std::string split, int64_t vocab_size, std::string tokenizer_checksum,
-              int64_t eos_id, ShardWriteOptions opts = {});
+  ShardWriter(std::string path, std::string split, int64_t vocab_size,
+              std::string tokenizer_checksum, int64_t eos_id, ShardWriteOptions opts = {});
   // Appends one document's ids (the caller includes the trailing eos).
   void add_document(const int32_t* ids, size_t n);
   int64_t tokens() const { return static_cast<int64_t>(tokens_.size()); }

@@ -19,7 +19,8 @@ namespace andy::data {
 namespace {
 
 bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  return s.size() >= suffix.size() &&
+         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
 std::string read_file(const std::string& path) {
@@ -31,7 +32,9 @@ std::string read_file(const std::string& path) {
   return ss.str();
 }
 
-bool is_ws(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+bool is_ws(char c) {
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v';
+}
 
 // Splits on runs of lines that are empty or whitespace only.
 std::vector<std::string> split_blank_lines(const std::string& text) {
@@ -59,14 +62,16 @@ std::vector<std::string> split_blank_lines(const std::string& text) {
 }  // namespace
 
 std::vector<TextFile> list_input_files(const std::string& dir) {
-  ANDY_CHECK_T(ConfigError, !dir.empty(), "--input_dir: expected a directory of .txt / .jsonl files");
+  ANDY_CHECK_T(ConfigError, !dir.empty(),
+               "--input_dir: expected a directory of .txt / .jsonl files");
   std::error_code ec;
   ANDY_CHECK_T(ConfigError, fs::exists(dir, ec), "--input_dir ", dir, ": no such directory");
   ANDY_CHECK_T(ConfigError, fs::is_directory(dir, ec), "--input_dir ", dir, ": not a directory");
   std::vector<TextFile> files;
   uint64_t total = 0;
   size_t others = 0;
-  for (auto it = fs::recursive_directory_iterator(dir, fs::directory_options::skip_permission_denied, ec);
+  for (auto it =
+           fs::recursive_directory_iterator(dir, fs::directory_options::skip_permission_denied, ec);
        it != fs::recursive_directory_iterator(); it.increment(ec)) {
     ANDY_CHECK_T(IoError, !ec, "--input_dir ", dir, ": cannot list: ", ec.message());
     if (!it->is_regular_file(ec)) continue;
@@ -82,9 +87,12 @@ std::vector<TextFile> list_input_files(const std::string& dir) {
     total += f.bytes;
     files.push_back(std::move(f));
   }
-  std::sort(files.begin(), files.end(), [](const TextFile& a, const TextFile& b) { return a.relative < b.relative; });
-  ANDY_CHECK_T(ConfigError, !files.empty(), "--input_dir ", dir, ": no .txt or .jsonl files found (",
-               others == 0 ? "the directory is empty" : std::to_string(others) + " other files ignored", ")");
+  std::sort(files.begin(), files.end(),
+            [](const TextFile& a, const TextFile& b) { return a.relative < b.relative; });
+  ANDY_CHECK_T(
+      ConfigError, !files.empty(), "--input_dir ", dir, ": no .txt or .jsonl files found (",
+      others == 0 ? "the directory is empty" : std::to_string(others) + " other files ignored",
+      ")");
   ANDY_CHECK_T(ConfigError, total > 0, "--input_dir ", dir, ": the ", files.size(),
                " .txt/.jsonl files are all empty: no text to process");
   return files;
@@ -105,17 +113,33 @@ int64_t sanitize_utf8(std::string* s) {
     }
     size_t len = 0;
     uint32_t cp = 0, min = 0;
-    if (c >= 0xC2 && c <= 0xDF) { len = 2; cp = c & 0x1F; min = 0x80; }
-    else if (c >= 0xE0 && c <= 0xEF) { len = 3; cp = c & 0x0F; min = 0x800; }
-    else if (c >= 0xF0 && c <= 0xF4) { len = 4; cp = c & 0x07; min = 0x10000; }
+    if (c >= 0xC2 && c <= 0xDF) {
+      len = 2;
+      cp = c & 0x1F;
+      min = 0x80;
+    } else if (c >= 0xE0 && c <= 0xEF) {
+      len = 3;
+      cp = c & 0x0F;
+      min = 0x800;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+      len = 4;
+      cp = c & 0x07;
+      min = 0x10000;
+    }
     size_t j = 1;
     bool ok = len > 0;
     if (ok) {
       for (; j < len; ++j) {
-        if (i + j >= n || (static_cast<unsigned char>(in[i + j]) & 0xC0) != 0x80) { ok = false; break; }
+        if (i + j >= n || (static_cast<unsigned char>(in[i + j]) & 0xC0) != 0x80) {
+          ok = false;
+          break;
+        }
         cp = (cp << 6) | (static_cast<unsigned char>(in[i + j]) & 0x3F);
       }
-      if (ok && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) { ok = false; j = len; }
+      if (ok && (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF))) {
+        ok = false;
+        j = len;
+      }
     }
     if (ok) {
       if (changed) out.append(in, i, len);
@@ -156,8 +180,10 @@ FileDocuments read_documents(const TextFile& file, const ReadOptions& opts) {
   std::string text = read_file(file.path);
   auto add = [&](const std::string& raw) {
     std::string d = normalize_document(raw);
-    if (d.empty()) ++r.empty_docs;
-    else r.docs.push_back(std::move(d));
+    if (d.empty())
+      ++r.empty_docs;
+    else
+      r.docs.push_back(std::move(d));
   };
   if (ends_with(file.path, ".jsonl")) {
     size_t i = 0;
@@ -173,15 +199,20 @@ FileDocuments read_documents(const TextFile& file, const ReadOptions& opts) {
       std::string problem;
       try {
         auto j = nlohmann::json::parse(line);
-        if (!j.is_object()) problem = "expected a JSON object";
-        else if (!j.contains(opts.jsonl_field)) problem = "no field \"" + opts.jsonl_field + "\" (set --jsonl_field)";
-        else if (!j[opts.jsonl_field].is_string()) problem = "field \"" + opts.jsonl_field + "\" is not a string";
-        else add(j[opts.jsonl_field].get<std::string>());
+        if (!j.is_object())
+          problem = "expected a JSON object";
+        else if (!j.contains(opts.jsonl_field))
+          problem = "no field \"" + opts.jsonl_field + "\" (set --jsonl_field)";
+        else if (!j[opts.jsonl_field].is_string())
+          problem = "field \"" + opts.jsonl_field + "\" is not a string";
+        else
+          add(j[opts.jsonl_field].get<std::string>());
       } catch (const nlohmann::json::exception& ex) {
         problem = std::string("not valid JSON: ") + ex.what();
       }
       if (!problem.empty()) {
-        std::string msg = file.path + ":" + std::to_string(line_no) + ": malformed JSONL line: " + problem;
+        std::string msg =
+            file.path + ":" + std::to_string(line_no) + ": malformed JSONL line: " + problem;
         ANDY_CHECK_T(ConfigError, opts.bad_jsonl == BadLinePolicy::kSkip, msg,
                      " (use --bad_jsonl skip to skip such lines)");
         if (opts.log_problems) log::warn(msg, " (skipped)");

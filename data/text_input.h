@@ -31,17 +31,17 @@ enum class TxtMode { kWholeFile, kBlankLines };  // one document per file, or pe
 enum class BadLinePolicy { kFail, kSkip };
 
 struct ReadOptions {
-  TxtMode txt_mode = TxtMode::kWholeFile;  // Default: one document per .txt file
-  std::string jsonl_field = "text";        // Default: "text"
+  TxtMode txt_mode = TxtMode::kWholeFile;          // Default: one document per .txt file
+  std::string jsonl_field = "text";                // Default: "text"
   BadLinePolicy bad_jsonl = BadLinePolicy::kFail;  // Default: a malformed line is fatal
   bool log_problems = true;  // warn about replaced UTF-8 and skipped lines (off for a second pass)
 };
 
 struct FileDocuments {
-  std::vector<std::string> docs;   // normalized, non-empty
-  int64_t invalid_utf8 = 0;        // sequences replaced by U+FFFD
-  int64_t skipped_lines = 0;       // malformed JSONL lines skipped (kSkip)
-  int64_t empty_docs = 0;          // documents dropped as empty after normalization
+  std::vector<std::string> docs;  // normalized, non-empty
+  int64_t invalid_utf8 = 0;       // sequences replaced by U+FFFD
+  int64_t skipped_lines = 0;      // malformed JSONL lines skipped (kSkip)
+  int64_t empty_docs = 0;         // documents dropped as empty after normalization
 };
 
 // Reads one file into documents. Throws IoError when it cannot be read; ConfigError naming

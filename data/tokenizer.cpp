@@ -67,7 +67,10 @@ const ModuleState& module() {
       state.path = c;
       return;
     }
-    failure = "cannot load the sentencepiece module libandyllm_sp.so (set ANDYLLM_SP_MODULE to its path); tried:" + tried;
+    failure =
+        "cannot load the sentencepiece module libandyllm_sp.so (set ANDYLLM_SP_MODULE to its "
+        "path); tried:" +
+        tried;
   });
   ANDY_CHECK_T(IoError, state.api, failure);
   return state;
@@ -92,14 +95,15 @@ Tokenizer Tokenizer::load(const std::string& path) {
   t.bos_id_ = m->bos_id();
   t.eos_id_ = m->eos_id();
   t.unk_id_ = m->unk_id();
-  ANDY_CHECK_T(ConfigError, t.eos_id_ >= 0, "tokenizer ", path,
-               ": the model has no eos piece (documents are ended with eos); retrain it with eos_id set");
+  ANDY_CHECK_T(
+      ConfigError, t.eos_id_ >= 0, "tokenizer ", path,
+      ": the model has no eos piece (documents are ended with eos); retrain it with eos_id set");
   return t;
 }
 
 void Tokenizer::train(const TokenizerTrainOptions& o) {
-  ANDY_CHECK_T(ConfigError, o.model_type == "bpe" || o.model_type == "unigram",
-               "--model_type ", o.model_type, ": expected bpe or unigram");
+  ANDY_CHECK_T(ConfigError, o.model_type == "bpe" || o.model_type == "unigram", "--model_type ",
+               o.model_type, ": expected bpe or unigram");
   ANDY_CHECK_T(ConfigError, !o.input_files.empty(), "tokenizer training: no input text");
   std::string inputs;
   for (const auto& f : o.input_files) inputs += (inputs.empty() ? "" : ",") + f;
@@ -128,13 +132,21 @@ void Tokenizer::train(const TokenizerTrainOptions& o) {
   std::string err;
   if (module().api->train(kw, &err)) return;
   std::smatch m;
-  if (std::regex_search(err, m, std::regex("Vocabulary size too high \\((\\d+)\\)\\. Please set it to a value <= (\\d+)"))) {
-    ANDY_THROW(ConfigError, "--vocab_size ", o.vocab_size, " is larger than this corpus can support: ",
-               "sentencepiece can make at most ", m[2].str(), " pieces from it; use a smaller --vocab_size or more text");
+  if (std::regex_search(
+          err, m,
+          std::regex(
+              "Vocabulary size too high \\((\\d+)\\)\\. Please set it to a value <= (\\d+)"))) {
+    ANDY_THROW(ConfigError, "--vocab_size ", o.vocab_size,
+               " is larger than this corpus can support: ", "sentencepiece can make at most ",
+               m[2].str(), " pieces from it; use a smaller --vocab_size or more text");
   }
-  if (std::regex_search(err, m, std::regex("Vocabulary size is smaller than required_chars\\. (\\d+) vs (\\d+)"))) {
-    ANDY_THROW(ConfigError, "--vocab_size ", o.vocab_size, " is too small: the corpus needs ", m[2].str(),
-               " pieces for its characters, 256 byte-fallback pieces and the 4 special ids; use at least that");
+  if (std::regex_search(
+          err, m,
+          std::regex("Vocabulary size is smaller than required_chars\\. (\\d+) vs (\\d+)"))) {
+    ANDY_THROW(ConfigError, "--vocab_size ", o.vocab_size, " is too small: the corpus needs ",
+               m[2].str(),
+               " pieces for its characters, 256 byte-fallback pieces and the 4 special ids; use at "
+               "least that");
   }
   ANDY_THROW(ConfigError, "sentencepiece training failed: ", err);
 }
@@ -142,7 +154,8 @@ void Tokenizer::train(const TokenizerTrainOptions& o) {
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
   std::vector<int> ids;
   std::string err;
-  ANDY_CHECK_T(Error, model_->encode(text, &ids, &err), "tokenizer ", path_, ": encode failed: ", err);
+  ANDY_CHECK_T(Error, model_->encode(text, &ids, &err), "tokenizer ", path_,
+               ": encode failed: ", err);
   return std::vector<int32_t>(ids.begin(), ids.end());
 }
 

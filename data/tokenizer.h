@@ -33,12 +33,12 @@ constexpr int kBosId = 2;
 constexpr int kEosId = 3;
 
 struct TokenizerTrainOptions {
-  std::vector<std::string> input_files;  // UTF-8 text, one sentence per line
-  std::string model_prefix;              // writes <prefix>.model and <prefix>.vocab
-  int vocab_size = 32000;                // Default: 32000
-  std::string model_type = "bpe";        // "bpe" (default) or "unigram"
-  double character_coverage = 0.9995;    // Default: 0.9995 (sentencepiece's advice for CJK)
-  int64_t input_sentence_size = 2000000; // sentences sampled for training. Default: 2M
+  std::vector<std::string> input_files;   // UTF-8 text, one sentence per line
+  std::string model_prefix;               // writes <prefix>.model and <prefix>.vocab
+  int vocab_size = 32000;                 // Default: 32000
+  std::string model_type = "bpe";         // "bpe" (default) or "unigram"
+  double character_coverage = 0.9995;     // Default: 0.9995 (sentencepiece's advice for CJK)
+  int64_t input_sentence_size = 2000000;  // sentences sampled for training. Default: 2M
   int num_threads = 1;
   uint32_t seed = 1234;
 };

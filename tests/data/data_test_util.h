@@ -7,15 +7,13 @@
 
 #include <algorithm>
 #include <cstdio>
-
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "data/shard.h"
 #include "data/tokenizer.h"
@@ -58,19 +56,27 @@ inline std::string read_text(const std::string& path) {
 
 // Document i of the test corpus: kind 0 English, 1 Chinese, 2 mixed with emoji. Unique by i.
 inline std::string corpus_doc(int i) {
-  static const char* en[] = {"the quick brown fox jumps over the lazy dog", "a stitch in time saves nine",
-                             "all that glitters is not gold", "knowledge is power and time is money",
-                             "the early bird catches the worm", "where there is a will there is a way"};
-  static const char* zh[] = {"我们今天去公园散步。", "这是一个简单的中文句子，用来测试分词器。", "天气很好，我们一起吃饭吧！",
-                             "机器学习需要大量的数据。", "他说：“你好，世界。”", "中文和英文混合在一起也可以。"};
+  static const char* en[] = {"the quick brown fox jumps over the lazy dog",
+                             "a stitch in time saves nine",
+                             "all that glitters is not gold",
+                             "knowledge is power and time is money",
+                             "the early bird catches the worm",
+                             "where there is a will there is a way"};
+  static const char* zh[] = {
+      "我们今天去公园散步。",       "这是一个简单的中文句子，用来测试分词器。",
+      "天气很好，我们一起吃饭吧！", "机器学习需要大量的数据。",
+      "他说：“你好，世界。”",       "中文和英文混合在一起也可以。"};
   static const char* emoji[] = {"😀", "🚀", "👍🏽", "🇨🇳", "❤️", "🎉"};
   std::string d;
   int kind = i % 3;
   for (int s = 0; s < 3 + i % 4; ++s) {
     int k = (i * 7 + s * 3) % 6;
-    if (kind == 0) d += std::string(en[k]) + " (" + std::to_string(i * 10 + s) + "). ";
-    else if (kind == 1) d += std::string(zh[k]) + std::to_string(i) + "号";
-    else d += std::string(zh[k]) + " " + en[(k + 1) % 6] + " " + emoji[(i + s) % 6] + " ";
+    if (kind == 0)
+      d += std::string(en[k]) + " (" + std::to_string(i * 10 + s) + "). ";
+    else if (kind == 1)
+      d += std::string(zh[k]) + std::to_string(i) + "号";
+    else
+      d += std::string(zh[k]) + " " + en[(k + 1) % 6] + " " + emoji[(i + s) % 6] + " ";
     if (s == 1) d += "\n";
   }
   return "doc " + std::to_string(i) + ": " + d;
@@ -105,8 +111,9 @@ const std::string kChecksum = "fnv1a64:00000000000000aa";
 
 // Writes `split` under root with shards of the given token counts (a stream 0, 1, 2, ... mod
 // kVocab, documents of 50 tokens) and a manifest.json listing them.
-inline void make_split(const std::string& root, const std::string& split, const std::vector<int64_t>& shard_tokens,
-                int64_t vocab = kVocab, const std::string& checksum = kChecksum) {
+inline void make_split(const std::string& root, const std::string& split,
+                       const std::vector<int64_t>& shard_tokens, int64_t vocab = kVocab,
+                       const std::string& checksum = kChecksum) {
   std::filesystem::create_directories(root + "/" + split);
   nlohmann::json shards = nlohmann::json::array();
   int64_t next = 0;
@@ -124,7 +131,9 @@ inline void make_split(const std::string& root, const std::string& split, const 
       left -= n;
     }
     ShardSummary sum = w.finish();
-    shards.push_back({{"file", split + "/" + name}, {"tokens", sum.tokens}, {"documents", sum.documents},
+    shards.push_back({{"file", split + "/" + name},
+                      {"tokens", sum.tokens},
+                      {"documents", sum.documents},
                       {"checksum", sum.checksum}});
   }
   nlohmann::json m;

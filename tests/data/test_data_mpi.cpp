@@ -47,9 +47,7 @@ class SharedDir {
     MPI_Bcast(p.data(), n, MPI_CHAR, 0, MPI_COMM_WORLD);
     path_ = p;
   }
-  ~SharedDir() {
-    MPI_Barrier(MPI_COMM_WORLD);
-  }
+  ~SharedDir() { MPI_Barrier(MPI_COMM_WORLD); }
   std::string operator/(const std::string& rel) const { return path_ + "/" + rel; }
 
  private:
@@ -103,7 +101,8 @@ TEST(DataMpi, DataParallelRanksCoverTheEpochWithoutDuplicates) {
     }
     all.resize(total);
   }
-  MPI_Gatherv(mine.data(), n, MPI_INT64_T, all.data(), counts.data(), displs.data(), MPI_INT64_T, 0, MPI_COMM_WORLD);
+  MPI_Gatherv(mine.data(), n, MPI_INT64_T, all.data(), counts.data(), displs.data(), MPI_INT64_T, 0,
+              MPI_COMM_WORLD);
   if (rank() == 0) {
     std::set<int64_t> unique(all.begin(), all.end());
     EXPECT_EQ(all.size(), 120u);
@@ -124,11 +123,12 @@ TEST(DataMpi, TensorParallelPeersSeeIdenticalBatches) {
   for (int s = 0; s < 6; ++s) {
     Batch b = l.next_batch();
     sig.insert(sig.end(), b.windows.begin(), b.windows.end());
-    sig.push_back((b.input * torch::arange(1, 25, torch::kInt64).view({3, 8})).sum().item<int64_t>());
+    sig.push_back(
+        (b.input * torch::arange(1, 25, torch::kInt64).view({3, 8})).sum().item<int64_t>());
   }
   std::vector<int64_t> all(sig.size() * size());
-  MPI_Allgather(sig.data(), static_cast<int>(sig.size()), MPI_INT64_T, all.data(), static_cast<int>(sig.size()),
-                MPI_INT64_T, MPI_COMM_WORLD);
+  MPI_Allgather(sig.data(), static_cast<int>(sig.size()), MPI_INT64_T, all.data(),
+                static_cast<int>(sig.size()), MPI_INT64_T, MPI_COMM_WORLD);
   for (int r = 0; r < size(); ++r) {
     std::vector<int64_t> other(all.begin() + r * sig.size(), all.begin() + (r + 1) * sig.size());
     if (grid_coords(r, size(), tp).dp_rank == c.dp_rank) {
@@ -176,10 +176,14 @@ TEST(DataMpi, PreprocessAcrossRanksMatchesOneProcess) {
     o.vocab_size = 0;
     run_preprocess(o, nullptr);
     Tokenizer tok = Tokenizer::load(dir / "multi/tokenizer.model");
-    auto mt = decode_split(dir / "multi/train", tok), mv = decode_split(dir / "multi/validation", tok);
-    auto st = decode_split(dir / "single/train", tok), sv = decode_split(dir / "single/validation", tok);
-    EXPECT_EQ(std::multiset<std::string>(mt.begin(), mt.end()), std::multiset<std::string>(st.begin(), st.end()));
-    EXPECT_EQ(std::multiset<std::string>(mv.begin(), mv.end()), std::multiset<std::string>(sv.begin(), sv.end()));
+    auto mt = decode_split(dir / "multi/train", tok),
+         mv = decode_split(dir / "multi/validation", tok);
+    auto st = decode_split(dir / "single/train", tok),
+         sv = decode_split(dir / "single/validation", tok);
+    EXPECT_EQ(std::multiset<std::string>(mt.begin(), mt.end()),
+              std::multiset<std::string>(st.begin(), st.end()));
+    EXPECT_EQ(std::multiset<std::string>(mv.begin(), mv.end()),
+              std::multiset<std::string>(sv.begin(), sv.end()));
     std::multiset<std::string> all(mt.begin(), mt.end());
     all.insert(mv.begin(), mv.end());
     EXPECT_EQ(all, std::multiset<std::string>(expected.begin(), expected.end()));
@@ -191,7 +195,8 @@ TEST(DataMpi, ABadFileOnOneRankStopsEveryRankWithItsMessage) {
   if (rank() == 0) {
     for (int f = 0; f < 6; ++f) {
       std::string jsonl;
-      for (int i = f; i < 60; i += 6) jsonl += nlohmann::json{{"text", corpus_doc(i)}}.dump() + "\n";
+      for (int i = f; i < 60; i += 6)
+        jsonl += nlohmann::json{{"text", corpus_doc(i)}}.dump() + "\n";
       if (f == 4) jsonl += "{\"text\": oops}\n";
       write_file(dir / ("raw/p" + std::to_string(f) + ".jsonl"), jsonl);
     }

@@ -19,8 +19,8 @@ using namespace andy::data::testing;
 
 namespace {
 
-LoaderOptions options(const std::string& split, int64_t seq_len, int64_t batch, int dp_rank, int dp_size,
-                      uint64_t seed = 7) {
+LoaderOptions options(const std::string& split, int64_t seq_len, int64_t batch, int dp_rank,
+                      int dp_size, uint64_t seed = 7) {
   LoaderOptions o;
   o.split = split;
   o.seq_len = seq_len;
@@ -102,7 +102,8 @@ TEST(DataLoader, FourDpRanksServeEveryWindowExactlyOncePerEpoch) {
 
 TEST(DataLoader, RemainderIsTheTailOfTheEpochOrder) {
   TempDir dir;
-  make_split(dir.path(), "train", {1000});  // W = 999 / 8 = 124, G = 12: 10 steps, 4 windows left over
+  make_split(dir.path(), "train",
+             {1000});  // W = 999 / 8 = 124, G = 12: 10 steps, 4 windows left over
   std::vector<std::set<int64_t>> unserved(2);
   for (int64_t epoch = 0; epoch < 2; ++epoch) {
     std::multiset<int64_t> served;
@@ -124,7 +125,8 @@ TEST(DataLoader, RemainderIsTheTailOfTheEpochOrder) {
     }
     EXPECT_EQ(distinct.size() + unserved[epoch].size(), 124u);
   }
-  EXPECT_NE(unserved[0], unserved[1]) << "the left-over windows should change with the epoch's shuffle";
+  EXPECT_NE(unserved[0], unserved[1])
+      << "the left-over windows should change with the epoch's shuffle";
 }
 
 TEST(DataLoader, TensorParallelPeersGetIdenticalBatches) {
@@ -220,8 +222,10 @@ TEST(DataLoader, SplitNamesGlobsAndPythonStyleNames) {
   EXPECT_EQ(resolve_split(dir / "train.h5").size(), 2u);  // --train_file data/processed/train.h5
   EXPECT_EQ(resolve_split(dir / "train/*.h5").size(), 2u);
   EXPECT_EQ(resolve_split(dir / "train/shard-00000-00001.h5").size(), 1u);
-  EXPECT_NE(error_of([&] { resolve_split(dir / "nothing"); }).find("no such file or directory"), std::string::npos);
-  EXPECT_NE(error_of([&] { resolve_split(dir / "x/*.h5"); }).find("the glob matches no file"), std::string::npos);
+  EXPECT_NE(error_of([&] { resolve_split(dir / "nothing"); }).find("no such file or directory"),
+            std::string::npos);
+  EXPECT_NE(error_of([&] { resolve_split(dir / "x/*.h5"); }).find("the glob matches no file"),
+            std::string::npos);
 }
 
 TEST(DataLoader, RefusesAnotherTokenizer) {
@@ -230,22 +234,29 @@ TEST(DataLoader, RefusesAnotherTokenizer) {
   auto o = options(dir / "train", 8, 2, 0, 1);
   o.expected_vocab_size = 32000;
   std::string m = error_of([&] { DataLoader l(o); });
-  EXPECT_NE(m.find("shard-00000-00000.h5: shard vocab_size 50000 differs from the run's tokenizer (32000)"),
-            std::string::npos) << m;
+  EXPECT_NE(
+      m.find(
+          "shard-00000-00000.h5: shard vocab_size 50000 differs from the run's tokenizer (32000)"),
+      std::string::npos)
+      << m;
   EXPECT_THROW(DataLoader{o}, ConfigError);
   o = options(dir / "train", 8, 2, 0, 1);
   o.tokenizer_checksum = "fnv1a64:00000000000000bb";
   m = error_of([&] { DataLoader l(o); });
-  EXPECT_NE(m.find("shard tokenizer checksum fnv1a64:00000000000000aa differs from the run's tokenizer"),
-            std::string::npos) << m;
+  EXPECT_NE(
+      m.find("shard tokenizer checksum fnv1a64:00000000000000aa differs from the run's tokenizer"),
+      std::string::npos)
+      << m;
 }
 
 TEST(DataLoader, RefusesTooFewTokensForOneGlobalBatch) {
   TempDir dir;
   make_split(dir.path(), "train", {100});  // 99 / 8 = 12 windows; global batch 4 x 4 = 16
   std::string m = error_of([&] { DataLoader l(options(dir / "train", 8, 4, 0, 4)); });
-  EXPECT_NE(m.find("has 100 tokens = 12 windows of seq_len + 1 = 9 tokens: fewer than one global batch of 16"),
-            std::string::npos) << m;
+  EXPECT_NE(m.find("has 100 tokens = 12 windows of seq_len + 1 = 9 tokens: fewer than one global "
+                   "batch of 16"),
+            std::string::npos)
+      << m;
 }
 
 TEST(DataLoader, RefusesTruncatedAndCorruptShardsNamingTheFile) {
@@ -301,7 +312,8 @@ TEST(DataLoader, RefusesAnIncompleteDataset) {
 
   TempDir dir2;
   make_split(dir2.path(), "train", {1000});
-  std::filesystem::copy_file(dir2 / "train/shard-00000-00000.h5", dir2 / "train/shard-00009-00000.h5");
+  std::filesystem::copy_file(dir2 / "train/shard-00000-00000.h5",
+                             dir2 / "train/shard-00009-00000.h5");
   m = error_of([&] { resolve_split(dir2 / "train"); });
   EXPECT_NE(m.find("shard-00009-00000.h5: not listed in"), std::string::npos) << m;
 

@@ -196,10 +196,13 @@ TEST_F(Preprocessed, H5dumpAndH5pyReadTheSameTokens) {
   auto [rc2, attrs] = shell("h5dump -a /vocab_size " + shard);
   EXPECT_NE(attrs.find("600"), std::string::npos) << attrs;
 
-  if (!python_has("h5py")) GTEST_SKIP() << "/usr/bin/python3 has no h5py (apt install python3-h5py)";
-  auto [rc3, py] = shell("/usr/bin/python3 -c \"import h5py,sys; f=h5py.File(sys.argv[1],'r'); t=f['tokens']; "
-                         "print(t.dtype, f.attrs['token_count'], f['doc_offsets'][-1]); print(' '.join(map(str, t[:])))\" " +
-                         shard);
+  if (!python_has("h5py"))
+    GTEST_SKIP() << "/usr/bin/python3 has no h5py (apt install python3-h5py)";
+  auto [rc3, py] = shell(
+      "/usr/bin/python3 -c \"import h5py,sys; f=h5py.File(sys.argv[1],'r'); t=f['tokens']; "
+      "print(t.dtype, f.attrs['token_count'], f['doc_offsets'][-1]); print(' '.join(map(str, "
+      "t[:])))\" " +
+      shard);
   ASSERT_EQ(rc3, 0) << py;
   size_t nl = py.find('\n');
   std::string header = py.substr(0, nl);
@@ -210,8 +213,10 @@ TEST_F(Preprocessed, H5dumpAndH5pyReadTheSameTokens) {
 TEST_F(Preprocessed, RerunRefusesWithoutOverwriteAndReusesAGivenTokenizer) {
   auto o = base_options(*dir_ / "raw", *dir_ / "out");
   std::string m = error_of([&] { run_preprocess(o); });
-  EXPECT_NE(m.find("already exists and is not empty (it holds a dataset): refusing to overwrite it; pass --overwrite"),
-            std::string::npos) << m;
+  EXPECT_NE(m.find("already exists and is not empty (it holds a dataset): refusing to overwrite "
+                   "it; pass --overwrite"),
+            std::string::npos)
+      << m;
   EXPECT_TRUE(std::filesystem::exists(*dir_ / "out/manifest.json"));  // untouched
 
   // A second dataset with the first one's tokenizer: identical tokens, same checksum.
@@ -233,21 +238,26 @@ TEST_F(Preprocessed, RerunRefusesWithoutOverwriteAndReusesAGivenTokenizer) {
   EXPECT_EQ(r3.tokenizer_checksum, result_->tokenizer_checksum);
   o2.vocab_size = 1000;
   m = error_of([&] { run_preprocess(o2); });
-  EXPECT_NE(m.find("--vocab_size 1000 differs from the vocabulary of --tokenizer_path"), std::string::npos) << m;
+  EXPECT_NE(m.find("--vocab_size 1000 differs from the vocabulary of --tokenizer_path"),
+            std::string::npos)
+      << m;
 }
 
 TEST(PreprocessErrors, MissingEmptyAndUnreadableInput) {
   TempDir dir;
   std::string m = error_of([&] { run_preprocess(base_options(dir / "none", dir / "out")); });
-  EXPECT_NE(m.find("--input_dir " + (dir / "none") + ": no such directory"), std::string::npos) << m;
+  EXPECT_NE(m.find("--input_dir " + (dir / "none") + ": no such directory"), std::string::npos)
+      << m;
   std::filesystem::create_directories(dir / "empty");
   m = error_of([&] { run_preprocess(base_options(dir / "empty", dir / "out")); });
   EXPECT_NE(m.find("no .txt or .jsonl files found"), std::string::npos) << m;
   write_file(dir / "blank/a.txt", "   \n\n\t\n");
   write_file(dir / "blank/b.jsonl", "{\"text\": \"   \"}\n");
   m = error_of([&] { run_preprocess(base_options(dir / "blank", dir / "out")); });
-  EXPECT_NE(m.find("no readable text: 2 files gave no non-empty document (1 empty after normalization"),
-            std::string::npos) << m;
+  EXPECT_NE(
+      m.find("no readable text: 2 files gave no non-empty document (1 empty after normalization"),
+      std::string::npos)
+      << m;
   EXPECT_FALSE(std::filesystem::exists(dir / "out/manifest.json"));
   write_file(dir / "one/a.txt", "a single document");
   m = error_of([&] { run_preprocess(base_options(dir / "one", dir / "out1")); });
@@ -257,9 +267,12 @@ TEST(PreprocessErrors, MissingEmptyAndUnreadableInput) {
 TEST(PreprocessErrors, MalformedJsonlFailsOrSkips) {
   TempDir dir;
   make_corpus(dir / "raw", 60);
-  write_file(dir / "raw/bad.jsonl", "{\"text\": \"fine\"}\n{\"text\": \"broken\"\n{\"other\": 1}\n");
+  write_file(dir / "raw/bad.jsonl",
+             "{\"text\": \"fine\"}\n{\"text\": \"broken\"\n{\"other\": 1}\n");
   std::string m = error_of([&] { run_preprocess(base_options(dir / "raw", dir / "out")); });
-  EXPECT_NE(m.find(dir / "raw/bad.jsonl:2: malformed JSONL line: not valid JSON"), std::string::npos) << m;
+  EXPECT_NE(m.find(dir / "raw/bad.jsonl:2: malformed JSONL line: not valid JSON"),
+            std::string::npos)
+      << m;
   EXPECT_FALSE(std::filesystem::exists(dir / "out/manifest.json"));
   auto o = base_options(dir / "raw", dir / "out");
   o.read.bad_jsonl = BadLinePolicy::kSkip;
@@ -279,7 +292,8 @@ TEST(PreprocessErrors, InvalidUtf8IsReplacedCountedAndReportedWithTheFileName) {
   auto r = run_preprocess(base_options(dir / "raw", dir / "out"));
   std::string log = ::testing::internal::GetCapturedStderr();
   EXPECT_EQ(r.invalid_utf8, 4);
-  EXPECT_NE(log.find(dir / "raw/latin1.txt: 4 invalid UTF-8 sequence(s) replaced by U+FFFD"), std::string::npos)
+  EXPECT_NE(log.find(dir / "raw/latin1.txt: 4 invalid UTF-8 sequence(s) replaced by U+FFFD"),
+            std::string::npos)
       << log;
   Tokenizer tok = Tokenizer::load(dir / "out/tokenizer.model");
   auto docs = decode_split(dir / "out/train", tok);
@@ -294,29 +308,36 @@ TEST(PreprocessErrors, VocabularyLargerThanTheCorpusSupports) {
   auto o = base_options(dir / "raw", dir / "out");
   o.vocab_size = 20000;
   std::string m = error_of([&] { run_preprocess(o); });
-  EXPECT_NE(m.find("--vocab_size 20000 is larger than this corpus can support"), std::string::npos) << m;
+  EXPECT_NE(m.find("--vocab_size 20000 is larger than this corpus can support"), std::string::npos)
+      << m;
   EXPECT_FALSE(std::filesystem::exists(dir / "out/manifest.json"));
-  EXPECT_THROW(run_preprocess(o), ConfigError);  // the directory is left without a dataset: not refused
+  EXPECT_THROW(run_preprocess(o),
+               ConfigError);  // the directory is left without a dataset: not refused
 }
 
 TEST(PreprocessCli, CommandLineRunsAndFailsWithExitCodes) {
   std::string bin = env_or_empty("ANDYLLM_BIN");
-  if (bin.empty() || !std::filesystem::exists(bin)) GTEST_SKIP() << "andyllm binary not built (ANDYLLM_BIN unset)";
+  if (bin.empty() || !std::filesystem::exists(bin))
+    GTEST_SKIP() << "andyllm binary not built (ANDYLLM_BIN unset)";
   TempDir dir;
   make_corpus(dir / "raw", 60);
-  auto [rc, out] = shell(bin + " preprocess --input_dir " + (dir / "missing") + " --output_dir " + (dir / "out"));
+  auto [rc, out] = shell(bin + " preprocess --input_dir " + (dir / "missing") + " --output_dir " +
+                         (dir / "out"));
   EXPECT_EQ(rc, 2) << out;
   EXPECT_NE(out.find("no such directory"), std::string::npos) << out;
-  std::tie(rc, out) = shell(bin + " preprocess --input_dir " + (dir / "raw") + " --output_dir " + (dir / "out") +
-                            " --vocab_size 600 --txt_docs blank_lines --val_fraction 0.1 --threads 2");
+  std::tie(rc, out) =
+      shell(bin + " preprocess --input_dir " + (dir / "raw") + " --output_dir " + (dir / "out") +
+            " --vocab_size 600 --txt_docs blank_lines --val_fraction 0.1 --threads 2");
   ASSERT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("tokens/s"), std::string::npos) << out;  // the progress line
   EXPECT_TRUE(std::filesystem::exists(dir / "out/manifest.json"));
-  std::tie(rc, out) = shell(bin + " preprocess --input_dir " + (dir / "raw") + " --output_dir " + (dir / "out"));
+  std::tie(rc, out) =
+      shell(bin + " preprocess --input_dir " + (dir / "raw") + " --output_dir " + (dir / "out"));
   EXPECT_EQ(rc, 2) << out;
   EXPECT_NE(out.find("pass --overwrite"), std::string::npos) << out;
-  std::tie(rc, out) = shell(bin + " bench data --train_file " + (dir / "out/train") + " --tokenizer_path " +
-                            (dir / "out/tokenizer.model") + " --seq_len 16 --batch_size 2 --batches 20");
+  std::tie(rc, out) =
+      shell(bin + " bench data --train_file " + (dir / "out/train") + " --tokenizer_path " +
+            (dir / "out/tokenizer.model") + " --seq_len 16 --batch_size 2 --batches 20");
   ASSERT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("ms/batch"), std::string::npos) << out;
 }

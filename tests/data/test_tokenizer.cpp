@@ -67,7 +67,8 @@ TEST_F(TokenizerTest, RoundTripIsExactForAnyValidText) {
   // Chinese seen in training is covered by pieces (fewer tokens than characters), not bytes.
   auto zh = tok.encode("这是一个简单的中文句子，用来测试分词器。");  // 20 characters
   EXPECT_LT(zh.size(), 20u);
-  for (int id : zh) EXPECT_NE(tok.id_to_piece(id).rfind("<0x", 0), 0u) << "byte piece for seen Chinese text";
+  for (int id : zh)
+    EXPECT_NE(tok.id_to_piece(id).rfind("<0x", 0), 0u) << "byte piece for seen Chinese text";
 }
 
 TEST_F(TokenizerTest, WorksNextToLibTorchOps) {
@@ -90,7 +91,9 @@ TEST_F(TokenizerTest, VocabularyTooLargeForTheCorpus) {
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
     std::string m = e.what();
-    EXPECT_NE(m.find("--vocab_size 50000 is larger than this corpus can support"), std::string::npos) << m;
+    EXPECT_NE(m.find("--vocab_size 50000 is larger than this corpus can support"),
+              std::string::npos)
+        << m;
     EXPECT_NE(m.find("at most"), std::string::npos) << m;
   }
   o.vocab_size = 100;
@@ -98,7 +101,8 @@ TEST_F(TokenizerTest, VocabularyTooLargeForTheCorpus) {
     Tokenizer::train(o);
     FAIL() << "expected ConfigError";
   } catch (const ConfigError& e) {
-    EXPECT_NE(std::string(e.what()).find("--vocab_size 100 is too small"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("--vocab_size 100 is too small"), std::string::npos)
+        << e.what();
   }
 }
 
@@ -109,16 +113,19 @@ TEST_F(TokenizerTest, MissingOrInvalidModelFile) {
     Tokenizer::load(*dir_ / "junk.model");
     FAIL() << "expected IoError";
   } catch (const IoError& e) {
-    EXPECT_NE(std::string(e.what()).find("junk.model: not a readable sentencepiece model"), std::string::npos)
+    EXPECT_NE(std::string(e.what()).find("junk.model: not a readable sentencepiece model"),
+              std::string::npos)
         << e.what();
   }
 }
 
 TEST_F(TokenizerTest, PythonSentencepieceGivesTheSameIds) {
-  if (!python_has("sentencepiece")) GTEST_SKIP() << "/usr/bin/python3 has no sentencepiece module (apt install python3-sentencepiece)";
+  if (!python_has("sentencepiece"))
+    GTEST_SKIP()
+        << "/usr/bin/python3 has no sentencepiece module (apt install python3-sentencepiece)";
   Tokenizer tok = Tokenizer::load(*dir_ / "tok.model");
-  std::vector<std::string> texts = {"the quick brown fox (12).", "机器学习需要大量的数据。", "混合 mixed 😀 🇨🇳 text\nline two",
-                                    "unseen: Ωмир 🦄"};
+  std::vector<std::string> texts = {"the quick brown fox (12).", "机器学习需要大量的数据。",
+                                    "混合 mixed 😀 🇨🇳 text\nline two", "unseen: Ωмир 🦄"};
   std::string input;
   for (const auto& t : texts) input += t + '\x1e';  // record separator: texts may hold newlines
   write_file(*dir_ / "texts.bin", input);
@@ -127,8 +134,8 @@ TEST_F(TokenizerTest, PythonSentencepieceGivesTheSameIds) {
              "sp = spm.SentencePieceProcessor(model_file=sys.argv[1])\n"
              "data = open(sys.argv[2], 'rb').read().decode('utf-8').split('\\x1e')[:-1]\n"
              "for t in data: print(' '.join(map(str, sp.encode(t))))\n");
-  auto [rc, out] = shell("/usr/bin/python3 " + (*dir_ / "ids.py") + " " + (*dir_ / "tok.model") + " " +
-                         (*dir_ / "texts.bin"));
+  auto [rc, out] = shell("/usr/bin/python3 " + (*dir_ / "ids.py") + " " + (*dir_ / "tok.model") +
+                         " " + (*dir_ / "texts.bin"));
   ASSERT_EQ(rc, 0) << out;
   std::istringstream lines(out);
   for (const auto& t : texts) {
