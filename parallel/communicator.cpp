@@ -40,6 +40,21 @@ void Communicator::check_tensor(const at::Tensor& t, const char* op, const char*
                " has ", t.numel(), " elements; at most 2^31-1 per collective (split the tensor)");
 }
 
+void Communicator::check_pair(const at::Tensor& input, const at::Tensor& output,
+                              const char* op) const {
+  check_tensor(input, op, "input");
+  check_tensor(output, op, "output");
+  ANDY_CHECK_T(CommError, input.scalar_type() == output.scalar_type(), describe(op),
+               ": dtype mismatch: input ", input.scalar_type(), ", output ", output.scalar_type());
+}
+
+void Communicator::check_reduction(const at::Tensor& t, ReduceOp reduce, const char* op) const {
+  ANDY_CHECK_T(CommError, reduce != ReduceOp::kAvg || at::isFloatingType(t.scalar_type()),
+               describe(op), ": avg needs a floating dtype, got ", t.scalar_type());
+  ANDY_CHECK_T(CommError, t.scalar_type() != at::kBool, describe(op),
+               ": bool tensors cannot be reduced; use uint8");
+}
+
 std::vector<int64_t> Communicator::resolve_counts(const std::vector<int64_t>& counts,
                                                   int64_t total, int64_t mine,
                                                   const char* op) const {

@@ -91,6 +91,10 @@ class Communicator {
 
   // Shared argument checks: contiguity, dtype support, size agreement. Throw CommError.
   void check_tensor(const at::Tensor& t, const char* op, const char* what) const;
+  // check_tensor on both, and the same dtype.
+  void check_pair(const at::Tensor& input, const at::Tensor& output, const char* op) const;
+  // The reduction is defined for the dtype: avg needs a floating type, bool never reduces.
+  void check_reduction(const at::Tensor& t, ReduceOp reduce, const char* op) const;
   // Returns per-rank counts for all_gather/reduce_scatter and checks them against the sizes.
   std::vector<int64_t> resolve_counts(const std::vector<int64_t>& counts, int64_t total,
                                       int64_t mine, const char* op) const;

@@ -125,15 +125,15 @@ MpiCommunicator::MpiCommunicator(const MpiComm& group, std::string name,
   MPI_CHECK(MPI_Comm_set_errhandler(comm_.get(), MPI_ERRORS_RETURN));
 }
 
+void MpiCommunicator::check_cpu(const at::Tensor& t, const char* op) const {
+  ANDY_CHECK_T(CommError, t.device().is_cpu(), describe(op),
+               ": the MPI backend takes CPU tensors, got ", t.device());
+}
+
 WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& opts) {
   check_tensor(tensor, "all_reduce", "input");
-  ANDY_CHECK_T(CommError, tensor.device().is_cpu(), describe("all_reduce"),
-               ": the MPI backend takes CPU tensors, got ", tensor.device());
-  bool floating = at::isFloatingType(tensor.scalar_type());
-  ANDY_CHECK_T(CommError, opts.op != ReduceOp::kAvg || floating, describe("all_reduce"),
-               ": avg needs a floating dtype, got ", tensor.scalar_type());
-  ANDY_CHECK_T(CommError, tensor.scalar_type() != at::kBool, describe("all_reduce"),
-               ": bool tensors cannot be reduced; use uint8");
+  check_cpu(tensor, "all_reduce");
+  check_reduction(tensor, opts.op, "all_reduce");
   auto work = std::make_shared<MpiWork>(describe("all_reduce"), timeout_);
   if (tensor.numel() == 0) {
     work->mark_trivially_complete();
@@ -156,12 +156,9 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
 
 WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
                                     const AllGatherOptions& opts) {
-  check_tensor(input, "all_gather", "input");
-  check_tensor(output, "all_gather", "output");
-  ANDY_CHECK_T(CommError, input.device().is_cpu() && output.device().is_cpu(),
-               describe("all_gather"), ": the MPI backend takes CPU tensors");
-  ANDY_CHECK_T(CommError, input.scalar_type() == output.scalar_type(), describe("all_gather"),
-               ": dtype mismatch: input ", input.scalar_type(), ", output ", output.scalar_type());
+  check_pair(input, output, "all_gather");
+  check_cpu(input, "all_gather");
+  check_cpu(output, "all_gather");
   auto counts = resolve_counts(opts.counts, output.numel(), input.numel(), "all_gather");
   auto work = std::make_shared<MpiWork>(describe("all_gather"), timeout_);
   auto& c = work->ints(size_);
@@ -178,17 +175,10 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
 
 WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& input,
                                         const ReduceScatterOptions& opts) {
-  check_tensor(input, "reduce_scatter", "input");
-  check_tensor(output, "reduce_scatter", "output");
-  ANDY_CHECK_T(CommError, input.device().is_cpu() && output.device().is_cpu(),
-               describe("reduce_scatter"), ": the MPI backend takes CPU tensors");
-  ANDY_CHECK_T(CommError, input.scalar_type() == output.scalar_type(), describe("reduce_scatter"),
-               ": dtype mismatch: input ", input.scalar_type(), ", output ", output.scalar_type());
-  bool floating = at::isFloatingType(input.scalar_type());
-  ANDY_CHECK_T(CommError, opts.op != ReduceOp::kAvg || floating, describe("reduce_scatter"),
-               ": avg needs a floating dtype, got ", input.scalar_type());
-  ANDY_CHECK_T(CommError, input.scalar_type() != at::kBool, describe("reduce_scatter"),
-               ": bool tensors cannot be reduced; use uint8");
+  check_pair(input, output, "reduce_scatter");
+  check_cpu(input, "reduce_scatter");
+  check_cpu(output, "reduce_scatter");
+  check_reduction(input, opts.op, "reduce_scatter");
   auto counts = resolve_counts(opts.counts, input.numel(), output.numel(), "reduce_scatter");
   auto work = std::make_shared<MpiWork>(describe("reduce_scatter"), timeout_);
   auto& c = work->ints(size_);
@@ -218,8 +208,7 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
 
 WorkPtr MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
   check_tensor(tensor, "broadcast", "input");
-  ANDY_CHECK_T(CommError, tensor.device().is_cpu(), describe("broadcast"),
-               ": the MPI backend takes CPU tensors, got ", tensor.device());
+  check_cpu(tensor, "broadcast");
   ANDY_CHECK_T(CommError, root >= 0 && root < size_, describe("broadcast"), ": root ", root,
                " outside the group of ", size_);
   auto work = std::make_shared<MpiWork>(describe("broadcast"), timeout_);

@@ -27,6 +27,8 @@ class MpiCommunicator : public Communicator {
   MPI_Comm mpi_comm() const { return comm_.get(); }
 
  private:
+  void check_cpu(const at::Tensor& t, const char* op) const;
+
   MpiComm comm_;
 };
 

@@ -148,8 +148,7 @@ WorkPtr NcclCommunicator::finish(const char* op, std::vector<at::Tensor> keep) {
 WorkPtr NcclCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& opts) {
   check_tensor(tensor, "all_reduce", "input");
   check_device(tensor, "all_reduce");
-  ANDY_CHECK_T(CommError, opts.op != ReduceOp::kAvg || at::isFloatingType(tensor.scalar_type()),
-               describe("all_reduce"), ": avg needs a floating dtype, got ", tensor.scalar_type());
+  check_reduction(tensor, opts.op, "all_reduce");
   enter();
   NCCL_CHECK(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
                            nccl_type(tensor.scalar_type()), nccl_op(opts.op), comm_, stream_));
@@ -158,12 +157,9 @@ WorkPtr NcclCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions&
 
 WorkPtr NcclCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
                                      const AllGatherOptions& opts) {
-  check_tensor(input, "all_gather", "input");
-  check_tensor(output, "all_gather", "output");
+  check_pair(input, output, "all_gather");
   check_device(input, "all_gather");
   check_device(output, "all_gather");
-  ANDY_CHECK_T(CommError, input.scalar_type() == output.scalar_type(), describe("all_gather"),
-               ": dtype mismatch");
   auto counts = resolve_counts(opts.counts, output.numel(), input.numel(), "all_gather");
   auto dt = nccl_type(input.scalar_type());
   size_t elem = input.element_size();
@@ -186,14 +182,10 @@ WorkPtr NcclCommunicator::all_gather(at::Tensor& output, const at::Tensor& input
 
 WorkPtr NcclCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& input,
                                          const ReduceScatterOptions& opts) {
-  check_tensor(input, "reduce_scatter", "input");
-  check_tensor(output, "reduce_scatter", "output");
+  check_pair(input, output, "reduce_scatter");
   check_device(input, "reduce_scatter");
   check_device(output, "reduce_scatter");
-  ANDY_CHECK_T(CommError, input.scalar_type() == output.scalar_type(), describe("reduce_scatter"),
-               ": dtype mismatch");
-  ANDY_CHECK_T(CommError, opts.op != ReduceOp::kAvg || at::isFloatingType(input.scalar_type()),
-               describe("reduce_scatter"), ": avg needs a floating dtype");
+  check_reduction(input, opts.op, "reduce_scatter");
   auto counts = resolve_counts(opts.counts, input.numel(), output.numel(), "reduce_scatter");
   auto dt = nccl_type(input.scalar_type());
   size_t elem = input.element_size();
