@@ -1,5 +1,5 @@
 // `andyllm train`: loads and validates the run config on every rank, writes the effective
-// config into the output directory, then trains (the training loop lands with the trainer).
+// config into the output directory, builds the rank grid and runs the Trainer (launch/trainer.h).
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -7,6 +7,8 @@
 #include "core/base/logging.h"
 #include "core/model/model_stats.h"
 #include "launch/commands.h"
+#include "launch/trainer.h"
+#include "parallel/process_grid.h"
 #include "parallel/world.h"
 
 namespace andy {
@@ -33,8 +35,31 @@ Subcommand make_train_command() {
       std::ofstream(path) << config_to_toml(cfg);
       log::info("effective config written to ", path);
     }
-    log::error("andyllm train: the training loop is not yet available in this build");
-    return 3;
+    GridOptions g;
+    g.tensor_parallel_size = static_cast<int>(cfg.parallel.tensor_parallel_size);
+    bool cuda = cfg.train.device == "cuda";
+    g.backend = cfg.parallel.backend == "nccl" || (cfg.parallel.backend == "auto" && cuda)
+                    ? Backend::kNccl : Backend::kMpi;
+    if (cuda) {
+      ANDY_CHECK_T(ConfigError, at::hasCUDA(), "--device cuda: no GPU is visible to this LibTorch",
+                   " (CPU-only build or no device); use --device cpu");
+      g.device = world->device_for_local_rank(static_cast<int>(at::detail::getCUDAHooks().getNumGPUs()));
+    }
+    g.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.collective_timeout_s * 1000));
+    ProcessGrid grid(*world, g);
+    Trainer trainer(cfg, TrainGrid::from(grid));
+    TrainResult r = trainer.run();
+    if (world->is_root()) {
+      if (!r.sample.empty()) std::printf("\n--- sample from the trained model ---\n%s\n---\n", r.sample.c_str());
+      std::string first_val = r.val_losses.empty() ? "n/a" : std::to_string(r.val_losses.front().second);
+      std::string last_val = r.val_losses.empty() ? "n/a" : std::to_string(r.val_losses.back().second);
+      log::info(r.stopped_by_signal ? "stopped on request" : "training finished", " at step ", r.final_step,
+                " in ", r.seconds, " s; val_loss ", first_val, " -> ", last_val);
+      log::info("written under ", cfg.train.output_dir, ": config.toml, metrics.jsonl (plot: scripts/plot_metrics.sh ",
+                cfg.train.output_dir, "/metrics.jsonl), best_model/, checkpoints/ (latest: ",
+                r.last_checkpoint, ")");
+    }
+    return 0;
   };
   return c;
 }

@@ -1,0 +1,311 @@
+// Checkpoint save/load (see checkpoint.h). Tensor files are LibTorch archives
+// (torch::serialize::OutputArchive) whose keys are the tensor names with '.' written as '/'.
+#include "launch/checkpoint.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/base/logging.h"
+#include "parallel/tp_partition.h"
+
+namespace andy {
+
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+namespace {
+
+std::string key_of(const std::string& name) {
+  std::string k = name;
+  std::replace(k.begin(), k.end(), '.', '/');
+  return k;
+}
+
+std::string shard_file(int tp_rank) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "shard_tp%02d.pt", tp_rank);
+  return buf;
+}
+
+// Every rank learns whether any rank failed (message from the lowest failing rank).
+void agree_or_throw(const TrainGrid& g, const std::string& local_error) {
+  at::Tensor f = at::full({1}, local_error.empty() ? 0 : 1, at::kInt);
+  if (g.world && g.world->size() > 1) g.world->all_reduce_sync(f, ReduceOp::kMax);
+  if (f.item<int>() == 0) return;
+  if (!local_error.empty()) throw IoError(local_error);
+  throw IoError("checkpoint: another rank failed (see its message)");
+}
+
+void write_text_atomic(const std::string& path, const std::string& text) {
+  std::string tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp, std::ios::trunc);
+    f << text;
+    f.flush();
+    ANDY_CHECK_T(IoError, f.good(), "cannot write ", tmp);
+  }
+  fs::rename(tmp, path);
+}
+
+// Reads `name` from an open archive into a tensor of the expected shape.
+at::Tensor read_tensor(torch::serialize::InputArchive& ar, const std::string& file,
+                       const std::string& name, at::IntArrayRef expected) {
+  at::Tensor t;
+  bool ok = false;
+  try {
+    ok = ar.try_read(key_of(name), t);
+  } catch (const c10::Error& e) {
+    ok = false;
+  }
+  ANDY_CHECK_T(IoError, ok && t.defined(), "checkpoint file ", file, ": entry '", name,
+               "' is missing (damaged or from another model)");
+  ANDY_CHECK_T(IoError, expected.empty() || t.sizes() == expected, "checkpoint file ", file,
+               ": '", name, "' has shape ", t.sizes(), ", the model expects ", expected,
+               " (another model config?)");
+  return t;
+}
+
+torch::serialize::InputArchive open_archive(const std::string& file) {
+  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint file ", file,
+               " is missing (partial or damaged checkpoint)");
+  torch::serialize::InputArchive ar;
+  try {
+    ar.load_from(file);
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    ANDY_THROW(IoError, "checkpoint file ", file, " cannot be read (truncated or damaged): ",
+               what.substr(0, 200));
+  }
+  return ar;
+}
+
+}  // namespace
+
+std::string checkpoint_dir_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", static_cast<long long>(step));
+  return buf;
+}
+
+std::string save_checkpoint(Trainer& tr) {
+  const TrainGrid& g = tr.grid();
+  const Config& cfg = tr.config();
+  const std::string root = cfg.train.output_dir + "/checkpoints";
+  const std::string final_dir = root + "/" + checkpoint_dir_name(tr.step());
+  const std::string tmp_dir = final_dir + ".tmp";
+  std::string err;
+  if (g.rank() == 0) {
+    try {
+      fs::create_directories(root);
+      fs::remove_all(tmp_dir);
+      fs::create_directories(tmp_dir);
+    } catch (const std::exception& e) {
+      err = std::string("checkpoint: cannot create ") + tmp_dir + ": " + e.what();
+    }
+  }
+  agree_or_throw(g, err);
+  // Every rank's generator state, gathered to rank 0.
+  at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
+  at::Tensor all_rng = at::empty({g.world_size() * rng.numel()}, rng.options());
+  if (g.world && g.world->size() > 1) g.world->all_gather(all_rng, rng)->wait();
+  else all_rng.copy_(rng.view({-1}));
+  if (g.dp_rank() == 0) {
+    try {
+      torch::serialize::OutputArchive ar;
+      for (auto& s : tr.optimizer().slots()) {
+        ar.write(key_of(s.name), s.param.detach().cpu());
+        ar.write(key_of("exp_avg." + s.name), s.exp_avg.cpu());
+        ar.write(key_of("exp_avg_sq." + s.name), s.exp_avg_sq.cpu());
+      }
+      ar.write("optimizer_steps", at::full({1}, tr.optimizer().steps(), at::kLong));
+      ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
+                                         at::kDouble));
+      ar.save_to(tmp_dir + "/" + shard_file(g.tp_rank()));
+    } catch (const std::exception& e) {
+      err = std::string("checkpoint: cannot write ") + tmp_dir + "/" + shard_file(g.tp_rank()) + ": " + e.what();
+    }
+  }
+  agree_or_throw(g, err);
+  std::string result = final_dir;
+  if (g.rank() == 0) {
+    try {
+      torch::serialize::OutputArchive rar;
+      rar.write("rng", all_rng.view({g.world_size(), -1}));
+      rar.save_to(tmp_dir + "/rng.pt");
+      data::LoaderCursor c = tr.train_loader().cursor();
+      json meta;
+      meta["format_version"] = 1;
+      meta["step"] = tr.step();
+      meta["optimizer_steps"] = tr.optimizer().steps();
+      meta["tp_size"] = g.tp_size();
+      meta["dp_size"] = g.dp_size();
+      meta["world_size"] = g.world_size();
+      meta["batch_size"] = cfg.train.batch_size;
+      meta["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps;
+      meta["seq_len"] = cfg.data.seq_len;
+      meta["data_cursor"] = {{"epoch", c.epoch},
+                             {"position", c.position},
+                             {"windows_consumed", c.position * tr.train_loader().global_batch()}};
+      meta["best_val_loss"] = std::isfinite(tr.best_val_loss()) ? json(tr.best_val_loss()) : json(nullptr);
+      meta["loss_scale"] = tr.scaler().scale();
+      meta["loss_scale_growth_tracker"] = tr.scaler().growth_tracker();
+      meta["files"] = json::array();
+      for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(shard_file(r));
+      meta["config"] = config_to_toml(cfg);
+      write_text_atomic(tmp_dir + "/meta.json", meta.dump(2));
+      // Every rank has finished (the agree above): publish.
+      if (fs::exists(final_dir)) fs::remove_all(final_dir);
+      fs::rename(tmp_dir, final_dir);
+      write_text_atomic(root + "/latest", checkpoint_dir_name(tr.step()) + "\n");
+      // Prune older complete checkpoints (and stale temporaries of earlier steps).
+      std::vector<std::string> steps;
+      for (const auto& e : fs::directory_iterator(root)) {
+        std::string n = e.path().filename().string();
+        if (e.is_directory() && n.rfind("step_", 0) == 0 && n.find(".tmp") == std::string::npos)
+          steps.push_back(n);
+      }
+      std::sort(steps.begin(), steps.end());
+      int64_t keep = std::max<int64_t>(1, cfg.checkpoint.keep_last);
+      for (size_t i = 0; i + keep < steps.size(); ++i) fs::remove_all(root + "/" + steps[i]);
+    } catch (const std::exception& e) {
+      err = std::string("checkpoint: cannot finish ") + final_dir + ": " + e.what();
+    }
+  }
+  agree_or_throw(g, err);
+  return result;
+}
+
+std::string resolve_resume_path(const Config& cfg) {
+  const std::string& r = cfg.checkpoint.resume;
+  if (r == "none" || r.empty()) return "";
+  if (r == "auto") {
+    std::string latest = cfg.train.output_dir + "/checkpoints/latest";
+    if (!fs::exists(latest)) return "";
+    std::ifstream f(latest);
+    std::string name;
+    f >> name;
+    std::string dir = cfg.train.output_dir + "/checkpoints/" + name;
+    ANDY_CHECK_T(IoError, !name.empty() && fs::exists(dir + "/meta.json"), "checkpoint: ", latest,
+                 " names '", name, "', which is not a complete checkpoint (", dir,
+                 "/meta.json missing); pass --resume PATH or --resume none");
+    return dir;
+  }
+  ANDY_CHECK_T(ConfigError, fs::is_directory(r), "--resume ", r,
+               ": not a directory; expected auto, none or a checkpoint step directory");
+  return r;
+}
+
+void load_checkpoint(Trainer& tr, const std::string& dir) {
+  const TrainGrid& g = tr.grid();
+  const Config& cfg = tr.config();
+  std::string meta_path = dir + "/meta.json";
+  ANDY_CHECK_T(IoError, fs::exists(meta_path), "checkpoint file ", meta_path,
+               " is missing (partial checkpoint)");
+  json meta;
+  try {
+    std::ifstream f(meta_path);
+    meta = json::parse(f);
+  } catch (const std::exception& e) {
+    ANDY_THROW(IoError, "checkpoint file ", meta_path, " is damaged: ", e.what());
+  }
+  const int old_tp = meta.at("tp_size").get<int>();
+  const int new_tp = g.tp_size();
+  // Per-name full or local tensors for this rank's shard.
+  std::map<std::string, at::Tensor> state;
+  auto& slots = tr.optimizer().slots();
+  PartitionSpecs new_specs = llama_partition_specs(cfg.model, new_tp);
+  int64_t opt_steps = 0;
+  double scale = 1.0, tracker = 0;
+  if (old_tp == new_tp) {
+    std::string file = dir + "/" + shard_file(g.tp_rank());
+    auto ar = open_archive(file);
+    for (auto& s : slots) {
+      for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."})
+        state[pre + s.name] = read_tensor(ar, file, pre + s.name, s.param.sizes());
+    }
+    opt_steps = read_tensor(ar, file, "optimizer_steps", {1}).item<int64_t>();
+    at::Tensor sc = read_tensor(ar, file, "loss_scaler", {2});
+    scale = sc[0].item<double>();
+    tracker = sc[1].item<double>();
+  } else {
+    // Reshard: merge the old TP shards, split for this TP size.
+    PartitionSpecs old_specs = llama_partition_specs(cfg.model, old_tp);
+    std::vector<StateDict> shards(old_tp);
+    for (int r = 0; r < old_tp; ++r) {
+      std::string file = dir + "/" + shard_file(r);
+      auto ar = open_archive(file);
+      for (auto& s : slots)
+        for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."})
+          shards[r][pre + s.name] = read_tensor(ar, file, pre + s.name, {});
+      if (r == 0) {
+        opt_steps = read_tensor(ar, file, "optimizer_steps", {1}).item<int64_t>();
+        at::Tensor sc = read_tensor(ar, file, "loss_scaler", {2});
+        scale = sc[0].item<double>();
+        tracker = sc[1].item<double>();
+      }
+    }
+    PartitionSpecs old_all, new_all;
+    for (auto& s : slots)
+      for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."}) {
+        old_all[pre + s.name] = old_specs.at(s.name);
+        new_all[pre + s.name] = new_specs.at(s.name);
+      }
+    StateDict full;
+    try {
+      full = merge_state_dicts(shards, old_all);
+    } catch (const Error& e) {
+      ANDY_THROW(IoError, "checkpoint ", dir, ": cannot merge its ", old_tp,
+                 " TP shards for resharding to tensor_parallel_size ", new_tp, ": ", e.what());
+    }
+    StateDict mine = split_state_dict(full, new_all, g.tp_rank(), new_tp);
+    for (auto& s : slots)
+      for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."}) {
+        at::Tensor t = mine.at(pre + s.name);
+        ANDY_CHECK_T(IoError, t.sizes() == s.param.sizes(), "checkpoint ", dir, ": '", pre + s.name,
+                     "' resharded to ", t.sizes(), ", the model expects ", s.param.sizes());
+        state[pre + s.name] = t;
+      }
+    if (g.rank() == 0)
+      log::info("checkpoint ", dir, ": resharded from tensor_parallel_size ", old_tp, " to ", new_tp);
+  }
+  {
+    at::NoGradGuard no_grad;
+    for (auto& s : slots) {
+      s.param.copy_(state.at(s.name));
+      s.exp_avg.copy_(state.at("exp_avg." + s.name));
+      s.exp_avg_sq.copy_(state.at("exp_avg_sq." + s.name));
+    }
+  }
+  tr.optimizer().set_steps(opt_steps);
+  tr.scaler().set_state(scale, static_cast<int64_t>(tracker));
+  tr.set_step(meta.at("step").get<int64_t>());
+  if (!meta["best_val_loss"].is_null()) tr.set_best_val_loss(meta["best_val_loss"].get<double>());
+  // RNG: restored when the world has the same size.
+  if (meta.at("world_size").get<int>() == g.world_size()) {
+    std::string file = dir + "/rng.pt";
+    auto ar = open_archive(file);
+    at::Tensor all = read_tensor(ar, file, "rng", {});
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    gen.set_state(all[g.rank()].contiguous());
+  }
+  // Data cursor: windows consumed in the epoch, re-expressed in global batches of this layout.
+  const auto& c = meta.at("data_cursor");
+  int64_t epoch = c.at("epoch").get<int64_t>();
+  int64_t consumed = c.at("windows_consumed").get<int64_t>();
+  int64_t gb = tr.train_loader().global_batch();
+  int64_t pos = consumed / gb;
+  if (consumed % gb != 0 && g.rank() == 0)
+    log::warn("checkpoint ", dir, ": ", consumed, " windows of epoch ", epoch,
+              " were consumed, not a multiple of the new global batch ", gb, "; resuming at ",
+              pos * gb, " (", consumed - pos * gb, " windows are served again)");
+  pos = std::min(pos, tr.train_loader().steps_per_epoch());
+  tr.train_loader().seek({epoch, pos});
+}
+
+}  // namespace andy

@@ -1,0 +1,35 @@
+// Training checkpoints: output_dir/checkpoints/step_NNNNNNNN/ holding
+//   shard_tpRR.pt   one per TP rank, written by DP rank 0 of that TP rank: the rank's parameter
+//                   shards, AdamW moments (exp_avg/NAME, exp_avg_sq/NAME) and the loss scaler
+//   rng.pt          every rank's CPU generator state ([world, bytes] uint8), from rank 0
+//   meta.json       step, optimizer steps, tp/dp sizes, batch sizes, data cursor (epoch and
+//                   windows consumed in the epoch), best validation loss, the effective config
+// A save writes step_N.tmp/, waits until every rank has finished (barrier), renames it to
+// step_N/ and only then replaces the `latest` file (write + rename, atomic). Older step
+// directories beyond checkpoint.keep_last are removed. A failed save never touches a complete
+// checkpoint.
+// Resume: the data cursor is stored in windows (sequences) of the epoch, so a different DP size
+// (or batch size) resumes at the same point of the data order (rounded down to a whole global
+// batch of the new layout: a few windows may be served twice). A different TP size merges the
+// old shards and splits them for the new size (parallel/tp_partition.h).
+// A missing shard, a tensor of the wrong shape, a missing entry or a truncated file is refused
+// with an IoError naming the file. All functions are collective over the trainer's world.
+#pragma once
+
+#include <string>
+
+#include "launch/trainer.h"
+
+namespace andy {
+
+// "step_00000042"
+std::string checkpoint_dir_name(int64_t step);
+// Saves the trainer's state at its current step; returns the step directory.
+std::string save_checkpoint(Trainer& trainer);
+// The checkpoint checkpoint.resume selects: "" for none (resume = none, or auto without a
+// complete checkpoint in output_dir/checkpoints).
+std::string resolve_resume_path(const Config& cfg);
+// Restores weights, optimizer, scaler, step, best val loss, RNG and data cursor.
+void load_checkpoint(Trainer& trainer, const std::string& dir);
+
+}  // namespace andy

@@ -1,0 +1,512 @@
+// The training loop (see trainer.h): step, optimizer, LR schedule, clipping, loss scaler,
+// validation, logging, signals, end-of-run sample.
+#include "launch/trainer.h"
+
+#include <ATen/CPUGeneratorImpl.h>
+
+#include <atomic>
+#include <cmath>
+#include <csignal>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+#include "core/base/logging.h"
+#include "core/base/torch_compat.h"
+#include "core/model/model_stats.h"
+#include "data/checksum.h"
+#include "data/tokenizer.h"
+#include "launch/checkpoint.h"
+#include "parallel/tp_partition.h"
+
+namespace andy {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+
+// Autocast on for the scope (bf16/fp16), restoring the previous state.
+class AutocastScope {
+ public:
+  AutocastScope(const std::string& mode, at::Device device) {
+    if (mode == "fp32") return;
+    type_ = device.type();
+    compat::set_autocast(type_, true, mode == "bf16" ? at::kBFloat16 : at::kHalf);
+    on_ = true;
+  }
+  ~AutocastScope() {
+    if (!on_) return;
+    compat::set_autocast(type_, false, at::kBFloat16);
+    at::autocast::clear_cache();
+  }
+
+ private:
+  bool on_ = false;
+  at::DeviceType type_ = at::kCPU;
+};
+
+std::string fmt(const char* f, double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, f, v);
+  return buf;
+}
+
+std::string json_num(double v) {
+  if (!std::isfinite(v)) return "null";
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.8g", v);
+  return buf;
+}
+
+std::string format_duration(double s) {
+  if (!std::isfinite(s) || s < 0) return "?";
+  int64_t t = static_cast<int64_t>(s + 0.5);
+  char buf[32];
+  if (t >= 3600)
+    std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600), (long long)(t % 3600 / 60));
+  else
+    std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
+  return buf;
+}
+
+at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
+  if (cfg.train.device == "cpu") return at::Device(at::kCPU);
+  ANDY_CHECK_T(ConfigError, at::hasCUDA(),
+               "[train] device = \"cuda\" (", cfg.origin_of("train.device"),
+               "): no GPU is visible to this LibTorch (",
+               compat::torch_has_cuda() ? "built with CUDA but no device found" : "a CPU-only build",
+               "); use --device cpu");
+  int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
+  int local = 0;
+  if (const char* lr = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(lr);
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local % std::max(1, n)));
+}
+
+}  // namespace
+
+void install_stop_signal_handlers() {
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGINT, on_stop_signal);
+}
+bool stop_signal_received() { return g_stop_signal.load() != 0; }
+
+double learning_rate_at(const TrainConfig& t, int64_t step, int64_t total_steps) {
+  if (t.warmup_steps > 0 && step < t.warmup_steps)
+    return t.learning_rate * static_cast<double>(step + 1) / static_cast<double>(t.warmup_steps);
+  int64_t decay_steps = std::max<int64_t>(1, total_steps - t.warmup_steps);
+  double progress = std::min(1.0, static_cast<double>(step - t.warmup_steps) / decay_steps);
+  double cosine = 0.5 * (1.0 + std::cos(M_PI * progress));
+  return t.min_learning_rate + (t.learning_rate - t.min_learning_rate) * cosine;
+}
+
+// ---- AdamW -------------------------------------------------------------------------------
+
+AdamW::AdamW(const std::vector<ParamInfo>& params, const TrainConfig& t)
+    : beta1_(t.beta1), beta2_(t.beta2), eps_(t.adam_eps), weight_decay_(t.weight_decay) {
+  for (const auto& p : params) {
+    Slot s;
+    s.name = p.name;
+    s.param = p.param;
+    s.decay = t.decay_norms_and_embeddings || !(p.is_norm || p.is_embedding);
+    s.exp_avg = at::zeros_like(p.param, p.param.options().dtype(at::kFloat));
+    s.exp_avg_sq = at::zeros_like(p.param, p.param.options().dtype(at::kFloat));
+    slots_.push_back(std::move(s));
+  }
+}
+
+void AdamW::step(double lr) {
+  at::NoGradGuard no_grad;
+  ++steps_;
+  const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
+  const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
+  for (auto& s : slots_) {
+    at::Tensor g = s.param.grad();
+    if (!g.defined()) continue;
+    if (s.decay && weight_decay_ > 0) s.param.mul_(1.0 - lr * weight_decay_);
+    s.exp_avg.mul_(beta1_).add_(g, 1.0 - beta1_);
+    s.exp_avg_sq.mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
+    at::Tensor denom = (s.exp_avg_sq.sqrt() / std::sqrt(bc2)).add_(eps_);
+    s.param.addcdiv_(s.exp_avg, denom, -lr / bc1);
+  }
+}
+
+// ---- LossScaler ----------------------------------------------------------------------------
+
+LossScaler::LossScaler(const PrecisionConfig& p, bool enabled)
+    : p_(p), enabled_(enabled), scale_(p.loss_scale_init) {}
+
+bool LossScaler::update(bool found_inf_local, Communicator* world) {
+  at::Tensor flag = at::full({1}, found_inf_local ? 1.0f : 0.0f, at::kFloat);
+  if (world && world->size() > 1) world->all_reduce_sync(flag, ReduceOp::kMax);
+  bool found = flag.item<float>() > 0;
+  if (!enabled_) return found;
+  if (found) {
+    scale_ = std::max(p_.loss_scale_min, scale_ * p_.loss_scale_backoff);
+    good_steps_ = 0;
+    return true;
+  }
+  if (++good_steps_ >= p_.loss_scale_growth_interval) {
+    scale_ *= p_.loss_scale_growth_factor;
+    good_steps_ = 0;
+  }
+  return false;
+}
+
+double global_grad_norm(const std::vector<ParamInfo>& params, Communicator* tp) {
+  at::NoGradGuard no_grad;
+  at::Tensor sharded = at::zeros({1}, at::kDouble), replicated = at::zeros({1}, at::kDouble);
+  for (const auto& p : params) {
+    at::Tensor g = p.param.grad();
+    if (!g.defined()) continue;
+    at::Tensor sq = g.to(at::kDouble).pow(2).sum().cpu().view({1});
+    (p.tp_sharded() ? sharded : replicated).add_(sq);
+  }
+  if (tp && tp->size() > 1) tp->all_reduce_sync(sharded, ReduceOp::kSum);
+  return std::sqrt(sharded.item<double>() + replicated.item<double>());
+}
+
+// ---- Trainer -------------------------------------------------------------------------------
+
+Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
+    : cfg_(cfg), grid_(std::move(grid)), opts_(opts), device_(pick_device(cfg, grid_)),
+      best_val_(std::numeric_limits<double>::infinity()) {
+  ANDY_CHECK_T(ConfigError, grid_.tp_size() == cfg_.parallel.tensor_parallel_size,
+               "trainer: grid TP size ", grid_.tp_size(), " != parallel.tensor_parallel_size ",
+               cfg_.parallel.tensor_parallel_size);
+  if (cfg_.precision.mode == "fp16" && device_.is_cpu())
+    throw ConfigError("precision.mode = fp16 cannot run on CPU (no fp16 matmul in LibTorch); use "
+                      "precision.mode = bf16 on CPU, or --device cuda");
+  model_ = LlamaForCausalLM(cfg_.model, grid_.tp, static_cast<uint64_t>(cfg_.train.seed));
+  model_->to(device_);
+  params_ = model_->param_infos();
+  std::vector<at::Tensor> tensors;
+  for (const auto& p : params_) tensors.push_back(p.param);
+  reducer_ = std::make_unique<GradReducer>(
+      tensors, grid_.dp, GradReducerOptions().set_bucket_mb(cfg_.train.bucket_size_mb));
+  optimizer_ = std::make_unique<AdamW>(params_, cfg_.train);
+  scaler_ = std::make_unique<LossScaler>(cfg_.precision, cfg_.precision.mode == "fp16" || opts_.force_loss_scaler);
+
+  std::string checksum;
+  if (fs::exists(cfg_.data.tokenizer_path)) checksum = data::file_checksum(cfg_.data.tokenizer_path);
+  else
+    throw ConfigError("data.tokenizer_path = " + cfg_.data.tokenizer_path + " (" +
+                      cfg_.origin_of("data.tokenizer_path") +
+                      "): no such file; run `andyllm preprocess` first (see docs/DATA.md)");
+  data::LoaderOptions o;
+  o.split = cfg_.data.train_file;
+  o.seq_len = cfg_.data.seq_len;
+  o.batch_size = cfg_.train.batch_size;
+  o.dp_rank = grid_.dp_rank();
+  o.dp_size = grid_.dp_size();
+  o.seed = static_cast<uint64_t>(cfg_.train.seed);
+  o.expected_vocab_size = cfg_.model.vocab_size;
+  o.tokenizer_checksum = checksum;
+  o.prefetch_batches = cfg_.data.prefetch_batches;
+  train_ = std::make_unique<data::DataLoader>(o);
+  if (!cfg_.data.val_file.empty()) {
+    data::LoaderOptions v = o;
+    v.split = cfg_.data.val_file;
+    v.shuffle = false;
+    v.prefetch_batches = 0;
+    val_ = std::make_unique<data::DataLoader>(v);
+  }
+  const int64_t accum = cfg_.train.gradient_accumulation_steps;
+  if (cfg_.train.max_steps > 0) {
+    total_steps_ = cfg_.train.max_steps;
+  } else {
+    int64_t per_epoch = train_->steps_per_epoch() / accum;
+    ANDY_CHECK_T(ConfigError, per_epoch >= 1, "data.train_file ", cfg_.data.train_file, " has ",
+                 train_->steps_per_epoch(), " micro-batches per epoch, fewer than "
+                 "train.gradient_accumulation_steps = ", accum, ": lower it or the batch size");
+    total_steps_ = per_epoch * cfg_.train.num_epochs;
+  }
+}
+
+Trainer::~Trainer() = default;
+
+void Trainer::write_metrics(const std::string& line) {
+  if (grid_.rank() != 0) return;
+  fs::create_directories(cfg_.train.output_dir);
+  std::ofstream f(cfg_.train.output_dir + "/metrics.jsonl", std::ios::app);
+  f << line << "\n";
+}
+
+double Trainer::evaluate() {
+  if (!val_) return std::numeric_limits<double>::quiet_NaN();
+  at::NoGradGuard no_grad;
+  val_->seek({0, 0});
+  int64_t n = std::min<int64_t>(cfg_.train.eval_batches, val_->steps_per_epoch());
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    data::Batch b = val_->next_batch();
+    AutocastScope ac(cfg_.precision.mode, device_);
+    at::Tensor logits = model_->forward(b.input.to(device_));
+    sum += model_->loss(logits.to(at::kFloat), b.target.to(device_)).item<double>();
+  }
+  at::Tensor t = at::full({1}, sum / static_cast<double>(n), at::kDouble);
+  if (grid_.dp && grid_.dp->size() > 1) grid_.dp->all_reduce_sync(t, ReduceOp::kAvg);
+  return t.item<double>();
+}
+
+void Trainer::save_best_model() {
+  StateDict full = model_->full_state_dict();  // collective over TP
+  if (grid_.rank() == 0) {
+    std::string dir = cfg_.train.output_dir + "/best_model";
+    std::string tmp = dir + ".tmp";
+    fs::remove_all(tmp);
+    fs::create_directories(tmp);
+    torch::serialize::OutputArchive ar;
+    for (const auto& [name, t] : full) {
+      std::string key = name;
+      std::replace(key.begin(), key.end(), '.', '/');
+      ar.write(key, t.detach().cpu());
+    }
+    ar.save_to(tmp + "/model.pt");
+    std::ofstream(tmp + "/config.toml") << config_to_toml(cfg_);
+    std::ofstream(tmp + "/README.txt")
+        << "best model by validation loss at step " << step_ << " (val_loss " << best_val_
+        << ")\nmodel.pt: full (unsharded) Hugging Face named tensors, '.' written as '/',"
+           " LibTorch archive (torch::serialize::InputArchive)\n";
+    fs::remove_all(dir);
+    fs::rename(tmp, dir);
+  }
+  if (grid_.world && grid_.world->size() > 1) grid_.world->barrier_sync();
+}
+
+std::string Trainer::sample(const std::string& prompt, int64_t n) {
+  at::NoGradGuard no_grad;
+  data::Tokenizer tok = data::Tokenizer::load(cfg_.data.tokenizer_path);
+  std::vector<int32_t> ids = tok.encode(prompt);
+  if (ids.empty()) ids.push_back(tok.bos_id());
+  n = std::min<int64_t>(n, cfg_.model.max_seq_len - static_cast<int64_t>(ids.size()));
+  if (n <= 0) return prompt;
+  const int64_t block = 16;
+  KvCache cache(cfg_.model, grid_.tp_size(), block,
+                (cfg_.model.max_seq_len + block - 1) / block + 1,
+                at::TensorOptions().dtype(at::kFloat).device(device_));
+  std::vector<KvSequence> seqs(1);
+  cache.reserve(seqs[0], static_cast<int64_t>(ids.size()) + n);
+  std::vector<int64_t> prompt64(ids.begin(), ids.end());
+  at::Tensor input = at::tensor(prompt64, at::kLong).view({1, -1}).to(device_);
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(
+      static_cast<uint64_t>(cfg_.train.seed) ^ 0x5eedULL);
+  std::vector<int32_t> out;
+  for (int64_t i = 0; i < n; ++i) {
+    at::Tensor local = model_->forward_cached(input, cache, seqs);
+    at::Tensor logits = model_->gather_logits(local).select(1, -1).to(at::kFloat).cpu();  // [1, V]
+    auto topk = logits.div(0.8).topk(40, -1);
+    at::Tensor probs = at::softmax(std::get<0>(topk), -1);
+    int64_t pick = at::multinomial(probs, 1, false, gen).item<int64_t>();
+    int64_t next = std::get<1>(topk)[0][pick].item<int64_t>();
+    if (next == tok.eos_id()) break;
+    out.push_back(static_cast<int32_t>(next));
+    input = at::full({1, 1}, next, at::kLong).to(device_);
+  }
+  return prompt + tok.decode(out);
+}
+
+TrainResult Trainer::run() {
+  TrainResult result;
+  install_stop_signal_handlers();
+  const auto& t = cfg_.train;
+  const int64_t accum = t.gradient_accumulation_steps;
+  const int64_t global_batch = t.batch_size * accum * grid_.dp_size();
+  const int64_t tokens_per_step = global_batch * cfg_.data.seq_len;
+  const bool root = grid_.rank() == 0 && opts_.print;
+
+  std::string resume = resolve_resume_path(cfg_);
+  if (!resume.empty()) {
+    load_checkpoint(*this, resume);
+    if (root) log::info("resumed from ", resume, " at step ", step_);
+  }
+  result.start_step = step_;
+  if (root) {
+    log::info("training ", total_steps_, " steps: world ", grid_.world_size(), " = tp ",
+              grid_.tp_size(), " x dp ", grid_.dp_size(), "; global batch ", global_batch,
+              " sequences = micro-batch ", t.batch_size, " x accumulation ", accum, " x dp ",
+              grid_.dp_size(), "; ", tokens_per_step, " tokens per step; precision ",
+              cfg_.precision.mode, "; ", train_->steps_per_epoch(), " micro-batches per epoch");
+    fs::create_directories(t.output_dir);
+  }
+  if (val_ && step_ == 0) {  // the untrained model's validation loss: the curve's start
+    double vl = evaluate();
+    result.val_losses.push_back({0, vl});
+    if (root) log::info("step 0 | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.2f", std::exp(vl)));
+    write_metrics("{\"step\": 0, \"val_loss\": " + json_num(vl) + ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
+  }
+  const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len);
+  const double peak = t.peak_tflops * 1e12 * grid_.world_size();
+  at::Tensor stop_flag = at::zeros({1}, at::kInt);
+
+  auto run_start = std::chrono::steady_clock::now();
+  auto interval_start = run_start;
+  int64_t interval_steps = 0;
+  double interval_comm_wait = 0;
+  double loss_sum_interval = 0;
+  int64_t loss_count_interval = 0;
+  int64_t steps_this_run = 0;
+
+  while (step_ < total_steps_) {
+    // Agree on a stop request (signal on any rank) at the step boundary.
+    // 2: a signal on this rank, 1: the testing stop; MAX gives every rank the same reason.
+    int local_stop = stop_signal_received() ? 2
+                     : (opts_.stop_after_steps >= 0 && steps_this_run >= opts_.stop_after_steps) ? 1
+                                                                                                : 0;
+    stop_flag.fill_(local_stop);
+    if (grid_.world && grid_.world->size() > 1) grid_.world->all_reduce_sync(stop_flag, ReduceOp::kMax);
+    if (stop_flag.item<int>() != 0) {
+      if (root) log::info("stop requested (", stop_flag.item<int>() == 2 ? "signal" : "stop_after_steps",
+                          "): writing a checkpoint at step ", step_);
+      result.last_checkpoint = save_checkpoint(*this);
+      result.stopped_by_signal = true;
+      break;
+    }
+
+    auto step_t0 = std::chrono::steady_clock::now();
+    for (auto& p : params_) p.param.mutable_grad() = at::Tensor();
+    double loss_acc = 0;
+    const double scale = scaler_->scale();
+    for (int64_t micro = 0; micro < accum; ++micro) {
+      data::Batch b = train_->next_batch();
+      reducer_->set_sync(micro == accum - 1);
+      at::Tensor loss;
+      {
+        AutocastScope ac(cfg_.precision.mode, device_);
+        at::Tensor logits = model_->forward(b.input.to(device_));
+        loss = model_->loss(logits.to(at::kFloat), b.target.to(device_));
+      }
+      (loss * (scale / static_cast<double>(accum))).backward();
+      loss_acc += loss.item<double>();
+    }
+    double waited = reducer_->finish();
+    interval_comm_wait += waited;
+    result.comm_wait_seconds += waited;
+    // Unscale and look for non-finite gradients.
+    bool found_inf = false;
+    {
+      at::NoGradGuard no_grad;
+      if (opts_.inject_inf_rank == grid_.rank() && opts_.inject_inf_step == step_ + 1) {
+        params_[0].param.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
+      }
+      at::Tensor bad = at::zeros({1}, at::kFloat).to(device_);
+      for (auto& p : params_) {
+        at::Tensor g = p.param.grad();
+        if (!g.defined()) continue;
+        if (scale != 1.0) g.mul_(1.0 / scale);
+        bad.add_(g.isfinite().logical_not().any().to(at::kFloat).view({1}));
+      }
+      found_inf = bad.item<float>() > 0;
+    }
+    double scale_used = scale;
+    bool skip = scaler_->update(found_inf, grid_.world.get());
+    at::Tensor loss_t = at::full({1}, loss_acc / static_cast<double>(accum), at::kDouble);
+    if (grid_.dp && grid_.dp->size() > 1) grid_.dp->all_reduce_sync(loss_t, ReduceOp::kAvg);
+    StepRecord rec;
+    rec.step = step_ + 1;
+    rec.loss = loss_t.item<double>();
+    rec.lr = learning_rate_at(t, step_, total_steps_);
+    rec.loss_scale = scale_used;
+    rec.skipped = skip;
+    if (skip) {
+      rec.grad_norm = std::numeric_limits<double>::quiet_NaN();
+      if (root)
+        log::info("step ", rec.step, ": non-finite gradient on some rank, step skipped; loss scale ",
+                  scale_used, " -> ", scaler_->scale());
+    } else {
+      rec.grad_norm = global_grad_norm(params_, grid_.tp.get());
+      if (t.grad_clip > 0 && rec.grad_norm > t.grad_clip) {
+        at::NoGradGuard no_grad;
+        double c = t.grad_clip / (rec.grad_norm + 1e-6);
+        for (auto& p : params_)
+          if (p.param.grad().defined()) p.param.mutable_grad().mul_(c);
+      }
+      optimizer_->step(rec.lr);
+    }
+    double step_dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0).count();
+    result.step_seconds += step_dt;
+    result.step_times.push_back(step_dt);
+    ++step_;
+    ++steps_this_run;
+    ++interval_steps;
+    loss_sum_interval += rec.loss;
+    ++loss_count_interval;
+    result.steps.push_back(rec);
+
+    const int64_t epoch = train_->cursor().epoch;
+    if (step_ % t.log_interval == 0 || step_ == total_steps_) {
+      auto now = std::chrono::steady_clock::now();
+      double dt = std::chrono::duration<double>(now - interval_start).count();
+      double tps = interval_steps * tokens_per_step / std::max(dt, 1e-9);
+      double mfu = peak > 0 ? flops_per_token * tps / peak : std::numeric_limits<double>::quiet_NaN();
+      double elapsed = std::chrono::duration<double>(now - run_start).count();
+      double eta = elapsed / std::max<int64_t>(1, steps_this_run) * (total_steps_ - step_);
+      double mean_loss = loss_sum_interval / std::max<int64_t>(1, loss_count_interval);
+      if (root) {
+        std::ostringstream os;
+        os << "step " << step_ << "/" << total_steps_ << " | epoch " << epoch << " | loss "
+           << fmt("%.4f", mean_loss) << " | lr " << fmt("%.3e", rec.lr) << " | grad norm "
+           << (std::isfinite(rec.grad_norm) ? fmt("%.3f", rec.grad_norm) : std::string("skipped"))
+           << " | " << fmt("%.0f", tps) << " tok/s | MFU "
+           << (std::isfinite(mfu) ? fmt("%.1f%%", 100 * mfu) : std::string("unknown"))
+           << " | loss scale " << fmt("%g", scale_used) << " | comm wait "
+           << fmt("%.0f%%", 100 * interval_comm_wait / std::max(dt, 1e-9)) << " | ETA "
+           << format_duration(eta);
+        log::info(os.str());
+      }
+      std::ostringstream js;
+      js << "{\"step\": " << step_ << ", \"epoch\": " << epoch << ", \"loss\": " << json_num(mean_loss)
+         << ", \"lr\": " << json_num(rec.lr) << ", \"grad_norm\": " << json_num(rec.grad_norm)
+         << ", \"tokens_per_sec\": " << json_num(tps) << ", \"mfu\": " << json_num(mfu)
+         << ", \"loss_scale\": " << json_num(scale_used) << ", \"skipped\": " << (skip ? "true" : "false")
+         << ", \"comm_wait_share\": " << json_num(interval_comm_wait / std::max(dt, 1e-9)) << "}";
+      write_metrics(js.str());
+      interval_start = std::chrono::steady_clock::now();
+      interval_steps = 0;
+      interval_comm_wait = 0;
+      loss_sum_interval = 0;
+      loss_count_interval = 0;
+    }
+    if (val_ && (step_ % t.eval_interval == 0 || step_ == total_steps_)) {
+      double vl = evaluate();
+      result.val_losses.push_back({step_, vl});
+      bool best = vl < best_val_;
+      if (root)
+        log::info("step ", step_, " | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.2f", std::exp(vl)),
+                  best ? " | new best, saved to " + t.output_dir + "/best_model" : "");
+      write_metrics("{\"step\": " + std::to_string(step_) + ", \"val_loss\": " + json_num(vl) +
+                    ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
+      if (best) {
+        best_val_ = vl;
+        save_best_model();
+      }
+      interval_start = std::chrono::steady_clock::now();  // evaluation is not training time
+    }
+    if (opts_.write_checkpoints && step_ % cfg_.checkpoint.interval == 0 && step_ < total_steps_) {
+      result.last_checkpoint = save_checkpoint(*this);
+      if (root) log::info("checkpoint written: ", result.last_checkpoint);
+      interval_start = std::chrono::steady_clock::now();
+    }
+  }
+  if (opts_.write_checkpoints && !result.stopped_by_signal && step_ >= total_steps_ && steps_this_run > 0) {
+    result.last_checkpoint = save_checkpoint(*this);
+    if (root) log::info("final checkpoint written: ", result.last_checkpoint);
+  }
+  result.final_step = step_;
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+  if (!result.stopped_by_signal && opts_.sample_tokens > 0) {
+    try {
+      result.sample = sample("The ", opts_.sample_tokens);
+    } catch (const Error& e) {
+      if (root) log::warn("no sample: ", e.what());
+    }
+  }
+  return result;
+}
+
+}  // namespace andy

@@ -1,0 +1,189 @@
+// Trainer: the data x tensor parallel training loop behind `andyllm train`.
+// One optimizer step = gradient_accumulation_steps micro-batches of train.batch_size sequences
+// on every DP rank (global batch = batch_size x accumulation x dp_size sequences). Per step:
+//   forward/backward of each micro-batch (autocast for bf16/fp16; loss scaled by the loss
+//   scaler and divided by the accumulation steps) -> DP average by the GradReducer (only on the
+//   last micro-step) -> unscale + found-inf (MAX over all ranks) -> skip, or clip by the global
+//   norm (TP shards summed over TP, replicated parameters once) -> AdamW (fp32 master weights,
+//   no decay on norms/embeddings unless configured) with warmup + cosine LR.
+// Every `log_interval` steps rank 0 prints a progress line and appends to metrics.jsonl; every
+// `eval_interval` steps the validation loss is measured on a fixed subset (the first
+// eval_batches global batches of the unshuffled validation split, averaged over DP) and the
+// best model is written to output_dir/best_model/. Checkpoints: launch/checkpoint.h.
+// SIGTERM/SIGINT on any rank: the ranks agree at the next step boundary (all-reduce MAX of a
+// flag), write a checkpoint and run() returns normally.
+// Construction and run() are collective over the grid's world communicator.
+//
+//   TrainGrid grid = TrainGrid::from(process_grid);
+//   Trainer trainer(cfg, grid);
+//   TrainResult r = trainer.run();
+#pragma once
+
+#include <torch/torch.h>
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config/config.h"
+#include "core/model/llama.h"
+#include "data/loader.h"
+#include "parallel/grad_reducer.h"
+#include "parallel/process_grid.h"
+
+namespace andy {
+
+// The communicators a run uses. Null (or size-1) communicators mean a single rank in that
+// dimension, so a test can run a TP=1 x DP=1 reference inside a multi-rank job.
+struct TrainGrid {
+  CommPtr world, tp, dp;
+  int world_size() const { return world ? world->size() : 1; }
+  int rank() const { return world ? world->rank() : 0; }
+  int tp_size() const { return tp ? tp->size() : 1; }
+  int tp_rank() const { return tp ? tp->rank() : 0; }
+  int dp_size() const { return dp ? dp->size() : 1; }
+  int dp_rank() const { return dp ? dp->rank() : 0; }
+  static TrainGrid from(const ProcessGrid& g) { return {g.world_ptr(), g.tp_ptr(), g.dp_ptr()}; }
+  static TrainGrid single() { return {}; }
+};
+
+// Learning rate at optimizer step `step` (0-based): linear warmup over warmup_steps to
+// learning_rate, then cosine decay to min_learning_rate at total_steps.
+double learning_rate_at(const TrainConfig& t, int64_t step, int64_t total_steps);
+
+// AdamW with fp32 state kept per parameter name (so it reshards like the weights).
+// Matches torch.optim.AdamW: p *= 1 - lr * wd (decayed params only), bias-corrected moments.
+class AdamW {
+ public:
+  struct Slot {
+    std::string name;
+    at::Tensor param;
+    bool decay = true;
+    at::Tensor exp_avg, exp_avg_sq;
+  };
+  AdamW(const std::vector<ParamInfo>& params, const TrainConfig& t);
+  void step(double lr);
+  int64_t steps() const { return steps_; }
+  void set_steps(int64_t s) { steps_ = s; }
+  std::vector<Slot>& slots() { return slots_; }
+
+ private:
+  std::vector<Slot> slots_;
+  double beta1_, beta2_, eps_, weight_decay_;
+  int64_t steps_ = 0;
+};
+
+// Dynamic loss scaling (fp16). With enabled = false the scale stays 1 and nothing is skipped
+// unless a non-finite gradient is found (then the step is skipped as well).
+class LossScaler {
+ public:
+  LossScaler(const PrecisionConfig& p, bool enabled);
+  double scale() const { return enabled_ ? scale_ : 1.0; }
+  bool enabled() const { return enabled_; }
+  // found_inf_local: this rank saw a non-finite gradient. All-reduced MAX over `world` (null:
+  // this rank only). Returns true when the step must be skipped; backs off on overflow, grows
+  // by growth_factor after growth_interval good steps.
+  bool update(bool found_inf_local, Communicator* world);
+  int64_t growth_tracker() const { return good_steps_; }
+  void set_state(double scale, int64_t good_steps) { scale_ = scale; good_steps_ = good_steps; }
+
+ private:
+  PrecisionConfig p_;
+  bool enabled_;
+  double scale_;
+  int64_t good_steps_ = 0;
+};
+
+// Global L2 norm of the gradients of `params` over the TP group: squares of TP-sharded
+// parameters summed over the group, replicated ones counted once. Same value on every rank.
+double global_grad_norm(const std::vector<ParamInfo>& params, Communicator* tp);
+
+struct TrainerOptions {
+  int64_t sample_tokens = 48;  // tokens of the end-of-run sample (0: no sample)
+  bool print = true;           // progress lines and summaries on rank 0
+  // Testing: on world rank `inject_inf_rank`, at step `inject_inf_step`, one gradient is set to
+  // +inf after the DP reduction (exercises the found-inf agreement). -1: never.
+  int inject_inf_rank = -1;
+  int64_t inject_inf_step = -1;
+  // Testing: run the dynamic loss scaler in fp32 too (its logic is device independent; fp16
+  // itself does not run on CPU).
+  bool force_loss_scaler = false;
+  bool write_checkpoints = true;  // false: no checkpoints (benchmarks)
+  // Testing: stop after this many steps of this run as if SIGTERM had arrived (-1: never).
+  int64_t stop_after_steps = -1;
+};
+
+struct StepRecord {
+  int64_t step = 0;  // 1-based optimizer step
+  double loss = 0;   // mean training loss of the global batch
+  double lr = 0, grad_norm = 0, loss_scale = 1;
+  bool skipped = false;
+};
+
+struct TrainResult {
+  std::vector<StepRecord> steps;  // the steps run by this call
+  std::vector<std::pair<int64_t, double>> val_losses;  // (step, val loss)
+  int64_t final_step = 0;
+  int64_t start_step = 0;
+  bool stopped_by_signal = false;
+  double seconds = 0;
+  double step_seconds = 0;       // inside optimizer steps (no evaluation, checkpoints)
+  double comm_wait_seconds = 0;  // of which waiting for the DP gradient all-reduce
+  std::vector<double> step_times;  // per step of this run
+  std::string last_checkpoint;
+  std::string sample;
+};
+
+class Trainer {
+ public:
+  Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts = {});
+  ~Trainer();
+  TrainResult run();
+
+  LlamaForCausalLM& model() { return model_; }
+  AdamW& optimizer() { return *optimizer_; }
+  LossScaler& scaler() { return *scaler_; }
+  int64_t total_steps() const { return total_steps_; }
+  const Config& config() const { return cfg_; }
+  const TrainGrid& grid() const { return grid_; }
+  data::DataLoader& train_loader() { return *train_; }
+  int64_t step() const { return step_; }
+  void set_step(int64_t s) { step_ = s; }
+  const std::vector<ParamInfo>& params() const { return params_; }
+  double best_val_loss() const { return best_val_; }
+  void set_best_val_loss(double v) { best_val_ = v; }
+  at::Device device() const { return device_; }
+
+  // Validation loss on the fixed subset, averaged over DP (NaN without a validation split).
+  double evaluate();
+  // Generates `n` tokens after `prompt` (top-k 40, temperature 0.8, seeded): the same on every
+  // rank. Collective over TP. Needs the tokenizer at data.tokenizer_path.
+  std::string sample(const std::string& prompt, int64_t n);
+
+ private:
+  void write_metrics(const std::string& json_line);
+  void save_best_model();
+
+  Config cfg_;
+  TrainGrid grid_;
+  TrainerOptions opts_;
+  at::Device device_;
+  LlamaForCausalLM model_{nullptr};
+  std::vector<ParamInfo> params_;
+  std::unique_ptr<GradReducer> reducer_;
+  std::unique_ptr<AdamW> optimizer_;
+  std::unique_ptr<LossScaler> scaler_;
+  std::unique_ptr<data::DataLoader> train_;
+  std::unique_ptr<data::DataLoader> val_;
+  int64_t total_steps_ = 0;
+  int64_t step_ = 0;
+  double best_val_;
+};
+
+// Installs SIGTERM/SIGINT handlers that set a flag read by Trainer::run (idempotent).
+void install_stop_signal_handlers();
+bool stop_signal_received();
+
+}  // namespace andy

@@ -1,0 +1,143 @@
+// Bucketed, hook-driven DP gradient all-reduce (see grad_reducer.h).
+#include "parallel/grad_reducer.h"
+
+#include <torch/torch.h>
+
+#include <chrono>
+
+#include "core/base/error.h"
+
+namespace andy {
+
+GradReducer::GradReducer(std::vector<at::Tensor> params, CommPtr dp, GradReducerOptions opts)
+    : params_(std::move(params)), dp_(std::move(dp)) {
+  alive_ = std::make_shared<bool>(true);
+  where_.assign(params_.size(), {-1, -1});
+  seen_.assign(params_.size(), false);
+  if (!active()) return;
+  const int64_t first_cap = std::max<int64_t>(1, static_cast<int64_t>(opts.first_bucket_mb * 1024 * 1024 / 4));
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(opts.bucket_mb * 1024 * 1024 / 4));
+  // Reverse registration order: the output side of the network gets its gradients first.
+  for (size_t k = params_.size(); k-- > 0;) {
+    const at::Tensor& p = params_[k];
+    ANDY_CHECK(p.requires_grad(), "GradReducer: parameter ", k, " does not require grad");
+    int64_t limit = buckets_.size() <= 1 ? first_cap : cap;  // the open bucket's capacity
+    if (buckets_.empty() || (buckets_.back().numel > 0 && buckets_.back().numel + p.numel() > limit)) {
+      buckets_.emplace_back();
+    }
+    Bucket& b = buckets_.back();
+    where_[k] = {static_cast<int>(buckets_.size() - 1), static_cast<int>(b.params.size())};
+    b.params.push_back(k);
+    b.offsets.push_back(b.numel);
+    b.numel += p.numel();
+  }
+  for (auto& b : buckets_) b.flat = at::zeros({b.numel}, params_[b.params[0]].options().dtype(at::kFloat));
+  std::weak_ptr<bool> alive = alive_;
+  for (size_t k = 0; k < params_.size(); ++k) {
+    params_[k].register_hook([this, k, alive](const at::Tensor& grad) {
+      if (alive.lock()) on_grad(k, grad);
+    });
+  }
+}
+
+GradReducer::~GradReducer() {
+  // Hooks stay registered on the parameters; they check `alive_` and do nothing afterwards.
+  alive_.reset();
+}
+
+void GradReducer::set_sync(bool sync) { sync_ = sync; }
+
+std::vector<size_t> GradReducer::bucket_params(int b) const { return buckets_.at(b).params; }
+int64_t GradReducer::bucket_numel(int b) const { return buckets_.at(b).numel; }
+
+void GradReducer::on_grad(size_t k, const at::Tensor& grad) {
+  if (!sync_ || !active()) return;
+  pending_ = true;
+  auto [bi, slot] = where_[k];
+  Bucket& b = buckets_[bi];
+  if (seen_[k]) {  // a second gradient for one parameter: finish() repacks everything
+    repack_ = true;
+    return;
+  }
+  seen_[k] = true;
+  at::NoGradGuard no_grad;
+  const at::Tensor& p = params_[k];
+  at::Tensor dst = b.flat.narrow(0, b.offsets[slot], p.numel()).view(p.sizes());
+  at::Tensor prev = p.grad();
+  if (prev.defined()) {
+    at::add_out(dst, prev.to(at::kFloat), grad.to(at::kFloat));
+  } else {
+    dst.copy_(grad);
+  }
+  if (++b.ready == b.params.size()) {
+    launch(b);
+    ++stats_.buckets_launched_in_backward;
+  }
+  progress();
+}
+
+void GradReducer::launch(Bucket& b) {
+  b.work = dp_->all_reduce(b.flat, {ReduceOp::kAvg});
+}
+
+void GradReducer::progress() {
+  // Drives MPI's progress engine on the buckets in flight (cheap test, no wait).
+  for (auto& b : buckets_)
+    if (b.work) b.work->is_completed();
+}
+
+double GradReducer::finish() {
+  if (!active() || !sync_ || !pending_) {
+    sync_ = false;
+    return 0;
+  }
+  at::NoGradGuard no_grad;
+  auto t0 = std::chrono::steady_clock::now();
+  for (auto& b : buckets_) {
+    if (b.work) continue;
+    // Some parameter of this bucket got no hook call (unused in this backward): pack .grad.
+    for (size_t s = 0; s < b.params.size(); ++s) {
+      const at::Tensor& p = params_[b.params[s]];
+      at::Tensor dst = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
+      if (p.grad().defined()) dst.copy_(p.grad());
+      else dst.zero_();
+    }
+    launch(b);
+    ++stats_.buckets_launched_in_finish;
+  }
+  if (repack_) {
+    for (auto& b : buckets_) b.work->wait();
+    for (auto& b : buckets_) {
+      for (size_t s = 0; s < b.params.size(); ++s) {
+        const at::Tensor& p = params_[b.params[s]];
+        at::Tensor dst = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
+        if (p.grad().defined()) dst.copy_(p.grad());
+        else dst.zero_();
+      }
+      launch(b);
+    }
+    repack_ = false;
+  }
+  for (auto& b : buckets_) {
+    b.work->wait();
+    for (size_t s = 0; s < b.params.size(); ++s) {
+      at::Tensor& p = params_[b.params[s]];
+      at::Tensor src = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
+      if (p.grad().defined()) {
+        p.mutable_grad().copy_(src);
+      } else {
+        p.mutable_grad() = src.to(p.scalar_type()).clone();
+      }
+    }
+    b.work.reset();
+    b.ready = 0;
+  }
+  std::fill(seen_.begin(), seen_.end(), false);
+  pending_ = false;
+  sync_ = false;
+  double waited = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  stats_.wait_seconds += waited;
+  return waited;
+}
+
+}  // namespace andy

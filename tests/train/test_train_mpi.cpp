@@ -1,0 +1,286 @@
+// Trainer tests on real ranks (ctest runs them under mpirun -np 2 and -np 4), fp32 CPU:
+// DP=2 vs DP=1 at the same global batch, accumulation 4 x 2 vs 1 x 8, TP x DP vs TP=1 x DP=1
+// (losses, weights, and the clipping norm against the dense norm of the TP=1 run), resume
+// reproducing the uninterrupted losses exactly, a truncated checkpoint refused, the loss
+// scaler's agreement on an injected inf, its growth and its state across resume, and bf16.
+// Every rank also runs the single-rank references (TrainGrid::single()) in its own directory.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "launch/checkpoint.h"
+#include "tests/train/train_test_util.h"
+
+using namespace andy;
+using namespace andy::train_test;
+namespace fs = std::filesystem;
+
+namespace {
+
+// Weights: AdamW divides by sqrt(v), so a roundoff-level difference in a near-zero gradient
+// (a token never seen, different summation order over ranks) moves that weight by a fraction of
+// the learning rate either way; 5 steps at lr 1e-2 leave relative differences of order 1e-4.
+constexpr double kWeightTol = 3e-4;
+
+std::string per_rank(const std::string& tag) { return tag + "_r" + std::to_string(world_rank()); }
+
+TEST(Trainer, DataParallelMatchesSingleRankAtSameGlobalBatch) {
+  const int n = world_size();
+  Config par = tiny_run("dp" + std::to_string(n));
+  par.train.batch_size = 8 / n;
+  Trainer a(par, world_grid(1), quiet());
+  TrainResult ra = a.run();
+
+  Config ref = tiny_run(per_rank("dp1_ref"));
+  Trainer b(ref, TrainGrid::single(), quiet());
+  TrainResult rb = b.run();
+
+  EXPECT_LT(loss_diff("DP=" + std::to_string(n) + " x batch " + std::to_string(8 / n) + " vs DP=1 x 8", ra, rb), 1e-5);
+  EXPECT_LT(weight_diff("weights after 5 steps", a.model(), b.model()), kWeightTol);
+  ASSERT_EQ(ra.steps.size(), 5u);
+}
+
+TEST(Trainer, AccumulationMatchesLargerMicroBatch) {
+  Config acc = tiny_run(per_rank("acc4x2"));
+  acc.train.batch_size = 2;
+  acc.train.gradient_accumulation_steps = 4;
+  Trainer a(acc, TrainGrid::single(), quiet());
+  TrainResult ra = a.run();
+  Config big = tiny_run(per_rank("acc1x8"));
+  Trainer b(big, TrainGrid::single(), quiet());
+  TrainResult rb = b.run();
+  EXPECT_LT(loss_diff("accumulation 4 x 2 vs 1 x 8", ra, rb), 1e-5);
+  EXPECT_LT(weight_diff("weights after 5 steps", a.model(), b.model()), kWeightTol);
+}
+
+TEST(Trainer, DataParallelAccumulationNeedsNoCommunicationOnNonFinalSteps) {
+  // DP over the world with accumulation 2: equals the single-rank run at the same global batch.
+  const int n = world_size();
+  if (8 % (2 * n) != 0) GTEST_SKIP() << "needs 8 divisible by 2 x world";
+  Config par = tiny_run("dpacc" + std::to_string(n));
+  par.train.batch_size = 8 / (2 * n);
+  par.train.gradient_accumulation_steps = 2;
+  Trainer a(par, world_grid(1), quiet());
+  TrainResult ra = a.run();
+  Config ref = tiny_run(per_rank("dpacc_ref"));
+  Trainer b(ref, TrainGrid::single(), quiet());
+  TrainResult rb = b.run();
+  EXPECT_LT(loss_diff("DP x accumulation 2 vs DP=1 x 8", ra, rb), 1e-5);
+  EXPECT_LT(weight_diff("weights after 5 steps", a.model(), b.model()), kWeightTol);
+}
+
+// TP = 2 (x DP = world / 2) against TP = 1 x DP = 1: losses, weights and the global grad norm
+// (before clipping) against the dense norm of the TP=1 run, step by step.
+TEST(Trainer, TensorTimesDataParallelMatchesSingleRank) {
+  const int n = world_size();
+  Config par = tiny_run("tp2dp" + std::to_string(n / 2));
+  par.parallel.tensor_parallel_size = 2;
+  par.train.batch_size = 8 / (n / 2);
+  par.train.grad_clip = 0.5;  // clipping active: a wrong norm changes the weights
+  Trainer a(par, world_grid(2), quiet());
+  TrainResult ra = a.run();
+  Config ref = tiny_run(per_rank("tp1_ref"));
+  ref.train.grad_clip = 0.5;
+  Trainer b(ref, TrainGrid::single(), quiet());
+  TrainResult rb = b.run();
+  EXPECT_LT(loss_diff("TP=2 x DP=" + std::to_string(n / 2) + " vs TP=1 x DP=1", ra, rb), 1e-5);
+  EXPECT_LT(weight_diff("weights after 5 steps", a.model(), b.model()), kWeightTol);
+  double worst = 0;
+  for (size_t i = 0; i < ra.steps.size() && i < rb.steps.size(); ++i)
+    worst = std::max(worst, std::abs(ra.steps[i].grad_norm - rb.steps[i].grad_norm) / rb.steps[i].grad_norm);
+  worst = max_over_ranks(worst);
+  if (world_rank() == 0)
+    std::printf("  grad norm step 1: TP=2 %.6f, dense TP=1 %.6f; max rel diff over steps %.3e\n",
+                ra.steps[0].grad_norm, rb.steps[0].grad_norm, worst);
+  EXPECT_LT(worst, 1e-5);
+  EXPECT_GT(rb.steps[0].grad_norm, 0.5) << "the test wants clipping to be active";
+}
+
+// Clipping norm, checked by hand: concatenate the TP=1 model's dense gradients.
+TEST(Trainer, GlobalNormEqualsDenseNormOfTp1) {
+  Config c = tiny_run("norm");
+  c.parallel.tensor_parallel_size = 2;
+  TrainGrid g = world_grid(2);
+  LlamaForCausalLM par(c.model, g.tp, c.train.seed), ref(c.model, nullptr, c.train.seed);
+  at::Tensor tokens = test::random_tokens(2, 16, 100, 7), targets = test::random_tokens(2, 16, 100, 8);
+  par->loss(par->forward(tokens), targets).backward();
+  ref->loss(ref->forward(tokens), targets).backward();
+  std::vector<at::Tensor> grads;
+  for (auto& p : ref->parameters()) grads.push_back(p.grad().reshape({-1}));
+  double dense = at::cat(grads).to(at::kDouble).norm().item<double>();
+  double global = global_grad_norm(par->param_infos(), g.tp.get());
+  double rel = max_over_ranks(std::abs(global - dense) / dense);
+  if (world_rank() == 0) std::printf("  global norm %.8f vs dense %.8f: rel %.3e\n", global, dense, rel);
+  EXPECT_LT(rel, 1e-6);
+}
+
+TEST(Trainer, ResumeReproducesUninterruptedLosses) {
+  const int n = world_size();
+  Config base = tiny_run("resume_full", 6);
+  base.train.batch_size = 8 / n;
+  base.checkpoint.interval = 2;
+  Trainer full(base, world_grid(1), quiet());
+  TrainResult rf = full.run();
+
+  Config part = base;
+  part.train.output_dir = dataset().root + "/runs/resume_part";
+  TrainerOptions stop = quiet();
+  stop.stop_after_steps = 3;  // as if SIGTERM arrived after step 3
+  TrainResult r1;
+  {
+    Trainer t(part, world_grid(1), stop);
+    r1 = t.run();
+  }
+  ASSERT_TRUE(r1.stopped_by_signal);
+  ASSERT_EQ(r1.final_step, 3);
+  EXPECT_TRUE(fs::exists(part.train.output_dir + "/checkpoints/step_00000003/meta.json"));
+  part.checkpoint.resume = "auto";
+  Trainer t2(part, world_grid(1), quiet());
+  TrainResult r2 = t2.run();
+  ASSERT_EQ(r2.start_step, 3);
+  TrainResult joined = r1;
+  joined.steps.insert(joined.steps.end(), r2.steps.begin(), r2.steps.end());
+  double d = loss_diff("stop at 3 + resume vs uninterrupted", joined, rf);
+  EXPECT_EQ(d, 0.0) << "resume must reproduce the losses exactly";
+  EXPECT_EQ(weight_diff("weights at step 6", t2.model(), full.model()), 0.0);
+  // keep_last = 3 by default: steps 2, 4 (interval) and 6 (end) of the full run.
+  if (world_rank() == 0) {
+    EXPECT_TRUE(fs::exists(base.train.output_dir + "/checkpoints/step_00000006"));
+    EXPECT_EQ(data::testing::read_text(base.train.output_dir + "/checkpoints/latest"), "step_00000006\n");
+  }
+}
+
+TEST(Trainer, ResumeWithOtherTpSizeReshards) {
+  const int n = world_size();
+  Config base = tiny_run("reshard_full", 4);
+  base.train.batch_size = 8 / n;
+  Trainer full(base, world_grid(1), quiet());
+  TrainResult rf = full.run();
+
+  Config part = base;
+  part.train.output_dir = dataset().root + "/runs/reshard_part";
+  TrainerOptions stop = quiet();
+  stop.stop_after_steps = 2;
+  { Trainer t(part, world_grid(1), stop); t.run(); }
+  // Resume the TP=1 x DP=n checkpoint as TP=2 x DP=n/2 (same global batch).
+  part.parallel.tensor_parallel_size = 2;
+  part.train.batch_size = 8 / (n / 2);
+  part.checkpoint.resume = "auto";
+  Trainer t2(part, world_grid(2), quiet());
+  TrainResult r2 = t2.run();
+  ASSERT_EQ(r2.start_step, 2);
+  double d = 0;
+  for (size_t i = 0; i < r2.steps.size(); ++i) d = std::max(d, std::abs(r2.steps[i].loss - rf.steps[2 + i].loss));
+  d = max_over_ranks(d);
+  if (world_rank() == 0) std::printf("  resharded TP=1 -> TP=2 resume: max |loss diff| steps 3-4 = %.3e\n", d);
+  EXPECT_LT(d, 1e-5);
+  EXPECT_LT(weight_diff("weights at step 4", t2.model(), full.model()), kWeightTol);
+}
+
+TEST(Trainer, TruncatedOrPartialCheckpointIsRefusedNamingTheFile) {
+  Config c = tiny_run("damaged", 2);
+  c.train.batch_size = 8 / world_size();
+  { Trainer t(c, world_grid(1), quiet()); t.run(); }
+  std::string dir = c.train.output_dir + "/checkpoints/step_00000002";
+  std::string shard = dir + "/shard_tp00.pt";
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) {
+    auto size = fs::file_size(shard);
+    fs::resize_file(shard, size / 2);
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  c.checkpoint.resume = "auto";
+  Trainer t2(c, world_grid(1), quiet());
+  try {
+    load_checkpoint(t2, dir);
+    ADD_FAILURE() << "a truncated checkpoint was accepted";
+  } catch (const IoError& e) {
+    std::string msg = e.what();
+    if (world_rank() == 0) std::printf("  refused: %s\n", msg.c_str());
+    EXPECT_NE(msg.find("shard_tp00.pt"), std::string::npos) << msg;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  if (world_rank() == 0) fs::remove(shard);
+  MPI_Barrier(MPI_COMM_WORLD);
+  try {
+    load_checkpoint(t2, dir);
+    ADD_FAILURE() << "a checkpoint without its shard was accepted";
+  } catch (const IoError& e) {
+    EXPECT_NE(std::string(e.what()).find("shard_tp00.pt"), std::string::npos) << e.what();
+  }
+}
+
+TEST(LossScaler, InfOnOneRankMakesEveryRankSkipAndBackOff) {
+  PrecisionConfig p;
+  p.loss_scale_init = 1024;
+  p.loss_scale_growth_interval = 2;
+  LossScaler s(p, true);
+  auto world = world_grid(1).world;
+  bool skip = s.update(world_rank() == world_size() - 1, world.get());
+  EXPECT_TRUE(skip);
+  EXPECT_EQ(s.scale(), 512);
+  EXPECT_FALSE(s.update(false, world.get()));
+  EXPECT_EQ(s.scale(), 512);
+  EXPECT_FALSE(s.update(false, world.get()));
+  EXPECT_EQ(s.scale(), 1024) << "grows after growth_interval good steps";
+}
+
+TEST(LossScaler, TrainerSkipsInjectedInfEverywhereAndStateSurvivesResume) {
+  const int n = world_size();
+  Config c = tiny_run("scaler", 5);
+  c.train.batch_size = 8 / n;
+  c.precision.loss_scale_init = 1024;
+  c.precision.loss_scale_growth_interval = 2;
+  TrainerOptions o = quiet();
+  o.force_loss_scaler = true;
+  o.inject_inf_rank = n - 1;
+  o.inject_inf_step = 2;
+  o.stop_after_steps = 4;
+  TrainResult r;
+  double scale_at_stop = 0;
+  {
+    Trainer t(c, world_grid(1), o);
+    r = t.run();
+    scale_at_stop = t.scaler().scale();
+  }
+  ASSERT_EQ(r.steps.size(), 4u);
+  // step 1 good, 2 skipped (back off 1024 -> 512), 3 and 4 good (grow to 1024 after 2).
+  int skipped_here = 0;
+  for (const auto& s : r.steps) skipped_here += s.skipped;
+  int skipped_min = 0;
+  MPI_Allreduce(&skipped_here, &skipped_min, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  EXPECT_EQ(skipped_min, 1) << "every rank must skip the injected step";
+  EXPECT_TRUE(r.steps[1].skipped);
+  EXPECT_EQ(r.steps[1].loss_scale, 1024);
+  EXPECT_EQ(r.steps[2].loss_scale, 512);
+  EXPECT_EQ(r.steps[3].loss_scale, 512);
+  EXPECT_EQ(scale_at_stop, 1024);
+  if (world_rank() == 0)
+    std::printf("  loss scale per step: %g %g %g %g -> %g\n", r.steps[0].loss_scale, r.steps[1].loss_scale,
+                r.steps[2].loss_scale, r.steps[3].loss_scale, scale_at_stop);
+  // Resume: the scale (and growth tracker) come back from the checkpoint.
+  c.checkpoint.resume = "auto";
+  TrainerOptions o2 = quiet();
+  o2.force_loss_scaler = true;
+  Trainer t2(c, world_grid(1), o2);
+  load_checkpoint(t2, resolve_resume_path(c));
+  EXPECT_EQ(t2.scaler().scale(), 1024);
+  EXPECT_EQ(t2.step(), 4);
+  // Replicas stayed identical across DP ranks through the skipped step.
+  at::Tensor w = t2.model()->local_state_dict().at("model.layers.0.mlp.up_proj.weight").clone();
+  at::Tensor w0 = w.clone();
+  MPI_Bcast(w0.data_ptr(), static_cast<int>(w0.numel()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+  EXPECT_TRUE(w.equal(w0));
+}
+
+TEST(Trainer, Bf16LossFalls) {
+  Config c = tiny_run(per_rank("bf16"), 20);
+  c.precision.mode = "bf16";
+  Trainer t(c, TrainGrid::single(), quiet());
+  TrainResult r = t.run();
+  double first = r.steps.front().loss, last = r.steps.back().loss;
+  if (world_rank() == 0) std::printf("  bf16: loss %.4f -> %.4f over 20 steps\n", first, last);
+  EXPECT_LT(last, first - 0.5);
+}
+
+}  // namespace
