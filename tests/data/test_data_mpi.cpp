@@ -15,6 +15,8 @@
 #include "parallel/process_grid.h"
 #include "tests/data/data_test_util.h"
 
+using andy::data::testing::error_of;
+
 using namespace andy;
 using namespace andy::data;
 using namespace andy::data::testing;
@@ -66,15 +68,6 @@ LoaderOptions options(const std::string& split, int dp_rank, int dp_size) {
   o.expected_vocab_size = kVocab;
   o.tokenizer_checksum = kChecksum;
   return o;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

@@ -13,6 +13,8 @@
 #include "data/permutation.h"
 #include "tests/data/data_test_util.h"
 
+using andy::data::testing::error_of;
+
 using namespace andy;
 using namespace andy::data;
 using namespace andy::data::testing;
@@ -42,15 +44,6 @@ void expect_batch_content(const Batch& b, int64_t seq_len) {
       ASSERT_EQ(b.target[r][j].item<int64_t>(), (w * seq_len + j + 1) % kVocab) << "window " << w;
     }
   }
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 }  // namespace

@@ -14,6 +14,8 @@
 #include "data/text_input.h"
 #include "tests/data/data_test_util.h"
 
+using andy::data::testing::error_of;
+
 using namespace andy;
 using namespace andy::data;
 using namespace andy::data::testing;
@@ -54,15 +56,6 @@ PreprocessOptions base_options(const std::string& in, const std::string& out) {
   o.read.txt_mode = TxtMode::kBlankLines;
   o.threads = 2;
   return o;
-}
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
 }
 
 std::vector<int64_t> parse_ints(const std::string& s) {

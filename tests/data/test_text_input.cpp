@@ -5,23 +5,12 @@
 #include "data/text_input.h"
 #include "tests/data/data_test_util.h"
 
+using andy::data::testing::error_of;
+
 using namespace andy;
 using namespace andy::data;
 using andy::data::testing::TempDir;
 using andy::data::testing::write_file;
-
-namespace {
-
-std::string error_of(const std::function<void()>& fn) {
-  try {
-    fn();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
-
-}  // namespace
 
 TEST(Utf8, ValidTextIsUntouched) {
   std::string s = "hello 你好 😀 ü";
