@@ -9,6 +9,7 @@
 namespace andy {
 
 int bench_data(const ParsedArgs& args, World* world);  // launch/cmd_bench_data.cpp
+int bench_train(const ParsedArgs& args, World* world);  // launch/cmd_bench_train.cpp
 
 namespace {
 
@@ -68,10 +69,11 @@ int bench_comm(const ParsedArgs& args, World* world) {
 Subcommand make_bench_command() {
   Subcommand c;
   c.name = "bench";
-  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader)";
+  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share)";
   c.usage =
       "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T]\n"
-      "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]";
+      "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]\n"
+      "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N]";
   c.flags = {{"min_bytes", "B", "smallest buffer (default 8)"},
              {"max_bytes", "B", "largest buffer (default 8388608)"},
              {"factor", "F", "size multiplier between rows (default 8)"},
@@ -93,13 +95,17 @@ Subcommand make_bench_command() {
              {"batches", "N", "data: batches to serve (default 200)"},
              {"prefetch", "N", "data: batches read ahead (default data.prefetch_batches)"},
              {"step_ms", "MS", "data: simulated training step per batch (default 0)"},
-             {"verify", "", "data: verify shard checksums against manifest.json first"}};
+             {"verify", "", "data: verify shard checksums against manifest.json first"},
+             // bench train (also --config, --set)
+             {"steps", "N", "train: optimizer steps to run (default 20)"},
+             {"warmup", "N", "train: first steps not timed (default 3)"}};
   c.needs_mpi = true;
   c.run = [](const ParsedArgs& args, World* world) {
     std::string target = args.positional().empty() ? "" : args.positional()[0];
     if (target == "comm") return bench_comm(args, world);
     if (target == "data") return bench_data(args, world);
-    throw ConfigError("andyllm bench: expected a target: comm or data (got '" + target + "')");
+    if (target == "train") return bench_train(args, world);
+    throw ConfigError("andyllm bench: expected a target: comm, data or train (got '" + target + "')");
   };
   return c;
 }

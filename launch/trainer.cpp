@@ -90,6 +90,22 @@ at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
 
 }  // namespace
 
+double measure_matmul_flops() {
+  at::NoGradGuard no_grad;
+  const int64_t n = 1024;
+  at::Tensor a = at::randn({n, n}), b = at::randn({n, n});
+  at::Tensor c = at::mm(a, b);
+  int reps = 0;
+  auto t0 = std::chrono::steady_clock::now();
+  double dt = 0;
+  while (dt < 0.3 || reps < 3) {
+    at::mm_out(c, a, b);
+    ++reps;
+    dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  return 2.0 * n * n * n * reps / dt;
+}
+
 void install_stop_signal_handlers() {
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
@@ -231,7 +247,7 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
 Trainer::~Trainer() = default;
 
 void Trainer::write_metrics(const std::string& line) {
-  if (grid_.rank() != 0) return;
+  if (grid_.rank() != 0 || !opts_.print) return;
   fs::create_directories(cfg_.train.output_dir);
   std::ofstream f(cfg_.train.output_dir + "/metrics.jsonl", std::ios::app);
   f << line << "\n";
@@ -341,7 +357,21 @@ TrainResult Trainer::run() {
     write_metrics("{\"step\": 0, \"val_loss\": " + json_num(vl) + ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
   }
   const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len);
-  const double peak = t.peak_tflops * 1e12 * grid_.world_size();
+  double peak = t.peak_tflops * 1e12 * grid_.world_size();
+  std::string peak_what = "train.peak_tflops";
+  if (peak <= 0 && device_.is_cpu() && opts_.print) {
+    // Measured on every rank at once (they share the host as during training), summed. The RNG
+    // draws of the probe use a private generator state: training is not perturbed.
+    at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
+    at::Tensor m = at::full({1}, measure_matmul_flops(), at::kDouble);
+    at::Generator gen = at::detail::getDefaultCPUGenerator();
+    gen.set_state(rng);
+    if (grid_.world && grid_.world->size() > 1) grid_.world->all_reduce_sync(m, ReduceOp::kSum);
+    peak = m.item<double>();
+    peak_what = "the measured fp32 matmul rate";
+    if (root) log::info("MFU is quoted against ", peak_what, ": ", fmt("%.1f", peak / 1e9),
+                        " GFLOP/s over ", grid_.world_size(), " rank(s) (set train.peak_tflops to use a device peak)");
+  }
   at::Tensor stop_flag = at::zeros({1}, at::kInt);
 
   auto run_start = std::chrono::steady_clock::now();

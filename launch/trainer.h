@@ -182,6 +182,10 @@ class Trainer {
   double best_val_;
 };
 
+// fp32 matmul rate of this process (1024^3 products for about 0.3 s at LibTorch's current
+// threads), in FLOP/s: the "measured peak" MFU is quoted against on CPU.
+double measure_matmul_flops();
+
 // Installs SIGTERM/SIGINT handlers that set a flag read by Trainer::run (idempotent).
 void install_stop_signal_handlers();
 bool stop_signal_received();

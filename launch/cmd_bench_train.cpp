@@ -1,0 +1,81 @@
+// `andyllm bench train`: runs the real Trainer for --steps optimizer steps of a config (no
+// validation, checkpoints or sample) and reports, over the steps after --warmup: tokens/s, MFU
+// (against train.peak_tflops, and against the fp32 matmul rate measured here on every rank), and
+// the share of step time spent waiting for the DP gradient all-reduce.
+#include <torch/torch.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+
+#include "core/base/logging.h"
+#include "core/model/model_stats.h"
+#include "launch/commands.h"
+#include "launch/trainer.h"
+#include "parallel/process_grid.h"
+
+namespace andy {
+
+int bench_train(const ParsedArgs& args, World* world) {
+  Config cfg = load_config_collectively(args, world);
+  configure_threads(cfg, world);
+  const int64_t steps = args.get_int("steps", 20), warmup = args.get_int("warmup", 3);
+  ANDY_CHECK_T(ConfigError, steps > warmup && warmup >= 0,
+               "andyllm bench train: expected --steps > --warmup >= 0");
+  cfg.train.max_steps = steps;
+  cfg.data.val_file = "";
+  cfg.checkpoint.resume = "none";
+  cfg.train.log_interval = steps + 1;
+  GridOptions g;
+  g.tensor_parallel_size = static_cast<int>(cfg.parallel.tensor_parallel_size);
+  g.backend = cfg.train.device == "cuda" && cfg.parallel.backend != "mpi" ? Backend::kNccl : Backend::kMpi;
+  if (cfg.train.device == "cuda") {
+    ANDY_CHECK_T(ConfigError, at::hasCUDA(), "--device cuda: no GPU is visible to this LibTorch; use --device cpu");
+    g.device = world->device_for_local_rank(static_cast<int>(at::detail::getCUDAHooks().getNumGPUs()));
+  }
+  ProcessGrid grid(*world, g);
+  // Measured matmul peak: every rank at once (as they run during training), summed.
+  at::Tensor peak = at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops() : 0.0, at::kDouble);
+  grid.world().all_reduce_sync(peak, ReduceOp::kSum);
+
+  TrainerOptions o;
+  o.sample_tokens = 0;
+  o.print = false;
+  o.write_checkpoints = false;
+  Trainer trainer(cfg, TrainGrid::from(grid), o);
+  TrainResult r = trainer.run();
+  const int64_t tokens_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps *
+                                  grid.dp_size() * cfg.data.seq_len;
+  double timed = 0;
+  for (size_t i = static_cast<size_t>(warmup); i < r.step_times.size(); ++i) timed += r.step_times[i];
+  // Slowest rank decides.
+  at::Tensor t = at::tensor({timed, r.comm_wait_seconds / std::max(r.step_seconds, 1e-12)}, at::kDouble);
+  grid.world().all_reduce_sync(t, ReduceOp::kMax);
+  timed = t[0].item<double>();
+  double comm_share = t[1].item<double>();
+  double tps = (steps - warmup) * tokens_per_step / timed;
+  double fpt = training_flops_per_token(cfg.model, cfg.data.seq_len);
+  double configured = cfg.train.peak_tflops * 1e12 * world->size();
+  if (world->is_root()) {
+    ParamCounts pc = count_parameters(cfg.model);
+    std::printf("# bench train: %lld parameters, tp %d x dp %d, micro-batch %lld x accumulation %lld, seq %lld, %s, %d intra-op threads per rank\n",
+                static_cast<long long>(pc.total), grid.tp_size(), grid.dp_size(),
+                static_cast<long long>(cfg.train.batch_size),
+                static_cast<long long>(cfg.train.gradient_accumulation_steps),
+                static_cast<long long>(cfg.data.seq_len), cfg.precision.mode.c_str(), at::get_num_threads());
+    std::printf("steps timed        %lld (after %lld warmup)\n", static_cast<long long>(steps - warmup),
+                static_cast<long long>(warmup));
+    std::printf("step time          %.1f ms\n", 1000 * timed / (steps - warmup));
+    std::printf("tokens/s           %.0f\n", tps);
+    std::printf("model TFLOP/s      %.3f (%.2f MFLOP per token)\n", fpt * tps / 1e12, fpt / 1e6);
+    if (configured > 0) std::printf("MFU                %.1f%% of train.peak_tflops x %d ranks\n", 100 * fpt * tps / configured, world->size());
+    else std::printf("MFU                unknown (set train.peak_tflops)\n");
+    if (peak.item<double>() > 0)
+      std::printf("MFU vs measured    %.1f%% of the fp32 matmul rate measured on the ranks (%.1f GFLOP/s in all)\n",
+                  100 * fpt * tps / peak.item<double>(), peak.item<double>() / 1e9);
+    std::printf("comm wait share    %.1f%% of step time waiting for the DP gradient all-reduce\n", 100 * comm_share);
+  }
+  return 0;
+}
+
+}  // namespace andy

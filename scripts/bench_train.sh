@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Training throughput of AndyLLM against PyTorch on the same model and settings, in one run:
+#   andyllm bench train (mpirun, RANKS ranks x 1 intra-op thread, MPI all-reduce)
+#   scripts/bench_pytorch.py (Debian python3-torch 1.13, RANKS gloo DDP processes x 1 thread)
+# for fp32 and bf16. Model: configs/tiny.toml's shapes (dim 128, 4 layers, vocab 4096, seq 128,
+# micro-batch 8 per rank) unless CONFIG / overrides say otherwise.
+#
+#   scripts/bench_train.sh [RANKS] [STEPS]        # default 2 ranks, 20 steps (3 untimed)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RANKS="${1:-2}"
+STEPS="${2:-20}"
+BIN="${ANDYLLM_BIN:-build/andyllm}"
+CONFIG="${CONFIG:-configs/tiny.toml}"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+# One thread per rank everywhere: torch intra-op and OpenBLAS pools contend otherwise (DEPENDENCIES).
+export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
+[ -x "$BIN" ] || { echo "bench_train: $BIN not built" >&2; exit 1; }
+[ -f data/demo/processed/tokenizer.model ] || { echo "bench_train: run the demo preprocess first (docs/TRAINING.md)" >&2; exit 1; }
+echo "# $(date -u +%FT%TZ) $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
+for mode in fp32 bf16; do
+  echo "## $mode"
+  mpirun -np "$RANKS" --oversubscribe "$BIN" bench train --config "$CONFIG" --steps "$STEPS" --warmup 3 \
+    --set precision.mode=$mode --set train.intra_op_threads=1 2>&1 | grep -v "^\s*$"
+  extra=""; [ "$mode" = bf16 ] && extra="--bf16"
+  /usr/bin/python3 scripts/bench_pytorch.py --ranks "$RANKS" --threads 1 --steps "$STEPS" --warmup 3 $extra
+done
