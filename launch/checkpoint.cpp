@@ -34,9 +34,9 @@ std::string shard_file(int tp_rank) {
 }
 
 // Every rank learns whether any rank failed (message from the lowest failing rank).
-void agree_or_throw(const TrainGrid& g, const std::string& local_error) {
+void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device) {
   at::Tensor f = at::full({1}, local_error.empty() ? 0 : 1, at::kInt);
-  if (g.world && g.world->size() > 1) g.world->all_reduce_sync(f, ReduceOp::kMax);
+  all_reduce_host(g.world.get(), f, ReduceOp::kMax, device);
   if (f.item<int>() == 0) return;
   if (!local_error.empty()) throw IoError(local_error);
   throw IoError("checkpoint: another rank failed (see its message)");
@@ -109,11 +109,17 @@ std::string save_checkpoint(Trainer& tr) {
       err = std::string("checkpoint: cannot create ") + tmp_dir + ": " + e.what();
     }
   }
-  agree_or_throw(g, err);
+  agree_or_throw(g, err, tr.device());
   // Every rank's generator state, gathered to rank 0.
   at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
   at::Tensor all_rng = at::empty({g.world_size() * rng.numel()}, rng.options());
-  if (g.world && g.world->size() > 1) g.world->all_gather(all_rng, rng)->wait();
+  if (g.world && g.world->size() > 1 && g.world->backend() == Backend::kNccl) {
+    at::Tensor d = all_rng.to(tr.device());
+    g.world->all_gather(d, rng.to(tr.device()))->wait();
+    all_rng.copy_(d.cpu());
+  } else if (g.world && g.world->size() > 1) {
+    g.world->all_gather(all_rng, rng)->wait();
+  }
   else all_rng.copy_(rng.view({-1}));
   if (g.dp_rank() == 0) {
     try {
@@ -131,7 +137,7 @@ std::string save_checkpoint(Trainer& tr) {
       err = std::string("checkpoint: cannot write ") + tmp_dir + "/" + shard_file(g.tp_rank()) + ": " + e.what();
     }
   }
-  agree_or_throw(g, err);
+  agree_or_throw(g, err, tr.device());
   std::string result = final_dir;
   if (g.rank() == 0) {
     try {
@@ -177,7 +183,7 @@ std::string save_checkpoint(Trainer& tr) {
       err = std::string("checkpoint: cannot finish ") + final_dir + ": " + e.what();
     }
   }
-  agree_or_throw(g, err);
+  agree_or_throw(g, err, tr.device());
   return result;
 }
 

@@ -36,7 +36,8 @@ int bench_train(const ParsedArgs& args, World* world) {
   ProcessGrid grid(*world, g);
   // Measured matmul peak: every rank at once (as they run during training), summed.
   at::Tensor peak = at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops() : 0.0, at::kDouble);
-  grid.world().all_reduce_sync(peak, ReduceOp::kSum);
+  at::Device dev = g.device >= 0 ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(g.device)) : at::Device(at::kCPU);
+  all_reduce_host(&grid.world(), peak, ReduceOp::kSum, dev);
 
   TrainerOptions o;
   o.sample_tokens = 0;
@@ -50,7 +51,7 @@ int bench_train(const ParsedArgs& args, World* world) {
   for (size_t i = static_cast<size_t>(warmup); i < r.step_times.size(); ++i) timed += r.step_times[i];
   // Slowest rank decides.
   at::Tensor t = at::tensor({timed, r.comm_wait_seconds / std::max(r.step_seconds, 1e-12)}, at::kDouble);
-  grid.world().all_reduce_sync(t, ReduceOp::kMax);
+  all_reduce_host(&grid.world(), t, ReduceOp::kMax, dev);
   timed = t[0].item<double>();
   double comm_share = t[1].item<double>();
   double tps = (steps - warmup) * tokens_per_step / timed;

@@ -90,6 +90,17 @@ at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
 
 }  // namespace
 
+void all_reduce_host(Communicator* c, at::Tensor& t, ReduceOp op, at::Device device) {
+  if (!c || c->size() <= 1) return;
+  if (c->backend() == Backend::kNccl) {
+    at::Tensor d = t.to(device);
+    c->all_reduce_sync(d, op);
+    t.copy_(d.cpu());
+  } else {
+    c->all_reduce_sync(t, op);
+  }
+}
+
 double measure_matmul_flops() {
   at::NoGradGuard no_grad;
   const int64_t n = 1024;
@@ -157,9 +168,9 @@ void AdamW::step(double lr) {
 LossScaler::LossScaler(const PrecisionConfig& p, bool enabled)
     : p_(p), enabled_(enabled), scale_(p.loss_scale_init) {}
 
-bool LossScaler::update(bool found_inf_local, Communicator* world) {
+bool LossScaler::update(bool found_inf_local, Communicator* world, at::Device device) {
   at::Tensor flag = at::full({1}, found_inf_local ? 1.0f : 0.0f, at::kFloat);
-  if (world && world->size() > 1) world->all_reduce_sync(flag, ReduceOp::kMax);
+  all_reduce_host(world, flag, ReduceOp::kMax, device);
   bool found = flag.item<float>() > 0;
   if (!enabled_) return found;
   if (found) {
@@ -183,7 +194,7 @@ double global_grad_norm(const std::vector<ParamInfo>& params, Communicator* tp) 
     at::Tensor sq = g.to(at::kDouble).pow(2).sum().cpu().view({1});
     (p.tp_sharded() ? sharded : replicated).add_(sq);
   }
-  if (tp && tp->size() > 1) tp->all_reduce_sync(sharded, ReduceOp::kSum);
+  all_reduce_host(tp, sharded, ReduceOp::kSum, params.empty() ? at::Device(at::kCPU) : params[0].param.device());
   return std::sqrt(sharded.item<double>() + replicated.item<double>());
 }
 
@@ -266,7 +277,7 @@ double Trainer::evaluate() {
     sum += model_->loss(logits.to(at::kFloat), b.target.to(device_)).item<double>();
   }
   at::Tensor t = at::full({1}, sum / static_cast<double>(n), at::kDouble);
-  if (grid_.dp && grid_.dp->size() > 1) grid_.dp->all_reduce_sync(t, ReduceOp::kAvg);
+  all_reduce_host(grid_.dp.get(), t, ReduceOp::kAvg, device_);
   return t.item<double>();
 }
 
@@ -366,7 +377,7 @@ TrainResult Trainer::run() {
     at::Tensor m = at::full({1}, measure_matmul_flops(), at::kDouble);
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     gen.set_state(rng);
-    if (grid_.world && grid_.world->size() > 1) grid_.world->all_reduce_sync(m, ReduceOp::kSum);
+    all_reduce_host(grid_.world.get(), m, ReduceOp::kSum, device_);
     peak = m.item<double>();
     peak_what = "the measured fp32 matmul rate";
     if (root) log::info("MFU is quoted against ", peak_what, ": ", fmt("%.1f", peak / 1e9),
@@ -389,7 +400,7 @@ TrainResult Trainer::run() {
                      : (opts_.stop_after_steps >= 0 && steps_this_run >= opts_.stop_after_steps) ? 1
                                                                                                 : 0;
     stop_flag.fill_(local_stop);
-    if (grid_.world && grid_.world->size() > 1) grid_.world->all_reduce_sync(stop_flag, ReduceOp::kMax);
+    all_reduce_host(grid_.world.get(), stop_flag, ReduceOp::kMax, device_);
     if (stop_flag.item<int>() != 0) {
       if (root) log::info("stop requested (", stop_flag.item<int>() == 2 ? "signal" : "stop_after_steps",
                           "): writing a checkpoint at step ", step_);
@@ -434,9 +445,9 @@ TrainResult Trainer::run() {
       found_inf = bad.item<float>() > 0;
     }
     double scale_used = scale;
-    bool skip = scaler_->update(found_inf, grid_.world.get());
+    bool skip = scaler_->update(found_inf, grid_.world.get(), device_);
     at::Tensor loss_t = at::full({1}, loss_acc / static_cast<double>(accum), at::kDouble);
-    if (grid_.dp && grid_.dp->size() > 1) grid_.dp->all_reduce_sync(loss_t, ReduceOp::kAvg);
+    all_reduce_host(grid_.dp.get(), loss_t, ReduceOp::kAvg, device_);
     StepRecord rec;
     rec.step = step_ + 1;
     rec.loss = loss_t.item<double>();

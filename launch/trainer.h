@@ -85,7 +85,8 @@ class LossScaler {
   // found_inf_local: this rank saw a non-finite gradient. All-reduced MAX over `world` (null:
   // this rank only). Returns true when the step must be skipped; backs off on overflow, grows
   // by growth_factor after growth_interval good steps.
-  bool update(bool found_inf_local, Communicator* world);
+  // `device`: where the flag travels with the NCCL backend.
+  bool update(bool found_inf_local, Communicator* world, at::Device device = at::Device(at::kCPU));
   int64_t growth_tracker() const { return good_steps_; }
   void set_state(double scale, int64_t good_steps) { scale_ = scale; good_steps_ = good_steps; }
 
@@ -181,6 +182,10 @@ class Trainer {
   int64_t step_ = 0;
   double best_val_;
 };
+
+// All-reduce of a small host tensor over `c` (null or size 1: nothing); with the NCCL backend
+// it travels through `device` (NCCL moves GPU memory only).
+void all_reduce_host(Communicator* c, at::Tensor& t, ReduceOp op, at::Device device);
 
 // fp32 matmul rate of this process (1024^3 products for about 0.3 s at LibTorch's current
 // threads), in FLOP/s: the "measured peak" MFU is quoted against on CPU.

@@ -97,8 +97,6 @@ def worker(rank, a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(1234)
     if a.ranks > 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         dist.init_process_group("gloo", rank=rank, world_size=a.ranks)
     model = Llama(a)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if a.ranks > 1 else model
@@ -140,6 +138,9 @@ def main():
     p.add_argument("--bf16", action="store_true")
     a = p.parse_args()
     if a.ranks > 1:
+        # Chosen once here (the workers inherit it), so every rank meets at the same port.
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
         mp.spawn(worker, args=(a,), nprocs=a.ranks, join=True)
     else:
         worker(0, a)

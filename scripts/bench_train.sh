@@ -17,7 +17,7 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
 [ -x "$BIN" ] || { echo "bench_train: $BIN not built" >&2; exit 1; }
 [ -f data/demo/processed/tokenizer.model ] || { echo "bench_train: run the demo preprocess first (docs/TRAINING.md)" >&2; exit 1; }
-echo "# $(date -u +%FT%TZ) $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p')"
+echo "# $(date -u +%FT%TZ) $(nproc --all) cores, $(lscpu | sed -n 's/^Model name: *//p')"
 for mode in fp32 bf16; do
   echo "## $mode"
   mpirun -np "$RANKS" --oversubscribe "$BIN" bench train --config "$CONFIG" --steps "$STEPS" --warmup 3 \
