@@ -23,6 +23,19 @@ int64_t count_wrong(const at::Tensor& got, const at::Tensor& expected) {
   return got.to(at::kCPU).to(at::kDouble).ne(expected.to(at::kCPU).to(at::kDouble)).sum().item<int64_t>();
 }
 
+// nccl-tests' type names.
+const char* type_name(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "float";
+    case at::kDouble: return "double";
+    case at::kBFloat16: return "bfloat16";
+    case at::kHalf: return "half";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    default: return c10::toString(t);
+  }
+}
+
 double bus_factor(const std::string& op, int n) {
   if (n <= 1) return 0.0;
   if (op == "all_reduce") return 2.0 * (n - 1) / n;
@@ -125,7 +138,7 @@ std::string comm_bench_header(const Communicator& comm, const CommBenchOptions& 
                 "# andyllm bench comm: %d ranks, backend %s, dtype %s, %d warmup + %d timed iterations\n"
                 "#%15s %14s %8s %10s %12s %9s %9s %8s\n"
                 "#%15s %14s %8s %10s %12s %9s %9s %8s\n",
-                comm.size(), backend_name(comm.backend()), c10::toString(opts.dtype), opts.warmup,
+                comm.size(), backend_name(comm.backend()), type_name(opts.dtype), opts.warmup,
                 opts.iters, "size", "count", "type", "redop", "time", "algbw", "busbw", "#wrong",
                 "(B)", "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)", "");
   return buf;
@@ -136,7 +149,7 @@ std::string comm_bench_format(const CommBenchRow& row, at::ScalarType dtype) {
   std::string redop = (row.op == "all_reduce" || row.op == "reduce_scatter") ? "sum" : "none";
   std::snprintf(buf, sizeof buf, " %15lld %14lld %8s %10s %12.1f %9.3f %9.3f %8lld  %s\n",
                 static_cast<long long>(row.bytes), static_cast<long long>(row.count),
-                c10::toString(dtype), redop.c_str(), row.time_us, row.algbw_gbs, row.busbw_gbs,
+                type_name(dtype), redop.c_str(), row.time_us, row.algbw_gbs, row.busbw_gbs,
                 static_cast<long long>(row.wrong), row.op.c_str());
   return buf;
 }
