@@ -82,6 +82,9 @@ inline Config tiny_run(const std::string& out_tag, int64_t steps = 5) {
   c.train.eval_interval = 1000;
   c.train.eval_batches = 2;
   c.train.intra_op_threads = 1;
+  // Adam divides by sqrt(v) + eps: with the default 1e-8 a gradient at roundoff level (a token
+  // never seen) gets a full lr-sized step whose sign is noise; 1e-5 keeps those steps small.
+  c.train.adam_eps = 1e-5;
   c.checkpoint.interval = 1000;
   c.checkpoint.resume = "none";
   return c;
