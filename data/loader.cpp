@@ -11,6 +11,7 @@
 #include <set>
 
 #include "core/base/logging.h"
+#include "core/base/strings.h"
 #include "data/checksum.h"
 #include "data/permutation.h"
 
@@ -19,11 +20,6 @@ namespace fs = std::filesystem;
 namespace andy::data {
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 std::vector<std::string> shards_in_dir(const fs::path& dir) {
   std::vector<std::string> out;

@@ -11,17 +11,13 @@
 
 #include "core/base/error.h"
 #include "core/base/logging.h"
+#include "core/base/strings.h"
 
 namespace fs = std::filesystem;
 
 namespace andy::data {
 
 namespace {
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() &&
-         s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
 
 std::string read_file(const std::string& path) {
   std::ifstream in(path, std::ios::binary);

@@ -76,6 +76,15 @@ void GradReducer::on_grad(size_t k, const at::Tensor& grad) {
   progress();
 }
 
+void GradReducer::pack_from_grads(Bucket& b) {
+  for (size_t s = 0; s < b.params.size(); ++s) {
+    const at::Tensor& p = params_[b.params[s]];
+    at::Tensor dst = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
+    if (p.grad().defined()) dst.copy_(p.grad());
+    else dst.zero_();
+  }
+}
+
 void GradReducer::launch(Bucket& b) {
   b.work = dp_->all_reduce(b.flat, {ReduceOp::kAvg});
 }
@@ -96,24 +105,14 @@ double GradReducer::finish() {
   for (auto& b : buckets_) {
     if (b.work) continue;
     // Some parameter of this bucket got no hook call (unused in this backward): pack .grad.
-    for (size_t s = 0; s < b.params.size(); ++s) {
-      const at::Tensor& p = params_[b.params[s]];
-      at::Tensor dst = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
-      if (p.grad().defined()) dst.copy_(p.grad());
-      else dst.zero_();
-    }
+    pack_from_grads(b);
     launch(b);
     ++stats_.buckets_launched_in_finish;
   }
   if (repack_) {
     for (auto& b : buckets_) b.work->wait();
     for (auto& b : buckets_) {
-      for (size_t s = 0; s < b.params.size(); ++s) {
-        const at::Tensor& p = params_[b.params[s]];
-        at::Tensor dst = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
-        if (p.grad().defined()) dst.copy_(p.grad());
-        else dst.zero_();
-      }
+      pack_from_grads(b);
       launch(b);
     }
     repack_ = false;

@@ -74,6 +74,8 @@ class GradReducer {
   };
   void on_grad(size_t param_index, const at::Tensor& grad);
   void launch(Bucket& b);
+  // Copies every parameter's .grad (zeros where undefined) into the bucket's flat buffer.
+  void pack_from_grads(Bucket& b);
   void progress();
 
   std::vector<at::Tensor> params_;
