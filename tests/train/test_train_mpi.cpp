@@ -7,6 +7,7 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <memory>
 
 #include "launch/checkpoint.h"
 #include "tests/train/train_test_util.h"
@@ -22,6 +23,39 @@ namespace {
 constexpr double kWeightTol = 5e-5;
 
 std::string per_rank(const std::string& tag) { return tag + "_r" + std::to_string(world_rank()); }
+
+// A 4-step TP=1 x DP=world run (global batch 8) and the same run stopped after step 2, which
+// leaves its checkpoint step_00000002 in part.train.output_dir.
+struct InterruptedRun {
+  std::unique_ptr<Trainer> full;
+  TrainResult full_result;
+  Config part;
+};
+
+InterruptedRun run_full_and_stop_at_2(const std::string& tag) {
+  InterruptedRun r;
+  Config base = tiny_run(tag + "_full", 4);
+  base.train.batch_size = 8 / world_size();
+  r.full = std::make_unique<Trainer>(base, world_grid(1), quiet());
+  r.full_result = r.full->run();
+  r.part = base;
+  r.part.train.output_dir = dataset().root + "/runs/" + tag + "_part";
+  TrainerOptions stop = quiet();
+  stop.stop_after_steps = 2;
+  Trainer t(r.part, world_grid(1), stop);
+  t.run();
+  return r;
+}
+
+// Largest |loss| difference over all ranks between a resumed run's steps and the same steps of
+// the uninterrupted run.
+double resumed_loss_diff(const TrainResult& resumed, const TrainResult& full) {
+  double d = 0;
+  for (size_t i = 0; i < resumed.steps.size(); ++i) {
+    d = std::max(d, std::abs(resumed.steps[i].loss - full.steps[resumed.start_step + i].loss));
+  }
+  return max_over_ranks(d);
+}
 
 TEST(Trainer, DataParallelMatchesSingleRankAtSameGlobalBatch) {
   const int n = world_size();
@@ -151,16 +185,8 @@ TEST(Trainer, ResumeReproducesUninterruptedLosses) {
 
 TEST(Trainer, ResumeWithOtherTpSizeReshards) {
   const int n = world_size();
-  Config base = tiny_run("reshard_full", 4);
-  base.train.batch_size = 8 / n;
-  Trainer full(base, world_grid(1), quiet());
-  TrainResult rf = full.run();
-
-  Config part = base;
-  part.train.output_dir = dataset().root + "/runs/reshard_part";
-  TrainerOptions stop = quiet();
-  stop.stop_after_steps = 2;
-  { Trainer t(part, world_grid(1), stop); t.run(); }
+  InterruptedRun run = run_full_and_stop_at_2("reshard");
+  Config part = run.part;
   // Resume the TP=1 x DP=n checkpoint as TP=2 x DP=n/2 (same global batch).
   part.parallel.tensor_parallel_size = 2;
   part.train.batch_size = 8 / (n / 2);
@@ -168,27 +194,18 @@ TEST(Trainer, ResumeWithOtherTpSizeReshards) {
   Trainer t2(part, world_grid(2), quiet());
   TrainResult r2 = t2.run();
   ASSERT_EQ(r2.start_step, 2);
-  double d = 0;
-  for (size_t i = 0; i < r2.steps.size(); ++i) d = std::max(d, std::abs(r2.steps[i].loss - rf.steps[2 + i].loss));
-  d = max_over_ranks(d);
+  double d = resumed_loss_diff(r2, run.full_result);
   if (world_rank() == 0) std::printf("  resharded TP=1 -> TP=2 resume: max |loss diff| steps 3-4 = %.3e\n", d);
   EXPECT_LT(d, 1e-5);
-  EXPECT_LT(weight_diff("weights at step 4", t2.model(), full.model()), kWeightTol);
+  EXPECT_LT(weight_diff("weights at step 4", t2.model(), run.full->model()), kWeightTol);
 }
 
 // A checkpoint of DP = world resumed by one rank (DP = 1, same global batch of 8): the cursor
 // is kept in windows, so the continuation sees the same data and matches the full run.
 TEST(Trainer, ResumeWithOtherDpSize) {
   const int n = world_size();
-  Config base = tiny_run("dpresize_full", 4);
-  base.train.batch_size = 8 / n;
-  Trainer full(base, world_grid(1), quiet());
-  TrainResult rf = full.run();
-  Config part = base;
-  part.train.output_dir = dataset().root + "/runs/dpresize_part";
-  TrainerOptions stop = quiet();
-  stop.stop_after_steps = 2;
-  { Trainer t(part, world_grid(1), stop); t.run(); }
+  InterruptedRun run = run_full_and_stop_at_2("dpresize");
+  const Config& part = run.part;
   Config single = part;
   single.train.batch_size = 8;
   single.checkpoint.resume = part.train.output_dir + "/checkpoints/step_00000002";
@@ -198,12 +215,10 @@ TEST(Trainer, ResumeWithOtherDpSize) {
   Trainer t2(single, TrainGrid::single(), o);
   TrainResult r2 = t2.run();
   ASSERT_EQ(r2.start_step, 2);
-  double d = 0;
-  for (size_t i = 0; i < r2.steps.size(); ++i) d = std::max(d, std::abs(r2.steps[i].loss - rf.steps[2 + i].loss));
-  d = max_over_ranks(d);
+  double d = resumed_loss_diff(r2, run.full_result);
   if (world_rank() == 0) std::printf("  DP=%d checkpoint resumed with DP=1: max |loss diff| steps 3-4 = %.3e\n", n, d);
   EXPECT_LT(d, 1e-5);
-  EXPECT_LT(weight_diff("weights at step 4", t2.model(), full.model()), kWeightTol);
+  EXPECT_LT(weight_diff("weights at step 4", t2.model(), run.full->model()), kWeightTol);
 }
 
 TEST(Trainer, TruncatedOrPartialCheckpointIsRefusedNamingTheFile) {
