@@ -1,6 +1,7 @@
 // Flag parsing, help text and config loading for the subcommands.
 #include "launch/cli.h"
 
+#include <dlfcn.h>
 #include <torch/torch.h>
 #include <unistd.h>
 
@@ -211,6 +212,12 @@ void configure_threads(const Config& cfg, const World* world) {
     threads = std::max(1, cores / std::max(1, local));
   }
   at::set_num_threads(threads);
+  // LibTorch sets OpenMP's threads only; OpenBLAS (Debian's libblas.so.3, which fp32 matmul
+  // uses) keeps its own pool, one thread per core by default: ranks sharing a host would
+  // oversubscribe it. Looked up at run time because the BLAS is whatever libtorch loaded.
+  using SetThreads = void (*)(int);
+  if (auto set_blas = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads")))
+    set_blas(threads);
 }
 
 }  // namespace andy

@@ -72,7 +72,8 @@ class AgreedConfigError : public ConfigError {
 // AgreedConfigError, with the message on the lowest failing rank only (printed once).
 Config load_config_collectively(const ParsedArgs& args, World* world);
 
-// Sets LibTorch intra-op threads: train.intra_op_threads, or host cores / ranks on the host.
+// Sets LibTorch intra-op threads and, when the BLAS is OpenBLAS, its thread pool too:
+// train.intra_op_threads, or host cores / ranks on the host.
 void configure_threads(const Config& cfg, const World* world);
 
 }  // namespace andy

@@ -120,6 +120,7 @@ double measure_matmul_flops() {
 void install_stop_signal_handlers() {
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
+  std::signal(SIGUSR1, on_stop_signal);  // mpirun forwards it at once (scripts/mpirun.sh)
 }
 bool stop_signal_received() { return g_stop_signal.load() != 0; }
 
@@ -215,7 +216,9 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   std::vector<at::Tensor> tensors;
   for (const auto& p : params_) tensors.push_back(p.param);
   reducer_ = std::make_unique<GradReducer>(
-      tensors, grid_.dp, GradReducerOptions().set_bucket_mb(cfg_.train.bucket_size_mb));
+      tensors, grid_.dp, GradReducerOptions()
+                   .set_bucket_mb(cfg_.train.bucket_size_mb)
+                   .set_first_bucket_mb(cfg_.train.first_bucket_mb));
   optimizer_ = std::make_unique<AdamW>(params_, cfg_.train);
   scaler_ = std::make_unique<LossScaler>(cfg_.precision, cfg_.precision.mode == "fp16" || opts_.force_loss_scaler);
 

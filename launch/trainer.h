@@ -10,7 +10,7 @@
 // `eval_interval` steps the validation loss is measured on a fixed subset (the first
 // eval_batches global batches of the unshuffled validation split, averaged over DP) and the
 // best model is written to output_dir/best_model/. Checkpoints: launch/checkpoint.h.
-// SIGTERM/SIGINT on any rank: the ranks agree at the next step boundary (all-reduce MAX of a
+// SIGTERM/SIGINT/SIGUSR1 on any rank: the ranks agree at the next step boundary (all-reduce MAX of a
 // flag), write a checkpoint and run() returns normally.
 // Construction and run() are collective over the grid's world communicator.
 //
@@ -191,7 +191,7 @@ void all_reduce_host(Communicator* c, at::Tensor& t, ReduceOp op, at::Device dev
 // threads), in FLOP/s: the "measured peak" MFU is quoted against on CPU.
 double measure_matmul_flops();
 
-// Installs SIGTERM/SIGINT handlers that set a flag read by Trainer::run (idempotent).
+// Installs SIGTERM/SIGINT/SIGUSR1 handlers that set a flag read by Trainer::run (idempotent).
 void install_stop_signal_handlers();
 bool stop_signal_received();
 

@@ -8,5 +8,5 @@ if [ "$(id -u)" = 0 ]; then
 fi
 # More ranks than cores on one machine: let mpirun oversubscribe instead of refusing.
 export OMPI_MCA_rmaps_base_oversubscribe=1
-ANDYLLM_BIN="$ANDYLLM_ROOT/build/andyllm"
+ANDYLLM_BIN="${ANDYLLM_BIN:-$ANDYLLM_ROOT/build/andyllm}"  # a test may point at its own build
 export ANDYLLM_BIN

@@ -4,6 +4,12 @@
 # e.g. scripts/mpirun.sh 4 train --config configs/tiny.toml --set parallel.tensor_parallel_size=2
 # Each rank gets cores / N LibTorch threads (at least 1); ranks are bound to nothing so that
 # oversubscribed runs still progress.
+#
+# Stopping: SIGTERM or SIGINT (Ctrl-C) to this script makes every rank write a checkpoint and
+# the job exit 0. Plain mpirun cannot do that: on SIGTERM/SIGINT it gives the ranks SIGTERM and,
+# one second later (odls_base_sigkill_timeout), SIGKILL. It forwards SIGUSR1 at once, though,
+# and andyllm treats SIGUSR1 like SIGTERM; so this script runs mpirun in its own session (Ctrl-C
+# reaches only the script) and turns SIGTERM/SIGINT into SIGUSR1 to mpirun.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 if [ $# -lt 2 ]; then
@@ -12,4 +18,18 @@ if [ $# -lt 2 ]; then
 fi
 n=$1
 shift
-exec mpirun -np "$n" --bind-to none "$ANDYLLM_BIN" "$@"
+setsid mpirun -np "$n" --bind-to none --stdin none "$ANDYLLM_BIN" "$@" &
+job=$!
+stop() {
+  echo "[mpirun.sh] $1: asking every rank to checkpoint and stop (SIGUSR1 to mpirun)" >&2
+  kill -USR1 "$job" 2>/dev/null || true
+}
+trap 'stop SIGTERM' TERM
+trap 'stop SIGINT' INT
+# `wait` returns early when a trapped signal arrives: wait again until mpirun has exited.
+set +e
+while true; do
+  wait "$job"
+  rc=$?
+  kill -0 "$job" 2>/dev/null || exit "$rc"
+done

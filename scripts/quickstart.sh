@@ -40,9 +40,9 @@ fi
 
 echo
 echo "== mpirun -np $RANKS andyllm train --config configs/tiny.toml"
-# --resume auto (the default) continues a previous run of this demo from its latest checkpoint.
-OPENBLAS_NUM_THREADS=1 mpirun -np "$RANKS" --bind-to none "$ANDYLLM_BIN" train \
-  --config configs/tiny.toml --set train.intra_op_threads=1 --output_dir "$OUT"
+# --resume auto (the default) continues a previous run of this demo from its latest checkpoint;
+# Ctrl-C makes every rank write one first (scripts/mpirun.sh).
+scripts/mpirun.sh "$RANKS" train --config configs/tiny.toml --output_dir "$OUT"
 
 echo
 echo "== loss and throughput curves (gnuplot)"

@@ -110,6 +110,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(int_key(&TrainConfig::eval_interval, &C::train, "train", "eval_interval", 1, kBig, "steps between validations"));
   s.push_back(int_key(&TrainConfig::eval_batches, &C::train, "train", "eval_batches", 1, kBig, "validation batches per evaluation (fixed subset)"));
   s.push_back(float_key(&TrainConfig::bucket_size_mb, &C::train, "train", "bucket_size_mb", 0, 1e6, true, "gradient all-reduce bucket size in MiB"));
+  s.push_back(float_key(&TrainConfig::first_bucket_mb, &C::train, "train", "first_bucket_mb", 0, 1e6, true, "size in MiB of the first gradient bucket (the last layers), small so the all-reduce starts early"));
   s.push_back(float_key(&TrainConfig::peak_tflops, &C::train, "train", "peak_tflops", 0, 1e6, false, "device peak TFLOP/s for MFU; 0 means measured or unknown"));
   s.push_back(int_key(&TrainConfig::intra_op_threads, &C::train, "train", "intra_op_threads", 0, 4096, "LibTorch threads per rank; 0 means host cores / ranks on the host"));
   // [parallel]

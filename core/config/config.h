@@ -58,6 +58,7 @@ struct TrainConfig {
   int64_t eval_interval = 100;
   int64_t eval_batches = 16;
   double bucket_size_mb = 25.0;
+  double first_bucket_mb = 1.0;
   double peak_tflops = 0.0;  // 0: measured (CPU) or looked up (GPU); unknown if neither
   int64_t intra_op_threads = 0;  // 0: cores per rank on this host
 };

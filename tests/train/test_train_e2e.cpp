@@ -1,6 +1,9 @@
-// End-to-end trainer tests through the real executable under mpirun: SIGTERM to one rank
-// makes every rank write a checkpoint and the job exit 0; `--resume auto` then continues from
-// it; a run whose latest checkpoint is truncated is refused with the file named.
+// End-to-end trainer tests through the real executable under mpirun: SIGTERM to one rank,
+// Ctrl-C or SIGTERM to scripts/mpirun.sh, and SIGUSR1 to plain mpirun each make every rank write
+// a checkpoint and the job exit 0; `--resume auto` then continues from it; a run whose latest
+// checkpoint is truncated is refused with the file named; a rank killed with SIGKILL ends the
+// job with an error and leaves the latest complete checkpoint usable; bf16 training of the demo
+// corpus lowers the validation loss.
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -24,7 +27,7 @@ namespace dt = andy::data::testing;
 namespace {
 
 // A tiny run config (vocab 100, dim 32, 2 layers, seq 16) over a generated dataset in `dir`.
-std::string make_run(const dt::TempDir& dir, int64_t max_steps) {
+std::string make_run(const dt::TempDir& dir, int64_t max_steps, int64_t checkpoint_interval = 1000000) {
   dt::write_file(dir / "tokenizer.model", "stand-in tokenizer for trainer e2e tests\n");
   std::string sum = data::file_checksum(dir / "tokenizer.model");
   if (!fs::exists(dir / "train")) {
@@ -40,7 +43,7 @@ std::string make_run(const dt::TempDir& dir, int64_t max_steps) {
                           "max_steps = " + std::to_string(max_steps) +
                           "\nlog_interval = 1\neval_interval = 1000000\neval_batches = 2\n"
                           "intra_op_threads = 1\nwarmup_steps = 2\n"
-                          "[checkpoint]\ninterval = 1000000\n");
+                          "[checkpoint]\ninterval = " + std::to_string(checkpoint_interval) + "\n");
   return cfg;
 }
 
@@ -52,54 +55,96 @@ int count_lines(const std::string& path) {
   return n;
 }
 
+// A job started in the background through /bin/sh, in its own process group (as a shell puts a
+// foreground job), with its output in `log`.
+struct Job {
+  pid_t pid = -1;
+  std::string log;
+  int status = 0;
+
+  Job(const std::string& cmd, std::string log_path) : log(std::move(log_path)) {
+    std::string full = "exec " + cmd + " > " + log + " 2>&1";
+    pid = fork();
+    if (pid == 0) {
+      setpgid(0, 0);
+      execl("/bin/sh", "sh", "-c", full.c_str(), static_cast<char*>(nullptr));
+      _exit(127);
+    }
+    if (pid > 0) setpgid(pid, pid);
+  }
+  ~Job() {
+    if (pid > 0) {  // a test that failed early: leave nothing running
+      kill(-pid, SIGKILL);
+      waitpid(pid, &status, 0);
+    }
+  }
+  // Waits until the job has exited; false after `seconds` (the job is then killed).
+  bool wait_exit(int seconds) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (waitpid(pid, &status, WNOHANG) == pid) {
+        pid = -1;
+        return true;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    }
+    return false;
+  }
+  int exit_code() const { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
+  std::string output() const { return dt::read_text(log); }
+};
+
+// Waits (up to 60 s) until `metrics` has at least `n` lines.
+bool wait_logged_steps(const std::string& metrics, int n) {
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (count_lines(metrics) < n && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  return count_lines(metrics) >= n;
+}
+
+// Direct children of `pid` (the ranks, when `pid` is mpirun).
+std::vector<pid_t> children_of(pid_t pid) {
+  auto r = run_command("pgrep -P " + std::to_string(pid));
+  std::vector<pid_t> out;
+  std::istringstream is(r.output);
+  for (pid_t c; is >> c;) out.push_back(c);
+  return out;
+}
+
+// "step_NNNNNNNN" recorded in the run's checkpoints/latest ("" if none).
+std::string latest_checkpoint(const dt::TempDir& dir) {
+  std::string latest = dt::read_text(dir / "out/checkpoints/latest");
+  while (!latest.empty() && latest.back() == '\n') latest.pop_back();
+  return latest;
+}
+
+// Checks that the job stopped on a signal with a complete checkpoint and exit code 0.
+void expect_clean_stop(Job& job, const dt::TempDir& dir, const std::string& what) {
+  ASSERT_TRUE(job.wait_exit(60)) << "the job did not end within 60 s of " << what << ":\n"
+                                 << job.output();
+  std::string out = job.output();
+  EXPECT_EQ(job.exit_code(), 0) << what << "\n" << out;
+  EXPECT_NE(out.find("stop requested (signal)"), std::string::npos) << out;
+  std::string latest = latest_checkpoint(dir);
+  ASSERT_FALSE(latest.empty()) << out;
+  std::string step_dir = dir / ("out/checkpoints/" + latest);
+  EXPECT_TRUE(fs::exists(step_dir + "/meta.json"));
+  EXPECT_TRUE(fs::exists(step_dir + "/shard_tp00.pt"));
+  std::printf("  %s: exit %d, checkpoint %s\n", what.c_str(), job.exit_code(), step_dir.c_str());
+}
+
 TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
   dt::TempDir dir("andyllm-train-e2e");
   std::string cfg = make_run(dir, 1000000);
-  std::string log = dir / "log.txt";
-  std::string cmd = "exec " + mpirun(2) + andyllm_bin() + " train --config " + cfg + " > " + log + " 2>&1";
-  pid_t pid = fork();
-  ASSERT_GE(pid, 0);
-  if (pid == 0) {
-    execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
-    _exit(127);
-  }
+  Job job(mpirun(2) + andyllm_bin() + " train --config " + cfg, dir / "log.txt");
+  ASSERT_GT(job.pid, 0);
   // Wait until training runs (two logged steps), then signal one rank (a child of mpirun).
-  std::string metrics = dir / "out/metrics.jsonl";
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (count_lines(metrics) < 2 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  ASSERT_GE(count_lines(metrics), 2) << dt::read_text(log);
-  auto ranks = run_command("pgrep -P " + std::to_string(pid));
-  std::vector<pid_t> children;
-  std::istringstream is(ranks.output);
-  for (pid_t c; is >> c;) children.push_back(c);
-  ASSERT_FALSE(children.empty()) << "no rank processes under mpirun " << pid;
-  ASSERT_EQ(kill(children.back(), SIGTERM), 0);
-  int status = 0;
-  bool exited = false;
-  deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (waitpid(pid, &status, WNOHANG) == pid) {
-      exited = true;
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  if (!exited) {
-    kill(pid, SIGKILL);
-    waitpid(pid, &status, 0);
-  }
-  std::string out = dt::read_text(log);
-  ASSERT_TRUE(exited) << "the job did not end within 60 s of SIGTERM:\n" << out;
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << out;
-  EXPECT_NE(out.find("stop requested (signal)"), std::string::npos) << out;
-  std::string latest = dt::read_text(dir / "out/checkpoints/latest");
-  ASSERT_FALSE(latest.empty()) << out;
-  std::string step_dir = dir / ("out/checkpoints/" + latest.substr(0, latest.size() - 1));
-  EXPECT_TRUE(fs::exists(step_dir + "/meta.json"));
-  EXPECT_TRUE(fs::exists(step_dir + "/shard_tp00.pt"));
-  std::printf("  SIGTERM to rank pid %d: exit %d, checkpoint %s\n", children.back(),
-              WIFEXITED(status) ? WEXITSTATUS(status) : -1, step_dir.c_str());
+  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
+  std::vector<pid_t> ranks = children_of(job.pid);
+  ASSERT_FALSE(ranks.empty()) << "no rank processes under mpirun " << job.pid;
+  ASSERT_EQ(kill(ranks.back(), SIGTERM), 0);
+  expect_clean_stop(job, dir, "SIGTERM to one rank");
+  std::string latest = latest_checkpoint(dir);
 
   // Resume from it (auto) for two more steps, then damage the latest checkpoint: refused.
   int64_t stopped = std::stoll(latest.substr(5));
@@ -107,13 +152,115 @@ TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
   auto r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + more);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resumed from"), std::string::npos) << r.output;
-  std::string latest2 = dt::read_text(dir / "out/checkpoints/latest");
-  std::string shard = dir / ("out/checkpoints/" + latest2.substr(0, latest2.size() - 1) + "/shard_tp00.pt");
+  std::string shard = dir / ("out/checkpoints/" + latest_checkpoint(dir) + "/shard_tp00.pt");
   fs::resize_file(shard, fs::file_size(shard) / 3);
   r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + " --set train.max_steps=" +
                   std::to_string(stopped + 4));
   EXPECT_NE(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find(shard), std::string::npos) << r.output;
+}
+
+// Ctrl-C in a terminal: SIGINT to the launcher's whole process group. scripts/mpirun.sh turns
+// it into SIGUSR1 for mpirun, which forwards it to every rank.
+TEST(TrainE2e, CtrlCToTheLauncherScriptCheckpointsAndExitsZero) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 1000000);
+  std::string script = source_dir() + "/scripts/mpirun.sh";
+  Job job("env ANDYLLM_BIN=" + andyllm_bin() + " " + script + " 2 train --config " + cfg,
+          dir / "log.txt");
+  ASSERT_GT(job.pid, 0);
+  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
+  ASSERT_EQ(kill(-job.pid, SIGINT), 0);
+  expect_clean_stop(job, dir, "SIGINT to the process group of scripts/mpirun.sh");
+  EXPECT_NE(job.output().find("[mpirun.sh] SIGINT"), std::string::npos) << job.output();
+}
+
+// SLURM-style preemption of a job launched by the script: SIGTERM to the script alone.
+TEST(TrainE2e, SigtermToTheLauncherScriptCheckpointsAndExitsZero) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 1000000);
+  std::string script = source_dir() + "/scripts/mpirun.sh";
+  Job job("env ANDYLLM_BIN=" + andyllm_bin() + " " + script + " 2 train --config " + cfg,
+          dir / "log.txt");
+  ASSERT_GT(job.pid, 0);
+  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
+  // `exec env ... script`: the job's pid is the script's bash.
+  ASSERT_EQ(kill(job.pid, SIGTERM), 0);
+  expect_clean_stop(job, dir, "SIGTERM to scripts/mpirun.sh");
+}
+
+// Plain mpirun forwards SIGUSR1 to every rank at once.
+TEST(TrainE2e, SigusrToPlainMpirunCheckpointsAndExitsZero) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 1000000);
+  Job job(mpirun(2) + andyllm_bin() + " train --config " + cfg, dir / "log.txt");
+  ASSERT_GT(job.pid, 0);
+  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
+  ASSERT_EQ(kill(job.pid, SIGUSR1), 0);
+  expect_clean_stop(job, dir, "SIGUSR1 to mpirun");
+}
+
+// A rank that dies mid-training ends the job with an error (no hang), and the latest complete
+// checkpoint stays usable.
+TEST(TrainE2e, ARankThatDiesEndsTheJobWithAnError) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 1000000, /*checkpoint_interval=*/3);
+  Job job(mpirun(2) + andyllm_bin() + " train --config " + cfg, dir / "log.txt");
+  ASSERT_GT(job.pid, 0);
+  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 5)) << job.output();
+  std::vector<pid_t> ranks = children_of(job.pid);
+  ASSERT_FALSE(ranks.empty()) << "no rank processes under mpirun " << job.pid;
+  ASSERT_EQ(kill(ranks.back(), SIGKILL), 0);
+  ASSERT_TRUE(job.wait_exit(60)) << "the job still runs 60 s after a rank was killed:\n"
+                                 << job.output();
+  std::string out = job.output();
+  EXPECT_NE(job.exit_code(), 0) << out;
+  EXPECT_NE(out.find("signal 9"), std::string::npos) << "mpirun should name the killed rank:\n" << out;
+  std::printf("  SIGKILL to rank pid %d: job exit %d\n", ranks.back(), job.exit_code());
+
+  // The latest complete checkpoint resumes (a save cut short by the kill is never "latest").
+  std::string latest = latest_checkpoint(dir);
+  ASSERT_FALSE(latest.empty()) << out;
+  int64_t at = std::stoll(latest.substr(5));
+  auto r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg +
+                       " --set train.max_steps=" + std::to_string(at + 1));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resumed from"), std::string::npos) << r.output;
+}
+
+// The built-in demo in bf16: corpus from Debian's fortunes (scripts/make_demo_corpus.sh),
+// `andyllm preprocess`, then configs/tiny.toml on 2 ranks with precision.mode = bf16 for 60
+// steps. The validation loss must fall clearly below the untrained model's (ln 4096 = 8.3).
+TEST(TrainE2e, Bf16TrainsOnTheDemoCorpus) {
+  dt::TempDir dir("andyllm-train-demo");
+  auto r = run_command(source_dir() + "/scripts/make_demo_corpus.sh " + dir / "raw");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run_command(andyllm_bin() + " preprocess --input_dir " + dir / "raw" + " --output_dir " +
+                  dir / "processed" + " --vocab_size 4096");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::string data = dir / "processed";
+  r = run_command(mpirun(2) + andyllm_bin() + " train --config " + source_dir() + "/configs/tiny.toml" +
+                  " --set data.train_file=" + data + "/train --set data.val_file=" + data +
+                  "/validation --set data.tokenizer_path=" + data + "/tokenizer.model" +
+                  " --set precision.mode=bf16 --set train.max_steps=60 --set train.warmup_steps=10"
+                  " --set train.eval_interval=30 --set checkpoint.interval=1000 --output_dir " +
+                  dir / "out");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  // {"step": N, "val_loss": X, ...} lines of metrics.jsonl.
+  std::vector<std::pair<int, double>> val;
+  std::ifstream f(dir / "out/metrics.jsonl");
+  for (std::string line; std::getline(f, line);) {
+    auto at = line.find("\"val_loss\": ");
+    if (at == std::string::npos) continue;
+    val.push_back({std::stoi(line.substr(line.find("\"step\": ") + 8)), std::stod(line.substr(at + 12))});
+  }
+  ASSERT_EQ(val.size(), 3u) << r.output;  // steps 0, 30, 60
+  EXPECT_EQ(val.front().first, 0);
+  EXPECT_EQ(val.back().first, 60);
+  EXPECT_LT(val[1].second, val[0].second);
+  EXPECT_LT(val.back().second, val[0].second - 1.5) << r.output;
+  std::printf("  bf16 on the demo corpus: val_loss %.3f (step 0) -> %.3f (30) -> %.3f (60)\n",
+              val[0].second, val[1].second, val[2].second);
 }
 
 }  // namespace

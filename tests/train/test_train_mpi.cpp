@@ -9,7 +9,10 @@
 #include <filesystem>
 #include <memory>
 
+#include <dlfcn.h>
+
 #include "launch/checkpoint.h"
+#include "launch/cli.h"
 #include "tests/train/train_test_util.h"
 
 using namespace andy;
@@ -315,6 +318,25 @@ TEST(LossScaler, TrainerSkipsInjectedInfEverywhereAndStateSurvivesResume) {
   at::Tensor w0 = w.clone();
   MPI_Bcast(w0.data_ptr(), static_cast<int>(w0.numel()), MPI_FLOAT, 0, MPI_COMM_WORLD);
   EXPECT_TRUE(w.equal(w0));
+}
+
+// LibTorch's threads and OpenBLAS's own pool both follow train.intra_op_threads.
+TEST(Threads, ConfigureThreadsSetsLibTorchAndOpenBlas) {
+  using GetThreads = int (*)();
+  using SetThreads = void (*)(int);
+  auto get_blas = reinterpret_cast<GetThreads>(dlsym(RTLD_DEFAULT, "openblas_get_num_threads"));
+  auto set_blas = reinterpret_cast<SetThreads>(dlsym(RTLD_DEFAULT, "openblas_set_num_threads"));
+  if (!get_blas || !set_blas) GTEST_SKIP() << "the BLAS LibTorch loaded is not OpenBLAS";
+  const int before = at::get_num_threads();
+  set_blas(2);
+  at::set_num_threads(2);
+  Config c;
+  c.train.intra_op_threads = 1;
+  configure_threads(c, nullptr);
+  EXPECT_EQ(at::get_num_threads(), 1);
+  EXPECT_EQ(get_blas(), 1);
+  at::set_num_threads(before);
+  set_blas(before);
 }
 
 TEST(Trainer, Bf16LossFalls) {
