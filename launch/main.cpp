@@ -1,7 +1,10 @@
 // andyllm: the one executable. Dispatches to a subcommand, initialises MPI for those that need
 // it, and is the top-level error handler: an andy::Error is logged with its rank, then a
 // multi-rank job is ended with MPI_Abort so no rank waits forever for a dead peer.
+#include <malloc.h>
+
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 
@@ -29,6 +32,20 @@ void print_main_help(const std::vector<Subcommand>& cmds) {
   std::printf("\n'andyllm SUBCOMMAND --help' describes every flag of a subcommand.\n");
 }
 
+// glibc malloc hands freed memory at the top of the heap back to the kernel once it passes the
+// trim threshold (dynamic: twice the largest freed mmap chunk). A training step frees and
+// re-allocates the same activations every step, so the pages were faulted in and zeroed again
+// each time: 15% of a CPU step was in the kernel's page-fault path (perf, configs/tiny.toml).
+// A fixed 32 MiB mmap threshold (glibc's maximum) and 256 MiB trim threshold keep them:
+// 131 -> 110 ms per step on one rank (docs/PERFORMANCE.md). ANDYLLM_MALLOC_TUNING=0 turns it
+// off; MALLOC_* environment variables set by the user win.
+void tune_malloc() {
+  const char* opt = std::getenv("ANDYLLM_MALLOC_TUNING");
+  if (opt && std::strcmp(opt, "0") == 0) return;
+  if (!std::getenv("MALLOC_MMAP_THRESHOLD_")) mallopt(M_MMAP_THRESHOLD, 32 << 20);
+  if (!std::getenv("MALLOC_TRIM_THRESHOLD_")) mallopt(M_TRIM_THRESHOLD, 256 << 20);
+}
+
 // Logs and ends the job: exit code for a single process, MPI_Abort for several.
 int fail(const World* world, int code, const std::string& msg) {
   if (!msg.empty()) log::error(msg);
@@ -41,6 +58,7 @@ int fail(const World* world, int code, const std::string& msg) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  tune_malloc();
   auto cmds = all_commands();
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") ||
       !std::strcmp(argv[1], "help")) {

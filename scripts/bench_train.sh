@@ -5,6 +5,7 @@
 # for fp32 and bf16. Model: configs/tiny.toml's shapes (dim 128, 4 layers, vocab 4096, seq 128,
 # micro-batch 8 per rank) unless CONFIG / overrides say otherwise.
 #
+# AndyLLM runs twice per mode: as shipped, and with its malloc tuning off (the ratio it buys).
 #   scripts/bench_train.sh [RANKS] [STEPS]        # default 2 ranks, 20 steps (3 untimed)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,10 @@ for mode in fp32 bf16; do
   echo "## $mode"
   mpirun -np "$RANKS" --oversubscribe "$BIN" bench train --config "$CONFIG" --steps "$STEPS" --warmup 3 \
     --set precision.mode=$mode --set train.intra_op_threads=1 2>&1 | grep -v "^\s*$"
+  echo "# the same without AndyLLM's malloc tuning (ANDYLLM_MALLOC_TUNING=0, launch/main.cpp):"
+  mpirun -np "$RANKS" --oversubscribe -x ANDYLLM_MALLOC_TUNING=0 "$BIN" bench train --config "$CONFIG" \
+    --steps "$STEPS" --warmup 3 --set precision.mode=$mode --set train.intra_op_threads=1 2>&1 |
+    grep -E "^(step time|tokens/s)"
   extra=""; [ "$mode" = bf16 ] && extra="--bf16"
   /usr/bin/python3 scripts/bench_pytorch.py --ranks "$RANKS" --threads 1 --steps "$STEPS" --warmup 3 $extra
 done
