@@ -33,11 +33,17 @@ std::string shard_file(int tp_rank) {
   return buf;
 }
 
-// Every rank learns whether any rank failed (message from the lowest failing rank).
-void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device) {
+// Every rank learns whether any rank failed (message from the lowest failing rank). On failure
+// world rank 0 removes `partial_dir` (the unfinished step_N.tmp/) so nothing half-written stays.
+void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device,
+                    const std::string& partial_dir = "") {
   at::Tensor f = at::full({1}, local_error.empty() ? 0 : 1, at::kInt);
   all_reduce_host(g.world.get(), f, ReduceOp::kMax, device);
   if (f.item<int>() == 0) return;
+  if (g.rank() == 0 && !partial_dir.empty()) {
+    std::error_code ec;
+    fs::remove_all(partial_dir, ec);
+  }
   if (!local_error.empty()) throw IoError(local_error);
   throw IoError("checkpoint: another rank failed (see its message)");
 }
@@ -121,7 +127,11 @@ std::string save_checkpoint(Trainer& tr) {
     g.world->all_gather(all_rng, rng)->wait();
   }
   else all_rng.copy_(rng.view({-1}));
-  if (g.dp_rank() == 0) {
+  const TrainerOptions& opts = tr.options();
+  if (opts.fail_checkpoint_rank == g.rank() && opts.fail_checkpoint_step == tr.step()) {
+    err = "checkpoint: cannot write " + tmp_dir + "/" + shard_file(g.tp_rank()) +
+          ": injected failure (TrainerOptions::fail_checkpoint_rank)";
+  } else if (g.dp_rank() == 0) {
     try {
       torch::serialize::OutputArchive ar;
       for (auto& s : tr.optimizer().slots()) {
@@ -137,7 +147,7 @@ std::string save_checkpoint(Trainer& tr) {
       err = std::string("checkpoint: cannot write ") + tmp_dir + "/" + shard_file(g.tp_rank()) + ": " + e.what();
     }
   }
-  agree_or_throw(g, err, tr.device());
+  agree_or_throw(g, err, tr.device(), tmp_dir);
   std::string result = final_dir;
   if (g.rank() == 0) {
     try {
@@ -165,15 +175,20 @@ std::string save_checkpoint(Trainer& tr) {
       for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(shard_file(r));
       meta["config"] = config_to_toml(cfg);
       write_text_atomic(tmp_dir + "/meta.json", meta.dump(2));
-      // Every rank has finished (the agree above): publish.
-      if (fs::exists(final_dir)) fs::remove_all(final_dir);
+      // Every rank has finished (the agree above): publish. A complete checkpoint of the same
+      // step (a stop right after a periodic save) is moved aside first and removed only once
+      // the new one is in place and recorded.
+      const std::string old_dir = final_dir + ".old";
+      fs::remove_all(old_dir);
+      if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
       fs::rename(tmp_dir, final_dir);
       write_text_atomic(root + "/latest", checkpoint_dir_name(tr.step()) + "\n");
+      fs::remove_all(old_dir);
       // Prune older complete checkpoints (and stale temporaries of earlier steps).
       std::vector<std::string> steps;
       for (const auto& e : fs::directory_iterator(root)) {
         std::string n = e.path().filename().string();
-        if (e.is_directory() && n.rfind("step_", 0) == 0 && n.find(".tmp") == std::string::npos)
+        if (e.is_directory() && n.rfind("step_", 0) == 0 && n.find('.') == std::string::npos)
           steps.push_back(n);
       }
       std::sort(steps.begin(), steps.end());
@@ -181,9 +196,11 @@ std::string save_checkpoint(Trainer& tr) {
       for (size_t i = 0; i + keep < steps.size(); ++i) fs::remove_all(root + "/" + steps[i]);
     } catch (const std::exception& e) {
       err = std::string("checkpoint: cannot finish ") + final_dir + ": " + e.what();
+      std::error_code ec;  // put a moved-aside complete checkpoint back
+      if (!fs::exists(final_dir) && fs::exists(final_dir + ".old")) fs::rename(final_dir + ".old", final_dir, ec);
     }
   }
-  agree_or_throw(g, err, tr.device());
+  agree_or_throw(g, err, tr.device(), tmp_dir);
   return result;
 }
 

@@ -6,8 +6,9 @@
 //                   windows consumed in the epoch), best validation loss, the effective config
 // A save writes step_N.tmp/, waits until every rank has finished (barrier), renames it to
 // step_N/ and only then replaces the `latest` file (write + rename, atomic). Older step
-// directories beyond checkpoint.keep_last are removed. A failed save never touches a complete
-// checkpoint.
+// directories beyond checkpoint.keep_last are removed. A failed save (any rank) throws IoError on
+// every rank, removes its step_N.tmp/ and never touches a complete checkpoint; saving a step
+// that already has one moves the old one aside until the new one is recorded as latest.
 // Resume: the data cursor is stored in windows (sequences) of the epoch, so a different DP size
 // (or batch size) resumes at the same point of the data order (rounded down to a whole global
 // batch of the new layout: a few windows may be served twice). A different TP size merges the

@@ -114,6 +114,10 @@ struct TrainerOptions {
   bool write_checkpoints = true;  // false: no checkpoints (benchmarks)
   // Testing: stop after this many steps of this run as if SIGTERM had arrived (-1: never).
   int64_t stop_after_steps = -1;
+  // Testing: world rank `fail_checkpoint_rank` fails to write its part of the checkpoint of
+  // step `fail_checkpoint_step`, as on a full disk (-1: never).
+  int fail_checkpoint_rank = -1;
+  int64_t fail_checkpoint_step = -1;
 };
 
 struct StepRecord {
@@ -148,6 +152,7 @@ class Trainer {
   LossScaler& scaler() { return *scaler_; }
   int64_t total_steps() const { return total_steps_; }
   const Config& config() const { return cfg_; }
+  const TrainerOptions& options() const { return opts_; }
   const TrainGrid& grid() const { return grid_; }
   data::DataLoader& train_loader() { return *train_; }
   int64_t step() const { return step_; }

@@ -1,7 +1,8 @@
 // Trainer tests on real ranks (ctest runs them under mpirun -np 2 and -np 4), fp32 CPU:
 // DP=2 vs DP=1 at the same global batch, accumulation 4 x 2 vs 1 x 8, TP x DP vs TP=1 x DP=1
 // (losses, weights, and the clipping norm against the dense norm of the TP=1 run), resume
-// reproducing the uninterrupted losses exactly, a truncated checkpoint refused, the loss
+// reproducing the uninterrupted losses exactly, a truncated checkpoint or one of another shape
+// refused, a failed save leaving the previous checkpoint complete and latest, the loss
 // scaler's agreement on an injected inf, its growth and its state across resume, and bf16.
 // Every rank also runs the single-rank references (TrainGrid::single()) in its own directory.
 #include <gtest/gtest.h>
@@ -255,6 +256,79 @@ TEST(Trainer, TruncatedOrPartialCheckpointIsRefusedNamingTheFile) {
   } catch (const IoError& e) {
     EXPECT_NE(std::string(e.what()).find("shard_tp00.pt"), std::string::npos) << e.what();
   }
+}
+
+// A checkpoint of another model shape is refused with the file and the tensor named.
+TEST(Trainer, CheckpointOfAnotherShapeIsRefused) {
+  Config c = tiny_run("othershape", 2);
+  c.train.batch_size = 8 / world_size();
+  { Trainer t(c, world_grid(1), quiet()); t.run(); }
+  Config other = c;
+  other.model.ffn_dim = 96;  // the MLP of the saved model is wider
+  Trainer t2(other, world_grid(1), quiet());
+  try {
+    load_checkpoint(t2, c.train.output_dir + "/checkpoints/step_00000002");
+    ADD_FAILURE() << "a checkpoint of another shape was accepted";
+  } catch (const IoError& e) {
+    std::string msg = e.what();
+    if (world_rank() == 0) std::printf("  refused: %s\n", msg.c_str());
+    EXPECT_NE(msg.find("shard_tp00.pt"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("has shape"), std::string::npos) << msg;
+  }
+}
+
+// One rank fails to write its part of the final checkpoint (as on a full disk): every rank
+// reports it, nothing of the failed save remains, the previous checkpoint is still `latest`
+// and complete, and the run resumes from it.
+TEST(Trainer, FailedSaveKeepsThePreviousCheckpoint) {
+  Config c = tiny_run("failsave", 4);
+  c.train.batch_size = 8 / world_size();
+  c.checkpoint.interval = 2;
+  TrainerOptions o = quiet();
+  o.fail_checkpoint_rank = world_size() - 1;
+  o.fail_checkpoint_step = 4;
+  std::string msg;
+  try {
+    Trainer t(c, world_grid(1), o);
+    t.run();
+    ADD_FAILURE() << "the failed save was not reported";
+  } catch (const IoError& e) {
+    msg = e.what();
+  }
+  if (world_rank() == world_size() - 1) {
+    EXPECT_NE(msg.find("step_00000004.tmp/shard_tp00.pt"), std::string::npos) << msg;
+  } else {
+    EXPECT_NE(msg.find("another rank failed"), std::string::npos) << msg;
+  }
+  MPI_Barrier(MPI_COMM_WORLD);
+  const std::string root = c.train.output_dir + "/checkpoints";
+  EXPECT_EQ(data::testing::read_text(root + "/latest"), "step_00000002\n");
+  EXPECT_TRUE(fs::exists(root + "/step_00000002/meta.json"));
+  EXPECT_TRUE(fs::exists(root + "/step_00000002/shard_tp00.pt"));
+  EXPECT_FALSE(fs::exists(root + "/step_00000004"));
+  EXPECT_FALSE(fs::exists(root + "/step_00000004.tmp"));
+  MPI_Barrier(MPI_COMM_WORLD);
+  c.checkpoint.resume = "auto";
+  Trainer t2(c, world_grid(1), quiet());
+  TrainResult r = t2.run();
+  EXPECT_EQ(r.start_step, 2);
+  EXPECT_EQ(r.final_step, 4);
+  EXPECT_EQ(data::testing::read_text(root + "/latest"), "step_00000004\n");
+}
+
+// A stop right after a periodic save writes the same step again: the complete checkpoint is
+// replaced only once the new one is in place.
+TEST(Trainer, SavingTheSameStepTwiceKeepsOneCompleteCheckpoint) {
+  Config c = tiny_run("samestep", 2);
+  c.train.batch_size = 8 / world_size();
+  Trainer t(c, world_grid(1), quiet());
+  t.run();
+  const std::string root = c.train.output_dir + "/checkpoints";
+  EXPECT_EQ(save_checkpoint(t), root + "/step_00000002");
+  MPI_Barrier(MPI_COMM_WORLD);
+  EXPECT_TRUE(fs::exists(root + "/step_00000002/meta.json"));
+  EXPECT_FALSE(fs::exists(root + "/step_00000002.old"));
+  EXPECT_EQ(data::testing::read_text(root + "/latest"), "step_00000002\n");
 }
 
 TEST(LossScaler, InfOnOneRankMakesEveryRankSkipAndBackOff) {
