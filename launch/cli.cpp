@@ -11,6 +11,7 @@
 
 #include "core/base/error.h"
 #include "core/base/logging.h"
+#include "core/base/torch_compat.h"
 #include "parallel/world.h"
 
 namespace andy {
@@ -182,6 +183,23 @@ bool handle_config_info_flags(const ParsedArgs& args, const Config& cfg,
   return false;
 }
 
+void check_device_available(const Config& cfg, const World* world) {
+  if (cfg.train.device != "cuda") return;
+  const std::string at = "[train] device = \"cuda\" (" + cfg.origin_of("train.device") + ")";
+  if (!at::hasCUDA())
+    throw ConfigError(at + ": no GPU is visible to this LibTorch (" +
+                      (compat::torch_has_cuda() ? "built with CUDA, but no device was found"
+                                                : "a CPU-only build") +
+                      "); use --device cpu, or run on a GPU node with a CUDA-enabled LibTorch");
+  const int gpus = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
+  const int local = world ? world->local_size() : 1;
+  if (local > gpus)
+    throw ConfigError(at + ": " + std::to_string(local) + " ranks run on host " +
+                      (world ? world->hostname() : std::string("this host")) + " but only " +
+                      std::to_string(gpus) + " GPU(s) are visible; each rank needs its own GPU: "
+                      "start at most " + std::to_string(gpus) + " ranks per host");
+}
+
 Config load_config_collectively(const ParsedArgs& args, World* world) {
   Config cfg;
   std::string message;
@@ -190,6 +208,7 @@ Config load_config_collectively(const ParsedArgs& args, World* world) {
     // --print-config / --help-config describe a run without launching it: no world-size check.
     bool describe_only = args.has("print_config") || args.has("help_config");
     validate_config(cfg, world && !describe_only ? world->size() : 0);
+    if (!describe_only) check_device_available(cfg, world);
   } catch (const ConfigError& e) {
     message = e.what();
   }

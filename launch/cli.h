@@ -68,7 +68,10 @@ class AgreedConfigError : public ConfigError {
   using ConfigError::ConfigError;
 };
 
-// Loads and validates the config on every rank; if any rank fails, every rank throws
+// With train.device = cuda: a ConfigError unless LibTorch sees a GPU for every local rank.
+void check_device_available(const Config& cfg, const World* world);
+
+// Loads and validates the config on every rank (device availability included); if any rank fails, every rank throws
 // AgreedConfigError, with the message on the lowest failing rank only (printed once).
 Config load_config_collectively(const ParsedArgs& args, World* world);
 

@@ -40,9 +40,7 @@ Subcommand make_train_command() {
     bool cuda = cfg.train.device == "cuda";
     g.backend = cfg.parallel.backend == "nccl" || (cfg.parallel.backend == "auto" && cuda)
                     ? Backend::kNccl : Backend::kMpi;
-    if (cuda) {
-      ANDY_CHECK_T(ConfigError, at::hasCUDA(), "--device cuda: no GPU is visible to this LibTorch",
-                   " (CPU-only build or no device); use --device cpu");
+    if (cuda) {  // a GPU per local rank: checked by load_config_collectively
       g.device = world->device_for_local_rank(static_cast<int>(at::detail::getCUDAHooks().getNumGPUs()));
     }
     g.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.collective_timeout_s * 1000));

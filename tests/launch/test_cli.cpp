@@ -79,7 +79,7 @@ TEST(Cli, ConfigErrorsStopBeforeWorkWithOneLine) {
   struct Case {
     std::string toml, extra, expect;
   };
-  const std::vector<Case> cases = {
+  std::vector<Case> cases = {
       {"[model]\nn_heads = 4\n", "", "p.toml:2: unknown key [model] n_heads (did you mean 'n_head'?)"},
       {"[train]\nbatch_size = \"big\"\n", "", "p.toml:2: [train] batch_size: expected an integer, got a string"},
       {"[train]\nlearning_rate = 50.0\n", "", "p.toml:2: [train] learning_rate = 50.0: out of range, expected 0 < value <= 10"},
@@ -87,6 +87,10 @@ TEST(Cli, ConfigErrorsStopBeforeWorkWithOneLine) {
        "[model] n_head = 6 (" },
       {"[train]\nseed = 1\n", "--fp16", "cannot run with [train] device = \"cpu\""},
   };
+  // On a machine without a GPU, --device cuda is a config error too (before anything is written).
+  if (run_command(andyllm_bin() + " version").output.find("CPU only") != std::string::npos)
+    cases.push_back({"[train]\nseed = 1\n", "--device cuda",
+                     "[train] device = \"cuda\" (--device): no GPU is visible to this LibTorch (a CPU-only build)"});
   for (const auto& c : cases) {
     std::string cfg = write_temp_config("p.toml", c.toml);
     std::string out_dir = fs::path(cfg).parent_path().string() + "/never_written";
@@ -105,6 +109,16 @@ TEST(Cli, WorldSizeNotDivisibleIsReportedOnceByEveryRankAgreeing) {
   EXPECT_NE(r.exit_code, 0);
   expect_contains(r.output, "world size 3 (mpirun -np) is not divisible by [parallel] tensor_parallel_size = 2 (--set parallel.tensor_parallel_size=2)");
   EXPECT_EQ(count_of(r.output, "is not divisible"), 1) << r.output;
+}
+
+TEST(Cli, CudaWithoutAGpuIsReportedOnceByEveryRankAgreeing) {
+  if (run_command(andyllm_bin() + " version").output.find("CPU only") == std::string::npos)
+    GTEST_SKIP() << "this LibTorch has CUDA";
+  auto r = run_command(mpirun(2) + andyllm_bin() + " train --device cuda --output_dir /tmp/andyllm_never");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count_of(r.output, "no GPU is visible"), 1) << r.output;
+  EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << "an agreed config error needs no abort:\n" << r.output;
+  EXPECT_FALSE(fs::exists("/tmp/andyllm_never"));
 }
 
 TEST(Cli, EffectiveConfigIsWrittenToTheOutputDirectory) {
