@@ -131,6 +131,28 @@ TEST(Trainer, TensorTimesDataParallelMatchesSingleRank) {
                 ra.steps[0].grad_norm, rb.steps[0].grad_norm, worst);
   EXPECT_LT(worst, 1e-5);
   EXPECT_GT(rb.steps[0].grad_norm, 0.5) << "the test wants clipping to be active";
+  // Copies stay bitwise identical: every parameter across its DP replicas, and the parameters
+  // TP does not split (norm weights) across the TP group as well.
+  MPI_Comm tp_comm, dp_comm;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() / 2, world_rank() % 2, &tp_comm);
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() % 2, world_rank() / 2, &dp_comm);
+  int differing = 0, replicated = 0;
+  for (const auto& p : a.params()) {
+    at::Tensor mine = p.param.detach().contiguous().clone();
+    at::Tensor first = mine.clone();
+    MPI_Bcast(first.data_ptr(), static_cast<int>(first.numel()), MPI_FLOAT, 0, dp_comm);
+    if (!mine.equal(first)) ++differing;
+    if (!p.tp_sharded()) {
+      ++replicated;
+      first = mine.clone();
+      MPI_Bcast(first.data_ptr(), static_cast<int>(first.numel()), MPI_FLOAT, 0, tp_comm);
+      if (!mine.equal(first)) ++differing;
+    }
+  }
+  MPI_Comm_free(&tp_comm);
+  MPI_Comm_free(&dp_comm);
+  EXPECT_GT(replicated, 0);
+  EXPECT_EQ(max_over_ranks(differing), 0) << "replicated parameters drifted apart";
 }
 
 // Clipping norm, checked by hand: concatenate the TP=1 model's dense gradients.
