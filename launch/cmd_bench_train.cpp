@@ -1,6 +1,6 @@
 // `andyllm bench train`: runs the real Trainer for --steps optimizer steps of a config (no
 // validation, checkpoints or sample) and reports, over the steps after --warmup: tokens/s, MFU
-// (against train.peak_tflops, and against the fp32 matmul rate measured here on every rank), and
+// (against train.peak_tflops or the GPU's datasheet peak, and against the fp32 matmul rate measured here on every rank), and
 // the share of step time spent waiting for the DP gradient all-reduce.
 #include <torch/torch.h>
 
@@ -56,6 +56,12 @@ int bench_train(const ParsedArgs& args, World* world) {
   double tps = (steps - warmup) * tokens_per_step / timed;
   double fpt = training_flops_per_token(cfg.model, cfg.data.seq_len);
   double configured = cfg.train.peak_tflops * 1e12 * world->size();
+  std::string configured_what = "train.peak_tflops";
+  if (configured <= 0 && dev.is_cuda()) {  // the device's datasheet peak, when known
+    std::string gpu = World::gpu_name(dev.index());
+    configured = known_gpu_peak_tflops(gpu, cfg.precision.mode) * 1e12 * world->size();
+    configured_what = "the dense " + cfg.precision.mode + " peak of " + gpu;
+  }
   if (world->is_root()) {
     ParamCounts pc = count_parameters(cfg.model);
     std::printf("# bench train: %lld parameters, tp %d x dp %d, micro-batch %lld x accumulation %lld, seq %lld, %s, %d intra-op threads per rank\n",
@@ -68,7 +74,9 @@ int bench_train(const ParsedArgs& args, World* world) {
     std::printf("step time          %.1f ms\n", 1000 * timed / (steps - warmup));
     std::printf("tokens/s           %.0f\n", tps);
     std::printf("model TFLOP/s      %.3f (%.2f MFLOP per token)\n", fpt * tps / 1e12, fpt / 1e6);
-    if (configured > 0) std::printf("MFU                %.1f%% of train.peak_tflops x %d ranks\n", 100 * fpt * tps / configured, world->size());
+    if (configured > 0)
+      std::printf("MFU                %.1f%% of %s x %d ranks\n", 100 * fpt * tps / configured,
+                  configured_what.c_str(), world->size());
     else std::printf("MFU                unknown (set train.peak_tflops)\n");
     if (peak.item<double>() > 0)
       std::printf("MFU vs measured    %.1f%% of the fp32 matmul rate measured on the ranks (%.1f GFLOP/s in all)\n",

@@ -20,6 +20,7 @@
 #include "data/tokenizer.h"
 #include "launch/checkpoint.h"
 #include "parallel/tp_partition.h"
+#include "parallel/world.h"
 
 namespace andy {
 
@@ -373,6 +374,19 @@ TrainResult Trainer::run() {
   const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len);
   double peak = t.peak_tflops * 1e12 * grid_.world_size();
   std::string peak_what = "train.peak_tflops";
+  if (peak <= 0 && device_.is_cuda()) {
+    const std::string gpu = World::gpu_name(device_.index());
+    const double per_gpu = known_gpu_peak_tflops(gpu, cfg_.precision.mode);
+    peak = per_gpu * 1e12 * grid_.world_size();
+    if (root) {
+      if (per_gpu > 0)
+        log::info("MFU is quoted against the dense ", cfg_.precision.mode, " peak of ", gpu, ": ",
+                  fmt("%.1f", per_gpu), " TFLOP/s per GPU (set train.peak_tflops to override)");
+      else
+        log::info("MFU unknown: no peak for GPU '", gpu, "' in ", cfg_.precision.mode,
+                  " (set train.peak_tflops)");
+    }
+  }
   if (peak <= 0 && device_.is_cpu() && opts_.print) {
     // Measured on every rank at once (they share the host as during training), summed. The RNG
     // draws of the probe use a private generator state: training is not perturbed.

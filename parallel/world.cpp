@@ -6,6 +6,9 @@
 #include <cstdlib>
 
 #include "core/base/logging.h"
+#if defined(ANDYLLM_HAVE_NCCL)
+#include "parallel/cuda_utils.h"
+#endif
 
 namespace andy {
 
@@ -43,6 +46,17 @@ World::~World() {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (!finalized) MPI_Finalize();
+}
+
+std::string World::gpu_name(int device) {
+#if defined(ANDYLLM_HAVE_NCCL)
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, device) != cudaSuccess) return "";
+  return prop.name;
+#else
+  (void)device;
+  return "";
+#endif
 }
 
 int World::device_for_local_rank(int n_devices) const {

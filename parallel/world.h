@@ -33,6 +33,9 @@ class World {
   // -1 when no device is visible.
   int device_for_local_rank(int n_devices) const;
 
+  // The CUDA device's name ("NVIDIA H100 80GB HBM3"); "" in a build without CUDA.
+  static std::string gpu_name(int device);
+
   // Ends every rank of the job with `code` (MPI_Abort on MPI_COMM_WORLD).
   [[noreturn]] static void abort(int code);
   // True once MPI_Init has run in this process and MPI is not finalised.

@@ -121,4 +121,29 @@ std::string model_summary(const Config& cfg) {
   return out;
 }
 
+double known_gpu_peak_tflops(const std::string& name, const std::string& mode) {
+  // Vendor datasheet figures, dense. Most specific names first ("H100 PCIe" before "H100";
+  // "GH200" matches "H200": its GPU has the same peak).
+  struct Peak {
+    const char* a;
+    const char* b;  // a second substring that must also match ("" for none)
+    double half, fp32;
+  };
+  static const Peak table[] = {
+      {"H200", "", 989.4, 66.9},      {"H100", "PCIe", 756.5, 51.2}, {"H100", "NVL", 835.5, 59.8},
+      {"H100", "", 989.4, 66.9},      {"H800", "", 989.4, 66.9},     {"A100", "", 312.0, 19.5},
+      {"A800", "", 312.0, 19.5},      {"L40S", "", 362.1, 91.6},     {"A10G", "", 70.0, 31.2},
+      {"V100", "", 125.0, 15.7},
+  };
+  for (const auto& p : table) {
+    if (name.find(p.a) == std::string::npos) continue;
+    if (*p.b && name.find(p.b) == std::string::npos) continue;
+    if (mode == "fp32") return p.fp32;
+    // V100 has no bf16 tensor cores: its bf16 matmuls run far below the fp16 peak.
+    if (mode == "bf16" && std::string(p.a) == "V100") return 0;
+    return p.half;
+  }
+  return 0;
+}
+
 }  // namespace andy

@@ -28,6 +28,12 @@ ParamCounts count_parameters(const ModelConfig& m);
 
 double training_flops_per_token(const ModelConfig& m, int64_t seq_len);
 
+// Dense (no sparsity) peak TFLOP/s of one GPU for MFU, from its CUDA device name, for the
+// matmul precision that `precision_mode` (fp32 | bf16 | fp16) runs at: bf16/fp16 tensor cores,
+// or plain fp32 (LibTorch leaves TF32 matmul off by default). 0 for a GPU not in the table:
+// MFU is then shown as unknown rather than wrong (train.peak_tflops overrides).
+double known_gpu_peak_tflops(const std::string& device_name, const std::string& precision_mode);
+
 struct MemoryEstimate {
   double weights = 0, gradients = 0, optimizer = 0, activations = 0;  // bytes per rank
   double total() const { return weights + gradients + optimizer + activations; }

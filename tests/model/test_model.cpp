@@ -138,6 +138,20 @@ TEST(ModelStats, ParameterCountMatchesTheModel) {
   EXPECT_NE(s.find("6.74 G"), std::string::npos);
 }
 
+TEST(ModelStats, KnownGpuPeaksByDeviceNameAndPrecision) {
+  EXPECT_DOUBLE_EQ(known_gpu_peak_tflops("NVIDIA H100 80GB HBM3", "bf16"), 989.4);
+  EXPECT_DOUBLE_EQ(known_gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp16"), 989.4);
+  EXPECT_DOUBLE_EQ(known_gpu_peak_tflops("NVIDIA H100 80GB HBM3", "fp32"), 66.9);
+  EXPECT_DOUBLE_EQ(known_gpu_peak_tflops("NVIDIA H100 PCIe", "bf16"), 756.5);
+  EXPECT_DOUBLE_EQ(known_gpu_peak_tflops("NVIDIA H200", "bf16"), 989.4);
+  EXPECT_DOUBLE_EQ(known_gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16"), 312.0);
+  EXPECT_DOUBLE_EQ(known_gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "fp32"), 19.5);
+  // Unknown rather than wrong.
+  EXPECT_EQ(known_gpu_peak_tflops("Tesla V100-SXM2-32GB", "bf16"), 0);
+  EXPECT_EQ(known_gpu_peak_tflops("NVIDIA GeForce RTX 4090", "bf16"), 0);
+  EXPECT_EQ(known_gpu_peak_tflops("", "fp32"), 0);
+}
+
 TEST(CrossEntropy, MatchesDenseWithPaddingAndIgnoredTargets) {
   const int64_t n = 24, vocab = 100, padded = 128;
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(11);
