@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <functional>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -133,17 +134,38 @@ void expect_clean_stop(Job& job, const dt::TempDir& dir, const std::string& what
   std::printf("  %s: exit %d, checkpoint %s\n", what.c_str(), job.exit_code(), step_dir.c_str());
 }
 
+// Who gets the signal: given the job's pid, the pid to signal (negative: a process group).
+using Target = std::function<pid_t(pid_t)>;
+pid_t last_rank(pid_t mpirun_pid) {
+  std::vector<pid_t> ranks = children_of(mpirun_pid);
+  return ranks.empty() ? 0 : ranks.back();
+}
+
+// Starts `launcher` training the run of `dir` (config `cfg`), waits until it has logged two
+// steps, sends `sig` to `target`, and expects every rank to checkpoint and the job to exit 0.
+void signal_and_expect_clean_stop(const dt::TempDir& dir, const std::string& cfg,
+                                  const std::string& launcher, int sig, const Target& target,
+                                  const std::string& what) {
+  Job job(launcher + " train --config " + cfg, dir / "log.txt");
+  ASSERT_GT(job.pid, 0);
+  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
+  pid_t to = target(job.pid);
+  ASSERT_NE(to, 0) << "no process to signal under " << job.pid;
+  ASSERT_EQ(kill(to, sig), 0);
+  expect_clean_stop(job, dir, what);
+}
+
+std::string plain_mpirun() { return mpirun(2) + andyllm_bin(); }
+// `exec env ... script`: the job's pid is the script's bash.
+std::string launcher_script() {
+  return "env ANDYLLM_BIN=" + andyllm_bin() + " " + source_dir() + "/scripts/mpirun.sh 2";
+}
+
 TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
   dt::TempDir dir("andyllm-train-e2e");
   std::string cfg = make_run(dir, 1000000);
-  Job job(mpirun(2) + andyllm_bin() + " train --config " + cfg, dir / "log.txt");
-  ASSERT_GT(job.pid, 0);
-  // Wait until training runs (two logged steps), then signal one rank (a child of mpirun).
-  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
-  std::vector<pid_t> ranks = children_of(job.pid);
-  ASSERT_FALSE(ranks.empty()) << "no rank processes under mpirun " << job.pid;
-  ASSERT_EQ(kill(ranks.back(), SIGTERM), 0);
-  expect_clean_stop(job, dir, "SIGTERM to one rank");
+  signal_and_expect_clean_stop(dir, cfg, plain_mpirun(), SIGTERM, last_rank, "SIGTERM to one rank");
+  if (::testing::Test::HasFatalFailure()) return;
   std::string latest = latest_checkpoint(dir);
 
   // Resume from it (auto) for two more steps, then damage the latest checkpoint: refused.
@@ -164,40 +186,24 @@ TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
 // it into SIGUSR1 for mpirun, which forwards it to every rank.
 TEST(TrainE2e, CtrlCToTheLauncherScriptCheckpointsAndExitsZero) {
   dt::TempDir dir("andyllm-train-e2e");
-  std::string cfg = make_run(dir, 1000000);
-  std::string script = source_dir() + "/scripts/mpirun.sh";
-  Job job("env ANDYLLM_BIN=" + andyllm_bin() + " " + script + " 2 train --config " + cfg,
-          dir / "log.txt");
-  ASSERT_GT(job.pid, 0);
-  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
-  ASSERT_EQ(kill(-job.pid, SIGINT), 0);
-  expect_clean_stop(job, dir, "SIGINT to the process group of scripts/mpirun.sh");
-  EXPECT_NE(job.output().find("[mpirun.sh] SIGINT"), std::string::npos) << job.output();
+  signal_and_expect_clean_stop(dir, make_run(dir, 1000000), launcher_script(), SIGINT,
+                               [](pid_t job) { return -job; },
+                               "SIGINT to the process group of scripts/mpirun.sh");
+  EXPECT_NE(dt::read_text(dir / "log.txt").find("[mpirun.sh] SIGINT"), std::string::npos);
 }
 
 // SLURM-style preemption of a job launched by the script: SIGTERM to the script alone.
 TEST(TrainE2e, SigtermToTheLauncherScriptCheckpointsAndExitsZero) {
   dt::TempDir dir("andyllm-train-e2e");
-  std::string cfg = make_run(dir, 1000000);
-  std::string script = source_dir() + "/scripts/mpirun.sh";
-  Job job("env ANDYLLM_BIN=" + andyllm_bin() + " " + script + " 2 train --config " + cfg,
-          dir / "log.txt");
-  ASSERT_GT(job.pid, 0);
-  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
-  // `exec env ... script`: the job's pid is the script's bash.
-  ASSERT_EQ(kill(job.pid, SIGTERM), 0);
-  expect_clean_stop(job, dir, "SIGTERM to scripts/mpirun.sh");
+  signal_and_expect_clean_stop(dir, make_run(dir, 1000000), launcher_script(), SIGTERM,
+                               [](pid_t job) { return job; }, "SIGTERM to scripts/mpirun.sh");
 }
 
 // Plain mpirun forwards SIGUSR1 to every rank at once.
 TEST(TrainE2e, SigusrToPlainMpirunCheckpointsAndExitsZero) {
   dt::TempDir dir("andyllm-train-e2e");
-  std::string cfg = make_run(dir, 1000000);
-  Job job(mpirun(2) + andyllm_bin() + " train --config " + cfg, dir / "log.txt");
-  ASSERT_GT(job.pid, 0);
-  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 2)) << job.output();
-  ASSERT_EQ(kill(job.pid, SIGUSR1), 0);
-  expect_clean_stop(job, dir, "SIGUSR1 to mpirun");
+  signal_and_expect_clean_stop(dir, make_run(dir, 1000000), plain_mpirun(), SIGUSR1,
+                               [](pid_t job) { return job; }, "SIGUSR1 to mpirun");
 }
 
 // A rank that dies mid-training ends the job with an error (no hang), and the latest complete
