@@ -191,7 +191,7 @@ void check_device_available(const Config& cfg, const World* world) {
                       (compat::torch_has_cuda() ? "built with CUDA, but no device was found"
                                                 : "a CPU-only build") +
                       "); use --device cpu, or run on a GPU node with a CUDA-enabled LibTorch");
-  const int gpus = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
+  const int gpus = compat::cuda_device_count();
   const int local = world ? world->local_size() : 1;
   if (local > gpus)
     throw ConfigError(at + ": " + std::to_string(local) + " ranks run on host " +

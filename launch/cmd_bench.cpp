@@ -2,6 +2,7 @@
 #include <cstdio>
 
 #include "core/base/logging.h"
+#include "core/base/torch_compat.h"
 #include "launch/commands.h"
 #include "parallel/comm_bench.h"
 #include "parallel/process_grid.h"
@@ -44,7 +45,7 @@ int bench_comm(const ParsedArgs& args, World* world) {
   if (g.backend == Backend::kNccl) {
     ANDY_CHECK_T(ConfigError, at::hasCUDA(), "--backend nccl needs a CUDA LibTorch and a visible GPU; "
                  "this LibTorch ", (at::hasCUDA() ? "has" : "has no"), " CUDA device: use --backend mpi");
-    g.device = world->device_for_local_rank(static_cast<int>(at::detail::getCUDAHooks().getNumGPUs()));
+    g.device = world->device_for_local_rank(compat::cuda_device_count());
     o.device = at::Device(at::kCUDA, g.device);
   }
   ProcessGrid grid(*world, g);

@@ -9,6 +9,7 @@
 #include <cstdio>
 
 #include "core/base/logging.h"
+#include "core/base/torch_compat.h"
 #include "core/model/model_stats.h"
 #include "launch/commands.h"
 #include "launch/trainer.h"
@@ -30,7 +31,7 @@ int bench_train(const ParsedArgs& args, World* world) {
   g.tensor_parallel_size = static_cast<int>(cfg.parallel.tensor_parallel_size);
   g.backend = cfg.train.device == "cuda" && cfg.parallel.backend != "mpi" ? Backend::kNccl : Backend::kMpi;
   if (cfg.train.device == "cuda") {
-    g.device = world->device_for_local_rank(static_cast<int>(at::detail::getCUDAHooks().getNumGPUs()));
+    g.device = world->device_for_local_rank(compat::cuda_device_count());
   }
   ProcessGrid grid(*world, g);
   // Measured matmul peak: every rank at once (as they run during training), summed.
@@ -42,7 +43,7 @@ int bench_train(const ParsedArgs& args, World* world) {
   o.sample_tokens = 0;
   o.print = false;
   o.write_checkpoints = false;
-  Trainer trainer(cfg, TrainGrid::from(grid), o);
+  Trainer trainer(cfg, TrainGrid::from(grid, g.device), o);
   TrainResult r = trainer.run();
   const int64_t tokens_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps *
                                   grid.dp_size() * cfg.data.seq_len;

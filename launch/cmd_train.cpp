@@ -5,6 +5,7 @@
 #include <fstream>
 
 #include "core/base/logging.h"
+#include "core/base/torch_compat.h"
 #include "core/model/model_stats.h"
 #include "launch/commands.h"
 #include "launch/trainer.h"
@@ -41,11 +42,11 @@ Subcommand make_train_command() {
     g.backend = cfg.parallel.backend == "nccl" || (cfg.parallel.backend == "auto" && cuda)
                     ? Backend::kNccl : Backend::kMpi;
     if (cuda) {  // a GPU per local rank: checked by load_config_collectively
-      g.device = world->device_for_local_rank(static_cast<int>(at::detail::getCUDAHooks().getNumGPUs()));
+      g.device = world->device_for_local_rank(compat::cuda_device_count());
     }
     g.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.collective_timeout_s * 1000));
     ProcessGrid grid(*world, g);
-    Trainer trainer(cfg, TrainGrid::from(grid));
+    Trainer trainer(cfg, TrainGrid::from(grid, g.device));
     TrainResult r = trainer.run();
     if (world->is_root()) {
       if (!r.sample.empty()) std::printf("\n--- sample from the trained model ---\n%s\n---\n", r.sample.c_str());

@@ -83,10 +83,7 @@ at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
                "): no GPU is visible to this LibTorch (",
                compat::torch_has_cuda() ? "built with CUDA but no device found" : "a CPU-only build",
                "); use --device cpu");
-  int n = static_cast<int>(at::detail::getCUDAHooks().getNumGPUs());
-  int local = 0;
-  if (const char* lr = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) local = std::atoi(lr);
-  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(local % std::max(1, n)));
+  return at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(0, grid.cuda_device)));
 }
 
 }  // namespace

@@ -7,8 +7,9 @@
 #include <torch/version.h>
 
 #if defined(ANDYLLM_TORCH_CUDA)
-#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 #define ANDYLLM_TORCH_AT_LEAST(major, minor) \
@@ -37,6 +38,16 @@ inline bool torch_has_cuda() {
   return true;
 #else
   return false;
+#endif
+}
+
+// CUDA devices this LibTorch can use (0 in a CPU-only build). c10::cuda::device_count() is
+// stable across 1.x and 2.x, unlike the hooks interface.
+inline int cuda_device_count() {
+#if defined(ANDYLLM_TORCH_CUDA)
+  return static_cast<int>(c10::cuda::device_count());
+#else
+  return 0;
 #endif
 }
 
