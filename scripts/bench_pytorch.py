@@ -8,11 +8,13 @@ fp32 master weights; step: forward, cross-entropy, backward, DDP gradient averag
 
   /usr/bin/python3 scripts/bench_pytorch.py --dim 128 --n_layer 4 --n_head 8 --n_kv_head 4 \
       --vocab 4096 --seq 128 --batch 8 --ranks 2 --threads 1 --steps 20 --warmup 3 [--bf16]
+  /usr/bin/python3 scripts/bench_pytorch.py --config configs/tiny.toml --ranks 2   # shapes from a run config
 """
 import argparse
 import math
 import os
 import time
+import tomllib
 
 import torch
 import torch.distributed as dist
@@ -42,7 +44,7 @@ class Block(nn.Module):
     def __init__(self, a):
         super().__init__()
         self.nh, self.nkv, self.hd = a.n_head, a.n_kv_head, a.dim // a.n_head
-        ffn = a.ffn_multiple_of * ((int(2 * 4 * a.dim / 3) + a.ffn_multiple_of - 1) // a.ffn_multiple_of)
+        ffn = a.ffn_dim or a.ffn_multiple_of * ((int(2 * 4 * a.dim / 3) + a.ffn_multiple_of - 1) // a.ffn_multiple_of)
         self.n1, self.n2 = RMSNorm(a.dim, 1e-5), RMSNorm(a.dim, 1e-5)
         self.q = nn.Linear(a.dim, self.nh * self.hd, bias=False)
         self.k = nn.Linear(a.dim, self.nkv * self.hd, bias=False)
@@ -135,8 +137,20 @@ def main():
                           ("seq", 128), ("batch", 8), ("ranks", 2), ("threads", 1), ("steps", 20),
                           ("warmup", 3), ("ffn_multiple_of", 32)]:
         p.add_argument("--" + name, type=int, default=default)
+    p.add_argument("--ffn_dim", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--config", help="AndyLLM run config (TOML): model shapes, seq_len and batch_size from it")
     a = p.parse_args()
+    if a.config:
+        with open(a.config, "rb") as f:
+            cfg = tomllib.load(f)
+        m, d, t = cfg.get("model", {}), cfg.get("data", {}), cfg.get("train", {})
+        for ours, key, section in [("dim", "dim", m), ("n_layer", "n_layer", m), ("n_head", "n_head", m),
+                                   ("n_kv_head", "n_kv_head", m), ("vocab", "vocab_size", m),
+                                   ("ffn_multiple_of", "ffn_multiple_of", m), ("ffn_dim", "ffn_dim", m),
+                                   ("seq", "seq_len", d), ("batch", "batch_size", t)]:
+            if key in section:
+                setattr(a, ours, int(section[key]))
     if a.ranks > 1:
         # Chosen once here (the workers inherit it), so every rank meets at the same port.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

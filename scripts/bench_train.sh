@@ -7,6 +7,7 @@
 #
 # AndyLLM runs twice per mode: as shipped, and with its malloc tuning off (the ratio it buys).
 #   scripts/bench_train.sh [RANKS] [STEPS]        # default 2 ranks, 20 steps (3 untimed)
+#   CONFIG=configs/bench_medium_cpu.toml scripts/bench_train.sh 2 10   # a 25 M parameter model
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RANKS="${1:-2}"
@@ -28,5 +29,5 @@ for mode in fp32 bf16; do
     --steps "$STEPS" --warmup 3 --set precision.mode=$mode --set train.intra_op_threads=1 2>&1 |
     grep -E "^(step time|tokens/s)"
   extra=""; [ "$mode" = bf16 ] && extra="--bf16"
-  /usr/bin/python3 scripts/bench_pytorch.py --ranks "$RANKS" --threads 1 --steps "$STEPS" --warmup 3 $extra
+  /usr/bin/python3 scripts/bench_pytorch.py --config "$CONFIG" --ranks "$RANKS" --threads 1 --steps "$STEPS" --warmup 3 $extra
 done
