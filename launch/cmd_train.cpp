@@ -25,6 +25,9 @@ Subcommand make_train_command() {
   c.flags.push_back({"resume", "auto|none|PATH", "resume from the latest checkpoint (auto), none, or a step directory (sets checkpoint.resume)"});
   c.needs_mpi = true;
   c.run = [](const ParsedArgs& args, World* world) {
+    // From the start: a stop request during setup is honoured at the first step boundary
+    // instead of killing the rank (SIGUSR1's default action).
+    install_stop_signal_handlers();
     ParsedArgs a = args;
     if (args.has("resume")) a.ordered_.push_back({"set", "checkpoint.resume=" + args.get("resume")});
     Config cfg = load_config_collectively(a, world);
