@@ -9,9 +9,11 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/base/logging.h"
+#include "core/model/model_config.h"
 #include "parallel/tp_partition.h"
 
 namespace andy {
@@ -89,6 +91,41 @@ torch::serialize::InputArchive open_archive(const std::string& file) {
                what.substr(0, 200));
   }
   return ar;
+}
+
+// The model shapes of the checkpoint (its saved config) must be this run's: otherwise an
+// IoError names every differing [model] key, before any tensor is read.
+void check_same_model(const json& meta, const std::string& meta_path, const Config& cfg) {
+  if (!meta.contains("config") || !meta["config"].is_string()) return;  // older format: shapes are checked per tensor
+  Config saved;
+  try {
+    apply_toml_string(saved, meta["config"].get<std::string>(), meta_path + " (config)");
+  } catch (const std::exception& e) {
+    ANDY_THROW(IoError, "checkpoint file ", meta_path, ": its saved config cannot be read: ", e.what());
+  }
+  const ModelConfig &a = saved.model, &b = cfg.model;
+  std::vector<std::string> diffs;
+  auto cmp = [&](const char* key, auto x, auto y) {
+    if (x != y) {
+      std::ostringstream os;
+      os << key << " = " << x << " there, " << y << " here";
+      diffs.push_back(os.str());
+    }
+  };
+  cmp("dim", a.dim, b.dim);
+  cmp("n_layer", a.n_layer, b.n_layer);
+  cmp("n_head", a.n_head, b.n_head);
+  cmp("n_kv_head", a.n_kv_head, b.n_kv_head);
+  cmp("ffn_dim (derived)", derived_ffn_dim(a), derived_ffn_dim(b));
+  cmp("vocab_size", a.vocab_size, b.vocab_size);
+  cmp("tie_embeddings", a.tie_embeddings, b.tie_embeddings);
+  if (diffs.empty()) return;
+  std::string list;
+  for (const auto& d : diffs) list += (list.empty() ? "" : "; ") + d;
+  ANDY_THROW(IoError, "checkpoint ", fs::path(meta_path).parent_path().string(),
+             " holds another model: [model] ", list,
+             ". Resume with the model it was trained with, or start fresh (--resume none or "
+             "another --output_dir)");
 }
 
 }  // namespace
@@ -237,6 +274,7 @@ void load_checkpoint(Trainer& tr, const std::string& dir) {
   } catch (const std::exception& e) {
     ANDY_THROW(IoError, "checkpoint file ", meta_path, " is damaged: ", e.what());
   }
+  check_same_model(meta, meta_path, cfg);
   const int old_tp = meta.at("tp_size").get<int>();
   const int new_tp = g.tp_size();
   // Per-name full or local tensors for this rank's shard.

@@ -34,7 +34,10 @@ Subcommand make_train_command() {
     if (handle_config_info_flags(a, cfg, model_summary(cfg))) return 0;
     configure_threads(cfg, world);
     if (world->is_root()) {
-      std::filesystem::create_directories(cfg.train.output_dir);
+      std::error_code ec;
+      std::filesystem::create_directories(cfg.train.output_dir, ec);
+      ANDY_CHECK_T(IoError, !ec, "[train] output_dir = ", cfg.train.output_dir, " (",
+                   cfg.origin_of("train.output_dir"), "): cannot create it: ", ec.message());
       std::string path = cfg.train.output_dir + "/config.toml";
       std::ofstream(path) << config_to_toml(cfg);
       log::info("effective config written to ", path);

@@ -354,6 +354,13 @@ TrainResult Trainer::run() {
     if (root) log::info("resumed from ", resume, " at step ", step_);
   }
   result.start_step = step_;
+  if (!resume.empty() && step_ >= total_steps_) {
+    result.last_checkpoint = resume;
+    if (root)
+      log::warn("the checkpoint is at step ", step_, ", already at the end of this run's ",
+                total_steps_, " steps: nothing to train (raise train.max_steps / num_epochs, or "
+                "start fresh with --resume none or another --output_dir)");
+  }
   if (root) {
     log::info("training ", total_steps_, " steps: world ", grid_.world_size(), " = tp ",
               grid_.tp_size(), " x dp ", grid_.dp_size(), "; global batch ", global_batch,

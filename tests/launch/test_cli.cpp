@@ -133,6 +133,12 @@ TEST(Cli, EffectiveConfigIsWrittenToTheOutputDirectory) {
   fs::remove_all(out);
 }
 
+TEST(Cli, AnOutputDirectoryThatCannotBeCreatedIsNamed) {
+  auto r = run_command(andyllm_bin() + " train --output_dir /proc/andyllm_nope");
+  EXPECT_NE(r.exit_code, 0) << r.output;
+  expect_contains(r.output, "[train] output_dir = /proc/andyllm_nope (--output_dir): cannot create it");
+}
+
 TEST(Cli, CollectiveTimeoutAbortsTheJobWithAMessage) {
   // Rank 1 skips the first collective; rank 0 must give up after 2 s and end the whole job.
   auto r = run_command(mpirun(2) + andyllm_bin() +

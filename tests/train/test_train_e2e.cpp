@@ -174,6 +174,11 @@ TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
   auto r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + more);
   EXPECT_EQ(r.exit_code, 0) << r.output;
   EXPECT_NE(r.output.find("resumed from"), std::string::npos) << r.output;
+  // A budget the checkpoint has already reached: said, nothing trained, exit 0.
+  r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + " --set train.max_steps=" +
+                  std::to_string(stopped));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("nothing to train"), std::string::npos) << r.output;
   std::string shard = dir / ("out/checkpoints/" + latest_checkpoint(dir) + "/shard_tp00.pt");
   fs::resize_file(shard, fs::file_size(shard) / 3);
   r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + " --set train.max_steps=" +
