@@ -132,8 +132,9 @@ DataLoader::DataLoader(const LoaderOptions& opts, LoaderCursor start)
     if (opts_.expected_vocab_size > 0) {
       ANDY_CHECK_T(
           ConfigError, info.vocab_size == opts_.expected_vocab_size, f, ": shard vocab_size ",
-          info.vocab_size, " differs from the run's tokenizer (", opts_.expected_vocab_size,
-          "): these shards were made with another tokenizer; rerun andyllm preprocess with it");
+          info.vocab_size, " differs from the run's vocabulary ([model] vocab_size = ",
+          opts_.expected_vocab_size, "): set [model] vocab_size = ", info.vocab_size,
+          " for these shards, or rerun andyllm preprocess with the run's tokenizer");
     }
     if (!opts_.tokenizer_checksum.empty()) {
       ANDY_CHECK_T(ConfigError, info.tokenizer_checksum == opts_.tokenizer_checksum, f,

@@ -229,7 +229,7 @@ TEST(DataLoader, RefusesAnotherTokenizer) {
   std::string m = error_of([&] { DataLoader l(o); });
   EXPECT_NE(
       m.find(
-          "shard-00000-00000.h5: shard vocab_size 50000 differs from the run's tokenizer (32000)"),
+          "shard-00000-00000.h5: shard vocab_size 50000 differs from the run's vocabulary ([model] vocab_size = 32000)"),
       std::string::npos)
       << m;
   EXPECT_THROW(DataLoader{o}, ConfigError);
