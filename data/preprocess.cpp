@@ -34,43 +34,10 @@ struct Ctx {
   MPI_Comm comm = MPI_COMM_NULL;
 };
 
-// Runs fn on every rank. If it throws anywhere, every rank throws the error of the lowest
-// failing rank (same type family and message).
+// Runs fn on every rank; if it throws anywhere, every rank throws the lowest failing rank's
+// error (run_agreed).
 void agreed(const Ctx& c, const std::function<void()>& fn) {
-  std::exception_ptr err;
-  std::string msg;
-  int kind = 0;  // 1 ConfigError, 2 IoError, 3 other
-  try {
-    fn();
-  } catch (const ConfigError& e) {
-    err = std::current_exception();
-    msg = e.what();
-    kind = 1;
-  } catch (const IoError& e) {
-    err = std::current_exception();
-    msg = e.what();
-    kind = 2;
-  } catch (const std::exception& e) {
-    err = std::current_exception();
-    msg = e.what();
-    kind = 3;
-  }
-  if (c.size == 1) {
-    if (err) std::rethrow_exception(err);
-    return;
-  }
-  int failed = err ? c.rank : c.size, first = 0;
-  MPI_CHECK(MPI_Allreduce(&failed, &first, 1, MPI_INT, MPI_MIN, c.comm));
-  if (first == c.size) return;
-  int len = static_cast<int>(msg.size());
-  MPI_CHECK(MPI_Bcast(&kind, 1, MPI_INT, first, c.comm));
-  MPI_CHECK(MPI_Bcast(&len, 1, MPI_INT, first, c.comm));
-  msg.resize(len);
-  MPI_CHECK(MPI_Bcast(msg.data(), len, MPI_CHAR, first, c.comm));
-  if (c.rank == first) std::rethrow_exception(err);
-  if (kind == 1) throw ConfigError(msg);
-  if (kind == 2) throw IoError(msg);
-  throw Error(msg);
+  run_agreed(c.size == 1 ? MPI_COMM_NULL : c.comm, fn);
 }
 
 void sum_i64(const Ctx& c, std::vector<int64_t>& v) {

@@ -35,19 +35,32 @@ std::string shard_file(int tp_rank) {
   return buf;
 }
 
-// Every rank learns whether any rank failed (message from the lowest failing rank). On failure
-// world rank 0 removes `partial_dir` (the unfinished step_N.tmp/) so nothing half-written stays.
+// Every rank learns whether any rank failed; if so every rank throws Agreed<IoError> with the
+// message of the lowest failing rank, which alone reports it (main prints it once and exits 1
+// without MPI_Abort). On failure world rank 0 removes `partial_dir` (the unfinished
+// step_N.tmp/) so nothing half-written stays.
 void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device,
                     const std::string& partial_dir = "") {
-  at::Tensor f = at::full({1}, local_error.empty() ? 0 : 1, at::kInt);
-  all_reduce_host(g.world.get(), f, ReduceOp::kMax, device);
-  if (f.item<int>() == 0) return;
-  if (g.rank() == 0 && !partial_dir.empty()) {
+  const int n = g.world_size(), me = g.rank();
+  at::Tensor first_t = at::full({1}, local_error.empty() ? n : me, at::kInt);
+  all_reduce_host(g.world.get(), first_t, ReduceOp::kMin, device);
+  const int first = first_t.item<int>();
+  if (first == n) return;
+  if (me == 0 && !partial_dir.empty()) {
     std::error_code ec;
     fs::remove_all(partial_dir, ec);
   }
-  if (!local_error.empty()) throw IoError(local_error);
-  throw IoError("checkpoint: another rank failed (see its message)");
+  // The first failing rank's message on every rank: a sum to which only it contributes.
+  at::Tensor len = at::full({1}, me == first ? static_cast<int>(local_error.size()) : 0, at::kInt);
+  all_reduce_host(g.world.get(), len, ReduceOp::kSum, device);
+  at::Tensor chars = at::zeros({std::max(1, len.item<int>())}, at::kInt);
+  if (me == first)
+    for (size_t i = 0; i < local_error.size(); ++i)
+      chars.data_ptr<int>()[i] = static_cast<unsigned char>(local_error[i]);
+  all_reduce_host(g.world.get(), chars, ReduceOp::kSum, device);
+  std::string msg(static_cast<size_t>(len.item<int>()), ' ');
+  for (size_t i = 0; i < msg.size(); ++i) msg[i] = static_cast<char>(chars.data_ptr<int>()[i]);
+  throw Agreed<IoError>(msg, me == first);
 }
 
 void write_text_atomic(const std::string& path, const std::string& text) {
@@ -261,7 +274,10 @@ std::string resolve_resume_path(const Config& cfg) {
   return r;
 }
 
-void load_checkpoint(Trainer& tr, const std::string& dir) {
+namespace {
+
+// Reads this rank's part of checkpoint `dir` into the trainer; no collectives.
+void load_checkpoint_local(Trainer& tr, const std::string& dir) {
   const TrainGrid& g = tr.grid();
   const Config& cfg = tr.config();
   std::string meta_path = dir + "/meta.json";
@@ -367,6 +383,20 @@ void load_checkpoint(Trainer& tr, const std::string& dir) {
               pos * gb, " (", consumed - pos * gb, " windows are served again)");
   pos = std::min(pos, tr.train_loader().steps_per_epoch());
   tr.train_loader().seek({epoch, pos});
+}
+
+}  // namespace
+
+void load_checkpoint(Trainer& tr, const std::string& dir) {
+  // A damaged shard may be read by some ranks only: every rank agrees before training starts.
+  std::string err;
+  try {
+    load_checkpoint_local(tr, dir);
+  } catch (const std::exception& e) {
+    err = e.what();
+    if (err.find("checkpoint") == std::string::npos) err = "checkpoint " + dir + ": " + err;
+  }
+  agree_or_throw(tr.grid(), err, tr.device());
 }
 
 }  // namespace andy

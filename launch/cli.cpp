@@ -202,25 +202,23 @@ void check_device_available(const Config& cfg, const World* world) {
 
 Config load_config_collectively(const ParsedArgs& args, World* world) {
   Config cfg;
-  std::string message;
-  try {
+  auto load = [&] {
     cfg = load_config(args);
     // --print-config / --help-config describe a run without launching it: no world-size check.
     bool describe_only = args.has("print_config") || args.has("help_config");
     validate_config(cfg, world && !describe_only ? world->size() : 0);
     if (!describe_only) check_device_available(cfg, world);
-  } catch (const ConfigError& e) {
-    message = e.what();
-  }
+  };
   if (!world || world->size() == 1) {
-    if (!message.empty()) throw AgreedConfigError(message);
+    try {
+      load();
+    } catch (const ConfigError& e) {
+      throw AgreedConfigError(e.what(), true);
+    }
     return cfg;
   }
-  int failed = message.empty() ? world->size() : world->rank();
-  int first_failed = 0;
-  MPI_CHECK(MPI_Allreduce(&failed, &first_failed, 1, MPI_INT, MPI_MIN, world->comm().get()));
-  if (first_failed == world->size()) return cfg;
-  throw AgreedConfigError(world->rank() == first_failed ? message : "");
+  run_agreed(world->comm().get(), load);
+  return cfg;
 }
 
 void configure_threads(const Config& cfg, const World* world) {

@@ -63,16 +63,13 @@ bool handle_config_info_flags(const ParsedArgs& args, const Config& cfg,
                               const std::string& extra_info = "");
 
 // A config error every rank of the job knows about: main exits cleanly (code 2), no abort.
-class AgreedConfigError : public ConfigError {
- public:
-  using ConfigError::ConfigError;
-};
+using AgreedConfigError = Agreed<ConfigError>;
 
 // With train.device = cuda: a ConfigError unless LibTorch sees a GPU for every local rank.
 void check_device_available(const Config& cfg, const World* world);
 
 // Loads and validates the config on every rank (device availability included); if any rank fails, every rank throws
-// AgreedConfigError, with the message on the lowest failing rank only (printed once).
+// AgreedConfigError, reported by the lowest failing rank only (printed once).
 Config load_config_collectively(const ParsedArgs& args, World* world);
 
 // Sets LibTorch intra-op threads and, when the BLAS is OpenBLAS, its thread pool too:

@@ -48,21 +48,10 @@ int run_preprocess_command(const ParsedArgs& args, World* world) {
   else
     throw ConfigError("--bad_jsonl " + bad + ": expected fail or skip");
 
-  if (!world || world->size() == 1) {
-    data::run_preprocess(o, world ? &world->comm() : nullptr);
-    return 0;
-  }
-  // run_preprocess throws the same error on every rank: report it once, exit cleanly.
-  try {
-    data::run_preprocess(o, world ? &world->comm() : nullptr);
-    return 0;
-  } catch (const ConfigError& e) {
-    if (world->is_root()) log::error(e.what());
-    return 2;
-  } catch (const Error& e) {
-    if (world->is_root()) log::error(e.what());
-    return 1;
-  }
+  // With several ranks run_preprocess throws an agreed error (Agreed<E>) on every rank: main
+  // reports it once and every rank exits with the same code.
+  data::run_preprocess(o, world ? &world->comm() : nullptr);
+  return 0;
 }
 
 }  // namespace

@@ -1,14 +1,17 @@
-// `andyllm train`: loads and validates the run config on every rank, writes the effective
-// config into the output directory, builds the rank grid and runs the Trainer (launch/trainer.h).
+// `andyllm train`: loads and validates the run config on every rank, builds the rank grid and
+// the Trainer (launch/trainer.h), writes the effective config into the output directory and
+// runs. A setup failure on any rank is agreed: reported once, same exit code everywhere.
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "core/model/model_stats.h"
 #include "launch/commands.h"
 #include "launch/trainer.h"
+#include "parallel/mpi_utils.h"
 #include "parallel/process_grid.h"
 #include "parallel/world.h"
 
@@ -33,15 +36,6 @@ Subcommand make_train_command() {
     Config cfg = load_config_collectively(a, world);
     if (handle_config_info_flags(a, cfg, model_summary(cfg))) return 0;
     configure_threads(cfg, world);
-    if (world->is_root()) {
-      std::error_code ec;
-      std::filesystem::create_directories(cfg.train.output_dir, ec);
-      ANDY_CHECK_T(IoError, !ec, "[train] output_dir = ", cfg.train.output_dir, " (",
-                   cfg.origin_of("train.output_dir"), "): cannot create it: ", ec.message());
-      std::string path = cfg.train.output_dir + "/config.toml";
-      std::ofstream(path) << config_to_toml(cfg);
-      log::info("effective config written to ", path);
-    }
     GridOptions g;
     g.tensor_parallel_size = static_cast<int>(cfg.parallel.tensor_parallel_size);
     bool cuda = cfg.train.device == "cuda";
@@ -52,8 +46,26 @@ Subcommand make_train_command() {
     }
     g.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.collective_timeout_s * 1000));
     ProcessGrid grid(*world, g);
-    Trainer trainer(cfg, TrainGrid::from(grid, g.device));
-    TrainResult r = trainer.run();
+    // Setup can fail on some ranks only (a shard one rank cannot read, an output_dir only rank 0
+    // creates): the ranks agree, so the job ends with one message and one exit code, writing
+    // nothing, instead of MPI_Abort. The Trainer constructor runs no collectives.
+    MPI_Comm agree_comm = world->size() > 1 ? world->comm().get() : MPI_COMM_NULL;
+    std::unique_ptr<Trainer> trainer;
+    run_agreed(agree_comm, [&] { trainer = std::make_unique<Trainer>(cfg, TrainGrid::from(grid, g.device)); });
+    run_agreed(agree_comm, [&] {
+      if (!world->is_root()) return;
+      std::error_code ec;
+      std::filesystem::create_directories(cfg.train.output_dir, ec);
+      ANDY_CHECK_T(IoError, !ec, "[train] output_dir = ", cfg.train.output_dir, " (",
+                   cfg.origin_of("train.output_dir"), "): cannot create it: ", ec.message());
+      std::string path = cfg.train.output_dir + "/config.toml";
+      std::ofstream f(path);
+      f << config_to_toml(cfg);
+      f.flush();
+      ANDY_CHECK_T(IoError, f.good(), "[train] output_dir = ", cfg.train.output_dir, ": cannot write ", path);
+      log::info("effective config written to ", path);
+    });
+    TrainResult r = trainer->run();
     if (world->is_root()) {
       if (!r.sample.empty()) std::printf("\n--- sample from the trained model ---\n%s\n---\n", r.sample.c_str());
       std::string first_val = r.val_losses.empty() ? "n/a" : std::to_string(r.val_losses.front().second);

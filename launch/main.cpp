@@ -96,10 +96,10 @@ int main(int argc, char** argv) {
     if (cmd->needs_mpi) world = std::make_unique<World>(&argc, &argv);
     int rc = cmd->run(args, world.get());
     return rc;
-  } catch (const AgreedConfigError& e) {
-    // Every rank saw it (load_config_collectively): a clean exit, reported once.
-    if (*e.what()) log::error(e.what());
-    return 2;
+  } catch (const AgreedFailure& e) {
+    // Every rank saw it (the ranks agreed on it): a clean exit, reported once, no MPI_Abort.
+    if (e.report() && *e.message()) log::error(e.message());
+    return e.exit_code();
   } catch (const ConfigError& e) {
     return fail(world.get(), 2, e.what());
   } catch (const Error& e) {

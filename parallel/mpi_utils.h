@@ -4,6 +4,7 @@
 
 #include <mpi.h>
 
+#include <functional>
 #include <string>
 
 #include "core/base/error.h"
@@ -20,6 +21,15 @@ std::string mpi_error_string(int code);
                               ::andy::mpi_error_string(andy_mpi_rc_));                    \
     }                                                                                     \
   } while (0)
+
+// Runs fn on every rank of comm (collective: every rank must call it). If fn throws on any
+// rank, every rank throws Agreed<E> with the message of the lowest failing rank, where E is that
+// error's family (ConfigError, IoError, CommError, else Error); only that rank has report() set.
+// For setup steps that may fail on some ranks only (a file one rank cannot read): the job then
+// ends with one message and the same exit code everywhere instead of MPI_Abort. fn itself must
+// not run collectives that a failing rank could skip. comm == MPI_COMM_NULL: fn runs alone and
+// its error propagates unchanged.
+void run_agreed(MPI_Comm comm, const std::function<void()>& fn);
 
 class MpiComm {
  public:

@@ -7,6 +7,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace andy {
 
@@ -38,6 +39,31 @@ class IoError : public Error {
 class CudaError : public Error {
  public:
   using Error::Error;
+};
+
+// A failure every rank of the job knows about: the ranks agreed on it (run_agreed in
+// parallel/mpi_utils.h, the checkpoint code), so main exits with exit_code() on every rank
+// without MPI_Abort, and only ranks with report() print the message (once, not once per rank).
+// Caught as AgreedFailure; thrown as Agreed<E>, which is also an E (ConfigError, IoError ...).
+class AgreedFailure {
+ public:
+  AgreedFailure(bool report, int exit_code) : report_(report), exit_code_(exit_code) {}
+  virtual ~AgreedFailure() = default;
+  bool report() const { return report_; }
+  int exit_code() const { return exit_code_; }
+  virtual const char* message() const = 0;
+
+ private:
+  bool report_;
+  int exit_code_;
+};
+// Exit code 2 for ConfigError (bad input), 1 otherwise.
+template <typename E>
+class Agreed : public E, public AgreedFailure {
+ public:
+  Agreed(const std::string& what, bool report)
+      : E(what), AgreedFailure(report, std::is_base_of_v<ConfigError, E> ? 2 : 1) {}
+  const char* message() const override { return this->what(); }
 };
 
 // The rank this process reports in messages; -1 until the World is initialised.

@@ -37,6 +37,12 @@ inline std::string andyllm_bin() { return env_or("ANDYLLM_BIN", "build/andyllm")
 inline std::string mpirun(int n) {
   return env_or("ANDYLLM_MPIEXEC", "mpirun") + " -np " + std::to_string(n) + " --oversubscribe ";
 }
+// Occurrences of `part` in `text`.
+inline int count_of(const std::string& text, const std::string& part) {
+  int n = 0;
+  for (size_t pos = text.find(part); pos != std::string::npos; pos = text.find(part, pos + 1)) ++n;
+  return n;
+}
 inline std::string source_dir() { return env_or("ANDYLLM_SOURCE_DIR", "."); }
 
 }  // namespace andy::testing_util

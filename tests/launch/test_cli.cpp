@@ -24,12 +24,6 @@ std::string write_temp_config(const std::string& name, const std::string& text) 
   return p.string();
 }
 
-int count_of(const std::string& text, const std::string& part) {
-  int n = 0;
-  for (size_t pos = text.find(part); pos != std::string::npos; pos = text.find(part, pos + 1)) ++n;
-  return n;
-}
-
 }  // namespace
 
 TEST(Cli, HelpDescribesSubcommandsAndFlags) {
@@ -121,22 +115,19 @@ TEST(Cli, CudaWithoutAGpuIsReportedOnceByEveryRankAgreeing) {
   EXPECT_FALSE(fs::exists("/tmp/andyllm_never"));
 }
 
-TEST(Cli, EffectiveConfigIsWrittenToTheOutputDirectory) {
+// Setup that fails on every rank (no tokenizer yet): one message, exit 2, no MPI_Abort, and no
+// output directory (the effective config is written only once setup has succeeded; the
+// trainer e2e tests check it is written then).
+TEST(Cli, MissingDataIsReportedOnceAndWritesNothing) {
   fs::path out = fs::temp_directory_path() / ("andyllm_cli_out_" + std::to_string(getpid()));
   fs::remove_all(out);
-  auto r = run_command(andyllm_bin() + " train --output_dir " + out.string() + " --set train.seed=5");
-  // The training loop may or may not be available; the effective config is written either way.
-  ASSERT_TRUE(fs::exists(out / "config.toml")) << r.output;
-  std::ifstream in(out / "config.toml");
-  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-  expect_contains(text, "seed = 5");
-  fs::remove_all(out);
-}
-
-TEST(Cli, AnOutputDirectoryThatCannotBeCreatedIsNamed) {
-  auto r = run_command(andyllm_bin() + " train --output_dir /proc/andyllm_nope");
-  EXPECT_NE(r.exit_code, 0) << r.output;
-  expect_contains(r.output, "[train] output_dir = /proc/andyllm_nope (--output_dir): cannot create it");
+  auto r = run_command(mpirun(2) + andyllm_bin() + " train --output_dir " + out.string() +
+                       " --set data.tokenizer_path=/nonexistent/tokenizer.model");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count_of(r.output, "run `andyllm preprocess` first"), 1) << r.output;
+  expect_contains(r.output, "data.tokenizer_path = /nonexistent/tokenizer.model (--set data.tokenizer_path=");
+  EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << "an agreed error needs no abort:\n" << r.output;
+  EXPECT_FALSE(fs::exists(out)) << "a failed setup must not create the output directory";
 }
 
 TEST(Cli, CollectiveTimeoutAbortsTheJobWithAMessage) {

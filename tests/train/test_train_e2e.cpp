@@ -183,8 +183,32 @@ TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
   fs::resize_file(shard, fs::file_size(shard) / 3);
   r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + " --set train.max_steps=" +
                   std::to_string(stopped + 4));
-  EXPECT_NE(r.exit_code, 0) << r.output;
-  EXPECT_NE(r.output.find(shard), std::string::npos) << r.output;
+  // Both ranks read the damaged shard; they agree: one message naming it, exit 1, no abort.
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_EQ(count_of(r.output, shard), 1) << r.output;
+  EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << r.output;
+}
+
+// A setup step that fails on rank 0 only (it alone creates output_dir, here under a regular
+// file): the ranks agree, so the job reports it once and exits 1 on every rank, not MPI_Abort.
+// A run that starts writes its effective config into output_dir.
+TEST(TrainE2e, OutputDirFailureOnRankZeroIsAgreedAndASuccessfulRunWritesItsConfig) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 1);
+  dt::write_file(dir / "blocker", "a file, not a directory\n");
+  std::string bad = dir / "blocker/out";
+  auto r = run_command(plain_mpirun() + " train --config " + cfg + " --output_dir " + bad);
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_EQ(count_of(r.output, "cannot create it"), 1) << r.output;
+  EXPECT_NE(r.output.find("[train] output_dir = " + bad), std::string::npos) << r.output;
+  EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << r.output;
+
+  r = run_command(plain_mpirun() + " train --config " + cfg + " --set train.seed=5");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream in(dir / "out/config.toml");
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find("seed = 5"), std::string::npos) << text;
+  EXPECT_NE(text.find("max_steps = 1"), std::string::npos) << text;
 }
 
 // Ctrl-C in a terminal: SIGINT to the launcher's whole process group. scripts/mpirun.sh turns

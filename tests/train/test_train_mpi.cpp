@@ -334,12 +334,13 @@ TEST(Trainer, FailedSaveKeepsThePreviousCheckpoint) {
     ADD_FAILURE() << "the failed save was not reported";
   } catch (const IoError& e) {
     msg = e.what();
+    const auto* agreed = dynamic_cast<const AgreedFailure*>(&e);
+    ASSERT_NE(agreed, nullptr) << "a failed save must be an agreed error (no MPI_Abort)";
+    EXPECT_EQ(agreed->report(), world_rank() == world_size() - 1);
+    EXPECT_EQ(agreed->exit_code(), 1);
   }
-  if (world_rank() == world_size() - 1) {
-    EXPECT_NE(msg.find("step_00000004.tmp/shard_tp00.pt"), std::string::npos) << msg;
-  } else {
-    EXPECT_NE(msg.find("another rank failed"), std::string::npos) << msg;
-  }
+  // Every rank throws the failing rank's message; only that rank reports it (printed once).
+  EXPECT_NE(msg.find("step_00000004.tmp/shard_tp00.pt: injected failure"), std::string::npos) << msg;
   MPI_Barrier(MPI_COMM_WORLD);
   const std::string root = c.train.output_dir + "/checkpoints";
   EXPECT_EQ(data::testing::read_text(root + "/latest"), "step_00000002\n");
