@@ -244,6 +244,9 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
     v.prefetch_batches = 0;
     val_ = std::make_unique<data::DataLoader>(v);
   }
+  // A bad --resume (no such directory, `latest` naming an incomplete checkpoint) is found here,
+  // during setup, which cmd_train agrees across ranks; run() resolves it again and loads it.
+  resolve_resume_path(cfg_);
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   if (cfg_.train.max_steps > 0) {
     total_steps_ = cfg_.train.max_steps;

@@ -190,8 +190,9 @@ TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
 }
 
 // A setup step that fails on rank 0 only (it alone creates output_dir, here under a regular
-// file): the ranks agree, so the job reports it once and exits 1 on every rank, not MPI_Abort.
-// A run that starts writes its effective config into output_dir.
+// file): the ranks agree, so the job reports it once and exits 1 on every rank, not MPI_Abort;
+// a bad --resume path is bad input (exit 2). A run that starts writes its effective config
+// into output_dir.
 TEST(TrainE2e, OutputDirFailureOnRankZeroIsAgreedAndASuccessfulRunWritesItsConfig) {
   dt::TempDir dir("andyllm-train-e2e");
   std::string cfg = make_run(dir, 1);
@@ -202,6 +203,14 @@ TEST(TrainE2e, OutputDirFailureOnRankZeroIsAgreedAndASuccessfulRunWritesItsConfi
   EXPECT_EQ(count_of(r.output, "cannot create it"), 1) << r.output;
   EXPECT_NE(r.output.find("[train] output_dir = " + bad), std::string::npos) << r.output;
   EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << r.output;
+
+  // A --resume path that does not exist: bad input, found during setup, nothing written.
+  std::string nope = dir / "no_such_checkpoint";
+  r = run_command(plain_mpirun() + " train --config " + cfg + " --resume " + nope);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count_of(r.output, "--resume " + nope + ": not a directory"), 1) << r.output;
+  EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << r.output;
+  EXPECT_FALSE(fs::exists(dir / "out")) << "a failed setup must not create the output directory";
 
   r = run_command(plain_mpirun() + " train --config " + cfg + " --set train.seed=5");
   ASSERT_EQ(r.exit_code, 0) << r.output;
