@@ -435,7 +435,8 @@ TrainResult Trainer::run() {
 
     auto step_t0 = std::chrono::steady_clock::now();
     for (auto& p : params_) p.param.mutable_grad() = at::Tensor();
-    double loss_acc = 0;
+    // Summed on the device: one host sync per step, not one per micro-step (GPU queues stay full).
+    at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
     const double scale = scaler_->scale();
     for (int64_t micro = 0; micro < accum; ++micro) {
       data::Batch b = train_->next_batch();
@@ -447,8 +448,9 @@ TrainResult Trainer::run() {
         loss = model_->loss(logits.to(at::kFloat), b.target.to(device_));
       }
       (loss * (scale / static_cast<double>(accum))).backward();
-      loss_acc += loss.item<double>();
+      loss_sum.add_(loss.detach().to(at::kDouble));
     }
+    const double loss_acc = loss_sum.item<double>();
     double waited = reducer_->finish();
     interval_comm_wait += waited;
     result.comm_wait_seconds += waited;
