@@ -269,8 +269,9 @@ std::string resolve_resume_path(const Config& cfg) {
                  "/meta.json missing); pass --resume PATH or --resume none");
     return dir;
   }
-  ANDY_CHECK_T(ConfigError, fs::is_directory(r), "--resume ", r,
-               ": not a directory; expected auto, none or a checkpoint step directory");
+  if (!fs::is_directory(r))  // user input: named as given, no source location
+    throw ConfigError("--resume " + r +
+                      ": not a directory; expected auto, none or a checkpoint step directory");
   return r;
 }
 
