@@ -37,7 +37,7 @@ struct Ctx {
 // Runs fn on every rank; if it throws anywhere, every rank throws the lowest failing rank's
 // error (run_agreed).
 void agreed(const Ctx& c, const std::function<void()>& fn) {
-  run_agreed(c.size == 1 ? MPI_COMM_NULL : c.comm, fn);
+  run_agreed(c.comm, fn);
 }
 
 void sum_i64(const Ctx& c, std::vector<int64_t>& v) {

@@ -53,13 +53,14 @@ void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Devi
   // The first failing rank's message on every rank: a sum to which only it contributes.
   at::Tensor len = at::full({1}, me == first ? static_cast<int>(local_error.size()) : 0, at::kInt);
   all_reduce_host(g.world.get(), len, ReduceOp::kSum, device);
-  at::Tensor chars = at::zeros({std::max(1, len.item<int>())}, at::kInt);
+  const int n_chars = len.item<int>();
+  at::Tensor chars = at::zeros({std::max(1, n_chars)}, at::kInt);
+  int* c = chars.data_ptr<int>();
   if (me == first)
-    for (size_t i = 0; i < local_error.size(); ++i)
-      chars.data_ptr<int>()[i] = static_cast<unsigned char>(local_error[i]);
+    for (size_t i = 0; i < local_error.size(); ++i) c[i] = static_cast<unsigned char>(local_error[i]);
   all_reduce_host(g.world.get(), chars, ReduceOp::kSum, device);
-  std::string msg(static_cast<size_t>(len.item<int>()), ' ');
-  for (size_t i = 0; i < msg.size(); ++i) msg[i] = static_cast<char>(chars.data_ptr<int>()[i]);
+  std::string msg(static_cast<size_t>(n_chars), ' ');
+  for (size_t i = 0; i < msg.size(); ++i) msg[i] = static_cast<char>(c[i]);
   throw Agreed<IoError>(msg, me == first);
 }
 

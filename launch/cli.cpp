@@ -209,15 +209,7 @@ Config load_config_collectively(const ParsedArgs& args, World* world) {
     validate_config(cfg, world && !describe_only ? world->size() : 0);
     if (!describe_only) check_device_available(cfg, world);
   };
-  if (!world || world->size() == 1) {
-    try {
-      load();
-    } catch (const ConfigError& e) {
-      throw AgreedConfigError(e.what(), true);
-    }
-    return cfg;
-  }
-  run_agreed(world->comm().get(), load);
+  run_agreed(world ? world->comm().get() : MPI_COMM_NULL, load);
   return cfg;
 }
 

@@ -62,14 +62,11 @@ Config load_config(const ParsedArgs& args);
 bool handle_config_info_flags(const ParsedArgs& args, const Config& cfg,
                               const std::string& extra_info = "");
 
-// A config error every rank of the job knows about: main exits cleanly (code 2), no abort.
-using AgreedConfigError = Agreed<ConfigError>;
-
 // With train.device = cuda: a ConfigError unless LibTorch sees a GPU for every local rank.
 void check_device_available(const Config& cfg, const World* world);
 
 // Loads and validates the config on every rank (device availability included); if any rank fails, every rank throws
-// AgreedConfigError, reported by the lowest failing rank only (printed once).
+// Agreed<ConfigError> (run_agreed), reported by the lowest failing rank only (printed once).
 Config load_config_collectively(const ParsedArgs& args, World* world);
 
 // Sets LibTorch intra-op threads and, when the BLAS is OpenBLAS, its thread pool too:

@@ -49,7 +49,7 @@ Subcommand make_train_command() {
     // Setup can fail on some ranks only (a shard one rank cannot read, an output_dir only rank 0
     // creates): the ranks agree, so the job ends with one message and one exit code, writing
     // nothing, instead of MPI_Abort. The Trainer constructor runs no collectives.
-    MPI_Comm agree_comm = world->size() > 1 ? world->comm().get() : MPI_COMM_NULL;
+    MPI_Comm agree_comm = world->comm().get();
     std::unique_ptr<Trainer> trainer;
     run_agreed(agree_comm, [&] { trainer = std::make_unique<Trainer>(cfg, TrainGrid::from(grid, g.device)); });
     run_agreed(agree_comm, [&] {

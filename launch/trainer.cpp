@@ -245,8 +245,8 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
     val_ = std::make_unique<data::DataLoader>(v);
   }
   // A bad --resume (no such directory, `latest` naming an incomplete checkpoint) is found here,
-  // during setup, which cmd_train agrees across ranks; run() resolves it again and loads it.
-  resolve_resume_path(cfg_);
+  // during setup, which cmd_train agrees across ranks; run() loads it.
+  resume_dir_ = resolve_resume_path(cfg_);
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   if (cfg_.train.max_steps > 0) {
     total_steps_ = cfg_.train.max_steps;
@@ -351,7 +351,7 @@ TrainResult Trainer::run() {
   const int64_t tokens_per_step = global_batch * cfg_.data.seq_len;
   const bool root = grid_.rank() == 0 && opts_.print;
 
-  std::string resume = resolve_resume_path(cfg_);
+  const std::string& resume = resume_dir_;
   if (!resume.empty()) {
     load_checkpoint(*this, resume);
     if (root) log::info("resumed from ", resume, " at step ", step_);

@@ -187,6 +187,7 @@ class Trainer {
   std::unique_ptr<data::DataLoader> train_;
   std::unique_ptr<data::DataLoader> val_;
   int64_t total_steps_ = 0;
+  std::string resume_dir_;  // checkpoint.resume resolved at construction ("" = start fresh)
   int64_t step_ = 0;
   double best_val_;
 };
