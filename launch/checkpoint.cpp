@@ -6,12 +6,16 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cmath>
+#include <ctime>
+#include <limits>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <nlohmann/json.hpp>
 
+#include "core/base/durable_fs.h"
 #include "core/base/logging.h"
 #include "core/model/model_config.h"
 #include "parallel/tp_partition.h"
@@ -39,8 +43,10 @@ std::string shard_file(int tp_rank) {
 // message of the lowest failing rank, which alone reports it (main prints it once and exits 1
 // without MPI_Abort). On failure world rank 0 removes `partial_dir` (the unfinished
 // step_N.tmp/) so nothing half-written stays.
+}  // namespace
+
 void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device,
-                    const std::string& partial_dir = "") {
+                    const std::string& partial_dir) {
   const int n = g.world_size(), me = g.rank();
   at::Tensor first_t = at::full({1}, local_error.empty() ? n : me, at::kInt);
   all_reduce_host(g.world.get(), first_t, ReduceOp::kMin, device);
@@ -64,15 +70,54 @@ void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Devi
   throw Agreed<IoError>(msg, me == first);
 }
 
-void write_text_atomic(const std::string& path, const std::string& text) {
-  std::string tmp = path + ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << text;
-    f.flush();
-    ANDY_CHECK_T(IoError, f.good(), "cannot write ", tmp);
+
+std::vector<int64_t> complete_checkpoint_steps(const std::string& root) {
+  std::vector<int64_t> steps;
+  std::error_code ec;
+  if (!fs::is_directory(root, ec)) return steps;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    std::string n = e.path().filename().string();
+    if (!e.is_directory() || n.rfind("step_", 0) != 0 || n.find('.') != std::string::npos) continue;
+    try {
+      steps.push_back(std::stoll(n.substr(5)));
+    } catch (const std::exception&) {
+    }
   }
-  fs::rename(tmp, path);
+  std::sort(steps.begin(), steps.end());
+  return steps;
+}
+
+namespace {
+
+// Removes complete checkpoints older than `current`, keeping the newest keep_last - 1 of them
+// (with `current` that makes keep_last). Checkpoints of later steps than `current` (left by a
+// run resumed from an older step) are never touched: nothing recent is deleted by an older run.
+void prune_checkpoints(const std::string& root, int64_t current, int64_t keep_last) {
+  std::vector<int64_t> older;
+  for (int64_t s : complete_checkpoint_steps(root))
+    if (s < current) older.push_back(s);
+  const size_t keep_older = static_cast<size_t>(std::max<int64_t>(1, keep_last) - 1);
+  for (size_t i = 0; i + keep_older < older.size(); ++i)
+    fs::remove_all(root + "/" + checkpoint_dir_name(older[i]));
+}
+
+// fsync of a file written by LibTorch (so a power loss after the publishing renames cannot
+// leave an empty file under a complete-looking name).
+void sync_written(const std::string& file) { fsync_path(file); }
+
+// "checkpoint: cannot write FILE: REASON (N MiB free on MOUNT)": LibTorch's writer reports a
+// full disk only as a failed write, so the free space is added whenever it is low.
+std::string write_error_text(const std::string& path, const std::exception& e,
+                             const std::string& verb = "cannot write") {
+  std::string what = e.what();
+  if (auto* c = dynamic_cast<const c10::Error*>(&e)) what = c->what_without_backtrace();
+  if (what.size() > 300) what = what.substr(0, 300) + "...";
+  std::string text = "checkpoint: " + verb + " " + path + ": " + what;
+  if (text.find("MiB free") == std::string::npos) {
+    std::string free = free_space_text(path);
+    if (!free.empty()) text += " (" + free + ")";
+  }
+  return text;
 }
 
 // Reads `name` from an open archive into a tensor of the expected shape.
@@ -193,9 +238,11 @@ std::string save_checkpoint(Trainer& tr) {
       ar.write("optimizer_steps", at::full({1}, tr.optimizer().steps(), at::kLong));
       ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
                                          at::kDouble));
-      ar.save_to(tmp_dir + "/" + shard_file(g.tp_rank()));
+      const std::string file = tmp_dir + "/" + shard_file(g.tp_rank());
+      ar.save_to(file);
+      sync_written(file);
     } catch (const std::exception& e) {
-      err = std::string("checkpoint: cannot write ") + tmp_dir + "/" + shard_file(g.tp_rank()) + ": " + e.what();
+      err = write_error_text(tmp_dir + "/" + shard_file(g.tp_rank()), e);
     }
   }
   agree_or_throw(g, err, tr.device(), tmp_dir);
@@ -205,6 +252,7 @@ std::string save_checkpoint(Trainer& tr) {
       torch::serialize::OutputArchive rar;
       rar.write("rng", all_rng.view({g.world_size(), -1}));
       rar.save_to(tmp_dir + "/rng.pt");
+      sync_written(tmp_dir + "/rng.pt");
       data::LoaderCursor c = tr.train_loader().cursor();
       json meta;
       meta["format_version"] = 1;
@@ -225,7 +273,8 @@ std::string save_checkpoint(Trainer& tr) {
       meta["files"] = json::array();
       for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(shard_file(r));
       meta["config"] = config_to_toml(cfg);
-      write_text_atomic(tmp_dir + "/meta.json", meta.dump(2));
+      write_file_durable(tmp_dir + "/meta.json", meta.dump(2));
+      fsync_path(tmp_dir);
       // Every rank has finished (the agree above): publish. A complete checkpoint of the same
       // step (a stop right after a periodic save) is moved aside first and removed only once
       // the new one is in place and recorded.
@@ -233,26 +282,90 @@ std::string save_checkpoint(Trainer& tr) {
       fs::remove_all(old_dir);
       if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
       fs::rename(tmp_dir, final_dir);
-      write_text_atomic(root + "/latest", checkpoint_dir_name(tr.step()) + "\n");
+      fsync_path(root);
+      write_file_durable(root + "/latest", checkpoint_dir_name(tr.step()) + "\n");
       fs::remove_all(old_dir);
-      // Prune older complete checkpoints (and stale temporaries of earlier steps).
-      std::vector<std::string> steps;
-      for (const auto& e : fs::directory_iterator(root)) {
-        std::string n = e.path().filename().string();
-        if (e.is_directory() && n.rfind("step_", 0) == 0 && n.find('.') == std::string::npos)
-          steps.push_back(n);
-      }
-      std::sort(steps.begin(), steps.end());
-      int64_t keep = std::max<int64_t>(1, cfg.checkpoint.keep_last);
-      for (size_t i = 0; i + keep < steps.size(); ++i) fs::remove_all(root + "/" + steps[i]);
+      prune_checkpoints(root, tr.step(), cfg.checkpoint.keep_last);
     } catch (const std::exception& e) {
-      err = std::string("checkpoint: cannot finish ") + final_dir + ": " + e.what();
+      err = write_error_text(final_dir, e, "cannot finish");
       std::error_code ec;  // put a moved-aside complete checkpoint back
       if (!fs::exists(final_dir) && fs::exists(final_dir + ".old")) fs::rename(final_dir + ".old", final_dir, ec);
     }
   }
   agree_or_throw(g, err, tr.device(), tmp_dir);
   return result;
+}
+
+std::string earlier_run_contents(const Config& cfg) {
+  const std::string out = cfg.train.output_dir;
+  std::vector<int64_t> steps = complete_checkpoint_steps(out + "/checkpoints");
+  std::string what;
+  if (!steps.empty()) {
+    what = std::to_string(steps.size()) + " checkpoint(s) " + checkpoint_dir_name(steps.front());
+    if (steps.size() > 1) what += " .. " + checkpoint_dir_name(steps.back());
+    what += fs::exists(out + "/checkpoints/latest") ? "" : " (no 'latest' file)";
+  }
+  if (fs::exists(out + "/best_model")) {
+    double v = best_model_val_loss(out);
+    what += std::string(what.empty() ? "" : " and ") + "best_model/" +
+            (std::isfinite(v) ? " (val_loss " + std::to_string(v) + ")" : "");
+  }
+  return what;
+}
+
+void check_fresh_start(const Config& cfg, const std::string& resume_dir) {
+  if (!resume_dir.empty() || cfg.checkpoint.existing != "refuse") return;
+  std::string what = earlier_run_contents(cfg);
+  if (what.empty()) return;
+  const std::string why = cfg.checkpoint.resume == "auto"
+                              ? "checkpoints/latest is missing, so nothing would be resumed"
+                              : "--resume " + cfg.checkpoint.resume + " starts a fresh run";
+  throw ConfigError("[train] output_dir = " + cfg.train.output_dir + " already holds an earlier run: " +
+                    what + "; " + why + " whose checkpoints would be mixed with (and pruned among) "
+                    "the old ones. To continue the old run: --resume PATH (a step directory); to "
+                    "start fresh: another --output_dir, or --set checkpoint.existing=archive (moves "
+                    "them to " + cfg.train.output_dir + "/archive/) or =replace (deletes them)");
+}
+
+std::string clear_earlier_run(const Config& cfg, const std::string& resume_dir) {
+  if (!resume_dir.empty() || cfg.checkpoint.existing == "refuse") return "";
+  if (earlier_run_contents(cfg).empty()) return "";
+  const std::string out = cfg.train.output_dir;
+  const std::vector<std::string> names = {"checkpoints", "best_model", "metrics.jsonl"};
+  if (cfg.checkpoint.existing == "replace") {
+    for (const auto& n : names) fs::remove_all(out + "/" + n);
+    return "removed the earlier run's checkpoints/, best_model/ and metrics.jsonl from " + out +
+           " (checkpoint.existing = replace)";
+  }
+  char stamp[32];
+  std::time_t now = std::time(nullptr);
+  std::strftime(stamp, sizeof stamp, "%Y%m%d-%H%M%S", std::localtime(&now));
+  std::string dest = out + "/archive/run_" + stamp;
+  for (int i = 1; fs::exists(dest); ++i) dest = out + "/archive/run_" + stamp + "_" + std::to_string(i);
+  fs::create_directories(dest);
+  for (const auto& n : names)
+    if (fs::exists(out + "/" + n)) fs::rename(out + "/" + n, dest + "/" + n);
+  fsync_path(out);
+  return "moved the earlier run's checkpoints/, best_model/ and metrics.jsonl to " + dest +
+         " (checkpoint.existing = archive)";
+}
+
+double best_model_val_loss(const std::string& output_dir) {
+  const std::string dir = output_dir + "/best_model";
+  try {
+    std::ifstream f(dir + "/meta.json");
+    if (f) {
+      json meta = json::parse(f);
+      if (meta.contains("val_loss") && meta["val_loss"].is_number()) return meta["val_loss"].get<double>();
+    }
+    // Older best_model directories: "... (val_loss X)" in README.txt.
+    std::ifstream r(dir + "/README.txt");
+    std::string text((std::istreambuf_iterator<char>(r)), std::istreambuf_iterator<char>());
+    auto at = text.find("(val_loss ");
+    if (at != std::string::npos) return std::stod(text.substr(at + 10));
+  } catch (const std::exception&) {
+  }
+  return std::numeric_limits<double>::quiet_NaN();
 }
 
 std::string resolve_resume_path(const Config& cfg) {

@@ -6,7 +6,10 @@
 //                   windows consumed in the epoch), best validation loss, the effective config
 // A save writes step_N.tmp/, waits until every rank has finished (barrier), renames it to
 // step_N/ and only then replaces the `latest` file (write + rename, atomic). Older step
-// directories beyond checkpoint.keep_last are removed. A failed save (any rank) throws IoError on
+// directories beyond checkpoint.keep_last are removed: only steps older than the one just
+// written, so neither it (what `latest` names) nor a later step left by a run resumed from an
+// older checkpoint is ever pruned. Files and directories are fsynced before the renames that
+// publish them. A failed save (any rank) throws IoError on
 // every rank, removes its step_N.tmp/ and never touches a complete checkpoint; saving a step
 // that already has one moves the old one aside until the new one is recorded as latest.
 // Resume: the data cursor is stored in windows (sequences) of the epoch, so a different DP size
@@ -18,6 +21,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 #include "launch/trainer.h"
 
@@ -32,5 +36,23 @@ std::string save_checkpoint(Trainer& trainer);
 std::string resolve_resume_path(const Config& cfg);
 // Restores weights, optimizer, scaler, step, best val loss, RNG and data cursor.
 void load_checkpoint(Trainer& trainer, const std::string& dir);
+
+// An earlier run in output_dir: "3 checkpoint(s) step_.. .. step_.. and best_model/ (val_loss
+// X)", or "" when there is none. A fresh run (nothing to resume) over one is refused by
+// check_fresh_start (ConfigError saying how to proceed) unless checkpoint.existing is archive
+// or replace, which clear_earlier_run carries out (rank 0; returns what it did, "" if nothing).
+std::string earlier_run_contents(const Config& cfg);
+void check_fresh_start(const Config& cfg, const std::string& resume_dir);
+std::string clear_earlier_run(const Config& cfg, const std::string& resume_dir);
+// Steps of the complete checkpoints under `root` (directories step_N, no suffix), ascending.
+std::vector<int64_t> complete_checkpoint_steps(const std::string& root);
+// The validation loss recorded with output_dir/best_model (NaN when none or unknown).
+double best_model_val_loss(const std::string& output_dir);
+
+// Every rank learns whether any rank failed (non-empty `local_error`); if so every rank throws
+// Agreed<IoError> with the message of the lowest failing rank, which alone reports it. World
+// rank 0 then removes `partial_dir` (if given) so nothing half-written stays. Collective.
+void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device,
+                    const std::string& partial_dir = "");
 
 }  // namespace andy

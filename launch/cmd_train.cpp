@@ -9,6 +9,7 @@
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "core/model/model_stats.h"
+#include "launch/checkpoint.h"
 #include "launch/commands.h"
 #include "launch/trainer.h"
 #include "parallel/mpi_utils.h"
@@ -58,6 +59,8 @@ Subcommand make_train_command() {
       std::filesystem::create_directories(cfg.train.output_dir, ec);
       ANDY_CHECK_T(IoError, !ec, "[train] output_dir = ", cfg.train.output_dir, " (",
                    cfg.origin_of("train.output_dir"), "): cannot create it: ", ec.message());
+      std::string cleared = clear_earlier_run(cfg, trainer->resume_dir());
+      if (!cleared.empty()) log::info(cleared);
       std::string path = cfg.train.output_dir + "/config.toml";
       std::ofstream f(path);
       f << config_to_toml(cfg);

@@ -13,6 +13,7 @@
 #include <limits>
 #include <sstream>
 
+#include "core/base/durable_fs.h"
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "core/model/model_stats.h"
@@ -247,6 +248,7 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   // A bad --resume (no such directory, `latest` naming an incomplete checkpoint) is found here,
   // during setup, which cmd_train agrees across ranks; run() loads it.
   resume_dir_ = resolve_resume_path(cfg_);
+  check_fresh_start(cfg_, resume_dir_);
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   if (cfg_.train.max_steps > 0) {
     total_steps_ = cfg_.train.max_steps;
@@ -285,29 +287,61 @@ double Trainer::evaluate() {
   return t.item<double>();
 }
 
-void Trainer::save_best_model() {
+void Trainer::save_best_model(double val_loss) {
   StateDict full = model_->full_state_dict();  // collective over TP
+  const std::string dir = cfg_.train.output_dir + "/best_model";
+  const std::string tmp = dir + ".tmp";
+  std::string err;
   if (grid_.rank() == 0) {
-    std::string dir = cfg_.train.output_dir + "/best_model";
-    std::string tmp = dir + ".tmp";
-    fs::remove_all(tmp);
-    fs::create_directories(tmp);
-    torch::serialize::OutputArchive ar;
-    for (const auto& [name, t] : full) {
-      std::string key = name;
-      std::replace(key.begin(), key.end(), '.', '/');
-      ar.write(key, t.detach().cpu());
+    try {
+      write_best_model(full, dir, tmp, val_loss);
+    } catch (const std::exception& e) {
+      std::string what = e.what();
+      if (auto* c = dynamic_cast<const c10::Error*>(&e)) what = c->what_without_backtrace();
+      err = "best_model: cannot write " + tmp + ": " + what.substr(0, 300);
+      if (err.find("MiB free") == std::string::npos) {
+        std::string free = free_space_text(tmp);
+        if (!free.empty()) err += " (" + free + ")";
+      }
     }
-    ar.save_to(tmp + "/model.pt");
-    std::ofstream(tmp + "/config.toml") << config_to_toml(cfg_);
-    std::ofstream(tmp + "/README.txt")
-        << "best model by validation loss at step " << step_ << " (val_loss " << best_val_
-        << ")\nmodel.pt: full (unsharded) Hugging Face named tensors, '.' written as '/',"
-           " LibTorch archive (torch::serialize::InputArchive)\n";
-    fs::remove_all(dir);
+  }
+  // A failure is agreed (every rank throws, rank 0 removes best_model.tmp); the previous
+  // best_model stays whole.
+  agree_or_throw(grid_, err, device_, tmp);
+}
+
+void Trainer::write_best_model(const StateDict& full, const std::string& dir,
+                               const std::string& tmp, double val_loss) {
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  torch::serialize::OutputArchive ar;
+  for (const auto& [name, t] : full) {
+    std::string key = name;
+    std::replace(key.begin(), key.end(), '.', '/');
+    ar.write(key, t.detach().cpu());
+  }
+  ar.save_to(tmp + "/model.pt");
+  fsync_path(tmp + "/model.pt");
+  write_file_durable(tmp + "/config.toml", config_to_toml(cfg_));
+  std::ostringstream readme;
+  readme << "best model by validation loss at step " << step_ << " (val_loss " << val_loss
+         << ")\nmodel.pt: full (unsharded) Hugging Face named tensors, '.' written as '/',"
+            " LibTorch archive (torch::serialize::InputArchive)\n";
+  write_file_durable(tmp + "/README.txt", readme.str());
+  std::ostringstream meta;
+  meta << "{\"format_version\": 1, \"step\": " << step_ << ", \"val_loss\": " << json_num(val_loss) << "}\n";
+  write_file_durable(tmp + "/meta.json", meta.str());
+  fsync_path(tmp);
+  // Publish: an atomic exchange with the previous best_model (never a moment without one),
+  // then the old one, now under the temporary name, is removed.
+  if (fs::exists(dir)) {
+    std::string note = exchange_paths(tmp, dir);
+    if (!note.empty()) log::warn("best_model: ", note);
+    fs::remove_all(tmp);
+  } else {
     fs::rename(tmp, dir);
   }
-  if (grid_.world && grid_.world->size() > 1) grid_.world->barrier_sync();
+  fsync_path(cfg_.train.output_dir);
 }
 
 std::string Trainer::sample(const std::string& prompt, int64_t n) {
@@ -342,6 +376,27 @@ std::string Trainer::sample(const std::string& prompt, int64_t n) {
   return prompt + tok.decode(out);
 }
 
+void Trainer::note_earlier_results(bool log_it) {
+  // The best_model on disk may be better than this checkpoint's record (a resume from an
+  // older step): it is replaced only by a better one.
+  const double on_disk = best_model_val_loss(cfg_.train.output_dir);
+  if (std::isfinite(on_disk) && !(best_val_ <= on_disk)) {
+    best_val_ = on_disk;
+    if (log_it)
+      log::info("best_model/ holds val_loss ", fmt("%.4f", on_disk),
+                ": it is replaced only by a better model");
+  }
+  if (resume_dir_.empty() || !log_it) return;
+  std::vector<std::string> later;
+  const std::string root = cfg_.train.output_dir + "/checkpoints";
+  for (int64_t s : complete_checkpoint_steps(root))
+    if (s > step_) later.push_back(checkpoint_dir_name(s));
+  if (!later.empty())
+    log::warn(root, " holds ", later.size(), " checkpoint(s) after step ", step_, " (",
+              later.front(), later.size() > 1 ? " .. " + later.back() : "",
+              "): they are kept, never pruned by this run; 'latest' will name this run's checkpoints");
+}
+
 TrainResult Trainer::run() {
   TrainResult result;
   install_stop_signal_handlers();
@@ -357,6 +412,7 @@ TrainResult Trainer::run() {
     if (root) log::info("resumed from ", resume, " at step ", step_);
   }
   result.start_step = step_;
+  note_earlier_results(root);
   if (!resume.empty() && step_ >= total_steps_) {
     result.last_checkpoint = resume;
     if (root)
@@ -543,15 +599,15 @@ TrainResult Trainer::run() {
       double vl = evaluate();
       result.val_losses.push_back({step_, vl});
       bool best = vl < best_val_;
+      if (best) {
+        save_best_model(vl);
+        best_val_ = vl;
+      }
       if (root)
         log::info("step ", step_, " | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.2f", std::exp(vl)),
                   best ? " | new best, saved to " + t.output_dir + "/best_model" : "");
       write_metrics("{\"step\": " + std::to_string(step_) + ", \"val_loss\": " + json_num(vl) +
                     ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
-      if (best) {
-        best_val_ = vl;
-        save_best_model();
-      }
       interval_start = std::chrono::steady_clock::now();  // evaluation is not training time
     }
     if (opts_.write_checkpoints && step_ % cfg_.checkpoint.interval == 0 && step_ < total_steps_) {

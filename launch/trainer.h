@@ -164,6 +164,8 @@ class Trainer {
   double best_val_loss() const { return best_val_; }
   void set_best_val_loss(double v) { best_val_ = v; }
   at::Device device() const { return device_; }
+  // The checkpoint this run resumes from ("" = a fresh run), resolved at construction.
+  const std::string& resume_dir() const { return resume_dir_; }
 
   // Validation loss on the fixed subset, averaged over DP (NaN without a validation split).
   double evaluate();
@@ -173,7 +175,14 @@ class Trainer {
 
  private:
   void write_metrics(const std::string& json_line);
-  void save_best_model();
+  // Writes output_dir/best_model/ (full weights, config, meta.json with the validation loss)
+  // through best_model.tmp/ and an atomic exchange. Collective: a failure is agreed.
+  void save_best_model(double val_loss);
+  void write_best_model(const StateDict& full, const std::string& dir, const std::string& tmp,
+                        double val_loss);
+  // Start of run(): adopts the best_model/ on disk's validation loss, warns about checkpoints
+  // of later steps than the one resumed.
+  void note_earlier_results(bool log_it);
 
   Config cfg_;
   TrainGrid grid_;

@@ -128,6 +128,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(int_key(&CheckpointConfig::interval, &C::checkpoint, "checkpoint", "interval", 1, kBig, "steps between checkpoints (one is always written at the end)"));
   s.push_back(int_key(&CheckpointConfig::keep_last, &C::checkpoint, "checkpoint", "keep_last", 1, 1 << 20, "complete checkpoints kept; older ones are pruned"));
   s.push_back(str_key(&CheckpointConfig::resume, &C::checkpoint, "checkpoint", "resume", {}, "auto (latest complete checkpoint if any), none, or a step directory"));
+  s.push_back(str_key(&CheckpointConfig::existing, &C::checkpoint, "checkpoint", "existing", {"refuse", "archive", "replace"}, "a fresh run (nothing resumed) into an output_dir holding an earlier run's checkpoints or best_model: refuse, archive them under output_dir/archive/, or replace (delete) them"));
   // [serve]
   s.push_back(str_key(&ServeConfig::host, &C::serve, "serve", "host", {}, "address the HTTP server binds"));
   s.push_back(int_key(&ServeConfig::port, &C::serve, "serve", "port", 0, 65535, "HTTP port (0: any free port)"));

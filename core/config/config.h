@@ -82,6 +82,7 @@ struct CheckpointConfig {
   int64_t interval = 500;
   int64_t keep_last = 3;
   std::string resume = "auto";
+  std::string existing = "refuse";  // a fresh run over an earlier run's checkpoints
 };
 
 struct ServeConfig {

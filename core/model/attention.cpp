@@ -1,6 +1,7 @@
 // The attention function (fused SDPA where available, explicit on LibTorch 1.13) and RoPE.
 #include "core/model/attention.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -49,6 +50,91 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
                               false);
   }
   return explicit_attention(q, k, v, q_offset);
+}
+
+namespace {
+
+// Cache slots of positions 0..ctx-1 of a sequence, padded with slot 0 up to `width`.
+void append_slots(std::vector<int64_t>& out, const std::vector<int64_t>& table, int64_t ctx,
+                  int64_t width, int64_t block_size) {
+  for (int64_t p = 0; p < width; ++p)
+    out.push_back(p < ctx ? table[p / block_size] * block_size + p % block_size : 0);
+}
+
+// The decodes of the batch (one new token each), in one batched product over their keys
+// gathered to the longest context (shorter ones masked).
+void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const ForwardBatch& batch, const std::vector<int64_t>& seqs,
+                      int64_t block_size, at::Tensor& out) {
+  const int64_t n = static_cast<int64_t>(seqs.size());
+  const int64_t h = q.size(1), d = q.size(2), h_kv = k_cache.size(1), g = h / h_kv;
+  int64_t width = 0;
+  for (int64_t s : seqs) width = std::max(width, batch.context_len[s]);
+  std::vector<int64_t> slots, rows, lens;
+  slots.reserve(n * width);
+  for (int64_t s : seqs) {
+    append_slots(slots, batch.block_tables[s], batch.context_len[s], width, block_size);
+    rows.push_back(batch.query_start[s]);
+    lens.push_back(batch.context_len[s]);
+  }
+  auto long_opts = at::TensorOptions().dtype(at::kLong).device(q.device());
+  at::Tensor idx = at::tensor(slots, at::kLong).to(q.device());
+  at::Tensor row_t = at::tensor(rows, at::kLong).to(q.device());
+  at::Tensor keys = k_cache.index_select(0, idx).view({n, width, h_kv, d}).to(q.scalar_type());
+  at::Tensor vals = v_cache.index_select(0, idx).view({n, width, h_kv, d}).to(q.scalar_type());
+  at::Tensor qd = q.index_select(0, row_t).view({n, h_kv, g, d});
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  at::Tensor scores = at::matmul(qd, keys.permute({0, 2, 3, 1})).mul_(scale);  // [n, h_kv, g, width]
+  at::Tensor valid = at::arange(width, long_opts).unsqueeze(0).lt(
+      at::tensor(lens, at::kLong).to(q.device()).unsqueeze(1));  // [n, width]
+  scores.masked_fill_(valid.logical_not().view({n, 1, 1, width}),
+                      -std::numeric_limits<float>::infinity());
+  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  at::Tensor o = at::matmul(probs, vals.permute({0, 2, 1, 3}));  // [n, h_kv, g, d]
+  out.index_copy_(0, row_t, o.reshape({n, h, d}));
+}
+
+// One sequence with several new tokens (a prefill or a chunk of one): causal over its context.
+void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                       const ForwardBatch& batch, int64_t s, int64_t block_size, at::Tensor& out) {
+  const int64_t t = batch.query_len(s), ctx = batch.context_len[s], start = batch.query_start[s];
+  const int64_t h = q.size(1), d = q.size(2), h_kv = k_cache.size(1), g = h / h_kv;
+  std::vector<int64_t> slots;
+  slots.reserve(ctx);
+  append_slots(slots, batch.block_tables[s], ctx, ctx, block_size);
+  at::Tensor idx = at::tensor(slots, at::kLong).to(q.device());
+  at::Tensor keys = k_cache.index_select(0, idx).to(q.scalar_type());  // [ctx, h_kv, d]
+  at::Tensor vals = v_cache.index_select(0, idx).to(q.scalar_type());
+  at::Tensor qs = q.narrow(0, start, t).view({t, h_kv, g, d}).permute({1, 2, 0, 3});  // [h_kv, g, t, d]
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  at::Tensor scores = at::matmul(qs, keys.permute({1, 2, 0}).unsqueeze(1)).mul_(scale);  // [h_kv, g, t, ctx]
+  at::Tensor allowed = causal_mask(t, ctx, ctx - t, q.device());
+  scores.masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity());
+  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  at::Tensor o = at::matmul(probs, vals.permute({1, 0, 2}).unsqueeze(1));  // [h_kv, g, t, d]
+  out.narrow(0, start, t).copy_(o.permute({2, 0, 1, 3}).reshape({t, h, d}));
+}
+
+}  // namespace
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const ForwardBatch& batch,
+                           int64_t block_size) {
+  ANDY_CHECK(q.dim() == 3 && k_cache.dim() == 3 && q.size(0) == batch.num_tokens(),
+             "paged_attention: q [N, H, d] with N = ", batch.num_tokens(), " and a flat cache "
+             "[slots, H_kv, d] expected, got ", q.sizes(), " and ", k_cache.sizes());
+  ANDY_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_attention: ", q.size(1),
+             " query heads are not a multiple of ", k_cache.size(1), " kv heads");
+  at::Tensor out = at::empty_like(q);
+  std::vector<int64_t> decodes;
+  for (int64_t s = 0; s < batch.num_sequences(); ++s) {
+    if (batch.query_len(s) == 1)
+      decodes.push_back(s);
+    else
+      prefill_attention(q, k_cache, v_cache, batch, s, block_size, out);
+  }
+  if (!decodes.empty()) decode_attention(q, k_cache, v_cache, batch, decodes, block_size, out);
+  return out;
 }
 
 RopeTables make_rope_tables(int64_t head_dim, int64_t max_seq_len, double theta) {

@@ -10,6 +10,8 @@
 
 #include <ATen/ATen.h>
 
+#include "core/model/forward_batch.h"
+
 namespace andy {
 
 // Causal scaled-dot-product attention with grouped-query heads, the one attention function of
@@ -22,6 +24,17 @@ namespace andy {
 // softmax(q k^T / sqrt(d) + mask) v otherwise (1.13), softmax in fp32. Returns [B, H, T, d].
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      int64_t q_offset);
+
+// Attention of packed queries over a paged KV cache (the inference path; no autograd).
+// q [N, H, d]: the batch's new tokens (rows grouped by sequence as in `batch`); k_cache, v_cache
+// [num_blocks * block_size, H_kv, d]: flat cache slots already holding this step's keys and
+// values. Each row attends to its sequence's cached positions up to its own (causal). Decodes
+// (one new token) are computed together over keys gathered to the longest context; prefills
+// and chunks one sequence at a time. Grouped-query heads are served by broadcasting, never by
+// repeating K/V. Softmax in fp32, scores scaled by 1/sqrt(d), as attention(). Returns [N, H, d].
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                           const at::Tensor& v_cache, const ForwardBatch& batch,
+                           int64_t block_size);
 
 // Rotary tables for positions [0, max_seq_len): cos and sin, each [max_seq_len, head_dim] fp32.
 struct RopeTables {

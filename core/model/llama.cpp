@@ -70,34 +70,25 @@ at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeRows& rope
   return o_proj(o.transpose(1, 2).reshape({b, t, n_head_local_ * head_dim_}));
 }
 
-at::Tensor LlamaAttentionImpl::forward_cached(const at::Tensor& x, const RopeRows& rope,
-                                              KvCache& cache, int64_t layer,
-                                              const std::vector<KvSequence>& seqs) {
-  const int64_t b = x.size(0), t = x.size(1);
-  at::Tensor q = q_proj(x).view({b, t, n_head_local_, head_dim_}).transpose(1, 2);
-  at::Tensor k = k_proj(x).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
-  at::Tensor v = v_proj(x).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
-  q = apply_rope(q, rope.cos, rope.sin);
-  k = apply_rope(k, rope.cos, rope.sin);
+at::Tensor LlamaAttentionImpl::forward_batch(const at::Tensor& x, const RopeRows& rope,
+                                             KvCache& cache, int64_t layer,
+                                             const ForwardBatch& batch, const at::Tensor& slots) {
+  const int64_t n = x.size(0);
+  // RoPE on [1, H, N, d] views of the packed rows (apply_rope's layout).
+  auto rotate = [&](const at::Tensor& t, int64_t heads) {
+    at::Tensor r = apply_rope(t.view({1, n, heads, head_dim_}).transpose(1, 2),
+                              rope.cos.unsqueeze(0), rope.sin.unsqueeze(0));
+    return r.transpose(1, 2).reshape({n, heads, head_dim_});
+  };
+  at::Tensor q = rotate(q_proj(x), n_head_local_);
+  at::Tensor k = rotate(k_proj(x), n_kv_head_local_);
+  at::Tensor v = v_proj(x).view({n, n_kv_head_local_, head_dim_});
   at::Tensor k_flat = cache.k(layer).view({-1, n_kv_head_local_, head_dim_});
   at::Tensor v_flat = cache.v(layer).view({-1, n_kv_head_local_, head_dim_});
-  std::vector<at::Tensor> outs;
-  for (int64_t i = 0; i < b; ++i) {
-    const KvSequence& s = seqs[i];
-    // [H_kv, T, d] -> [T, H_kv, d] into the new tokens' slots
-    k_flat.index_copy_(0, cache.slots(s, s.length, t),
-                       k[i].transpose(0, 1).to(k_flat.scalar_type()));
-    v_flat.index_copy_(0, cache.slots(s, s.length, t),
-                       v[i].transpose(0, 1).to(v_flat.scalar_type()));
-    at::Tensor all = cache.slots(s, 0, s.length + t);
-    at::Tensor keys =
-        k_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
-    at::Tensor vals =
-        v_flat.index_select(0, all).permute({1, 0, 2}).unsqueeze(0).to(q.scalar_type());
-    outs.push_back(attention(q.narrow(0, i, 1), keys, vals, /*q_offset=*/s.length));
-  }
-  at::Tensor o = at::cat(outs, 0);
-  return o_proj(o.transpose(1, 2).reshape({b, t, n_head_local_ * head_dim_}));
+  k_flat.index_copy_(0, slots, k.to(k_flat.scalar_type()));
+  v_flat.index_copy_(0, slots, v.to(v_flat.scalar_type()));
+  at::Tensor o = paged_attention(q, k_flat, v_flat, batch, cache.block_size());
+  return o_proj(o.reshape({n, n_head_local_ * head_dim_}));
 }
 
 // ---- MLP -----------------------------------------------------------------------------------
@@ -141,10 +132,10 @@ at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const RopeRows& r
   return h + mlp(post_attention_layernorm(h));
 }
 
-at::Tensor LlamaDecoderLayerImpl::forward_cached(const at::Tensor& x, const RopeRows& rope,
-                                                 KvCache& cache, int64_t layer,
-                                                 const std::vector<KvSequence>& seqs) {
-  at::Tensor h = x + self_attn->forward_cached(input_layernorm(x), rope, cache, layer, seqs);
+at::Tensor LlamaDecoderLayerImpl::forward_batch(const at::Tensor& x, const RopeRows& rope,
+                                                KvCache& cache, int64_t layer,
+                                                const ForwardBatch& batch, const at::Tensor& slots) {
+  at::Tensor h = x + self_attn->forward_batch(input_layernorm(x), rope, cache, layer, batch, slots);
   return h + mlp(post_attention_layernorm(h));
 }
 
@@ -261,37 +252,46 @@ at::Tensor LlamaForCausalLMImpl::loss_per_token(const at::Tensor& local_logits,
                                       ignore_index);
 }
 
+at::Tensor LlamaForCausalLMImpl::forward_batch(const ForwardBatch& batch, KvCache& cache) {
+  at::NoGradGuard no_grad;
+  ANDY_CHECK(cache.n_layer() == cfg_.n_layer, "forward_batch: cache has ", cache.n_layer(),
+             " layers, model ", cfg_.n_layer);
+  batch.validate(cache.block_size(), cache.num_blocks(), cfg_.max_seq_len);
+  const at::Device device = model->embed_tokens->weight.device();
+  auto on_device = [&](const std::vector<int64_t>& v) {
+    return at::tensor(v, at::kLong).to(device);
+  };
+  at::Tensor tokens = on_device(batch.tokens);
+  at::Tensor positions = on_device(batch.positions());
+  at::Tensor slots = on_device(batch.slot_mapping(cache.block_size()));
+  RopeRows rope = rope_rows(positions.view({1, -1}));
+  rope.cos = rope.cos.squeeze(0);
+  rope.sin = rope.sin.squeeze(0);
+  at::Tensor h = model->embed_tokens(tokens.view({1, -1})).squeeze(0);  // [N, dim]
+  int64_t l = 0;
+  for (const auto& layer : *model->layers)
+    h = layer->as<LlamaDecoderLayer>()->forward_batch(h, rope, cache, l++, batch, slots);
+  // The final norm and the head only for the rows that are sampled.
+  h = h.index_select(0, on_device(batch.sample_rows));
+  return logits_from_hidden(model->norm(h));
+}
+
 at::Tensor LlamaForCausalLMImpl::forward_cached(const at::Tensor& tokens, KvCache& cache,
                                                 std::vector<KvSequence>& seqs) {
-  at::NoGradGuard no_grad;
   ANDY_CHECK(tokens.dim() == 2 && tokens.size(0) == static_cast<int64_t>(seqs.size()),
              "forward_cached: tokens [B, T] with one KvSequence per row expected, got ",
              tokens.sizes(), " and ", seqs.size(), " sequences");
-  ANDY_CHECK(cache.n_layer() == cfg_.n_layer, "forward_cached: cache has ", cache.n_layer(),
-             " layers, model ", cfg_.n_layer);
   const int64_t b = tokens.size(0), t = tokens.size(1);
-  std::vector<int64_t> pos(b * t);
+  at::Tensor host = tokens.to(at::kCPU).to(at::kLong).contiguous();
+  ForwardBatch batch;
   for (int64_t i = 0; i < b; ++i) {
-    ANDY_CHECK(seqs[i].length + t <= cfg_.max_seq_len, "forward_cached: sequence ", i,
-               " would reach ", seqs[i].length + t,
-               " tokens, beyond model.max_seq_len = ", cfg_.max_seq_len);
-    ANDY_CHECK(seqs[i].length + t <= seqs[i].capacity(cache.block_size()),
-               "forward_cached: sequence ", i, " has room for ",
-               seqs[i].capacity(cache.block_size()), " tokens, needs ", seqs[i].length + t,
-               " (call KvCache::reserve)");
-    for (int64_t j = 0; j < t; ++j) pos[i * t + j] = seqs[i].length + j;
+    const int64_t* row = host.data_ptr<int64_t>() + i * t;
+    batch.add_sequence(std::vector<int64_t>(row, row + t), seqs[i].length + t, seqs[i].block_table);
   }
-  at::Tensor positions = at::tensor(pos, tokens.options().dtype(at::kLong)).view({b, t});
-  RopeRows rope = rope_rows(positions);
-  at::Tensor h = model->embed_tokens(tokens);
-  // The input of q/k/v needs no copy_to_tp_region here: there is no backward.
-  int64_t l = 0;
-  for (const auto& layer : *model->layers) {
-    h = layer->as<LlamaDecoderLayer>()->forward_cached(h, rope, cache, l, seqs);
-    ++l;
-  }
+  for (int64_t r = 0; r < b * t; ++r) batch.sample_rows.push_back(r);
+  at::Tensor logits = forward_batch(batch, cache);
   for (auto& s : seqs) s.length += t;
-  return logits_from_hidden(model->norm(h));
+  return logits.view({b, t, -1});
 }
 
 at::Tensor LlamaForCausalLMImpl::gather_logits(const at::Tensor& local_logits) const {

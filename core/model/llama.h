@@ -27,6 +27,7 @@
 
 #include "core/config/config.h"
 #include "core/model/attention.h"
+#include "core/model/forward_batch.h"
 #include "core/model/kv_cache.h"
 #include "parallel/tp_layers.h"
 #include "parallel/tp_partition.h"
@@ -53,10 +54,11 @@ class LlamaAttentionImpl : public torch::nn::Module {
   LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& prefix);
   // x [B, T, dim] replicated -> [B, T, dim] replicated.
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
-  // Inference: appends this layer's k, v for the new tokens to `cache` and attends over each
-  // sequence's cached tokens plus the new ones. Sequence lengths are not advanced here.
-  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
-                            int64_t layer, const std::vector<KvSequence>& seqs);
+  // Inference over a packed batch: x [N, dim], rope rows [N, d]; writes this layer's k, v of
+  // the new tokens into their cache slots (`slots` [N]), then attends over each sequence's
+  // cached tokens (paged_attention). Returns [N, dim].
+  at::Tensor forward_batch(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
+                           int64_t layer, const ForwardBatch& batch, const at::Tensor& slots);
 
   ColumnParallelLinear q_proj{nullptr}, k_proj{nullptr}, v_proj{nullptr};
   RowParallelLinear o_proj{nullptr};
@@ -85,8 +87,8 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
   LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
                         const std::string& prefix);
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
-  at::Tensor forward_cached(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
-                            int64_t layer, const std::vector<KvSequence>& seqs);
+  at::Tensor forward_batch(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
+                           int64_t layer, const ForwardBatch& batch, const at::Tensor& slots);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   LlamaAttention self_attn{nullptr};
   LlamaMLP mlp{nullptr};
@@ -131,10 +133,16 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   at::Tensor loss_per_token(const at::Tensor& local_logits, const at::Tensor& targets,
                             int64_t ignore_index = -100);
 
-  // Inference with a block KV cache (no autograd). tokens [B, T]: sequence b's new tokens,
-  // at positions seqs[b].length .. + T - 1. Every sequence must already have room
-  // (cache.reserve); on return each seqs[b].length has grown by T. Prompts of different
-  // lengths are prefilled one sequence at a time (B = 1) and then decoded together (T = 1).
+  // The inference forward (no autograd): one packed batch mixing prefills, prefill chunks and
+  // decodes of different lengths (core/model/forward_batch.h). Writes the new tokens' K/V into
+  // `cache` (only its tensors are used: the caller owns block allocation) and returns this
+  // rank's logits of the batch's sample_rows only, [R, V_local]. Collective over TP; changes
+  // no scheduling state.
+  at::Tensor forward_batch(const ForwardBatch& batch, KvCache& cache);
+  // forward_batch for B equal-length rows: tokens [B, T] are sequence b's new tokens at
+  // positions seqs[b].length .. + T - 1, logits for every row ([B, T, V_local]). Every
+  // sequence must already have room (cache.reserve); on return each seqs[b].length has grown
+  // by T.
   at::Tensor forward_cached(const at::Tensor& tokens, KvCache& cache,
                             std::vector<KvSequence>& seqs);
 

@@ -307,4 +307,67 @@ TEST(TrainE2e, Bf16TrainsOnTheDemoCorpus) {
               val[0].second, val[1].second, val[2].second);
 }
 
+
+// Issue: checkpoints of an earlier run in output_dir. A fresh run over them is refused (exit 2,
+// nothing touched); a run resumed from an older step never prunes what it just wrote nor the
+// later steps; best_model is replaced only by a better model; checkpoint.existing=archive moves
+// the old run aside.
+TEST(TrainE2e, EarlierRunsCheckpointsAreNeverLost) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 6);
+  const std::string bin = andyllm_bin() + " train --config " + cfg +
+                          " --set checkpoint.interval=2 --set checkpoint.keep_last=2"
+                          " --set train.eval_interval=2";
+  const std::string ck = dir / "out/checkpoints";
+  auto r = run_command(bin + " --set train.max_steps=6");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(latest_checkpoint(dir), "step_00000006");
+  EXPECT_TRUE(fs::exists(ck + "/step_00000004/meta.json"));
+  const std::string best_meta = dir / "out/best_model/meta.json";
+  ASSERT_TRUE(fs::exists(best_meta)) << r.output;
+  auto best_loss = [&] {
+    std::string t = dt::read_text(best_meta);
+    return std::stod(t.substr(t.find("\"val_loss\": ") + 12));
+  };
+  const double best_before = best_loss();
+
+  // The repro of the data loss: a fresh run into the same output_dir.
+  for (const std::string how : {" --resume none", ""}) {
+    if (how.empty()) fs::remove(ck + "/latest");  // auto, with `latest` deleted
+    r = run_command(bin + " --set train.max_steps=3" + how);
+    EXPECT_EQ(r.exit_code, 2) << how << "\n" << r.output;
+    EXPECT_NE(r.output.find("already holds an earlier run: 2 checkpoint(s) step_00000004 .. step_00000006"),
+              std::string::npos) << r.output;
+    EXPECT_NE(r.output.find("checkpoint.existing=archive"), std::string::npos) << r.output;
+    EXPECT_TRUE(fs::exists(ck + "/step_00000004/meta.json"));
+    EXPECT_TRUE(fs::exists(ck + "/step_00000006/meta.json"));
+  }
+  dt::write_file(ck + "/latest", "step_00000006\n");
+
+  // Resumed from the older step 4 for one step: step 5 is written and is latest, step 6 is
+  // kept, and the better best_model of the later run stays.
+  r = run_command(bin + " --set train.max_steps=5 --resume " + ck + "/step_00000004");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("holds 1 checkpoint(s) after step 4"), std::string::npos) << r.output;
+  EXPECT_EQ(latest_checkpoint(dir), "step_00000005");
+  EXPECT_TRUE(fs::exists(ck + "/step_00000005/meta.json")) << r.output;
+  EXPECT_TRUE(fs::exists(ck + "/step_00000006/meta.json")) << r.output;
+  EXPECT_LE(best_loss(), best_before);
+  r = run_command(bin + " --set train.max_steps=5");  // auto: the latest (5) resumes
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("nothing to train"), std::string::npos) << r.output;
+
+  // Archive: the old run moves under out/archive/, the new one starts clean.
+  r = run_command(bin + " --set train.max_steps=2 --resume none --set checkpoint.existing=archive");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("moved the earlier run's"), std::string::npos) << r.output;
+  EXPECT_EQ(latest_checkpoint(dir), "step_00000002");
+  EXPECT_FALSE(fs::exists(ck + "/step_00000006"));
+  int archived = 0;
+  for (const auto& e : fs::directory_iterator(dir / "out/archive"))
+    archived += fs::exists(e.path() / "checkpoints/step_00000006/meta.json") &&
+                fs::exists(e.path() / "best_model/model.pt");
+  EXPECT_EQ(archived, 1);
+}
+
 }  // namespace

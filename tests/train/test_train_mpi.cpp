@@ -291,6 +291,7 @@ TEST(Trainer, CheckpointOfAnotherShapeIsRefused) {
   const std::string dir = c.train.output_dir + "/checkpoints/step_00000002";
   Config other = c;
   other.model.ffn_dim = 96;  // the MLP of the saved model is wider
+  other.train.output_dir += "_other";  // a fresh run over the first one's would be refused
   Trainer t2(other, world_grid(1), quiet());
   auto refusal = [&] {
     try {
