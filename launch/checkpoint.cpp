@@ -18,6 +18,7 @@
 #include "core/base/durable_fs.h"
 #include "core/base/logging.h"
 #include "core/model/model_config.h"
+#include "core/model/weights_io.h"
 #include "parallel/tp_partition.h"
 
 namespace andy {
@@ -27,11 +28,7 @@ using json = nlohmann::json;
 
 namespace {
 
-std::string key_of(const std::string& name) {
-  std::string k = name;
-  std::replace(k.begin(), k.end(), '.', '/');
-  return k;
-}
+std::string key_of(const std::string& name) { return archive_key(name); }
 
 std::string shard_file(int tp_rank) {
   char buf[32];

@@ -1,9 +1,11 @@
 // `andyllm bench TARGET`: comm (collective bandwidth + correctness, nccl-tests style).
+#include <algorithm>
 #include <cstdio>
 
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "launch/commands.h"
+#include "launch/serving.h"
 #include "parallel/comm_bench.h"
 #include "parallel/process_grid.h"
 
@@ -11,6 +13,7 @@ namespace andy {
 
 int bench_data(const ParsedArgs& args, World* world);  // launch/cmd_bench_data.cpp
 int bench_train(const ParsedArgs& args, World* world);  // launch/cmd_bench_train.cpp
+int bench_generate(const ParsedArgs& args, World* world);  // launch/cmd_bench_generate.cpp
 
 namespace {
 
@@ -70,11 +73,12 @@ int bench_comm(const ParsedArgs& args, World* world) {
 Subcommand make_bench_command() {
   Subcommand c;
   c.name = "bench";
-  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share)";
+  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share), generate (engine throughput and latency)";
   c.usage =
       "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T]\n"
       "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]\n"
-      "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N]";
+      "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N]\n"
+      "       mpirun -np TP andyllm bench generate --model DIR [--concurrency 1,8,32 --input_len N --output_len N]";
   c.flags = {{"min_bytes", "B", "smallest buffer (default 8)"},
              {"max_bytes", "B", "largest buffer (default 8388608)"},
              {"factor", "F", "size multiplier between rows (default 8)"},
@@ -99,14 +103,24 @@ Subcommand make_bench_command() {
              {"verify", "", "data: verify shard checksums against manifest.json first"},
              // bench train (also --config, --set)
              {"steps", "N", "train: optimizer steps to run (default 20)"},
-             {"warmup", "N", "train: first steps not timed (default 3)"}};
+             {"warmup", "N", "train: first steps not timed (default 3)"},
+             // bench generate (also --config, --set and the serving flags)
+             {"concurrency", "C1,C2,..", "generate: requests in flight (default 1,8,32)"},
+             {"input_len", "N", "generate: prompt tokens per request (default 128)"},
+             {"output_len", "N", "generate: generated tokens per request (default 128)"},
+             {"num_prompts", "N", "generate: requests per concurrency (default max(4, 2 x C))"},
+             {"output", "FILE", "generate: also write the rows as JSON"}};
+  for (const Flag& f : serving_flags())
+    if (std::none_of(c.flags.begin(), c.flags.end(), [&](const Flag& g) { return g.name == f.name; }))
+      c.flags.push_back(f);
   c.needs_mpi = true;
   c.run = [](const ParsedArgs& args, World* world) {
     std::string target = args.positional().empty() ? "" : args.positional()[0];
     if (target == "comm") return bench_comm(args, world);
     if (target == "data") return bench_data(args, world);
     if (target == "train") return bench_train(args, world);
-    throw ConfigError("andyllm bench: expected a target: comm, data or train (got '" + target + "')");
+    if (target == "generate") return bench_generate(args, world);
+    throw ConfigError("andyllm bench: expected a target: comm, data, train or generate (got '" + target + "')");
   };
   return c;
 }

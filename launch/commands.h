@@ -8,6 +8,7 @@ namespace andy {
 Subcommand make_version_command();
 Subcommand make_train_command();
 Subcommand make_serve_command();
+Subcommand make_generate_command();
 Subcommand make_preprocess_command();
 Subcommand make_quantize_command();
 Subcommand make_export_command();

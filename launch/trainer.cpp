@@ -19,6 +19,7 @@
 #include "core/model/model_stats.h"
 #include "data/checksum.h"
 #include "data/tokenizer.h"
+#include "core/model/weights_io.h"
 #include "launch/checkpoint.h"
 #include "parallel/tp_partition.h"
 #include "parallel/world.h"
@@ -314,14 +315,7 @@ void Trainer::write_best_model(const StateDict& full, const std::string& dir,
                                const std::string& tmp, double val_loss) {
   fs::remove_all(tmp);
   fs::create_directories(tmp);
-  torch::serialize::OutputArchive ar;
-  for (const auto& [name, t] : full) {
-    std::string key = name;
-    std::replace(key.begin(), key.end(), '.', '/');
-    ar.write(key, t.detach().cpu());
-  }
-  ar.save_to(tmp + "/model.pt");
-  fsync_path(tmp + "/model.pt");
+  write_full_weights(full, tmp + "/model.pt");
   write_file_durable(tmp + "/config.toml", config_to_toml(cfg_));
   std::ostringstream readme;
   readme << "best model by validation loss at step " << step_ << " (val_loss " << val_loss

@@ -10,6 +10,7 @@
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #endif
 
 #define ANDYLLM_TORCH_AT_LEAST(major, minor) \
@@ -47,6 +48,19 @@ inline int cuda_device_count() {
 #if defined(ANDYLLM_TORCH_CUDA)
   return static_cast<int>(c10::cuda::device_count());
 #else
+  return 0;
+#endif
+}
+
+// Free bytes on CUDA device `index` (cudaMemGetInfo); 0 in a CPU-only build.
+inline int64_t cuda_free_memory(int index) {
+#if defined(ANDYLLM_TORCH_CUDA)
+  size_t free_b = 0, total_b = 0;
+  c10::cuda::set_device(static_cast<c10::DeviceIndex>(index));
+  if (cudaMemGetInfo(&free_b, &total_b) != cudaSuccess) return 0;
+  return static_cast<int64_t>(free_b);
+#else
+  (void)index;
   return 0;
 #endif
 }

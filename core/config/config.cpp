@@ -130,13 +130,26 @@ std::vector<KeySpec> build_schema() {
   s.push_back(str_key(&CheckpointConfig::resume, &C::checkpoint, "checkpoint", "resume", {}, "auto (latest complete checkpoint if any), none, or a step directory"));
   s.push_back(str_key(&CheckpointConfig::existing, &C::checkpoint, "checkpoint", "existing", {"refuse", "archive", "replace"}, "a fresh run (nothing resumed) into an output_dir holding an earlier run's checkpoints or best_model: refuse, archive them under output_dir/archive/, or replace (delete) them"));
   // [serve]
-  s.push_back(str_key(&ServeConfig::host, &C::serve, "serve", "host", {}, "address the HTTP server binds"));
+  s.push_back(str_key(&ServeConfig::host, &C::serve, "serve", "host", {}, "address the HTTP server binds (127.0.0.1: this machine only)"));
   s.push_back(int_key(&ServeConfig::port, &C::serve, "serve", "port", 0, 65535, "HTTP port (0: any free port)"));
-  s.push_back(str_key(&ServeConfig::model_path, &C::serve, "serve", "model_path", {}, "checkpoint directory to serve"));
-  s.push_back(int_key(&ServeConfig::max_batch_size, &C::serve, "serve", "max_batch_size", 1, 4096, "sequences decoded together"));
-  s.push_back(int_key(&ServeConfig::kv_block_size, &C::serve, "serve", "kv_block_size", 1, 4096, "tokens per KV-cache block"));
-  s.push_back(int_key(&ServeConfig::kv_num_blocks, &C::serve, "serve", "kv_num_blocks", 0, kBig, "KV-cache blocks per rank; 0 sizes it for max_batch_size full sequences"));
+  s.push_back(str_key(&ServeConfig::model, &C::serve, "serve", "model", {}, "model to serve: a best_model/ directory, its model.pt, or a training checkpoint step directory"));
+  s.push_back(str_key(&ServeConfig::tokenizer_path, &C::serve, "serve", "tokenizer_path", {}, "sentencepiece model; empty: the one named by the model's saved config"));
+  s.push_back(str_key(&ServeConfig::served_model_name, &C::serve, "serve", "served_model_name", {}, "model id in the API; empty: the model directory's name"));
+  s.push_back(str_key(&ServeConfig::api_key, &C::serve, "serve", "api_key", {}, "bearer key required by /v1 routes; empty: none"));
+  s.push_back(str_key(&ServeConfig::device, &C::serve, "serve", "device", {"cpu", "cuda"}, "cpu, or cuda (each local rank takes its own GPU)"));
+  s.push_back(int_key(&ServeConfig::block_size, &C::serve, "serve", "block_size", 1, 4096, "tokens per paged KV-cache block"));
+  s.push_back(float_key(&ServeConfig::kv_cache_memory, &C::serve, "serve", "kv_cache_memory", 0, 1e15, false, "KV-cache pool per rank: bytes, or a fraction (<= 1) of free GPU memory; 0: room for max_num_seqs sequences of max_model_len (CPU) or 0.9 of free memory (GPU)"));
+  s.push_back(int_key(&ServeConfig::num_kv_blocks, &C::serve, "serve", "num_kv_blocks", 0, kBig, "exact KV-cache pool size in blocks (overrides kv_cache_memory); 0: from kv_cache_memory"));
+  s.push_back(float_key(&ServeConfig::swap_space, &C::serve, "serve", "swap_space", 0, 1e6, false, "GiB of host memory per rank for KV blocks of preempted requests; 0: preemption recomputes"));
+  s.push_back(int_key(&ServeConfig::max_num_seqs, &C::serve, "serve", "max_num_seqs", 1, 65536, "sequences in one engine step at most"));
+  s.push_back(int_key(&ServeConfig::max_num_batched_tokens, &C::serve, "serve", "max_num_batched_tokens", 1, 1 << 24, "tokens in one engine step at most (prefill chunks and decodes)"));
+  s.push_back(int_key(&ServeConfig::max_model_len, &C::serve, "serve", "max_model_len", 0, 1 << 24, "prompt + completion tokens at most; 0: model.max_seq_len"));
+  s.push_back(bool_key(&ServeConfig::enable_prefix_caching, &C::serve, "serve", "enable_prefix_caching", "reuse the KV blocks of shared prompt prefixes"));
+  s.push_back(int_key(&ServeConfig::seed, &C::serve, "serve", "seed", 0, kBig, "seed of requests that give none"));
   s.push_back(int_key(&ServeConfig::max_tokens_default, &C::serve, "serve", "max_tokens_default", 1, 1 << 20, "max_tokens when a request gives none"));
+  s.push_back(int_key(&ServeConfig::max_waiting, &C::serve, "serve", "max_waiting", 1, 1 << 24, "requests waiting for the engine at most (more: 429)"));
+  s.push_back(float_key(&ServeConfig::shutdown_timeout_s, &C::serve, "serve", "shutdown_timeout_s", 0, 1e6, false, "on SIGTERM, seconds running requests may take to finish"));
+  s.push_back(int_key(&ServeConfig::max_request_bytes, &C::serve, "serve", "max_request_bytes", 1, 1LL << 32, "largest HTTP request body (more: 413)"));
   return s;
 }
 
@@ -367,6 +380,21 @@ void apply_toml_string(Config& cfg, const std::string& text, const std::string& 
          "TOML syntax error: " + std::string(e.description()));
   }
   apply_table(cfg, root, source_name);
+}
+
+void apply_toml_sections(Config& cfg, const std::string& text, const std::string& source_name,
+                         const std::vector<std::string>& sections) {
+  toml::table root;
+  try {
+    root = toml::parse(text, source_name);
+  } catch (const toml::parse_error& e) {
+    fail(source_name + ":" + std::to_string(e.source().begin.line),
+         "TOML syntax error: " + std::string(e.description()));
+  }
+  toml::table kept;
+  for (const auto& name : sections)
+    if (auto* t = root.get_as<toml::table>(name)) kept.insert(name, *t);
+  apply_table(cfg, kept, source_name);
 }
 
 void apply_toml_file(Config& cfg, const std::string& path) {

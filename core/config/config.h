@@ -88,11 +88,24 @@ struct CheckpointConfig {
 struct ServeConfig {
   std::string host = "127.0.0.1";
   int64_t port = 8000;
-  std::string model_path = "";
-  int64_t max_batch_size = 8;
-  int64_t kv_block_size = 16;
-  int64_t kv_num_blocks = 0;  // 0: sized from max_batch_size x max_seq_len
+  std::string model = "";           // best_model/ dir, its model.pt, or a checkpoint step dir
+  std::string tokenizer_path = "";  // "": the one named by the model's saved config
+  std::string served_model_name = "";
+  std::string api_key = "";
+  std::string device = "cpu";
+  int64_t block_size = 16;
+  double kv_cache_memory = 0.0;     // bytes; <= 1: fraction of free GPU memory; 0: auto
+  int64_t num_kv_blocks = 0;        // exact pool size (overrides kv_cache_memory); 0: from it
+  double swap_space = 0.0;          // GiB of host memory per rank for swapped-out KV blocks
+  int64_t max_num_seqs = 32;
+  int64_t max_num_batched_tokens = 512;
+  int64_t max_model_len = 0;        // 0: model.max_seq_len
+  bool enable_prefix_caching = true;
+  int64_t seed = 0;
   int64_t max_tokens_default = 256;
+  int64_t max_waiting = 1024;
+  double shutdown_timeout_s = 30.0;
+  int64_t max_request_bytes = 8 << 20;
 };
 
 struct Config {
@@ -139,6 +152,10 @@ const KeySpec* find_key(const std::string& section, const std::string& key);
 void apply_toml_file(Config& cfg, const std::string& path);
 // Applies TOML text (as from a file named `source_name`).
 void apply_toml_string(Config& cfg, const std::string& text, const std::string& source_name);
+// Applies only the named sections of TOML text (a saved config read for its [model] and
+// [data], whose other sections may come from another version).
+void apply_toml_sections(Config& cfg, const std::string& text, const std::string& source_name,
+                         const std::vector<std::string>& sections);
 // Applies "section.key=value" (from --set); `origin` names the flag in errors
 // (default: "--set section.key=value").
 void apply_set(Config& cfg, const std::string& assignment, const std::string& origin = "");

@@ -327,13 +327,17 @@ StateDict LlamaForCausalLMImpl::local_grads() {
 }
 
 void LlamaForCausalLMImpl::load_full_state_dict(const StateDict& full) {
-  StateDict shard = split_state_dict(full, specs_, tp_rank(), tp_size());
+  load_local_state_dict(split_state_dict(full, specs_, tp_rank(), tp_size()));
+}
+
+void LlamaForCausalLMImpl::load_local_state_dict(const StateDict& shard) {
   at::NoGradGuard no_grad;
   for (auto& p : named_parameters()) {
-    const at::Tensor& src = shard.at(p.key());
-    ANDY_CHECK(src.sizes() == p.value().sizes(), "load_full_state_dict: '", p.key(), "' shard ",
-               src.sizes(), " does not match the parameter ", p.value().sizes());
-    p.value().copy_(src);
+    auto it = shard.find(p.key());
+    ANDY_CHECK(it != shard.end(), "load_local_state_dict: '", p.key(), "' is missing");
+    ANDY_CHECK(it->second.sizes() == p.value().sizes(), "load_local_state_dict: '", p.key(),
+               "' shard ", it->second.sizes(), " does not match the parameter ", p.value().sizes());
+    p.value().copy_(it->second);
   }
 }
 

@@ -158,6 +158,9 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   StateDict local_grads();
   // Loads a full (Hugging Face shaped, unpadded) state dict: every name must be present.
   void load_full_state_dict(const StateDict& full);
+  // Loads this rank's slices (as split_state_dict / load_model_shard give them): every
+  // parameter must be present with its local shape (Error naming it otherwise).
+  void load_local_state_dict(const StateDict& shard);
   // Collective over TP: the full state dict, on every rank.
   StateDict full_state_dict();
 

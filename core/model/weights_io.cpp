@@ -1,0 +1,207 @@
+// Weights I/O (see weights_io.h).
+#include "core/model/weights_io.h"
+
+#include <torch/serialize.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <nlohmann/json.hpp>
+
+#include "core/base/durable_fs.h"
+#include "core/base/error.h"
+#include "core/model/llama.h"
+#include "core/model/model_config.h"
+
+namespace andy {
+
+namespace fs = std::filesystem;
+
+std::string archive_key(const std::string& tensor_name) {
+  std::string k = tensor_name;
+  std::replace(k.begin(), k.end(), '.', '/');
+  return k;
+}
+
+namespace {
+
+std::string read_text(const std::string& path) {
+  std::ifstream f(path);
+  ANDY_CHECK_T(IoError, f.good(), "cannot read ", path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+Config saved_config(const std::string& text, const std::string& source) {
+  Config c;
+  apply_toml_sections(c, text, source, {"model", "data"});
+  return c;
+}
+
+std::string shard_file_name(int tp_rank) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "shard_tp%02d.pt", tp_rank);
+  return buf;
+}
+
+torch::serialize::InputArchive open_weights(const std::string& file) {
+  ANDY_CHECK_T(IoError, fs::exists(file), "model weights ", file, " are missing");
+  torch::serialize::InputArchive ar;
+  try {
+    ar.load_from(file);
+  } catch (const c10::Error& e) {
+    std::string what = e.what_without_backtrace();
+    ANDY_THROW(IoError, "model weights ", file, " cannot be read (truncated or damaged): ",
+               what.substr(0, 200));
+  }
+  return ar;
+}
+
+at::Tensor read_weight(torch::serialize::InputArchive& ar, const std::string& file,
+                       const std::string& name) {
+  at::Tensor t;
+  bool ok = false;
+  try {
+    ok = ar.try_read(archive_key(name), t);
+  } catch (const c10::Error&) {
+    ok = false;
+  }
+  ANDY_CHECK_T(IoError, ok && t.defined(), "model weights ", file, ": tensor '", name,
+               "' is missing (damaged, or a model of another architecture)");
+  return t;
+}
+
+// Full (unpadded) tensor shapes the config implies, by name.
+std::map<std::string, std::vector<int64_t>> full_shapes(const ModelConfig& m) {
+  const int64_t d = head_dim(m), ffn = derived_ffn_dim(m);
+  std::map<std::string, std::vector<int64_t>> s;
+  s["model.embed_tokens.weight"] = {m.vocab_size, m.dim};
+  for (int64_t l = 0; l < m.n_layer; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    s[p + "input_layernorm.weight"] = {m.dim};
+    s[p + "post_attention_layernorm.weight"] = {m.dim};
+    s[p + "self_attn.q_proj.weight"] = {m.n_head * d, m.dim};
+    s[p + "self_attn.k_proj.weight"] = {m.n_kv_head * d, m.dim};
+    s[p + "self_attn.v_proj.weight"] = {m.n_kv_head * d, m.dim};
+    s[p + "self_attn.o_proj.weight"] = {m.dim, m.n_head * d};
+    s[p + "mlp.gate_proj.weight"] = {ffn, m.dim};
+    s[p + "mlp.up_proj.weight"] = {ffn, m.dim};
+    s[p + "mlp.down_proj.weight"] = {m.dim, ffn};
+  }
+  s["model.norm.weight"] = {m.dim};
+  if (!m.tie_embeddings) s["lm_head.weight"] = {m.vocab_size, m.dim};
+  return s;
+}
+
+void check_shape(const at::Tensor& t, const std::vector<int64_t>& expected, const std::string& file,
+                 const std::string& name) {
+  ANDY_CHECK_T(IoError, t.sizes() == at::IntArrayRef(expected), "model weights ", file, ": '", name,
+               "' has shape ", t.sizes(), ", the saved config implies ", at::IntArrayRef(expected),
+               " (weights and config.toml of different models?)");
+}
+
+StateDict read_full_weights(const ModelSource& src) {
+  auto ar = open_weights(src.weights_file);
+  StateDict full;
+  for (const auto& [name, shape] : full_shapes(src.config.model)) {
+    full[name] = read_weight(ar, src.weights_file, name);
+    check_shape(full[name], shape, src.weights_file, name);
+  }
+  return full;
+}
+
+// The weights of rank r's shard of a checkpoint written at tp = saved_tp, as stored (padded).
+StateDict read_checkpoint_shard(const ModelSource& src, int r, const PartitionSpecs& specs) {
+  const std::string file = src.dir + "/" + shard_file_name(r);
+  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint ", src.dir, ": ", shard_file_name(r),
+               " is missing (meta.json says tp_size ", src.saved_tp, "; partial checkpoint?)");
+  auto ar = open_weights(file);
+  StateDict shard;
+  for (const auto& [name, spec] : specs) shard[name] = read_weight(ar, file, name);
+  return shard;
+}
+
+}  // namespace
+
+ModelSource resolve_model_source(const std::string& path) {
+  ModelSource src;
+  src.path = path;
+  ANDY_CHECK_T(ConfigError, !path.empty(), "no model given: pass --model DIR (a best_model/ "
+               "directory, its model.pt, or a checkpoint step directory)");
+  ANDY_CHECK_T(ConfigError, fs::exists(path), "--model ", path, ": no such file or directory");
+  if (fs::is_regular_file(path)) {
+    src.weights_file = path;
+    src.dir = fs::path(path).parent_path().string();
+    if (src.dir.empty()) src.dir = ".";
+  } else if (fs::exists(path + "/model.pt")) {
+    src.weights_file = path + "/model.pt";
+    src.dir = path;
+  } else if (fs::exists(path + "/meta.json")) {
+    src.kind = ModelSource::Kind::kCheckpoint;
+    src.dir = path;
+  } else {
+    ANDY_THROW(ConfigError, "--model ", path, ": neither a best_model directory (model.pt + "
+               "config.toml) nor a checkpoint step directory (meta.json + shard_tpRR.pt)");
+  }
+  if (src.kind == ModelSource::Kind::kFullWeights) {
+    src.config_file = src.dir + "/config.toml";
+    ANDY_CHECK_T(IoError, fs::exists(src.config_file), "--model ", path, ": ", src.config_file,
+                 " is missing (the model's shapes and tokenizer are read from it)");
+    src.config = saved_config(read_text(src.config_file), src.config_file);
+    return src;
+  }
+  src.config_file = src.dir + "/meta.json";
+  nlohmann::json meta;
+  try {
+    meta = nlohmann::json::parse(read_text(src.config_file));
+    src.saved_tp = meta.at("tp_size").get<int>();
+    src.config = saved_config(meta.at("config").get<std::string>(), src.config_file + " (config)");
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    ANDY_THROW(IoError, "checkpoint file ", src.config_file, " is damaged or from an older "
+               "version (tp_size and config expected): ", e.what());
+  }
+  return src;
+}
+
+StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size) {
+  const ModelConfig& m = src.config.model;
+  PartitionSpecs specs = llama_partition_specs(m, tp_size);  // ConfigError for a bad tp_size
+  if (src.kind == ModelSource::Kind::kFullWeights)
+    return split_state_dict(read_full_weights(src), specs, tp_rank, tp_size);
+  PartitionSpecs saved_specs = llama_partition_specs(m, src.saved_tp);
+  if (src.saved_tp == tp_size) {
+    StateDict mine = read_checkpoint_shard(src, tp_rank, saved_specs);
+    // Same layout: the stored slice is this rank's; check it against a split of the shapes.
+    for (auto& [name, t] : mine) {
+      std::vector<int64_t> expected = full_shapes(m).at(name);
+      const PartitionSpec& sp = specs.at(name);
+      if (!sp.replicated()) expected[sp.dim] = sp.padded_size / tp_size;
+      check_shape(t, expected, src.dir + "/" + shard_file_name(tp_rank), name);
+    }
+    return mine;
+  }
+  std::vector<StateDict> shards;
+  for (int r = 0; r < src.saved_tp; ++r) shards.push_back(read_checkpoint_shard(src, r, saved_specs));
+  StateDict full;
+  try {
+    full = merge_state_dicts(shards, saved_specs);
+  } catch (const Error& e) {
+    ANDY_THROW(IoError, "checkpoint ", src.dir, ": cannot merge its ", src.saved_tp,
+               " TP shards: ", e.what());
+  }
+  for (const auto& [name, shape] : full_shapes(m)) check_shape(full.at(name), shape, src.dir, name);
+  return split_state_dict(full, specs, tp_rank, tp_size);
+}
+
+void write_full_weights(const StateDict& full, const std::string& file) {
+  torch::serialize::OutputArchive ar;
+  for (const auto& [name, t] : full) ar.write(archive_key(name), t.detach().cpu());
+  ar.save_to(file);
+  fsync_path(file);
+}
+
+}  // namespace andy

@@ -1,0 +1,54 @@
+// Model weights on disk, below both serving and the trainer's checkpoints: where a model's
+// weights and saved config are, and each tensor-parallel rank's slices of them.
+//
+// Layouts read (all LibTorch archives, keys = Hugging Face tensor names with '.' as '/'):
+//   best_model/              model.pt (full, unsharded tensors) + config.toml (+ meta.json)
+//   best_model/model.pt      the same, named by its file (config.toml beside it)
+//   checkpoints/step_N/      shard_tpRR.pt per TP rank of the run that wrote it (weights and
+//                            AdamW moments; only the weights are used here) + meta.json
+//                            (tp_size, the saved config)
+// A rank reads only what it needs where the layout allows: a checkpoint written at the same
+// TP size gives each rank its own shard file; otherwise the shards are merged and re-split
+// (parallel/tp_partition.h). The partition comes from the model's own specs
+// (llama_partition_specs), so loading cannot drift from the layers.
+// Every failure is an IoError (files) or ConfigError (the user's choice of path / TP size)
+// naming the path and what was expected.
+//
+//   ModelSource src = resolve_model_source("outputs/tiny/best_model");
+//   StateDict mine = load_model_shard(src, tp_rank, tp_size);   // this rank's slices
+#pragma once
+
+#include <string>
+
+#include "core/config/config.h"
+#include "parallel/tp_partition.h"
+
+namespace andy {
+
+// "model.layers.0.mlp.up_proj.weight" -> "model/layers/0/mlp/up_proj/weight" (archive keys).
+std::string archive_key(const std::string& tensor_name);
+
+struct ModelSource {
+  enum class Kind { kFullWeights, kCheckpoint };
+  Kind kind = Kind::kFullWeights;
+  std::string path;          // as the user gave it
+  std::string weights_file;  // kFullWeights: model.pt
+  std::string dir;           // the directory holding config / shards
+  std::string config_file;   // where `config` was read from
+  Config config;             // [model] and [data] of the saved config (defaults elsewhere)
+  int saved_tp = 1;          // kCheckpoint: TP size of the run that wrote it
+};
+
+// Finds the weights and the saved config of `path`; throws with a message saying what was
+// looked for when it is neither layout.
+ModelSource resolve_model_source(const std::string& path);
+
+// This rank's slices of every tensor of the model described by src.config, for `tp_size`
+// ranks (ConfigError when tp_size does not divide the heads). Shapes are checked against the
+// config: a tensor missing or of another shape names the file and both shapes.
+StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size);
+
+// Writes full (unsharded) tensors as one LibTorch archive and fsyncs it.
+void write_full_weights(const StateDict& full, const std::string& file);
+
+}  // namespace andy
