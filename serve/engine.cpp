@@ -254,6 +254,7 @@ bool Engine::step() {
     live_.decode_step_tokens += tokens;
   }
   live_.num_preemptions = scheduler_.num_preemptions();
+  live_.swapped_out_blocks = scheduler_.num_swapped_out_blocks();
   ++live_.steps;
   publish_stats();
   return true;

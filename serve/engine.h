@@ -88,6 +88,7 @@ struct EngineStats {
   int64_t num_running = 0, num_waiting = 0, num_swapped = 0;
   int64_t kv_blocks_total = 0, kv_blocks_used = 0, kv_blocks_used_peak = 0;
   int64_t num_preemptions = 0;
+  int64_t swapped_out_blocks = 0;  // KV blocks copied to host memory by swap preemptions
   int64_t prefix_queries_tokens = 0, prefix_hits_tokens = 0;  // prompt tokens looked up / found
   int64_t prompt_tokens = 0, generation_tokens = 0;           // computed prompt, sampled tokens
   int64_t requests_finished = 0, requests_refused = 0;

@@ -73,6 +73,7 @@ void Scheduler::preempt(SequenceState* victim, SchedulerStep& step) {
     for (int64_t b : victim->blocks) {
       const int64_t h = blocks_.allocate_host();
       step.swap_out.push_back({b, h});
+      ++num_swapped_out_blocks_;
       victim->host_blocks.push_back(h);
     }
     free_blocks(victim);

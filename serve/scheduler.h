@@ -82,6 +82,7 @@ class Scheduler {
   int64_t num_waiting() const { return static_cast<int64_t>(waiting_.size()); }
   int64_t num_swapped() const { return static_cast<int64_t>(swapped_.size()); }
   int64_t num_preemptions() const { return num_preemptions_; }
+  int64_t num_swapped_out_blocks() const { return num_swapped_out_blocks_; }
   bool idle() const { return running_.empty() && waiting_.empty() && swapped_.empty(); }
   BlockManager& blocks() { return blocks_; }
 
@@ -100,6 +101,7 @@ class Scheduler {
   std::deque<SequenceState*> waiting_;   // arrival order (preempted ones go back in front)
   std::deque<SequenceState*> swapped_;
   int64_t num_preemptions_ = 0;
+  int64_t num_swapped_out_blocks_ = 0;
 };
 
 }  // namespace andy::serve

@@ -1,0 +1,307 @@
+// The inference engine on real ranks (ctest: mpirun -np 1, 2 and 4; the world is one TP group).
+// The independent reference is greedy decoding with the dense TP=1 model's full forward (no KV
+// cache, the whole sequence every token), built from the same seed on every rank. Checked:
+// the packed batched forward against the full forward's logits; greedy tokens served alone,
+// in a batch of 32 mixed-length requests with small prefill chunks, under KV-pool pressure
+// (preemption by recompute, and by swapping), with a prefix-cache hit; seeded sampling alone
+// vs in a batch; n > 1; every KV block free after the requests end; RSS flat over 1,000
+// requests.
+#include <gtest/gtest.h>
+#include <mpi.h>
+#include <torch/torch.h>
+
+#include <cstdio>
+#include <fstream>
+#include <map>
+#include <random>
+
+#include "core/model/llama.h"
+#include "parallel/mpi_communicator.h"
+#include "serve/engine.h"
+#include "tests/model/model_test_util.h"
+
+using namespace andy;
+using namespace andy::serve;
+
+namespace {
+
+constexpr uint64_t kSeed = 4321;
+
+CommPtr world_tp() {
+  // Deliberately leaked: it must not be destroyed after MPI_Finalize (at static destruction).
+  static CommPtr* comm = new CommPtr(std::make_shared<MpiCommunicator>(
+      MpiComm(MPI_COMM_WORLD, false), "tp[test]", std::chrono::milliseconds(120000)));
+  return *comm;
+}
+ControlChannel& channel() {
+  static ControlChannel* ch = new ControlChannel(MPI_COMM_WORLD);
+  return *ch;
+}
+int rank() { return world_tp()->rank(); }
+
+ModelConfig model_config() {
+  ModelConfig m = test::tiny_config(/*tie=*/false);
+  m.max_seq_len = 96;
+  m.init_std = 0.3;  // peaked logits: greedy choices far from ties
+  return m;
+}
+
+LlamaForCausalLM& tp_model() {
+  static LlamaForCausalLM* m = new LlamaForCausalLM(model_config(), world_tp(), kSeed);
+  return *m;
+}
+LlamaForCausalLM& dense_model() {
+  static LlamaForCausalLM* m = new LlamaForCausalLM(model_config(), nullptr, kSeed);
+  return *m;
+}
+
+// Greedy continuation by full forwards of the dense model (the reference).
+std::vector<int32_t> reference_greedy(const std::vector<int32_t>& prompt, int64_t max_tokens) {
+  at::NoGradGuard no_grad;
+  std::vector<int64_t> seq(prompt.begin(), prompt.end());
+  std::vector<int32_t> out;
+  for (int64_t i = 0; i < max_tokens; ++i) {
+    at::Tensor logits = dense_model()->forward(at::tensor(seq, at::kLong).view({1, -1}));
+    int64_t next = dense_model()->gather_logits(logits)[0][-1].argmax().item<int64_t>();
+    out.push_back(static_cast<int32_t>(next));
+    seq.push_back(next);
+  }
+  return out;
+}
+
+EngineOptions options(int64_t num_blocks = 64, int64_t block_size = 8) {
+  EngineOptions o;
+  o.block_size = block_size;
+  o.num_blocks = num_blocks;
+  o.max_num_seqs = 32;
+  o.max_num_batched_tokens = 64;
+  o.max_model_len = 96;
+  o.eos_id = -1;  // random model: run to max_tokens
+  return o;
+}
+
+struct Outcome {
+  std::map<int64_t, std::vector<std::vector<int32_t>>> tokens;  // request index -> completions
+  std::map<int64_t, std::string> errors;
+  std::map<int64_t, int64_t> cached;
+  EngineStats stats;
+};
+
+// Runs `requests` on a fresh engine; `together`: all submitted at once, else one at a time.
+// Collective: workers follow rank 0's plans. Checks every KV block is free at the end.
+Outcome run(const EngineOptions& opts, const std::vector<GenerationRequest>& requests, bool together) {
+  Engine engine(opts, tp_model(), at::TensorOptions().dtype(at::kFloat), &channel());
+  Outcome out;
+  if (rank() != 0) {
+    engine.run_worker();
+    return out;
+  }
+  auto submit = [&](size_t i) {
+    out.tokens[i].resize(requests[i].params.n);
+    engine.submit(requests[i], [&out, i](const RequestUpdate& u) {
+      if (!u.error.empty()) out.errors[i] = u.error;
+      auto& t = out.tokens[i][u.index];
+      t.insert(t.end(), u.new_tokens.begin(), u.new_tokens.end());
+      if (u.finished) out.cached[i] = u.cached_prompt_tokens;
+    });
+  };
+  for (size_t i = 0; i < requests.size(); ++i) {
+    submit(i);
+    if (!together) engine.run_until_idle();
+  }
+  engine.run_until_idle();
+  out.stats = engine.stats();
+  EXPECT_EQ(engine.num_free_blocks(), opts.num_blocks) << "KV blocks still held after every request ended";
+  EXPECT_EQ(out.stats.kv_blocks_used, 0);
+  engine.shutdown_workers();
+  return out;
+}
+
+GenerationRequest greedy(std::vector<int32_t> prompt, int64_t max_tokens) {
+  GenerationRequest r;
+  r.prompt = std::move(prompt);
+  r.params.temperature = 0;
+  r.params.max_tokens = max_tokens;
+  return r;
+}
+
+// 32 requests: prompts of 1..47 tokens, 3..18 new tokens.
+std::vector<GenerationRequest> mixed_requests(int n = 32) {
+  std::mt19937 rng(7);
+  std::vector<GenerationRequest> out;
+  for (int i = 0; i < n; ++i) {
+    std::vector<int32_t> prompt(1 + (i * 13) % 47);
+    for (auto& t : prompt) t = static_cast<int32_t>(rng() % 100);
+    out.push_back(greedy(prompt, 3 + (i * 7) % 16));
+  }
+  return out;
+}
+
+std::string tag() {
+  return "[tp " + std::to_string(world_tp()->size()) + "] ";
+}
+
+TEST(ForwardBatch, MixedPrefillChunkAndDecodeMatchFullForward) {
+  at::NoGradGuard no_grad;
+  const ModelConfig m = model_config();
+  KvCache cache(m, world_tp()->size(), /*block_size=*/4, /*num_blocks=*/32);
+  at::Tensor a = test::random_tokens(1, 11, 100, 1), b = test::random_tokens(1, 9, 100, 2),
+             c = test::random_tokens(1, 6, 100, 3);
+  auto ids = [](const at::Tensor& t, int64_t from, int64_t n) {
+    std::vector<int64_t> v(n);
+    for (int64_t i = 0; i < n; ++i) v[i] = t[0][from + i].item<int64_t>();
+    return v;
+  };
+  // Step 1: b's first 5 tokens (a chunk) and c's first 5 (its prompt but one).
+  ForwardBatch s1;
+  s1.add_sequence(ids(b, 0, 5), 5, {0, 1, 2});
+  s1.add_sequence(ids(c, 0, 5), 5, {3, 4});
+  s1.sample_last_rows();
+  tp_model()->forward_batch(s1, cache);
+  // Step 2: a whole prompt (11 tokens), b's next chunk (4), c's decode at position 5; logits
+  // for every row.
+  ForwardBatch s2;
+  s2.add_sequence(ids(a, 0, 11), 11, {5, 6, 7});
+  s2.add_sequence(ids(b, 5, 4), 9, {0, 1, 2});
+  s2.add_sequence(ids(c, 5, 1), 6, {3, 4});
+  for (int64_t r = 0; r < s2.num_tokens(); ++r) s2.sample_rows.push_back(r);
+  at::Tensor got = tp_model()->gather_logits(tp_model()->forward_batch(s2, cache));
+  auto full = [&](const at::Tensor& t, int64_t from, int64_t n) {
+    return dense_model()->gather_logits(dense_model()->forward(t))[0].narrow(0, from, n);
+  };
+  at::Tensor want = at::cat({full(a, 0, 11), full(b, 5, 4), full(c, 5, 1)}, 0);
+  double rel = test::rel_err(got, want);
+  if (rank() == 0) test::report(tag() + "packed batch vs full forward (16 rows)", got, want);
+  EXPECT_LT(rel, 1e-5);
+}
+
+TEST(Engine, GreedyAloneEqualsBatchedChunkedAndTheFullForwardReference) {
+  auto requests = mixed_requests();
+  EngineOptions o = options(/*num_blocks=*/256);
+  Outcome alone = run(o, requests, /*together=*/false);
+  o.max_num_batched_tokens = 16;  // prefills in chunks of at most 16 tokens, mixed with decodes
+  Outcome batched = run(o, requests, /*together=*/true);
+  if (rank() != 0) return;
+  int mismatches = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    auto want = reference_greedy(requests[i].prompt, requests[i].params.max_tokens);
+    EXPECT_EQ(alone.tokens[i][0], want) << tag() << "request " << i << " alone";
+    EXPECT_EQ(batched.tokens[i][0], want) << tag() << "request " << i << " in the batch";
+    mismatches += alone.tokens[i][0] != want || batched.tokens[i][0] != want;
+  }
+  std::printf("  %s32 requests: alone %lld steps, batched %lld steps; %d mismatches vs the reference\n",
+              tag().c_str(), (long long)alone.stats.steps, (long long)batched.stats.steps, mismatches);
+  EXPECT_LT(batched.stats.steps, alone.stats.steps / 3) << "continuous batching should share steps";
+}
+
+TEST(Engine, KvPoolPressurePreemptsAndKeepsGreedyTokens) {
+  std::vector<GenerationRequest> requests;
+  std::mt19937 rng(11);
+  for (int i = 0; i < 8; ++i) {
+    std::vector<int32_t> prompt(20 + i);
+    for (auto& t : prompt) t = static_cast<int32_t>(rng() % 100);
+    requests.push_back(greedy(prompt, 40));
+  }
+  // 8 sequences of ~65 tokens need ~70 blocks of 8; the pool has 24 (one sequence needs 12).
+  for (bool swap : {false, true}) {
+    EngineOptions o = options(/*num_blocks=*/24);
+    if (swap) o.num_host_blocks = 64;
+    Outcome r = run(o, requests, /*together=*/true);
+    if (rank() != 0) continue;
+    EXPECT_GT(r.stats.num_preemptions, 0) << "the pool was meant to be too small";
+    if (swap) EXPECT_GT(r.stats.swapped_out_blocks, 0) << "swap space was given: preemption should swap";
+    if (!swap) EXPECT_EQ(r.stats.swapped_out_blocks, 0);
+    for (size_t i = 0; i < requests.size(); ++i)
+      EXPECT_EQ(r.tokens[i][0], reference_greedy(requests[i].prompt, 40))
+          << tag() << (swap ? "swap" : "recompute") << ", request " << i;
+    std::printf("  %s%s: %lld preemptions, %lld blocks swapped out, peak %lld of 24 blocks, %lld steps\n",
+                tag().c_str(), swap ? "preemption by swapping" : "preemption by recompute",
+                (long long)r.stats.num_preemptions, (long long)r.stats.swapped_out_blocks,
+                (long long)r.stats.kv_blocks_used_peak, (long long)r.stats.steps);
+  }
+}
+
+TEST(Engine, PrefixCacheComputesOnlyTheNewTokens) {
+  std::vector<int32_t> shared(35);
+  for (size_t i = 0; i < shared.size(); ++i) shared[i] = static_cast<int32_t>((i * 31 + 5) % 100);
+  std::vector<int32_t> second = shared;
+  second.insert(second.end(), {7, 8, 9, 10, 11});
+  std::vector<GenerationRequest> requests = {greedy(shared, 6), greedy(second, 6)};
+  Outcome r = run(options(), requests, /*together=*/false);  // one after the other
+  if (rank() != 0) return;
+  // Block size 8: the 4 full blocks of the shared 35 tokens (32 tokens) are found.
+  EXPECT_EQ(r.cached[1], 32);
+  EXPECT_EQ(r.stats.prompt_tokens, 35 + (40 - 32)) << "the second prompt computed only its last 8 tokens";
+  EXPECT_GE(r.stats.prefix_hits_tokens, 32);
+  EXPECT_EQ(r.tokens[1][0], reference_greedy(second, 6));
+  std::printf("  %sprefix cache: %lld of %lld prompt tokens found; prompt tokens computed %lld\n",
+              tag().c_str(), (long long)r.cached[1], (long long)second.size(), (long long)r.stats.prompt_tokens);
+}
+
+TEST(Engine, SeededSamplingIsTheSameAloneAndInABatchAndNGivesSeveralCompletions) {
+  GenerationRequest sampled = greedy({5, 6, 7, 8, 9}, 12);
+  sampled.params.temperature = 1.0;
+  sampled.params.top_p = 0.95;
+  sampled.params.seed = 77;
+  GenerationRequest three = sampled;
+  three.params.n = 3;
+  three.params.seed = 5;
+  std::vector<GenerationRequest> batch = mixed_requests(12);
+  batch.insert(batch.begin() + 5, sampled);
+  batch.push_back(three);
+  Outcome alone = run(options(256), {sampled, three}, /*together=*/false);
+  Outcome together = run(options(256), batch, /*together=*/true);
+  if (rank() != 0) return;
+  EXPECT_EQ(alone.tokens[0][0], together.tokens[5][0]) << "seeded sampling must not depend on the batch";
+  ASSERT_EQ(together.tokens[13].size(), 3u);
+  for (int k = 0; k < 3; ++k) {
+    EXPECT_EQ(together.tokens[13][k].size(), 12u);
+    EXPECT_EQ(together.tokens[13][k], alone.tokens[1][k]) << "completion " << k;
+  }
+  EXPECT_TRUE(together.tokens[13][0] != together.tokens[13][1] || together.tokens[13][1] != together.tokens[13][2])
+      << "three sampled completions should not all be equal";
+}
+
+TEST(Engine, BadRequestsAreRefusedWithAReasonAndTheEngineGoesOn) {
+  GenerationRequest too_long = greedy(std::vector<int32_t>(90, 1), 10);  // 100 > 96
+  GenerationRequest bad_id = greedy({1, 2, 500}, 3);
+  GenerationRequest bad_param = greedy({1, 2}, 3);
+  bad_param.params.temperature = -1;
+  Outcome r = run(options(), {too_long, bad_id, greedy({3, 4}, 4), bad_param}, /*together=*/true);
+  if (rank() != 0) return;
+  EXPECT_NE(r.errors[0].find("maximum context length is 96 tokens. However, you requested 100 tokens (90 in the messages, 10 in the completion)"),
+            std::string::npos) << r.errors[0];
+  EXPECT_NE(r.errors[1].find("token id 500"), std::string::npos) << r.errors[1];
+  EXPECT_NE(r.errors[3].find("temperature = -1"), std::string::npos) << r.errors[3];
+  EXPECT_EQ(r.tokens[2][0], reference_greedy({3, 4}, 4));
+}
+
+long rss_kib() {
+  std::ifstream f("/proc/self/statm");
+  long pages = 0, resident = 0;
+  f >> pages >> resident;
+  return resident * 4;
+}
+
+TEST(Engine, ResidentMemoryIsFlatOverAThousandRequests) {
+  Engine engine(options(256), tp_model(), at::TensorOptions().dtype(at::kFloat), &channel());
+  if (rank() != 0) {
+    engine.run_worker();
+    return;
+  }
+  long after_warmup = 0;
+  for (int i = 0; i < 1000; ++i) {
+    engine.submit(greedy({static_cast<int32_t>(i % 100), 4, 5}, 4), [](const RequestUpdate&) {});
+    if (i % 50 == 49) engine.run_until_idle();
+    if (i == 199) after_warmup = rss_kib();
+  }
+  engine.run_until_idle();
+  const long end = rss_kib();
+  std::printf("  %sRSS after 200 requests %ld KiB, after 1000 %ld KiB\n", tag().c_str(), after_warmup, end);
+  EXPECT_LT(end - after_warmup, 8 * 1024) << "memory grows with the number of requests served";
+  EXPECT_EQ(engine.num_free_blocks(), 256);
+  EXPECT_EQ(engine.stats().requests_finished, 1000);
+  engine.shutdown_workers();
+}
+
+}  // namespace
