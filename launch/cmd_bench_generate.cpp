@@ -57,7 +57,7 @@ std::vector<int64_t> parse_list(const std::string& text, const std::string& flag
       throw ConfigError("--" + flag + " " + text + ": expected positive integers separated by commas (e.g. 1,8,32)");
     }
   }
-  ANDY_CHECK_T(ConfigError, !out.empty(), "--", flag, ": empty list");
+  ANDY_USER_CHECK(!out.empty(), "--", flag, ": empty list");
   return out;
 }
 
@@ -150,18 +150,18 @@ int bench_generate(const ParsedArgs& raw, World* world) {
     input_len = args.get_int("input_len", 128);
     output_len = args.get_int("output_len", 128);
     num_prompts = args.get_int("num_prompts", 0);
-    ANDY_CHECK_T(ConfigError, input_len >= 1 && output_len >= 1 && num_prompts >= 0,
+    ANDY_USER_CHECK(input_len >= 1 && output_len >= 1 && num_prompts >= 0,
                  "andyllm bench generate: --input_len and --output_len must be >= 1, --num_prompts >= 0");
   });
   ServingStack st = build_serving_stack(cfg, world);
-  if (!world->is_root()) {
-    st.engine->run_worker();
-    return 0;
-  }
+  if (!world->is_root()) return st.engine->run_worker();
   serve::Engine& engine = *st.engine;
-  ANDY_CHECK_T(ConfigError, input_len + output_len <= engine.options().max_model_len,
-               "--input_len ", input_len, " + --output_len ", output_len, " exceeds max_model_len ",
-               engine.options().max_model_len);
+  if (input_len + output_len > engine.options().max_model_len) {  // reported once; all ranks exit 2
+    log::error("andyllm bench generate: --input_len ", input_len, " + --output_len ", output_len,
+               " exceeds max_model_len = ", engine.options().max_model_len);
+    engine.shutdown_workers(2);
+    return 2;
+  }
   std::mt19937_64 rng(static_cast<uint64_t>(cfg.serve.seed) + 12345);
   // Warm-up (not reported): one short request.
   run_concurrency(engine, 1, 1, std::min<int64_t>(input_len, 8), 2, st.model_config.vocab_size, rng);

@@ -33,33 +33,33 @@ std::vector<std::string> read_prompts(const ParsedArgs& args) {
   std::vector<std::string> prompts;
   for (const auto& [flag, value] : args.ordered()) {
     if (flag != "prompt") continue;
-    ANDY_CHECK_T(ConfigError, is_valid_utf8(value), "--prompt: not valid UTF-8");
+    ANDY_USER_CHECK(is_valid_utf8(value), "--prompt: not valid UTF-8");
     prompts.push_back(value);
   }
   if (args.has("prompts_file")) {
     const std::string path = args.get("prompts_file");
     std::ifstream f(path);
-    ANDY_CHECK_T(ConfigError, f.good(), "--prompts_file ", path, ": cannot read it");
+    ANDY_USER_CHECK(f.good(), "--prompts_file ", path, ": cannot read it");
     std::string line;
     for (int64_t n = 1; std::getline(f, line); ++n) {
       if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      ANDY_CHECK_T(ConfigError, is_valid_utf8(line), path, ":", n, ": not valid UTF-8 (prompts files are UTF-8 JSON lines)");
+      ANDY_USER_CHECK(is_valid_utf8(line), path, ":", n, ": not valid UTF-8 (prompts files are UTF-8 JSON lines)");
       json j;
       try {
         j = json::parse(line);
       } catch (const std::exception& e) {
-        ANDY_THROW(ConfigError, path, ":", n, ": not JSON (expected {\"prompt\": \"...\"} or a JSON string): ", e.what());
+        throw ConfigError(detail::concat(path, ":", n, ": not JSON (expected {\"prompt\": \"...\"} or a JSON string): ", e.what()));
       }
       if (j.is_string()) {
         prompts.push_back(j.get<std::string>());
       } else {
-        ANDY_CHECK_T(ConfigError, j.is_object() && j.contains("prompt") && j["prompt"].is_string(), path, ":", n,
+        ANDY_USER_CHECK(j.is_object() && j.contains("prompt") && j["prompt"].is_string(), path, ":", n,
                      ": expected {\"prompt\": \"...\"} or a JSON string");
         prompts.push_back(j["prompt"].get<std::string>());
       }
     }
   }
-  ANDY_CHECK_T(ConfigError, !prompts.empty(), "andyllm generate: no prompt: give --prompt TEXT or --prompts_file FILE.jsonl");
+  ANDY_USER_CHECK(!prompts.empty(), "andyllm generate: no prompt: give --prompt TEXT or --prompts_file FILE.jsonl");
   return prompts;
 }
 
@@ -95,29 +95,44 @@ int run_generate(const ParsedArgs& raw, World* world) {
     prompts = read_prompts(args);
     params = sampling_from_flags(args, cfg.serve.max_tokens_default);
     std::string bad = params.validate(1 << 30);
-    ANDY_CHECK_T(ConfigError, bad.empty(), "andyllm generate: ", bad);
+    ANDY_USER_CHECK(bad.empty(), "andyllm generate: ", bad);
     if (args.has("output")) {
       fs::path parent = fs::path(args.get("output")).parent_path();
-      ANDY_CHECK_T(ConfigError, parent.empty() || fs::is_directory(parent), "--output ", args.get("output"),
+      ANDY_USER_CHECK(parent.empty() || fs::is_directory(parent), "--output ", args.get("output"),
                    ": the directory ", parent.string(), " does not exist");
     }
   });
   ServingStack st = build_serving_stack(cfg, world);
-  if (!world->is_root()) {
-    st.engine->run_worker();
-    return 0;
+  if (!world->is_root()) return st.engine->run_worker();
+  // Every prompt is tokenized and checked first: a prompt that cannot be served stops the
+  // command before anything runs or is written.
+  const data::Tokenizer& tok = *st.tokenizer;
+  const int64_t max_len = st.engine->options().max_model_len;
+  std::vector<std::vector<int32_t>> prompt_ids;
+  std::string bad;
+  for (size_t i = 0; i < prompts.size() && bad.empty(); ++i) {
+    prompt_ids.push_back(tok.encode(prompts[i]));
+    const int64_t n = static_cast<int64_t>(prompt_ids.back().size());
+    if (n == 0)
+      bad = "prompt " + std::to_string(i) + " is empty";
+    else if (n + params.max_tokens > max_len)
+      bad = "prompt " + std::to_string(i) + " has " + std::to_string(n) + " tokens; with --max_tokens " +
+            std::to_string(params.max_tokens) + " that exceeds max_model_len = " + std::to_string(max_len) +
+            " (lower --max_tokens or shorten the prompt)";
+  }
+  if (!bad.empty()) {  // reported once by rank 0; every rank exits 2
+    log::error("andyllm generate: ", bad, "; nothing was generated");
+    st.engine->shutdown_workers(2);
+    return 2;
   }
   // Every prompt goes into the engine at once: continuous batching serves them together.
-  const data::Tokenizer& tok = *st.tokenizer;
   std::vector<Collected> results(prompts.size());
-  std::vector<std::vector<int32_t>> prompt_ids;
   for (size_t i = 0; i < prompts.size(); ++i) {
-    prompt_ids.push_back(tok.encode(prompts[i]));
     Collected& c = results[i];
     c.tokens.resize(params.n);
     c.sampled.resize(params.n);
     c.finish.resize(params.n);
-    st.engine->submit({prompt_ids.back(), params}, [&c](const serve::RequestUpdate& u) {
+    st.engine->submit({prompt_ids[i], params}, [&c](const serve::RequestUpdate& u) {
       if (!u.error.empty()) {
         c.error = u.error;
         c.done = true;

@@ -2,6 +2,7 @@
 #include "launch/serving.h"
 
 #include <chrono>
+#include <filesystem>
 
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
@@ -33,10 +34,16 @@ const std::vector<std::pair<std::string, std::string>>& serving_keys() {
 // The tokenizer the model was trained with, or the one the user names; its vocabulary must be
 // the model's.
 std::string tokenizer_path_for(const Config& cfg, const ModelSource& src) {
-  if (!cfg.serve.tokenizer_path.empty()) return cfg.serve.tokenizer_path;
+  if (!cfg.serve.tokenizer_path.empty()) {
+    ANDY_USER_CHECK(std::filesystem::is_regular_file(cfg.serve.tokenizer_path), "--tokenizer_path ",
+                    cfg.serve.tokenizer_path, ": no such file (expected a sentencepiece .model)");
+    return cfg.serve.tokenizer_path;
+  }
   const std::string& saved = src.config.data.tokenizer_path;
-  ANDY_CHECK_T(ConfigError, !saved.empty(), "--model ", src.path, ": its saved config (",
-               src.config_file, ") names no tokenizer; pass --tokenizer_path");
+  ANDY_USER_CHECK(!saved.empty(), "--model ", src.path, ": its saved config (", src.config_file,
+                  ") names no tokenizer; pass --tokenizer_path");
+  ANDY_USER_CHECK(std::filesystem::is_regular_file(saved), "--model ", src.path, ": the tokenizer its saved config names (",
+                  saved, ", data.tokenizer_path in ", src.config_file, ") does not exist here; pass --tokenizer_path");
   return saved;
 }
 
@@ -122,14 +129,14 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
     }
     st.tokenizer_path = tokenizer_path_for(cfg, st.source);
     if (cfg.serve.device == "cuda")
-      ANDY_CHECK_T(ConfigError, compat::cuda_device_count() > 0, "[serve] device = \"cuda\" (",
+      ANDY_USER_CHECK(compat::cuda_device_count() > 0, "[serve] device = \"cuda\" (",
                    cfg.origin_of("serve.device"), "): no GPU is visible to this LibTorch; use --device cpu");
   });
   // 2. The tokenizer (rank 0), which must have the model's vocabulary.
   run_agreed(comm, [&] {
     if (!world->is_root()) return;
     st.tokenizer = data::Tokenizer::load(st.tokenizer_path);
-    ANDY_CHECK_T(ConfigError, st.tokenizer->vocab_size() == st.model_config.vocab_size, "tokenizer ",
+    ANDY_USER_CHECK(st.tokenizer->vocab_size() == st.model_config.vocab_size, "tokenizer ",
                  st.tokenizer_path, " has ", st.tokenizer->vocab_size(), " pieces but the model ",
                  cfg.serve.model, " has vocab_size = ", st.model_config.vocab_size,
                  " (another tokenizer? pass the one it was trained with: --tokenizer_path)");

@@ -265,16 +265,17 @@ void Engine::run_until_idle() {
   }
 }
 
-void Engine::shutdown_workers() {
+void Engine::shutdown_workers(int exit_code) {
   StepPlan p;
   p.kind = StepPlan::kShutdown;
+  p.exit_code = exit_code;
   channel_->broadcast(p);
 }
 
-void Engine::run_worker() {
+int Engine::run_worker() {
   while (true) {
     StepPlan p = channel_->broadcast(StepPlan{});
-    if (p.kind == StepPlan::kShutdown) return;
+    if (p.kind == StepPlan::kShutdown) return static_cast<int>(p.exit_code);
     execute(p);
   }
 }

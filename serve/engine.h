@@ -117,10 +117,10 @@ class Engine {
   bool step();
   // Steps until no request is queued, waiting, running or swapped.
   void run_until_idle();
-  // Tells the workers to return from run_worker(). Leader only, once.
-  void shutdown_workers();
-  // Workers: runs the leader's plans until shutdown.
-  void run_worker();
+  // Tells the workers to return from run_worker() with `exit_code`. Leader only, once.
+  void shutdown_workers(int exit_code = 0);
+  // Workers: runs the leader's plans until shutdown; returns the leader's exit code.
+  int run_worker();
   // Blocks of the pool not referenced by any sequence (all of them when idle, by design).
   int64_t num_free_blocks() const;
 

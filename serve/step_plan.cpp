@@ -13,6 +13,7 @@ std::vector<int64_t> StepPlan::encode() const {
   w.reserve(8 + 2 * (swap_out.size() + swap_in.size()) + batch.tokens.size() * 2 +
             batch.sample_rows.size());
   w.push_back(kind);
+  w.push_back(exit_code);
   w.push_back(static_cast<int64_t>(swap_out.size()));
   for (const auto& [a, b] : swap_out) w.insert(w.end(), {a, b});
   w.push_back(static_cast<int64_t>(swap_in.size()));
@@ -44,6 +45,7 @@ StepPlan StepPlan::decode(const std::vector<int64_t>& w) {
   };
   StepPlan p;
   p.kind = next();
+  p.exit_code = next();
   for (int64_t n = count(); n > 0; --n) {
     int64_t a = next();
     p.swap_out.push_back({a, next()});

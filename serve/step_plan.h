@@ -2,7 +2,7 @@
 // control communicator (TensorRT-LLM's leader mode): the KV block copies of swapping, then the
 // packed forward batch (tokens, per-sequence context lengths, block tables, sampled rows), or
 // shutdown. Workers run exactly the plans they receive, so their collectives match rank 0's.
-// Encoded as one int64 vector: [kind, n_out, (dev, host)*, n_in, (host, dev)*, n_seq,
+// Encoded as one int64 vector: [kind, exit_code, n_out, (dev, host)*, n_in, (host, dev)*, n_seq,
 // (query_len, context_len, n_blocks, block*, token*)*, n_rows, row*].
 //
 // ControlChannel: rank 0 broadcasts; a worker waiting for the next plan polls a non-blocking
@@ -25,6 +25,7 @@ namespace andy::serve {
 struct StepPlan {
   enum Kind : int64_t { kForward = 0, kShutdown = 1 };
   int64_t kind = kForward;
+  int64_t exit_code = 0;  // kShutdown: what the workers' command exits with
   std::vector<std::pair<int64_t, int64_t>> swap_out;  // (device block, host block)
   std::vector<std::pair<int64_t, int64_t>> swap_in;   // (host block, device block)
   ForwardBatch batch;

@@ -93,5 +93,11 @@ std::string concat(Args&&... args) {
     }                                                                                   \
   } while (0)
 #define ANDY_CHECK(cond, ...) ANDY_CHECK_T(::andy::Error, cond, __VA_ARGS__)
+// Bad user input (a flag, a path, a file the user named): ConfigError (exit 2) whose message
+// names the input itself, without our source location.
+#define ANDY_USER_CHECK(cond, ...)                                              \
+  do {                                                                          \
+    if (!(cond)) throw ::andy::ConfigError(::andy::detail::concat(__VA_ARGS__)); \
+  } while (0)
 #define ANDY_THROW(ErrType, ...) \
   throw ErrType(::andy::where(__FILE__, __LINE__) + ::andy::detail::concat(__VA_ARGS__))

@@ -128,9 +128,9 @@ StateDict read_checkpoint_shard(const ModelSource& src, int r, const PartitionSp
 ModelSource resolve_model_source(const std::string& path) {
   ModelSource src;
   src.path = path;
-  ANDY_CHECK_T(ConfigError, !path.empty(), "no model given: pass --model DIR (a best_model/ "
+  ANDY_USER_CHECK(!path.empty(), "no model given: pass --model DIR (a best_model/ "
                "directory, its model.pt, or a checkpoint step directory)");
-  ANDY_CHECK_T(ConfigError, fs::exists(path), "--model ", path, ": no such file or directory");
+  ANDY_USER_CHECK(fs::exists(path), "--model ", path, ": no such file or directory");
   if (fs::is_regular_file(path)) {
     src.weights_file = path;
     src.dir = fs::path(path).parent_path().string();
@@ -142,8 +142,8 @@ ModelSource resolve_model_source(const std::string& path) {
     src.kind = ModelSource::Kind::kCheckpoint;
     src.dir = path;
   } else {
-    ANDY_THROW(ConfigError, "--model ", path, ": neither a best_model directory (model.pt + "
-               "config.toml) nor a checkpoint step directory (meta.json + shard_tpRR.pt)");
+    throw ConfigError(detail::concat("--model ", path, ": neither a best_model directory (model.pt + "
+               "config.toml) nor a checkpoint step directory (meta.json + shard_tpRR.pt)"));
   }
   if (src.kind == ModelSource::Kind::kFullWeights) {
     src.config_file = src.dir + "/config.toml";

@@ -18,6 +18,7 @@
 
 #include "data/checksum.h"
 #include "tests/data/data_test_util.h"
+#include "tests/launch/job.h"
 #include "tests/launch/run_command.h"
 
 namespace fs = std::filesystem;
@@ -56,60 +57,12 @@ int count_lines(const std::string& path) {
   return n;
 }
 
-// A job started in the background through /bin/sh, in its own process group (as a shell puts a
-// foreground job), with its output in `log`.
-struct Job {
-  pid_t pid = -1;
-  std::string log;
-  int status = 0;
-
-  Job(const std::string& cmd, std::string log_path) : log(std::move(log_path)) {
-    std::string full = "exec " + cmd + " > " + log + " 2>&1";
-    pid = fork();
-    if (pid == 0) {
-      setpgid(0, 0);
-      execl("/bin/sh", "sh", "-c", full.c_str(), static_cast<char*>(nullptr));
-      _exit(127);
-    }
-    if (pid > 0) setpgid(pid, pid);
-  }
-  ~Job() {
-    if (pid > 0) {  // a test that failed early: leave nothing running
-      kill(-pid, SIGKILL);
-      waitpid(pid, &status, 0);
-    }
-  }
-  // Waits until the job has exited; false after `seconds` (the job is then killed).
-  bool wait_exit(int seconds) {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
-    while (std::chrono::steady_clock::now() < deadline) {
-      if (waitpid(pid, &status, WNOHANG) == pid) {
-        pid = -1;
-        return true;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    }
-    return false;
-  }
-  int exit_code() const { return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status); }
-  std::string output() const { return dt::read_text(log); }
-};
-
 // Waits (up to 60 s) until `metrics` has at least `n` lines.
 bool wait_logged_steps(const std::string& metrics, int n) {
   auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (count_lines(metrics) < n && std::chrono::steady_clock::now() < deadline)
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   return count_lines(metrics) >= n;
-}
-
-// Direct children of `pid` (the ranks, when `pid` is mpirun).
-std::vector<pid_t> children_of(pid_t pid) {
-  auto r = run_command("pgrep -P " + std::to_string(pid));
-  std::vector<pid_t> out;
-  std::istringstream is(r.output);
-  for (pid_t c; is >> c;) out.push_back(c);
-  return out;
 }
 
 // "step_NNNNNNNN" recorded in the run's checkpoints/latest ("" if none).

@@ -1,0 +1,178 @@
+// `andyllm generate` and `bench generate` end to end, through the real executable under mpirun,
+// on models trained here by `andyllm train` (a small corpus, `andyllm preprocess`, a few steps
+// at TP=1 and at TP=2): a checkpoint written at one TP size is served at others with identical
+// greedy tokens; each kind of bad input stops with one clear line, a non-zero exit and no
+// output file; a killed rank ends the job within seconds.
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <nlohmann/json.hpp>
+
+#include "tests/data/data_test_util.h"
+#include "tests/launch/job.h"
+#include "tests/launch/run_command.h"
+
+namespace fs = std::filesystem;
+using namespace andy::testing_util;
+namespace dt = andy::data::testing;
+using json = nlohmann::json;
+
+namespace {
+
+// Shared by every test: a corpus, its tokenizer and shards, and two trained runs.
+class GenerateE2e : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new dt::TempDir("andyllm-generate-e2e");
+    const std::string raw = *dir_ / "raw";
+    fs::create_directories(raw);
+    std::mt19937 rng(3);
+    const std::vector<std::string> words = {"the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to",
+                                            "house", "big", "small", "red", "blue", "tree", "under",
+                                            "quick", "brown", "fox", "jumps", "over", "lazy", "bird",
+                                            "sings", "in", "morning", "light", "river", "flows", "down"};
+    std::ofstream f(raw + "/corpus.txt");
+    for (int line = 0; line < 3000; ++line) {
+      for (int w = 0; w < 12; ++w) f << (w ? " " : "") << words[rng() % words.size()];
+      f << (line % 5 == 4 ? ".\n\n" : ".\n");  // documents of 5 lines
+    }
+    f.close();
+    auto r = run_command(andyllm_bin() + " preprocess --input_dir " + raw + " --output_dir " +
+                         *dir_ / "data" + " --vocab_size 300 --txt_docs blank_lines");
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+    train("tp1", 1);
+    train("tp2", 2);
+  }
+  static void TearDownTestSuite() { delete dir_; }
+
+  static void train(const std::string& name, int tp) {
+    const std::string d = *dir_ / "data";
+    const std::string cfg = *dir_ / (name + ".toml");
+    dt::write_file(cfg, "[model]\ndim = 32\nn_layer = 2\nn_head = 4\nn_kv_head = 4\nvocab_size = 300\n"
+                        "max_seq_len = 64\ntie_embeddings = false\n[data]\ntrain_file = \"" + d + "/train\"\n"
+                        "val_file = \"" + d + "/validation\"\ntokenizer_path = \"" + d + "/tokenizer.model\"\n"
+                        "seq_len = 32\n[train]\noutput_dir = \"" + *dir_ / name + "\"\nbatch_size = 4\n"
+                        "max_steps = 6\nlearning_rate = 3e-3\nwarmup_steps = 1\nlog_interval = 3\n"
+                        "eval_interval = 3\neval_batches = 1\nintra_op_threads = 1\n"
+                        "[parallel]\ntensor_parallel_size = " + std::to_string(tp) + "\n");
+    auto r = run_command(mpirun(tp) + andyllm_bin() + " train --config " + cfg);
+    ASSERT_EQ(r.exit_code, 0) << r.output;
+  }
+
+  static std::string checkpoint(const std::string& run) { return *dir_ / (run + "/checkpoints/step_00000006"); }
+  static std::string path(const std::string& p) { return *dir_ / p; }
+
+  // Greedy token ids of three prompts, served by `ranks` ranks.
+  static std::vector<std::vector<int>> greedy(const std::string& model, int ranks) {
+    const std::string out = path("out_" + std::to_string(ranks) + ".jsonl");
+    auto r = run_command(mpirun(ranks) + andyllm_bin() + " generate --model " + model +
+                         " --prompt 'the cat' --prompt 'a quick brown fox jumps' --prompt 'river' "
+                         "--max_tokens 12 --temperature 0 --ignore_eos --output " + out);
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    std::vector<std::vector<int>> ids;
+    std::ifstream f(out);
+    for (std::string line; std::getline(f, line);) ids.push_back(json::parse(line)["token_ids"].get<std::vector<int>>());
+    EXPECT_EQ(ids.size(), 3u) << r.output;
+    return ids;
+  }
+
+  static dt::TempDir* dir_;
+};
+dt::TempDir* GenerateE2e::dir_ = nullptr;
+
+TEST_F(GenerateE2e, ACheckpointIsServedAtAnyTpSizeWithTheSameGreedyTokens) {
+  auto tp2_at_1 = greedy(checkpoint("tp2"), 1);
+  EXPECT_EQ(greedy(checkpoint("tp2"), 2), tp2_at_1) << "trained at TP=2, served at TP=2 vs TP=1";
+  EXPECT_EQ(greedy(checkpoint("tp2"), 4), tp2_at_1) << "trained at TP=2, served at TP=4 vs TP=1";
+  auto tp1_at_1 = greedy(checkpoint("tp1"), 1);
+  EXPECT_EQ(greedy(checkpoint("tp1"), 2), tp1_at_1) << "trained at TP=1, served at TP=2 vs TP=1";
+  EXPECT_EQ(greedy(path("tp1/best_model"), 2).size(), 3u);
+  EXPECT_EQ(tp1_at_1[0].size(), 12u);
+}
+
+TEST_F(GenerateE2e, WritesOneJsonLinePerCompletion) {
+  const std::string prompts = path("prompts.jsonl"), out = path("gen.jsonl");
+  std::string text;
+  for (int i = 0; i < 20; ++i) text += (i % 2 ? "\"the dog " : "{\"prompt\": \"a red ") + std::to_string(i) + (i % 2 ? "\"\n" : "\"}\n");
+  dt::write_file(prompts, text);
+  auto r = run_command(mpirun(2) + andyllm_bin() + " generate --model " + path("tp1/best_model") +
+                       " --prompts_file " + prompts + " --output " + out + " --max_tokens 5 --n 2 --seed 7 "
+                       "--temperature 0.8 --logprobs 2 --ignore_eos");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::ifstream f(out);
+  int lines = 0;
+  for (std::string line; std::getline(f, line); ++lines) {
+    json j = json::parse(line);
+    EXPECT_EQ(j["completion_tokens"].get<int>(), 5);
+    EXPECT_EQ(j["finish_reason"], "length");
+    EXPECT_EQ(j["token_ids"].size(), 5u);
+    EXPECT_EQ(j["logprobs"].size(), 5u);
+    EXPECT_EQ(j["logprobs"][0]["top_logprobs"].size(), 2u);
+    EXPECT_TRUE(j.contains("text") && j.contains("prompt_tokens") && j.contains("prompt"));
+  }
+  EXPECT_EQ(lines, 40);
+}
+
+// Each bad input: exit code, the line that says what is wrong (printed once), no output file.
+TEST_F(GenerateE2e, BadInputStopsWithOneClearLineAndWritesNothing) {
+  const std::string model = path("tp1/best_model"), out = path("never.jsonl");
+  // Weights and a config of different shapes.
+  const std::string other = path("other_model");
+  fs::create_directories(other);
+  fs::copy_file(model + "/model.pt", other + "/model.pt", fs::copy_options::overwrite_existing);
+  std::string conf = dt::read_text(model + "/config.toml");
+  conf.replace(conf.find("dim = 32"), 8, "dim = 64");
+  dt::write_file(other + "/config.toml", conf);
+  // A tokenizer with another vocabulary.
+  auto t = run_command(andyllm_bin() + " preprocess --input_dir " + path("raw") + " --output_dir " +
+                       path("data320") + " --vocab_size 320 --txt_docs blank_lines");
+  ASSERT_EQ(t.exit_code, 0) << t.output;
+  dt::write_file(path("bad_utf8.jsonl"), "{\"prompt\": \"fine\"}\n{\"prompt\": \"bad \xff\xfe\"}\n");
+  std::string long_prompt;
+  for (int i = 0; i < 80; ++i) long_prompt += "cat ";
+  struct Case {
+    std::string what, args, expect;
+    int ranks, code;
+  };
+  const std::vector<Case> cases = {
+      {"missing model", "--model " + path("no_such_model") + " --prompt hi", "no_such_model: no such file or directory", 2, 2},
+      {"another shape", "--model " + other + " --prompt hi", "has shape [300, 32], the saved config implies [300, 64]", 2, 1},
+      {"tokenizer of another vocabulary", "--model " + model + " --prompt hi --tokenizer_path " + path("data320/tokenizer.model"),
+       "has 320 pieces but the model", 2, 2},
+      {"prompt longer than the context", "--model " + model + " --prompt '" + long_prompt + "'", "exceeds max_model_len = 64", 2, 2},
+      {"non-UTF-8 prompts file", "--model " + model + " --prompts_file " + path("bad_utf8.jsonl"), "bad_utf8.jsonl:2: not valid UTF-8", 2, 2},
+      {"TP size that does not divide the heads", "--model " + model + " --prompt hi", "cannot serve " + model + " on 3 tensor-parallel ranks", 3, 2},
+  };
+  for (const Case& c : cases) {
+    auto r = run_command(mpirun(c.ranks) + andyllm_bin() + " generate " + c.args + " --output " + out);
+    EXPECT_EQ(r.exit_code, c.code) << c.what << "\n" << r.output;
+    EXPECT_EQ(count_of(r.output, c.expect), 1) << c.what << "\n" << r.output;
+    EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << c.what << "\n" << r.output;
+    EXPECT_FALSE(fs::exists(out)) << c.what << ": an output file was written";
+    std::printf("  %-40s exit %d\n", c.what.c_str(), r.exit_code);
+  }
+}
+
+TEST_F(GenerateE2e, AKilledRankEndsTheJobWithinSeconds) {
+  Job job(mpirun(2) + andyllm_bin() + " bench generate --model " + path("tp1/best_model") +
+              " --concurrency 4 --num_prompts 100000 --input_len 8 --output_len 40",
+          path("bench_kill.log"));
+  ASSERT_GT(job.pid, 0);
+  // Wait until the benchmark runs (its header is printed after the warm-up).
+  for (int i = 0; i < 300 && job.output().find("# bench generate") == std::string::npos; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  ASSERT_NE(job.output().find("# bench generate"), std::string::npos) << job.output();
+  std::vector<pid_t> ranks = children_of(job.pid);
+  ASSERT_EQ(ranks.size(), 2u);
+  ASSERT_EQ(kill(ranks.back(), SIGKILL), 0);
+  auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(job.wait_exit(30)) << "the job still runs 30 s after a rank was killed:\n" << job.output();
+  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_NE(job.exit_code(), 0) << job.output();
+  std::printf("  killed rank %d: the job ended with exit %d after %.1f s\n", ranks.back(), job.exit_code(), s);
+}
+
+}  // namespace
