@@ -184,14 +184,24 @@ void Engine::take_inbox() {
   }
 }
 
-StepPlan Engine::plan_of(const SchedulerStep& step) const {
+StepPlan Engine::plan_of(const SchedulerStep& step) {
   StepPlan plan;
   plan.swap_out = step.swap_out;
   plan.swap_in = step.swap_in;
+  plan.released.swap(released_);
+  int64_t rows = 0;
   for (const auto& c : step.chunks) {
-    std::vector<int64_t> toks(c.seq->tokens.begin() + c.start, c.seq->tokens.begin() + c.start + c.length);
-    plan.batch.add_sequence(toks, c.start + c.length, c.seq->blocks);
-    if (c.sample) plan.batch.sample_rows.push_back(plan.batch.num_tokens() - 1);
+    SequenceState* s = c.seq;
+    SequenceDelta d;
+    d.seq_id = s->id;
+    d.n_keep = s->blocks_sent;
+    d.context_len = c.start + c.length;
+    d.new_blocks.assign(s->blocks.begin() + s->blocks_sent, s->blocks.end());
+    d.tokens.assign(s->tokens.begin() + c.start, s->tokens.begin() + c.start + c.length);
+    s->blocks_sent = static_cast<int64_t>(s->blocks.size());
+    rows += c.length;
+    if (c.sample) plan.sample_rows.push_back(rows - 1);
+    plan.seqs.push_back(std::move(d));
   }
   return plan;
 }
@@ -217,9 +227,10 @@ at::Tensor Engine::execute(const StepPlan& plan) {
       cache_.v(l).index_copy_(0, dev, host_v_[l].index_select(0, host).to(cache_.v(l).device()));
     }
   }
-  if (plan.batch.num_sequences() == 0) return {};
-  at::Tensor local = model_->forward_batch(plan.batch, cache_);
-  if (plan.batch.sample_rows.empty()) return {};
+  const ForwardBatch batch = tables_.apply(plan);
+  if (batch.num_sequences() == 0) return {};
+  at::Tensor local = model_->forward_batch(batch, cache_);
+  if (batch.sample_rows.empty()) return {};
   return model_->gather_logits(local).to(at::kFloat).cpu().contiguous();
 }
 
@@ -355,6 +366,7 @@ void Engine::finish_sequence(SequenceState* seq, Request& r, const std::string& 
 
 void Engine::complete(SequenceState* seq, Request& r, RequestUpdate& u, const std::string& reason) {
   scheduler_.remove(seq);
+  released_.push_back(seq->id);
   seq->finish_reason = reason;
   ++r.finished;
   u.finished = true;

@@ -129,7 +129,8 @@ class Engine {
   void take_inbox();
   void admit(std::unique_ptr<Request> r);
   void refuse(Request& r, const std::string& why);
-  StepPlan plan_of(const SchedulerStep& step) const;
+  // The step as deltas for every rank's BlockTables (marks the blocks as sent).
+  StepPlan plan_of(const SchedulerStep& step);
   // Swaps and forward on this rank; returns the full-vocabulary logits of the sampled rows
   // (every rank takes part in the gather).
   at::Tensor execute(const StepPlan& plan);
@@ -148,6 +149,8 @@ class Engine {
   std::vector<at::Tensor> host_k_, host_v_;  // swap space, per layer
   BlockManager blocks_;
   Scheduler scheduler_;
+  BlockTables tables_;             // every rank: the block tables as the plans built them
+  std::vector<int64_t> released_;  // leader: sequences ended since the last plan
   std::map<int64_t, std::unique_ptr<Request>> requests_;
   std::map<int64_t, std::unique_ptr<SequenceState>> seqs_;
   int64_t next_seq_id_ = 0, next_arrival_ = 0;

@@ -40,6 +40,7 @@ void Scheduler::add(SequenceState* seq) {
 void Scheduler::free_blocks(SequenceState* seq) {
   for (int64_t b : seq->blocks) blocks_.release(b);
   seq->blocks.clear();
+  seq->blocks_sent = 0;
   seq->num_registered = 0;
   seq->last_hash = 0;
 }

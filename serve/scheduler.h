@@ -36,6 +36,7 @@ struct SequenceState {
   int64_t num_computed = 0;     // tokens whose K/V are in the cache
   std::vector<int64_t> blocks;       // device blocks, in token order
   std::vector<int64_t> host_blocks;  // while swapped
+  int64_t blocks_sent = 0;           // leading blocks the workers' tables already hold
   int64_t num_registered = 0;        // leading full blocks registered in the prefix cache
   uint64_t last_hash = 0;            // hash of the last registered block
   int64_t cached_prompt_tokens = 0;  // prompt tokens found in the prefix cache

@@ -10,25 +10,23 @@ namespace andy::serve {
 
 std::vector<int64_t> StepPlan::encode() const {
   std::vector<int64_t> w;
-  w.reserve(8 + 2 * (swap_out.size() + swap_in.size()) + batch.tokens.size() * 2 +
-            batch.sample_rows.size());
   w.push_back(kind);
   w.push_back(exit_code);
   w.push_back(static_cast<int64_t>(swap_out.size()));
   for (const auto& [a, b] : swap_out) w.insert(w.end(), {a, b});
   w.push_back(static_cast<int64_t>(swap_in.size()));
   for (const auto& [a, b] : swap_in) w.insert(w.end(), {a, b});
-  w.push_back(batch.num_sequences());
-  for (int64_t s = 0; s < batch.num_sequences(); ++s) {
-    w.push_back(batch.query_len(s));
-    w.push_back(batch.context_len[s]);
-    w.push_back(static_cast<int64_t>(batch.block_tables[s].size()));
-    w.insert(w.end(), batch.block_tables[s].begin(), batch.block_tables[s].end());
-    w.insert(w.end(), batch.tokens.begin() + batch.query_start[s],
-             batch.tokens.begin() + batch.query_start[s + 1]);
+  w.push_back(static_cast<int64_t>(seqs.size()));
+  for (const SequenceDelta& d : seqs) {
+    w.insert(w.end(), {d.seq_id, d.n_keep, d.context_len, static_cast<int64_t>(d.new_blocks.size())});
+    w.insert(w.end(), d.new_blocks.begin(), d.new_blocks.end());
+    w.push_back(static_cast<int64_t>(d.tokens.size()));
+    w.insert(w.end(), d.tokens.begin(), d.tokens.end());
   }
-  w.push_back(static_cast<int64_t>(batch.sample_rows.size()));
-  w.insert(w.end(), batch.sample_rows.begin(), batch.sample_rows.end());
+  w.push_back(static_cast<int64_t>(sample_rows.size()));
+  w.insert(w.end(), sample_rows.begin(), sample_rows.end());
+  w.push_back(static_cast<int64_t>(released.size()));
+  w.insert(w.end(), released.begin(), released.end());
   return w;
 }
 
@@ -43,27 +41,48 @@ StepPlan StepPlan::decode(const std::vector<int64_t>& w) {
     ANDY_CHECK(n >= 0 && static_cast<size_t>(n) <= w.size(), "step plan: bad count ", n);
     return n;
   };
+  auto list = [&](std::vector<int64_t>& out) {
+    for (int64_t n = count(); n > 0; --n) out.push_back(next());
+  };
+  auto pairs = [&](std::vector<std::pair<int64_t, int64_t>>& out) {
+    for (int64_t n = count(); n > 0; --n) {
+      const int64_t a = next();
+      out.push_back({a, next()});
+    }
+  };
   StepPlan p;
   p.kind = next();
   p.exit_code = next();
+  pairs(p.swap_out);
+  pairs(p.swap_in);
   for (int64_t n = count(); n > 0; --n) {
-    int64_t a = next();
-    p.swap_out.push_back({a, next()});
+    SequenceDelta d;
+    d.seq_id = next();
+    d.n_keep = next();
+    d.context_len = next();
+    list(d.new_blocks);
+    list(d.tokens);
+    p.seqs.push_back(std::move(d));
   }
-  for (int64_t n = count(); n > 0; --n) {
-    int64_t a = next();
-    p.swap_in.push_back({a, next()});
-  }
-  for (int64_t n = count(); n > 0; --n) {
-    const int64_t q = count(), ctx = next(), nb = count();
-    std::vector<int64_t> table(nb), toks(q);
-    for (auto& b : table) b = next();
-    for (auto& t : toks) t = next();
-    p.batch.add_sequence(toks, ctx, std::move(table));
-  }
-  for (int64_t n = count(); n > 0; --n) p.batch.sample_rows.push_back(next());
+  list(p.sample_rows);
+  list(p.released);
   ANDY_CHECK(i == w.size(), "step plan: ", w.size() - i, " trailing words");
   return p;
+}
+
+ForwardBatch BlockTables::apply(const StepPlan& plan) {
+  for (int64_t id : plan.released) tables_.erase(id);
+  ForwardBatch batch;
+  for (const SequenceDelta& d : plan.seqs) {
+    std::vector<int64_t>& table = tables_[d.seq_id];
+    ANDY_CHECK(d.n_keep >= 0 && d.n_keep <= static_cast<int64_t>(table.size()), "step plan: sequence ",
+               d.seq_id, " keeps ", d.n_keep, " of the ", table.size(), " blocks this rank knows");
+    table.resize(static_cast<size_t>(d.n_keep));
+    table.insert(table.end(), d.new_blocks.begin(), d.new_blocks.end());
+    batch.add_sequence(d.tokens, d.context_len, table);
+  }
+  batch.sample_rows = plan.sample_rows;
+  return batch;
 }
 
 ControlChannel::ControlChannel(MPI_Comm comm) : comm_(MpiComm(comm, false).dup()) {}
