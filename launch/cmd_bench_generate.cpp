@@ -66,6 +66,7 @@ struct BenchRow {
   double seconds = 0, prefill_tps = 0, decode_tps = 0, output_tps = 0, req_per_s = 0;
   Percentiles ttft_ms, tpot_ms, itl_ms;
   int64_t kv_peak = 0, kv_total = 0, preemptions = 0;
+  double forward_share = 0, sample_share = 0;  // of the wall time
 };
 
 BenchRow run_concurrency(serve::Engine& engine, int64_t c, int64_t num, int64_t input_len,
@@ -134,6 +135,8 @@ BenchRow run_concurrency(serve::Engine& engine, int64_t c, int64_t num, int64_t 
   row.kv_peak = kv_peak;
   row.kv_total = after.kv_blocks_total;
   row.preemptions = after.num_preemptions - before.num_preemptions;
+  row.forward_share = (after.forward_seconds - before.forward_seconds) / std::max(seconds, 1e-9);
+  row.sample_share = (after.sample_seconds - before.sample_seconds) / std::max(seconds, 1e-9);
   return row;
 }
 
@@ -168,8 +171,9 @@ int bench_generate(const ParsedArgs& raw, World* world) {
   std::printf("# bench generate: %s, tp %d, %s; input %lld, output %lld tokens; KV pool %lld blocks of %lld\n",
               cfg.serve.model.c_str(), world->size(), st.device.str().c_str(), (long long)input_len,
               (long long)output_len, (long long)engine.options().num_blocks, (long long)engine.options().block_size);
-  std::printf("%5s %5s %9s %10s %10s %10s %7s %23s %23s %13s %6s\n", "conc", "reqs", "seconds", "prefill/s",
-              "decode/s", "output/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "KV peak", "preem");
+  std::printf("%5s %5s %9s %10s %10s %10s %7s %23s %23s %13s %6s %9s\n", "conc", "reqs", "seconds", "prefill/s",
+              "decode/s", "output/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "KV peak", "preem",
+              "fwd/samp");
   nlohmann::json rows = nlohmann::json::array();
   for (int64_t c : concurrencies) {
     const int64_t num = num_prompts > 0 ? num_prompts : std::max<int64_t>(4, 2 * c);
@@ -178,9 +182,9 @@ int bench_generate(const ParsedArgs& raw, World* world) {
     std::snprintf(ttft, sizeof ttft, "%.1f/%.1f/%.1f", r.ttft_ms.mean, r.ttft_ms.p50, r.ttft_ms.p99);
     std::snprintf(tpot, sizeof tpot, "%.2f/%.2f/%.2f", r.tpot_ms.mean, r.tpot_ms.p50, r.tpot_ms.p99);
     std::snprintf(kv, sizeof kv, "%lld/%lld", (long long)r.kv_peak, (long long)r.kv_total);
-    std::printf("%5lld %5lld %9.2f %10.0f %10.0f %10.0f %7.2f %23s %23s %13s %6lld\n", (long long)c,
+    std::printf("%5lld %5lld %9.2f %10.0f %10.0f %10.0f %7.2f %23s %23s %13s %6lld %4.0f/%3.0f%%\n", (long long)c,
                 (long long)r.requests, r.seconds, r.prefill_tps, r.decode_tps, r.output_tps, r.req_per_s, ttft,
-                tpot, kv, (long long)r.preemptions);
+                tpot, kv, (long long)r.preemptions, 100 * r.forward_share, 100 * r.sample_share);
     std::fflush(stdout);
     rows.push_back({{"concurrency", c}, {"requests", r.requests}, {"seconds", r.seconds},
                     {"prefill_tokens_per_s", r.prefill_tps}, {"decode_tokens_per_s", r.decode_tps},
@@ -188,7 +192,7 @@ int bench_generate(const ParsedArgs& raw, World* world) {
                     {"ttft_ms", {{"mean", r.ttft_ms.mean}, {"p50", r.ttft_ms.p50}, {"p99", r.ttft_ms.p99}}},
                     {"tpot_ms", {{"mean", r.tpot_ms.mean}, {"p50", r.tpot_ms.p50}, {"p99", r.tpot_ms.p99}}},
                     {"itl_ms", {{"mean", r.itl_ms.mean}, {"p50", r.itl_ms.p50}, {"p99", r.itl_ms.p99}}},
-                    {"kv_blocks_peak", r.kv_peak}, {"kv_blocks_total", r.kv_total}, {"preemptions", r.preemptions}});
+                    {"kv_blocks_peak", r.kv_peak}, {"forward_share", r.forward_share}, {"sample_share", r.sample_share}, {"kv_blocks_total", r.kv_total}, {"preemptions", r.preemptions}});
   }
   engine.shutdown_workers();
   ANDY_CHECK(engine.num_free_blocks() == engine.options().num_blocks, "bench generate: ",

@@ -101,12 +101,19 @@ int64_t Engine::submit(GenerationRequest request, UpdateCallback on_update) {
   r->id = next_request_id_++;
   const int64_t id = r->id;
   inbox_.push_back(std::move(r));
+  inbox_cv_.notify_all();
   return id;
+}
+
+bool Engine::wait_for_work(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return inbox_cv_.wait_for(lock, timeout, [&] { return !inbox_.empty() || !cancel_inbox_.empty(); });
 }
 
 void Engine::cancel(int64_t request_id) {
   std::lock_guard<std::mutex> lock(mu_);
   cancel_inbox_.push_back(request_id);
+  inbox_cv_.notify_all();
 }
 
 EngineStats Engine::stats() const {
@@ -247,14 +254,19 @@ bool Engine::step() {
              blocks_.num_available(), " of ", blocks_.num_blocks(), " KV blocks available)");
   const StepPlan plan = plan_of(st);
   channel_->broadcast(plan);
+  auto t1 = std::chrono::steady_clock::now();
   at::Tensor logits = execute(plan);
+  auto t2 = std::chrono::steady_clock::now();
+  live_.forward_seconds += std::chrono::duration<double>(t2 - t1).count();
   int64_t prompt_tokens = 0, tokens = 0;
   for (const auto& c : st.chunks) {
     tokens += c.length;
     prompt_tokens += std::max<int64_t>(0, std::min(c.start + c.length, c.seq->prompt_len) - c.start);
   }
   scheduler_.commit(st);
+  auto t3 = std::chrono::steady_clock::now();
   process_samples(st, logits);
+  live_.sample_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t3).count();
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   live_.prompt_tokens += prompt_tokens;
   if (prompt_tokens > 0) {

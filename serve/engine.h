@@ -26,6 +26,8 @@
 #include <torch/torch.h>
 
 #include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -94,6 +96,7 @@ struct EngineStats {
   int64_t requests_finished = 0, requests_refused = 0;
   // Step time split: steps that computed prompt tokens, and decode-only steps.
   double prefill_step_seconds = 0, decode_step_seconds = 0;
+  double forward_seconds = 0, sample_seconds = 0;  // of which: forward + logits gather, sampling
   int64_t prefill_step_tokens = 0, decode_step_tokens = 0;
 };
 
@@ -117,6 +120,9 @@ class Engine {
   bool step();
   // Steps until no request is queued, waiting, running or swapped.
   void run_until_idle();
+  // Blocks until a request or a cancellation is posted, or `timeout` passes; true when there
+  // is something to do. For a serving loop: while (!stop) if (!step()) wait_for_work(100ms);
+  bool wait_for_work(std::chrono::milliseconds timeout);
   // Tells the workers to return from run_worker() with `exit_code`. Leader only, once.
   void shutdown_workers(int exit_code = 0);
   // Workers: runs the leader's plans until shutdown; returns the leader's exit code.
@@ -156,6 +162,7 @@ class Engine {
   int64_t next_seq_id_ = 0, next_arrival_ = 0;
 
   mutable std::mutex mu_;  // guards the inbox, next_request_id_ and stats_
+  std::condition_variable inbox_cv_;
   std::vector<std::unique_ptr<Request>> inbox_;
   std::vector<int64_t> cancel_inbox_;
   int64_t next_request_id_ = 1;

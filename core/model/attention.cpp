@@ -54,11 +54,27 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
 
 namespace {
 
-// Cache slots of positions 0..ctx-1 of a sequence, padded with slot 0 up to `width`.
-void append_slots(std::vector<int64_t>& out, const std::vector<int64_t>& table, int64_t ctx,
-                  int64_t width, int64_t block_size) {
-  for (int64_t p = 0; p < width; ++p)
-    out.push_back(p < ctx ? table[p / block_size] * block_size + p % block_size : 0);
+// Keys or values of sequences gathered block by block (whole blocks are contiguous in the
+// cache, so this copies block_size x H_kv x d floats per index rather than one token's):
+// tables padded with block 0 to `n_blocks` -> [n, n_blocks * block_size, H_kv, d].
+at::Tensor gather_blocks(const at::Tensor& cache_flat, const std::vector<int64_t>& padded_tables,
+                         int64_t n, int64_t n_blocks, int64_t block_size, const at::Device& device) {
+  const int64_t h_kv = cache_flat.size(1), d = cache_flat.size(2);
+  at::Tensor blocks = cache_flat.view({-1, block_size, h_kv, d});
+  at::Tensor idx = at::tensor(padded_tables, at::kLong).to(device);
+  return blocks.index_select(0, idx).view({n, n_blocks * block_size, h_kv, d});
+}
+
+// Block tables of `seqs`, each padded with block 0 to the longest one.
+std::vector<int64_t> padded_tables(const ForwardBatch& batch, const std::vector<int64_t>& seqs,
+                                   int64_t n_blocks) {
+  std::vector<int64_t> out;
+  out.reserve(seqs.size() * n_blocks);
+  for (int64_t s : seqs) {
+    const auto& t = batch.block_tables[s];
+    for (int64_t j = 0; j < n_blocks; ++j) out.push_back(j < static_cast<int64_t>(t.size()) ? t[j] : 0);
+  }
+  return out;
 }
 
 // The decodes of the batch (one new token each), in one batched product over their keys
@@ -68,20 +84,19 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
                       int64_t block_size, at::Tensor& out) {
   const int64_t n = static_cast<int64_t>(seqs.size());
   const int64_t h = q.size(1), d = q.size(2), h_kv = k_cache.size(1), g = h / h_kv;
-  int64_t width = 0;
-  for (int64_t s : seqs) width = std::max(width, batch.context_len[s]);
-  std::vector<int64_t> slots, rows, lens;
-  slots.reserve(n * width);
+  int64_t n_blocks = 0;
+  std::vector<int64_t> rows, lens;
   for (int64_t s : seqs) {
-    append_slots(slots, batch.block_tables[s], batch.context_len[s], width, block_size);
+    n_blocks = std::max(n_blocks, (batch.context_len[s] + block_size - 1) / block_size);
     rows.push_back(batch.query_start[s]);
     lens.push_back(batch.context_len[s]);
   }
+  const int64_t width = n_blocks * block_size;
+  const std::vector<int64_t> tables = padded_tables(batch, seqs, n_blocks);
+  at::Tensor keys = gather_blocks(k_cache, tables, n, n_blocks, block_size, q.device()).to(q.scalar_type());
+  at::Tensor vals = gather_blocks(v_cache, tables, n, n_blocks, block_size, q.device()).to(q.scalar_type());
   auto long_opts = at::TensorOptions().dtype(at::kLong).device(q.device());
-  at::Tensor idx = at::tensor(slots, at::kLong).to(q.device());
   at::Tensor row_t = at::tensor(rows, at::kLong).to(q.device());
-  at::Tensor keys = k_cache.index_select(0, idx).view({n, width, h_kv, d}).to(q.scalar_type());
-  at::Tensor vals = v_cache.index_select(0, idx).view({n, width, h_kv, d}).to(q.scalar_type());
   at::Tensor qd = q.index_select(0, row_t).view({n, h_kv, g, d});
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   at::Tensor scores = at::matmul(qd, keys.permute({0, 2, 3, 1})).mul_(scale);  // [n, h_kv, g, width]
@@ -99,12 +114,12 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at:
                        const ForwardBatch& batch, int64_t s, int64_t block_size, at::Tensor& out) {
   const int64_t t = batch.query_len(s), ctx = batch.context_len[s], start = batch.query_start[s];
   const int64_t h = q.size(1), d = q.size(2), h_kv = k_cache.size(1), g = h / h_kv;
-  std::vector<int64_t> slots;
-  slots.reserve(ctx);
-  append_slots(slots, batch.block_tables[s], ctx, ctx, block_size);
-  at::Tensor idx = at::tensor(slots, at::kLong).to(q.device());
-  at::Tensor keys = k_cache.index_select(0, idx).to(q.scalar_type());  // [ctx, h_kv, d]
-  at::Tensor vals = v_cache.index_select(0, idx).to(q.scalar_type());
+  const int64_t n_blocks = (ctx + block_size - 1) / block_size;
+  const std::vector<int64_t> table = padded_tables(batch, {s}, n_blocks);
+  at::Tensor keys = gather_blocks(k_cache, table, 1, n_blocks, block_size, q.device())[0]
+                        .narrow(0, 0, ctx).to(q.scalar_type());  // [ctx, h_kv, d]
+  at::Tensor vals = gather_blocks(v_cache, table, 1, n_blocks, block_size, q.device())[0]
+                        .narrow(0, 0, ctx).to(q.scalar_type());
   at::Tensor qs = q.narrow(0, start, t).view({t, h_kv, g, d}).permute({1, 2, 0, 3});  // [h_kv, g, t, d]
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   at::Tensor scores = at::matmul(qs, keys.permute({1, 2, 0}).unsqueeze(1)).mul_(scale);  // [h_kv, g, t, ctx]
