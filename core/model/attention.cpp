@@ -7,6 +7,7 @@
 
 #include "core/base/error.h"
 #include "core/base/torch_compat.h"
+#include "core/model/decode_attention_cpu.h"
 
 namespace andy {
 
@@ -140,7 +141,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
              "[slots, H_kv, d] expected, got ", q.sizes(), " and ", k_cache.sizes());
   ANDY_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_attention: ", q.size(1),
              " query heads are not a multiple of ", k_cache.size(1), " kv heads");
-  at::Tensor out = at::empty_like(q);
+  at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
   std::vector<int64_t> decodes;
   for (int64_t s = 0; s < batch.num_sequences(); ++s) {
     if (batch.query_len(s) == 1)
@@ -148,7 +149,31 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
     else
       prefill_attention(q, k_cache, v_cache, batch, s, block_size, out);
   }
-  if (!decodes.empty()) decode_attention(q, k_cache, v_cache, batch, decodes, block_size, out);
+  if (decodes.empty()) return out;
+  const bool cpu_fp32 = q.is_cpu() && q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+                        v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
+                        v_cache.is_contiguous();
+  if (!cpu_fp32) {
+    decode_attention(q, k_cache, v_cache, batch, decodes, block_size, out);
+    return out;
+  }
+  const at::Tensor qc = q.contiguous();
+  DecodeAttentionArgs a;
+  a.q = qc.data_ptr<float>();
+  a.k_cache = k_cache.data_ptr<float>();
+  a.v_cache = v_cache.data_ptr<float>();
+  a.out = out.data_ptr<float>();
+  a.n_head = q.size(1);
+  a.n_kv_head = k_cache.size(1);
+  a.head_dim = q.size(2);
+  a.block_size = block_size;
+  a.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(q.size(2))));
+  for (int64_t s : decodes) {
+    a.rows.push_back(batch.query_start[s]);
+    a.context_len.push_back(batch.context_len[s]);
+    a.tables.push_back(&batch.block_tables[s]);
+  }
+  decode_attention_cpu(a);
   return out;
 }
 

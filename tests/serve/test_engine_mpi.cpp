@@ -209,8 +209,11 @@ TEST(Engine, KvPoolPressurePreemptsAndKeepsGreedyTokens) {
     Outcome r = run(o, requests, /*together=*/true);
     if (rank() != 0) continue;
     EXPECT_GT(r.stats.num_preemptions, 0) << "the pool was meant to be too small";
-    if (swap) EXPECT_GT(r.stats.swapped_out_blocks, 0) << "swap space was given: preemption should swap";
-    if (!swap) EXPECT_EQ(r.stats.swapped_out_blocks, 0);
+    if (swap) {
+      EXPECT_GT(r.stats.swapped_out_blocks, 0) << "swap space was given: preemption should swap";
+    } else {
+      EXPECT_EQ(r.stats.swapped_out_blocks, 0);
+    }
     for (size_t i = 0; i < requests.size(); ++i)
       EXPECT_EQ(r.tokens[i][0], reference_greedy(requests[i].prompt, 40))
           << tag() << (swap ? "swap" : "recompute") << ", request " << i;

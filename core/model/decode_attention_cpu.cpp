@@ -1,0 +1,159 @@
+// CPU decode attention (see decode_attention_cpu.h). This file is compiled with -mavx2 -mfma
+// (core/model/CMakeLists.txt); the AVX2 path runs only where __builtin_cpu_supports says so.
+#include "core/model/decode_attention_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+namespace andy {
+
+namespace {
+
+bool has_avx2_fma() {
+  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
+float dot_portable(const float* a, const float* b, int64_t d) {
+  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int l = 0; l < 8; ++l) s[l] += a[i + l] * b[i + l];
+  float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+  for (; i < d; ++i) r += a[i] * b[i];
+  return r;
+}
+
+void axpy_portable(float w, const float* x, float* y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
+}
+
+__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t d) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  __m128 lo = _mm256_castps256_ps128(acc), hi = _mm256_extractf128_ps(acc, 1);
+  __m128 s = _mm_add_ps(lo, hi);
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  float r = _mm_cvtss_f32(s);
+  for (; i < d; ++i) r += a[i] * b[i];
+  return r;
+}
+
+__attribute__((target("avx2,fma"))) void axpy_avx2(float w, const float* x, float* y, int64_t d) {
+  const __m256 wv = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += w * x[i];
+}
+
+// Sum of each of 8 vectors, as one vector [sum(a0), .., sum(a7)].
+__attribute__((target("avx2,fma"))) inline __m256 sum8(const __m256* a) {
+  __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// Scores of query `q` against 8 key rows, written to dst[0..8): 8 dot products reduced together.
+__attribute__((target("avx2,fma"))) void dot8_avx2(const float* q, const float* const* k, int64_t d, float* dst) {
+  __m256 acc[8];
+  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t x = 0; x < d; x += 8) {
+    const __m256 qv = _mm256_loadu_ps(q + x);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + x), acc[i]);
+  }
+  _mm256_storeu_ps(dst, sum8(acc));
+}
+
+// out[0..d) = sum_p w[p] * v[p] over `n` rows, accumulated in registers (d = 8 * NV).
+template <int NV>
+__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const float* w, const float* const* v, int64_t n,
+                                                           float* out) {
+  __m256 acc[NV];
+  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t p = 0; p < n; ++p) {
+    const __m256 wv = _mm256_set1_ps(w[p]);
+    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v[p] + 8 * i), acc[i]);
+  }
+  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+void weighted_sum(bool avx2, const float* w, const float* const* v, int64_t n, int64_t d, float* out) {
+  if (avx2) {
+    switch (d) {
+      case 16: return weighted_sum_avx2<2>(w, v, n, out);
+      case 32: return weighted_sum_avx2<4>(w, v, n, out);
+      case 64: return weighted_sum_avx2<8>(w, v, n, out);
+      case 128: return weighted_sum_avx2<16>(w, v, n, out);
+      default: break;
+    }
+  }
+  std::fill(out, out + d, 0.0f);
+  for (int64_t p = 0; p < n; ++p) {
+    if (avx2)
+      axpy_avx2(w[p], v[p], out, d);
+    else
+      axpy_portable(w[p], v[p], out, d);
+  }
+}
+
+// One (sequence, kv head): the group's query heads against the sequence's context.
+void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::vector<float>& scores,
+            std::vector<const float*>& krows, std::vector<const float*>& vrows) {
+  const int64_t d = a.head_dim, h_kv = a.n_kv_head, g = a.n_head / h_kv, ctx = a.context_len[s];
+  const int64_t bs = a.block_size;
+  const std::vector<int64_t>& table = *a.tables[s];
+  const float* q = a.q + (a.rows[s] * a.n_head + j * g) * d;
+  float* out = a.out + (a.rows[s] * a.n_head + j * g) * d;
+  krows.resize(static_cast<size_t>(ctx));
+  vrows.resize(static_cast<size_t>(ctx));
+  const int64_t row_stride = h_kv * d;  // between consecutive slots
+  for (int64_t p0 = 0, b = 0; p0 < ctx; p0 += bs, ++b) {
+    const float* k = a.k_cache + (table[b] * bs * h_kv + j) * d;
+    const float* v = a.v_cache + (table[b] * bs * h_kv + j) * d;
+    for (int64_t p = p0, end = std::min(ctx, p0 + bs); p < end; ++p, k += row_stride, v += row_stride) {
+      krows[p] = k;
+      vrows[p] = v;
+    }
+  }
+  scores.resize(static_cast<size_t>(ctx));
+  const bool vec8 = avx2 && d % 8 == 0;
+  for (int64_t h = 0; h < g; ++h) {
+    const float* qh = q + h * d;
+    int64_t p = 0;
+    if (vec8)
+      for (; p + 8 <= ctx; p += 8) dot8_avx2(qh, krows.data() + p, d, scores.data() + p);
+    for (; p < ctx; ++p) scores[p] = avx2 ? dot_avx2(qh, krows[p], d) : dot_portable(qh, krows[p], d);
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int64_t i = 0; i < ctx; ++i) mx = std::max(mx, scores[i] * a.scale);
+    float sum = 0;
+    for (int64_t i = 0; i < ctx; ++i) {
+      scores[i] = std::exp(scores[i] * a.scale - mx);
+      sum += scores[i];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < ctx; ++i) scores[i] *= inv;
+    weighted_sum(avx2, scores.data(), vrows.data(), ctx, d, out + h * d);
+  }
+}
+
+}  // namespace
+
+void decode_attention_cpu(const DecodeAttentionArgs& a) {
+  const int64_t n = static_cast<int64_t>(a.rows.size());
+  const bool avx2 = has_avx2_fma();
+  at::parallel_for(0, n * a.n_kv_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<const float*> krows, vrows;
+    for (int64_t i = begin; i < end; ++i) attend(a, avx2, i / a.n_kv_head, i % a.n_kv_head, scores, krows, vrows);
+  });
+}
+
+}  // namespace andy

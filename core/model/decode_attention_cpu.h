@@ -1,0 +1,27 @@
+// A CPU kernel for the decode half of paged attention: each sequence's one new query attends
+// to its cached keys and values read in place from the paged cache (no gather into a padded
+// copy), one pass over K and one over V per kv head, shared by the query heads of its group.
+// fp32 only; AVX2 + FMA where the CPU has them (checked at run time), portable loops
+// otherwise. Parallel over (sequence, kv head) with LibTorch's intra-op threads.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+namespace andy {
+
+struct DecodeAttentionArgs {
+  const float* q = nullptr;        // [N, H, d] packed queries (rows of the batch)
+  const float* k_cache = nullptr;  // [slots, H_kv, d]
+  const float* v_cache = nullptr;
+  float* out = nullptr;            // [N, H, d]
+  int64_t n_head = 0, n_kv_head = 0, head_dim = 0, block_size = 0;
+  float scale = 1.0f;
+  // Per decoded sequence: its row in q/out, its context length and block table.
+  std::vector<int64_t> rows, context_len;
+  std::vector<const std::vector<int64_t>*> tables;
+};
+
+void decode_attention_cpu(const DecodeAttentionArgs& a);
+
+}  // namespace andy
