@@ -23,14 +23,6 @@ Subcommand not_yet(const std::string& name, const std::string& summary, const st
 }
 }  // namespace
 
-Subcommand make_serve_command() {
-  auto flags = config_flags();
-  flags.push_back({"model_path", "DIR", "checkpoint directory to serve (sets serve.model_path)"});
-  flags.push_back({"port", "N", "HTTP port (sets serve.port)"});
-  return not_yet("serve", "OpenAI-compatible HTTP server, tensor-parallel over the ranks",
-                 "usage: mpirun -np TP andyllm serve --config FILE --model_path DIR", flags);
-}
-
 Subcommand make_quantize_command() {
   return not_yet("quantize", "int8 weight quantization of a checkpoint for CPU serving",
                  "usage: andyllm quantize --input DIR --output DIR",

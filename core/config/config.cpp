@@ -150,6 +150,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(int_key(&ServeConfig::max_waiting, &C::serve, "serve", "max_waiting", 1, 1 << 24, "requests waiting for the engine at most (more: 429)"));
   s.push_back(float_key(&ServeConfig::shutdown_timeout_s, &C::serve, "serve", "shutdown_timeout_s", 0, 1e6, false, "on SIGTERM, seconds running requests may take to finish"));
   s.push_back(int_key(&ServeConfig::max_request_bytes, &C::serve, "serve", "max_request_bytes", 1, 1LL << 32, "largest HTTP request body (more: 413)"));
+  s.push_back(str_key(&ServeConfig::chat_template, &C::serve, "serve", "chat_template", {"andyllm", "plain"}, "how /v1/chat/completions turns messages into a prompt: andyllm (<|role|> lines, then <|assistant|>) or plain (the contents, one per line); see serve/openai_protocol.h"));
   return s;
 }
 

@@ -106,6 +106,7 @@ struct ServeConfig {
   int64_t max_waiting = 1024;
   double shutdown_timeout_s = 30.0;
   int64_t max_request_bytes = 8 << 20;
+  std::string chat_template = "andyllm";  // serve/openai_protocol.h: "andyllm" or "plain"
 };
 
 struct Config {

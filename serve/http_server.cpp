@@ -1,0 +1,619 @@
+// HTTP routes, streaming and metrics over the engine (see http_server.h).
+#include "serve/http_server.h"
+
+#include <httplib.h>
+#include <signal.h>
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <mutex>
+#include <set>
+#include <sstream>
+#include <thread>
+
+#include "core/base/logging.h"
+
+namespace andy::serve {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_between(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+std::string dump(const json& j) { return j.dump(-1, ' ', false, json::error_handler_t::replace); }
+
+int64_t unix_now() {
+  return std::chrono::duration_cast<std::chrono::seconds>(std::chrono::system_clock::now().time_since_epoch()).count();
+}
+
+void send_error(httplib::Response& res, const ApiError& e) {
+  res.status = e.status;
+  res.set_content(dump(error_body(e)), "application/json");
+}
+
+ApiError error_of(int status, const std::string& type, const std::string& message) {
+  ApiError e;
+  e.status = status;
+  e.type = type;
+  e.message = message;
+  return e;
+}
+
+// An engine refusal (the request is checked before submit, so this is mostly a full queue).
+ApiError refusal_error(const std::string& why) {
+  if (why.find("waiting queue is full") != std::string::npos)
+    return error_of(429, "rate_limit_error", "the server is busy: " + why + "; retry later");
+  return error_of(400, "invalid_request_error", why);
+}
+
+// A Prometheus histogram with fixed buckets.
+struct Histogram {
+  std::vector<double> bounds;
+  std::vector<int64_t> counts;  // per bucket (not cumulative), +Inf last
+  double sum = 0;
+  int64_t count = 0;
+  explicit Histogram(std::vector<double> b) : bounds(std::move(b)), counts(bounds.size() + 1, 0) {}
+  void observe(double x) {
+    size_t i = std::lower_bound(bounds.begin(), bounds.end(), x) - bounds.begin();
+    ++counts[i];
+    sum += x;
+    ++count;
+  }
+  void write(std::ostream& os, const std::string& name, const std::string& help, const std::string& labels) const {
+    os << "# HELP " << name << " " << help << "\n# TYPE " << name << " histogram\n";
+    int64_t cum = 0;
+    for (size_t i = 0; i <= bounds.size(); ++i) {
+      cum += counts[i];
+      os << name << "_bucket{" << labels << ",le=\"";
+      if (i < bounds.size()) os << bounds[i];
+      else os << "+Inf";
+      os << "\"} " << cum << "\n";
+    }
+    os << name << "_sum{" << labels << "} " << sum << "\n" << name << "_count{" << labels << "} " << count << "\n";
+  }
+};
+
+}  // namespace
+
+// One HTTP request in flight: the engine requests it made and the updates they delivered.
+struct Call {
+  struct Item {
+    size_t sub;  // which prompt
+    RequestUpdate u;
+    Clock::time_point at;
+  };
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Item> inbox;
+  std::string failure;  // the engine failed: every open call ends with this
+  std::vector<int64_t> ids;  // engine request ids, one per prompt
+};
+
+// The state of one call's choices as the updates are read (HTTP thread only).
+struct CallOutput {
+  struct Choice {
+    std::unique_ptr<TextAssembler> text;
+    std::vector<SampledToken> sampled;  // all of them (non-stream)
+    std::string finish_reason;          // set once the choice is done
+    bool started = false;               // a stream chunk (role / echo) went out
+    Clock::time_point last_token;
+  };
+  // What one batch of updates changed in one choice.
+  struct Delta {
+    int64_t index;
+    std::string text;
+    std::vector<SampledToken> sampled;
+    std::string finish_reason;  // "" while running
+  };
+  const ApiRequest* req = nullptr;
+  std::vector<Choice> choices;
+  std::vector<int64_t> prompt_tokens;    // per prompt (from the engine)
+  std::vector<bool> sub_finished;        // the engine finished the prompt's request
+  size_t done = 0;                       // choices with a finish_reason
+  std::string error;                     // a refused prompt
+  Clock::time_point start = Clock::now();
+  bool first_token_seen = false;
+
+  CallOutput(const ApiRequest* r, const TextCodec* codec) : req(r) {
+    const size_t n = static_cast<size_t>(r->params.n);
+    choices.resize(r->prompts.size() * n);
+    for (auto& c : choices) c.text = std::make_unique<TextAssembler>(codec, r->stop, r->include_stop_str_in_output);
+    prompt_tokens.resize(r->prompts.size(), 0);
+    for (size_t i = 0; i < r->prompts.size(); ++i) prompt_tokens[i] = static_cast<int64_t>(r->prompts[i].size());
+    sub_finished.resize(r->prompts.size(), false);
+  }
+  bool complete() const { return done == choices.size() || !error.empty(); }
+  Usage usage() const {
+    Usage u;
+    for (int64_t p : prompt_tokens) u.prompt_tokens += p;
+    for (const auto& c : choices) u.completion_tokens += c.text->num_tokens();
+    return u;
+  }
+};
+
+struct HttpServer::Impl {
+  Engine* engine;
+  TextCodec codec;
+  HttpServerOptions opts;
+  httplib::Server svr;
+  std::thread listener;
+  std::atomic<bool> serving{false}, draining{false}, failed{false};
+  std::atomic<int64_t> serial{0};
+
+  std::mutex live_mu;
+  std::set<std::shared_ptr<Call>> live;
+
+  // Metrics the engine does not count (guarded by metrics_mu).
+  std::mutex metrics_mu;
+  int64_t prompt_tokens_total = 0, generation_tokens_total = 0;
+  std::map<std::string, int64_t> finished_by_reason;
+  Histogram ttft{{0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0}};
+  Histogram itl{{0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5}};
+  Histogram e2e{{0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0}};
+
+  Impl(Engine* e, TextCodec c, HttpServerOptions o) : engine(e), codec(std::move(c)), opts(std::move(o)) {}
+
+  // ---- routes ----------------------------------------------------------------------------------
+  void install_routes() {
+    svr.set_payload_max_length(static_cast<size_t>(opts.max_request_bytes));
+    svr.set_keep_alive_timeout(2);
+    const int threads = opts.http_threads;
+    svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
+    svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
+      if (opts.api_key.empty() || req.path.rfind("/v1/", 0) != 0) return httplib::Server::HandlerResponse::Unhandled;
+      if (req.get_header_value("Authorization") == "Bearer " + opts.api_key)
+        return httplib::Server::HandlerResponse::Unhandled;
+      ApiError e = error_of(401, "authentication_error",
+                            req.has_header("Authorization") ? "Incorrect API key provided." :
+                            "Missing API key: send the header 'Authorization: Bearer KEY'.");
+      e.code = "invalid_api_key";
+      send_error(res, e);
+      return httplib::Server::HandlerResponse::Handled;
+    });
+    svr.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+      if (!res.body.empty()) return;
+      if (res.status == 404)
+        send_error(res, error_of(404, "not_found_error", "no route " + req.method + " " + req.path));
+      else if (res.status == 413)
+        send_error(res, error_of(413, "invalid_request_error", "the request body is larger than serve.max_request_bytes"));
+      else
+        send_error(res, error_of(res.status, "invalid_request_error", "HTTP error " + std::to_string(res.status)));
+    });
+    svr.set_exception_handler([](const httplib::Request&, httplib::Response& res, std::exception_ptr ep) {
+      std::string what = "internal error";
+      try {
+        std::rethrow_exception(ep);
+      } catch (const std::exception& e) {
+        what = std::string("internal error: ") + e.what();
+      } catch (...) {
+      }
+      send_error(res, error_of(500, "internal_server_error", what));
+    });
+    svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+      const bool ok = serving && !draining && !failed;
+      res.status = ok ? 200 : 503;
+      res.set_content(ok ? "" : (failed ? "engine failed\n" : "not serving\n"), "text/plain");
+    });
+    svr.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+      json m = {{"id", opts.protocol.model_id}, {"object", "model"}, {"created", unix_now()},
+                {"owned_by", "andyllm"}, {"root", opts.protocol.model_id}, {"parent", nullptr},
+                {"max_model_len", opts.protocol.max_model_len}};
+      res.set_content(dump({{"object", "list"}, {"data", json::array({m})}}), "application/json");
+    });
+    svr.Get("/metrics", [this](const httplib::Request&, httplib::Response& res) {
+      res.set_content(metrics_text(), "text/plain; version=0.0.4");
+    });
+    svr.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { guarded(req, res, &Impl::tokenize); });
+    svr.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { guarded(req, res, &Impl::detokenize); });
+    svr.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      guarded(req, res, [this](const json& b, httplib::Response& r) { generate(b, r, Endpoint::kCompletions); });
+    });
+    svr.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      guarded(req, res, [this](const json& b, httplib::Response& r) { generate(b, r, Endpoint::kChat); });
+    });
+  }
+
+  // Parses the JSON body and runs `handler`; never throws.
+  template <typename H>
+  void guarded(const httplib::Request& req, httplib::Response& res, H handler) {
+    try {
+      if (draining || failed || !serving) {
+        send_error(res, error_of(503, "service_unavailable", draining ? "the server is shutting down" : "the server is not serving"));
+        return;
+      }
+      json body;
+      try {
+        body = json::parse(req.body);
+      } catch (const json::exception& e) {
+        send_error(res, error_of(400, "invalid_request_error", std::string("invalid JSON body: ") + e.what()));
+        return;
+      }
+      if constexpr (std::is_member_function_pointer_v<H>) (this->*handler)(body, res);
+      else handler(body, res);
+    } catch (const std::exception& e) {
+      log::error("http ", req.method, " ", req.path, ": ", e.what());
+      send_error(res, error_of(500, "internal_server_error", std::string("internal error: ") + e.what()));
+    } catch (...) {
+      send_error(res, error_of(500, "internal_server_error", "internal error"));
+    }
+  }
+
+  void tokenize(const json& body, httplib::Response& res) {
+    if (!body.is_object()) return send_error(res, bad_param("", "the request body must be a JSON object"));
+    if (body.contains("model") && body["model"] != opts.protocol.model_id) {
+      ApiError e = bad_param("model", "The model `" + body["model"].dump() + "` does not exist.");
+      e.status = 404;
+      return send_error(res, e);
+    }
+    std::string text;
+    if (body.contains("messages")) {
+      if (auto e = apply_chat_template(body["messages"], opts.protocol.chat_template, &text)) return send_error(res, *e);
+    } else if (body.contains("prompt") && body["prompt"].is_string()) {
+      text = body["prompt"].get<std::string>();
+    } else {
+      return send_error(res, bad_param("prompt", "prompt: expected a string (or give messages)"));
+    }
+    const std::vector<int32_t> ids = codec.encode(text);
+    res.set_content(dump({{"count", ids.size()}, {"max_model_len", opts.protocol.max_model_len}, {"tokens", ids}}),
+                    "application/json");
+  }
+
+  void detokenize(const json& body, httplib::Response& res) {
+    if (!body.is_object() || !body.contains("tokens") || !body["tokens"].is_array())
+      return send_error(res, bad_param("tokens", "tokens: expected a list of token ids"));
+    std::vector<int32_t> ids;
+    for (const json& t : body["tokens"]) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= codec.vocab_size)
+        return send_error(res, bad_param("tokens", "tokens: expected token ids in 0.." + std::to_string(codec.vocab_size - 1)));
+      ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+    }
+    res.set_content(dump({{"prompt", codec.decode(ids)}}), "application/json");
+  }
+
+  // ---- generation ------------------------------------------------------------------------------
+  std::shared_ptr<Call> submit(const ApiRequest& r) {
+    auto call = std::make_shared<Call>();
+    {
+      std::lock_guard<std::mutex> lk(live_mu);
+      live.insert(call);
+    }
+    std::weak_ptr<Call> weak = call;
+    for (size_t sub = 0; sub < r.prompts.size(); ++sub) {
+      const int64_t id = engine->submit({r.prompts[sub], r.params}, [weak, sub](const RequestUpdate& u) {
+        auto c = weak.lock();
+        if (!c) return;
+        std::lock_guard<std::mutex> lk(c->mu);
+        c->inbox.push_back({sub, u, Clock::now()});
+        c->cv.notify_all();
+      });
+      std::lock_guard<std::mutex> lk(call->mu);
+      call->ids.push_back(id);
+    }
+    return call;
+  }
+
+  // Cancels the engine requests of `out` that are still running and forgets the call.
+  void end_call(const std::shared_ptr<Call>& call, CallOutput& out, bool count_abort) {
+    std::vector<int64_t> ids;
+    {
+      std::lock_guard<std::mutex> lk(call->mu);
+      ids = call->ids;
+    }
+    for (size_t sub = 0; sub < ids.size(); ++sub)
+      if (!out.sub_finished[sub]) engine->cancel(ids[sub]);
+    {
+      std::lock_guard<std::mutex> lk(metrics_mu);
+      const Usage u = out.usage();
+      prompt_tokens_total += u.prompt_tokens;
+      generation_tokens_total += u.completion_tokens;
+      for (const auto& c : out.choices) ++finished_by_reason[c.finish_reason.empty() || count_abort ? "abort" : c.finish_reason];
+      e2e.observe(seconds_between(out.start, Clock::now()));
+    }
+    std::lock_guard<std::mutex> lk(live_mu);
+    live.erase(call);
+  }
+
+  // Waits up to `timeout` for updates; applies them to `out` and returns the deltas.
+  std::vector<CallOutput::Delta> next_deltas(Call& call, CallOutput& out, std::chrono::milliseconds timeout) {
+    std::deque<Call::Item> items;
+    {
+      std::unique_lock<std::mutex> lk(call.mu);
+      call.cv.wait_for(lk, timeout, [&] { return !call.inbox.empty() || !call.failure.empty(); });
+      items.swap(call.inbox);
+      if (!call.failure.empty() && out.error.empty()) out.error = call.failure;
+    }
+    std::vector<CallOutput::Delta> deltas;
+    const int64_t n = out.req->params.n;
+    for (Call::Item& it : items) {
+      const RequestUpdate& u = it.u;
+      if (!u.error.empty()) {
+        if (out.error.empty()) out.error = u.error;
+        out.sub_finished[it.sub] = true;
+        continue;
+      }
+      if (u.request_finished) out.sub_finished[it.sub] = true;
+      if (u.prompt_tokens > 0) out.prompt_tokens[it.sub] = u.prompt_tokens;
+      const int64_t index = static_cast<int64_t>(it.sub) * n + u.index;
+      CallOutput::Choice& c = out.choices[static_cast<size_t>(index)];
+      if (!c.finish_reason.empty()) continue;  // ended by a stop string: the rest is ignored
+      CallOutput::Delta d{index, "", {}, ""};
+      for (size_t k = 0; k < u.new_tokens.size() && !c.text->stopped(); ++k) {
+        d.text += c.text->append({u.new_tokens[k]});
+        if (k < u.new_sampled.size() && out.req->logprobs) d.sampled.push_back(u.new_sampled[k]);
+      }
+      if (!u.new_tokens.empty()) {
+        std::lock_guard<std::mutex> lk(metrics_mu);
+        if (!out.first_token_seen) ttft.observe(seconds_between(out.start, it.at));
+        else if (c.last_token.time_since_epoch().count() != 0) itl.observe(seconds_between(c.last_token, it.at));
+        out.first_token_seen = true;
+        c.last_token = it.at;
+      }
+      if (c.text->stopped()) {
+        d.finish_reason = "stop";
+      } else if (u.finished) {
+        d.text += c.text->finish();
+        d.finish_reason = u.finish_reason.empty() ? "stop" : u.finish_reason;
+      }
+      if (!d.finish_reason.empty()) {
+        c.finish_reason = d.finish_reason;
+        ++out.done;
+      }
+      c.sampled.insert(c.sampled.end(), d.sampled.begin(), d.sampled.end());
+      if (!d.text.empty() || !d.sampled.empty() || !d.finish_reason.empty()) deltas.push_back(std::move(d));
+    }
+    // Every choice of a prompt ended by stop strings: its engine request is no longer needed.
+    for (size_t sub = 0; sub < out.sub_finished.size(); ++sub) {
+      if (out.sub_finished[sub]) continue;
+      bool all = true;
+      for (int64_t k = 0; k < n; ++k) all = all && !out.choices[sub * n + k].finish_reason.empty();
+      if (all) {
+        std::lock_guard<std::mutex> lk(call.mu);
+        engine->cancel(call.ids[sub]);
+        out.sub_finished[sub] = true;
+      }
+    }
+    return deltas;
+  }
+
+  json logprobs_of(const ApiRequest& r, const std::vector<SampledToken>& s, int64_t offset) const {
+    if (!r.logprobs) return nullptr;
+    return r.endpoint == Endpoint::kChat ? chat_logprobs_json(s, codec) : completion_logprobs_json(s, codec, offset);
+  }
+
+  void generate(const json& body, httplib::Response& res, Endpoint endpoint) {
+    auto req = std::make_shared<ApiRequest>();
+    std::optional<ApiError> err = endpoint == Endpoint::kChat ? parse_chat_request(body, opts.protocol, codec, req.get())
+                                                              : parse_completion_request(body, opts.protocol, codec, req.get());
+    if (err) return send_error(res, *err);
+    if (engine->stats().num_waiting >= engine->options().max_waiting)
+      return send_error(res, refusal_error("the engine's waiting queue is full (" +
+                                           std::to_string(engine->options().max_waiting) + " requests)"));
+    const std::string id = response_id(endpoint, serial.fetch_add(1) + 1);
+    const int64_t created = unix_now();
+    std::shared_ptr<Call> call = submit(*req);
+    auto out = std::make_shared<CallOutput>(req.get(), &codec);
+    if (!req->stream) return respond_whole(*call, call, *out, *req, res, id, created);
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [this, call, out, req, id, created](size_t, httplib::DataSink& sink) {
+          return stream(call, *out, *req, sink, id, created);
+        },
+        [this, call, out](bool) {
+          // Ended or abandoned (a client that went away): nothing may keep running.
+          if (live_contains(call)) end_call(call, *out, !out->complete());
+        });
+  }
+
+  bool live_contains(const std::shared_ptr<Call>& call) {
+    std::lock_guard<std::mutex> lk(live_mu);
+    return live.count(call) > 0;
+  }
+
+  void respond_whole(Call& call, const std::shared_ptr<Call>& hold, CallOutput& out, const ApiRequest& r,
+                     httplib::Response& res, const std::string& id, int64_t created) {
+    while (!out.complete()) next_deltas(call, out, std::chrono::milliseconds(1000));
+    end_call(hold, out, false);
+    if (!out.error.empty()) return send_error(res, refusal_error(out.error));
+    json choices = json::array();
+    for (size_t i = 0; i < out.choices.size(); ++i) {
+      const auto& c = out.choices[i];
+      const size_t sub = i / static_cast<size_t>(r.params.n);
+      const std::string echo = r.echo ? r.prompt_texts[sub] : "";
+      const json lp = logprobs_of(r, c.sampled, static_cast<int64_t>(echo.size()));
+      choices.push_back(r.endpoint == Endpoint::kChat ? chat_choice(i, c.text->text(), lp, c.finish_reason)
+                                                      : completion_choice(i, echo + c.text->text(), lp, c.finish_reason));
+    }
+    json j = response_json(r.endpoint, id, created, opts.protocol.model_id, choices, false);
+    j["usage"] = usage_json(out.usage());
+    res.set_content(dump(j), "application/json");
+  }
+
+  // Writes one SSE event; false when the client is gone.
+  static bool send_event(httplib::DataSink& sink, const std::string& data) {
+    const std::string ev = "data: " + data + "\n\n";
+    return sink.write(ev.data(), ev.size());
+  }
+
+  // The stream: role / echo chunks, then deltas as they come, usage, [DONE].
+  bool stream(const std::shared_ptr<Call>& call, CallOutput& out, const ApiRequest& r, httplib::DataSink& sink,
+              const std::string& id, int64_t created) {
+    auto chunk = [&](json choice) {
+      return send_event(sink, dump(response_json(r.endpoint, id, created, opts.protocol.model_id,
+                                                 json::array({std::move(choice)}), true)));
+    };
+    for (size_t i = 0; i < out.choices.size(); ++i) {
+      if (out.choices[i].started) continue;
+      out.choices[i].started = true;
+      bool ok = true;
+      if (r.endpoint == Endpoint::kChat)
+        ok = chunk(chat_delta_choice(i, {{"role", "assistant"}, {"content", ""}}, nullptr, ""));
+      else if (r.echo)
+        ok = chunk(completion_choice(i, r.prompt_texts[i / r.params.n], nullptr, ""));
+      if (!ok) return false;
+    }
+    std::vector<int64_t> offsets(out.choices.size(), 0);
+    for (size_t i = 0; i < out.choices.size(); ++i)
+      if (r.echo) offsets[i] = static_cast<int64_t>(r.prompt_texts[i / r.params.n].size());
+    auto idle_since = Clock::now();
+    while (!out.complete()) {
+      auto deltas = next_deltas(*call, out, std::chrono::milliseconds(250));
+      if (!out.error.empty()) break;
+      for (const auto& d : deltas) {
+        const json lp = logprobs_of(r, d.sampled, offsets[d.index]);
+        offsets[d.index] += static_cast<int64_t>(d.text.size());
+        const bool ok = r.endpoint == Endpoint::kChat
+                            ? chunk(chat_delta_choice(d.index, d.text.empty() ? json::object() : json{{"content", d.text}}, lp,
+                                                      d.finish_reason))
+                            : chunk(completion_choice(d.index, d.text, lp, d.finish_reason));
+        if (!ok) return false;
+      }
+      if (!deltas.empty()) {
+        idle_since = Clock::now();
+      } else if (Clock::now() - idle_since > std::chrono::seconds(1)) {
+        // An SSE comment: tells a client that went away (mid-prefill) from one still reading.
+        static const std::string ping = ": ping\n\n";
+        if (!sink.write(ping.data(), ping.size())) return false;
+        idle_since = Clock::now();
+      }
+    }
+    if (!out.error.empty()) {
+      const ApiError e = refusal_error(out.error);
+      json body = error_body(e);
+      body["error"]["code"] = e.status;
+      if (!send_event(sink, dump(body))) return false;
+    } else if (r.include_usage) {
+      json j = response_json(r.endpoint, id, created, opts.protocol.model_id, json::array(), true);
+      j["usage"] = usage_json(out.usage());
+      if (!send_event(sink, dump(j))) return false;
+    }
+    end_call(call, out, false);
+    if (!send_event(sink, "[DONE]")) return false;
+    sink.done();
+    return true;
+  }
+
+  // ---- metrics ---------------------------------------------------------------------------------
+  std::string metrics_text() {
+    const EngineStats s = engine->stats();
+    const std::string labels = "model_name=\"" + opts.protocol.model_id + "\"";
+    std::ostringstream os;
+    auto metric = [&](const std::string& name, const std::string& type, const std::string& help, double v) {
+      os << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n"
+         << name << "{" << labels << "} " << v << "\n";
+    };
+    metric("vllm:num_requests_running", "gauge", "Number of requests in model execution batches.", s.num_running);
+    metric("vllm:num_requests_waiting", "gauge", "Number of requests waiting to be processed.", s.num_waiting);
+    metric("vllm:num_requests_swapped", "gauge", "Number of requests swapped to CPU.", s.num_swapped);
+    metric("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.",
+           s.kv_blocks_total > 0 ? static_cast<double>(s.kv_blocks_used) / s.kv_blocks_total : 0.0);
+    metric("vllm:num_preemptions_total", "counter", "Cumulative number of preemptions from the engine.", s.num_preemptions);
+    metric("vllm:prefix_cache_queries_total", "counter", "Prefix cache queries, in terms of number of queried tokens.",
+           s.prefix_queries_tokens);
+    metric("vllm:prefix_cache_hits_total", "counter", "Prefix cache hits, in terms of number of cached tokens.",
+           s.prefix_hits_tokens);
+    std::lock_guard<std::mutex> lk(metrics_mu);
+    metric("vllm:prompt_tokens_total", "counter", "Number of prefill tokens processed.", prompt_tokens_total);
+    metric("vllm:generation_tokens_total", "counter", "Number of generation tokens processed.", generation_tokens_total);
+    os << "# HELP vllm:request_success_total Count of finished requests (choices), by finish reason.\n"
+       << "# TYPE vllm:request_success_total counter\n";
+    for (const char* r : {"stop", "length", "abort"}) {
+      auto it = finished_by_reason.find(r);
+      os << "vllm:request_success_total{" << labels << ",finished_reason=\"" << r << "\"} "
+         << (it == finished_by_reason.end() ? 0 : it->second) << "\n";
+    }
+    ttft.write(os, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels);
+    itl.write(os, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels);
+    e2e.write(os, "vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", labels);
+    return os.str();
+  }
+
+  // ---- the engine thread -----------------------------------------------------------------------
+  size_t live_count() {
+    std::lock_guard<std::mutex> lk(live_mu);
+    return live.size();
+  }
+
+  void cancel_all() {
+    std::lock_guard<std::mutex> lk(live_mu);
+    for (const auto& c : live) {
+      std::lock_guard<std::mutex> lc(c->mu);
+      for (int64_t id : c->ids) engine->cancel(id);
+    }
+  }
+
+  void fail_all(const std::string& why) {
+    std::lock_guard<std::mutex> lk(live_mu);
+    for (const auto& c : live) {
+      std::lock_guard<std::mutex> lc(c->mu);
+      c->failure = why;
+      c->cv.notify_all();
+    }
+  }
+
+  void stop_listening() {
+    svr.stop();
+    if (listener.joinable()) listener.join();
+  }
+};
+
+HttpServer::HttpServer(Engine* engine, TextCodec codec, HttpServerOptions opts)
+    : impl_(std::make_unique<Impl>(engine, std::move(codec), std::move(opts))) {
+  impl_->install_routes();
+}
+
+HttpServer::~HttpServer() {
+  impl_->stop_listening();
+}
+
+int HttpServer::bind() {
+  // A client that goes away must not kill the server with SIGPIPE.
+  ::signal(SIGPIPE, SIG_IGN);
+  if (impl_->opts.port == 0) return impl_->svr.bind_to_any_port(impl_->opts.host);
+  return impl_->svr.bind_to_port(impl_->opts.host, impl_->opts.port) ? impl_->opts.port : -1;
+}
+
+void HttpServer::run(const std::function<bool()>& stop_requested) {
+  Impl& s = *impl_;
+  s.listener = std::thread([&s] { s.svr.listen_after_bind(); });
+  s.serving = true;
+  try {
+    Clock::time_point deadline{};
+    while (true) {
+      if (!s.draining && stop_requested()) {
+        s.draining = true;
+        deadline = Clock::now() + std::chrono::milliseconds(static_cast<int64_t>(s.opts.shutdown_timeout_s * 1000));
+        log::info("serve: stop requested; draining ", s.live_count(), " request(s) (at most ", s.opts.shutdown_timeout_s, " s)");
+      }
+      if (s.draining) {
+        if (s.live_count() == 0) break;
+        if (Clock::now() >= deadline) {
+          log::warn("serve: shutdown_timeout_s passed; cancelling ", s.live_count(), " request(s)");
+          s.cancel_all();
+          s.engine->run_until_idle();
+          // Let the handlers write their last bytes.
+          for (int i = 0; i < 40 && s.live_count() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+          break;
+        }
+      }
+      if (!s.engine->step()) s.engine->wait_for_work(std::chrono::milliseconds(50));
+    }
+  } catch (const std::exception& e) {
+    s.failed = true;
+    s.fail_all(std::string("the engine failed: ") + e.what());
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    s.stop_listening();
+    throw;
+  }
+  s.serving = false;
+  s.stop_listening();
+  s.engine->shutdown_workers(0);
+  log::info("serve: stopped");
+}
+
+}  // namespace andy::serve
