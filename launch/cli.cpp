@@ -1,6 +1,7 @@
 // Flag parsing, help text and config loading for the subcommands.
 #include "launch/cli.h"
 
+#include <filesystem>
 #include <dlfcn.h>
 #include <torch/torch.h>
 #include <unistd.h>
@@ -155,7 +156,17 @@ std::vector<Flag> config_flags() {
 
 Config load_config(const ParsedArgs& args) {
   Config cfg;
-  if (args.has("config")) apply_toml_file(cfg, args.get("config"));
+  std::vector<std::string> configs;
+  for (const auto& [flag, value] : args.ordered())
+    if (flag == "config") configs.push_back(value);
+  if (configs.size() > 1)
+    throw ConfigError("--config given " + std::to_string(configs.size()) + " times (" + configs[0] + ", then " +
+                      configs[1] + "): a run has one config file; override single keys with --set section.key=value");
+  if (!configs.empty()) {
+    if (std::filesystem::is_directory(configs[0]))
+      throw ConfigError("--config " + configs[0] + ": is a directory; expected a TOML file such as configs/tiny.toml");
+    apply_toml_file(cfg, configs[0]);
+  }
   for (const auto& [flag, value] : args.ordered()) {
     if (flag == "set") {
       apply_set(cfg, value);
@@ -168,6 +179,15 @@ Config load_config(const ParsedArgs& args) {
     }
   }
   return cfg;
+}
+
+void reject_positional(const ParsedArgs& args, const std::string& command, size_t allowed) {
+  if (args.positional().size() <= allowed) return;
+  const std::string& extra = args.positional()[allowed];
+  std::string hint;
+  if (extra.size() > 5 && extra.compare(extra.size() - 5, 5, ".toml") == 0) hint = " (did you mean --config " + extra + "?)";
+  throw ConfigError("andyllm " + command + ": unexpected argument '" + extra + "'" + hint +
+                    "; see 'andyllm " + command + " --help'");
 }
 
 bool handle_config_info_flags(const ParsedArgs& args, const Config& cfg,

@@ -56,8 +56,12 @@ struct Subcommand {
 
 // --config, --set, --train_file ... --fp16, --print-config, --help-config.
 std::vector<Flag> config_flags();
-// defaults < --config file < (--set and named flags, in command-line order).
+// defaults < --config file < (--set and named flags, in command-line order). ConfigError for
+// --config given twice or naming a directory.
 Config load_config(const ParsedArgs& args);
+// ConfigError when more than `allowed` positional arguments were given (a run config passed
+// without --config would otherwise be ignored).
+void reject_positional(const ParsedArgs& args, const std::string& command, size_t allowed = 0);
 // Answers --help-config / --print-config; returns true when it printed and the command is done.
 bool handle_config_info_flags(const ParsedArgs& args, const Config& cfg,
                               const std::string& extra_info = "");

@@ -116,6 +116,7 @@ Subcommand make_bench_command() {
   c.needs_mpi = true;
   c.run = [](const ParsedArgs& args, World* world) {
     std::string target = args.positional().empty() ? "" : args.positional()[0];
+    reject_positional(args, "bench " + target, 1);
     if (target == "comm") return bench_comm(args, world);
     if (target == "data") return bench_data(args, world);
     if (target == "train") return bench_train(args, world);

@@ -84,6 +84,7 @@ json logprobs_json(const std::vector<serve::SampledToken>& v, const data::Tokeni
 }
 
 int run_generate(const ParsedArgs& raw, World* world) {
+  reject_positional(raw, "generate");
   ParsedArgs args = with_serving_flags(raw);
   Config cfg = load_config_collectively(args, world);
   if (handle_config_info_flags(args, cfg)) return 0;
@@ -216,8 +217,10 @@ Subcommand make_generate_command() {
       "usage: mpirun -np TP andyllm generate --model outputs/tiny/best_model --prompt TEXT [--max_tokens N]\n"
       "       mpirun -np TP andyllm generate --model DIR --prompts_file prompts.jsonl --output out.jsonl\n"
       "  one JSON line per completion: prompt, text, token_ids, finish_reason, token counts";
-  c.flags = config_flags();
-  for (auto& f : serving_flags()) c.flags.push_back(f);
+  c.flags = serving_flags();  // --device and --tokenizer_path here are the serving ones
+  for (auto& f : config_flags())
+    if (std::none_of(c.flags.begin(), c.flags.end(), [&](const Flag& g) { return g.name == f.name; }))
+      c.flags.push_back(f);
   for (auto& f : sampling_flags()) c.flags.push_back(f);
   c.flags.push_back({"prompt", "TEXT", "a prompt (repeatable)", true});
   c.flags.push_back({"prompts_file", "FILE", "JSON lines: {\"prompt\": \"...\"} or a JSON string each"});

@@ -32,6 +32,7 @@ Subcommand make_train_command() {
     // From the start: a stop request during setup is honoured at the first step boundary
     // instead of killing the rank (SIGUSR1's default action).
     install_stop_signal_handlers();
+    reject_positional(args, "train");
     ParsedArgs a = args;
     if (args.has("resume")) a.ordered_.push_back({"set", "checkpoint.resume=" + args.get("resume")});
     Config cfg = load_config_collectively(a, world);

@@ -425,7 +425,7 @@ TrainResult Trainer::run() {
   if (val_ && step_ == 0) {  // the untrained model's validation loss: the curve's start
     double vl = evaluate();
     result.val_losses.push_back({0, vl});
-    if (root) log::info("step 0 | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.2f", std::exp(vl)));
+    if (root) log::info("step 0 | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)));
     write_metrics("{\"step\": 0, \"val_loss\": " + json_num(vl) + ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
   }
   const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len);
@@ -462,6 +462,7 @@ TrainResult Trainer::run() {
   auto run_start = std::chrono::steady_clock::now();
   auto interval_start = run_start;
   int64_t interval_steps = 0;
+  double interval_excluded = 0;  // evaluation and checkpoint seconds inside the interval
   double interval_comm_wait = 0;
   double loss_sum_interval = 0;
   int64_t loss_count_interval = 0;
@@ -558,7 +559,8 @@ TrainResult Trainer::run() {
     const int64_t epoch = train_->cursor().epoch;
     if (step_ % t.log_interval == 0 || step_ == total_steps_) {
       auto now = std::chrono::steady_clock::now();
-      double dt = std::chrono::duration<double>(now - interval_start).count();
+      // Evaluation and checkpoint time inside the interval is not training time.
+      double dt = std::chrono::duration<double>(now - interval_start).count() - interval_excluded;
       double tps = interval_steps * tokens_per_step / std::max(dt, 1e-9);
       double mfu = peak > 0 ? flops_per_token * tps / peak : std::numeric_limits<double>::quiet_NaN();
       double elapsed = std::chrono::duration<double>(now - run_start).count();
@@ -584,12 +586,14 @@ TrainResult Trainer::run() {
          << ", \"comm_wait_share\": " << json_num(interval_comm_wait / std::max(dt, 1e-9)) << "}";
       write_metrics(js.str());
       interval_start = std::chrono::steady_clock::now();
+      interval_excluded = 0;
       interval_steps = 0;
       interval_comm_wait = 0;
       loss_sum_interval = 0;
       loss_count_interval = 0;
     }
     if (val_ && (step_ % t.eval_interval == 0 || step_ == total_steps_)) {
+      const auto eval_t0 = std::chrono::steady_clock::now();
       double vl = evaluate();
       result.val_losses.push_back({step_, vl});
       bool best = vl < best_val_;
@@ -598,16 +602,17 @@ TrainResult Trainer::run() {
         best_val_ = vl;
       }
       if (root)
-        log::info("step ", step_, " | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.2f", std::exp(vl)),
+        log::info("step ", step_, " | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)),
                   best ? " | new best, saved to " + t.output_dir + "/best_model" : "");
       write_metrics("{\"step\": " + std::to_string(step_) + ", \"val_loss\": " + json_num(vl) +
                     ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
-      interval_start = std::chrono::steady_clock::now();  // evaluation is not training time
+      interval_excluded += std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_t0).count();
     }
     if (opts_.write_checkpoints && step_ % cfg_.checkpoint.interval == 0 && step_ < total_steps_) {
+      const auto save_t0 = std::chrono::steady_clock::now();
       result.last_checkpoint = save_checkpoint(*this);
       if (root) log::info("checkpoint written: ", result.last_checkpoint);
-      interval_start = std::chrono::steady_clock::now();
+      interval_excluded += std::chrono::duration<double>(std::chrono::steady_clock::now() - save_t0).count();
     }
   }
   if (opts_.write_checkpoints && !result.stopped_by_signal && step_ >= total_steps_ && steps_this_run > 0) {

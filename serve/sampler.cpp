@@ -384,7 +384,10 @@ SampledToken SequenceSampler::sample(const at::Tensor& logits, const std::vector
   x.assign(raw, raw + vocab);
   ANDY_CHECK(std::none_of(x.begin(), x.end(), [](double v) { return std::isnan(v); }),
              "sampler: logits contain NaN");
-  const double raw_lse = log_sum_exp(x, ws.w);  // before any processing: logprobs are raw
+  // Before any processing: logprobs are raw. Skipped when no logprobs are asked (a pass over
+  // the vocabulary in double per token).
+  const bool want_logprobs = params_.logprobs >= 0;
+  const double raw_lse = want_logprobs ? log_sum_exp(x, ws.w) : 0.0;
 
   apply_logit_bias(x, params_.logit_bias);
   apply_penalties(x, params_, prompt, output, ws.seen);
@@ -398,7 +401,7 @@ SampledToken SequenceSampler::sample(const at::Tensor& logits, const std::vector
     apply_min_p(ws.w, params_.min_p);
     out.token = draw(ws.w, rng_);
   }
-  fill_logprobs(raw, vocab, raw_lse, params_.logprobs, out, ws.c);
+  if (want_logprobs) fill_logprobs(raw, vocab, raw_lse, params_.logprobs, out, ws.c);
   return out;
 }
 

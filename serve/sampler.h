@@ -47,6 +47,7 @@ struct SamplingParams {
 struct SampledToken {
   int32_t token = 0;
   double logprob = 0;  // log-probability of `token` under the raw model distribution
+                       // (filled when params.logprobs >= 0, else 0)
   std::vector<std::pair<int32_t, double>> top;  // the `logprobs` most likely (id, logprob)
 };
 

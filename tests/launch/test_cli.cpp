@@ -24,6 +24,27 @@ std::string write_temp_config(const std::string& name, const std::string& text) 
   return p.string();
 }
 
+
+// Issue: a wrong config was used silently (defaults trained): --config naming a directory, a
+// config passed without --config, a second --config. Each is bad input: exit 2, one line.
+TEST(Cli, AConfigThatCannotBeUsedIsAnErrorNotTheDefaults) {
+  const std::string tiny = source_dir() + "/configs/tiny.toml";
+  struct Case {
+    std::string args, expect;
+  };
+  const std::vector<Case> cases = {
+      {"train --config " + source_dir() + "/configs", "is a directory; expected a TOML file"},
+      {"train " + tiny, "unexpected argument '" + tiny + "' (did you mean --config " + tiny + "?)"},
+      {"train --config " + tiny + " --config " + tiny, "--config given 2 times"},
+      {"generate stray --model x", "unexpected argument 'stray'"},
+  };
+  for (const auto& c : cases) {
+    auto r = run_command(andyllm_bin() + " " + c.args + " --print-config");
+    EXPECT_EQ(r.exit_code, 2) << c.args << "\n" << r.output;
+    EXPECT_EQ(count_of(r.output, c.expect), 1) << c.args << "\n" << r.output;
+  }
+}
+
 }  // namespace
 
 TEST(Cli, HelpDescribesSubcommandsAndFlags) {

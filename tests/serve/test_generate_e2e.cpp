@@ -14,6 +14,7 @@
 #include "tests/data/data_test_util.h"
 #include "tests/launch/job.h"
 #include "tests/launch/run_command.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace fs = std::filesystem;
 using namespace andy::testing_util;
@@ -27,40 +28,13 @@ class GenerateE2e : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new dt::TempDir("andyllm-generate-e2e");
-    const std::string raw = *dir_ / "raw";
-    fs::create_directories(raw);
-    std::mt19937 rng(3);
-    const std::vector<std::string> words = {"the", "cat", "sat", "on", "a", "mat", "dog", "ran", "to",
-                                            "house", "big", "small", "red", "blue", "tree", "under",
-                                            "quick", "brown", "fox", "jumps", "over", "lazy", "bird",
-                                            "sings", "in", "morning", "light", "river", "flows", "down"};
-    std::ofstream f(raw + "/corpus.txt");
-    for (int line = 0; line < 3000; ++line) {
-      for (int w = 0; w < 12; ++w) f << (w ? " " : "") << words[rng() % words.size()];
-      f << (line % 5 == 4 ? ".\n\n" : ".\n");  // documents of 5 lines
-    }
-    f.close();
-    auto r = run_command(andyllm_bin() + " preprocess --input_dir " + raw + " --output_dir " +
-                         *dir_ / "data" + " --vocab_size 300 --txt_docs blank_lines");
-    ASSERT_EQ(r.exit_code, 0) << r.output;
+    prepare_tiny_corpus(dir_->path());
     train("tp1", 1);
     train("tp2", 2);
   }
   static void TearDownTestSuite() { delete dir_; }
 
-  static void train(const std::string& name, int tp) {
-    const std::string d = *dir_ / "data";
-    const std::string cfg = *dir_ / (name + ".toml");
-    dt::write_file(cfg, "[model]\ndim = 32\nn_layer = 2\nn_head = 4\nn_kv_head = 4\nvocab_size = 300\n"
-                        "max_seq_len = 64\ntie_embeddings = false\n[data]\ntrain_file = \"" + d + "/train\"\n"
-                        "val_file = \"" + d + "/validation\"\ntokenizer_path = \"" + d + "/tokenizer.model\"\n"
-                        "seq_len = 32\n[train]\noutput_dir = \"" + *dir_ / name + "\"\nbatch_size = 4\n"
-                        "max_steps = 6\nlearning_rate = 3e-3\nwarmup_steps = 1\nlog_interval = 3\n"
-                        "eval_interval = 3\neval_batches = 1\nintra_op_threads = 1\n"
-                        "[parallel]\ntensor_parallel_size = " + std::to_string(tp) + "\n");
-    auto r = run_command(mpirun(tp) + andyllm_bin() + " train --config " + cfg);
-    ASSERT_EQ(r.exit_code, 0) << r.output;
-  }
+  static void train(const std::string& name, int tp) { train_tiny(dir_->path(), name, tp); }
 
   static std::string checkpoint(const std::string& run) { return *dir_ / (run + "/checkpoints/step_00000006"); }
   static std::string path(const std::string& p) { return *dir_ / p; }

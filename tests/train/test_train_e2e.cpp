@@ -5,6 +5,7 @@
 // job with an error and leaves the latest complete checkpoint usable; bf16 training of the demo
 // corpus lowers the validation loss.
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -321,6 +322,29 @@ TEST(TrainE2e, EarlierRunsCheckpointsAreNeverLost) {
     archived += fs::exists(e.path() / "checkpoints/step_00000006/meta.json") &&
                 fs::exists(e.path() / "best_model/model.pt");
   EXPECT_EQ(archived, 1);
+}
+
+
+// Issue: throughput, MFU and comm-wait figures exceeded their bounds ("MFU 245 %") when
+// checkpoints or evaluations came more often than progress lines.
+TEST(TrainE2e, ProgressFiguresStayInBoundsWithFrequentSavesAndEvaluations) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 8);
+  auto r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg +
+                       " --set train.log_interval=4 --set checkpoint.interval=1 --set train.eval_interval=1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  int rows = 0;
+  std::ifstream f(dir / "out/metrics.jsonl");
+  for (std::string line; std::getline(f, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (!j.contains("mfu")) continue;
+    ++rows;
+    EXPECT_GT(j["tokens_per_sec"].get<double>(), 0) << line;
+    EXPECT_LE(j["mfu"].get<double>(), 1.0) << line;
+    EXPECT_GE(j["comm_wait_share"].get<double>(), 0.0) << line;
+    EXPECT_LE(j["comm_wait_share"].get<double>(), 1.0) << line;
+  }
+  EXPECT_EQ(rows, 2);
 }
 
 }  // namespace

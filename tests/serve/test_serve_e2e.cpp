@@ -1,0 +1,482 @@
+// `andyllm serve` end to end: the real executable (one rank, and two ranks under mpirun) serving
+// a model trained here, driven over HTTP on 127.0.0.1 by a C++ client (cpp-httplib) on the port
+// the server printed. Greedy API output equals `andyllm generate`; streamed text equals the
+// whole response; errors are OpenAI error objects; a client that disconnects has its request
+// cancelled and its KV blocks freed; SIGTERM (SIGUSR1 through mpirun) drains and every rank
+// exits 0.
+#include <gtest/gtest.h>
+#include <httplib.h>
+#include <signal.h>
+
+#include <atomic>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <regex>
+#include <thread>
+
+#include "tests/data/data_test_util.h"
+#include "tests/launch/job.h"
+#include "tests/launch/run_command.h"
+#include "tests/serve/serve_test_util.h"
+
+using namespace andy::testing_util;
+namespace dt = andy::data::testing;
+using json = nlohmann::json;
+
+namespace {
+
+// A server started by a test, stopped (SIGTERM, or SIGUSR1 to mpirun) by it.
+struct Server {
+  std::unique_ptr<Job> job;
+  int port = -1;
+
+  Server(const std::string& args, const std::string& log, int ranks) {
+    const std::string launcher = ranks == 1 ? "" : mpirun(ranks);
+    job = std::make_unique<Job>(launcher + andyllm_bin() + " serve --port 0 " + args, log);
+    port = wait_for_server_port(*job, 120);
+  }
+  httplib::Client client() const {
+    httplib::Client c("127.0.0.1", port);
+    c.set_read_timeout(120, 0);
+    return c;
+  }
+  // Asks the server to stop (SIGUSR1 reaches the ranks through mpirun at once); its exit code.
+  int stop(int signal = SIGTERM) {
+    if (job->pid <= 0) return job->exit_code();
+    kill(job->pid, signal);
+    if (!job->wait_exit(120)) return -1;
+    return job->exit_code();
+  }
+};
+
+json post_json(const Server& s, const std::string& path, const json& body, int* status,
+               const httplib::Headers& headers = {}) {
+  auto c = s.client();
+  auto res = c.Post(path.c_str(), headers, body.dump(), "application/json");
+  if (!res) {
+    *status = -1;
+    return nullptr;
+  }
+  *status = res->status;
+  EXPECT_EQ(res->get_header_value("Content-Type").rfind("application/json", 0), 0u) << path << " " << res->body;
+  return json::parse(res->body, nullptr, false);
+}
+
+// The events of a streamed response ("data: X" payloads, [DONE] included).
+std::vector<std::string> post_stream(const Server& s, const std::string& path, const json& body, int* status) {
+  auto c = s.client();
+  std::string raw;
+  httplib::Request req;
+  req.method = "POST";
+  req.path = path;
+  req.body = body.dump();
+  req.set_header("Content-Type", "application/json");
+  req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
+    raw.append(d, n);
+    return true;
+  };
+  auto res = c.send(req);
+  *status = res ? res->status : -1;
+  std::vector<std::string> events;
+  for (size_t pos = 0; (pos = raw.find("data: ", pos)) != std::string::npos;) {
+    const size_t end = raw.find("\n\n", pos);
+    events.push_back(raw.substr(pos + 6, end - pos - 6));
+    pos = end;
+  }
+  return events;
+}
+
+// The text of each choice, concatenated over stream chunks, and the finish reasons.
+struct Streamed {
+  std::map<int, std::string> text;
+  std::map<int, std::vector<std::string>> finish;  // non-null finish_reason values per choice
+  std::map<int, std::vector<json>> first_delta;
+  json usage;
+  bool done_last = false;
+};
+Streamed collect(const std::vector<std::string>& events, bool chat) {
+  Streamed s;
+  for (size_t i = 0; i < events.size(); ++i) {
+    if (events[i] == "[DONE]") {
+      s.done_last = i + 1 == events.size();
+      continue;
+    }
+    json j = json::parse(events[i]);
+    if (j.contains("usage")) s.usage = j["usage"];
+    for (const json& c : j["choices"]) {
+      const int idx = c["index"].get<int>();
+      if (chat) {
+        if (s.first_delta[idx].empty()) s.first_delta[idx].push_back(c["delta"]);
+        if (c["delta"].contains("content")) s.text[idx] += c["delta"]["content"].get<std::string>();
+      } else {
+        s.text[idx] += c["text"].get<std::string>();
+      }
+      if (!c["finish_reason"].is_null()) s.finish[idx].push_back(c["finish_reason"].get<std::string>());
+    }
+  }
+  return s;
+}
+
+// A metric's value in /metrics text (first sample of that name).
+double metric(const Server& s, const std::string& name) {
+  auto c = s.client();
+  auto res = c.Get("/metrics");
+  if (!res) return -1;
+  std::regex re("\n" + std::regex_replace(name, std::regex(":"), ":") + R"(\{[^}]*\} ([0-9.eE+-]+))");
+  std::smatch m;
+  const std::string body = "\n" + res->body;
+  if (!std::regex_search(body, m, re)) return -2;
+  return std::stod(m[1]);
+}
+
+class ServeE2e : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new dt::TempDir("andyllm-serve-e2e");
+    prepare_tiny_corpus(dir_->path());
+    train_tiny(dir_->path(), "tp1", 1);
+    server_ = new Server("--model " + model() + " --served_model_name tiny --max_request_bytes 65536",
+                         path("server.log"), 1);
+    ASSERT_GT(server_->port, 0) << server_->job->output();
+  }
+  static void TearDownTestSuite() {
+    if (server_) {
+      const int code = server_->stop(SIGTERM);
+      EXPECT_EQ(code, 0) << "the server did not exit 0 on SIGTERM:\n" << server_->job->output();
+    }
+    delete server_;
+    delete dir_;
+  }
+  static std::string path(const std::string& p) { return *dir_ / p; }
+  static std::string model() { return path("tp1/best_model"); }
+
+  // `andyllm generate` greedy output for `prompt` (one JSON line) on `ranks` ranks.
+  static json generate(const std::string& prompt, int max_tokens, int ranks) {
+    auto r = run_command(mpirun(ranks) + andyllm_bin() + " generate --model " + model() + " --prompt '" + prompt +
+                         "' --max_tokens " + std::to_string(max_tokens) + " --temperature 0 --ignore_eos --output " +
+                         path("gen.jsonl"));
+    EXPECT_EQ(r.exit_code, 0) << r.output;
+    return json::parse(dt::read_text(path("gen.jsonl")));
+  }
+
+  static dt::TempDir* dir_;
+  static Server* server_;
+};
+dt::TempDir* ServeE2e::dir_ = nullptr;
+Server* ServeE2e::server_ = nullptr;
+
+TEST_F(ServeE2e, HealthModelsTokenize) {
+  auto c = server_->client();
+  auto h = c.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+  auto m = c.Get("/v1/models");
+  ASSERT_TRUE(m);
+  json models = json::parse(m->body);
+  EXPECT_EQ(models["data"][0]["id"], "tiny");
+  EXPECT_EQ(models["data"][0]["max_model_len"], 64);
+  int status = 0;
+  json t = post_json(*server_, "/tokenize", {{"prompt", "the cat sat"}}, &status);
+  ASSERT_EQ(status, 200) << t;
+  EXPECT_EQ(t["count"].get<size_t>(), t["tokens"].size());
+  EXPECT_EQ(t["max_model_len"], 64);
+  json d = post_json(*server_, "/detokenize", {{"tokens", t["tokens"]}}, &status);
+  ASSERT_EQ(status, 200) << d;
+  EXPECT_EQ(d["prompt"], "the cat sat");
+}
+
+TEST_F(ServeE2e, GreedyCompletionEqualsGenerate) {
+  const json ref = generate("a quick brown fox", 12, 1);
+  int status = 0;
+  json r = post_json(*server_, "/v1/completions",
+                     {{"model", "tiny"}, {"prompt", "a quick brown fox"}, {"max_tokens", 12}, {"temperature", 0},
+                      {"ignore_eos", true}, {"user", "test"}},
+                     &status);
+  ASSERT_EQ(status, 200) << r;
+  EXPECT_EQ(r["object"], "text_completion");
+  EXPECT_EQ(r["choices"][0]["text"], ref["text"]);
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(r["usage"]["prompt_tokens"], ref["prompt_tokens"]);
+  EXPECT_EQ(r["usage"]["completion_tokens"], 12);
+  EXPECT_EQ(r["usage"]["total_tokens"], ref["prompt_tokens"].get<int>() + 12);
+  // The same prompt as token ids, and echo.
+  json ids = post_json(*server_, "/tokenize", {{"prompt", "a quick brown fox"}}, &status)["tokens"];
+  json r2 = post_json(*server_, "/v1/completions",
+                      {{"prompt", ids}, {"max_tokens", 12}, {"temperature", 0}, {"ignore_eos", true}, {"echo", true}},
+                      &status);
+  ASSERT_EQ(status, 200) << r2;
+  EXPECT_EQ(r2["choices"][0]["text"], "a quick brown fox" + ref["text"].get<std::string>());
+}
+
+TEST_F(ServeE2e, SeveralPromptsNSeedAndLogprobs) {
+  int status = 0;
+  const json body = {{"prompt", {"the cat", "river"}}, {"max_tokens", 5}, {"n", 2}, {"seed", 11},
+                     {"temperature", 0.9}, {"ignore_eos", true}, {"logprobs", 2}};
+  json a = post_json(*server_, "/v1/completions", body, &status);
+  ASSERT_EQ(status, 200) << a;
+  json b = post_json(*server_, "/v1/completions", body, &status);
+  ASSERT_EQ(a["choices"].size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(a["choices"][i]["index"], i);
+    EXPECT_EQ(a["choices"][i]["text"], b["choices"][i]["text"]) << "a seeded request is repeatable";
+    const json& lp = a["choices"][i]["logprobs"];
+    EXPECT_EQ(lp["tokens"].size(), 5u);
+    EXPECT_EQ(lp["token_logprobs"].size(), 5u);
+    EXPECT_EQ(lp["text_offset"].size(), 5u);
+    EXPECT_LE(lp["top_logprobs"][0].size(), 2u);
+  }
+  EXPECT_EQ(a["usage"]["completion_tokens"], 20);
+}
+
+TEST_F(ServeE2e, StreamedTextEqualsWholeText) {
+  const std::vector<json> bodies = {
+      {{"prompt", "the cat"}, {"max_tokens", 20}, {"temperature", 0}, {"ignore_eos", true}},
+      {{"prompt", "a red tree"}, {"max_tokens", 16}, {"n", 2}, {"seed", 5}, {"temperature", 1.0}, {"ignore_eos", true}},
+      {{"prompt", "river"}, {"max_tokens", 10}, {"temperature", 0}, {"echo", true}, {"logprobs", 1}},
+  };
+  for (const json& body : bodies) {
+    int status = 0;
+    json whole = post_json(*server_, "/v1/completions", body, &status);
+    ASSERT_EQ(status, 200) << whole;
+    json sb = body;
+    sb["stream"] = true;
+    sb["stream_options"] = {{"include_usage", true}};
+    auto events = post_stream(*server_, "/v1/completions", sb, &status);
+    ASSERT_EQ(status, 200);
+    Streamed s = collect(events, false);
+    EXPECT_TRUE(s.done_last) << "[DONE] ends the stream";
+    for (const json& c : whole["choices"]) {
+      const int i = c["index"].get<int>();
+      EXPECT_EQ(s.text[i], c["text"].get<std::string>()) << body;
+      ASSERT_EQ(s.finish[i].size(), 1u) << "exactly one finish_reason per choice";
+      EXPECT_EQ(s.finish[i][0], c["finish_reason"]);
+    }
+    EXPECT_EQ(s.usage, whole["usage"]);
+  }
+}
+
+TEST_F(ServeE2e, StopStringsCutTheTextInBothModes) {
+  int status = 0;
+  const json base = {{"prompt", "the dog"}, {"max_tokens", 24}, {"temperature", 0}, {"ignore_eos", true}};
+  const std::string full = post_json(*server_, "/v1/completions", base, &status)["choices"][0]["text"];
+  ASSERT_GE(full.size(), 8u);
+  const std::string stop = full.substr(full.size() / 2, 2);  // may start inside one token, end in another
+  const std::string expect = full.substr(0, full.find(stop));
+  for (bool stream : {false, true}) {
+    json b = base;
+    b["stop"] = json::array({stop, "never-generated"});
+    if (stream) {
+      b["stream"] = true;
+      Streamed s = collect(post_stream(*server_, "/v1/completions", b, &status), false);
+      EXPECT_EQ(s.text[0], expect) << "stop " << json(stop);
+      ASSERT_EQ(s.finish[0].size(), 1u);
+      EXPECT_EQ(s.finish[0][0], "stop");
+    } else {
+      json r = post_json(*server_, "/v1/completions", b, &status);
+      EXPECT_EQ(r["choices"][0]["text"], expect) << "stop " << json(stop);
+      EXPECT_EQ(r["choices"][0]["finish_reason"], "stop");
+      b["include_stop_str_in_output"] = true;
+      r = post_json(*server_, "/v1/completions", b, &status);
+      EXPECT_EQ(r["choices"][0]["text"], expect + stop);
+    }
+  }
+}
+
+TEST_F(ServeE2e, ChatCompletionsWholeAndStreamed) {
+  int status = 0;
+  const json body = {{"model", "tiny"},
+                     {"messages", {{{"role", "system"}, {"content", "Be brief."}}, {{"role", "user"}, {"content", "the cat"}}}},
+                     {"max_completion_tokens", 8}, {"temperature", 0}, {"ignore_eos", true},
+                     {"logprobs", true}, {"top_logprobs", 2}};
+  json whole = post_json(*server_, "/v1/chat/completions", body, &status);
+  ASSERT_EQ(status, 200) << whole;
+  EXPECT_EQ(whole["object"], "chat.completion");
+  EXPECT_EQ(whole["choices"][0]["message"]["role"], "assistant");
+  EXPECT_EQ(whole["choices"][0]["finish_reason"], "length");
+  const json& content = whole["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 8u);
+  EXPECT_TRUE(content[0].contains("token") && content[0].contains("logprob") && content[0].contains("bytes"));
+  EXPECT_EQ(content[0]["top_logprobs"].size(), 2u);
+  // The prompt is the documented template.
+  json tok = post_json(*server_, "/tokenize", {{"prompt", "<|system|>\nBe brief.\n<|user|>\nthe cat\n<|assistant|>\n"}}, &status);
+  EXPECT_EQ(whole["usage"]["prompt_tokens"], tok["count"]);
+  json sb = body;
+  sb["stream"] = true;
+  sb["stream_options"] = {{"include_usage", true}};
+  auto events = post_stream(*server_, "/v1/chat/completions", sb, &status);
+  Streamed s = collect(events, true);
+  ASSERT_FALSE(s.first_delta[0].empty());
+  EXPECT_EQ(s.first_delta[0][0]["role"], "assistant") << "the first chunk carries the role";
+  EXPECT_EQ(s.text[0], whole["choices"][0]["message"]["content"]);
+  EXPECT_EQ(s.finish[0], std::vector<std::string>{"length"});
+  EXPECT_EQ(s.usage, whole["usage"]);
+  EXPECT_TRUE(s.done_last);
+  EXPECT_NE(events.front().find("chat.completion.chunk"), std::string::npos);
+}
+
+TEST_F(ServeE2e, ErrorsAreOpenAiErrorObjects) {
+  struct Case {
+    std::string what, path, body;
+    int status;
+    std::string param, message_part;
+  };
+  std::string big(100000, 'x');
+  const std::vector<Case> cases = {
+      {"invalid JSON", "/v1/completions", "{bad", 400, "", "invalid JSON"},
+      {"suffix", "/v1/completions", R"({"prompt": "a", "suffix": "b"})", 400, "suffix", "suffix"},
+      {"temperature out of range", "/v1/completions", R"({"prompt": "a", "temperature": -2})", 400, "temperature", "temperature"},
+      {"stream_options without stream", "/v1/completions", R"({"prompt": "a", "stream_options": {"include_usage": true}})", 400, "stream_options", "stream"},
+      {"unknown model", "/v1/completions", R"({"prompt": "a", "model": "gpt-9"})", 404, "model", "does not exist"},
+      {"over the context", "/v1/completions", R"({"prompt": "the cat", "max_tokens": 100})", 400, "prompt",
+       "This model's maximum context length is 64 tokens. However, you requested"},
+      {"no messages", "/v1/chat/completions", R"({"model": "tiny"})", 400, "messages", "messages"},
+      {"body over max_request_bytes", "/v1/completions", R"({"prompt": ")" + big + R"("})", 413, "", ""},
+  };
+  auto c = server_->client();
+  for (const Case& k : cases) {
+    auto res = c.Post(k.path.c_str(), k.body, "application/json");
+    ASSERT_TRUE(res) << k.what;
+    EXPECT_EQ(res->status, k.status) << k.what << ": " << res->body;
+    EXPECT_EQ(res->get_header_value("Content-Type"), "application/json") << k.what;
+    json e = json::parse(res->body, nullptr, false);
+    ASSERT_TRUE(e.is_object() && e.contains("error")) << k.what << ": " << res->body;
+    for (const char* f : {"message", "type", "param", "code"}) EXPECT_TRUE(e["error"].contains(f)) << k.what << " " << f;
+    if (!k.param.empty()) EXPECT_EQ(e["error"]["param"], k.param) << k.what;
+    EXPECT_NE(e["error"]["message"].get<std::string>().find(k.message_part), std::string::npos) << k.what << ": " << res->body;
+  }
+  auto r = c.Get("/v1/nothing");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 404);
+  EXPECT_TRUE(json::parse(r->body, nullptr, false).contains("error"));
+  // The server keeps serving.
+  int status = 0;
+  post_json(*server_, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 2}}, &status);
+  EXPECT_EQ(status, 200);
+}
+
+TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
+  const double aborted0 = metric(*server_, "vllm:request_success_total");  // finished_reason="stop" first
+  (void)aborted0;
+  auto c = server_->client();
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.body = json({{"prompt", "the cat"}, {"max_tokens", 56}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}}).dump();
+  req.set_header("Content-Type", "application/json");
+  int chunks = 0;
+  req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 2; };  // go away
+  auto res = c.send(req);
+  EXPECT_GE(chunks, 1);
+  // Within a few engine steps nothing runs and every KV block is free again.
+  double running = 1, usage = 1;
+  for (int i = 0; i < 100 && (running != 0 || usage != 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    running = metric(*server_, "vllm:num_requests_running");
+    usage = metric(*server_, "vllm:kv_cache_usage_perc");
+  }
+  EXPECT_EQ(running, 0);
+  EXPECT_EQ(usage, 0);
+  auto h = c.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+}
+
+TEST_F(ServeE2e, MetricsUseVllmNamesAndCountWhatUsageReports) {
+  const double p0 = metric(*server_, "vllm:prompt_tokens_total");
+  const double g0 = metric(*server_, "vllm:generation_tokens_total");
+  int status = 0;
+  json r = post_json(*server_, "/v1/completions", {{"prompt", "big red house"}, {"max_tokens", 7}, {"ignore_eos", true}}, &status);
+  ASSERT_EQ(status, 200);
+  EXPECT_EQ(metric(*server_, "vllm:prompt_tokens_total") - p0, r["usage"]["prompt_tokens"].get<double>());
+  EXPECT_EQ(metric(*server_, "vllm:generation_tokens_total") - g0, 7);
+  for (const char* name : {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                           "vllm:num_preemptions_total", "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total",
+                           "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_count",
+                           "vllm:e2e_request_latency_seconds_sum"})
+    EXPECT_GE(metric(*server_, name), 0) << name;
+}
+
+TEST_F(ServeE2e, ApiKeyAndFullQueue) {
+  Server s("--model " + model() + " --api_key secret --max_num_seqs 1 --max_waiting 1", path("server_key.log"), 1);
+  ASSERT_GT(s.port, 0) << s.job->output();
+  int status = 0;
+  const json body = {{"prompt", "the cat"}, {"max_tokens", 40}, {"ignore_eos", true}};
+  json e = post_json(s, "/v1/completions", body, &status);
+  EXPECT_EQ(status, 401);
+  EXPECT_EQ(e["error"]["type"], "authentication_error");
+  post_json(s, "/v1/completions", body, &status, {{"Authorization", "Bearer wrong"}});
+  EXPECT_EQ(status, 401);
+  post_json(s, "/v1/completions", body, &status, {{"Authorization", "Bearer secret"}});
+  EXPECT_EQ(status, 200);
+  auto c = s.client();
+  auto h = c.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200) << "/health needs no key";
+  auto m = c.Get("/metrics");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->status, 200) << "/metrics needs no key";
+  // One running, one waiting: the rest of 12 simultaneous requests are refused with 429.
+  std::vector<int> codes(12, 0);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < codes.size(); ++i)
+    threads.emplace_back([&, i] { post_json(s, "/v1/completions", body, &codes[i], {{"Authorization", "Bearer secret"}}); });
+  for (auto& t : threads) t.join();
+  const int ok = static_cast<int>(std::count(codes.begin(), codes.end(), 200));
+  const int busy = static_cast<int>(std::count(codes.begin(), codes.end(), 429));
+  EXPECT_EQ(ok + busy, 12);
+  EXPECT_GE(ok, 1);
+  EXPECT_GE(busy, 1);
+  std::printf("  12 simultaneous requests, max_waiting 1: %d served, %d refused with 429\n", ok, busy);
+  EXPECT_EQ(s.stop(SIGTERM), 0) << s.job->output();
+}
+
+// Two ranks under mpirun: the same greedy text as `generate` at TP=1 and TP=2; SIGUSR1 to mpirun
+// (what scripts/mpirun.sh sends on SIGTERM / Ctrl-C) drains a running stream and the job exits 0.
+TEST_F(ServeE2e, TwoRanksServeTheSameTextAndDrainOnSignal) {
+  const json ref1 = generate("the quick brown", 10, 1);
+  const json ref2 = generate("the quick brown", 10, 2);
+  EXPECT_EQ(ref1["token_ids"], ref2["token_ids"]);
+  Server s("--model " + model() + " --tensor_parallel_size 2", path("server_tp2.log"), 2);
+  ASSERT_GT(s.port, 0) << s.job->output();
+  int status = 0;
+  json r = post_json(s, "/v1/completions", {{"prompt", "the quick brown"}, {"max_tokens", 10}, {"temperature", 0}, {"ignore_eos", true}}, &status);
+  ASSERT_EQ(status, 200) << r;
+  EXPECT_EQ(r["choices"][0]["text"], ref1["text"]);
+  // A long stream is running when the signal comes; it still finishes.
+  std::atomic<bool> first_chunk{false};
+  std::string raw;
+  std::thread client([&] {
+    auto c = s.client();
+    httplib::Request req;
+    req.method = "POST";
+    req.path = "/v1/completions";
+    req.body = json({{"prompt", "the cat"}, {"max_tokens", 56}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}}).dump();
+    req.set_header("Content-Type", "application/json");
+    req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
+      raw.append(d, n);
+      first_chunk = true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));  // a slow reader keeps it running
+      return true;
+    };
+    c.send(req);
+  });
+  for (int i = 0; i < 600 && !first_chunk; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  kill(s.job->pid, SIGUSR1);
+  // From now on /health never says 200 (503 while draining, then nothing listens).
+  bool saw_200_after = false;
+  for (int i = 0; i < 5; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    auto c = s.client();
+    auto h = c.Get("/health");
+    if (h && h->status == 200 && i > 0) saw_200_after = true;
+  }
+  client.join();
+  EXPECT_FALSE(saw_200_after);
+  EXPECT_NE(raw.find("\"finish_reason\":\"length\""), std::string::npos) << "the running stream finished:\n" << raw;
+  EXPECT_NE(raw.find("data: [DONE]"), std::string::npos);
+  ASSERT_TRUE(s.job->wait_exit(120)) << s.job->output();
+  EXPECT_EQ(s.job->exit_code(), 0) << s.job->output();
+}
+
+}  // namespace
