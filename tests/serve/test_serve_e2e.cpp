@@ -8,6 +8,7 @@
 #include <httplib.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <fstream>
 #include <map>
@@ -118,12 +119,12 @@ Streamed collect(const std::vector<std::string>& events, bool chat) {
   return s;
 }
 
-// A metric's value in /metrics text (first sample of that name).
-double metric(const Server& s, const std::string& name) {
+// A metric's value in /metrics text: the first sample of that name whose labels contain `label`.
+double metric(const Server& s, const std::string& name, const std::string& label = "") {
   auto c = s.client();
   auto res = c.Get("/metrics");
   if (!res) return -1;
-  std::regex re("\n" + std::regex_replace(name, std::regex(":"), ":") + R"(\{[^}]*\} ([0-9.eE+-]+))");
+  std::regex re("\n" + name + R"(\{[^}]*)" + label + R"([^}]*\} ([0-9.eE+-]+))");
   std::smatch m;
   const std::string body = "\n" + res->body;
   if (!std::regex_search(body, m, re)) return -2;
@@ -342,7 +343,9 @@ TEST_F(ServeE2e, ErrorsAreOpenAiErrorObjects) {
     json e = json::parse(res->body, nullptr, false);
     ASSERT_TRUE(e.is_object() && e.contains("error")) << k.what << ": " << res->body;
     for (const char* f : {"message", "type", "param", "code"}) EXPECT_TRUE(e["error"].contains(f)) << k.what << " " << f;
-    if (!k.param.empty()) EXPECT_EQ(e["error"]["param"], k.param) << k.what;
+    if (!k.param.empty()) {
+      EXPECT_EQ(e["error"]["param"], k.param) << k.what;
+    }
     EXPECT_NE(e["error"]["message"].get<std::string>().find(k.message_part), std::string::npos) << k.what << ": " << res->body;
   }
   auto r = c.Get("/v1/nothing");
@@ -356,8 +359,8 @@ TEST_F(ServeE2e, ErrorsAreOpenAiErrorObjects) {
 }
 
 TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
-  const double aborted0 = metric(*server_, "vllm:request_success_total");  // finished_reason="stop" first
-  (void)aborted0;
+  const double aborted0 = metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"");
+  const double generated0 = metric(*server_, "vllm:generation_tokens_total");
   auto c = server_->client();
   httplib::Request req;
   req.method = "POST";
@@ -366,7 +369,7 @@ TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
   req.set_header("Content-Type", "application/json");
   int chunks = 0;
   req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 2; };  // go away
-  auto res = c.send(req);
+  c.send(req);
   EXPECT_GE(chunks, 1);
   // Within a few engine steps nothing runs and every KV block is free again.
   double running = 1, usage = 1;
@@ -377,6 +380,10 @@ TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
   }
   EXPECT_EQ(running, 0);
   EXPECT_EQ(usage, 0);
+  const double aborted = metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"") - aborted0;
+  EXPECT_GE(aborted, 0);
+  std::printf("  disconnect after %d chunk(s): %g request(s) aborted, %g of 56 tokens generated\n", chunks, aborted,
+              metric(*server_, "vllm:generation_tokens_total") - generated0);
   auto h = c.Get("/health");
   ASSERT_TRUE(h);
   EXPECT_EQ(h->status, 200);
