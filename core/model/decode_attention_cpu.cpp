@@ -53,6 +53,47 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(float w, const float* x, floa
   for (; i < d; ++i) y[i] += w * x[i];
 }
 
+// exp(x) for 8 floats (Cephes' method: 2^n * e^r with |r| <= ln2/2 and a degree-5 polynomial;
+// relative error about 2e-7 over the range softmax uses, x <= 0).
+__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
+  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  // r = x - n ln2, with ln2 split in two for precision
+  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// scores[i] = exp(scale * scores[i] - max) for i < n; returns their sum.
+__attribute__((target("avx2,fma"))) float exp_scores_avx2(float* scores, int64_t n, float scale, float mx) {
+  const __m256 sv = _mm256_set1_ps(scale), mv = _mm256_set1_ps(mx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(scores + i), sv, mv));
+    _mm256_storeu_ps(scores + i, e);
+    acc = _mm256_add_ps(acc, e);
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, acc);
+  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; i < n; ++i) {
+    scores[i] = std::exp(scores[i] * scale - mx);
+    sum += scores[i];
+  }
+  return sum;
+}
+
 // Sum of each of 8 vectors, as one vector [sum(a0), .., sum(a7)].
 __attribute__((target("avx2,fma"))) inline __m256 sum8(const __m256* a) {
   __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
@@ -134,9 +175,13 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
     float mx = -std::numeric_limits<float>::infinity();
     for (int64_t i = 0; i < ctx; ++i) mx = std::max(mx, scores[i] * a.scale);
     float sum = 0;
-    for (int64_t i = 0; i < ctx; ++i) {
-      scores[i] = std::exp(scores[i] * a.scale - mx);
-      sum += scores[i];
+    if (avx2) {
+      sum = exp_scores_avx2(scores.data(), ctx, a.scale, mx);
+    } else {
+      for (int64_t i = 0; i < ctx; ++i) {
+        scores[i] = std::exp(scores[i] * a.scale - mx);
+        sum += scores[i];
+      }
     }
     const float inv = 1.0f / sum;
     for (int64_t i = 0; i < ctx; ++i) scores[i] *= inv;
