@@ -3,7 +3,12 @@
 #include "launch/checkpoint.h"
 
 #include <ATen/CPUGeneratorImpl.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 
 #include <algorithm>
 #include <cmath>
@@ -345,6 +350,42 @@ std::string clear_earlier_run(const Config& cfg, const std::string& resume_dir) 
   fsync_path(out);
   return "moved the earlier run's checkpoints/, best_model/ and metrics.jsonl to " + dest +
          " (checkpoint.existing = archive)";
+}
+
+bool lock_output_dir(const Config& cfg, bool create) {
+  static int held_fd = -1;  // held for the process's life; the OS drops it when the process dies
+  static std::string held_dir;
+  const std::string dir = cfg.train.output_dir;
+  if (held_fd >= 0 && held_dir == dir) return true;
+  if (!fs::is_directory(dir)) {
+    if (!create) return false;
+    fs::create_directories(dir);
+  }
+  const std::string path = dir + "/.lock";
+  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  ANDY_CHECK_T(IoError, fd >= 0, "[train] output_dir = ", dir, ": cannot open ", path, ": ", std::strerror(errno));
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    char buf[256] = {0};
+    ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    ::close(fd);
+    std::string holder = n > 0 ? std::string(buf, static_cast<size_t>(n)) : std::string("unknown");
+    while (!holder.empty() && (holder.back() == '\n' || holder.back() == ' ')) holder.pop_back();
+    throw ConfigError("[train] output_dir = " + dir + " is in use by another run (" + holder +
+                      "); two runs in one directory would overwrite each other's checkpoints and "
+                      "metrics: wait for it to end, or use another --output_dir");
+  }
+  char host[256] = {0};
+  ::gethostname(host, sizeof host - 1);
+  std::time_t now = std::time(nullptr);
+  char when[64];
+  std::strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S", std::localtime(&now));
+  const std::string text = std::string("host ") + host + ", pid " + std::to_string(::getpid()) + ", started " + when + "\n";
+  if (::ftruncate(fd, 0) == 0 && ::pwrite(fd, text.data(), text.size(), 0) < 0) {
+    // The lock holds without the description; nothing else to do.
+  }
+  held_fd = fd;
+  held_dir = dir;
+  return true;
 }
 
 double best_model_val_loss(const std::string& output_dir) {

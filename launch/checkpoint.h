@@ -46,6 +46,12 @@ void check_fresh_start(const Config& cfg, const std::string& resume_dir);
 std::string clear_earlier_run(const Config& cfg, const std::string& resume_dir);
 // Steps of the complete checkpoints under `root` (directories step_N, no suffix), ascending.
 std::vector<int64_t> complete_checkpoint_steps(const std::string& root);
+// Takes an advisory lock (flock on OUTPUT_DIR/.lock, released by the OS when the process
+// ends, so a killed run never leaves it held) for the rest of the process. A directory another
+// live run holds is refused with a ConfigError naming that run's host and PID. `create`: make
+// the directory if missing; otherwise a missing directory returns false (nothing to lock yet).
+// Rank 0 only.
+bool lock_output_dir(const Config& cfg, bool create);
 // The validation loss recorded with output_dir/best_model (NaN when none or unknown).
 double best_model_val_loss(const std::string& output_dir);
 

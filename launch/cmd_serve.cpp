@@ -1,7 +1,9 @@
 // `andyllm serve`: the OpenAI-compatible HTTP server (serve/http_server.h) on the inference
 // engine, tensor parallel over the ranks of mpirun. Rank 0 serves HTTP and runs the engine loop;
 // the other ranks follow its step plans. SIGTERM / SIGINT / SIGUSR1 (scripts/mpirun.sh forwards
-// Ctrl-C as SIGUSR1) drain the server, then every rank exits 0.
+// Ctrl-C as SIGUSR1) drain the server, then every rank exits 0; a second signal to rank 0 while
+// it drains ends it at once (and so the job, non-zero).
+#include <csignal>
 #include <cstdio>
 #include <filesystem>
 
@@ -141,7 +143,17 @@ int run_serve(const ParsedArgs& raw, World* world) {
               o.protocol.model_id.c_str(), url.c_str(), port, url.c_str(),
               o.api_key.empty() ? "" : " -H 'Authorization: Bearer $API_KEY'", o.protocol.model_id.c_str());
   std::fflush(stdout);
-  server.run([] { return stop_signal_received(); });
+  server.run([] {
+    if (!stop_signal_received()) return false;
+    // Draining from now on: a second signal ends the process at once (the default action).
+    static const bool once = [] {
+      std::signal(SIGTERM, SIG_DFL);
+      std::signal(SIGINT, SIG_DFL);
+      std::signal(SIGUSR1, SIG_DFL);
+      return true;
+    }();
+    return once;
+  });
   return 0;
 }
 

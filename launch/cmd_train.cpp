@@ -52,6 +52,10 @@ Subcommand make_train_command() {
     // creates): the ranks agree, so the job ends with one message and one exit code, writing
     // nothing, instead of MPI_Abort. The Trainer constructor runs no collectives.
     MPI_Comm agree_comm = world->comm().get();
+    // Another live run in output_dir is refused first, naming it (rank 0 holds the lock).
+    run_agreed(agree_comm, [&] {
+      if (world->is_root()) lock_output_dir(cfg, /*create=*/false);
+    });
     std::unique_ptr<Trainer> trainer;
     run_agreed(agree_comm, [&] { trainer = std::make_unique<Trainer>(cfg, TrainGrid::from(grid, g.device)); });
     run_agreed(agree_comm, [&] {
@@ -60,6 +64,7 @@ Subcommand make_train_command() {
       std::filesystem::create_directories(cfg.train.output_dir, ec);
       ANDY_CHECK_T(IoError, !ec, "[train] output_dir = ", cfg.train.output_dir, " (",
                    cfg.origin_of("train.output_dir"), "): cannot create it: ", ec.message());
+      lock_output_dir(cfg, /*create=*/true);
       std::string cleared = clear_earlier_run(cfg, trainer->resume_dir());
       if (!cleared.empty()) log::info(cleared);
       std::string path = cfg.train.output_dir + "/config.toml";

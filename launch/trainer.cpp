@@ -370,6 +370,33 @@ std::string Trainer::sample(const std::string& prompt, int64_t n) {
   return prompt + tok.decode(out);
 }
 
+void Trainer::truncate_metrics_after(int64_t step) {
+  // Rows of steps after the resumed one were written by the run that stopped later (a crash
+  // after the checkpoint): they are replaced by this run's, so the file shows one run.
+  const std::string path = cfg_.train.output_dir + "/metrics.jsonl";
+  std::ifstream in(path);
+  if (!in) return;
+  std::string kept, line;
+  int64_t dropped = 0;
+  while (std::getline(in, line)) {
+    const auto at = line.find("\"step\": ");
+    int64_t s = -1;
+    try {
+      if (at != std::string::npos) s = std::stoll(line.substr(at + 8));
+    } catch (const std::exception&) {
+    }
+    if (s > step) {
+      ++dropped;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  in.close();
+  if (dropped == 0) return;
+  write_file_durable(path, kept);
+  if (opts_.print) log::info("metrics.jsonl: dropped ", dropped, " row(s) after the resumed step ", step);
+}
+
 void Trainer::note_earlier_results(bool log_it) {
   // The best_model on disk may be better than this checkpoint's record (a resume from an
   // older step): it is replaced only by a better one.
@@ -391,6 +418,26 @@ void Trainer::note_earlier_results(bool log_it) {
               "): they are kept, never pruned by this run; 'latest' will name this run's checkpoints");
 }
 
+void Trainer::stop_if_diverged(const StepRecord& rec, bool skipped, int64_t consecutive_skips) {
+  // The loss is the DP mean and the skip flag is agreed over the world: every rank decides the
+  // same, before the optimizer step, so nothing non-finite reaches the weights or a checkpoint.
+  const bool scaled = scaler_->enabled();
+  std::string why;
+  if (!std::isfinite(rec.loss))
+    why = "the training loss is " + std::to_string(rec.loss);
+  else if (skipped && !scaled)
+    why = "a gradient is not finite (" + cfg_.precision.mode + " has no loss scaling to recover)";
+  else if (skipped && consecutive_skips > cfg_.train.max_skipped_steps)
+    why = std::to_string(consecutive_skips) + " consecutive steps overflowed in fp16 (more than train.max_skipped_steps = " +
+          std::to_string(cfg_.train.max_skipped_steps) + ")";
+  if (why.empty()) return;
+  const std::string latest = cfg_.train.output_dir + "/checkpoints/latest";
+  throw Agreed<Error>("training diverged at step " + std::to_string(rec.step) + ": " + why +
+                          ". Nothing non-finite was saved; lower train.learning_rate or raise train.warmup_steps, "
+                          "then resume from the last checkpoint (" + latest + ")",
+                      grid_.rank() == 0);
+}
+
 TrainResult Trainer::run() {
   TrainResult result;
   install_stop_signal_handlers();
@@ -407,6 +454,7 @@ TrainResult Trainer::run() {
   }
   result.start_step = step_;
   note_earlier_results(root);
+  if (!resume.empty() && grid_.rank() == 0) truncate_metrics_after(step_);
   if (!resume.empty() && step_ >= total_steps_) {
     result.last_checkpoint = resume;
     if (root)
@@ -467,6 +515,7 @@ TrainResult Trainer::run() {
   double loss_sum_interval = 0;
   int64_t loss_count_interval = 0;
   int64_t steps_this_run = 0;
+  int64_t consecutive_skips = 0;
 
   while (step_ < total_steps_) {
     // Agree on a stop request (signal on any rank) at the step boundary.
@@ -509,7 +558,8 @@ TrainResult Trainer::run() {
     bool found_inf = false;
     {
       at::NoGradGuard no_grad;
-      if (opts_.inject_inf_rank == grid_.rank() && opts_.inject_inf_step == step_ + 1) {
+      if (opts_.inject_inf_rank == grid_.rank() &&
+          (opts_.inject_inf_step == step_ + 1 || opts_.inject_inf_step == -2)) {
         params_[0].param.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
       }
       at::Tensor bad = at::zeros({1}, at::kFloat).to(device_);
@@ -531,10 +581,13 @@ TrainResult Trainer::run() {
     rec.lr = learning_rate_at(t, step_, total_steps_);
     rec.loss_scale = scale_used;
     rec.skipped = skip;
+    consecutive_skips = skip ? consecutive_skips + 1 : 0;
+    stop_if_diverged(rec, skip, consecutive_skips);
     if (skip) {
       rec.grad_norm = std::numeric_limits<double>::quiet_NaN();
       if (root)
-        log::info("step ", rec.step, ": non-finite gradient on some rank, step skipped; loss scale ",
+        log::warn("step ", rec.step, ": non-finite gradient on some rank, step skipped (", consecutive_skips,
+                  " in a row, at most train.max_skipped_steps = ", t.max_skipped_steps, "); loss scale ",
                   scale_used, " -> ", scaler_->scale());
     } else {
       rec.grad_norm = global_grad_norm(params_, grid_.tp.get());

@@ -108,7 +108,7 @@ struct TrainerOptions {
   int64_t sample_tokens = 48;  // tokens of the end-of-run sample (0: no sample)
   bool print = true;           // progress lines and summaries on rank 0
   // Testing: on world rank `inject_inf_rank`, at step `inject_inf_step`, one gradient is set to
-  // +inf after the DP reduction (exercises the found-inf agreement). -1: never.
+  // +inf after the DP reduction (exercises the found-inf agreement). -1: never; -2: every step.
   int inject_inf_rank = -1;
   int64_t inject_inf_step = -1;
   // Testing: run the dynamic loss scaler in fp32 too (its logic is device independent; fp16
@@ -183,6 +183,12 @@ class Trainer {
   // Start of run(): adopts the best_model/ on disk's validation loss, warns about checkpoints
   // of later steps than the one resumed.
   void note_earlier_results(bool log_it);
+  // Rank 0 on resume: metrics.jsonl keeps only rows up to `step` (atomic rewrite).
+  void truncate_metrics_after(int64_t step);
+  // Throws an agreed Error (every rank, reported once) when the step's loss is not finite, a
+  // gradient is not finite without fp16 loss scaling, or fp16 skipped more than
+  // train.max_skipped_steps steps in a row.
+  void stop_if_diverged(const StepRecord& rec, bool skipped, int64_t consecutive_skips);
 
   Config cfg_;
   TrainGrid grid_;

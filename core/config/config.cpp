@@ -113,6 +113,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(float_key(&TrainConfig::first_bucket_mb, &C::train, "train", "first_bucket_mb", 0, 1e6, true, "size in MiB of the first gradient bucket (the last layers), small so the all-reduce starts early"));
   s.push_back(float_key(&TrainConfig::peak_tflops, &C::train, "train", "peak_tflops", 0, 1e6, false, "device peak TFLOP/s for MFU; 0 means measured or unknown"));
   s.push_back(int_key(&TrainConfig::intra_op_threads, &C::train, "train", "intra_op_threads", 0, 4096, "LibTorch threads per rank; 0 means host cores / ranks on the host"));
+  s.push_back(int_key(&TrainConfig::max_skipped_steps, &C::train, "train", "max_skipped_steps", 1, kBig, "fp16: consecutive steps skipped for overflow before the run stops as diverged (fp32/bf16 stop at the first non-finite loss or gradient)"));
   // [parallel]
   s.push_back(int_key(&ParallelConfig::tensor_parallel_size, &C::parallel, "parallel", "tensor_parallel_size", 1, 4096, "ranks that split each layer; world size must be a multiple"));
   s.push_back(str_key(&ParallelConfig::backend, &C::parallel, "parallel", "backend", {"auto", "mpi", "nccl"}, "communication backend; auto picks nccl on cuda, mpi on cpu"));

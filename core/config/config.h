@@ -61,6 +61,7 @@ struct TrainConfig {
   double first_bucket_mb = 1.0;
   double peak_tflops = 0.0;  // 0: measured (CPU) or looked up (GPU); unknown if neither
   int64_t intra_op_threads = 0;  // 0: cores per rank on this host
+  int64_t max_skipped_steps = 20;  // fp16: consecutive overflow skips before the run stops
 };
 
 struct ParallelConfig {

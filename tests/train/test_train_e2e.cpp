@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <functional>
+#include <map>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -345,6 +346,50 @@ TEST(TrainE2e, ProgressFiguresStayInBoundsWithFrequentSavesAndEvaluations) {
     EXPECT_LE(j["comm_wait_share"].get<double>(), 1.0) << line;
   }
   EXPECT_EQ(rows, 2);
+}
+
+
+// Issue: two runs into one output_dir both ran. The second is refused naming the first's host
+// and PID; the lock dies with the process, so after a kill the run resumes.
+TEST(TrainE2e, ASecondRunIntoTheSameOutputDirIsRefusedWhileTheFirstLives) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 1000000, /*checkpoint_interval=*/2);
+  Job first(mpirun(2) + andyllm_bin() + " train --config " + cfg, dir / "log.txt");
+  ASSERT_GT(first.pid, 0);
+  ASSERT_TRUE(wait_logged_steps(dir / "out/metrics.jsonl", 4)) << first.output();
+  auto r = run_command(andyllm_bin() + " train --config " + cfg);
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count_of(r.output, "is in use by another run (host "), 1) << r.output;
+  EXPECT_NE(r.output.find(", pid "), std::string::npos) << r.output;
+  std::vector<pid_t> ranks = children_of(first.pid);
+  ASSERT_FALSE(ranks.empty());
+  ASSERT_EQ(kill(-first.pid, SIGKILL), 0);
+  ASSERT_TRUE(first.wait_exit(30));
+  std::string latest = latest_checkpoint(dir);
+  ASSERT_FALSE(latest.empty());
+  r = run_command(andyllm_bin() + " train --config " + cfg + " --set train.max_steps=" +
+                  std::to_string(std::stoll(latest.substr(5)) + 1));
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("resumed from"), std::string::npos) << r.output;
+}
+
+// Issue: metrics.jsonl after a resume repeated steps. Resumed from step 4 of a run that reached
+// 8, the file holds each step once.
+TEST(TrainE2e, MetricsAfterAResumeHoldEachStepOnce) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 8, /*checkpoint_interval=*/4);
+  auto r = run_command(andyllm_bin() + " train --config " + cfg + " --set checkpoint.keep_last=5");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  r = run_command(andyllm_bin() + " train --config " + cfg + " --resume " + dir / "out/checkpoints/step_00000004");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  std::map<int, int> rows;
+  std::ifstream f(dir / "out/metrics.jsonl");
+  for (std::string line; std::getline(f, line);) {
+    auto j = nlohmann::json::parse(line);
+    if (j.contains("loss")) ++rows[j["step"].get<int>()];
+  }
+  ASSERT_EQ(rows.size(), 8u);
+  for (const auto& [step, n] : rows) EXPECT_EQ(n, 1) << "step " << step;
 }
 
 }  // namespace

@@ -436,6 +436,60 @@ TEST(LossScaler, TrainerSkipsInjectedInfEverywhereAndStateSurvivesResume) {
   EXPECT_TRUE(w.equal(w0));
 }
 
+// Issue: NaN was not fatal. In fp32 (no loss scaling) a non-finite gradient on one rank stops
+// the run on every rank with one agreed message, before the optimizer step: the last
+// checkpoint holds finite weights. fp16 stops after train.max_skipped_steps skips in a row.
+TEST(Trainer, NonFiniteGradientsStopTheRunBeforeAnythingIsSaved) {
+  const int n = world_size();
+  Config c = tiny_run("diverge", 6);
+  c.train.batch_size = 8 / n;
+  c.checkpoint.interval = 1;
+  TrainerOptions o = quiet();
+  o.inject_inf_rank = n - 1;
+  o.inject_inf_step = 3;
+  std::string msg;
+  bool reported = false;
+  {
+    Trainer t(c, world_grid(1), o);
+    try {
+      t.run();
+    } catch (const AgreedFailure& e) {
+      msg = e.message();
+      reported = e.report();
+    }
+  }
+  EXPECT_NE(msg.find("training diverged at step 3: a gradient is not finite (fp32 has no loss scaling"),
+            std::string::npos) << msg;
+  int reports = reported, total = 0;
+  MPI_Allreduce(&reports, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  EXPECT_EQ(total, 1) << "exactly one rank reports";
+  c.checkpoint.resume = "auto";
+  Trainer t2(c, world_grid(1), quiet());
+  const std::string latest = resolve_resume_path(c);
+  EXPECT_NE(latest.find("step_00000002"), std::string::npos) << latest;
+  load_checkpoint(t2, latest);
+  for (const auto& [name, p] : t2.model()->local_state_dict())
+    EXPECT_TRUE(p.isfinite().all().item<bool>()) << name;
+
+  // fp16 semantics (the loss scaler) with every step overflowing: stops after 2 skips.
+  Config f = tiny_run("diverge16", 6);
+  f.train.batch_size = 8 / n;
+  f.train.max_skipped_steps = 2;
+  TrainerOptions o16 = quiet();
+  o16.force_loss_scaler = true;
+  o16.inject_inf_rank = 0;
+  o16.inject_inf_step = -2;  // every step
+  msg.clear();
+  try {
+    Trainer t3(f, world_grid(1), o16);
+    t3.run();
+  } catch (const AgreedFailure& e) {
+    msg = e.message();
+  }
+  EXPECT_NE(msg.find("3 consecutive steps overflowed in fp16 (more than train.max_skipped_steps = 2)"),
+            std::string::npos) << msg;
+}
+
 // LibTorch's threads and OpenBLAS's own pool both follow train.intra_op_threads.
 TEST(Threads, ConfigureThreadsSetsLibTorchAndOpenBlas) {
   using GetThreads = int (*)();
