@@ -26,10 +26,10 @@ std::string Fnv1a64::hex() const {
   return buf;
 }
 
-std::string file_checksum(const std::string& path) {
+std::string file_checksum(const std::string& path, bool legacy) {
   FILE* f = std::fopen(path.c_str(), "rb");
   ANDY_CHECK_T(IoError, f, path, ": cannot open for checksum: ", std::strerror(errno));
-  Fnv1a64 h;
+  Fnv1a64 h(legacy);
   std::vector<char> buf(1 << 20);
   size_t n;
   while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) h.update(buf.data(), n);

@@ -50,6 +50,7 @@ void check_manifest(const fs::path& dir, const std::vector<std::string>& files,
   } catch (const std::exception& e) {
     ANDY_THROW(IoError, manifest.string(), ": not valid JSON: ", e.what());
   }
+  const bool legacy = j.value("format_version", int64_t{1}) < 2;  // the old FNV offset basis
   ANDY_CHECK_T(IoError, j.contains("splits") && j["splits"].contains(split), manifest.string(),
                ": lists no split '", split, "'");
   std::map<std::string, nlohmann::json> listed;
@@ -61,7 +62,7 @@ void check_manifest(const fs::path& dir, const std::vector<std::string>& files,
     ANDY_CHECK_T(IoError, present.count(name), (dir / name).string(), ": listed in ",
                  manifest.string(), " but missing (incomplete copy of the dataset?)");
     if (verify_checksums) {
-      std::string sum = file_checksum((dir / name).string());
+      std::string sum = file_checksum((dir / name).string(), legacy);
       ANDY_CHECK_T(IoError, sum == s["checksum"].get<std::string>(), (dir / name).string(),
                    ": checksum ", sum, " differs from ", s["checksum"].get<std::string>(), " in ",
                    manifest.string(), " (corrupt or modified shard)");
@@ -137,9 +138,12 @@ DataLoader::DataLoader(const LoaderOptions& opts, LoaderCursor start)
           " for these shards, or rerun andyllm preprocess with the run's tokenizer");
     }
     if (!opts_.tokenizer_checksum.empty()) {
-      ANDY_CHECK_T(ConfigError, info.tokenizer_checksum == opts_.tokenizer_checksum, f,
+      const std::string& expected =
+          info.format_version < 2 && !opts_.tokenizer_checksum_legacy.empty() ? opts_.tokenizer_checksum_legacy
+                                                                              : opts_.tokenizer_checksum;
+      ANDY_CHECK_T(ConfigError, info.tokenizer_checksum == expected, f,
                    ": shard tokenizer checksum ", info.tokenizer_checksum,
-                   " differs from the run's tokenizer (", opts_.tokenizer_checksum,
+                   " differs from the run's tokenizer (", expected,
                    "): these shards were tokenized with another tokenizer.model");
     }
     if (!infos_.empty()) {
@@ -179,6 +183,14 @@ int64_t DataLoader::window_at(int64_t epoch, int64_t step, int dp_rank, int64_t 
   return static_cast<int64_t>(perm(pos));
 }
 
+void DataLoader::check_ids(size_t shard, int64_t offset, int64_t n, const int64_t* ids) const {
+  const int64_t vocab = infos_[shard].vocab_size;
+  for (int64_t i = 0; i < n; ++i)
+    ANDY_CHECK_T(IoError, ids[i] >= 0 && ids[i] < vocab, infos_[shard].path, ": token id ", ids[i],
+                 " at token offset ", offset + i, " is outside the vocabulary 0..", vocab - 1,
+                 " (corrupt shard; rerun andyllm preprocess or restore the file)");
+}
+
 void DataLoader::read_tokens(int64_t offset, int64_t count, int64_t* out) const {
   ANDY_CHECK(offset >= 0 && offset + count <= total_tokens_, "read_tokens outside the split");
   while (count > 0) {
@@ -186,6 +198,7 @@ void DataLoader::read_tokens(int64_t offset, int64_t count, int64_t* out) const 
     int64_t in_shard = offset - starts_[s];
     int64_t n = std::min(count, infos_[s].token_count - in_shard);
     readers_[s]->read(in_shard, n, out);
+    if (opts_.check_token_ids) check_ids(s, in_shard, n, out);
     out += n;
     offset += n;
     count -= n;

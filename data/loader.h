@@ -63,8 +63,10 @@ struct LoaderOptions {
   // 0 / "" skip the check (inspection tools only).
   int64_t expected_vocab_size = 0;
   std::string tokenizer_checksum;
+  std::string tokenizer_checksum_legacy;  // the same file's checksum as version-1 shards wrote it
   int64_t prefetch_batches = 4;   // batches read ahead; 0 reads in next_batch(). Default: 4
   bool verify_checksums = false;  // compare each shard's file checksum with manifest.json first
+  bool check_token_ids = true;    // every token read must be < the shard's vocab_size
 };
 
 struct LoaderCursor {
@@ -119,6 +121,8 @@ class DataLoader {
   // Global window served at (epoch, step) in row `row` of DP rank `dp_rank`.
   int64_t window_at(int64_t epoch, int64_t step, int dp_rank, int64_t row) const;
   // Reads tokens [offset, offset + count) of the split's token stream.
+  // Throws IoError naming the shard and the token offset of an id outside its vocabulary.
+  void check_ids(size_t shard, int64_t offset, int64_t n, const int64_t* ids) const;
   void read_tokens(int64_t offset, int64_t count, int64_t* out) const;
 
  private:

@@ -155,8 +155,8 @@ ShardReader::ShardReader(const std::string& path) {
                       ": cannot open as HDF5 (truncated or corrupt shard?)"),
              H5Fclose);
   info_.format_version = read_attr_i64(f.get(), "format_version", path);
-  ANDY_CHECK_T(IoError, info_.format_version == kShardFormatVersion, path,
-               ": shard format version ", info_.format_version, ", this build reads version ",
+  ANDY_CHECK_T(IoError, info_.format_version >= 1 && info_.format_version <= kShardFormatVersion, path,
+               ": shard format version ", info_.format_version, ", this build reads versions 1 to ",
                kShardFormatVersion);
   info_.vocab_size = read_attr_i64(f.get(), "vocab_size", path);
   info_.tokenizer_checksum = read_attr_str(f.get(), "tokenizer_checksum", path);

@@ -17,7 +17,8 @@
 
 namespace andy::data {
 
-constexpr int64_t kShardFormatVersion = 1;
+// Version 2: checksums are standard FNV-1a 64 (version 1 shards and manifests are still read).
+constexpr int64_t kShardFormatVersion = 2;
 
 struct ShardInfo {
   std::string path;

@@ -222,9 +222,11 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   optimizer_ = std::make_unique<AdamW>(params_, cfg_.train);
   scaler_ = std::make_unique<LossScaler>(cfg_.precision, cfg_.precision.mode == "fp16" || opts_.force_loss_scaler);
 
-  std::string checksum;
-  if (fs::exists(cfg_.data.tokenizer_path)) checksum = data::file_checksum(cfg_.data.tokenizer_path);
-  else
+  std::string checksum, legacy_checksum;
+  if (fs::exists(cfg_.data.tokenizer_path)) {
+    checksum = data::file_checksum(cfg_.data.tokenizer_path);
+    legacy_checksum = data::file_checksum(cfg_.data.tokenizer_path, /*legacy=*/true);
+  } else
     throw ConfigError("data.tokenizer_path = " + cfg_.data.tokenizer_path + " (" +
                       cfg_.origin_of("data.tokenizer_path") +
                       "): no such file; run `andyllm preprocess` first (see docs/DATA.md)");
@@ -237,7 +239,9 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   o.seed = static_cast<uint64_t>(cfg_.train.seed);
   o.expected_vocab_size = cfg_.model.vocab_size;
   o.tokenizer_checksum = checksum;
+  o.tokenizer_checksum_legacy = legacy_checksum;
   o.prefetch_batches = cfg_.data.prefetch_batches;
+  o.verify_checksums = cfg_.data.verify_checksums;
   train_ = std::make_unique<data::DataLoader>(o);
   if (!cfg_.data.val_file.empty()) {
     data::LoaderOptions v = o;

@@ -89,6 +89,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(str_key(&DataConfig::tokenizer_path, &C::data, "data", "tokenizer_path", {}, "sentencepiece tokenizer.model the shards were made with"));
   s.push_back(int_key(&DataConfig::seq_len, &C::data, "data", "seq_len", 1, 1 << 20, "tokens per training sequence (<= model.max_seq_len)"));
   s.push_back(int_key(&DataConfig::prefetch_batches, &C::data, "data", "prefetch_batches", 0, 1024, "batches read ahead on the loader thread"));
+  s.push_back(bool_key(&DataConfig::verify_checksums, &C::data, "data", "verify_checksums", "check every shard's checksum against manifest.json when the run starts (one read of the data; turn off for huge datasets)"));
   // [train]
   s.push_back(str_key(&TrainConfig::output_dir, &C::train, "train", "output_dir", {}, "where checkpoints, metrics.jsonl and config.toml are written"));
   s.push_back(str_key(&TrainConfig::device, &C::train, "train", "device", {"cpu", "cuda"}, "cpu, or cuda (each local rank takes its own GPU)"));

@@ -35,6 +35,7 @@ struct DataConfig {
   std::string tokenizer_path = "data/demo/processed/tokenizer.model";
   int64_t seq_len = 128;
   int64_t prefetch_batches = 4;
+  bool verify_checksums = true;  // shards checked against manifest.json when the run starts
 };
 
 struct TrainConfig {

@@ -151,6 +151,7 @@ inline void make_split(const std::string& root, const std::string& split,
   nlohmann::json m;
   std::string mpath = root + "/manifest.json";
   if (std::filesystem::exists(mpath)) m = nlohmann::json::parse(read_text(mpath));
+  m["format_version"] = kShardFormatVersion;
   m["splits"][split] = {{"shards", shards}};
   write_file(mpath, m.dump(2));
 }

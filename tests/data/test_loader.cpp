@@ -296,6 +296,56 @@ TEST(DataLoader, ChecksumVerificationCatchesSilentCorruption) {
   EXPECT_NE(m.find("corrupt or modified shard"), std::string::npos) << m;
 }
 
+// Issue: the checksum was not standard FNV-1a 64 (offset basis a digit short). Known values of
+// the standard hash; version-1 manifests (old basis) still verify; a flipped bit is caught with
+// the legacy basis too.
+TEST(Checksum, IsStandardFnv1a64AndVersionOneManifestsStillVerify) {
+  Fnv1a64 empty, a;
+  a.update("a", 1);
+  EXPECT_EQ(empty.value(), 0xcbf29ce484222325ULL);
+  EXPECT_EQ(a.value(), 0xaf63dc4c8601ec8cULL);
+  TempDir dir;
+  make_split(dir.path(), "train", {5000});
+  std::string shard = dir / "train/shard-00000-00000.h5";
+  auto m = nlohmann::json::parse(read_text(dir / "manifest.json"));
+  EXPECT_EQ(m["format_version"].get<int>(), 2);
+  // Rewritten as a version-1 manifest: the legacy checksum of the same file.
+  m["format_version"] = 1;
+  m["splits"]["train"]["shards"][0]["checksum"] = file_checksum(shard, /*legacy=*/true);
+  write_file(dir / "manifest.json", m.dump(2));
+  auto o = options(dir / "train", 8, 2, 0, 1);
+  o.verify_checksums = true;
+  EXPECT_EQ(error_of([&] { DataLoader l(o); }), "(no error)");
+  {
+    std::fstream f(shard, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(static_cast<std::streamoff>(std::filesystem::file_size(shard) / 2));
+    f.put('\x7f');
+  }
+  EXPECT_NE(error_of([&] { DataLoader l(o); }).find("corrupt or modified shard"), std::string::npos);
+}
+
+// Issue: ids >= vocab died mid-training inside LibTorch with no file named. They are refused
+// as they are read, naming the shard and the offset.
+TEST(DataLoader, TokenIdsOutsideTheVocabularyNameTheShardAndOffset) {
+  TempDir dir;
+  make_split(dir.path(), "train", {3000}, /*vocab=*/5000);
+  // The shard declares a vocabulary of 5000 but ids reach 2999 only; declare 1000 instead by
+  // writing a second split whose stream exceeds its declared vocab: rewrite the attribute.
+  std::string shard = dir / "train/shard-00000-00000.h5";
+  auto [rc, out] = shell("/usr/bin/python3 -c \"import h5py; f=h5py.File('" + shard +
+                         "','r+'); f.attrs['vocab_size']=1000; f.close()\"");
+  if (rc != 0) GTEST_SKIP() << "python3-h5py is needed to rewrite the attribute: " << out;
+  auto o = options(dir / "train", 8, 2, 0, 1);
+  o.expected_vocab_size = 1000;
+  std::string m = error_of([&] {
+    DataLoader l(o);
+    for (int i = 0; i < 100; ++i) l.next_batch();
+  });
+  EXPECT_NE(m.find(shard + ": token id "), std::string::npos) << m;
+  EXPECT_NE(m.find("is outside the vocabulary 0..999"), std::string::npos) << m;
+  EXPECT_NE(m.find("at token offset "), std::string::npos) << m;
+}
+
 TEST(DataLoader, RefusesAnIncompleteDataset) {
   TempDir dir;
   make_split(dir.path(), "train", {1000, 1000});
