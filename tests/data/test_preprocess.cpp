@@ -126,9 +126,15 @@ TEST_F(Preprocessed, EveryDocumentRoundTripsAndTheSplitIsDisjointAndCovering) {
 TEST_F(Preprocessed, ManifestAndShardAttributesAgree) {
   auto m = nlohmann::json::parse(read_text(*dir_ / "out/manifest.json"));
   Tokenizer tok = Tokenizer::load(*dir_ / "out/tokenizer.model");
-  EXPECT_EQ(m["format_version"], 1);
+  EXPECT_EQ(m["format_version"], 2);
   EXPECT_EQ(m["vocab_size"], 600);
   EXPECT_EQ(m["tokenizer_checksum"], tok.checksum());
+  // The checksum is standard FNV-1a 64: an independent computation in Python agrees.
+  auto [rc, py] = shell("/usr/bin/python3 -c \"import sys; h=14695981039346656037\n"
+                        "for b in open(sys.argv[1],'rb').read(): h=((h^b)*1099511628211)%(1<<64)\n"
+                        "print('fnv1a64:%016x'%h)\" " + *dir_ / "out/tokenizer.model");
+  EXPECT_EQ(rc, 0) << py;
+  EXPECT_EQ(py, tok.checksum() + "\n");
   EXPECT_EQ(m["token_dtype"], "uint16");
   EXPECT_EQ(m["special_ids"]["eos"], 3);
   EXPECT_EQ(m["special_ids"]["pad"], 0);
