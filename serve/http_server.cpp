@@ -1,8 +1,14 @@
 // HTTP routes, streaming and metrics over the engine (see http_server.h).
 #include "serve/http_server.h"
 
+#include <arpa/inet.h>
+#include <dirent.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <chrono>
@@ -49,6 +55,54 @@ ApiError refusal_error(const std::string& why) {
   if (why.find("waiting queue is full") != std::string::npos)
     return error_of(429, "rate_limit_error", "the server is busy: " + why + "; retry later");
   return error_of(400, "invalid_request_error", why);
+}
+
+// The address and port of a socket's end (getsockname / getpeername), or "" / -1.
+std::pair<std::string, int> address_of(int fd, bool peer) {
+  sockaddr_storage a{};
+  socklen_t len = sizeof(a);
+  if ((peer ? getpeername(fd, reinterpret_cast<sockaddr*>(&a), &len) : getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len)) != 0)
+    return {"", -1};
+  char buf[INET6_ADDRSTRLEN] = {0};
+  if (a.ss_family == AF_INET) {
+    auto* in = reinterpret_cast<sockaddr_in*>(&a);
+    inet_ntop(AF_INET, &in->sin_addr, buf, sizeof(buf));
+    return {buf, ntohs(in->sin_port)};
+  }
+  if (a.ss_family == AF_INET6) {
+    auto* in = reinterpret_cast<sockaddr_in6*>(&a);
+    inet_ntop(AF_INET6, &in->sin6_addr, buf, sizeof(buf));
+    return {buf, ntohs(in->sin6_port)};
+  }
+  return {"", -1};
+}
+
+// The accepted socket that carries `req` (httplib does not hand it to handlers): the open
+// socket whose peer is the request's remote address and whose own port is its local port; -1
+// when none is found. Valid while the handler runs (httplib owns it).
+int connection_fd(const httplib::Request& req) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (!dir) return -1;
+  int found = -1;
+  while (dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (*end || end == e->d_name) continue;
+    const auto peer = address_of(static_cast<int>(fd), true);
+    if (peer.second != req.remote_port || peer.first != req.remote_addr) continue;
+    if (address_of(static_cast<int>(fd), false).second != req.local_port) continue;
+    found = static_cast<int>(fd);
+    break;
+  }
+  closedir(dir);
+  return found;
+}
+
+// True when the client closed its end (an orderly EOF or a reset), without consuming data.
+bool peer_closed(int fd) {
+  char c;
+  const ssize_t n = recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
 // A Prometheus histogram with fixed buckets.
@@ -211,10 +265,10 @@ struct HttpServer::Impl {
     svr.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) { guarded(req, res, &Impl::tokenize); });
     svr.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) { guarded(req, res, &Impl::detokenize); });
     svr.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
-      guarded(req, res, [this](const json& b, httplib::Response& r) { generate(b, r, Endpoint::kCompletions); });
+      guarded(req, res, [this, &req](const json& b, httplib::Response& r) { generate(req, b, r, Endpoint::kCompletions); });
     });
     svr.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
-      guarded(req, res, [this](const json& b, httplib::Response& r) { generate(b, r, Endpoint::kChat); });
+      guarded(req, res, [this, &req](const json& b, httplib::Response& r) { generate(req, b, r, Endpoint::kChat); });
     });
   }
 
@@ -385,7 +439,7 @@ struct HttpServer::Impl {
     return r.endpoint == Endpoint::kChat ? chat_logprobs_json(s, codec) : completion_logprobs_json(s, codec, offset);
   }
 
-  void generate(const json& body, httplib::Response& res, Endpoint endpoint) {
+  void generate(const httplib::Request& http, const json& body, httplib::Response& res, Endpoint endpoint) {
     auto req = std::make_shared<ApiRequest>();
     std::optional<ApiError> err = endpoint == Endpoint::kChat ? parse_chat_request(body, opts.protocol, codec, req.get())
                                                               : parse_completion_request(body, opts.protocol, codec, req.get());
@@ -397,12 +451,13 @@ struct HttpServer::Impl {
     const int64_t created = unix_now();
     std::shared_ptr<Call> call = submit(*req);
     auto out = std::make_shared<CallOutput>(req.get(), &codec);
-    if (!req->stream) return respond_whole(*call, call, *out, *req, res, id, created);
+    if (!req->stream) return respond_whole(http, call, *out, *req, res, id, created);
     res.set_header("Cache-Control", "no-cache");
+    const int fd = connection_fd(http);
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, call, out, req, id, created](size_t, httplib::DataSink& sink) {
-          return stream(call, *out, *req, sink, id, created);
+        [this, call, out, req, id, created, fd](size_t, httplib::DataSink& sink) {
+          return stream(call, *out, *req, sink, id, created, fd);
         },
         [this, call, out](bool) {
           // Ended or abandoned (a client that went away): nothing may keep running.
@@ -415,10 +470,19 @@ struct HttpServer::Impl {
     return live.count(call) > 0;
   }
 
-  void respond_whole(Call& call, const std::shared_ptr<Call>& hold, CallOutput& out, const ApiRequest& r,
-                     httplib::Response& res, const std::string& id, int64_t created) {
-    while (!out.complete()) next_deltas(call, out, std::chrono::milliseconds(1000));
-    end_call(hold, out, false);
+  // Waits for the whole response; a client that goes away meanwhile (mid-prefill too) has its
+  // requests cancelled.
+  void respond_whole(const httplib::Request& http, const std::shared_ptr<Call>& call, CallOutput& out,
+                     const ApiRequest& r, httplib::Response& res, const std::string& id, int64_t created) {
+    const int fd = connection_fd(http);
+    while (!out.complete()) {
+      next_deltas(*call, out, std::chrono::milliseconds(100));
+      if (fd >= 0 && !out.complete() && peer_closed(fd)) {
+        end_call(call, out, true);
+        return send_error(res, error_of(499, "client_closed_request", "the client closed the connection"));
+      }
+    }
+    end_call(call, out, false);
     if (!out.error.empty()) return send_error(res, refusal_error(out.error));
     json choices = json::array();
     for (size_t i = 0; i < out.choices.size(); ++i) {
@@ -441,8 +505,10 @@ struct HttpServer::Impl {
   }
 
   // The stream: role / echo chunks, then deltas as they come, usage, [DONE].
+  // `fd`: the connection's socket (-1: unknown), watched so that a client that goes away is
+  // noticed at once, not only when a write fails.
   bool stream(const std::shared_ptr<Call>& call, CallOutput& out, const ApiRequest& r, httplib::DataSink& sink,
-              const std::string& id, int64_t created) {
+              const std::string& id, int64_t created, int fd) {
     auto chunk = [&](json choice) {
       return send_event(sink, dump(response_json(r.endpoint, id, created, opts.protocol.model_id,
                                                  json::array({std::move(choice)}), true)));
@@ -462,8 +528,9 @@ struct HttpServer::Impl {
       if (r.echo) offsets[i] = static_cast<int64_t>(r.prompt_texts[i / r.params.n].size());
     auto idle_since = Clock::now();
     while (!out.complete()) {
-      auto deltas = next_deltas(*call, out, std::chrono::milliseconds(250));
+      auto deltas = next_deltas(*call, out, std::chrono::milliseconds(100));
       if (!out.error.empty()) break;
+      if (fd >= 0 && peer_closed(fd)) return false;
       for (const auto& d : deltas) {
         const json lp = logprobs_of(r, d.sampled, offsets[d.index]);
         offsets[d.index] += static_cast<int64_t>(d.text.size());

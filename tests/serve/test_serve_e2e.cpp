@@ -358,19 +358,37 @@ TEST_F(ServeE2e, ErrorsAreOpenAiErrorObjects) {
   EXPECT_EQ(status, 200);
 }
 
+// 4 prompts x 128 completions of 56 tokens: a request that runs for seconds on the tiny model.
+const json kLongRequest = {{"prompt", {"the cat", "a dog", "red tree", "river"}}, {"max_tokens", 56}, {"n", 128}, {"ignore_eos", true}};
+constexpr int kLongChoices = 512;
+
+// Waits until the server runs a request; false if none shows up.
+bool wait_running(const Server& s) {
+  for (int i = 0; i < 300; ++i) {
+    if (metric(s, "vllm:num_requests_running") > 0) return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return false;
+}
+
 TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
   const double aborted0 = metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"");
-  const double generated0 = metric(*server_, "vllm:generation_tokens_total");
   auto c = server_->client();
   httplib::Request req;
   req.method = "POST";
   req.path = "/v1/completions";
-  req.body = json({{"prompt", "the cat"}, {"max_tokens", 56}, {"temperature", 0}, {"ignore_eos", true}, {"stream", true}}).dump();
+  json body = kLongRequest;
+  body["stream"] = true;
+  req.body = body.dump();
   req.set_header("Content-Type", "application/json");
   int chunks = 0;
-  req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 2; };  // go away
+  std::string raw;
+  req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
+    raw.append(d, n);
+    return ++chunks < 2;  // goes away after two chunks
+  };
   c.send(req);
-  EXPECT_GE(chunks, 1);
+  ASSERT_EQ(raw.find("[DONE]"), std::string::npos);
   // Within a few engine steps nothing runs and every KV block is free again.
   double running = 1, usage = 1;
   for (int i = 0; i < 100 && (running != 0 || usage != 0); ++i) {
@@ -380,13 +398,82 @@ TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
   }
   EXPECT_EQ(running, 0);
   EXPECT_EQ(usage, 0);
-  const double aborted = metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"") - aborted0;
-  EXPECT_GE(aborted, 0);
-  std::printf("  disconnect after %d chunk(s): %g request(s) aborted, %g of 56 tokens generated\n", chunks, aborted,
-              metric(*server_, "vllm:generation_tokens_total") - generated0);
+  EXPECT_EQ(metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"") - aborted0, kLongChoices)
+      << "the stream's completions were cancelled, not run to the end";
   auto h = c.Get("/health");
   ASSERT_TRUE(h);
   EXPECT_EQ(h->status, 200);
+}
+
+TEST_F(ServeE2e, ANonStreamingClientThatGoesAwayIsCancelled) {
+  const double aborted0 = metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"");
+  auto c = server_->client();
+  c.set_read_timeout(0, 200000);  // gives up after 0.2 s, while the request is being computed
+  auto res = c.Post("/v1/completions", kLongRequest.dump(), "application/json");
+  if (res) GTEST_SKIP() << "the long request finished within 0.2 s: nothing to cancel";
+  double running = 1, usage = 1;
+  for (int i = 0; i < 100 && (running != 0 || usage != 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    running = metric(*server_, "vllm:num_requests_running");
+    usage = metric(*server_, "vllm:kv_cache_usage_perc");
+  }
+  EXPECT_EQ(running, 0);
+  EXPECT_EQ(usage, 0);
+  EXPECT_EQ(metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"") - aborted0, kLongChoices)
+      << "every completion of the abandoned request was cancelled";
+}
+
+// SIGTERM drains: /health and new requests answer 503, the running request still completes,
+// the server exits 0. A second SIGTERM while draining ends it at once.
+TEST_F(ServeE2e, SigtermDrainsAndASecondSignalEndsAtOnce) {
+  for (int signals : {1, 2}) {
+    Server s("--model " + model(), path("server_drain" + std::to_string(signals) + ".log"), 1);
+    ASSERT_GT(s.port, 0) << s.job->output();
+    int status = 0;
+    json whole;
+    std::thread client([&] { whole = post_json(s, "/v1/completions", kLongRequest, &status); });
+    ASSERT_TRUE(wait_running(s));
+    kill(s.job->pid, SIGTERM);
+    int health = 200;
+    for (int i = 0; i < 200 && health == 200; ++i) {
+      auto c = s.client();
+      auto h = c.Get("/health");
+      health = h ? h->status : -1;
+      if (health == 200) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    EXPECT_EQ(health, 503) << "draining";
+    int refused = 0;
+    json e = post_json(s, "/v1/completions", {{"prompt", "a"}, {"max_tokens", 2}}, &refused);
+    EXPECT_EQ(refused, 503) << e;
+    if (signals == 2) kill(s.job->pid, SIGTERM);
+    client.join();
+    ASSERT_TRUE(s.job->wait_exit(120)) << s.job->output();
+    if (signals == 1) {
+      EXPECT_EQ(status, 200) << whole;
+      EXPECT_EQ(whole["choices"].size(), static_cast<size_t>(kLongChoices));
+      EXPECT_EQ(whole["choices"][kLongChoices - 1]["finish_reason"], "length");
+      EXPECT_EQ(s.job->exit_code(), 0) << s.job->output();
+    } else {
+      EXPECT_NE(status, 200) << "the second signal did not end the drain";
+      EXPECT_EQ(s.job->exit_code(), 128 + SIGTERM) << s.job->output();
+    }
+  }
+}
+
+// A worker rank killed: the job ends non-zero (and a client is not left hanging).
+TEST_F(ServeE2e, AKilledRankEndsTheServer) {
+  Server s("--model " + model(), path("server_kill.log"), 2);
+  ASSERT_GT(s.port, 0) << s.job->output();
+  int status = 0;
+  std::thread client([&] { post_json(s, "/v1/completions", kLongRequest, &status); });
+  ASSERT_TRUE(wait_running(s));
+  std::vector<pid_t> ranks = children_of(s.job->pid);
+  ASSERT_EQ(ranks.size(), 2u);
+  ASSERT_EQ(kill(ranks.back(), SIGKILL), 0);
+  ASSERT_TRUE(s.job->wait_exit(60)) << "the job still runs 60 s after a rank was killed:\n" << s.job->output();
+  client.join();
+  EXPECT_NE(s.job->exit_code(), 0) << s.job->output();
+  EXPECT_NE(status, 200);
 }
 
 TEST_F(ServeE2e, MetricsUseVllmNamesAndCountWhatUsageReports) {
