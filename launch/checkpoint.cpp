@@ -73,6 +73,20 @@ void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Devi
 }
 
 
+std::string describe_write_failure(const std::string& what_kind, const std::string& path,
+                                   const std::exception& e, const std::string& verb) {
+  std::string what = e.what();
+  if (auto* c = dynamic_cast<const c10::Error*>(&e)) what = c->what_without_backtrace();
+  if (what.size() > 300) what = what.substr(0, 300) + "...";
+  std::string text = what.find(path) != std::string::npos ? what_kind + ": " + what
+                                                           : what_kind + ": " + verb + " " + path + ": " + what;
+  if (text.find("MiB free") == std::string::npos) {
+    std::string free = free_space_text(path);
+    if (!free.empty()) text += " (" + free + ")";
+  }
+  return text;
+}
+
 std::vector<int64_t> complete_checkpoint_steps(const std::string& root) {
   std::vector<int64_t> steps;
   std::error_code ec;
@@ -103,24 +117,6 @@ void prune_checkpoints(const std::string& root, int64_t current, int64_t keep_la
     fs::remove_all(root + "/" + checkpoint_dir_name(older[i]));
 }
 
-// fsync of a file written by LibTorch (so a power loss after the publishing renames cannot
-// leave an empty file under a complete-looking name).
-void sync_written(const std::string& file) { fsync_path(file); }
-
-// "checkpoint: cannot write FILE: REASON (N MiB free on MOUNT)": LibTorch's writer reports a
-// full disk only as a failed write, so the free space is added whenever it is low.
-std::string write_error_text(const std::string& path, const std::exception& e,
-                             const std::string& verb = "cannot write") {
-  std::string what = e.what();
-  if (auto* c = dynamic_cast<const c10::Error*>(&e)) what = c->what_without_backtrace();
-  if (what.size() > 300) what = what.substr(0, 300) + "...";
-  std::string text = "checkpoint: " + verb + " " + path + ": " + what;
-  if (text.find("MiB free") == std::string::npos) {
-    std::string free = free_space_text(path);
-    if (!free.empty()) text += " (" + free + ")";
-  }
-  return text;
-}
 
 // Reads `name` from an open archive into a tensor of the expected shape.
 at::Tensor read_tensor(torch::serialize::InputArchive& ar, const std::string& file,
@@ -241,10 +237,9 @@ std::string save_checkpoint(Trainer& tr) {
       ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
                                          at::kDouble));
       const std::string file = tmp_dir + "/" + shard_file(g.tp_rank());
-      ar.save_to(file);
-      sync_written(file);
+      save_archive(ar, file);
     } catch (const std::exception& e) {
-      err = write_error_text(tmp_dir + "/" + shard_file(g.tp_rank()), e);
+      err = describe_write_failure("checkpoint", tmp_dir + "/" + shard_file(g.tp_rank()), e);
     }
   }
   agree_or_throw(g, err, tr.device(), tmp_dir);
@@ -253,8 +248,7 @@ std::string save_checkpoint(Trainer& tr) {
     try {
       torch::serialize::OutputArchive rar;
       rar.write("rng", all_rng.view({g.world_size(), -1}));
-      rar.save_to(tmp_dir + "/rng.pt");
-      sync_written(tmp_dir + "/rng.pt");
+      save_archive(rar, tmp_dir + "/rng.pt");
       data::LoaderCursor c = tr.train_loader().cursor();
       json meta;
       meta["format_version"] = 1;
@@ -289,7 +283,7 @@ std::string save_checkpoint(Trainer& tr) {
       fs::remove_all(old_dir);
       prune_checkpoints(root, tr.step(), cfg.checkpoint.keep_last);
     } catch (const std::exception& e) {
-      err = write_error_text(final_dir, e, "cannot finish");
+      err = describe_write_failure("checkpoint", final_dir, e, "cannot finish");
       std::error_code ec;  // put a moved-aside complete checkpoint back
       if (!fs::exists(final_dir) && fs::exists(final_dir + ".old")) fs::rename(final_dir + ".old", final_dir, ec);
     }

@@ -55,6 +55,11 @@ bool lock_output_dir(const Config& cfg, bool create);
 // The validation loss recorded with output_dir/best_model (NaN when none or unknown).
 double best_model_val_loss(const std::string& output_dir);
 
+// "KIND: cannot write PATH: REASON (N MiB free on MOUNT)" for a failed write (LibTorch reports a
+// full disk only as a failed write, so the free space is added).
+std::string describe_write_failure(const std::string& what_kind, const std::string& path,
+                                   const std::exception& e, const std::string& verb = "cannot write");
+
 // Every rank learns whether any rank failed (non-empty `local_error`); if so every rank throws
 // Agreed<IoError> with the message of the lowest failing rank, which alone reports it. World
 // rank 0 then removes `partial_dir` (if given) so nothing half-written stays. Collective.

@@ -301,13 +301,7 @@ void Trainer::save_best_model(double val_loss) {
     try {
       write_best_model(full, dir, tmp, val_loss);
     } catch (const std::exception& e) {
-      std::string what = e.what();
-      if (auto* c = dynamic_cast<const c10::Error*>(&e)) what = c->what_without_backtrace();
-      err = "best_model: cannot write " + tmp + ": " + what.substr(0, 300);
-      if (err.find("MiB free") == std::string::npos) {
-        std::string free = free_space_text(tmp);
-        if (!free.empty()) err += " (" + free + ")";
-      }
+      err = describe_write_failure("best_model", tmp, e);
     }
   }
   // A failure is agreed (every rank throws, rank 0 removes best_model.tmp); the previous

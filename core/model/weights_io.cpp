@@ -3,7 +3,11 @@
 
 #include <torch/serialize.h>
 
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -200,8 +204,36 @@ StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size) {
 void write_full_weights(const StateDict& full, const std::string& file) {
   torch::serialize::OutputArchive ar;
   for (const auto& [name, t] : full) ar.write(archive_key(name), t.detach().cpu());
-  ar.save_to(file);
-  fsync_path(file);
+  save_archive(ar, file);
+}
+
+void save_archive(torch::serialize::OutputArchive& archive, const std::string& file) {
+  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw IoError("cannot write " + file + ": " + io_failure_text(file, errno));
+  int failed = 0;
+  // Every chunk is reported as written, even after a failure: LibTorch's zip writer must not
+  // throw (its destructor would throw again and terminate); the failure is ours to report.
+  archive.save_to([&](const void* data, size_t n) -> size_t {
+    const char* p = static_cast<const char*>(data);
+    size_t left = n;
+    while (failed == 0 && left > 0) {
+      ssize_t w = ::write(fd, p, left);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        failed = w < 0 ? errno : ENOSPC;
+        break;
+      }
+      p += w;
+      left -= static_cast<size_t>(w);
+    }
+    return n;
+  });
+  if (failed == 0 && ::fsync(fd) != 0) failed = errno;
+  if (::close(fd) != 0 && failed == 0) failed = errno;
+  if (failed != 0) {
+    ::unlink(file.c_str());
+    throw IoError("cannot write " + file + ": " + io_failure_text(file, failed));  // names the file itself
+  }
 }
 
 }  // namespace andy

@@ -51,4 +51,10 @@ StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size);
 // Writes full (unsharded) tensors as one LibTorch archive and fsyncs it.
 void write_full_weights(const StateDict& full, const std::string& file);
 
+// Writes a LibTorch archive to `file` through our own file descriptor, then fsyncs it. A failed
+// write (a full disk) throws IoError naming the file, the reason and the free space; unlike
+// OutputArchive::save_to(path), whose writer throws again from its destructor and terminates
+// the process. A partial file is removed.
+void save_archive(torch::serialize::OutputArchive& archive, const std::string& file);
+
 }  // namespace andy
