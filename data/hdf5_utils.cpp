@@ -10,7 +10,13 @@ std::recursive_mutex& hdf5_mutex() {
 
 void hdf5_quiet() {
   static std::once_flag once;
-  std::call_once(once, [] { H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr); });
+  std::call_once(once, [] {
+    // No library shutdown at exit: after a failed close (a full disk) HDF5's atexit handler
+    // closes the half-written file again and crashed the process (exit 139) after the error was
+    // reported. Every file is closed explicitly by its owner (H5Handle), so nothing is lost.
+    H5dont_atexit();
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+  });
 }
 
 namespace {

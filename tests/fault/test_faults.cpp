@@ -1,0 +1,57 @@
+// Fault tests through the executable (ctest label `fault`; docs/RELIABILITY.md lists every
+// fault class and where it is tested): here, preprocessing onto a full file system. The
+// trainer's faults (full disk, kills, corrupt shards and checkpoints, divergence, a second run
+// in one directory) are in tests/train, the engine's (a killed rank, bad input) in tests/serve;
+// both carry the `fault` label too.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "tests/data/data_test_util.h"
+#include "tests/launch/run_command.h"
+
+namespace fs = std::filesystem;
+using namespace andy::testing_util;
+namespace dt = andy::data::testing;
+
+namespace {
+
+// A tmpfs of `size` mounted at `at` for the test's life (needs root; CI runs as root).
+struct SmallDisk {
+  std::string at;
+  bool mounted = false;
+  SmallDisk(const std::string& dir, const std::string& size) : at(dir) {
+    fs::create_directories(at);
+    mounted = run_command("mount -t tmpfs -o size=" + size + " tmpfs " + at).exit_code == 0;
+  }
+  ~SmallDisk() {
+    if (mounted) run_command("umount " + at);
+  }
+};
+
+// Issue: `andyllm preprocess` on a full disk printed the HDF5 error and then crashed at exit
+// (rc 139, HDF5's atexit handler closing the failed file again). Now: exit 1, the file and the
+// reason named, and no dataset passed off as whole (no manifest.json).
+TEST(Faults, PreprocessOntoAFullDiskFailsCleanly) {
+  dt::TempDir dir("andyllm-fault");
+  auto corpus = run_command(source_dir() + "/scripts/make_demo_corpus.sh " + dir / "raw");
+  ASSERT_EQ(corpus.exit_code, 0) << corpus.output;
+  int failures = 0;
+  for (const std::string size : {"1m", "3m", "4m"}) {  // fails in sentencepiece input, shards, flush
+    SmallDisk disk(dir / ("disk" + size), size);
+    if (!disk.mounted) GTEST_SKIP() << "cannot mount a tmpfs here (not root?)";
+    auto r = run_command(andyllm_bin() + " preprocess --input_dir " + dir / "raw" + " --output_dir " +
+                         disk.at + "/out --vocab_size 4096");
+    std::printf("  tmpfs %s: exit %d\n", size.c_str(), r.exit_code);
+    EXPECT_NE(r.exit_code, 139) << "crashed\n" << r.output;
+    if (r.exit_code == 0) continue;  // it fit after all
+    ++failures;
+    EXPECT_EQ(r.exit_code, 1) << size << "\n" << r.output;
+    EXPECT_TRUE(r.output.find("No space left on device") != std::string::npos ||
+                r.output.find("disk full") != std::string::npos) << r.output;
+    EXPECT_FALSE(fs::exists(disk.at + "/out/manifest.json")) << "an incomplete dataset looks complete";
+  }
+  EXPECT_GT(failures, 0) << "no size was small enough to fail";
+}
+
+}  // namespace
