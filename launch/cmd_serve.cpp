@@ -68,12 +68,16 @@ ParsedArgs with_serve_flags(const ParsedArgs& args) {
 }
 
 // The model id: serve.served_model_name, else the model directory's name (the directory of a
-// model.pt file).
+// model.pt file); for a run's best_model/ or checkpoints/step_N/, the run's name
+// (outputs/tiny/best_model -> "tiny").
 std::string model_id_of(const Config& cfg) {
   if (!cfg.serve.served_model_name.empty()) return cfg.serve.served_model_name;
   fs::path p = fs::path(cfg.serve.model).lexically_normal();
   if (p.filename().empty()) p = p.parent_path();
   if (p.has_extension()) p = p.parent_path();
+  const std::string name = p.filename().string();
+  if (name == "best_model") p = p.parent_path();
+  if (name.rfind("step_", 0) == 0 && p.parent_path().filename() == "checkpoints") p = p.parent_path().parent_path();
   return p.filename().empty() ? "andyllm" : p.filename().string();
 }
 

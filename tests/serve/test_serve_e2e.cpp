@@ -476,6 +476,96 @@ TEST_F(ServeE2e, AKilledRankEndsTheServer) {
   EXPECT_NE(status, 200);
 }
 
+// A short load: 24 concurrent clients, 4 requests each (prompts of several lengths, streaming
+// and not, completions and chat, some streams abandoned after the first chunk): no unexpected
+// error, every KV block free at the end, the token counters equal to what was asked and reported.
+TEST_F(ServeE2e, ConcurrentMixedClientsLeaveNothingBehind) {
+  const std::vector<std::string> prompts = {"the", "the cat sat on a mat", "a quick brown fox jumps over the lazy dog",
+                                            "river flows down under the big blue tree in morning light"};
+  std::vector<int> prompt_len;
+  for (const auto& p : prompts) {
+    int status = 0;
+    prompt_len.push_back(post_json(*server_, "/tokenize", {{"prompt", p}}, &status)["count"].get<int>());
+  }
+  const double p0 = metric(*server_, "vllm:prompt_tokens_total");
+  const double g0 = metric(*server_, "vllm:generation_tokens_total");
+  std::atomic<int64_t> expected_prompt{0}, reported_completion{0};
+  std::atomic<int> unexpected{0}, abandoned{0};
+  std::vector<std::string> problems(24);
+  std::vector<std::thread> clients;
+  for (int t = 0; t < 24; ++t) {
+    clients.emplace_back([&, t] {
+      for (int k = 0; k < 4; ++k) {
+        const int which = (t + k) % 4, kind = (t * 4 + k) % 6;
+        const int max_tokens = std::min(4 + (t * 7 + k) % 20, 64 - prompt_len[which]);  // within the context
+        json body = {{"max_tokens", max_tokens}, {"ignore_eos", (t + k) % 2 == 0}, {"seed", t}};
+        std::string route = "/v1/completions";
+        if (kind == 5) {
+          route = "/v1/chat/completions";
+          body["messages"] = {{{"role", "user"}, {"content", prompts[which % 2]}}};  // the template adds tokens
+        } else {
+          body["prompt"] = prompts[which];
+          expected_prompt += prompt_len[which];
+        }
+        int status = 0;
+        if (kind == 0 || kind == 1 || kind == 5) {  // whole responses
+          json r = post_json(*server_, route, body, &status);
+          if (status != 200) {
+            ++unexpected;
+            problems[t] = r.dump();
+            continue;
+          }
+          if (kind == 5) expected_prompt += r["usage"]["prompt_tokens"].get<int64_t>();
+          reported_completion += r["usage"]["completion_tokens"].get<int64_t>();
+        } else if (kind == 4) {  // a stream abandoned after its first chunk
+          body["stream"] = true;
+          auto c = server_->client();
+          httplib::Request req;
+          req.method = "POST";
+          req.path = route;
+          req.body = body.dump();
+          req.set_header("Content-Type", "application/json");
+          req.content_receiver = [](const char*, size_t, uint64_t, uint64_t) { return false; };
+          c.send(req);
+          ++abandoned;
+        } else {  // streams read to the end
+          body["stream"] = true;
+          body["stream_options"] = {{"include_usage", true}};
+          Streamed st = collect(post_stream(*server_, route, body, &status), false);
+          if (status != 200 || !st.done_last || st.usage.is_null()) {
+            ++unexpected;
+            problems[t] = "stream: status " + std::to_string(status);
+            continue;
+          }
+          reported_completion += st.usage["completion_tokens"].get<int64_t>();
+        }
+      }
+    });
+  }
+  for (auto& c : clients) c.join();
+  EXPECT_EQ(unexpected, 0);
+  for (const auto& p : problems) EXPECT_TRUE(p.empty()) << p;
+  double running = 1, usage = 1;
+  for (int i = 0; i < 100 && (running != 0 || usage != 0); ++i) {
+    running = metric(*server_, "vllm:num_requests_running");
+    usage = metric(*server_, "vllm:kv_cache_usage_perc");
+    if (running != 0 || usage != 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(running, 0);
+  EXPECT_EQ(usage, 0) << "KV blocks still used after every request ended";
+  EXPECT_EQ(metric(*server_, "vllm:num_requests_waiting"), 0);
+  EXPECT_EQ(metric(*server_, "vllm:prompt_tokens_total") - p0, static_cast<double>(expected_prompt));
+  const double generated = metric(*server_, "vllm:generation_tokens_total") - g0;
+  EXPECT_GE(generated, static_cast<double>(reported_completion));
+  std::printf("  96 requests (%d abandoned): %lld prompt tokens, %g generated (%lld reported by finished ones)\n",
+              abandoned.load(), static_cast<long long>(expected_prompt), generated,
+              static_cast<long long>(reported_completion));
+  auto c = server_->client();
+  auto h = c.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 200);
+}
+
 TEST_F(ServeE2e, MetricsUseVllmNamesAndCountWhatUsageReports) {
   const double p0 = metric(*server_, "vllm:prompt_tokens_total");
   const double g0 = metric(*server_, "vllm:generation_tokens_total");
