@@ -48,6 +48,32 @@ case "$blas" in
      [ -n "$alt" ] && $SUDO update-alternatives --set libblas.so.3-x86_64-linux-gnu "$alt" ;;
 esac
 
+# The official openai npm client, for the serve e2e suite (tests/serve/openai_node/suite.mjs):
+# the pinned version (package-lock.json) into build/openai-node/. Without Node.js that suite is
+# skipped; the C++ HTTP tests still run.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "[setup] installing Node.js (nodejs npm) for the openai client suite"
+  $SUDO apt-get update -q || true
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends nodejs npm || true
+fi
+if command -v npm >/dev/null 2>&1; then
+  node_dir="$ANDYLLM_ROOT/build/openai-node"
+  mkdir -p "$node_dir"
+  cp "$ANDYLLM_ROOT/tests/serve/openai_node/package.json" "$ANDYLLM_ROOT/tests/serve/openai_node/package-lock.json" "$node_dir/"
+  if ! cmp -s "$node_dir/package-lock.json" "$node_dir/node_modules/.andyllm-installed-lock.json"; then
+    echo "[setup] npm ci: the openai client for the serve e2e suite (build/openai-node)"
+    if (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error); then
+      cp "$node_dir/package-lock.json" "$node_dir/node_modules/.andyllm-installed-lock.json"
+    else
+      echo "[setup] npm ci failed: the openai client suite will be skipped"
+    fi
+  else
+    echo "[setup] openai client for the serve e2e suite: installed (build/openai-node)"
+  fi
+else
+  echo "[setup] no npm: the openai client suite of the serve e2e test will be skipped"
+fi
+
 if [ "${ANDYLLM_SKIP_BUILD:-0}" = 1 ]; then exit 0; fi
 cd "$ANDYLLM_ROOT"
 echo "[setup] configuring (cmake --preset default)"

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -564,6 +565,23 @@ TEST_F(ServeE2e, ConcurrentMixedClientsLeaveNothingBehind) {
   auto h = c.Get("/health");
   ASSERT_TRUE(h);
   EXPECT_EQ(h->status, 200);
+}
+
+// The official `openai` npm client (pinned in tests/serve/openai_node/package.json, installed by
+// scripts/setup.sh into build/openai-node) runs tests/serve/openai_node/suite.mjs against the
+// server: completions, chat, streaming with usage, stop strings, n, seed, logprobs, errors and
+// an abandoned stream. Skipped when Node.js or the package is missing.
+TEST_F(ServeE2e, OfficialOpenAiNodeClient) {
+  namespace fs = std::filesystem;
+  const std::string node_dir = (fs::path(andyllm_bin()).parent_path() / "openai-node").string();
+  if (!fs::exists(node_dir + "/node_modules/openai/package.json") || run_command("node --version").exit_code != 0)
+    GTEST_SKIP() << "the openai npm client is not installed in " << node_dir << " (scripts/setup.sh installs it)";
+  fs::copy_file(source_dir() + "/tests/serve/openai_node/suite.mjs", node_dir + "/suite.mjs",
+                fs::copy_options::overwrite_existing);
+  auto r = run_command("cd " + node_dir + " && ANDYLLM_URL=http://127.0.0.1:" + std::to_string(server_->port) +
+                       " ANDYLLM_MODEL=tiny node suite.mjs");
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  std::printf("%s", r.output.c_str());
 }
 
 TEST_F(ServeE2e, MetricsUseVllmNamesAndCountWhatUsageReports) {
