@@ -24,6 +24,7 @@
 #include "core/base/logging.h"
 #include "core/model/model_config.h"
 #include "core/model/weights_io.h"
+#include "data/checksum.h"
 #include "parallel/tp_partition.h"
 
 namespace andy {
@@ -237,7 +238,8 @@ std::string save_checkpoint(Trainer& tr) {
       ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
                                          at::kDouble));
       const std::string file = tmp_dir + "/" + shard_file(g.tp_rank());
-      save_archive(ar, file);
+      // The checksum travels to rank 0 (meta.json) in a sidecar file beside the shard.
+      write_file_durable(file + ".checksum", save_archive(ar, file) + "\n");
     } catch (const std::exception& e) {
       err = describe_write_failure("checkpoint", tmp_dir + "/" + shard_file(g.tp_rank()), e);
     }
@@ -248,10 +250,20 @@ std::string save_checkpoint(Trainer& tr) {
     try {
       torch::serialize::OutputArchive rar;
       rar.write("rng", all_rng.view({g.world_size(), -1}));
-      save_archive(rar, tmp_dir + "/rng.pt");
+      json checksums;
+      checksums["rng.pt"] = save_archive(rar, tmp_dir + "/rng.pt");
+      for (int r = 0; r < g.tp_size(); ++r) {
+        const std::string side = tmp_dir + "/" + shard_file(r) + ".checksum";
+        std::ifstream in(side);
+        std::string sum;
+        in >> sum;
+        ANDY_CHECK_T(IoError, !sum.empty(), "checkpoint: ", side, " is missing");
+        checksums[shard_file(r)] = sum;
+        fs::remove(side);
+      }
       data::LoaderCursor c = tr.train_loader().cursor();
       json meta;
-      meta["format_version"] = 1;
+      meta["format_version"] = 2;  // 2: per-file checksums
       meta["step"] = tr.step();
       meta["optimizer_steps"] = tr.optimizer().steps();
       meta["tp_size"] = g.tp_size();
@@ -268,6 +280,7 @@ std::string save_checkpoint(Trainer& tr) {
       meta["loss_scale_growth_tracker"] = tr.scaler().growth_tracker();
       meta["files"] = json::array();
       for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(shard_file(r));
+      meta["checksums"] = checksums;  // FNV-1a 64 per file, verified before a resume
       meta["config"] = config_to_toml(cfg);
       write_file_durable(tmp_dir + "/meta.json", meta.dump(2));
       fsync_path(tmp_dir);
@@ -400,6 +413,44 @@ double best_model_val_loss(const std::string& output_dir) {
   return std::numeric_limits<double>::quiet_NaN();
 }
 
+void check_resume_checkpoint(const Config& cfg, const std::string& dir, int tp_rank, int tp_size) {
+  // Bad input (exit 2): the user's checkpoint does not fit this run or is damaged.
+  const std::string meta_path = dir + "/meta.json";
+  json meta;
+  try {
+    std::ifstream f(meta_path);
+    ANDY_USER_CHECK(f.good(), "checkpoint file ", meta_path, " is missing (partial checkpoint)");
+    meta = json::parse(f);
+  } catch (const ConfigError&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw ConfigError("checkpoint file " + meta_path + " is damaged: " + e.what());
+  }
+  try {
+    check_same_model(meta, meta_path, cfg);
+  } catch (const Error& e) {
+    throw ConfigError(e.what());
+  }
+  const int saved_tp = meta.value("tp_size", 0);
+  ANDY_USER_CHECK(saved_tp >= 1, "checkpoint file ", meta_path, " has no valid tp_size");
+  // The files this rank will read: its own shard at the same TP size, every shard otherwise.
+  std::vector<std::string> files;
+  if (saved_tp == tp_size) files.push_back(shard_file(tp_rank));
+  else
+    for (int r = 0; r < saved_tp; ++r) files.push_back(shard_file(r));
+  if (tp_rank == 0) files.push_back("rng.pt");
+  const json sums = meta.value("checksums", json::object());
+  for (const std::string& name : files) {
+    const std::string path = dir + "/" + name;
+    ANDY_USER_CHECK(fs::exists(path), "checkpoint file ", path, " is missing (partial or damaged checkpoint)");
+    if (!sums.contains(name)) continue;  // written before per-file checksums
+    const std::string got = data::file_checksum(path);
+    ANDY_USER_CHECK(got == sums[name].get<std::string>(), "checkpoint file ", path, " is damaged: checksum ", got,
+                    " differs from ", sums[name].get<std::string>(), " recorded in ", meta_path,
+                    "; resume from an older checkpoint (--resume PATH)");
+  }
+}
+
 std::string resolve_resume_path(const Config& cfg) {
   const std::string& r = cfg.checkpoint.resume;
   if (r == "none" || r.empty()) return "";
@@ -438,6 +489,9 @@ void load_checkpoint_local(Trainer& tr, const std::string& dir) {
     ANDY_THROW(IoError, "checkpoint file ", meta_path, " is damaged: ", e.what());
   }
   check_same_model(meta, meta_path, cfg);
+  if (g.rank() == 0 && meta.contains("seq_len") && meta["seq_len"].get<int64_t>() != cfg.data.seq_len)
+    log::warn("checkpoint ", dir, " was trained with data.seq_len = ", meta["seq_len"].get<int64_t>(), ", this run uses ",
+              cfg.data.seq_len, ": the data cursor counts windows, so the resumed data order shifts");
   const int old_tp = meta.at("tp_size").get<int>();
   const int new_tp = g.tp_size();
   // Per-name full or local tensors for this rank's shard.

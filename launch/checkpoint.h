@@ -34,6 +34,10 @@ std::string save_checkpoint(Trainer& trainer);
 // The checkpoint checkpoint.resume selects: "" for none (resume = none, or auto without a
 // complete checkpoint in output_dir/checkpoints).
 std::string resolve_resume_path(const Config& cfg);
+// Setup-time check of the checkpoint to resume (before anything is written): meta.json readable,
+// the same [model], the files this rank will read present and matching their recorded
+// checksums. ConfigError (bad input, exit 2) naming the file otherwise. No collectives.
+void check_resume_checkpoint(const Config& cfg, const std::string& dir, int tp_rank, int tp_size);
 // Restores weights, optimizer, scaler, step, best val loss, RNG and data cursor.
 void load_checkpoint(Trainer& trainer, const std::string& dir);
 

@@ -235,10 +235,14 @@ Config load_config_collectively(const ParsedArgs& args, World* world) {
 
 void configure_threads(const Config& cfg, const World* world) {
   int threads = static_cast<int>(cfg.train.intra_op_threads);
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  const int local = world ? world->local_size() : 1;
   if (threads <= 0) {
-    int cores = static_cast<int>(std::thread::hardware_concurrency());
-    int local = world ? world->local_size() : 1;
     threads = std::max(1, cores / std::max(1, local));
+  } else if (cores > 0 && threads * local > cores && (!world || world->is_root())) {
+    // Oversubscribed threads spin against each other (64 threads on 2 cores ran 13x slower).
+    log::warn("[train] intra_op_threads = ", threads, " x ", local, " rank(s) on this host = ", threads * local,
+              " threads for ", cores, " cores: expect a large slowdown; use 0 (cores / ranks)");
   }
   at::set_num_threads(threads);
   // LibTorch sets OpenMP's threads only; OpenBLAS (Debian's libblas.so.3, which fp32 matmul

@@ -81,9 +81,10 @@ Subcommand make_train_command() {
       std::string last_val = r.val_losses.empty() ? "n/a" : std::to_string(r.val_losses.back().second);
       log::info(r.stopped_by_signal ? "stopped on request" : "training finished", " at step ", r.final_step,
                 " in ", r.seconds, " s; val_loss ", first_val, " -> ", last_val);
+      const bool best = std::filesystem::exists(cfg.train.output_dir + "/best_model/model.pt");
       log::info("written under ", cfg.train.output_dir, ": config.toml, metrics.jsonl (plot: scripts/plot_metrics.sh ",
-                cfg.train.output_dir, "/metrics.jsonl), best_model/, checkpoints/ (latest: ",
-                r.last_checkpoint, ")");
+                cfg.train.output_dir, "/metrics.jsonl), ", best ? "best_model/, " : "", "checkpoints/ (latest: ",
+                r.last_checkpoint.empty() ? "none" : r.last_checkpoint, ")");
     }
     return 0;
   };

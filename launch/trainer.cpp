@@ -242,18 +242,25 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   o.tokenizer_checksum_legacy = legacy_checksum;
   o.prefetch_batches = cfg_.data.prefetch_batches;
   o.verify_checksums = cfg_.data.verify_checksums;
-  train_ = std::make_unique<data::DataLoader>(o);
-  if (!cfg_.data.val_file.empty()) {
-    data::LoaderOptions v = o;
-    v.split = cfg_.data.val_file;
-    v.shuffle = false;
-    v.prefetch_batches = 0;
-    val_ = std::make_unique<data::DataLoader>(v);
+  // Damaged or missing data is the user's input: a ConfigError (exit 2), like a bad key.
+  try {
+    train_ = std::make_unique<data::DataLoader>(o);
+    if (!cfg_.data.val_file.empty()) {
+      data::LoaderOptions v = o;
+      v.split = cfg_.data.val_file;
+      v.shuffle = false;
+      v.prefetch_batches = 0;
+      val_ = std::make_unique<data::DataLoader>(v);
+    }
+  } catch (const IoError& e) {
+    throw ConfigError(e.what());
   }
+  warn_about_data_setup();
   // A bad --resume (no such directory, `latest` naming an incomplete checkpoint) is found here,
   // during setup, which cmd_train agrees across ranks; run() loads it.
   resume_dir_ = resolve_resume_path(cfg_);
   check_fresh_start(cfg_, resume_dir_);
+  if (!resume_dir_.empty()) check_resume_checkpoint(cfg_, resume_dir_, grid_.tp_rank(), grid_.tp_size());
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   if (cfg_.train.max_steps > 0) {
     total_steps_ = cfg_.train.max_steps;
@@ -267,6 +274,17 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
 }
 
 Trainer::~Trainer() = default;
+
+void Trainer::warn_about_data_setup() const {
+  if (grid_.rank() != 0 || !opts_.print) return;
+  const auto& d = cfg_.data;
+  if (!d.val_file.empty() && fs::weakly_canonical(d.val_file) == fs::weakly_canonical(d.train_file))
+    log::warn("data.val_file and data.train_file are the same (", d.train_file,
+              "): the validation loss will measure memorisation, not generalisation");
+  if (val_ && cfg_.train.eval_batches > val_->steps_per_epoch())
+    log::warn("train.eval_batches = ", cfg_.train.eval_batches, " but the validation split has only ",
+              val_->steps_per_epoch(), " global batches: each evaluation uses ", val_->steps_per_epoch());
+}
 
 void Trainer::write_metrics(const std::string& line) {
   if (grid_.rank() != 0 || !opts_.print) return;

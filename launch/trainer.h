@@ -183,6 +183,9 @@ class Trainer {
   // Start of run(): adopts the best_model/ on disk's validation loss, warns about checkpoints
   // of later steps than the one resumed.
   void note_earlier_results(bool log_it);
+  // Rank 0: warnings about the data setup (identical train and validation paths, eval_batches
+  // beyond the validation split).
+  void warn_about_data_setup() const;
   // Rank 0 on resume: metrics.jsonl keeps only rows up to `step` (atomic rewrite).
   void truncate_metrics_after(int64_t step);
   // Throws an agreed Error (every rank, reported once) when the step's loss is not finite, a

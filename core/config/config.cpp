@@ -471,6 +471,9 @@ void apply_set(Config& cfg, const std::string& assignment, const std::string& or
 }
 
 void validate_config(const Config& cfg, int world_size) {
+  if (cfg.train.output_dir.empty())
+    fail("[train] output_dir (" + cfg.origin_of("train.output_dir") + ")",
+         "empty: expected the directory for checkpoints, metrics.jsonl and config.toml");
   auto at = [&](const std::string& dotted) {
     const KeySpec* k = find_key(dotted.substr(0, dotted.find('.')), dotted.substr(dotted.find('.') + 1));
     return "[" + k->section + "] " + k->key + " = " + format_value(k->get(cfg)) + " (" +

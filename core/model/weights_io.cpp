@@ -207,14 +207,16 @@ void write_full_weights(const StateDict& full, const std::string& file) {
   save_archive(ar, file);
 }
 
-void save_archive(torch::serialize::OutputArchive& archive, const std::string& file) {
+std::string save_archive(torch::serialize::OutputArchive& archive, const std::string& file) {
   int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) throw IoError("cannot write " + file + ": " + io_failure_text(file, errno));
   int failed = 0;
+  uint64_t fnv = 14695981039346656037ULL;  // FNV-1a 64 of the bytes written
   // Every chunk is reported as written, even after a failure: LibTorch's zip writer must not
   // throw (its destructor would throw again and terminate); the failure is ours to report.
   archive.save_to([&](const void* data, size_t n) -> size_t {
     const char* p = static_cast<const char*>(data);
+    for (size_t i = 0; i < n; ++i) fnv = (fnv ^ static_cast<unsigned char>(p[i])) * 1099511628211ULL;
     size_t left = n;
     while (failed == 0 && left > 0) {
       ssize_t w = ::write(fd, p, left);
@@ -234,6 +236,9 @@ void save_archive(torch::serialize::OutputArchive& archive, const std::string& f
     ::unlink(file.c_str());
     throw IoError("cannot write " + file + ": " + io_failure_text(file, failed));  // names the file itself
   }
+  char hex[32];
+  std::snprintf(hex, sizeof hex, "fnv1a64:%016llx", static_cast<unsigned long long>(fnv));
+  return hex;
 }
 
 }  // namespace andy

@@ -54,7 +54,8 @@ void write_full_weights(const StateDict& full, const std::string& file);
 // Writes a LibTorch archive to `file` through our own file descriptor, then fsyncs it. A failed
 // write (a full disk) throws IoError naming the file, the reason and the free space; unlike
 // OutputArchive::save_to(path), whose writer throws again from its destructor and terminates
-// the process. A partial file is removed.
-void save_archive(torch::serialize::OutputArchive& archive, const std::string& file);
+// the process. A partial file is removed. Returns the file's FNV-1a 64 checksum
+// ("fnv1a64:<16 hex>", data/checksum.h's format), computed while writing.
+std::string save_archive(torch::serialize::OutputArchive& archive, const std::string& file);
 
 }  // namespace andy

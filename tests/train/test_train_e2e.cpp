@@ -138,10 +138,20 @@ TEST(TrainE2e, SigtermOnOneRankWritesACheckpointAndExitsZero) {
   fs::resize_file(shard, fs::file_size(shard) / 3);
   r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + " --set train.max_steps=" +
                   std::to_string(stopped + 4));
-  // Both ranks read the damaged shard; they agree: one message naming it, exit 1, no abort.
-  EXPECT_EQ(r.exit_code, 1) << r.output;
-  EXPECT_EQ(count_of(r.output, shard), 1) << r.output;
+  // Found at setup by its recorded checksum, before anything is written: one message naming it,
+  // exit 2 (damaged input), no abort, config.toml untouched.
+  const std::string config_before = dt::read_text(dir / "out/config.toml");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count_of(r.output, shard + " is damaged: checksum"), 1) << r.output;
   EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << r.output;
+  EXPECT_EQ(dt::read_text(dir / "out/config.toml"), config_before);
+  // A resume with another model is refused the same way and leaves config.toml as it was.
+  fs::resize_file(shard, 0);
+  r = run_command(mpirun(2) + andyllm_bin() + " train --config " + cfg + " --set model.dim=64 --set train.max_steps=" +
+                  std::to_string(stopped + 4));
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count_of(r.output, "holds another model: [model] dim = 32 there, 64 here"), 1) << r.output;
+  EXPECT_EQ(dt::read_text(dir / "out/config.toml"), config_before) << "a refused resume rewrote config.toml";
 }
 
 // A setup step that fails on rank 0 only (it alone creates output_dir, here under a regular
@@ -439,7 +449,9 @@ TEST(TrainE2e, AFullDiskFailsTheSaveCleanly) {
   ASSERT_FALSE(latest.empty()) << r.output;
   const std::string ckpt = small + "/out/checkpoints/" + latest;
   EXPECT_TRUE(fs::exists(ckpt + "/meta.json"));
-  if (fs::exists(small + "/out/best_model/model.pt")) EXPECT_GT(fs::file_size(small + "/out/best_model/model.pt"), 0u);
+  if (fs::exists(small + "/out/best_model/model.pt")) {
+    EXPECT_GT(fs::file_size(small + "/out/best_model/model.pt"), 0u);
+  }
   // The latest checkpoint resumes (copied off the full disk).
   fs::copy(small + "/out", dir / "copy", fs::copy_options::recursive);
   fs::remove(dir / "copy/.lock");

@@ -262,7 +262,18 @@ TEST(Trainer, TruncatedOrPartialCheckpointIsRefusedNamingTheFile) {
   }
   MPI_Barrier(MPI_COMM_WORLD);
   c.checkpoint.resume = "auto";
-  Trainer t2(c, world_grid(1), quiet());
+  // At setup (the Trainer's constructor): the recorded checksum no longer matches.
+  try {
+    Trainer refused(c, world_grid(1), quiet());
+    ADD_FAILURE() << "setup accepted a truncated checkpoint";
+  } catch (const ConfigError& e) {
+    EXPECT_NE(std::string(e.what()).find(shard + " is damaged: checksum"), std::string::npos) << e.what();
+  }
+  // And load_checkpoint itself (a trainer of another output_dir) refuses it too.
+  Config other = c;
+  other.train.output_dir += "_t2";
+  other.checkpoint.resume = "none";
+  Trainer t2(other, world_grid(1), quiet());
   try {
     load_checkpoint(t2, dir);
     ADD_FAILURE() << "a truncated checkpoint was accepted";
