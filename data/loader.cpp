@@ -98,6 +98,9 @@ std::vector<std::string> resolve_split(const std::string& split, bool verify_che
   if (p.has_filename() == false) p = p.parent_path();  // "dir/" -> "dir"
   if (fs::is_directory(p)) {
     auto files = shards_in_dir(p);
+    ANDY_CHECK_T(ConfigError, files.empty() == false || !fs::exists(p.parent_path() / ".preprocess-tmp"), "data split ",
+                 split, ": holds no finished shard: the andyllm preprocess run writing ", p.parent_path().string(),
+                 " did not finish (its .preprocess-tmp/ is still there); run it again (it cleans up the unfinished run)");
     ANDY_CHECK_T(ConfigError, !files.empty(), "data split ", split,
                  ": directory holds no .h5 shard");
     check_manifest(p, files, verify_checksums);

@@ -156,9 +156,13 @@ void prepare_output(const PreprocessOptions& o, const std::string& tmp_dir) {
     ANDY_CHECK_T(ConfigError, fs::is_directory(out, ec), "--output_dir ", o.output_dir,
                  ": exists and is not a directory");
     bool empty = fs::directory_iterator(out, ec) == fs::directory_iterator();
+    // What a killed run left (its temporary directory, no manifest): cleaned without --overwrite.
+    const bool unfinished = fs::exists(out / ".preprocess-tmp") && !fs::exists(out / "manifest.json");
+    if (unfinished && !empty)
+      log::info("preprocess: ", o.output_dir, " holds an unfinished run (.preprocess-tmp/, no manifest.json): removing it");
     if (!empty) {
       ANDY_CHECK_T(
-          ConfigError, o.overwrite, "--output_dir ", o.output_dir,
+          ConfigError, o.overwrite || unfinished, "--output_dir ", o.output_dir,
           " already exists and is not empty (",
           fs::exists(out / "manifest.json") ? "it holds a dataset" : "it holds other files",
           "): refusing to overwrite it; pass --overwrite to replace the dataset, or choose another "

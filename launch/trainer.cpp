@@ -222,6 +222,14 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   optimizer_ = std::make_unique<AdamW>(params_, cfg_.train);
   scaler_ = std::make_unique<LossScaler>(cfg_.precision, cfg_.precision.mode == "fp16" || opts_.force_loss_scaler);
 
+  // An unfinished preprocess (killed) is named before anything else about the data.
+  if (fs::is_directory(cfg_.data.train_file)) {
+    try {
+      data::resolve_split(cfg_.data.train_file);
+    } catch (const IoError& e) {
+      throw ConfigError(e.what());
+    }
+  }
   std::string checksum, legacy_checksum;
   if (fs::exists(cfg_.data.tokenizer_path)) {
     checksum = data::file_checksum(cfg_.data.tokenizer_path);

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "tests/data/data_test_util.h"
+#include "tests/launch/job.h"
 #include "tests/launch/run_command.h"
 
 namespace fs = std::filesystem;
@@ -52,6 +53,37 @@ TEST(Faults, PreprocessOntoAFullDiskFailsCleanly) {
     EXPECT_FALSE(fs::exists(disk.at + "/out/manifest.json")) << "an incomplete dataset looks complete";
   }
   EXPECT_GT(failures, 0) << "no size was small enough to fail";
+}
+
+
+// Issue: a killed preprocess left its temporary files, and train then said only "holds no .h5
+// shard". Now train names the unfinished preprocess, and the next preprocess run cleans it up
+// without --overwrite.
+TEST(Faults, AKilledPreprocessIsNamedAndCleanedByTheNextRun) {
+  dt::TempDir dir("andyllm-fault");
+  auto corpus = run_command(source_dir() + "/scripts/make_demo_corpus.sh " + dir / "raw");
+  ASSERT_EQ(corpus.exit_code, 0) << corpus.output;
+  const std::string out = dir / "data";
+  const std::string cmd = andyllm_bin() + " preprocess --input_dir " + dir / "raw" + " --output_dir " + out +
+                          " --vocab_size 4096";
+  {
+    Job job(cmd, dir / "pre.log");
+    ASSERT_GT(job.pid, 0);
+    for (int i = 0; i < 200 && !fs::exists(out + "/.preprocess-tmp"); ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    ASSERT_EQ(kill(-job.pid, SIGKILL), 0);
+    ASSERT_TRUE(job.wait_exit(30));
+  }
+  if (fs::exists(out + "/manifest.json")) GTEST_SKIP() << "preprocess finished before it could be killed";
+  ASSERT_TRUE(fs::exists(out + "/.preprocess-tmp"));
+  auto r = run_command(andyllm_bin() + " train --train_file " + out + "/train --output_dir " + dir / "run");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  EXPECT_EQ(count_of(r.output, "did not finish (its .preprocess-tmp/ is still there)"), 1) << r.output;
+  r = run_command(cmd);
+  EXPECT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("holds an unfinished run"), std::string::npos) << r.output;
+  EXPECT_TRUE(fs::exists(out + "/manifest.json"));
+  EXPECT_FALSE(fs::exists(out + "/.preprocess-tmp"));
 }
 
 }  // namespace
