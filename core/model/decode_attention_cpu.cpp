@@ -113,35 +113,53 @@ __attribute__((target("avx2,fma"))) void dot8_avx2(const float* q, const float* 
   _mm256_storeu_ps(dst, sum8(acc));
 }
 
-// out[0..d) = sum_p w[p] * v[p] over `n` rows, accumulated in registers (d = 8 * NV).
-template <int NV>
-__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const float* w, const float* const* v, int64_t n,
-                                                           float* out) {
-  __m256 acc[NV];
-  for (int i = 0; i < NV; ++i) acc[i] = _mm256_setzero_ps();
+// out[h * d + (0..d)] = sum_p w[h * stride + p] * v[p] for the G heads of a group, over `n`
+// rows, accumulated in registers (d = 8 * NV): each value row is loaded once for all G heads.
+template <int NV, int G>
+__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const float* w, int64_t stride, const float* const* v,
+                                                           int64_t n, float* out) {
+  __m256 acc[G * NV];
+  for (int i = 0; i < G * NV; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t p = 0; p < n; ++p) {
-    const __m256 wv = _mm256_set1_ps(w[p]);
-    for (int i = 0; i < NV; ++i) acc[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(v[p] + 8 * i), acc[i]);
-  }
-  for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
-}
-
-void weighted_sum(bool avx2, const float* w, const float* const* v, int64_t n, int64_t d, float* out) {
-  if (avx2) {
-    switch (d) {
-      case 16: return weighted_sum_avx2<2>(w, v, n, out);
-      case 32: return weighted_sum_avx2<4>(w, v, n, out);
-      case 64: return weighted_sum_avx2<8>(w, v, n, out);
-      case 128: return weighted_sum_avx2<16>(w, v, n, out);
-      default: break;
+    __m256 row[NV];
+    for (int i = 0; i < NV; ++i) row[i] = _mm256_loadu_ps(v[p] + 8 * i);
+    for (int h = 0; h < G; ++h) {
+      const __m256 wv = _mm256_set1_ps(w[h * stride + p]);
+      for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_fmadd_ps(wv, row[i], acc[h * NV + i]);
     }
   }
-  std::fill(out, out + d, 0.0f);
-  for (int64_t p = 0; p < n; ++p) {
-    if (avx2)
-      axpy_avx2(w[p], v[p], out, d);
-    else
-      axpy_portable(w[p], v[p], out, d);
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + h * NV * 8 + 8 * i, acc[h * NV + i]);
+}
+
+// The weighted sums of `g` heads (weights rows of `stride`), fused where registers allow.
+void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const float* const* v, int64_t n,
+                   int64_t d, float* out) {
+  if (avx2) {
+    const int64_t nv = d / 8;
+    if (d % 8 == 0) {
+      if (nv == 2 && g == 1) return weighted_sum_avx2<2, 1>(w, stride, v, n, out);
+      if (nv == 2 && g == 2) return weighted_sum_avx2<2, 2>(w, stride, v, n, out);
+      if (nv == 2 && g == 4) return weighted_sum_avx2<2, 4>(w, stride, v, n, out);
+      if (nv == 4 && g == 1) return weighted_sum_avx2<4, 1>(w, stride, v, n, out);
+      if (nv == 4 && g == 2) return weighted_sum_avx2<4, 2>(w, stride, v, n, out);
+      if (nv == 8 && g == 1) return weighted_sum_avx2<8, 1>(w, stride, v, n, out);
+      if (nv == 16 && g == 1) return weighted_sum_avx2<16, 1>(w, stride, v, n, out);
+      if (g > 1) {  // one head at a time
+        for (int64_t h = 0; h < g; ++h) weighted_sums(avx2, w + h * stride, stride, 1, v, n, d, out + h * d);
+        return;
+      }
+    }
+  }
+  for (int64_t h = 0; h < g; ++h) {
+    float* o = out + h * d;
+    std::fill(o, o + d, 0.0f);
+    for (int64_t p = 0; p < n; ++p) {
+      if (avx2)
+        axpy_avx2(w[h * stride + p], v[p], o, d);
+      else
+        axpy_portable(w[h * stride + p], v[p], o, d);
+    }
   }
 }
 
@@ -164,29 +182,34 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
       vrows[p] = v;
     }
   }
-  scores.resize(static_cast<size_t>(ctx));
+  // Scores of every head of the group, 8 positions at a time (the 8 key rows stay in L1 for
+  // the group's heads); then a softmax per head; then the fused weighted sums of the values.
+  scores.resize(static_cast<size_t>(g * ctx));
   const bool vec8 = avx2 && d % 8 == 0;
+  int64_t p = 0;
+  if (vec8)
+    for (; p + 8 <= ctx; p += 8)
+      for (int64_t h = 0; h < g; ++h) dot8_avx2(q + h * d, krows.data() + p, d, scores.data() + h * ctx + p);
+  for (; p < ctx; ++p)
+    for (int64_t h = 0; h < g; ++h)
+      scores[h * ctx + p] = avx2 ? dot_avx2(q + h * d, krows[p], d) : dot_portable(q + h * d, krows[p], d);
   for (int64_t h = 0; h < g; ++h) {
-    const float* qh = q + h * d;
-    int64_t p = 0;
-    if (vec8)
-      for (; p + 8 <= ctx; p += 8) dot8_avx2(qh, krows.data() + p, d, scores.data() + p);
-    for (; p < ctx; ++p) scores[p] = avx2 ? dot_avx2(qh, krows[p], d) : dot_portable(qh, krows[p], d);
+    float* sc = scores.data() + h * ctx;
     float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < ctx; ++i) mx = std::max(mx, scores[i] * a.scale);
+    for (int64_t i = 0; i < ctx; ++i) mx = std::max(mx, sc[i] * a.scale);
     float sum = 0;
     if (avx2) {
-      sum = exp_scores_avx2(scores.data(), ctx, a.scale, mx);
+      sum = exp_scores_avx2(sc, ctx, a.scale, mx);
     } else {
       for (int64_t i = 0; i < ctx; ++i) {
-        scores[i] = std::exp(scores[i] * a.scale - mx);
-        sum += scores[i];
+        sc[i] = std::exp(sc[i] * a.scale - mx);
+        sum += sc[i];
       }
     }
     const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < ctx; ++i) scores[i] *= inv;
-    weighted_sum(avx2, scores.data(), vrows.data(), ctx, d, out + h * d);
+    for (int64_t i = 0; i < ctx; ++i) sc[i] *= inv;
   }
+  weighted_sums(avx2, scores.data(), ctx, g, vrows.data(), ctx, d, out);
 }
 
 }  // namespace

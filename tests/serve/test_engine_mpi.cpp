@@ -41,6 +41,7 @@ int rank() { return world_tp()->rank(); }
 
 ModelConfig model_config() {
   ModelConfig m = test::tiny_config(/*tie=*/false);
+  m.dim = 128;  // head size 16, two query heads per kv head: the CPU decode kernel's AVX2 path
   m.max_seq_len = 96;
   m.init_std = 0.3;  // peaked logits: greedy choices far from ties
   return m;
