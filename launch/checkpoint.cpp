@@ -138,17 +138,7 @@ at::Tensor read_tensor(torch::serialize::InputArchive& ar, const std::string& fi
 }
 
 torch::serialize::InputArchive open_archive(const std::string& file) {
-  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint file ", file,
-               " is missing (partial or damaged checkpoint)");
-  torch::serialize::InputArchive ar;
-  try {
-    ar.load_from(file);
-  } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    ANDY_THROW(IoError, "checkpoint file ", file, " cannot be read (truncated or damaged): ",
-               what.substr(0, 200));
-  }
-  return ar;
+  return andy::open_archive(file, "checkpoint file");
 }
 
 // The model shapes of the checkpoint (its saved config) must be this run's: otherwise an

@@ -374,26 +374,24 @@ std::string did_you_mean(const std::string& word, const std::vector<std::string>
   return best_d <= limit ? best : "";
 }
 
-void apply_toml_string(Config& cfg, const std::string& text, const std::string& source_name) {
-  toml::table root;
+namespace {
+toml::table parse_toml_text(const std::string& text, const std::string& source_name) {
   try {
-    root = toml::parse(text, source_name);
+    return toml::parse(text, source_name);
   } catch (const toml::parse_error& e) {
     fail(source_name + ":" + std::to_string(e.source().begin.line),
          "TOML syntax error: " + std::string(e.description()));
   }
-  apply_table(cfg, root, source_name);
+}
+}  // namespace
+
+void apply_toml_string(Config& cfg, const std::string& text, const std::string& source_name) {
+  apply_table(cfg, parse_toml_text(text, source_name), source_name);
 }
 
 void apply_toml_sections(Config& cfg, const std::string& text, const std::string& source_name,
                          const std::vector<std::string>& sections) {
-  toml::table root;
-  try {
-    root = toml::parse(text, source_name);
-  } catch (const toml::parse_error& e) {
-    fail(source_name + ":" + std::to_string(e.source().begin.line),
-         "TOML syntax error: " + std::string(e.description()));
-  }
+  const toml::table root = parse_toml_text(text, source_name);
   toml::table kept;
   for (const auto& name : sections)
     if (auto* t = root.get_as<toml::table>(name)) kept.insert(name, *t);

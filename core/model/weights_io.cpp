@@ -22,6 +22,18 @@ namespace andy {
 
 namespace fs = std::filesystem;
 
+torch::serialize::InputArchive open_archive(const std::string& file, const std::string& what) {
+  ANDY_CHECK_T(IoError, fs::exists(file), what, " ", file, " is missing (partial or damaged?)");
+  torch::serialize::InputArchive ar;
+  try {
+    ar.load_from(file);
+  } catch (const c10::Error& e) {
+    std::string text = e.what_without_backtrace();
+    ANDY_THROW(IoError, what, " ", file, " cannot be read (truncated or damaged): ", text.substr(0, 200));
+  }
+  return ar;
+}
+
 std::string archive_key(const std::string& tensor_name) {
   std::string k = tensor_name;
   std::replace(k.begin(), k.end(), '.', '/');
@@ -50,18 +62,7 @@ std::string shard_file_name(int tp_rank) {
   return buf;
 }
 
-torch::serialize::InputArchive open_weights(const std::string& file) {
-  ANDY_CHECK_T(IoError, fs::exists(file), "model weights ", file, " are missing");
-  torch::serialize::InputArchive ar;
-  try {
-    ar.load_from(file);
-  } catch (const c10::Error& e) {
-    std::string what = e.what_without_backtrace();
-    ANDY_THROW(IoError, "model weights ", file, " cannot be read (truncated or damaged): ",
-               what.substr(0, 200));
-  }
-  return ar;
-}
+torch::serialize::InputArchive open_weights(const std::string& file) { return open_archive(file, "model weights"); }
 
 at::Tensor read_weight(torch::serialize::InputArchive& ar, const std::string& file,
                        const std::string& name) {

@@ -20,6 +20,8 @@
 
 #include <string>
 
+#include <torch/serialize.h>
+
 #include "core/config/config.h"
 #include "parallel/tp_partition.h"
 
@@ -27,6 +29,10 @@ namespace andy {
 
 // "model.layers.0.mlp.up_proj.weight" -> "model/layers/0/mlp/up_proj/weight" (archive keys).
 std::string archive_key(const std::string& tensor_name);
+
+// Opens a LibTorch archive; IoError "WHAT FILE is missing / cannot be read (truncated or
+// damaged)" otherwise (`what`: "model weights", "checkpoint file").
+torch::serialize::InputArchive open_archive(const std::string& file, const std::string& what);
 
 struct ModelSource {
   enum class Kind { kFullWeights, kCheckpoint };
