@@ -14,6 +14,7 @@
 #include <fstream>
 #include <map>
 #include <random>
+#include <thread>
 
 #include "core/model/llama.h"
 #include "parallel/mpi_communicator.h"
@@ -278,6 +279,28 @@ TEST(Engine, BadRequestsAreRefusedWithAReasonAndTheEngineGoesOn) {
   EXPECT_NE(r.errors[1].find("token id 500"), std::string::npos) << r.errors[1];
   EXPECT_NE(r.errors[3].find("temperature = -1"), std::string::npos) << r.errors[3];
   EXPECT_EQ(r.tokens[2][0], reference_greedy({3, 4}, 4));
+}
+
+// An idle engine must not hit the collective timeout: workers wait for the next plan on the
+// control channel (no timeout), not in a tensor-parallel collective. Here the TP communicator
+// times out after 1 s and rank 0 stays idle for 2.5 s before the first request.
+TEST(Engine, IdleLongerThanTheCollectiveTimeoutIsFine) {
+  static CommPtr* short_tp = new CommPtr(std::make_shared<MpiCommunicator>(
+      MpiComm(MPI_COMM_WORLD, false).dup(), "tp[1s]", std::chrono::milliseconds(1000)));
+  LlamaForCausalLM model(model_config(), *short_tp, kSeed);
+  Engine engine(options(), model, at::TensorOptions().dtype(at::kFloat), &channel());
+  if (rank() != 0) {
+    EXPECT_EQ(engine.run_worker(), 0);
+    return;
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  std::vector<int32_t> got;
+  engine.submit(greedy({9, 8, 7}, 5), [&](const RequestUpdate& u) {
+    got.insert(got.end(), u.new_tokens.begin(), u.new_tokens.end());
+  });
+  engine.run_until_idle();
+  EXPECT_EQ(got, reference_greedy({9, 8, 7}, 5));
+  engine.shutdown_workers();
 }
 
 long rss_kib() {
