@@ -13,9 +13,92 @@
 
 namespace {
 
+// Protobuf wire-format helpers, enough to turn off NormalizerSpec.add_dummy_prefix in a
+// serialized ModelProto (Debian ships no sentencepiece_model.pb.h).
+bool read_varint(const std::string& s, size_t& i, uint64_t& v) {
+  v = 0;
+  for (int shift = 0; i < s.size() && shift < 64; shift += 7) {
+    const auto b = static_cast<unsigned char>(s[i++]);
+    v |= static_cast<uint64_t>(b & 0x7f) << shift;
+    if (!(b & 0x80)) return true;
+  }
+  return false;
+}
+void write_varint(std::string& out, uint64_t v) {
+  do {
+    unsigned char b = v & 0x7f;
+    v >>= 7;
+    out.push_back(static_cast<char>(v ? b | 0x80 : b));
+  } while (v);
+}
+// Copies the fields of a message, dropping field `drop` (any wire type); false when malformed.
+bool copy_without(const std::string& msg, uint64_t drop, std::string& out) {
+  for (size_t i = 0; i < msg.size();) {
+    const size_t start = i;
+    uint64_t tag = 0, v = 0;
+    if (!read_varint(msg, i, tag)) return false;
+    switch (tag & 7) {
+      case 0: if (!read_varint(msg, i, v)) return false; break;
+      case 1: i += 8; break;
+      case 2: if (!read_varint(msg, i, v)) return false; i += v; break;
+      case 5: i += 4; break;
+      default: return false;
+    }
+    if (i > msg.size()) return false;
+    if ((tag >> 3) != drop) out.append(msg, start, i - start);
+  }
+  return true;
+}
+// ModelProto (field 3: normalizer_spec) with NormalizerSpec.add_dummy_prefix (field 3) = false.
+bool without_dummy_prefix(const std::string& model, std::string& out) {
+  for (size_t i = 0; i < model.size();) {
+    const size_t start = i;
+    uint64_t tag = 0, v = 0;
+    if (!read_varint(model, i, tag)) return false;
+    if ((tag & 7) == 2) {
+      if (!read_varint(model, i, v) || i + v > model.size()) return false;
+      if ((tag >> 3) == 3) {
+        std::string spec;
+        if (!copy_without(model.substr(i, v), 3, spec)) return false;
+        spec += '\x18';  // field 3, varint
+        spec += '\x00';  // false
+        write_varint(out, tag);
+        write_varint(out, spec.size());
+        out += spec;
+        i += v;
+        continue;
+      }
+      i += v;
+    } else if ((tag & 7) == 0) {
+      if (!read_varint(model, i, v)) return false;
+    } else if ((tag & 7) == 1) {
+      i += 8;
+    } else if ((tag & 7) == 5) {
+      i += 4;
+    } else {
+      return false;
+    }
+    if (i > model.size()) return false;
+    out.append(model, start, i - start);
+  }
+  return true;
+}
+
 class SpModel final : public andy::sp::Model {
  public:
   sentencepiece::SentencePieceProcessor proc;
+  sentencepiece::SentencePieceProcessor cont;  // the same model without the dummy prefix
+
+  bool encode_continuation(const std::string& text, std::vector<int>* ids, std::string* error) const override {
+    try {
+      auto st = cont.Encode(text, ids);
+      if (!st.ok()) *error = st.ToString();
+      return st.ok();
+    } catch (const std::exception& e) {
+      *error = e.what();
+      return false;
+    }
+  }
 
   bool encode(const std::string& text, std::vector<int>* ids, std::string* error) const override {
     try {
@@ -71,6 +154,11 @@ class SpApi final : public andy::sp::Api {
     try {
       auto* m = new SpModel();
       auto st = m->proc.Load(path);
+      std::string cont;
+      if (st.ok() && !without_dummy_prefix(m->proc.serialized_model_proto(), cont))
+        st = sentencepiece::util::Status(sentencepiece::util::StatusCode::kInternal,
+                                         "cannot read the model's normalizer spec");
+      if (st.ok()) st = m->cont.LoadFromSerializedProto(cont);
       if (!st.ok()) {
         *error = st.ToString();
         delete m;

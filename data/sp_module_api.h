@@ -14,7 +14,7 @@
 namespace andy::sp {
 
 // Bumped whenever a virtual below changes; andyllm_sp_api() refuses other versions.
-constexpr int kApiVersion = 1;
+constexpr int kApiVersion = 2;
 
 // A loaded sentencepiece model. Thread-safe for concurrent encode/decode (const).
 class Model {
@@ -22,6 +22,9 @@ class Model {
   virtual ~Model() = default;
   virtual bool encode(const std::string& text, std::vector<int>* ids, std::string* error) const = 0;
   virtual bool decode(const std::vector<int>& ids, std::string* text, std::string* error) const = 0;
+  // Encodes text that continues a text already encoded (no dummy "▁" prefix added), so a long
+  // document encoded in pieces decodes to exactly its text.
+  virtual bool encode_continuation(const std::string& text, std::vector<int>* ids, std::string* error) const = 0;
   virtual int vocab_size() const = 0;
   virtual int pad_id() const = 0;
   virtual int bos_id() const = 0;

@@ -152,11 +152,34 @@ void Tokenizer::train(const TokenizerTrainOptions& o) {
 }
 
 std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
+  std::vector<int32_t> out;
   std::vector<int> ids;
   std::string err;
-  ANDY_CHECK_T(Error, model_->encode(text, &ids, &err), "tokenizer ", path_,
-               ": encode failed: ", err);
-  return std::vector<int32_t>(ids.begin(), ids.end());
+  // Long texts in pieces of about kEncodePieceBytes, cut after a newline (else a space, else a
+  // UTF-8 character boundary): sentencepiece's memory grows steeply with the length of one
+  // input (a 50 MB line peaked at 4.5 GB). Pieces after the first are encoded without the dummy
+  // prefix, so decode(encode(text)) == text still holds.
+  for (size_t at = 0; at < text.size() || at == 0;) {
+    size_t end = text.size();
+    if (end - at > kEncodePieceBytes) {
+      end = at + kEncodePieceBytes;
+      size_t cut = text.rfind('\n', end - 1);
+      if (cut == std::string::npos || cut < at + kEncodePieceBytes / 2) cut = text.rfind(' ', end - 1);
+      if (cut != std::string::npos && cut >= at + kEncodePieceBytes / 2) {
+        end = cut + 1;
+      } else {
+        while (end > at + 1 && (static_cast<unsigned char>(text[end]) & 0xC0) == 0x80) --end;
+      }
+    }
+    const std::string piece = text.substr(at, end - at);
+    ids.clear();
+    const bool ok = at == 0 ? model_->encode(piece, &ids, &err) : model_->encode_continuation(piece, &ids, &err);
+    ANDY_CHECK_T(Error, ok, "tokenizer ", path_, ": encode failed: ", err);
+    out.insert(out.end(), ids.begin(), ids.end());
+    at = end;
+    if (text.empty()) break;
+  }
+  return out;
 }
 
 std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {

@@ -31,6 +31,8 @@ constexpr int kPadId = 0;
 constexpr int kUnkId = 1;
 constexpr int kBosId = 2;
 constexpr int kEosId = 3;
+// Texts longer than this are encoded in pieces (see Tokenizer::encode). Default: 1 MiB.
+constexpr size_t kEncodePieceBytes = 1 << 20;
 
 struct TokenizerTrainOptions {
   std::vector<std::string> input_files;   // UTF-8 text, one sentence per line

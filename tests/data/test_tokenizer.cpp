@@ -81,6 +81,25 @@ TEST_F(TokenizerTest, WorksNextToLibTorchOps) {
   EXPECT_EQ(t2.size(0), 64);
 }
 
+// Issue: one 50 MB line peaked at 4.5 GB in preprocess. Long texts are encoded in pieces of
+// about 1 MiB; the pieces after the first without sentencepiece's dummy prefix, so the ids
+// still decode to exactly the text (one line without newlines here: cut at spaces), and a text
+// shorter than a piece is encoded as before.
+TEST_F(TokenizerTest, LongTextsAreEncodedInPiecesAndStillRoundTrip) {
+  Tokenizer tok = Tokenizer::load(*dir_ / "tok.model");
+  std::string line;
+  const char* words[] = {"alpha", "beta", "gamma", "δέλτα", "数据", "🙂", "epsilon"};
+  for (size_t i = 0; line.size() < 3 * kEncodePieceBytes + 1000; ++i) line += std::string(words[(i * 7 + i / 3) % 7]) + " ";
+  std::vector<int32_t> ids = tok.encode(line);
+  EXPECT_EQ(tok.decode(ids), line);
+  const std::string head = line.substr(0, 5000);
+  std::vector<int32_t> head_ids = tok.encode(head);
+  ASSERT_GE(ids.size(), head_ids.size());
+  // The first piece is encoded exactly as a short text would be (up to its last token, which
+  // may merge with what follows).
+  EXPECT_TRUE(std::equal(head_ids.begin(), head_ids.end() - 1, ids.begin()));
+}
+
 TEST_F(TokenizerTest, VocabularyTooLargeForTheCorpus) {
   TokenizerTrainOptions o;
   o.input_files = {*dir_ / "corpus.txt"};
