@@ -172,8 +172,8 @@ void check_same_model(const json& meta, const std::string& meta_path, const Conf
   for (const auto& d : diffs) list += (list.empty() ? "" : "; ") + d;
   ANDY_THROW(IoError, "checkpoint ", fs::path(meta_path).parent_path().string(),
              " holds another model: [model] ", list,
-             ". Resume with the model it was trained with, or start fresh (--resume none or "
-             "another --output_dir)");
+             ". Resume with the model it was trained with, or start fresh in another --output_dir "
+             "(or --resume none --set checkpoint.existing=archive)");
 }
 
 }  // namespace

@@ -484,7 +484,7 @@ TrainResult Trainer::run() {
     if (root)
       log::warn("the checkpoint is at step ", step_, ", already at the end of this run's ",
                 total_steps_, " steps: nothing to train (raise train.max_steps / num_epochs, or "
-                "start fresh with --resume none or another --output_dir)");
+                "start fresh in another --output_dir, or with --resume none --set checkpoint.existing=archive)");
   }
   if (root) {
     log::info("training ", total_steps_, " steps: world ", grid_.world_size(), " = tp ",
