@@ -120,12 +120,25 @@ int run_serve(const ParsedArgs& raw, World* world) {
   });
   // Before the (long) load, so an early SIGTERM drains instead of killing a rank.
   install_stop_signal_handlers();
+  // Rank 0 listens from the start: 503 on every route while the model loads. A port that
+  // cannot be bound stops every rank with one message.
+  std::unique_ptr<serve::LoadingServer> loading;
+  int port = static_cast<int>(cfg.serve.port);
+  run_agreed(world->comm().get(), [&] {
+    if (!world->is_root()) return;
+    loading = std::make_unique<serve::LoadingServer>(cfg.serve.host, port);
+    ANDY_USER_CHECK(loading->port() > 0, "andyllm serve: cannot listen on ", cfg.serve.host, ":", port,
+                    " (in use? --port 0 picks a free port)");
+    port = loading->port();
+    log::info("loading the model; http://", cfg.serve.host, ":", port, "/health answers 503 until it is ready");
+  });
   ServingStack st = build_serving_stack(cfg, world);
   if (!world->is_root()) return st.engine->run_worker();
+  loading->close();
 
   serve::HttpServerOptions o;
   o.host = cfg.serve.host;
-  o.port = static_cast<int>(cfg.serve.port);
+  o.port = port;
   o.api_key = cfg.serve.api_key;
   o.max_request_bytes = cfg.serve.max_request_bytes;
   o.shutdown_timeout_s = cfg.serve.shutdown_timeout_s;
@@ -135,8 +148,7 @@ int run_serve(const ParsedArgs& raw, World* world) {
   o.protocol.max_tokens_default = cfg.serve.max_tokens_default;
   o.protocol.chat_template = cfg.serve.chat_template;
   serve::HttpServer server(st.engine.get(), codec_of(&*st.tokenizer), o);
-  const int port = server.bind();
-  if (port < 0) {
+  if (server.bind() < 0) {  // taken in the moment between the loading server and this one
     log::error("andyllm serve: cannot listen on ", o.host, ":", o.port, " (in use? try --port 0 for a free port)");
     st.engine->shutdown_workers(2);
     return 2;

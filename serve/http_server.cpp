@@ -105,6 +105,27 @@ bool peer_closed(int fd) {
   return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
+// Listening sockets with SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, with which a
+// second server on a port already serving would bind too and silently share its connections.
+void exclusive_port(httplib::Server& svr) {
+  svr.set_socket_options([](socket_t sock) {
+    int yes = 1;
+    setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+  });
+}
+
+// Runs svr.listen_after_bind() on a thread and returns once it listens (or has given up), so
+// that a stop() right after cannot come before the listening starts (and be lost).
+std::thread start_listening(httplib::Server& svr) {
+  auto ended = std::make_shared<std::atomic<bool>>(false);
+  std::thread t([&svr, ended] {
+    svr.listen_after_bind();
+    *ended = true;
+  });
+  while (!svr.is_running() && !*ended) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  return t;
+}
+
 // A Prometheus histogram with fixed buckets.
 struct Histogram {
   std::vector<double> bounds;
@@ -214,6 +235,7 @@ struct HttpServer::Impl {
 
   // ---- routes ----------------------------------------------------------------------------------
   void install_routes() {
+    exclusive_port(svr);
     svr.set_payload_max_length(static_cast<size_t>(opts.max_request_bytes));
     svr.set_keep_alive_timeout(2);
     const int threads = opts.http_threads;
@@ -647,7 +669,7 @@ int HttpServer::bind() {
 
 void HttpServer::run(const std::function<bool()>& stop_requested) {
   Impl& s = *impl_;
-  s.listener = std::thread([&s] { s.svr.listen_after_bind(); });
+  s.listener = start_listening(s.svr);
   s.serving = true;
   try {
     Clock::time_point deadline{};
@@ -681,6 +703,31 @@ void HttpServer::run(const std::function<bool()>& stop_requested) {
   s.stop_listening();
   s.engine->shutdown_workers(0);
   log::info("serve: stopped");
+}
+
+struct LoadingServer::Impl {
+  httplib::Server svr;
+  std::thread listener;
+};
+
+LoadingServer::LoadingServer(const std::string& host, int port) : impl_(std::make_unique<Impl>()) {
+  ::signal(SIGPIPE, SIG_IGN);
+  auto loading = [](const httplib::Request&, httplib::Response& res) {
+    send_error(res, error_of(503, "service_unavailable", "the model is loading"));
+  };
+  impl_->svr.Get(".*", loading);
+  impl_->svr.Post(".*", loading);
+  impl_->svr.set_keep_alive_max_count(1);
+  exclusive_port(impl_->svr);
+  port_ = port == 0 ? impl_->svr.bind_to_any_port(host) : (impl_->svr.bind_to_port(host, port) ? port : -1);
+  if (port_ > 0) impl_->listener = start_listening(impl_->svr);
+}
+
+LoadingServer::~LoadingServer() { close(); }
+
+void LoadingServer::close() {
+  impl_->svr.stop();
+  if (impl_->listener.joinable()) impl_->listener.join();
 }
 
 }  // namespace andy::serve

@@ -61,4 +61,23 @@ class HttpServer {
   std::unique_ptr<Impl> impl_;
 };
 
+// What answers while the model loads (before an HttpServer exists): 503 with an OpenAI error
+// object on every route, /health included. Rank 0 starts it first, so a load balancer or a
+// client polling /health sees "not ready" rather than a refused connection; close() frees the
+// port for the HttpServer (bind it to port() once this is closed).
+class LoadingServer {
+ public:
+  LoadingServer(const std::string& host, int port);  // port 0: any free port
+  ~LoadingServer();
+  LoadingServer(const LoadingServer&) = delete;
+  LoadingServer& operator=(const LoadingServer&) = delete;
+  int port() const { return port_; }  // -1 when it could not bind
+  void close();
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int port_ = -1;
+};
+
 }  // namespace andy::serve

@@ -1,9 +1,13 @@
-// The OpenAI protocol layer without HTTP or a model: request parsing and validation (each bad
+// The OpenAI protocol layer without a model: request parsing and validation (each bad
 // field named in `param`), chat templates, and the streaming text assembler (whole UTF-8
-// characters, stop strings held back across tokens, stream text == whole text).
+// characters, stop strings held back across tokens, stream text == whole text); the loading
+// server's 503 on every route.
 #include "serve/openai_protocol.h"
 
 #include <gtest/gtest.h>
+#include <httplib.h>
+
+#include "serve/http_server.h"
 
 using namespace andy::serve;
 
@@ -218,4 +222,22 @@ TEST(OpenAiProtocol, LogprobsShapes) {
   EXPECT_EQ(h["content"][1]["token"], "b");
   EXPECT_EQ(h["content"][1]["bytes"], json::parse("[98]"));
   EXPECT_EQ(h["content"][1]["top_logprobs"][1]["token"], "a");
+}
+
+// While the model loads, rank 0 answers every route with 503 and an OpenAI error object.
+TEST(LoadingServer, AnswersServiceUnavailableEverywhere) {
+  LoadingServer loading("127.0.0.1", 0);
+  ASSERT_GT(loading.port(), 0);
+  httplib::Client c("127.0.0.1", loading.port());
+  auto h = c.Get("/health");
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->status, 503);
+  auto r = c.Post("/v1/completions", R"({"prompt": "a"})", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 503);
+  EXPECT_EQ(json::parse(r->body)["error"]["type"], "service_unavailable");
+  const int port = loading.port();
+  loading.close();
+  httplib::Client after("127.0.0.1", port);
+  EXPECT_FALSE(after.Get("/health")) << "closed: the port is free for the real server";
 }

@@ -584,6 +584,27 @@ TEST_F(ServeE2e, OfficialOpenAiNodeClient) {
   std::printf("%s", r.output.c_str());
 }
 
+// Starts that cannot serve stop with one clear line and a non-zero exit, on every rank.
+TEST_F(ServeE2e, BadStartsSayWhatIsWrong) {
+  struct Case {
+    std::string what, cmd, expect;
+    int code;
+  };
+  const std::vector<Case> cases = {
+      {"TP size other than the rank count", mpirun(2) + andyllm_bin() + " serve --model " + model() + " --tensor_parallel_size 4 --port 0",
+       "--tensor_parallel_size 4 but the job has 2 rank(s)", 2},
+      {"port in use", mpirun(2) + andyllm_bin() + " serve --model " + model() + " --port " + std::to_string(server_->port),
+       "cannot listen on 127.0.0.1:" + std::to_string(server_->port), 2},
+      {"missing model", andyllm_bin() + " serve --model " + path("no_such_model") + " --port 0", "no_such_model", 2},
+  };
+  for (const Case& c : cases) {
+    auto r = run_command("timeout -s KILL 120 " + c.cmd);  // a server that starts after all is ended
+    EXPECT_EQ(r.exit_code, c.code) << c.what << "\n" << r.output;
+    EXPECT_EQ(count_of(r.output, c.expect), 1) << c.what << "\n" << r.output;
+    EXPECT_EQ(r.output.find("MPI_ABORT"), std::string::npos) << c.what << "\n" << r.output;
+  }
+}
+
 TEST_F(ServeE2e, MetricsUseVllmNamesAndCountWhatUsageReports) {
   const double p0 = metric(*server_, "vllm:prompt_tokens_total");
   const double g0 = metric(*server_, "vllm:generation_tokens_total");
