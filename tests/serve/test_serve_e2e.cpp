@@ -372,6 +372,19 @@ bool wait_running(const Server& s) {
   return false;
 }
 
+// Within `seconds`, nothing runs on `server` and every KV block is free again (its /metrics).
+template <typename Server>
+void expect_idle_within_seconds(Server& server, int seconds) {
+  double running = 1, usage = 1;
+  for (int i = 0; i < seconds * 10 && (running != 0 || usage != 0); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    running = metric(server, "vllm:num_requests_running");
+    usage = metric(server, "vllm:kv_cache_usage_perc");
+  }
+  EXPECT_EQ(running, 0);
+  EXPECT_EQ(usage, 0);
+}
+
 TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
   const double aborted0 = metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"");
   auto c = server_->client();
@@ -391,14 +404,7 @@ TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
   c.send(req);
   ASSERT_EQ(raw.find("[DONE]"), std::string::npos);
   // Within a few engine steps nothing runs and every KV block is free again.
-  double running = 1, usage = 1;
-  for (int i = 0; i < 100 && (running != 0 || usage != 0); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    running = metric(*server_, "vllm:num_requests_running");
-    usage = metric(*server_, "vllm:kv_cache_usage_perc");
-  }
-  EXPECT_EQ(running, 0);
-  EXPECT_EQ(usage, 0);
+  expect_idle_within_seconds(*server_, 10);
   EXPECT_EQ(metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"") - aborted0, kLongChoices)
       << "the stream's completions were cancelled, not run to the end";
   auto h = c.Get("/health");
@@ -412,14 +418,7 @@ TEST_F(ServeE2e, ANonStreamingClientThatGoesAwayIsCancelled) {
   c.set_read_timeout(0, 200000);  // gives up after 0.2 s, while the request is being computed
   auto res = c.Post("/v1/completions", kLongRequest.dump(), "application/json");
   if (res) GTEST_SKIP() << "the long request finished within 0.2 s: nothing to cancel";
-  double running = 1, usage = 1;
-  for (int i = 0; i < 100 && (running != 0 || usage != 0); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(100));
-    running = metric(*server_, "vllm:num_requests_running");
-    usage = metric(*server_, "vllm:kv_cache_usage_perc");
-  }
-  EXPECT_EQ(running, 0);
-  EXPECT_EQ(usage, 0);
+  expect_idle_within_seconds(*server_, 10);
   EXPECT_EQ(metric(*server_, "vllm:request_success_total", "finished_reason=\"abort\"") - aborted0, kLongChoices)
       << "every completion of the abandoned request was cancelled";
 }
