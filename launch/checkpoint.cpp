@@ -32,22 +32,10 @@ namespace andy {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-namespace {
-
-std::string key_of(const std::string& name) { return archive_key(name); }
-
-std::string shard_file(int tp_rank) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "shard_tp%02d.pt", tp_rank);
-  return buf;
-}
-
 // Every rank learns whether any rank failed; if so every rank throws Agreed<IoError> with the
 // message of the lowest failing rank, which alone reports it (main prints it once and exits 1
 // without MPI_Abort). On failure world rank 0 removes `partial_dir` (the unfinished
 // step_N.tmp/) so nothing half-written stays.
-}  // namespace
-
 void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device,
                     const std::string& partial_dir) {
   const int n = g.world_size(), me = g.rank();
@@ -125,7 +113,7 @@ at::Tensor read_tensor(torch::serialize::InputArchive& ar, const std::string& fi
   at::Tensor t;
   bool ok = false;
   try {
-    ok = ar.try_read(key_of(name), t);
+    ok = ar.try_read(archive_key(name), t);
   } catch (const c10::Error& e) {
     ok = false;
   }
@@ -214,24 +202,24 @@ std::string save_checkpoint(Trainer& tr) {
   else all_rng.copy_(rng.view({-1}));
   const TrainerOptions& opts = tr.options();
   if (opts.fail_checkpoint_rank == g.rank() && opts.fail_checkpoint_step == tr.step()) {
-    err = "checkpoint: cannot write " + tmp_dir + "/" + shard_file(g.tp_rank()) +
+    err = "checkpoint: cannot write " + tmp_dir + "/" + checkpoint_shard_file(g.tp_rank()) +
           ": injected failure (TrainerOptions::fail_checkpoint_rank)";
   } else if (g.dp_rank() == 0) {
     try {
       torch::serialize::OutputArchive ar;
       for (auto& s : tr.optimizer().slots()) {
-        ar.write(key_of(s.name), s.param.detach().cpu());
-        ar.write(key_of("exp_avg." + s.name), s.exp_avg.cpu());
-        ar.write(key_of("exp_avg_sq." + s.name), s.exp_avg_sq.cpu());
+        ar.write(archive_key(s.name), s.param.detach().cpu());
+        ar.write(archive_key("exp_avg." + s.name), s.exp_avg.cpu());
+        ar.write(archive_key("exp_avg_sq." + s.name), s.exp_avg_sq.cpu());
       }
       ar.write("optimizer_steps", at::full({1}, tr.optimizer().steps(), at::kLong));
       ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
                                          at::kDouble));
-      const std::string file = tmp_dir + "/" + shard_file(g.tp_rank());
+      const std::string file = tmp_dir + "/" + checkpoint_shard_file(g.tp_rank());
       // The checksum travels to rank 0 (meta.json) in a sidecar file beside the shard.
       write_file_durable(file + ".checksum", save_archive(ar, file) + "\n");
     } catch (const std::exception& e) {
-      err = describe_write_failure("checkpoint", tmp_dir + "/" + shard_file(g.tp_rank()), e);
+      err = describe_write_failure("checkpoint", tmp_dir + "/" + checkpoint_shard_file(g.tp_rank()), e);
     }
   }
   agree_or_throw(g, err, tr.device(), tmp_dir);
@@ -243,12 +231,12 @@ std::string save_checkpoint(Trainer& tr) {
       json checksums;
       checksums["rng.pt"] = save_archive(rar, tmp_dir + "/rng.pt");
       for (int r = 0; r < g.tp_size(); ++r) {
-        const std::string side = tmp_dir + "/" + shard_file(r) + ".checksum";
+        const std::string side = tmp_dir + "/" + checkpoint_shard_file(r) + ".checksum";
         std::ifstream in(side);
         std::string sum;
         in >> sum;
         ANDY_CHECK_T(IoError, !sum.empty(), "checkpoint: ", side, " is missing");
-        checksums[shard_file(r)] = sum;
+        checksums[checkpoint_shard_file(r)] = sum;
         fs::remove(side);
       }
       data::LoaderCursor c = tr.train_loader().cursor();
@@ -269,7 +257,7 @@ std::string save_checkpoint(Trainer& tr) {
       meta["loss_scale"] = tr.scaler().scale();
       meta["loss_scale_growth_tracker"] = tr.scaler().growth_tracker();
       meta["files"] = json::array();
-      for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(shard_file(r));
+      for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(checkpoint_shard_file(r));
       meta["checksums"] = checksums;  // FNV-1a 64 per file, verified before a resume
       meta["config"] = config_to_toml(cfg);
       write_file_durable(tmp_dir + "/meta.json", meta.dump(2));
@@ -425,9 +413,9 @@ void check_resume_checkpoint(const Config& cfg, const std::string& dir, int tp_r
   ANDY_USER_CHECK(saved_tp >= 1, "checkpoint file ", meta_path, " has no valid tp_size");
   // The files this rank will read: its own shard at the same TP size, every shard otherwise.
   std::vector<std::string> files;
-  if (saved_tp == tp_size) files.push_back(shard_file(tp_rank));
+  if (saved_tp == tp_size) files.push_back(checkpoint_shard_file(tp_rank));
   else
-    for (int r = 0; r < saved_tp; ++r) files.push_back(shard_file(r));
+    for (int r = 0; r < saved_tp; ++r) files.push_back(checkpoint_shard_file(r));
   if (tp_rank == 0) files.push_back("rng.pt");
   const json sums = meta.value("checksums", json::object());
   for (const std::string& name : files) {
@@ -491,7 +479,7 @@ void load_checkpoint_local(Trainer& tr, const std::string& dir) {
   int64_t opt_steps = 0;
   double scale = 1.0, tracker = 0;
   if (old_tp == new_tp) {
-    std::string file = dir + "/" + shard_file(g.tp_rank());
+    std::string file = dir + "/" + checkpoint_shard_file(g.tp_rank());
     auto ar = open_archive(file);
     for (auto& s : slots) {
       for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."})
@@ -506,7 +494,7 @@ void load_checkpoint_local(Trainer& tr, const std::string& dir) {
     PartitionSpecs old_specs = llama_partition_specs(cfg.model, old_tp);
     std::vector<StateDict> shards(old_tp);
     for (int r = 0; r < old_tp; ++r) {
-      std::string file = dir + "/" + shard_file(r);
+      std::string file = dir + "/" + checkpoint_shard_file(r);
       auto ar = open_archive(file);
       for (auto& s : slots)
         for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."})

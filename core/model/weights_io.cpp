@@ -34,6 +34,12 @@ torch::serialize::InputArchive open_archive(const std::string& file, const std::
   return ar;
 }
 
+std::string checkpoint_shard_file(int tp_rank) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "shard_tp%02d.pt", tp_rank);
+  return buf;
+}
+
 std::string archive_key(const std::string& tensor_name) {
   std::string k = tensor_name;
   std::replace(k.begin(), k.end(), '.', '/');
@@ -56,11 +62,6 @@ Config saved_config(const std::string& text, const std::string& source) {
   return c;
 }
 
-std::string shard_file_name(int tp_rank) {
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "shard_tp%02d.pt", tp_rank);
-  return buf;
-}
 
 torch::serialize::InputArchive open_weights(const std::string& file) { return open_archive(file, "model weights"); }
 
@@ -119,8 +120,8 @@ StateDict read_full_weights(const ModelSource& src) {
 
 // The weights of rank r's shard of a checkpoint written at tp = saved_tp, as stored (padded).
 StateDict read_checkpoint_shard(const ModelSource& src, int r, const PartitionSpecs& specs) {
-  const std::string file = src.dir + "/" + shard_file_name(r);
-  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint ", src.dir, ": ", shard_file_name(r),
+  const std::string file = src.dir + "/" + checkpoint_shard_file(r);
+  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint ", src.dir, ": ", checkpoint_shard_file(r),
                " is missing (meta.json says tp_size ", src.saved_tp, "; partial checkpoint?)");
   auto ar = open_weights(file);
   StateDict shard;
@@ -181,11 +182,12 @@ StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size) {
   if (src.saved_tp == tp_size) {
     StateDict mine = read_checkpoint_shard(src, tp_rank, saved_specs);
     // Same layout: the stored slice is this rank's; check it against a split of the shapes.
+    const auto shapes = full_shapes(m);
     for (auto& [name, t] : mine) {
-      std::vector<int64_t> expected = full_shapes(m).at(name);
+      std::vector<int64_t> expected = shapes.at(name);
       const PartitionSpec& sp = specs.at(name);
       if (!sp.replicated()) expected[sp.dim] = sp.padded_size / tp_size;
-      check_shape(t, expected, src.dir + "/" + shard_file_name(tp_rank), name);
+      check_shape(t, expected, src.dir + "/" + checkpoint_shard_file(tp_rank), name);
     }
     return mine;
   }

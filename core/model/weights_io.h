@@ -27,6 +27,8 @@
 
 namespace andy {
 
+// "shard_tp03.pt": the file of TP rank 3 in a training checkpoint step directory.
+std::string checkpoint_shard_file(int tp_rank);
 // "model.layers.0.mlp.up_proj.weight" -> "model/layers/0/mlp/up_proj/weight" (archive keys).
 std::string archive_key(const std::string& tensor_name);
 
