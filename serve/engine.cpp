@@ -311,7 +311,13 @@ void Engine::process_samples(const SchedulerStep& step, const at::Tensor& logits
     SequenceState* seq = c.seq;
     Request& r = *requests_.at(seq->request_id);
     if (!r.forked && seq->index == 0 && seq->num_generated() == 0) fork_completions(seq, r, l);
-    std::vector<int32_t> output(seq->tokens.begin() + seq->prompt_len, seq->tokens.end());
+    // The generated tokens are copied out only when a penalty reads them (a copy per token
+    // would make a long generation quadratic).
+    const SamplingParams& p = r.req.params;
+    const bool penalties = p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+    const std::vector<int32_t> output =
+        penalties ? std::vector<int32_t>(seq->tokens.begin() + seq->prompt_len, seq->tokens.end())
+                  : std::vector<int32_t>();
     append_token(seq, seq->sampler->sample(l, r.req.prompt, output), r);
   }
 }
