@@ -59,13 +59,7 @@ std::vector<Flag> serve_flags() {
   return flags;
 }
 
-ParsedArgs with_serve_flags(const ParsedArgs& args) {
-  ParsedArgs a = with_serving_flags(args);
-  for (const auto& [flag, value] : args.ordered())
-    for (const auto& [f, key] : serve_only_keys())
-      if (flag == f) a.ordered_.push_back({"set", "serve." + key + "=" + value});
-  return a;
-}
+ParsedArgs with_serve_flags(const ParsedArgs& args) { return with_serving_flags(args, serve_only_keys()); }
 
 // The model id: serve.served_model_name, else the model directory's name (the directory of a
 // model.pt file); for a run's best_model/ or checkpoints/step_N/, the run's name

@@ -65,11 +65,12 @@ std::vector<Flag> serving_flags() {
   };
 }
 
-ParsedArgs with_serving_flags(const ParsedArgs& args) {
+ParsedArgs with_serving_flags(const ParsedArgs& args, const ServeKeyTable& extra_keys) {
   ParsedArgs a = args;
   for (const auto& [flag, value] : args.ordered())
-    for (const auto& [f, key] : serving_keys())
-      if (flag == f) a.ordered_.push_back({"set", "serve." + key + "=" + value});
+    for (const ServeKeyTable* table : {&serving_keys(), &extra_keys})
+      for (const auto& [f, key] : *table)
+        if (flag == f) a.ordered_.push_back({"set", "serve." + key + "=" + value});
   return a;
 }
 

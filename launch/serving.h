@@ -44,8 +44,10 @@ ServingStack build_serving_stack(const Config& cfg, World* world);
 
 // The serving flags shared by generate / bench generate / serve (each sets a [serve] key).
 std::vector<Flag> serving_flags();
-// Copies the serving flags given on the command line into --set serve.KEY=VALUE entries.
-ParsedArgs with_serving_flags(const ParsedArgs& args);
+// Copies the serving flags given on the command line into --set serve.KEY=VALUE entries; a
+// command's own flags (flag -> [serve] key) in `extra_keys` too.
+using ServeKeyTable = std::vector<std::pair<std::string, std::string>>;
+ParsedArgs with_serving_flags(const ParsedArgs& args, const ServeKeyTable& extra_keys = {});
 
 // Sampling flags of `generate` (--temperature, --top_p, ...) into params.
 serve::SamplingParams sampling_from_flags(const ParsedArgs& args, int64_t max_tokens_default);
