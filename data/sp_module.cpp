@@ -2,6 +2,10 @@
 // Built as a MODULE (never linked), loaded by data/tokenizer.cpp with RTLD_DEEPBIND so that
 // sentencepiece binds to the protobuf it bundles, not LibTorch's (docs/DEPENDENCIES.md).
 // Convention: no exception leaves this file; errors come back as strings.
+// <cstdint> first: Debian's sentencepiece headers use uint32_t without including it, which
+// libstdc++ 13 no longer provides through <string> and <vector>.
+#include <cstdint>
+
 #include <sentencepiece_processor.h>
 #include <sentencepiece_trainer.h>
 
