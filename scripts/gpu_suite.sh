@@ -169,7 +169,7 @@ run_suite() {
   fi
   LOGS=/tmp/gpu_suite_logs; rm -rf "$LOGS"; mkdir -p "$LOGS"
   # At most a few files come back from the machine: the results, the whole log, and the rest packed.
-  trap 'tar -C "$LOGS" -czf "$R/logs.tgz" . 2>/dev/null' EXIT
+  trap "tar -C '$LOGS' -czf '$R/logs.tgz' . 2>/dev/null" EXIT
   {
     echo "# AndyLLM GPU suite, $(date -u +%FT%TZ), git ${GIT_REV:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')}"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/# gpu: /'
@@ -226,7 +226,7 @@ EOF
   local M="$ROOT/configs/gpt2_124m_gpu.toml"
   say "bench train: GPT-2-small-sized model, bf16 and fp16"
   for mode in bf16 fp16; do
-    timeout 300 "$MPIRUN" -np 1 "$BIN" bench train --config "$M" "${common[@]}" --set precision.mode=$mode --steps 25 --warmup 5 \
+    timeout 300 "$MPIRUN" -np 1 "$BIN" bench train --config "$M" --set data.train_file="$D/train" --set data.tokenizer_path="$D/tokenizer.model" --set precision.mode=$mode --steps 25 --warmup 5 \
       2>&1 | tee "$LOGS/bench_train_$mode.log" | grep -vE "^\s*$" | sed "s/^/[$mode] /" | tee -a "$RES"
   done
 
@@ -234,7 +234,7 @@ EOF
   timeout 200 "$MPIRUN" -np 1 "$BIN" train --config "$M" "${common[@]}" --output_dir /tmp/gs_124m --set train.max_steps=20 \
     --set train.eval_interval=20 --set train.eval_batches=2 --set checkpoint.interval=1000 >"$LOGS/train_124m.log" 2>&1 ||
     tail -5 "$LOGS/train_124m.log"
-  timeout 240 "$MPIRUN" -np 1 "$BIN" bench generate --model /tmp/gs_124m/best_model --device cuda --concurrency 1,8,32,128 \
+  timeout 240 "$MPIRUN" -np 1 "$BIN" bench generate --model /tmp/gs_124m/best_model --device cuda --concurrency 1,8,32,128 --max_num_seqs 128 \
     --input_len 128 --output_len 128 2>&1 | tee "$LOGS/bench_generate.log" | grep -vE "^\s*$" | tee -a "$RES"
   say "done: $RES"
 }
