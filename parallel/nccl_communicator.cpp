@@ -114,12 +114,21 @@ NcclCommunicator::NcclCommunicator(const MpiComm& group, int device, std::string
   if (rank_ == 0) NCCL_CHECK(ncclGetUniqueId(&id));
   MPI_CHECK(MPI_Bcast(&id, sizeof id, MPI_BYTE, 0, group.get()));
   NCCL_CHECK(ncclCommInitRank(&comm_, size_, id, rank_));
+#if defined(ANDYLLM_TORCH_CUDA)
+  // A stream of LibTorch's pool, never destroyed: tensors recorded on it (record_stream) may be
+  // freed after this communicator, and the caching allocator then records an event on the stream
+  // (a destroyed one crashed at exit, seen on an H200 with LibTorch 2.11).
+  stream_ = compat::pool_cuda_stream(device_);
+#else
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  owns_stream_ = true;
+#endif
 }
 
 NcclCommunicator::~NcclCommunicator() {
+  if (stream_) cudaStreamSynchronize(stream_);
   if (comm_) ncclCommDestroy(comm_);
-  if (stream_) cudaStreamDestroy(stream_);
+  if (stream_ && owns_stream_) cudaStreamDestroy(stream_);
 }
 
 void NcclCommunicator::check_device(const at::Tensor& t, const char* op) const {

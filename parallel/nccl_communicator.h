@@ -43,6 +43,7 @@ class NcclCommunicator : public Communicator {
   int device_;
   ncclComm_t comm_ = nullptr;
   cudaStream_t stream_ = nullptr;
+  bool owns_stream_ = false;  // created here (CPU LibTorch) rather than taken from LibTorch's pool
   at::Tensor barrier_buf_;
 };
 

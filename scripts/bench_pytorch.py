@@ -3,7 +3,7 @@
 docs/PERFORMANCE.md (run by scripts/bench_train.sh with Debian's /usr/bin/python3, torch 1.13).
 
 Model: Hugging Face LlamaForCausalLM equations (RMSNorm, RoPE, GQA, SwiGLU, tied embedding),
-fp32 master weights; step: forward, cross-entropy, backward, DDP gradient average (gloo) when
+fp32 master weights (attention through F.scaled_dot_product_attention on --device cuda); step: forward, cross-entropy, backward, DDP gradient average (gloo) when
 --ranks > 1, clip_grad_norm_, AdamW. Random tokens (the data path is not what is measured).
 
   /usr/bin/python3 scripts/bench_pytorch.py --dim 128 --n_layer 4 --n_head 8 --n_kv_head 4 \
@@ -54,7 +54,7 @@ class Block(nn.Module):
         self.up = nn.Linear(a.dim, ffn, bias=False)
         self.down = nn.Linear(ffn, a.dim, bias=False)
 
-    def forward(self, h, cos, sin, mask):
+    def forward(self, h, cos, sin, mask, sdpa=False):
         b, t, _ = h.shape
         x = self.n1(h)
         q = self.q(x).view(b, t, self.nh, self.hd).transpose(1, 2)
@@ -65,8 +65,11 @@ class Block(nn.Module):
         rep = self.nh // self.nkv
         k = k.repeat_interleave(rep, dim=1)
         v = v.repeat_interleave(rep, dim=1)
-        att = torch.softmax((q @ k.transpose(2, 3)) / math.sqrt(self.hd) + mask, dim=-1)
-        h = h + self.o((att @ v).transpose(1, 2).reshape(b, t, -1))
+        if sdpa:  # fused (flash) attention, as PyTorch 2.x users write it on GPUs
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            y = torch.softmax((q @ k.transpose(2, 3)) / math.sqrt(self.hd) + mask, dim=-1) @ v
+        h = h + self.o(y.transpose(1, 2).reshape(b, t, -1))
         x = self.n2(h)
         return h + self.down(F.silu(self.gate(x)) * self.up(x))
 
@@ -74,6 +77,7 @@ class Block(nn.Module):
 class Llama(nn.Module):
     def __init__(self, a):
         super().__init__()
+        self.sdpa = a.device == "cuda"
         self.embed = nn.Embedding(a.vocab, a.dim)
         self.layers = nn.ModuleList([Block(a) for _ in range(a.n_layer)])
         self.norm = RMSNorm(a.dim, 1e-5)
@@ -91,7 +95,7 @@ class Llama(nn.Module):
     def forward(self, tokens):
         h = self.embed(tokens)
         for l in self.layers:
-            h = l(h, self.cos, self.sin, self.mask)
+            h = l(h, self.cos, self.sin, self.mask, self.sdpa)
         return self.norm(h) @ self.embed.weight.T
 
 
@@ -100,7 +104,7 @@ def worker(rank, a):
     torch.manual_seed(1234)
     if a.ranks > 1:
         dist.init_process_group("gloo", rank=rank, world_size=a.ranks)
-    model = Llama(a)
+    model = Llama(a).to(a.device)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if a.ranks > 1 else model
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
@@ -109,15 +113,19 @@ def worker(rank, a):
     g = torch.Generator().manual_seed(rank)
     times = []
     for step in range(a.steps):
-        tokens = torch.randint(a.vocab, (a.batch, a.seq + 1), generator=g)
+        tokens = torch.randint(a.vocab, (a.batch, a.seq + 1), generator=g).to(a.device)
+        if a.device == "cuda":
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.bf16):
+        with torch.autocast(a.device, dtype=torch.bfloat16, enabled=a.bf16):
             logits = ddp(tokens[:, :-1])
         loss = F.cross_entropy(logits.float().reshape(-1, a.vocab), tokens[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        if a.device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     timed = torch.tensor([sum(times[a.warmup:])], dtype=torch.float64)
     if a.ranks > 1:
@@ -139,6 +147,7 @@ def main():
         p.add_argument("--" + name, type=int, default=default)
     p.add_argument("--ffn_dim", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (one rank; fused attention)")
     p.add_argument("--config", help="AndyLLM run config (TOML): model shapes, seq_len and batch_size from it")
     a = p.parse_args()
     if a.config:

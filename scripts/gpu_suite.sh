@@ -30,6 +30,9 @@ DEBS=(libopenmpi-dev openmpi-bin openmpi-common libopenmpi3 libpmix2 libhwloc15 
   libcpp-httplib-dev libcpp-httplib0.11 nlohmann-json3-dev
   libssl-dev zlib1g-dev libbrotli-dev)  # the headers cpp-httplib includes with the TLS and compression support it was built with
 
+# GPU_SUITE_STEPS (comma list, default all) picks the steps after the build: tests, comm, train,
+# generate, bench_train, pytorch, bench_generate. GPU_SUITE_BATCHES: bench train micro-batches (default 16).
+want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,bench_train,pytorch,bench_generate}," == *",$1,"* ]]; }
 say() { echo "[gpu_suite $(date -u +%T)] $*"; }
 die() { echo "gpu_suite: $*" >&2; exit 1; }
 
@@ -52,6 +55,7 @@ relocated_env() {
   export LD_LIBRARY_PATH="$P/usr/lib/$ARCH:$P/usr/lib/$ARCH/openmpi/lib:$P/usr/lib/$ARCH/pmix2/lib:$P/lib/$ARCH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
   # One machine, no fabric: shared memory and self only (the network components' libraries are not carried).
+  export PMIX_MCA_pcompress_base_silence_warning=1
   export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader OMPI_MCA_mtl=^ofi,psm,psm2 OMPI_MCA_osc=^ucx
   MPIRUN="$P/usr/bin/mpirun.openmpi"
 }
@@ -194,23 +198,25 @@ run_suite() {
   local BIN="$B/andyllm"
   "$BIN" version | tee -a "$RES"
 
-  say "gpu tests"
-  (cd "$B" && ctest -L gpu --output-on-failure --timeout 300) 2>&1 | tail -15 | tee -a "$RES"
+  if want tests; then say "gpu tests"
+  (cd "$B" && ctest -L gpu --output-on-failure --timeout 300) 2>&1 | tail -15 | tee -a "$RES"; fi
 
-  say "NCCL collectives, 1 rank (the raw ncclAllReduce column alongside)"
+  if want comm; then say "NCCL collectives, 1 rank"
   timeout 120 "$MPIRUN" -np 1 "$BIN" bench comm --backend nccl --op all --min_bytes 65536 --max_bytes 268435456 --factor 16 2>&1 | tee -a "$RES"
+  echo "bench comm exit status: ${PIPESTATUS[0]}" | tee -a "$RES"; fi
 
   local D="$G/data" T="$G/tiny"
   local common=(--train_file "$D/train" --val_file "$D/validation" --set data.tokenizer_path="$D/tokenizer.model")
-  say "training: tiny, 30 steps, cuda fp32 and bf16 against cpu fp32 (loss at steps 1, 10, 20, 30)"
+  if want train; then say "training: tiny, 30 steps, cuda fp32 and bf16 against cpu fp32 (loss at steps 1, 10, 20, 30)"
   for dm in cpu:fp32 cuda:fp32 cuda:bf16; do
     timeout 180 "$MPIRUN" -np 1 "$BIN" train --config "$ROOT/configs/tiny.toml" --set model.vocab_size=32000 "${common[@]}" \
       --output_dir "/tmp/gs_tiny_${dm/:/_}" --device "${dm%:*}" --set precision.mode="${dm#*:}" --set train.max_steps=30 \
       --set train.log_interval=1 --set train.eval_interval=1000 --set checkpoint.interval=1000 >"$LOGS/train_tiny_${dm/:/_}.log" 2>&1
     echo "train tiny $dm (rc $?): $(grep -oE 'step +(1|10|20|30)/30.*loss [0-9.]+' "$LOGS/train_tiny_${dm/:/_}.log" | grep -oE 'loss [0-9.]+' | tr '\n' ' ')" | tee -a "$RES"
-  done
+    rm -rf "/tmp/gs_tiny_${dm/:/_}"
+  done; fi
 
-  say "engine on the GPU: greedy token ids against the CPU engine's (computed by prepare)"
+  if want generate; then say "engine on the GPU: greedy token ids against the CPU engine's (computed by prepare)"
   timeout 120 "$MPIRUN" -np 1 "$BIN" generate --model "$T/model" --tokenizer_path "$T/tokenizer.model" --device cuda \
     --prompts_file "$T/prompts.jsonl" --temperature 0 --max_tokens 48 --ignore_eos --output "$LOGS/generate_cuda.jsonl" >"$LOGS/generate.log" 2>&1
   python3 - "$T/expected.jsonl" "$LOGS/generate_cuda.jsonl" <<'EOF' 2>&1 | tee -a "$RES"
@@ -222,20 +228,27 @@ same = sum(1 for e, g in zip(exp, got) if e["token_ids"] == g["token_ids"])
 first = [next((i for i, (a, b) in enumerate(zip(e["token_ids"], g["token_ids"])) if a != b), None) for e, g in zip(exp, got)]
 print(f"generate cuda vs cpu (greedy, fp32): {same}/{len(exp)} completions with identical token ids; first differing position per prompt: {first}")
 EOF
+  fi
 
   local M="$ROOT/configs/gpt2_124m_gpu.toml"
-  say "bench train: GPT-2-small-sized model, bf16 and fp16"
-  for mode in bf16 fp16; do
-    timeout 300 "$MPIRUN" -np 1 "$BIN" bench train --config "$M" --set data.train_file="$D/train" --set data.tokenizer_path="$D/tokenizer.model" --set precision.mode=$mode --steps 25 --warmup 5 \
-      2>&1 | tee "$LOGS/bench_train_$mode.log" | grep -vE "^\s*$" | sed "s/^/[$mode] /" | tee -a "$RES"
-  done
+  if want bench_train; then say "bench train: GPT-2-small-sized model, bf16 and fp16"
+  for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16}; do
+    timeout 300 "$MPIRUN" -np 1 "$BIN" bench train --config "$M" --set data.train_file="$D/train" --set data.tokenizer_path="$D/tokenizer.model" \
+      --set precision.mode=$mode --set train.batch_size=$mb --steps 25 --warmup 5 2>&1 | tee "$LOGS/bench_train_${mode}_$mb.log" |
+      grep -E "^(# bench|step time|tokens/s|model TFLOP|MFU)" | sed "s/^/[$mode, micro-batch $mb] /" | tee -a "$RES"
+  done; done; fi
+  if want pytorch; then say "PyTorch eager on the same model and step (bf16 autocast, fused attention)"
+  for mb in ${GPU_SUITE_BATCHES:-16}; do
+    timeout 200 python3 "$ROOT/scripts/bench_pytorch.py" --config "$M" --ranks 1 --threads "$(nproc)" --device cuda --bf16 \
+      --batch "$mb" --steps 25 --warmup 5 2>&1 | tail -1 | sed "s/^/[pytorch, micro-batch $mb] /" | tee -a "$RES"
+  done; fi
 
-  say "bench generate: the same model (20 training steps to make its directory)"
+  if want bench_generate; then say "bench generate: the same model (20 training steps to make its directory)"
   timeout 200 "$MPIRUN" -np 1 "$BIN" train --config "$M" "${common[@]}" --output_dir /tmp/gs_124m --set train.max_steps=20 \
     --set train.eval_interval=20 --set train.eval_batches=2 --set checkpoint.interval=1000 >"$LOGS/train_124m.log" 2>&1 ||
     tail -5 "$LOGS/train_124m.log"
   timeout 240 "$MPIRUN" -np 1 "$BIN" bench generate --model /tmp/gs_124m/best_model --device cuda --concurrency 1,8,32,128 --max_num_seqs 128 \
-    --input_len 128 --output_len 128 2>&1 | tee "$LOGS/bench_generate.log" | grep -vE "^\s*$" | tee -a "$RES"
+    --input_len 128 --output_len 128 2>&1 | tee "$LOGS/bench_generate.log" | grep -vE "^\s*$" | tee -a "$RES"; fi
   say "done: $RES"
 }
 

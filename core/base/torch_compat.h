@@ -86,6 +86,10 @@ inline void set_autocast(at::DeviceType device, bool enabled, at::ScalarType dty
 inline cudaStream_t current_cuda_stream(int device_index) {
   return c10::cuda::getCurrentCUDAStream(device_index).stream();
 }
+// A high-priority stream from LibTorch's pool for `device_index`: lives as long as the process.
+inline cudaStream_t pool_cuda_stream(int device_index) {
+  return c10::cuda::getStreamFromPool(/*isHighPriority=*/true, static_cast<c10::DeviceIndex>(device_index)).stream();
+}
 // Tells the caching allocator that `t` is in use on `stream` (so it is not reused early).
 inline void record_stream(const at::Tensor& t, cudaStream_t stream) {
   c10::cuda::CUDACachingAllocator::recordStream(
