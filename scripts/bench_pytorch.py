@@ -13,6 +13,7 @@ fp32 master weights (attention through F.scaled_dot_product_attention on --devic
 import argparse
 import math
 import os
+import sys
 import time
 import tomllib
 
@@ -150,6 +151,7 @@ def main():
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one rank; fused attention)")
     p.add_argument("--config", help="AndyLLM run config (TOML): model shapes, seq_len and batch_size from it")
     a = p.parse_args()
+    given = {arg[2:].split("=")[0] for arg in sys.argv[1:] if arg.startswith("--")}  # flags beat the config
     if a.config:
         with open(a.config, "rb") as f:
             cfg = tomllib.load(f)
@@ -158,7 +160,7 @@ def main():
                                    ("n_kv_head", "n_kv_head", m), ("vocab", "vocab_size", m),
                                    ("ffn_multiple_of", "ffn_multiple_of", m), ("ffn_dim", "ffn_dim", m),
                                    ("seq", "seq_len", d), ("batch", "batch_size", t)]:
-            if key in section:
+            if key in section and ours not in given:
                 setattr(a, ours, int(section[key]))
     if a.ranks > 1:
         # Chosen once here (the workers inherit it), so every rank meets at the same port.
