@@ -136,6 +136,7 @@ int run_serve(const ParsedArgs& raw, World* world) {
   o.api_key = cfg.serve.api_key;
   o.max_request_bytes = cfg.serve.max_request_bytes;
   o.shutdown_timeout_s = cfg.serve.shutdown_timeout_s;
+  o.unhealthy = [] { return stop_signal_received(); };  // before the engine loop notices it
   o.http_threads = static_cast<int>(std::max<int64_t>(16, 2 * cfg.serve.max_num_seqs + 8));
   o.protocol.model_id = model_id_of(cfg);
   o.protocol.max_model_len = st.engine->options().max_model_len;

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "core/base/error.h"
+#include "core/base/failpoint.h"
 #include "core/base/torch_compat.h"
 #include "core/model/model_config.h"
 
@@ -18,6 +19,8 @@ struct Engine::Request {
   uint64_t seed = 0;
   std::vector<SequenceState*> seqs;  // created so far (the first one forks the others)
   int64_t finished = 0;
+  std::chrono::steady_clock::time_point submitted = std::chrono::steady_clock::now();
+  double queue_seconds = -1;  // set by the first step that schedules one of its sequences
   bool forked = false;
   bool aborted = false;
   bool done() const {
@@ -191,6 +194,14 @@ void Engine::take_inbox() {
   }
 }
 
+void Engine::note_first_scheduled(const SchedulerStep& step, std::chrono::steady_clock::time_point now) {
+  for (const auto& c : step.chunks) {
+    auto it = requests_.find(c.seq->request_id);
+    if (it != requests_.end() && it->second->queue_seconds < 0)
+      it->second->queue_seconds = std::chrono::duration<double>(now - it->second->submitted).count();
+  }
+}
+
 StepPlan Engine::plan_of(const SchedulerStep& step) {
   StepPlan plan;
   plan.swap_out = step.swap_out;
@@ -247,11 +258,13 @@ bool Engine::step() {
     publish_stats();
     return false;
   }
+  if (failpoint_fires("engine.step")) throw std::runtime_error("failpoint engine.step");
   auto t0 = std::chrono::steady_clock::now();
   SchedulerStep st = scheduler_.schedule();
   ANDY_CHECK(!st.empty(), "engine: ", scheduler_.num_waiting(), " waiting and ",
              scheduler_.num_running(), " running sequences but nothing could be scheduled (",
              blocks_.num_available(), " of ", blocks_.num_blocks(), " KV blocks available)");
+  note_first_scheduled(st, t0);
   const StepPlan plan = plan_of(st);
   channel_->broadcast(plan);
   auto t1 = std::chrono::steady_clock::now();
@@ -369,6 +382,7 @@ void Engine::append_token(SequenceState* seq, const SampledToken& t, Request& r)
     reason = "length";
   if (reason.empty()) {
     u.prompt_tokens = seq->prompt_len;
+    u.queue_seconds = r.queue_seconds;
     if (r.on_update) r.on_update(u);
     return;
   }
@@ -392,6 +406,7 @@ void Engine::complete(SequenceState* seq, Request& r, RequestUpdate& u, const st
   u.request_finished = r.done();
   u.prompt_tokens = seq->prompt_len;
   u.cached_prompt_tokens = r.seqs.front()->cached_prompt_tokens;
+  u.queue_seconds = r.queue_seconds;
   const int64_t id = r.id;
   if (r.on_update) r.on_update(u);
   if (!u.request_finished) return;

@@ -82,6 +82,7 @@ struct RequestUpdate {
   std::string error;                       // the request was refused (nothing generated)
   int64_t prompt_tokens = 0;
   int64_t cached_prompt_tokens = 0;        // prompt tokens served from the prefix cache
+  double queue_seconds = -1;               // submit() to the first step that computed it (-1: not yet)
 };
 using UpdateCallback = std::function<void(const RequestUpdate&)>;
 
@@ -137,6 +138,8 @@ class Engine {
   void refuse(Request& r, const std::string& why);
   // The step as deltas for every rank's BlockTables (marks the blocks as sent).
   StepPlan plan_of(const SchedulerStep& step);
+  // Records the queue time of the requests scheduled for the first time in `step`.
+  void note_first_scheduled(const SchedulerStep& step, std::chrono::steady_clock::time_point now);
   // Swaps and forward on this rank; returns the full-vocabulary logits of the sampled rows
   // (every rank takes part in the gather).
   at::Tensor execute(const StepPlan& plan);

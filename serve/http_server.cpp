@@ -19,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include "core/base/failpoint.h"
 #include "core/base/logging.h"
 
 namespace andy::serve {
@@ -145,8 +146,13 @@ struct Histogram {
     for (size_t i = 0; i <= bounds.size(); ++i) {
       cum += counts[i];
       os << name << "_bucket{" << labels << ",le=\"";
-      if (i < bounds.size()) os << bounds[i];
-      else os << "+Inf";
+      if (i < bounds.size()) {
+        std::ostringstream le;  // shortest form ("0.1"), whatever precision `os` counts with
+        le << bounds[i];
+        os << le.str();
+      } else {
+        os << "+Inf";
+      }
       os << "\"} " << cum << "\n";
     }
     os << name << "_sum{" << labels << "} " << sum << "\n" << name << "_count{" << labels << "} " << count << "\n";
@@ -189,6 +195,7 @@ struct CallOutput {
   std::vector<Choice> choices;
   std::vector<int64_t> prompt_tokens;    // per prompt (from the engine)
   std::vector<bool> sub_finished;        // the engine finished the prompt's request
+  std::vector<bool> queue_seen;          // the prompt's queue time went into the histogram
   size_t done = 0;                       // choices with a finish_reason
   std::string error;                     // a refused prompt
   Clock::time_point start = Clock::now();
@@ -201,6 +208,7 @@ struct CallOutput {
     prompt_tokens.resize(r->prompts.size(), 0);
     for (size_t i = 0; i < r->prompts.size(); ++i) prompt_tokens[i] = static_cast<int64_t>(r->prompts[i].size());
     sub_finished.resize(r->prompts.size(), false);
+    queue_seen.resize(r->prompts.size(), false);
   }
   bool complete() const { return done == choices.size() || !error.empty(); }
   Usage usage() const {
@@ -230,6 +238,7 @@ struct HttpServer::Impl {
   Histogram ttft{{0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0}};
   Histogram itl{{0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5}};
   Histogram e2e{{0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0}};
+  Histogram queue{{0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0}};
 
   Impl(Engine* e, TextCodec c, HttpServerOptions o) : engine(e), codec(std::move(c)), opts(std::move(o)) {}
 
@@ -237,7 +246,11 @@ struct HttpServer::Impl {
   void install_routes() {
     exclusive_port(svr);
     svr.set_payload_max_length(static_cast<size_t>(opts.max_request_bytes));
-    svr.set_keep_alive_timeout(2);
+    // Keep-alive as uvicorn (vLLM's server) does it: idle connections close after 5 s, and a busy
+    // one is not closed after a handful of requests (httplib's default of 5 makes clients
+    // reconnect often, and a request sent as the server closes is lost).
+    svr.set_keep_alive_timeout(5);
+    svr.set_keep_alive_max_count(100000);
     const int threads = opts.http_threads;
     svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
     svr.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
@@ -271,7 +284,7 @@ struct HttpServer::Impl {
       send_error(res, error_of(500, "internal_server_error", what));
     });
     svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-      const bool ok = serving && !draining && !failed;
+      const bool ok = serving && !draining && !failed && !(opts.unhealthy && opts.unhealthy());
       res.status = ok ? 200 : 503;
       res.set_content(ok ? "" : (failed ? "engine failed\n" : "not serving\n"), "text/plain");
     });
@@ -414,6 +427,11 @@ struct HttpServer::Impl {
       }
       if (u.request_finished) out.sub_finished[it.sub] = true;
       if (u.prompt_tokens > 0) out.prompt_tokens[it.sub] = u.prompt_tokens;
+      if (u.queue_seconds >= 0 && !out.queue_seen[it.sub]) {
+        out.queue_seen[it.sub] = true;
+        std::lock_guard<std::mutex> lk(metrics_mu);
+        queue.observe(u.queue_seconds);
+      }
       const int64_t index = static_cast<int64_t>(it.sub) * n + u.index;
       CallOutput::Choice& c = out.choices[static_cast<size_t>(index)];
       if (!c.finish_reason.empty()) continue;  // ended by a stop string: the rest is ignored
@@ -466,6 +484,7 @@ struct HttpServer::Impl {
     std::optional<ApiError> err = endpoint == Endpoint::kChat ? parse_chat_request(body, opts.protocol, codec, req.get())
                                                               : parse_completion_request(body, opts.protocol, codec, req.get());
     if (err) return send_error(res, *err);
+    if (failpoint_fires("serve.request")) throw std::runtime_error("failpoint serve.request");
     if (engine->stats().num_waiting >= engine->options().max_waiting)
       return send_error(res, refusal_error("the engine's waiting queue is full (" +
                                            std::to_string(engine->options().max_waiting) + " requests)"));
@@ -526,11 +545,27 @@ struct HttpServer::Impl {
     return sink.write(ev.data(), ev.size());
   }
 
-  // The stream: role / echo chunks, then deltas as they come, usage, [DONE].
+  // The stream: role / echo chunks, then deltas as they come, usage, [DONE]. An exception after
+  // the stream began becomes an error event followed by [DONE] (the status line is long gone).
   // `fd`: the connection's socket (-1: unknown), watched so that a client that goes away is
   // noticed at once, not only when a write fails.
   bool stream(const std::shared_ptr<Call>& call, CallOutput& out, const ApiRequest& r, httplib::DataSink& sink,
               const std::string& id, int64_t created, int fd) {
+    try {
+      return stream_events(call, out, r, sink, id, created, fd);
+    } catch (const std::exception& e) {
+      log::error("http stream ", id, ": ", e.what());
+      if (live_contains(call)) end_call(call, out, true);
+      json body = error_body(error_of(500, "internal_server_error", std::string("internal error: ") + e.what()));
+      body["error"]["code"] = 500;
+      if (!send_event(sink, dump(body)) || !send_event(sink, "[DONE]")) return false;
+      sink.done();
+      return true;
+    }
+  }
+
+  bool stream_events(const std::shared_ptr<Call>& call, CallOutput& out, const ApiRequest& r, httplib::DataSink& sink,
+                     const std::string& id, int64_t created, int fd) {
     auto chunk = [&](json choice) {
       return send_event(sink, dump(response_json(r.endpoint, id, created, opts.protocol.model_id,
                                                  json::array({std::move(choice)}), true)));
@@ -562,6 +597,7 @@ struct HttpServer::Impl {
                             : chunk(completion_choice(d.index, d.text, lp, d.finish_reason));
         if (!ok) return false;
       }
+      if (!deltas.empty() && failpoint_fires("serve.stream")) throw std::runtime_error("failpoint serve.stream");
       if (!deltas.empty()) {
         idle_since = Clock::now();
       } else if (Clock::now() - idle_since > std::chrono::seconds(1)) {
@@ -592,6 +628,7 @@ struct HttpServer::Impl {
     const EngineStats s = engine->stats();
     const std::string labels = "model_name=\"" + opts.protocol.model_id + "\"";
     std::ostringstream os;
+    os.precision(17);  // counters stay exact integers (the default 6 digits printed 1.34026e+06)
     auto metric = [&](const std::string& name, const std::string& type, const std::string& help, double v) {
       os << "# HELP " << name << " " << help << "\n# TYPE " << name << " " << type << "\n"
          << name << "{" << labels << "} " << v << "\n";
@@ -619,6 +656,7 @@ struct HttpServer::Impl {
     ttft.write(os, "vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", labels);
     itl.write(os, "vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", labels);
     e2e.write(os, "vllm:e2e_request_latency_seconds", "Histogram of end to end request latency in seconds.", labels);
+    queue.write(os, "vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", labels);
     return os.str();
   }
 

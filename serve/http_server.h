@@ -37,6 +37,9 @@ struct HttpServerOptions {
   int64_t max_request_bytes = 8 << 20;  // larger bodies: 413
   double shutdown_timeout_s = 30;     // drain time for running requests after the stop request
   int http_threads = 64;              // concurrent connections served at most
+  // Optional: true once something outside the server means it should not be sent traffic
+  // (a stop signal arrived, while the engine thread may still be inside a step): /health 503.
+  std::function<bool()> unhealthy;
   ProtocolOptions protocol;
 };
 

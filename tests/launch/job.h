@@ -42,7 +42,14 @@ struct Job {
       waitpid(pid, &status, 0);
     }
   }
-  // Waits until the job has exited; false after `seconds` (the job is then killed).
+  // Whether the job has exited (reaped now if so); never waits.
+  bool exited() {
+    if (pid <= 0) return true;
+    if (waitpid(pid, &status, WNOHANG) != pid) return false;
+    pid = -1;
+    return true;
+  }
+  // Waits until the job has exited; false after `seconds` (the destructor kills it then).
   bool wait_exit(int seconds) {
     auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
     while (std::chrono::steady_clock::now() < deadline) {
