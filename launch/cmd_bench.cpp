@@ -14,6 +14,7 @@ namespace andy {
 int bench_data(const ParsedArgs& args, World* world);  // launch/cmd_bench_data.cpp
 int bench_train(const ParsedArgs& args, World* world);  // launch/cmd_bench_train.cpp
 int bench_generate(const ParsedArgs& args, World* world);  // launch/cmd_bench_generate.cpp
+int bench_serve(const ParsedArgs& args, World* world);     // launch/cmd_bench_serve.cpp
 
 namespace {
 
@@ -73,12 +74,13 @@ int bench_comm(const ParsedArgs& args, World* world) {
 Subcommand make_bench_command() {
   Subcommand c;
   c.name = "bench";
-  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share), generate (engine throughput and latency)";
+  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share), generate (engine throughput and latency), serve (an OpenAI server over HTTP)";
   c.usage =
       "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T]\n"
       "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]\n"
       "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N]\n"
-      "       mpirun -np TP andyllm bench generate --model DIR [--concurrency 1,8,32 --input_len N --output_len N]";
+      "       mpirun -np TP andyllm bench generate --model DIR [--concurrency 1,8,32 --input_len N --output_len N]\n"
+      "       andyllm bench serve --url http://127.0.0.1:8000 [--concurrency 1,8,32 --num_prompts N --input_len N --output_len N]";
   c.flags = {{"min_bytes", "B", "smallest buffer (default 8)"},
              {"max_bytes", "B", "largest buffer (default 8388608)"},
              {"factor", "F", "size multiplier between rows (default 8)"},
@@ -108,8 +110,10 @@ Subcommand make_bench_command() {
              {"concurrency", "C1,C2,..", "generate: requests in flight (default 1,8,32)"},
              {"input_len", "N", "generate: prompt tokens per request (default 128)"},
              {"output_len", "N", "generate: generated tokens per request (default 128)"},
-             {"num_prompts", "N", "generate: requests per concurrency (default max(4, 2 x C))"},
-             {"output", "FILE", "generate: also write the rows as JSON"}};
+             {"num_prompts", "N", "generate, serve: requests per concurrency (generate: default max(4, 2 x C); serve: 64)"},
+             {"output", "FILE", "generate: also write the rows as JSON"},
+             // bench serve (also --concurrency, --input_len, --output_len, --num_prompts)
+             {"url", "URL", "serve: the server (default http://127.0.0.1:8000)"}};
   for (const Flag& f : serving_flags())
     if (std::none_of(c.flags.begin(), c.flags.end(), [&](const Flag& g) { return g.name == f.name; }))
       c.flags.push_back(f);
@@ -121,7 +125,8 @@ Subcommand make_bench_command() {
     if (target == "data") return bench_data(args, world);
     if (target == "train") return bench_train(args, world);
     if (target == "generate") return bench_generate(args, world);
-    throw ConfigError("andyllm bench: expected a target: comm, data, train or generate (got '" + target + "')");
+    if (target == "serve") return bench_serve(args, world);
+    throw ConfigError("andyllm bench: expected a target: comm, data, train, generate or serve (got '" + target + "')");
   };
   return c;
 }

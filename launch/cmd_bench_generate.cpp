@@ -15,6 +15,7 @@
 
 #include "core/base/durable_fs.h"
 #include "core/base/logging.h"
+#include "launch/bench_stats.h"
 #include "launch/commands.h"
 #include "launch/serving.h"
 #include "parallel/mpi_utils.h"
@@ -24,42 +25,6 @@ namespace andy {
 namespace {
 
 using Clock = std::chrono::steady_clock;
-
-struct Percentiles {
-  double mean = 0, p50 = 0, p90 = 0, p99 = 0;
-};
-
-Percentiles percentiles(std::vector<double> v) {
-  Percentiles p;
-  if (v.empty()) return p;
-  std::sort(v.begin(), v.end());
-  double sum = 0;
-  for (double x : v) sum += x;
-  p.mean = sum / static_cast<double>(v.size());
-  auto at = [&](double q) { return v[std::min(v.size() - 1, static_cast<size_t>(q * static_cast<double>(v.size())))]; };
-  p.p50 = at(0.5);
-  p.p90 = at(0.9);
-  p.p99 = at(0.99);
-  return p;
-}
-
-std::vector<int64_t> parse_list(const std::string& text, const std::string& flag) {
-  std::vector<int64_t> out;
-  std::stringstream ss(text);
-  std::string item;
-  while (std::getline(ss, item, ',')) {
-    try {
-      size_t used = 0;
-      int64_t v = std::stoll(item, &used);
-      if (used != item.size() || v < 1) throw std::invalid_argument(item);
-      out.push_back(v);
-    } catch (const std::exception&) {
-      throw ConfigError("--" + flag + " " + text + ": expected positive integers separated by commas (e.g. 1,8,32)");
-    }
-  }
-  ANDY_USER_CHECK(!out.empty(), "--", flag, ": empty list");
-  return out;
-}
 
 struct BenchRow {
   int64_t concurrency = 0, requests = 0, prompt_tokens = 0, output_tokens = 0;
@@ -149,7 +114,7 @@ int bench_generate(const ParsedArgs& raw, World* world) {
   std::vector<int64_t> concurrencies;
   int64_t input_len = 0, output_len = 0, num_prompts = 0;
   run_agreed(world->comm().get(), [&] {
-    concurrencies = parse_list(args.get("concurrency", "1,8,32"), "concurrency");
+    concurrencies = parse_positive_list(args.get("concurrency", "1,8,32"), "concurrency");
     input_len = args.get_int("input_len", 128);
     output_len = args.get_int("output_len", 128);
     num_prompts = args.get_int("num_prompts", 0);

@@ -4,6 +4,8 @@ shape of vLLM's benchmark_serving: per concurrency, N streamed completions of ex
 --input_len prompt tokens and --output_len generated tokens (ignore_eos), then TTFT, TPOT
 (time per output token after the first), ITL (gap between streamed chunks) and end-to-end
 latency (mean, P50, P90, P99, in ms), request and output-token throughput.
+Each request has its own prompt (a seeded draw of the tokens of some English text, so that no
+two share a prefix and the prefix cache does not flatter the numbers; --same_prompt to allow it).
 Standard library only (http.client + threads).
 
   scripts/bench_serve.py --url http://127.0.0.1:8000 --concurrency 1,8,32 --num_prompts 64 \\
@@ -12,6 +14,7 @@ Standard library only (http.client + threads).
 import argparse
 import http.client
 import json
+import random
 import statistics
 import threading
 import time
@@ -80,9 +83,17 @@ def one_request(url, body, out):
         out.append(("error", repr(e)))
 
 
+def request_prompt(args, ids, i):
+    """Request i's prompt: its own draw of the text's tokens (no shared prefix, so the server's
+    prefix cache finds nothing, as with `bench generate`'s random prompts), or the text itself
+    with --same_prompt."""
+    if args.same_prompt:
+        return ids
+    rng = random.Random(1000003 * args.seed + i)
+    return [rng.choice(ids) for _ in ids]
+
+
 def run_level(args, ids, concurrency):
-    body = {"model": args.model, "prompt": ids, "max_tokens": args.output_len, "ignore_eos": True,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     results, lock, next_i = [], threading.Lock(), [0]
 
     def worker():
@@ -90,7 +101,11 @@ def run_level(args, ids, concurrency):
             with lock:
                 if next_i[0] >= args.num_prompts:
                     return
+                i = next_i[0]
                 next_i[0] += 1
+            body = {"model": args.model, "prompt": request_prompt(args, ids, concurrency * 100000 + i),
+                    "max_tokens": args.output_len, "ignore_eos": True, "temperature": 0, "stream": True,
+                    "stream_options": {"include_usage": True}}
             one_request(args.url, body, results)
 
     t0 = time.perf_counter()
@@ -125,6 +140,9 @@ def main():
     ap.add_argument("--num_prompts", type=int, default=64)
     ap.add_argument("--input_len", type=int, default=32)
     ap.add_argument("--output_len", type=int, default=32)
+    ap.add_argument("--same_prompt", action="store_true",
+                    help="every request sends the same prompt (prefix-cache hits); default: a distinct prompt each")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts' token draws")
     ap.add_argument("--json", action="store_true", help="one JSON line per concurrency instead of the table")
     args = ap.parse_args()
     if args.model is None:

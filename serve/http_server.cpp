@@ -108,6 +108,25 @@ bool peer_closed(int fd) {
 
 // Listening sockets with SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, with which a
 // second server on a port already serving would bind too and silently share its connections.
+// Debian's cpp-httplib is a compiled library whose listen() backlog is 5
+// (CPPHTTPLIB_LISTEN_BACKLOG): 32 clients connecting at once had SYNs dropped and retried after a
+// second. listen() again on the listening socket bound to `port` raises it (Linux updates the
+// backlog of a listening socket).
+void widen_listen_backlog(int port) {
+  DIR* dir = opendir("/proc/self/fd");
+  if (!dir) return;
+  while (dirent* e = readdir(dir)) {
+    char* end = nullptr;
+    const long fd = std::strtol(e->d_name, &end, 10);
+    if (*end || end == e->d_name) continue;
+    int listening = 0;
+    socklen_t len = sizeof(listening);
+    if (getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+    if (address_of(static_cast<int>(fd), false).second == port) ::listen(static_cast<int>(fd), 1024);
+  }
+  closedir(dir);
+}
+
 void exclusive_port(httplib::Server& svr) {
   svr.set_socket_options([](socket_t sock) {
     int yes = 1;
@@ -250,6 +269,9 @@ struct HttpServer::Impl {
     // one is not closed after a handful of requests (httplib's default of 5 makes clients
     // reconnect often, and a request sent as the server closes is lost).
     svr.set_keep_alive_timeout(5);
+    // Each SSE event leaves at once: with Nagle's algorithm a small write waits for the ACK of
+    // the previous one, which a client may delay by 40 ms (uvicorn sets TCP_NODELAY too).
+    svr.set_tcp_nodelay(true);
     svr.set_keep_alive_max_count(100000);
     const int threads = opts.http_threads;
     svr.new_task_queue = [threads] { return new httplib::ThreadPool(static_cast<size_t>(threads)); };
@@ -701,8 +723,10 @@ HttpServer::~HttpServer() {
 int HttpServer::bind() {
   // A client that goes away must not kill the server with SIGPIPE.
   ::signal(SIGPIPE, SIG_IGN);
-  if (impl_->opts.port == 0) return impl_->svr.bind_to_any_port(impl_->opts.host);
-  return impl_->svr.bind_to_port(impl_->opts.host, impl_->opts.port) ? impl_->opts.port : -1;
+  const int port = impl_->opts.port == 0 ? impl_->svr.bind_to_any_port(impl_->opts.host)
+                                         : (impl_->svr.bind_to_port(impl_->opts.host, impl_->opts.port) ? impl_->opts.port : -1);
+  if (port > 0) widen_listen_backlog(port);
+  return port;
 }
 
 void HttpServer::run(const std::function<bool()>& stop_requested) {

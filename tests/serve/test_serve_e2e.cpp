@@ -790,6 +790,21 @@ TEST_F(ServeE2e, SixtyFourClientsForAMinuteOnTwoRanks) {
   EXPECT_EQ(s.stop(SIGUSR1), 0) << s.job->output();
 }
 
+// `andyllm bench serve` against the suite's server: a table row per concurrency, no errors; a
+// server that is not there is a clear error (exit 2).
+TEST_F(ServeE2e, BenchServeMeasuresTheServer) {
+  auto r = run_command(andyllm_bin() + " bench serve --url http://127.0.0.1:" + std::to_string(server_->port) +
+                       " --concurrency 1,3 --num_prompts 6 --input_len 8 --output_len 5");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("model tiny, 6 prompts of 8 tokens, 5 output tokens each"), std::string::npos) << r.output;
+  std::regex row(R"(\n +3 +[0-9.]+ +[0-9.]+ .* +0\n)");
+  EXPECT_TRUE(std::regex_search(r.output, row)) << r.output;
+  expect_idle_within_seconds(*server_, 10);
+  auto bad = run_command(andyllm_bin() + " bench serve --url http://127.0.0.1:1 --concurrency 1 --num_prompts 1");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_NE(bad.output.find("is the server running at that --url?"), std::string::npos) << bad.output;
+}
+
 // The official `openai` npm client (pinned in tests/serve/openai_node/package.json, installed by
 // scripts/setup.sh into build/openai-node) runs tests/serve/openai_node/suite.mjs against the
 // server: completions, chat, streaming with usage, stop strings, n, seed, logprobs, errors and
