@@ -113,7 +113,7 @@ int run_serve(const ParsedArgs& raw, World* world) {
                     " rank(s): start it with mpirun -np ", tp);
   });
   // Before the (long) load, so an early SIGTERM drains instead of killing a rank.
-  install_stop_signal_handlers();
+  install_stop_signal_handlers(/*second_signal_exits=*/true);
   // Rank 0 listens from the start: 503 on every route while the model loads. A port that
   // cannot be bound stops every rank with one message.
   std::unique_ptr<serve::LoadingServer> loading;
@@ -154,17 +154,7 @@ int run_serve(const ParsedArgs& raw, World* world) {
               o.protocol.model_id.c_str(), url.c_str(), port, url.c_str(),
               o.api_key.empty() ? "" : " -H 'Authorization: Bearer $API_KEY'", o.protocol.model_id.c_str());
   std::fflush(stdout);
-  server.run([] {
-    if (!stop_signal_received()) return false;
-    // Draining from now on: a second signal ends the process at once (the default action).
-    static const bool once = [] {
-      std::signal(SIGTERM, SIG_DFL);
-      std::signal(SIGINT, SIG_DFL);
-      std::signal(SIGUSR1, SIG_DFL);
-      return true;
-    }();
-    return once;
-  });
+  server.run([] { return stop_signal_received(); });  // a second signal ends the process (the handler)
   return 0;
 }
 

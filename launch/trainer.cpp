@@ -31,8 +31,17 @@ namespace fs = std::filesystem;
 namespace {
 
 std::atomic<int> g_stop_signal{0};
+std::atomic<bool> g_second_signal_exits{false};
 
-extern "C" void on_stop_signal(int sig) { g_stop_signal.store(sig); }
+// Async-signal-safe: atomics, signal() and raise() only.
+extern "C" void on_stop_signal(int sig) {
+  if (g_second_signal_exits.load() && g_stop_signal.load() != 0) {
+    std::signal(sig, SIG_DFL);  // the second one: the default action, now
+    std::raise(sig);
+    return;
+  }
+  g_stop_signal.store(sig);
+}
 
 // Autocast on for the scope (bf16/fp16), restoring the previous state.
 class AutocastScope {
@@ -117,7 +126,8 @@ double measure_matmul_flops() {
   return 2.0 * n * n * n * reps / dt;
 }
 
-void install_stop_signal_handlers() {
+void install_stop_signal_handlers(bool second_signal_exits) {
+  g_second_signal_exits.store(second_signal_exits);
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   std::signal(SIGUSR1, on_stop_signal);  // mpirun forwards it at once (scripts/mpirun.sh)

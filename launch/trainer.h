@@ -218,8 +218,10 @@ void all_reduce_host(Communicator* c, at::Tensor& t, ReduceOp op, at::Device dev
 // threads), in FLOP/s: the "measured peak" MFU is quoted against on CPU.
 double measure_matmul_flops();
 
-// Installs SIGTERM/SIGINT/SIGUSR1 handlers that set a flag read by Trainer::run (idempotent).
-void install_stop_signal_handlers();
+// Installs SIGTERM/SIGINT/SIGUSR1 handlers that set a flag read by Trainer::run and the server
+// (idempotent). With `second_signal_exits` (serve), a signal after the first one takes its
+// default action at once; training keeps one graceful stop however many signals arrive.
+void install_stop_signal_handlers(bool second_signal_exits = false);
 bool stop_signal_received();
 
 }  // namespace andy

@@ -333,7 +333,7 @@ struct HttpServer::Impl {
   template <typename H>
   void guarded(const httplib::Request& req, httplib::Response& res, H handler) {
     try {
-      if (draining || failed || !serving) {
+      if (draining || failed || !serving || (opts.unhealthy && opts.unhealthy())) {
         send_error(res, error_of(503, "service_unavailable", draining ? "the server is shutting down" : "the server is not serving"));
         return;
       }
