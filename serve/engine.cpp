@@ -21,6 +21,8 @@ struct Engine::Request {
   int64_t finished = 0;
   std::chrono::steady_clock::time_point submitted = std::chrono::steady_clock::now();
   double queue_seconds = -1;  // set by the first step that schedules one of its sequences
+  std::vector<SampledToken> prompt_scored;  // prompt_logprobs: tokens 1..k of the prompt so far
+  bool prompt_scored_sent = false;
   bool forked = false;
   bool aborted = false;
   bool done() const {
@@ -167,6 +169,7 @@ void Engine::admit(std::unique_ptr<Request> r) {
   seq->prompt_len = n_prompt;
   seq->max_len = n_prompt + p.max_tokens;
   seq->sampler = std::make_unique<SequenceSampler>(p, r->seed);
+  seq->skip_prefix_cache = p.prompt_logprobs >= 0;
   r->seqs.push_back(seq.get());
   scheduler_.add(seq.get());
   seqs_[seq->id] = std::move(seq);
@@ -217,6 +220,7 @@ StepPlan Engine::plan_of(const SchedulerStep& step) {
     d.new_blocks.assign(s->blocks.begin() + s->blocks_sent, s->blocks.end());
     d.tokens.assign(s->tokens.begin() + c.start, s->tokens.begin() + c.start + c.length);
     s->blocks_sent = static_cast<int64_t>(s->blocks.size());
+    for (int64_t i = 0, n = prompt_score_rows(c); i < n; ++i) plan.sample_rows.push_back(rows + i);
     rows += c.length;
     if (c.sample) plan.sample_rows.push_back(rows - 1);
     plan.seqs.push_back(std::move(d));
@@ -316,9 +320,26 @@ int Engine::run_worker() {
   }
 }
 
+int64_t Engine::prompt_score_rows(const ScheduledChunk& c) const {
+  const SequenceState* s = c.seq;
+  if (s->index != 0 || c.start >= s->prompt_len - 1) return 0;
+  const Request& r = *requests_.at(s->request_id);
+  if (r.req.params.prompt_logprobs < 0 || r.prompt_scored_sent) return 0;
+  // Position p's logits score token p + 1; the last prompt position's are sampled instead.
+  return std::min(c.start + c.length, s->prompt_len - 1) - c.start;
+}
+
 void Engine::process_samples(const SchedulerStep& step, const at::Tensor& logits) {
   int64_t row = 0;
   for (const auto& c : step.chunks) {
+    if (const int64_t n = prompt_score_rows(c); n > 0) {
+      Request& r = *requests_.at(c.seq->request_id);
+      for (int64_t i = 0; i < n; ++i, ++row) {
+        const int64_t p = c.start + i;  // a recomputed (preempted) position is scored once
+        if (p != static_cast<int64_t>(r.prompt_scored.size())) continue;
+        r.prompt_scored.push_back(score_token(logits[row], c.seq->tokens[p + 1], r.req.params.prompt_logprobs));
+      }
+    }
     if (!c.sample) continue;
     at::Tensor l = logits[row++];
     SequenceState* seq = c.seq;
@@ -373,6 +394,10 @@ void Engine::append_token(SequenceState* seq, const SampledToken& t, Request& r)
   u.index = seq->index;
   u.new_tokens = {t.token};
   if (p.logprobs >= 0) u.new_sampled = {t};
+  if (p.prompt_logprobs >= 0 && seq->index == 0 && !r.prompt_scored_sent) {
+    u.prompt_logprobs = std::move(r.prompt_scored);
+    r.prompt_scored_sent = true;
+  }
   std::string reason;
   if (!p.ignore_eos && t.token == opts_.eos_id) reason = "stop";
   if (std::find(p.stop_token_ids.begin(), p.stop_token_ids.end(), t.token) != p.stop_token_ids.end())

@@ -76,6 +76,8 @@ struct RequestUpdate {
   int64_t index = 0;                       // completion index (0 .. n-1)
   std::vector<int32_t> new_tokens;         // tokens generated since the last update
   std::vector<SampledToken> new_sampled;   // their logprobs (when asked)
+  std::vector<SampledToken> prompt_logprobs;  // prompt tokens 1.. scored (prompt_logprobs asked;
+                                              // in the first update of completion 0 only)
   bool finished = false;                   // this completion is done
   bool request_finished = false;           // every completion of the request is done
   std::string finish_reason;               // "stop", "length", "abort" (finished only)
@@ -138,6 +140,8 @@ class Engine {
   void refuse(Request& r, const std::string& why);
   // The step as deltas for every rank's BlockTables (marks the blocks as sent).
   StepPlan plan_of(const SchedulerStep& step);
+  // Rows of a chunk whose logits score the next prompt token (prompt logprobs not yet computed).
+  int64_t prompt_score_rows(const ScheduledChunk& c) const;
   // Records the queue time of the requests scheduled for the first time in `step`.
   void note_first_scheduled(const SchedulerStep& step, std::chrono::steady_clock::time_point now);
   // Swaps and forward on this rank; returns the full-vocabulary logits of the sampled rows

@@ -215,6 +215,7 @@ struct CallOutput {
   std::vector<int64_t> prompt_tokens;    // per prompt (from the engine)
   std::vector<bool> sub_finished;        // the engine finished the prompt's request
   std::vector<bool> queue_seen;          // the prompt's queue time went into the histogram
+  std::vector<std::vector<SampledToken>> prompt_scored;  // per prompt: echo + logprobs
   size_t done = 0;                       // choices with a finish_reason
   std::string error;                     // a refused prompt
   Clock::time_point start = Clock::now();
@@ -228,6 +229,7 @@ struct CallOutput {
     for (size_t i = 0; i < r->prompts.size(); ++i) prompt_tokens[i] = static_cast<int64_t>(r->prompts[i].size());
     sub_finished.resize(r->prompts.size(), false);
     queue_seen.resize(r->prompts.size(), false);
+    prompt_scored.resize(r->prompts.size());
   }
   bool complete() const { return done == choices.size() || !error.empty(); }
   Usage usage() const {
@@ -449,6 +451,7 @@ struct HttpServer::Impl {
       }
       if (u.request_finished) out.sub_finished[it.sub] = true;
       if (u.prompt_tokens > 0) out.prompt_tokens[it.sub] = u.prompt_tokens;
+      if (!u.prompt_logprobs.empty()) out.prompt_scored[it.sub] = u.prompt_logprobs;
       if (u.queue_seconds >= 0 && !out.queue_seen[it.sub]) {
         out.queue_seen[it.sub] = true;
         std::lock_guard<std::mutex> lk(metrics_mu);
@@ -458,7 +461,7 @@ struct HttpServer::Impl {
       CallOutput::Choice& c = out.choices[static_cast<size_t>(index)];
       if (!c.finish_reason.empty()) continue;  // ended by a stop string: the rest is ignored
       CallOutput::Delta d{index, "", {}, ""};
-      for (size_t k = 0; k < u.new_tokens.size() && !c.text->stopped(); ++k) {
+      for (size_t k = 0; k < u.new_tokens.size() && !c.text->stopped() && !out.req->prompt_only; ++k) {
         d.text += c.text->append({u.new_tokens[k]});
         if (k < u.new_sampled.size() && out.req->logprobs) d.sampled.push_back(u.new_sampled[k]);
       }
@@ -498,6 +501,7 @@ struct HttpServer::Impl {
 
   json logprobs_of(const ApiRequest& r, const std::vector<SampledToken>& s, int64_t offset) const {
     if (!r.logprobs) return nullptr;
+    if (r.endpoint == Endpoint::kCompletions && r.prompt_only) return completion_logprobs_json({}, codec, offset);
     return r.endpoint == Endpoint::kChat ? chat_logprobs_json(s, codec) : completion_logprobs_json(s, codec, offset);
   }
 
@@ -552,7 +556,10 @@ struct HttpServer::Impl {
       const auto& c = out.choices[i];
       const size_t sub = i / static_cast<size_t>(r.params.n);
       const std::string echo = r.echo ? r.prompt_texts[sub] : "";
-      const json lp = logprobs_of(r, c.sampled, static_cast<int64_t>(echo.size()));
+      json lp = logprobs_of(r, c.sampled, static_cast<int64_t>(echo.size()));
+      if (r.echo && r.logprobs && r.endpoint == Endpoint::kCompletions)
+        lp = echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], r.prompt_only ? std::vector<SampledToken>{} : c.sampled,
+                                codec, static_cast<int64_t>(echo.size()));
       choices.push_back(r.endpoint == Endpoint::kChat ? chat_choice(i, c.text->text(), lp, c.finish_reason)
                                                       : completion_choice(i, echo + c.text->text(), lp, c.finish_reason));
     }
@@ -598,8 +605,10 @@ struct HttpServer::Impl {
       bool ok = true;
       if (r.endpoint == Endpoint::kChat)
         ok = chunk(chat_delta_choice(i, {{"role", "assistant"}, {"content", ""}}, nullptr, ""));
-      else if (r.echo)
+      else if (r.echo && !r.logprobs)
         ok = chunk(completion_choice(i, r.prompt_texts[i / r.params.n], nullptr, ""));
+      else if (r.echo)  // with logprobs: the prompt goes out with its logprobs, once they are known
+        out.choices[i].started = false;
       if (!ok) return false;
     }
     std::vector<int64_t> offsets(out.choices.size(), 0);
@@ -611,6 +620,13 @@ struct HttpServer::Impl {
       if (!out.error.empty()) break;
       if (fd >= 0 && peer_closed(fd)) return false;
       for (const auto& d : deltas) {
+        if (!out.choices[d.index].started) {  // echo + logprobs: the prompt and its logprobs first
+          out.choices[d.index].started = true;
+          const size_t sub = static_cast<size_t>(d.index / r.params.n);
+          if (!chunk(completion_choice(d.index, r.prompt_texts[sub],
+                                       echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], {}, codec, 0), "")))
+            return false;
+        }
         const json lp = logprobs_of(r, d.sampled, offsets[d.index]);
         offsets[d.index] += static_cast<int64_t>(d.text.size());
         const bool ok = r.endpoint == Endpoint::kChat

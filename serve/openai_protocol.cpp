@@ -244,8 +244,15 @@ std::optional<ApiError> parse_completion_request(const json& body, const Protoco
     out->logprobs = true;
     out->top_logprobs = logprobs;
   }
+  if (max_tokens == 0) {  // lm-evaluation-harness's loglikelihood requests: echo, logprobs, max_tokens 0
+    if (!out->echo) return bad_param("max_tokens", "max_tokens = 0: expected max_tokens >= 1 (0 only with echo)");
+    out->prompt_only = true;
+    max_tokens = 1;
+  }
   if (auto e = parse_prompt(body, codec, out)) return e;
-  return parse_common(body, opts, codec, max_tokens, out);
+  if (auto e = parse_common(body, opts, codec, max_tokens, out)) return e;
+  if (out->echo && out->logprobs) out->params.prompt_logprobs = out->top_logprobs;
+  return std::nullopt;
 }
 
 std::optional<ApiError> apply_chat_template(const json& messages, const std::string& template_name,
@@ -400,6 +407,34 @@ json completion_logprobs_json(const std::vector<SampledToken>& sampled, const Te
     offsets.push_back(offset);
     offset += static_cast<int64_t>(text.size());
   }
+  return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
+}
+
+json echo_logprobs_json(const std::vector<int32_t>& prompt, const std::vector<SampledToken>& prompt_scored,
+                        const std::vector<SampledToken>& generated, const TextCodec& codec, int64_t generated_offset) {
+  json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
+  int64_t offset = 0;
+  for (size_t i = 0; i < prompt.size(); ++i) {
+    const std::string text = codec.token_text(prompt[i]);
+    tokens.push_back(text);
+    offsets.push_back(offset);
+    offset += static_cast<int64_t>(text.size());
+    if (i == 0 || i > prompt_scored.size()) {  // nothing predicts the first token
+      lps.push_back(nullptr);
+      tops.push_back(nullptr);
+      continue;
+    }
+    const SampledToken& t = prompt_scored[i - 1];
+    lps.push_back(t.logprob);
+    json top = json::object();
+    for (const auto& [id, lp] : t.top) top[codec.token_text(id)] = lp;
+    tops.push_back(top);
+  }
+  const json g = completion_logprobs_json(generated, codec, generated_offset);
+  for (const json& v : g["tokens"]) tokens.push_back(v);
+  for (const json& v : g["token_logprobs"]) lps.push_back(v);
+  for (const json& v : g["top_logprobs"]) tops.push_back(v);
+  for (const json& v : g["text_offset"]) offsets.push_back(v);
   return {{"tokens", tokens}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offsets}};
 }
 

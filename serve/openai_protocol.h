@@ -74,6 +74,8 @@ struct ApiRequest {
   bool include_usage = false;             // stream_options.include_usage
   bool logprobs = false;                  // chat: logprobs: true; completions: logprobs: k given
   int64_t top_logprobs = 0;               // alternatives per token
+  bool prompt_only = false;               // completions: max_tokens 0 with echo: the prompt (and its
+                                          // logprobs), nothing generated (the engine's one token dropped)
 };
 
 // POST /v1/completions and /v1/chat/completions bodies.
@@ -125,6 +127,11 @@ json usage_json(const Usage& u);
 json completion_logprobs_json(const std::vector<SampledToken>& sampled, const TextCodec& codec,
                               int64_t offset0);
 json chat_logprobs_json(const std::vector<SampledToken>& sampled, const TextCodec& codec);
+// Completions, echo + logprobs: the prompt's tokens first (the first with null logprob and
+// alternatives, as OpenAI and vLLM do; the others scored by the engine), then `generated`
+// (completion_logprobs_json's shape, offsets continuing after the prompt's text).
+json echo_logprobs_json(const std::vector<int32_t>& prompt, const std::vector<SampledToken>& prompt_scored,
+                        const std::vector<SampledToken>& generated, const TextCodec& codec, int64_t generated_offset);
 
 // The response id ("cmpl-..." / "chatcmpl-..."), object names and the chunk shapes.
 std::string response_id(Endpoint e, int64_t serial);

@@ -336,6 +336,21 @@ void fill_logprobs(const float* raw, int64_t vocab, double lse, int64_t k, Sampl
 
 }  // namespace
 
+SampledToken score_token(const at::Tensor& logits, int32_t token, int64_t k) {
+  const at::Tensor row = logits.contiguous();
+  const int64_t vocab = row.numel();
+  ANDY_CHECK(row.scalar_type() == at::kFloat && token >= 0 && token < vocab, "score_token: token ", token,
+             " of a vocabulary of ", vocab);
+  const float* raw = row.data_ptr<float>();
+  Workspace& ws = workspace();
+  ws.x.assign(raw, raw + vocab);
+  const double lse = log_sum_exp(ws.x, ws.w);
+  SampledToken out;
+  out.token = token;
+  fill_logprobs(raw, vocab, lse, k, out, ws.c);
+  return out;
+}
+
 std::string SamplingParams::validate(int64_t vocab_size) const {
   const std::string id_range = "0 <= id < " + format_number(vocab_size) + " (the vocabulary)";
   FirstError e;
@@ -363,6 +378,8 @@ std::string SamplingParams::validate(int64_t vocab_size) const {
   }
   e.check(n >= 1 && n <= kMaxN, "n", n, "1 <= n <= 128");
   e.check(logprobs >= -1 && logprobs <= kMaxLogprobs, "logprobs", logprobs, "-1 <= logprobs <= 20");
+  e.check(prompt_logprobs >= -1 && prompt_logprobs <= kMaxLogprobs, "prompt_logprobs", prompt_logprobs,
+          "-1 <= prompt_logprobs <= 20");
   return e.message();
 }
 

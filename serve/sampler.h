@@ -39,6 +39,8 @@ struct SamplingParams {
   int64_t n = 1;                         // completions of the same prompt. Default: 1
   int64_t logprobs = -1;                 // -1: none; k >= 0: the chosen token's logprob and the
                                          // k most likely alternatives
+  int64_t prompt_logprobs = -1;          // -1: none; k >= 0: the same for every prompt token after
+                                         // the first (vLLM's prompt_logprobs; echo + logprobs)
   // Checks ranges; returns "" or a message naming the field and the range, e.g.
   // "temperature = -1: expected 0 <= temperature <= 100".
   std::string validate(int64_t vocab_size) const;
@@ -50,6 +52,10 @@ struct SampledToken {
                        // (filled when params.logprobs >= 0, else 0)
   std::vector<std::pair<int32_t, double>> top;  // the `logprobs` most likely (id, logprob)
 };
+
+// `token` scored under the raw distribution of `logits` ([vocab] fp32 CPU): its logprob and the
+// k most likely alternatives (what sample() reports, for a token that was given, not drawn).
+SampledToken score_token(const at::Tensor& logits, int32_t token, int64_t k);
 
 class SequenceSampler {
  public:

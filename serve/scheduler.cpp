@@ -159,7 +159,7 @@ SchedulerStep Scheduler::schedule() {
   // 3. Waiting sequences, in arrival order.
   while (!waiting_.empty() && budget > 0 && num_running() < opts_.max_num_seqs) {
     SequenceState* s = waiting_.front();
-    if (s->num_computed == 0 && s->blocks.empty()) lookup_prefix(s);
+    if (s->num_computed == 0 && s->blocks.empty() && !s->skip_prefix_cache) lookup_prefix(s);
     const int64_t n = std::min(pending_tokens(s), budget);
     if (!grow(s, s->num_computed + n)) {
       free_blocks(s);  // give back prefix-cache hits while it waits

@@ -44,6 +44,7 @@ struct SequenceState {
   std::unique_ptr<SequenceSampler> sampler;
   std::vector<SampledToken> sampled;  // one per generated token (logprobs)
   std::string finish_reason;          // "stop", "length", "abort" once finished
+  bool skip_prefix_cache = false;     // compute every prompt position (prompt logprobs need them)
   int64_t num_generated() const { return static_cast<int64_t>(tokens.size()) - prompt_len; }
 };
 

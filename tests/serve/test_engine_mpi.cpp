@@ -86,6 +86,7 @@ struct Outcome {
   std::map<int64_t, std::vector<std::vector<int32_t>>> tokens;  // request index -> completions
   std::map<int64_t, std::string> errors;
   std::map<int64_t, int64_t> cached;
+  std::map<int64_t, std::vector<SampledToken>> prompt_logprobs;
   EngineStats stats;
 };
 
@@ -105,6 +106,7 @@ Outcome run(const EngineOptions& opts, const std::vector<GenerationRequest>& req
       auto& t = out.tokens[i][u.index];
       t.insert(t.end(), u.new_tokens.begin(), u.new_tokens.end());
       if (u.finished) out.cached[i] = u.cached_prompt_tokens;
+      if (!u.prompt_logprobs.empty()) out.prompt_logprobs[i] = u.prompt_logprobs;
     });
   };
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -224,6 +226,37 @@ TEST(Engine, KvPoolPressurePreemptsAndKeepsGreedyTokens) {
                 (long long)r.stats.num_preemptions, (long long)r.stats.swapped_out_blocks,
                 (long long)r.stats.kv_blocks_used_peak, (long long)r.stats.steps);
   }
+}
+
+// Prompt logprobs (echo + logprobs): every prompt token after the first, scored by the engine's
+// chunked prefill (70 tokens in chunks of at most 64), equal the dense model's full-forward
+// log_softmax, with the same top alternatives; the prompt is in the prefix cache from an earlier
+// request, which must not cut positions out of the scoring.
+TEST(Engine, PromptLogprobsEqualTheFullForwardEvenWithThePrefixCached) {
+  std::vector<int32_t> prompt(70);
+  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>((i * 37 + 11) % 100);
+  GenerationRequest scored = greedy(prompt, 3);
+  scored.params.prompt_logprobs = 2;
+  Outcome r = run(options(), {greedy(prompt, 2), scored}, /*together=*/false);
+  if (rank() != 0) return;
+  ASSERT_EQ(r.prompt_logprobs[1].size(), prompt.size() - 1);
+  EXPECT_EQ(r.cached[1], 0) << "prompt logprobs need every position computed";
+  at::Tensor logits = dense_model()->gather_logits(dense_model()->forward(at::tensor(prompt, at::kLong).view({1, -1})))[0];
+  at::Tensor ref = at::log_softmax(logits.to(at::kDouble), -1);
+  double worst = 0;
+  for (size_t p = 0; p + 1 < prompt.size(); ++p) {
+    const SampledToken& t = r.prompt_logprobs[1][p];
+    EXPECT_EQ(t.token, prompt[p + 1]);
+    worst = std::max(worst, std::abs(t.logprob - ref[p][prompt[p + 1]].item<double>()));
+    ASSERT_EQ(t.top.size(), 2u);
+    auto top = std::get<1>(ref[p].topk(2));
+    EXPECT_EQ(t.top[0].first, top[0].item<int64_t>()) << "position " << p;
+    EXPECT_EQ(t.top[1].first, top[1].item<int64_t>()) << "position " << p;
+  }
+  EXPECT_LT(worst, 1e-4);
+  EXPECT_EQ(r.tokens[1][0], reference_greedy(prompt, 3));
+  std::printf("  %sprompt logprobs: %zu positions, largest difference to the full forward %.2e\n", tag().c_str(),
+              r.prompt_logprobs[1].size(), worst);
 }
 
 TEST(Engine, PrefixCacheComputesOnlyTheNewTokens) {

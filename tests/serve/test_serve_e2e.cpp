@@ -790,6 +790,54 @@ TEST_F(ServeE2e, SixtyFourClientsForAMinuteOnTwoRanks) {
   EXPECT_EQ(s.stop(SIGUSR1), 0) << s.job->output();
 }
 
+// echo + logprobs scores the prompt (vLLM's prompt logprobs; lm-evaluation-harness sends echo,
+// logprobs and max_tokens 0 for log-likelihoods): one entry per prompt token, the first null;
+// the score of a token appended to the prompt equals its logprob when it was generated (prefill
+// and decode paths agree); streamed, the first chunk carries the prompt with its logprobs.
+TEST_F(ServeE2e, EchoWithLogprobsScoresThePrompt) {
+  int status = 0;
+  const json ids = post_json(*server_, "/tokenize", {{"prompt", "the cat sat on the mat"}}, &status)["tokens"];
+  ASSERT_GE(ids.size(), 3u);
+  json r = post_json(*server_, "/v1/completions",
+                     {{"prompt", ids}, {"echo", true}, {"logprobs", 2}, {"max_tokens", 0}}, &status);
+  ASSERT_EQ(status, 200) << r.dump();
+  const json& lp = r["choices"][0]["logprobs"];
+  ASSERT_EQ(lp["tokens"].size(), ids.size()) << r.dump();
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  for (size_t i = 1; i < ids.size(); ++i) {
+    EXPECT_LE(lp["token_logprobs"][i].get<double>(), 0.0);
+    EXPECT_EQ(lp["top_logprobs"][i].size(), 2u) << i;
+  }
+  EXPECT_EQ(r["usage"]["completion_tokens"], 0);
+  EXPECT_EQ(r["usage"]["prompt_tokens"], ids.size());
+  EXPECT_EQ(r["choices"][0]["finish_reason"], "length");
+  // The last prompt token forced as a generated one (logit_bias; logprobs are of the raw
+  // distribution): the sampler's logprob equals the prompt scoring's.
+  const json head(ids.begin(), ids.end() - 1);
+  const std::string last = std::to_string(ids.back().get<int>());
+  json forced = post_json(*server_, "/v1/completions",
+                          {{"prompt", head}, {"max_tokens", 1}, {"temperature", 0}, {"logprobs", 0},
+                           {"logit_bias", {{last, 100}}}}, &status);
+  ASSERT_EQ(status, 200) << forced.dump();
+  EXPECT_NEAR(forced["choices"][0]["logprobs"]["token_logprobs"][0].get<double>(),
+              lp["token_logprobs"][ids.size() - 1].get<double>(), 1e-5);
+  // The streamed form: the prompt and its logprobs in the first chunk, text as the whole one.
+  auto events = post_stream(*server_, "/v1/completions",
+                            {{"prompt", ids}, {"echo", true}, {"logprobs", 1}, {"max_tokens", 3}, {"temperature", 0},
+                             {"stream", true}}, &status);
+  ASSERT_EQ(status, 200);
+  ASSERT_GE(events.size(), 2u);
+  const json first = json::parse(events[0]);
+  EXPECT_EQ(first["choices"][0]["logprobs"]["tokens"].size(), ids.size()) << events[0];
+  json whole = post_json(*server_, "/v1/completions",
+                         {{"prompt", ids}, {"echo", true}, {"logprobs", 1}, {"max_tokens", 3}, {"temperature", 0}}, &status);
+  EXPECT_EQ(collect(events, false).text[0], whole["choices"][0]["text"].get<std::string>());
+  json bad = post_json(*server_, "/v1/completions", {{"prompt", ids}, {"max_tokens", 0}}, &status);
+  EXPECT_EQ(status, 400);
+  EXPECT_EQ(bad["error"]["param"], "max_tokens");
+}
+
 // `andyllm bench serve` against the suite's server: a table row per concurrency, no errors; a
 // server that is not there is a clear error (exit 2).
 TEST_F(ServeE2e, BenchServeMeasuresTheServer) {
