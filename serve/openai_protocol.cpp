@@ -337,12 +337,25 @@ size_t incomplete_utf8_tail(const std::string& s) {
 TextAssembler::TextAssembler(const TextCodec* codec, std::vector<std::string> stop, bool include_stop)
     : codec_(codec), stop_(std::move(stop)), include_stop_(include_stop) {}
 
+std::string TextAssembler::decoded_text() {
+  const auto from = tokens_.begin() + static_cast<std::ptrdiff_t>(prefix_offset_);
+  const std::string prefix = codec_->decode(std::vector<int32_t>(from, tokens_.begin() + static_cast<std::ptrdiff_t>(read_offset_)));
+  const std::string window = codec_->decode(std::vector<int32_t>(from, tokens_.end()));
+  if (window.size() <= prefix.size() || window.compare(0, prefix.size(), prefix) != 0) return committed_;
+  std::string added = window.substr(prefix.size());
+  if (incomplete_utf8_tail(added) > 0) return committed_ + added;  // not committed: may still change
+  committed_ += added;
+  prefix_offset_ = read_offset_;
+  read_offset_ = tokens_.size();
+  return committed_;
+}
+
 std::string TextAssembler::append(const std::vector<int32_t>& tokens) {
   std::string released;
   for (int32_t t : tokens) {
     if (stopped_) break;
     tokens_.push_back(t);
-    const std::string text = codec_->decode(tokens_);
+    const std::string text = decoded_text();
     // 1. A complete stop string ends the text.
     size_t stop_at = std::string::npos, stop_len = 0;
     for (const std::string& s : stop_) {

@@ -106,7 +106,16 @@ class TextAssembler {
   const TextCodec* codec_;
   std::vector<std::string> stop_;
   bool include_stop_;
+  // The text of tokens_, decoded incrementally (vLLM's detokenize_incrementally): only the
+  // tokens from prefix_offset_ on are decoded again for each new token, and the text of
+  // tokens_[prefix_offset_, read_offset_) is subtracted, so a word piece's leading-space rule
+  // applies as in a decode of the whole sequence. Decoding everything for every token made a
+  // completion's text cost quadratic in its length.
+  std::string decoded_text();
+
   std::vector<int32_t> tokens_;
+  std::string committed_;  // text of tokens_[0, read_offset_)
+  size_t prefix_offset_ = 0, read_offset_ = 0;
   std::string emitted_;
   bool stopped_ = false;
 };

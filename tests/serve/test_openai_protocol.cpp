@@ -7,6 +7,8 @@
 #include <gtest/gtest.h>
 #include <httplib.h>
 
+#include <random>
+
 #include "serve/http_server.h"
 
 using namespace andy::serve;
@@ -208,6 +210,61 @@ TEST(TextAssembler, StopStringsAreHeldBackAcrossTokensAndCutTheText) {
   EXPECT_EQ(d.append({'a', 'E'}), "a");
   EXPECT_EQ(d.finish(), "E");
   EXPECT_EQ(d.text(), "aE");
+}
+
+// A sentencepiece-like codec: word pieces marked with U+2581 for a leading space, which the
+// decoder turns into a space and drops at the very start of what it decodes; byte tokens for
+// the bytes of a character (so a character can span tokens).
+TextCodec piece_codec() {
+  static const std::string m = "\xE2\x96\x81";  // U+2581
+  static const std::vector<std::string> pieces = {m + "the", m + "cat", "s", m, "at", "\xE4", "\xBD", "\xA0",
+                                                  m + "sat", "!", "\xF0\x9F", "\x98\x80"};
+  TextCodec c;
+  c.decode = [](const std::vector<int32_t>& ids) {
+    std::string s;
+    for (int32_t id : ids) s += pieces[static_cast<size_t>(id)];
+    std::string out;
+    const std::string mark = "\xE2\x96\x81";
+    for (size_t i = 0; i < s.size();) {
+      if (s.compare(i, mark.size(), mark) == 0) {
+        if (!out.empty() || i > 0) out += ' ';
+        i += mark.size();
+      } else {
+        out += s[i++];
+      }
+    }
+    return out;
+  };
+  c.token_text = [](int32_t id) { return pieces[static_cast<size_t>(id)]; };
+  c.vocab_size = static_cast<int64_t>(pieces.size());
+  return c;
+}
+
+// The text released token by token (decoded incrementally, a window at a time) equals the decode
+// of the whole sequence, for random sequences that start with and without a leading-space piece
+// and split characters over tokens; each piece is whole UTF-8.
+TEST(TextAssembler, IncrementalTextEqualsTheWholeDecode) {
+  const TextCodec codec = piece_codec();
+  std::mt19937 rng(3);
+  for (int trial = 0; trial < 300; ++trial) {
+    std::vector<int32_t> ids;
+    const int n = 1 + static_cast<int>(rng() % 40);
+    while (static_cast<int>(ids.size()) < n) {
+      const int32_t t = static_cast<int32_t>(rng() % 12);
+      if (t == 5) ids.insert(ids.end(), {5, 6, 7});         // 你, three byte tokens
+      else if (t == 10) ids.insert(ids.end(), {10, 11});   // 😀, two
+      else if (t != 6 && t != 7 && t != 11) ids.push_back(t);
+    }
+    TextAssembler a(&codec, {}, false);
+    std::string joined;
+    for (int32_t id : ids) {
+      const std::string piece = a.append({id});
+      EXPECT_EQ(incomplete_utf8_tail(piece), 0u);
+      joined += piece;
+    }
+    joined += a.finish();
+    ASSERT_EQ(joined, codec.decode(ids)) << "trial " << trial;
+  }
 }
 
 TEST(OpenAiProtocol, LogprobsShapes) {
