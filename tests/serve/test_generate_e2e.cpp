@@ -6,9 +6,11 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "tests/data/data_test_util.h"
@@ -128,6 +130,51 @@ TEST_F(GenerateE2e, BadInputStopsWithOneClearLineAndWritesNothing) {
     EXPECT_FALSE(fs::exists(out)) << c.what << ": an output file was written";
     std::printf("  %-40s exit %d\n", c.what.c_str(), r.exit_code);
   }
+}
+
+// `generate` on 1,000 short prompts (served by continuous batching): its resident memory,
+// sampled every 20 ms, does not grow in the second half of the run (the first half holds the
+// start-up and the warm-up: at most 5 % + 8 MiB over the largest value seen by then), and every
+// prompt gets its completion.
+TEST_F(GenerateE2e, ResidentMemoryIsStableOverAThousandPrompts) {
+  const std::vector<std::string> words = {"the", "cat", "sat", "on", "a", "mat", "river", "tree", "blue", "morning"};
+  {
+    std::ofstream f(path("thousand.jsonl"));
+    for (int i = 0; i < 1000; ++i) {
+      std::string prompt;
+      for (int k = 0; k <= i % 3; ++k) prompt += (k ? " " : "") + words[(i * 7 + k * 3) % words.size()];
+      f << json{{"prompt", prompt}}.dump() << "\n";
+    }
+  }
+  Job job(andyllm_bin() + " generate --model " + path("tp1/best_model") + " --prompts_file " + path("thousand.jsonl") +
+              " --max_tokens 40 --ignore_eos --temperature 0.8 --seed 3 --output " + path("thousand_out.jsonl"),
+          path("thousand.log"));
+  ASSERT_GT(job.pid, 0);
+  std::vector<int64_t> rss;
+  while (!job.exited()) {
+    std::ifstream st("/proc/" + std::to_string(job.pid) + "/status");
+    for (std::string line; std::getline(st, line);)
+      if (line.rfind("VmRSS:", 0) == 0) rss.push_back(std::stoll(line.substr(6)) * 1024);
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_EQ(job.exit_code(), 0) << job.output();
+  ASSERT_GE(rss.size(), 8u) << "the run was too short to sample";
+  const auto half = rss.begin() + static_cast<std::ptrdiff_t>(rss.size() / 2);
+  const int64_t warm = *std::max_element(rss.begin(), half);
+  const int64_t later = *std::max_element(half, rss.end());
+  std::string series;
+  for (size_t i = 0; i < rss.size(); i += std::max<size_t>(1, rss.size() / 20)) series += std::to_string(rss[i] >> 20) + " ";
+  EXPECT_LE(later, warm + warm / 20 + (8 << 20)) << "RSS kept growing (MiB over time: " << series << ")";
+  std::ifstream out(path("thousand_out.jsonl"));
+  int lines = 0;
+  for (std::string line; std::getline(out, line);) {
+    const json j = json::parse(line);
+    EXPECT_EQ(j["completion_tokens"], 40);
+    ++lines;
+  }
+  EXPECT_EQ(lines, 1000);
+  std::printf("  1,000 prompts: %zu RSS samples, %.1f MiB at most in the first half, %.1f MiB in the second (MiB over time: %s)\n",
+              rss.size(), warm / 1048576.0, later / 1048576.0, series.c_str());
 }
 
 TEST_F(GenerateE2e, AKilledRankEndsTheJobWithinSeconds) {
