@@ -66,9 +66,9 @@ json post_json(const Server& s, const std::string& path, const json& body, int* 
   return json::parse(res->body, nullptr, false);
 }
 
-// The events of a streamed response ("data: X" payloads, [DONE] included).
-std::vector<std::string> post_stream(const Server& s, const std::string& path, const json& body, int* status) {
-  auto c = s.client();
+// The events of a streamed response ("data: X" payloads, [DONE] included) on connection `c`;
+// *status: the HTTP status, or minus httplib's error code when no response came.
+std::vector<std::string> post_stream_on(httplib::Client& c, const std::string& path, const json& body, int* status) {
   std::string raw;
   httplib::Request req;
   req.method = "POST";
@@ -80,7 +80,7 @@ std::vector<std::string> post_stream(const Server& s, const std::string& path, c
     return true;
   };
   auto res = c.send(req);
-  *status = res ? res->status : -1;
+  *status = res ? res->status : -static_cast<int>(res.error());
   std::vector<std::string> events;
   for (size_t pos = 0; (pos = raw.find("data: ", pos)) != std::string::npos;) {
     const size_t end = raw.find("\n\n", pos);
@@ -88,6 +88,22 @@ std::vector<std::string> post_stream(const Server& s, const std::string& path, c
     pos = end;
   }
   return events;
+}
+std::vector<std::string> post_stream(const Server& s, const std::string& path, const json& body, int* status) {
+  auto c = s.client();
+  return post_stream_on(c, path, body, status);
+}
+
+// Sends a streamed request and closes the connection at its first chunk (a client gone away).
+void abandon_stream(const Server& s, const std::string& path, const json& body) {
+  auto c = s.client();
+  httplib::Request req;
+  req.method = "POST";
+  req.path = path;
+  req.body = body.dump();
+  req.set_header("Content-Type", "application/json");
+  req.content_receiver = [](const char*, size_t, uint64_t, uint64_t) { return false; };
+  c.send(req);
 }
 
 // The text of each choice, concatenated over stream chunks, and the finish reasons.
@@ -600,14 +616,7 @@ TEST_F(ServeE2e, ConcurrentMixedClientsLeaveNothingBehind) {
           reported_completion += r["usage"]["completion_tokens"].get<int64_t>();
         } else if (kind == 4) {  // a stream abandoned after its first chunk
           body["stream"] = true;
-          auto c = server_->client();
-          httplib::Request req;
-          req.method = "POST";
-          req.path = route;
-          req.body = body.dump();
-          req.set_header("Content-Type", "application/json");
-          req.content_receiver = [](const char*, size_t, uint64_t, uint64_t) { return false; };
-          c.send(req);
+          abandon_stream(*server_, route, body);
           ++abandoned;
         } else {  // streams read to the end
           body["stream"] = true;
@@ -704,27 +713,6 @@ TEST_F(ServeE2e, SixtyFourClientsForAMinuteOnTwoRanks) {
         *status = res ? res->status : -static_cast<int>(res.error());
         return res ? json::parse(res->body, nullptr, false) : json();
       };
-      auto post_events = [&](const std::string& route, const json& body, int* status) {
-        std::string raw;
-        httplib::Request req;
-        req.method = "POST";
-        req.path = route;
-        req.body = body.dump();
-        req.set_header("Content-Type", "application/json");
-        req.content_receiver = [&](const char* d, size_t n, uint64_t, uint64_t) {
-          raw.append(d, n);
-          return true;
-        };
-        auto res = conn.send(req);
-        *status = res ? res->status : -static_cast<int>(res.error());  // -httplib::Error when no response
-        std::vector<std::string> events;
-        for (size_t pos = 0; (pos = raw.find("data: ", pos)) != std::string::npos;) {
-          const size_t e = raw.find("\n\n", pos);
-          events.push_back(raw.substr(pos + 6, e - pos - 6));
-          pos = e;
-        }
-        return events;
-      };
       for (int k = 0; std::chrono::steady_clock::now() < end; ++k) {
         const int which = (t + k) % 4, kind = (t * 5 + k) % 7;
         const int max_tokens = std::min(2 + (t * 11 + k * 3) % 40, 64 - prompt_len[which]);
@@ -748,20 +736,13 @@ TEST_F(ServeE2e, SixtyFourClientsForAMinuteOnTwoRanks) {
           expected_prompt += r["usage"]["prompt_tokens"].get<int64_t>();
         } else if (kind == 2) {  // abandoned after the first chunk
           body["stream"] = true;
-          auto c = s.client();
-          httplib::Request req;
-          req.method = "POST";
-          req.path = route;
-          req.body = body.dump();
-          req.set_header("Content-Type", "application/json");
-          req.content_receiver = [](const char*, size_t, uint64_t, uint64_t) { return false; };
-          c.send(req);
+          abandon_stream(s, route, body);
           expected_prompt += prompt_len[which];
           ++abandoned;
         } else {
           body["stream"] = true;
           body["stream_options"] = {{"include_usage", true}};
-          Streamed st = collect(post_events(route, body, &status), kind == 6);
+          Streamed st = collect(post_stream_on(conn, route, body, &status), kind == 6);
           if (status != 200 || !st.done_last || st.usage.is_null()) {
             problem("stream: status " + std::to_string(status));
             continue;
