@@ -7,6 +7,7 @@
 
 #include "core/base/torch_compat.h"
 #include "launch/commands.h"
+#include "parallel/process_grid.h"
 
 namespace andy {
 
@@ -25,11 +26,8 @@ Subcommand make_version_command() {
     std::printf("  libtorch  %s (%s)\n", TORCH_VERSION,
                 compat::torch_has_cuda() ? "with CUDA" : "CPU only");
     std::printf("  mpi       %s\n", mpi_s.c_str());
-#if defined(ANDYLLM_HAVE_NCCL)
-    std::printf("  nccl      compiled in\n");
-#else
-    std::printf("  nccl      not compiled in (CUDA toolkit or NCCL not found at build time)\n");
-#endif
+    std::printf("  nccl      %s\n", nccl_compiled_in() ? "compiled in"
+                                                         : "not compiled in (CUDA toolkit or NCCL not found at build time)");
     std::printf("  threads   %d intra-op\n", at::get_num_threads());
     return 0;
   };

@@ -15,8 +15,10 @@ GradReducer::GradReducer(std::vector<at::Tensor> params, CommPtr dp, GradReducer
   where_.assign(params_.size(), {-1, -1});
   seen_.assign(params_.size(), false);
   if (!active()) return;
-  const int64_t first_cap = std::max<int64_t>(1, static_cast<int64_t>(opts.first_bucket_mb * 1024 * 1024 / 4));
-  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(opts.bucket_mb * 1024 * 1024 / 4));
+  // Buckets hold fp32 elements: MiB -> element counts.
+  constexpr double kFloatsPerMiB = 1024.0 * 1024.0 / sizeof(float);
+  const int64_t first_cap = std::max<int64_t>(1, static_cast<int64_t>(opts.first_bucket_mb * kFloatsPerMiB));
+  const int64_t cap = std::max<int64_t>(1, static_cast<int64_t>(opts.bucket_mb * kFloatsPerMiB));
   // Reverse registration order: the output side of the network gets its gradients first.
   for (size_t k = params_.size(); k-- > 0;) {
     const at::Tensor& p = params_[k];

@@ -14,7 +14,7 @@
 // makes every call a no-op. Every DP rank must run the same backward (the Communicator
 // contract).
 //
-//   GradReducer reducer(params, grid.dp_ptr(), GradReducerOptions().bucket_mb(25));
+//   GradReducer reducer(params, grid.dp_ptr(), GradReducerOptions().set_bucket_mb(25));
 //   reducer.set_sync(micro == accum - 1);
 //   loss.backward();
 //   if (micro == accum - 1) reducer.finish();   // param.grad() now holds the DP average

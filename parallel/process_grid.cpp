@@ -28,6 +28,14 @@ std::vector<int> dp_group_ranks(int tp_rank, int world_size, int tp_size) {
   return out;
 }
 
+bool nccl_compiled_in() {
+#if defined(ANDYLLM_HAVE_NCCL)
+  return true;
+#else
+  return false;
+#endif
+}
+
 CommPtr make_communicator(Backend backend, const MpiComm& group, const std::string& name,
                           int device, std::chrono::milliseconds timeout) {
   if (backend == Backend::kMpi) return std::make_shared<MpiCommunicator>(group, name, timeout);

@@ -4,7 +4,9 @@
 // communicator for the world, one for this rank's TP group and one for its DP group.
 // Construction is collective over the world. Must not outlive the World.
 //
-//   ProcessGrid grid(world, GridOptions().tensor_parallel_size(2));
+//   GridOptions o;
+//   o.tensor_parallel_size = 2;
+//   ProcessGrid grid(world, o);
 //   grid.tp().all_reduce(t);
 #pragma once
 
@@ -34,6 +36,10 @@ struct GridOptions {
   int device = -1;  // CUDA device for the NCCL backend; -1 for CPU.
   std::chrono::milliseconds timeout{300000};  // Default: 300 s.
 };
+
+// Whether the NCCL backend was compiled into this build (the CUDA toolkit and NCCL were found
+// at configure time); the backend conditionals stay in parallel/.
+bool nccl_compiled_in();
 
 // Makes a communicator of `backend` over `group` (collective over the group).
 // Throws CommError when the backend was not compiled in.

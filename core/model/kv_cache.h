@@ -8,9 +8,9 @@
 // Not thread-safe.
 //
 //   KvCache cache(cfg, tp_size, /*block_size=*/16, /*num_blocks=*/64);
-//   KvSequence seq;
-//   cache.reserve(seq, prompt_len);                 // allocate blocks
-//   logits = model->forward_cached(prompt, cache, seqs);   // seq.length += prompt_len
+//   std::vector<KvSequence> seqs(batch);
+//   for (auto& s : seqs) cache.reserve(s, prompt_len);     // allocate blocks
+//   logits = model->forward_cached(prompts, cache, seqs);  // each seqs[b].length += prompt_len
 #pragma once
 
 #include <ATen/ATen.h>

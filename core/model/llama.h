@@ -14,6 +14,9 @@
 // -inf in loss(). Initialisation: every weight is drawn whole from
 // param_seed(seed, its name) and then sliced, so any TP size gives the same function.
 // The TP communicator must outlive the model (null or size 1: no tensor parallelism).
+// Threads: one thread at a time per model (forward, forward_batch and the collectives they
+// issue); the trainer's thread in training, the engine thread in serving. Other threads never
+// touch the model or its KV cache (the server's HTTP threads talk to the engine's queues).
 //
 //   LlamaForCausalLM model(cfg.model, grid.tp_ptr(), cfg.train.seed);
 //   at::Tensor logits = model->forward(tokens);            // [B, T, V_local]
