@@ -400,9 +400,13 @@ struct HttpServer::Impl {
       const int64_t id = engine->submit({r.prompts[sub], r.params}, [weak, sub](const RequestUpdate& u) {
         auto c = weak.lock();
         if (!c) return;
-        std::lock_guard<std::mutex> lk(c->mu);
-        c->inbox.push_back({sub, u, Clock::now()});
-        c->cv.notify_all();
+        {
+          std::lock_guard<std::mutex> lk(c->mu);
+          c->inbox.push_back({sub, u, Clock::now()});
+        }
+        // Outside the lock: the handler wakes to a free mutex (one futex call per token, not
+        // a wake followed by a block on the mutex the engine thread still holds).
+        c->cv.notify_one();
       });
       std::lock_guard<std::mutex> lk(call->mu);
       call->ids.push_back(id);
