@@ -55,7 +55,8 @@ relocated_env() {
   export LD_LIBRARY_PATH="$P/usr/lib/$ARCH:$P/usr/lib/$ARCH/openmpi/lib:$P/usr/lib/$ARCH/pmix2/lib:$P/lib/$ARCH${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
   # One machine, no fabric: shared memory and self only (the network components' libraries are not carried).
-  export PMIX_MCA_pcompress_base_silence_warning=1
+  # The image has a PMIx of its own whose components do not load into Debian's: say nothing of it.
+  export PMIX_MCA_pcompress_base_silence_warning=1 PMIX_MCA_mca_base_component_show_load_errors=0
   export OMPI_MCA_pml=ob1 OMPI_MCA_btl=self,vader OMPI_MCA_mtl=^ofi,psm,psm2 OMPI_MCA_osc=^ucx
   MPIRUN="$P/usr/bin/mpirun.openmpi"
 }
