@@ -29,25 +29,26 @@ namespace andy::data {
 
 namespace {
 
-struct Ctx {
+// The ranks preprocessing together: this one, their number, how many share this host.
+struct RankGroup {
   int rank = 0, size = 1, local_size = 1;
   MPI_Comm comm = MPI_COMM_NULL;
 };
 
 // Runs fn on every rank; if it throws anywhere, every rank throws the lowest failing rank's
 // error (run_agreed).
-void agreed(const Ctx& c, const std::function<void()>& fn) {
+void agreed(const RankGroup& c, const std::function<void()>& fn) {
   run_agreed(c.comm, fn);
 }
 
-void sum_i64(const Ctx& c, std::vector<int64_t>& v) {
+void sum_i64(const RankGroup& c, std::vector<int64_t>& v) {
   if (c.size == 1 || v.empty()) return;
   MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, v.data(), static_cast<int>(v.size()), MPI_INT64_T, MPI_SUM,
                           c.comm));
 }
 
 // Every rank's string, on rank 0 (empty elsewhere).
-std::vector<std::string> gather_strings(const Ctx& c, const std::string& s) {
+std::vector<std::string> gather_strings(const RankGroup& c, const std::string& s) {
   if (c.size == 1) return {s};
   int len = static_cast<int>(s.size());
   std::vector<int> lens(c.size), displs(c.size);
@@ -205,7 +206,7 @@ void write_training_lines(std::ofstream& out, const std::string& doc) {
   }
 }
 
-PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
+PreprocessResult run_prepared(const PreprocessOptions& opts, const RankGroup& ctx,
                               const std::vector<TextFile>& files, const std::string& tmp_dir,
                               bool train_tokenizer, Clock::time_point t_start);
 
@@ -213,7 +214,7 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
 
 PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* comm) {
   auto t_start = Clock::now();
-  Ctx ctx;
+  RankGroup ctx;
   if (comm) {
     ctx.rank = comm->rank();
     ctx.size = comm->size();
@@ -266,7 +267,7 @@ PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* co
 
 namespace {
 
-PreprocessResult run_prepared(const PreprocessOptions& opts, const Ctx& ctx,
+PreprocessResult run_prepared(const PreprocessOptions& opts, const RankGroup& ctx,
                               const std::vector<TextFile>& files, const std::string& tmp_dir,
                               bool train_tokenizer, Clock::time_point t_start) {
   const fs::path out(opts.output_dir);

@@ -41,7 +41,7 @@ int bench_train(const ParsedArgs& args, World* world) {
 
   TrainerOptions o;
   o.sample_tokens = 0;
-  o.print = false;
+  o.print_progress = false;
   o.write_checkpoints = false;
   Trainer trainer(cfg, TrainGrid::from(grid, g.device), o);
   TrainResult r = trainer.run();

@@ -294,7 +294,7 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
 Trainer::~Trainer() = default;
 
 void Trainer::warn_about_data_setup() const {
-  if (grid_.rank() != 0 || !opts_.print) return;
+  if (grid_.rank() != 0 || !opts_.print_progress) return;
   const auto& d = cfg_.data;
   if (!d.val_file.empty() && fs::weakly_canonical(d.val_file) == fs::weakly_canonical(d.train_file))
     log::warn("data.val_file and data.train_file are the same (", d.train_file,
@@ -305,7 +305,7 @@ void Trainer::warn_about_data_setup() const {
 }
 
 void Trainer::write_metrics(const std::string& line) {
-  if (grid_.rank() != 0 || !opts_.print) return;
+  if (grid_.rank() != 0 || !opts_.print_progress) return;
   fs::create_directories(cfg_.train.output_dir);
   std::ofstream f(cfg_.train.output_dir + "/metrics.jsonl", std::ios::app);
   f << line << "\n";
@@ -372,6 +372,12 @@ void Trainer::write_best_model(const StateDict& full, const std::string& dir,
   fsync_path(cfg_.train.output_dir);
 }
 
+// The sample printed after training: top-k sampling at a fixed temperature, seeded from the run.
+constexpr double kSampleTemperature = 0.8;
+constexpr int64_t kSampleTopK = 40;
+constexpr int64_t kSampleBlockSize = 16;             // KV-cache block, in tokens
+constexpr uint64_t kSampleSeedSalt = 0x5eedULL;      // the sample's generator: train.seed ^ salt
+
 std::string Trainer::sample(const std::string& prompt, int64_t n) {
   at::NoGradGuard no_grad;
   data::Tokenizer tok = data::Tokenizer::load(cfg_.data.tokenizer_path);
@@ -379,7 +385,7 @@ std::string Trainer::sample(const std::string& prompt, int64_t n) {
   if (ids.empty()) ids.push_back(tok.bos_id());
   n = std::min<int64_t>(n, cfg_.model.max_seq_len - static_cast<int64_t>(ids.size()));
   if (n <= 0) return prompt;
-  const int64_t block = 16;
+  const int64_t block = kSampleBlockSize;
   KvCache cache(cfg_.model, grid_.tp_size(), block,
                 (cfg_.model.max_seq_len + block - 1) / block + 1,
                 at::TensorOptions().dtype(at::kFloat).device(device_));
@@ -388,12 +394,12 @@ std::string Trainer::sample(const std::string& prompt, int64_t n) {
   std::vector<int64_t> prompt64(ids.begin(), ids.end());
   at::Tensor input = at::tensor(prompt64, at::kLong).view({1, -1}).to(device_);
   at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(
-      static_cast<uint64_t>(cfg_.train.seed) ^ 0x5eedULL);
+      static_cast<uint64_t>(cfg_.train.seed) ^ kSampleSeedSalt);
   std::vector<int32_t> out;
   for (int64_t i = 0; i < n; ++i) {
     at::Tensor local = model_->forward_cached(input, cache, seqs);
     at::Tensor logits = model_->gather_logits(local).select(1, -1).to(at::kFloat).cpu();  // [1, V]
-    auto topk = logits.div(0.8).topk(40, -1);
+    auto topk = logits.div(kSampleTemperature).topk(kSampleTopK, -1);
     at::Tensor probs = at::softmax(std::get<0>(topk), -1);
     int64_t pick = at::multinomial(probs, 1, false, gen).item<int64_t>();
     int64_t next = std::get<1>(topk)[0][pick].item<int64_t>();
@@ -428,7 +434,7 @@ void Trainer::truncate_metrics_after(int64_t step) {
   in.close();
   if (dropped == 0) return;
   write_file_durable(path, kept);
-  if (opts_.print) log::info("metrics.jsonl: dropped ", dropped, " row(s) after the resumed step ", step);
+  if (opts_.print_progress) log::info("metrics.jsonl: dropped ", dropped, " row(s) after the resumed step ", step);
 }
 
 void Trainer::note_earlier_results(bool log_it) {
@@ -479,7 +485,7 @@ TrainResult Trainer::run() {
   const int64_t accum = t.gradient_accumulation_steps;
   const int64_t global_batch = t.batch_size * accum * grid_.dp_size();
   const int64_t tokens_per_step = global_batch * cfg_.data.seq_len;
-  const bool root = grid_.rank() == 0 && opts_.print;
+  const bool root = grid_.rank() == 0 && opts_.print_progress;
 
   const std::string& resume = resume_dir_;
   if (!resume.empty()) {
@@ -526,7 +532,7 @@ TrainResult Trainer::run() {
                   " (set train.peak_tflops)");
     }
   }
-  if (peak <= 0 && device_.is_cpu() && opts_.print) {
+  if (peak <= 0 && device_.is_cpu() && opts_.print_progress) {
     // Measured on every rank at once (they share the host as during training), summed. The RNG
     // draws of the probe use a private generator state: training is not perturbed.
     at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();

@@ -106,7 +106,7 @@ double global_grad_norm(const std::vector<ParamInfo>& params, Communicator* tp);
 
 struct TrainerOptions {
   int64_t sample_tokens = 48;  // tokens of the end-of-run sample (0: no sample)
-  bool print = true;           // progress lines and summaries on rank 0
+  bool print_progress = true;  // progress lines and summaries on rank 0
   // Testing: on world rank `inject_inf_rank`, at step `inject_inf_step`, one gradient is set to
   // +inf after the DP reduction (exercises the found-inf agreement). -1: never; -2: every step.
   int inject_inf_rank = -1;

@@ -39,6 +39,11 @@ MPI_Op mpi_op(ReduceOp op) {
   return MPI_SUM;
 }
 
+// How wait() polls an unfinished collective: the first polls back to back, then yielding the
+// core between polls, then sleeping (short, then long) so that ranks sharing cores progress.
+constexpr int kSpinPolls = 64, kYieldPolls = 1024, kShortSleepPolls = 4096;
+constexpr std::chrono::microseconds kShortSleep{50}, kLongSleep{500};
+
 class MpiWork : public Work {
  public:
   MpiWork(std::string what, std::chrono::milliseconds default_timeout)
@@ -78,11 +83,11 @@ class MpiWork : public Work {
                            "is stuck; aborting the job");
       }
       // Spin briefly (latency), then yield, then sleep: oversubscribed ranks share cores.
-      if (++spins < 64) continue;
-      if (spins < 1024) {
+      if (++spins < kSpinPolls) continue;
+      if (spins < kYieldPolls) {
         sched_yield();
       } else {
-        std::this_thread::sleep_for(std::chrono::microseconds(spins < 4096 ? 50 : 500));
+        std::this_thread::sleep_for(spins < kShortSleepPolls ? kShortSleep : kLongSleep);
       }
     }
   }

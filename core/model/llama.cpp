@@ -38,10 +38,10 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
 LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
                                        const std::string& p)
     : tp_(tp) {
-  const int t = tp_size_of(tp);
+  const int tp_size = tp_size_of(tp);
   head_dim_ = head_dim(cfg);
-  n_head_local_ = cfg.n_head / t;
-  n_kv_head_local_ = cfg.n_kv_head / t;
+  n_head_local_ = cfg.n_head / tp_size;
+  n_kv_head_local_ = cfg.n_kv_head / tp_size;
   auto col = [&](const char* name, int64_t out) {
     return register_module(name,
                            ColumnParallelLinear(ColumnParallelLinearOptions(cfg.dim, out, tp)
@@ -142,11 +142,11 @@ at::Tensor LlamaDecoderLayerImpl::forward_batch(const at::Tensor& x, const RopeR
 // ---- decoder stack -------------------------------------------------------------------------
 
 LlamaModelImpl::LlamaModelImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed) {
-  const int t = tp_size_of(tp);
+  const int tp_size = tp_size_of(tp);
   embed_tokens = register_module(
       "embed_tokens",
       VocabParallelEmbedding(
-          VocabParallelEmbeddingOptions(cfg.vocab_size, padded_vocab_size(cfg, t), cfg.dim, tp)
+          VocabParallelEmbeddingOptions(cfg.vocab_size, padded_vocab_size(cfg, tp_size), cfg.dim, tp)
               .init_std(cfg.init_std)
               .seed(param_seed(seed, "model.embed_tokens.weight"))));
   layers = register_module("layers", torch::nn::ModuleList());
@@ -181,10 +181,10 @@ PartitionSpecs llama_partition_specs(const ModelConfig& cfg, int tp) {
 
 LlamaForCausalLMImpl::LlamaForCausalLMImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed)
     : cfg_(cfg), tp_(tp) {
-  const int t = tp_size_of(tp);
-  validate_model_shapes(cfg, t);
-  padded_vocab_ = padded_vocab_size(cfg, t);
-  specs_ = llama_partition_specs(cfg, t);
+  const int tp_size = tp_size_of(tp);
+  validate_model_shapes(cfg, tp_size);
+  padded_vocab_ = padded_vocab_size(cfg, tp_size);
+  specs_ = llama_partition_specs(cfg, tp_size);
   model = register_module("model", LlamaModel(cfg, tp, seed));
   if (!cfg.tie_embeddings) {
     lm_head = register_module(

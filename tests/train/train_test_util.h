@@ -93,7 +93,7 @@ inline Config tiny_run(const std::string& out_tag, int64_t steps = 5) {
 inline TrainerOptions quiet() {
   TrainerOptions o;
   o.sample_tokens = 0;
-  o.print = false;
+  o.print_progress = false;
   return o;
 }
 
