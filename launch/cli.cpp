@@ -233,6 +233,20 @@ Config load_config_collectively(const ParsedArgs& args, World* world) {
   return cfg;
 }
 
+GridOptions grid_options_from(const Config& cfg, const std::string& device, const std::string& device_key,
+                              int tp_size, World* world) {
+  GridOptions g;
+  g.tensor_parallel_size = tp_size;
+  const bool cuda = device == "cuda";
+  const std::string& backend = cfg.parallel.backend;
+  ANDY_USER_CHECK(!(cuda && backend == "mpi"), "[parallel] backend = \"mpi\" (", cfg.origin_of("parallel.backend"),
+                  ") takes CPU tensors, but ", device_key, " = \"cuda\": use backend = \"nccl\" or \"auto\"");
+  g.backend = backend == "nccl" || (backend == "auto" && cuda) ? Backend::kNccl : Backend::kMpi;
+  if (cuda) g.device = world->device_for_local_rank(compat::cuda_device_count());
+  g.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.collective_timeout_s * 1000));
+  return g;
+}
+
 void configure_threads(const Config& cfg, const World* world) {
   int threads = static_cast<int>(cfg.train.intra_op_threads);
   const int cores = static_cast<int>(std::thread::hardware_concurrency());

@@ -12,6 +12,7 @@
 
 #include "core/base/error.h"
 #include "core/config/config.h"
+#include "parallel/process_grid.h"
 
 namespace andy {
 
@@ -72,6 +73,13 @@ void check_device_available(const Config& cfg, const World* world);
 // Loads and validates the config on every rank (device availability included); if any rank fails, every rank throws
 // Agreed<ConfigError> (run_agreed), reported by the lowest failing rank only (printed once).
 Config load_config_collectively(const ParsedArgs& args, World* world);
+
+// The process grid a run asks for, one rule for train, bench train, serve and generate: `tp_size`
+// ranks per tensor-parallel group; parallel.backend (auto: NCCL on cuda, MPI on cpu); on cuda
+// this rank's GPU (one per local rank); parallel.collective_timeout_s. `device`: the command's
+// device key (train.device or serve.device), `device_key` its name for messages.
+GridOptions grid_options_from(const Config& cfg, const std::string& device, const std::string& device_key,
+                              int tp_size, World* world);
 
 // Sets LibTorch intra-op threads and, when the BLAS is OpenBLAS, its thread pool too:
 // train.intra_op_threads, or host cores / ranks on the host.

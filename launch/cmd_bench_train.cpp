@@ -27,12 +27,8 @@ int bench_train(const ParsedArgs& args, World* world) {
   cfg.data.val_file = "";
   cfg.checkpoint.resume = "none";
   cfg.train.log_interval = steps + 1;
-  GridOptions g;
-  g.tensor_parallel_size = static_cast<int>(cfg.parallel.tensor_parallel_size);
-  g.backend = cfg.train.device == "cuda" && cfg.parallel.backend != "mpi" ? Backend::kNccl : Backend::kMpi;
-  if (cfg.train.device == "cuda") {
-    g.device = world->device_for_local_rank(compat::cuda_device_count());
-  }
+  const GridOptions g = grid_options_from(cfg, cfg.train.device, "[train] device",
+                                          static_cast<int>(cfg.parallel.tensor_parallel_size), world);
   ProcessGrid grid(*world, g);
   // Measured matmul peak: every rank at once (as they run during training), summed.
   at::Tensor peak = at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops() : 0.0, at::kDouble);

@@ -38,15 +38,8 @@ Subcommand make_train_command() {
     Config cfg = load_config_collectively(a, world);
     if (handle_config_info_flags(a, cfg, model_summary(cfg))) return 0;
     configure_threads(cfg, world);
-    GridOptions g;
-    g.tensor_parallel_size = static_cast<int>(cfg.parallel.tensor_parallel_size);
-    bool cuda = cfg.train.device == "cuda";
-    g.backend = cfg.parallel.backend == "nccl" || (cfg.parallel.backend == "auto" && cuda)
-                    ? Backend::kNccl : Backend::kMpi;
-    if (cuda) {  // a GPU per local rank: checked by load_config_collectively
-      g.device = world->device_for_local_rank(compat::cuda_device_count());
-    }
-    g.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.collective_timeout_s * 1000));
+    const GridOptions g = grid_options_from(cfg, cfg.train.device, "[train] device",
+                                            static_cast<int>(cfg.parallel.tensor_parallel_size), world);
     ProcessGrid grid(*world, g);
     // Setup can fail on some ranks only (a shard one rank cannot read, an output_dir only rank 0
     // creates): the ranks agree, so the job ends with one message and one exit code, writing

@@ -143,12 +143,8 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
                  " (another tokenizer? pass the one it was trained with: --tokenizer_path)");
   });
   // 3. The rank grid (tensor parallel over the world) and this rank's slices of the weights.
-  GridOptions g;
-  g.tensor_parallel_size = tp;
   const bool cuda = cfg.serve.device == "cuda";
-  g.backend = cuda ? Backend::kNccl : Backend::kMpi;
-  if (cuda) g.device = world->device_for_local_rank(compat::cuda_device_count());
-  g.timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.parallel.collective_timeout_s * 1000));
+  const GridOptions g = grid_options_from(cfg, cfg.serve.device, "[serve] device", tp, world);
   st.grid = std::make_unique<ProcessGrid>(*world, g);
   st.device = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(0, g.device)))
                    : at::Device(at::kCPU);
