@@ -35,57 +35,63 @@ void write_varint(std::string& out, uint64_t v) {
     out.push_back(static_cast<char>(v ? b | 0x80 : b));
   } while (v);
 }
-// Copies the fields of a message, dropping field `drop` (any wire type); false when malformed.
-bool copy_without(const std::string& msg, uint64_t drop, std::string& out) {
-  for (size_t i = 0; i < msg.size();) {
-    const size_t start = i;
-    uint64_t tag = 0, v = 0;
-    if (!read_varint(msg, i, tag)) return false;
-    switch (tag & 7) {
-      case 0: if (!read_varint(msg, i, v)) return false; break;
-      case 1: i += 8; break;
-      case 2: if (!read_varint(msg, i, v)) return false; i += v; break;
-      case 5: i += 4; break;
-      default: return false;
-    }
-    if (i > msg.size()) return false;
-    if ((tag >> 3) != drop) out.append(msg, start, i - start);
+// One field of a message starting at i: on return i is past it; a length-delimited field's
+// bytes are [payload, payload + len). False when malformed.
+bool next_field(const std::string& msg, size_t& i, uint64_t& tag, size_t& payload, uint64_t& len) {
+  uint64_t v = 0;
+  if (!read_varint(msg, i, tag)) return false;
+  switch (tag & 7) {
+    case 0: if (!read_varint(msg, i, v)) return false; break;
+    case 1: i += 8; break;
+    case 2:
+      if (!read_varint(msg, i, len)) return false;
+      payload = i;
+      i += len;
+      break;
+    case 5: i += 4; break;
+    default: return false;
   }
-  return true;
+  return i <= msg.size();
 }
 // ModelProto (field 3: normalizer_spec) with NormalizerSpec.add_dummy_prefix (field 3) = false.
 bool without_dummy_prefix(const std::string& model, std::string& out) {
   for (size_t i = 0; i < model.size();) {
     const size_t start = i;
-    uint64_t tag = 0, v = 0;
-    if (!read_varint(model, i, tag)) return false;
-    if ((tag & 7) == 2) {
-      if (!read_varint(model, i, v) || i + v > model.size()) return false;
-      if ((tag >> 3) == 3) {
-        std::string spec;
-        if (!copy_without(model.substr(i, v), 3, spec)) return false;
-        spec += '\x18';  // field 3, varint
-        spec += '\x00';  // false
-        write_varint(out, tag);
-        write_varint(out, spec.size());
-        out += spec;
-        i += v;
-        continue;
-      }
-      i += v;
-    } else if ((tag & 7) == 0) {
-      if (!read_varint(model, i, v)) return false;
-    } else if ((tag & 7) == 1) {
-      i += 8;
-    } else if ((tag & 7) == 5) {
-      i += 4;
-    } else {
-      return false;
+    uint64_t tag = 0, len = 0;
+    size_t payload = 0;
+    if (!next_field(model, i, tag, payload, len)) return false;
+    if (tag != ((3 << 3) | 2)) {  // not the normalizer spec: as it is
+      out.append(model, start, i - start);
+      continue;
     }
-    if (i > model.size()) return false;
-    out.append(model, start, i - start);
+    std::string spec;  // its fields but add_dummy_prefix, then add_dummy_prefix = false
+    for (size_t j = payload; j < payload + len;) {
+      const size_t field = j;
+      uint64_t t = 0, l = 0;
+      size_t p = 0;
+      if (!next_field(model, j, t, p, l) || j > payload + len) return false;
+      if ((t >> 3) != 3) spec.append(model, field, j - field);
+    }
+    spec += '\x18';  // field 3, varint
+    spec += '\x00';  // false
+    write_varint(out, tag);
+    write_varint(out, spec.size());
+    out += spec;
   }
   return true;
+}
+
+// Runs a sentencepiece call returning a Status: its error text into *error; no exception leaves.
+template <typename Call>
+bool status_of(Call&& call, std::string* error) {
+  try {
+    const auto st = call();
+    if (!st.ok()) *error = st.ToString();
+    return st.ok();
+  } catch (const std::exception& e) {
+    *error = e.what();
+    return false;
+  }
 }
 
 class SpModel final : public andy::sp::Model {
@@ -94,35 +100,14 @@ class SpModel final : public andy::sp::Model {
   sentencepiece::SentencePieceProcessor cont;  // the same model without the dummy prefix
 
   bool encode_continuation(const std::string& text, std::vector<int>* ids, std::string* error) const override {
-    try {
-      auto st = cont.Encode(text, ids);
-      if (!st.ok()) *error = st.ToString();
-      return st.ok();
-    } catch (const std::exception& e) {
-      *error = e.what();
-      return false;
-    }
+    return status_of([&] { return cont.Encode(text, ids); }, error);
   }
 
   bool encode(const std::string& text, std::vector<int>* ids, std::string* error) const override {
-    try {
-      auto st = proc.Encode(text, ids);
-      if (!st.ok()) *error = st.ToString();
-      return st.ok();
-    } catch (const std::exception& e) {
-      *error = e.what();
-      return false;
-    }
+    return status_of([&] { return proc.Encode(text, ids); }, error);
   }
   bool decode(const std::vector<int>& ids, std::string* text, std::string* error) const override {
-    try {
-      auto st = proc.Decode(ids, text);
-      if (!st.ok()) *error = st.ToString();
-      return st.ok();
-    } catch (const std::exception& e) {
-      *error = e.what();
-      return false;
-    }
+    return status_of([&] { return proc.Decode(ids, text); }, error);
   }
   int vocab_size() const override { return proc.GetPieceSize(); }
   int pad_id() const override { return proc.pad_id(); }
@@ -138,21 +123,18 @@ class SpModel final : public andy::sp::Model {
 class SpApi final : public andy::sp::Api {
  public:
   bool train(const std::map<std::string, std::string>& kwargs, std::string* error) override {
-    try {
-      std::unordered_map<std::string, std::string> m(kwargs.begin(), kwargs.end());
-      // Not a TrainerSpec field in sentencepiece 0.1.x: a process-wide setting.
-      auto seed = m.find("random_seed");
-      if (seed != m.end()) {
-        sentencepiece::SetRandomGeneratorSeed(static_cast<unsigned int>(std::stoul(seed->second)));
-        m.erase(seed);
-      }
-      auto st = sentencepiece::SentencePieceTrainer::Train(m);
-      if (!st.ok()) *error = st.ToString();
-      return st.ok();
-    } catch (const std::exception& e) {
-      *error = e.what();
-      return false;
-    }
+    return status_of(
+        [&] {
+          std::unordered_map<std::string, std::string> m(kwargs.begin(), kwargs.end());
+          // Not a TrainerSpec field in sentencepiece 0.1.x: a process-wide setting.
+          auto seed = m.find("random_seed");
+          if (seed != m.end()) {
+            sentencepiece::SetRandomGeneratorSeed(static_cast<unsigned int>(std::stoul(seed->second)));
+            m.erase(seed);
+          }
+          return sentencepiece::SentencePieceTrainer::Train(m);
+        },
+        error);
   }
   andy::sp::Model* load(const std::string& path, std::string* error) override {
     try {

@@ -132,8 +132,8 @@ selfcheck_inner() {
   local B="$ROOT/build-gpucheck"
   rm -rf "$B"
   say "configure against .gpu/root with the system copies hidden (system LibTorch)"
-  cmake -S "$ROOT" -B "$B" -G Ninja -DANDYLLM_WITH_CUDA=OFF $(dep_args /usr) >"$B.log" 2>&1 || { tail -30 "$B.log"; die "configure failed"; }
-  grep "AndyLLM:" "$B.log"
+  cmake -S "$ROOT" -B "$B" -G Ninja -DANDYLLM_WITH_CUDA=OFF $(dep_args /usr) >"$B/configure.log" 2>&1 || { tail -30 "$B/configure.log"; die "configure failed"; }
+  grep "AndyLLM:" "$B/configure.log"
   # A C MPI program, compiled and run with the relocated Open MPI: 2 ranks under mpirun, 1 without.
   cat >"$B/hello.c" <<'EOF'
 #include <mpi.h>
