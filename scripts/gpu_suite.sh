@@ -130,7 +130,7 @@ selfcheck() {
 selfcheck_inner() {
   relocated_env
   local B="$ROOT/build-gpucheck"
-  rm -rf "$B"
+  rm -rf "$B" && mkdir -p "$B"
   say "configure against .gpu/root with the system copies hidden (system LibTorch)"
   cmake -S "$ROOT" -B "$B" -G Ninja -DANDYLLM_WITH_CUDA=OFF $(dep_args /usr) >"$B/configure.log" 2>&1 || { tail -30 "$B/configure.log"; die "configure failed"; }
   grep "AndyLLM:" "$B/configure.log"
