@@ -78,25 +78,32 @@ std::pair<std::string, int> address_of(int fd, bool peer) {
   return {"", -1};
 }
 
-// The accepted socket that carries `req` (httplib does not hand it to handlers): the open
-// socket whose peer is the request's remote address and whose own port is its local port; -1
-// when none is found. Valid while the handler runs (httplib owns it).
-int connection_fd(const httplib::Request& req) {
+// The first of this process's open file descriptors (/proc/self/fd) for which match(fd) holds;
+// -1 when none does.
+int first_open_fd(const std::function<bool(int)>& match) {
   DIR* dir = opendir("/proc/self/fd");
   if (!dir) return -1;
   int found = -1;
   while (dirent* e = readdir(dir)) {
     char* end = nullptr;
     const long fd = std::strtol(e->d_name, &end, 10);
-    if (*end || end == e->d_name) continue;
-    const auto peer = address_of(static_cast<int>(fd), true);
-    if (peer.second != req.remote_port || peer.first != req.remote_addr) continue;
-    if (address_of(static_cast<int>(fd), false).second != req.local_port) continue;
+    if (*end || end == e->d_name || !match(static_cast<int>(fd))) continue;
     found = static_cast<int>(fd);
     break;
   }
   closedir(dir);
   return found;
+}
+
+// The accepted socket that carries `req` (httplib does not hand it to handlers): the open
+// socket whose peer is the request's remote address and whose own port is its local port; -1
+// when none is found. Valid while the handler runs (httplib owns it).
+int connection_fd(const httplib::Request& req) {
+  return first_open_fd([&](int fd) {
+    const auto peer = address_of(fd, true);
+    return peer.second == req.remote_port && peer.first == req.remote_addr &&
+           address_of(fd, false).second == req.local_port;
+  });
 }
 
 // True when the client closed its end (an orderly EOF or a reset), without consuming data.
@@ -106,27 +113,25 @@ bool peer_closed(int fd) {
   return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
 }
 
-// Listening sockets with SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, with which a
-// second server on a port already serving would bind too and silently share its connections.
-// Debian's cpp-httplib is a compiled library whose listen() backlog is 5
-// (CPPHTTPLIB_LISTEN_BACKLOG): 32 clients connecting at once had SYNs dropped and retried after a
-// second. listen() again on the listening socket bound to `port` raises it (Linux updates the
-// backlog of a listening socket).
-void widen_listen_backlog(int port) {
-  DIR* dir = opendir("/proc/self/fd");
-  if (!dir) return;
-  while (dirent* e = readdir(dir)) {
-    char* end = nullptr;
-    const long fd = std::strtol(e->d_name, &end, 10);
-    if (*end || end == e->d_name) continue;
+// Binds `svr` to host:port (port 0: any free one); returns the port, or -1. Debian's cpp-httplib
+// is a compiled library whose listen() backlog is 5 (CPPHTTPLIB_LISTEN_BACKLOG): 32 clients
+// connecting at once had SYNs dropped and retried after a second. listen() again on the bound
+// socket raises it (Linux updates the backlog of a listening socket).
+int bind_server(httplib::Server& svr, const std::string& host, int port) {
+  const int bound = port == 0 ? svr.bind_to_any_port(host) : (svr.bind_to_port(host, port) ? port : -1);
+  if (bound <= 0) return bound;
+  const int fd = first_open_fd([&](int fd) {
     int listening = 0;
     socklen_t len = sizeof(listening);
-    if (getsockopt(static_cast<int>(fd), SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
-    if (address_of(static_cast<int>(fd), false).second == port) ::listen(static_cast<int>(fd), 1024);
-  }
-  closedir(dir);
+    return getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) == 0 && listening &&
+           address_of(fd, false).second == bound;
+  });
+  if (fd >= 0) ::listen(fd, 1024);
+  return bound;
 }
 
+// Listening sockets with SO_REUSEADDR only: httplib's default adds SO_REUSEPORT, with which a
+// second server on a port already serving would bind too and silently share its connections.
 void exclusive_port(httplib::Server& svr) {
   svr.set_socket_options([](socket_t sock) {
     int yes = 1;
@@ -263,6 +268,9 @@ struct HttpServer::Impl {
 
   Impl(Engine* e, TextCodec c, HttpServerOptions o) : engine(e), codec(std::move(c)), opts(std::move(o)) {}
 
+  // Serving, not draining, not failed, and no stop signal yet: /health 200, requests accepted.
+  bool accepting() const { return serving && !draining && !failed && !(opts.unhealthy && opts.unhealthy()); }
+
   // ---- routes ----------------------------------------------------------------------------------
   void install_routes() {
     exclusive_port(svr);
@@ -308,7 +316,7 @@ struct HttpServer::Impl {
       send_error(res, error_of(500, "internal_server_error", what));
     });
     svr.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
-      const bool ok = serving && !draining && !failed && !(opts.unhealthy && opts.unhealthy());
+      const bool ok = accepting();
       res.status = ok ? 200 : 503;
       res.set_content(ok ? "" : (failed ? "engine failed\n" : "not serving\n"), "text/plain");
     });
@@ -335,7 +343,7 @@ struct HttpServer::Impl {
   template <typename H>
   void guarded(const httplib::Request& req, httplib::Response& res, H handler) {
     try {
-      if (draining || failed || !serving || (opts.unhealthy && opts.unhealthy())) {
+      if (!accepting()) {
         send_error(res, error_of(503, "service_unavailable", draining ? "the server is shutting down" : "the server is not serving"));
         return;
       }
@@ -505,7 +513,6 @@ struct HttpServer::Impl {
 
   json logprobs_of(const ApiRequest& r, const std::vector<SampledToken>& s, int64_t offset) const {
     if (!r.logprobs) return nullptr;
-    if (r.endpoint == Endpoint::kCompletions && r.prompt_only) return completion_logprobs_json({}, codec, offset);
     return r.endpoint == Endpoint::kChat ? chat_logprobs_json(s, codec) : completion_logprobs_json(s, codec, offset);
   }
 
@@ -560,10 +567,11 @@ struct HttpServer::Impl {
       const auto& c = out.choices[i];
       const size_t sub = i / static_cast<size_t>(r.params.n);
       const std::string echo = r.echo ? r.prompt_texts[sub] : "";
-      json lp = logprobs_of(r, c.sampled, static_cast<int64_t>(echo.size()));
-      if (r.echo && r.logprobs && r.endpoint == Endpoint::kCompletions)
-        lp = echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], r.prompt_only ? std::vector<SampledToken>{} : c.sampled,
-                                codec, static_cast<int64_t>(echo.size()));
+      // echo + logprobs: the prompt's tokens first (a prompt_only request generated none).
+      const json lp = r.echo && r.logprobs && r.endpoint == Endpoint::kCompletions
+                          ? echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], c.sampled, codec,
+                                               static_cast<int64_t>(echo.size()))
+                          : logprobs_of(r, c.sampled, static_cast<int64_t>(echo.size()));
       choices.push_back(r.endpoint == Endpoint::kChat ? chat_choice(i, c.text->text(), lp, c.finish_reason)
                                                       : completion_choice(i, echo + c.text->text(), lp, c.finish_reason));
     }
@@ -743,10 +751,7 @@ HttpServer::~HttpServer() {
 int HttpServer::bind() {
   // A client that goes away must not kill the server with SIGPIPE.
   ::signal(SIGPIPE, SIG_IGN);
-  const int port = impl_->opts.port == 0 ? impl_->svr.bind_to_any_port(impl_->opts.host)
-                                         : (impl_->svr.bind_to_port(impl_->opts.host, impl_->opts.port) ? impl_->opts.port : -1);
-  if (port > 0) widen_listen_backlog(port);
-  return port;
+  return bind_server(impl_->svr, impl_->opts.host, impl_->opts.port);
 }
 
 void HttpServer::run(const std::function<bool()>& stop_requested) {
@@ -801,7 +806,7 @@ LoadingServer::LoadingServer(const std::string& host, int port) : impl_(std::mak
   impl_->svr.Post(".*", loading);
   impl_->svr.set_keep_alive_max_count(1);
   exclusive_port(impl_->svr);
-  port_ = port == 0 ? impl_->svr.bind_to_any_port(host) : (impl_->svr.bind_to_port(host, port) ? port : -1);
+  port_ = bind_server(impl_->svr, host, port);
   if (port_ > 0) impl_->listener = start_listening(impl_->svr);
 }
 

@@ -407,6 +407,15 @@ json usage_json(const Usage& u) {
           {"total_tokens", u.prompt_tokens + u.completion_tokens}};
 }
 
+namespace {
+// Completions' top_logprobs entry of one token: {token text: logprob} of its alternatives.
+json completion_top_json(const SampledToken& t, const TextCodec& codec) {
+  json top = json::object();
+  for (const auto& [id, lp] : t.top) top[codec.token_text(id)] = lp;
+  return top;
+}
+}  // namespace
+
 json completion_logprobs_json(const std::vector<SampledToken>& sampled, const TextCodec& codec, int64_t offset0) {
   json tokens = json::array(), lps = json::array(), tops = json::array(), offsets = json::array();
   int64_t offset = offset0;
@@ -414,9 +423,7 @@ json completion_logprobs_json(const std::vector<SampledToken>& sampled, const Te
     const std::string text = codec.token_text(t.token);
     tokens.push_back(text);
     lps.push_back(t.logprob);
-    json top = json::object();
-    for (const auto& [id, lp] : t.top) top[codec.token_text(id)] = lp;
-    tops.push_back(top);
+    tops.push_back(completion_top_json(t, codec));
     offsets.push_back(offset);
     offset += static_cast<int64_t>(text.size());
   }
@@ -437,11 +444,8 @@ json echo_logprobs_json(const std::vector<int32_t>& prompt, const std::vector<Sa
       tops.push_back(nullptr);
       continue;
     }
-    const SampledToken& t = prompt_scored[i - 1];
-    lps.push_back(t.logprob);
-    json top = json::object();
-    for (const auto& [id, lp] : t.top) top[codec.token_text(id)] = lp;
-    tops.push_back(top);
+    lps.push_back(prompt_scored[i - 1].logprob);
+    tops.push_back(completion_top_json(prompt_scored[i - 1], codec));
   }
   const json g = completion_logprobs_json(generated, codec, generated_offset);
   for (const json& v : g["tokens"]) tokens.push_back(v);
