@@ -13,7 +13,6 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
@@ -128,7 +127,7 @@ Result one_request(httplib::Client& c, const json& body) {
 }
 
 struct Level {
-  int64_t concurrency = 0, ok = 0, errors = 0, output_tokens = 0;
+  int64_t ok = 0, errors = 0, output_tokens = 0;
   double seconds = 0;
   Percentiles ttft, tpot, itl, e2e;  // ms
   std::string first_error;
@@ -155,7 +154,6 @@ Level run_level(const Target& t, const std::vector<int64_t>& alphabet, int64_t c
   }
   for (auto& c : clients) c.join();
   Level l;
-  l.concurrency = concurrency;
   l.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
   std::vector<double> ttft, tpot, itl, e2e;
   for (const Result& r : results) {

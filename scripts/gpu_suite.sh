@@ -245,6 +245,7 @@ EOF
   done; fi
 
   if want bench_generate; then say "bench generate: the same model (20 training steps to make its directory)"
+  rm -rf /tmp/gs_124m  # a rerun on a warm machine: not a resume of the last one
   timeout 200 "$MPIRUN" -np 1 "$BIN" train --config "$M" "${common[@]}" --output_dir /tmp/gs_124m --set train.max_steps=20 \
     --set train.eval_interval=20 --set train.eval_batches=2 --set checkpoint.interval=1000 >"$LOGS/train_124m.log" 2>&1 ||
     tail -5 "$LOGS/train_124m.log"
