@@ -13,69 +13,35 @@
 #include <string>
 #include <unordered_map>
 
+#include "data/protobuf_wire.h"
 #include "data/sp_module_api.h"
 
 namespace {
 
-// Protobuf wire-format helpers, enough to turn off NormalizerSpec.add_dummy_prefix in a
-// serialized ModelProto (Debian ships no sentencepiece_model.pb.h).
-bool read_varint(const std::string& s, size_t& i, uint64_t& v) {
-  v = 0;
-  for (int shift = 0; i < s.size() && shift < 64; shift += 7) {
-    const auto b = static_cast<unsigned char>(s[i++]);
-    v |= static_cast<uint64_t>(b & 0x7f) << shift;
-    if (!(b & 0x80)) return true;
-  }
-  return false;
-}
-void write_varint(std::string& out, uint64_t v) {
-  do {
-    unsigned char b = v & 0x7f;
-    v >>= 7;
-    out.push_back(static_cast<char>(v ? b | 0x80 : b));
-  } while (v);
-}
-// One field of a message starting at i: on return i is past it; a length-delimited field's
-// bytes are [payload, payload + len). False when malformed.
-bool next_field(const std::string& msg, size_t& i, uint64_t& tag, size_t& payload, uint64_t& len) {
-  uint64_t v = 0;
-  if (!read_varint(msg, i, tag)) return false;
-  switch (tag & 7) {
-    case 0: if (!read_varint(msg, i, v)) return false; break;
-    case 1: i += 8; break;
-    case 2:
-      if (!read_varint(msg, i, len)) return false;
-      payload = i;
-      i += len;
-      break;
-    case 5: i += 4; break;
-    default: return false;
-  }
-  return i <= msg.size();
-}
+namespace wire = andy::data::wire;
+
 // ModelProto (field 3: normalizer_spec) with NormalizerSpec.add_dummy_prefix (field 3) = false.
 bool without_dummy_prefix(const std::string& model, std::string& out) {
   for (size_t i = 0; i < model.size();) {
     const size_t start = i;
-    uint64_t tag = 0, len = 0;
-    size_t payload = 0;
-    if (!next_field(model, i, tag, payload, len)) return false;
-    if (tag != ((3 << 3) | 2)) {  // not the normalizer spec: as it is
+    wire::Field f;
+    if (!wire::next_field(model, i, f)) return false;
+    if (f.tag != ((3 << 3) | wire::kLengthDelimited)) {  // not the normalizer spec: as it is
       out.append(model, start, i - start);
       continue;
     }
+    const std::string_view spec_in = wire::payload_of(model, f);
     std::string spec;  // its fields but add_dummy_prefix, then add_dummy_prefix = false
-    for (size_t j = payload; j < payload + len;) {
+    for (size_t j = 0; j < spec_in.size();) {
       const size_t field = j;
-      uint64_t t = 0, l = 0;
-      size_t p = 0;
-      if (!next_field(model, j, t, p, l) || j > payload + len) return false;
-      if ((t >> 3) != 3) spec.append(model, field, j - field);
+      wire::Field g;
+      if (!wire::next_field(spec_in, j, g)) return false;
+      if (g.number() != 3) spec.append(spec_in.substr(field, j - field));
     }
     spec += '\x18';  // field 3, varint
     spec += '\x00';  // false
-    write_varint(out, tag);
-    write_varint(out, spec.size());
+    wire::write_varint(out, f.tag);
+    wire::write_varint(out, spec.size());
     out += spec;
   }
   return true;

@@ -12,6 +12,7 @@ Subcommand make_generate_command();
 Subcommand make_preprocess_command();
 Subcommand make_quantize_command();
 Subcommand make_export_command();
+Subcommand make_eval_command();
 Subcommand make_bench_command();
 
 }  // namespace andy

@@ -19,7 +19,7 @@ namespace {
 
 std::vector<Subcommand> all_commands() {
   return {make_train_command(),    make_serve_command(),  make_generate_command(), make_preprocess_command(),
-          make_quantize_command(), make_export_command(), make_bench_command(),
+          make_quantize_command(), make_export_command(), make_eval_command(), make_bench_command(),
           make_version_command()};
 }
 

@@ -31,13 +31,13 @@ const std::vector<std::pair<std::string, std::string>>& serving_keys() {
   return keys;
 }
 
-// The tokenizer the model was trained with, or the one the user names; its vocabulary must be
-// the model's.
-std::string tokenizer_path_for(const Config& cfg, const ModelSource& src) {
-  if (!cfg.serve.tokenizer_path.empty()) {
-    ANDY_USER_CHECK(std::filesystem::is_regular_file(cfg.serve.tokenizer_path), "--tokenizer_path ",
-                    cfg.serve.tokenizer_path, ": no such file (expected a sentencepiece .model)");
-    return cfg.serve.tokenizer_path;
+}  // namespace
+
+std::string tokenizer_path_for(const std::string& given, const ModelSource& src) {
+  if (!given.empty()) {
+    ANDY_USER_CHECK(std::filesystem::is_regular_file(given), "--tokenizer_path ", given,
+                    ": no such file (expected a sentencepiece .model)");
+    return given;
   }
   const std::string& saved = src.config.data.tokenizer_path;
   ANDY_USER_CHECK(!saved.empty(), "--model ", src.path, ": its saved config (", src.config_file,
@@ -47,11 +47,18 @@ std::string tokenizer_path_for(const Config& cfg, const ModelSource& src) {
   return saved;
 }
 
-}  // namespace
+LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessGrid& grid, at::Device device) {
+  LlamaForCausalLM model(src.config.model, grid.tp_ptr(), /*seed=*/0);
+  model->load_local_state_dict(load_model_shard(src, grid.tp_rank(), grid.tp_size()));
+  model->to(device);
+  model->eval();
+  return model;
+}
 
 std::vector<Flag> serving_flags() {
   return {
-      {"model", "PATH", "best_model/ directory, its model.pt, or a checkpoint step directory (serve.model)"},
+      {"model", "PATH", "best_model/ directory, its model.pt, a checkpoint step directory, an int8 directory "
+                "(andyllm quantize) or a Hugging Face directory (serve.model)"},
       {"tokenizer_path", "FILE", "sentencepiece model; default: the one in the model's saved config"},
       {"device", "cpu|cuda", "where the model runs (serve.device)"},
       {"block_size", "N", "tokens per KV-cache block (serve.block_size)"},
@@ -128,7 +135,9 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
       throw ConfigError("cannot serve " + cfg.serve.model + " on " + std::to_string(tp) +
                         " tensor-parallel ranks (mpirun -np " + std::to_string(tp) + "): " + e.what());
     }
-    st.tokenizer_path = tokenizer_path_for(cfg, st.source);
+    st.tokenizer_path = tokenizer_path_for(cfg.serve.tokenizer_path, st.source);
+    ANDY_USER_CHECK(!st.source.int8 || cfg.serve.device != "cuda", "--model ", cfg.serve.model,
+                    " is an int8 model (andyllm quantize), which runs on CPU only; use --device cpu");
     if (cfg.serve.device == "cuda")
       ANDY_USER_CHECK(compat::cuda_device_count() > 0, "[serve] device = \"cuda\" (",
                    cfg.origin_of("serve.device"), "): no GPU is visible to this LibTorch; use --device cpu");
@@ -149,10 +158,7 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
   st.device = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(0, g.device)))
                    : at::Device(at::kCPU);
   run_agreed(comm, [&] {
-    st.model = LlamaForCausalLM(st.model_config, st.grid->tp_ptr(), /*seed=*/0);
-    st.model->load_local_state_dict(load_model_shard(st.source, st.grid->tp_rank(), tp));
-    st.model->to(st.device);
-    st.model->eval();
+    st.model = load_model_for_inference(st.source, *st.grid, st.device);
   });
   // 4. The engine: KV pool from [serve], control channel for the step plans.
   serve::EngineOptions opts;

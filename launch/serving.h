@@ -42,6 +42,10 @@ struct ServingStack {
 // Collective over the world. `cfg.serve.model` names the model.
 ServingStack build_serving_stack(const Config& cfg, World* world);
 
+// This rank's shard of the model `src` (an int8 model on its int8 path) on the grid's TP group,
+// moved to `device`, in eval mode. Reads files only; no collective.
+LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessGrid& grid, at::Device device);
+
 // The serving flags shared by generate / bench generate / serve (each sets a [serve] key).
 std::vector<Flag> serving_flags();
 // Copies the serving flags given on the command line into --set serve.KEY=VALUE entries; a
@@ -52,6 +56,11 @@ ParsedArgs with_serving_flags(const ParsedArgs& args, const ServeKeyTable& extra
 // Sampling flags of `generate` (--temperature, --top_p, ...) into params.
 serve::SamplingParams sampling_from_flags(const ParsedArgs& args, int64_t max_tokens_default);
 std::vector<Flag> sampling_flags();
+
+// The tokenizer the user names (`given`, a --tokenizer_path) or else the model's own (a
+// tokenizer.model beside it, or its saved config's data.tokenizer_path). ConfigError saying
+// what to pass when neither exists.
+std::string tokenizer_path_for(const std::string& given, const ModelSource& src);
 
 // True when `s` is valid UTF-8.
 bool is_valid_utf8(const std::string& s);

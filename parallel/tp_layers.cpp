@@ -45,6 +45,15 @@ void load_into(at::Tensor& weight, const at::Tensor& full, const PartitionSpec& 
   weight.copy_(shard);
 }
 
+std::shared_ptr<Int8Linear> int8_of(at::Tensor& weight, const at::Tensor& q, const at::Tensor& scale) {
+  ANDY_CHECK(q.sizes() == weight.sizes(), "load_int8_weight: int8 shard ", q.sizes(),
+             " does not match the parameter ", weight.sizes());
+  auto lin = std::make_shared<Int8Linear>(q, scale);
+  at::NoGradGuard g;
+  weight.set_data(at::empty({0}, weight.options()));  // the fp32 copy is not kept
+  return lin;
+}
+
 }  // namespace
 
 // ---- ColumnParallelLinear ------------------------------------------------------------------
@@ -68,7 +77,11 @@ PartitionSpec ColumnParallelLinearImpl::partition_spec() const {
 
 at::Tensor ColumnParallelLinearImpl::forward(const at::Tensor& x) {
   at::Tensor in = options.copy_input() ? copy_to_tp_region(x, options.tp()) : x;
-  return at::linear(in, weight);
+  return int8_ ? int8_->forward(in) : at::linear(in, weight);
+}
+
+void ColumnParallelLinearImpl::load_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
+  int8_ = int8_of(weight, q, scale);
 }
 
 void ColumnParallelLinearImpl::load_full_weight(const at::Tensor& full) {
@@ -92,7 +105,11 @@ PartitionSpec RowParallelLinearImpl::partition_spec() const {
 }
 
 at::Tensor RowParallelLinearImpl::forward(const at::Tensor& x) {
-  return reduce_from_tp_region(at::linear(x, weight), options.tp());
+  return reduce_from_tp_region(int8_ ? int8_->forward(x) : at::linear(x, weight), options.tp());
+}
+
+void RowParallelLinearImpl::load_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
+  int8_ = int8_of(weight, q, scale);
 }
 
 void RowParallelLinearImpl::load_full_weight(const at::Tensor& full) {

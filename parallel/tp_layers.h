@@ -17,6 +17,7 @@
 #include <torch/torch.h>
 
 #include "parallel/communicator.h"
+#include "parallel/int8_linear.h"
 #include "parallel/tp_partition.h"
 
 namespace andy {
@@ -49,10 +50,14 @@ class ColumnParallelLinearImpl : public torch::nn::Module {
   PartitionSpec partition_spec() const;
   // Copies this rank's shard of a full [out, in] weight into `weight`.
   void load_full_weight(const at::Tensor& full);
-  int64_t local_out_features() const { return weight.size(0); }
+  // Inference with this rank's int8 shard instead (q int8 [out_local, in], scale [out_local]);
+  // `weight` is released. CPU only, no autograd.
+  void load_int8_weight(const at::Tensor& q, const at::Tensor& scale);
+  int64_t local_out_features() const { return int8_ ? int8_->out_features() : weight.size(0); }
 
   ColumnParallelLinearOptions options;
   at::Tensor weight;
+  std::shared_ptr<Int8Linear> int8_;  // set by load_int8_weight
 };
 TORCH_MODULE(ColumnParallelLinear);
 
@@ -73,9 +78,12 @@ class RowParallelLinearImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& x);
   PartitionSpec partition_spec() const;
   void load_full_weight(const at::Tensor& full);
+  // As ColumnParallelLinear's: q int8 [out, in_local], scale [out] (whole rows' scales).
+  void load_int8_weight(const at::Tensor& q, const at::Tensor& scale);
 
   RowParallelLinearOptions options;
   at::Tensor weight;
+  std::shared_ptr<Int8Linear> int8_;  // set by load_int8_weight
 };
 TORCH_MODULE(RowParallelLinear);
 

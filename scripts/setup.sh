@@ -48,30 +48,37 @@ case "$blas" in
      [ -n "$alt" ] && $SUDO update-alternatives --set libblas.so.3-x86_64-linux-gnu "$alt" ;;
 esac
 
-# The official openai npm client, for the serve e2e suite (tests/serve/openai_node/suite.mjs):
-# the pinned version (package-lock.json) into build/openai-node/. Without Node.js that suite is
-# skipped; the C++ HTTP tests still run.
+# Node.js packages the tests drive, each pinned by a package-lock.json and installed with
+# `npm ci --omit=optional` into a folder of build/ (skipped while its lock is unchanged):
+# - tests/serve/openai_node -> build/openai-node: the official openai client, for the serve e2e
+#   suite (tests/serve/openai_node/suite.mjs);
+# - tests/formats/node -> build/formats-node: independent readers of the files we export
+#   (@huggingface/tokenizers for tokenizer.json, node-llama-cpp), for tests/formats.
+# Without Node.js those checks are skipped; the C++ tests still run.
 if ! command -v npm >/dev/null 2>&1; then
-  echo "[setup] installing Node.js (nodejs npm) for the openai client suite"
+  echo "[setup] installing Node.js (nodejs npm) for the openai client suite and the format checks"
   $SUDO apt-get update -q || true
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends nodejs npm || true
 fi
-if command -v npm >/dev/null 2>&1; then
-  node_dir="$ANDYLLM_ROOT/build/openai-node"
-  mkdir -p "$node_dir"
-  cp "$ANDYLLM_ROOT/tests/serve/openai_node/package.json" "$ANDYLLM_ROOT/tests/serve/openai_node/package-lock.json" "$node_dir/"
-  if ! cmp -s "$node_dir/package-lock.json" "$node_dir/node_modules/.andyllm-installed-lock.json"; then
-    echo "[setup] npm ci: the openai client for the serve e2e suite (build/openai-node)"
-    if (cd "$node_dir" && npm ci --no-audit --no-fund --loglevel=error); then
-      cp "$node_dir/package-lock.json" "$node_dir/node_modules/.andyllm-installed-lock.json"
-    else
-      echo "[setup] npm ci failed: the openai client suite will be skipped"
-    fi
+# npm_install SRC_DIR DEST_DIR WHAT: npm ci of SRC_DIR's package.json + package-lock.json in DEST_DIR.
+npm_install() {
+  local src="$ANDYLLM_ROOT/$1" dest="$ANDYLLM_ROOT/$2" what="$3"
+  mkdir -p "$dest"
+  cp "$src/package.json" "$src/package-lock.json" "$dest/"
+  if cmp -s "$dest/package-lock.json" "$dest/node_modules/.andyllm-installed-lock.json"; then
+    echo "[setup] $what: installed ($2)"
+  elif (cd "$dest" && npm ci --omit=optional --no-audit --no-fund --loglevel=error); then
+    cp "$dest/package-lock.json" "$dest/node_modules/.andyllm-installed-lock.json"
+    echo "[setup] $what: installed ($2)"
   else
-    echo "[setup] openai client for the serve e2e suite: installed (build/openai-node)"
+    echo "[setup] npm ci failed: the $what checks will be skipped"
   fi
+}
+if command -v npm >/dev/null 2>&1; then
+  npm_install tests/serve/openai_node build/openai-node "openai client for the serve e2e suite"
+  npm_install tests/formats/node build/formats-node "format readers (@huggingface/tokenizers, node-llama-cpp)"
 else
-  echo "[setup] no npm: the openai client suite of the serve e2e test will be skipped"
+  echo "[setup] no npm: the openai client suite of the serve e2e test and the format checks (tests/formats) will be skipped"
 fi
 
 if [ "${ANDYLLM_SKIP_BUILD:-0}" = 1 ]; then exit 0; fi

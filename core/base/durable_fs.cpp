@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -51,27 +52,11 @@ void fsync_path(const std::string& path) {
 
 void write_file_durable(const std::string& path, const std::string& text) {
   const std::string tmp = path + ".tmp";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) ANDY_THROW(IoError, "cannot write ", tmp, ": ", io_failure_text(tmp, errno));
-  size_t done = 0;
-  int err = 0;
-  while (done < text.size()) {
-    ssize_t n = ::write(fd, text.data() + done, text.size() - done);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      err = errno;
-      break;
-    }
-    done += static_cast<size_t>(n);
-  }
-  if (err == 0 && ::fsync(fd) != 0) err = errno;
-  if (::close(fd) != 0 && err == 0) err = errno;
-  if (err != 0) {
-    ::unlink(tmp.c_str());
-    ANDY_THROW(IoError, "cannot write ", tmp, ": ", io_failure_text(tmp, err));
-  }
+  DurableWriter out(tmp);
+  out.write(text);
+  out.finish();
   if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    err = errno;
+    const int err = errno;
     ::unlink(tmp.c_str());
     ANDY_THROW(IoError, "cannot rename ", tmp, " to ", path, ": ", std::strerror(err));
   }
@@ -92,6 +77,80 @@ std::string exchange_paths(const std::string& a, const std::string& b) {
   fs::rename(b, a);
   fs::rename(aside, b);
   return "the file system has no atomic exchange: swapped by three renames";
+}
+
+std::string partial_path_for(const std::string& dest) {
+  std::string d = dest;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  return d + ".partial-" + std::to_string(::getpid());
+}
+
+void publish_path(const std::string& tmp, const std::string& dest, bool replace) {
+  std::string d = dest;
+  while (d.size() > 1 && d.back() == '/') d.pop_back();
+  std::error_code ec;
+  const bool exists = fs::exists(fs::symlink_status(d, ec));
+  ANDY_CHECK_T(IoError, !exists || replace, d, " already exists (pass --overwrite to replace it)");
+  const std::string aside = d + ".replaced-" + std::to_string(::getpid());
+  if (exists && ::rename(d.c_str(), aside.c_str()) != 0)
+    ANDY_THROW(IoError, "cannot move ", d, " aside to replace it: ", std::strerror(errno));
+  if (::rename(tmp.c_str(), d.c_str()) != 0) {
+    const int err = errno;
+    if (exists) ::rename(aside.c_str(), d.c_str());
+    ANDY_THROW(IoError, "cannot rename ", tmp, " to ", d, ": ", std::strerror(err));
+  }
+  std::string parent = fs::path(d).parent_path().string();
+  fsync_path(parent.empty() ? "." : parent);
+  if (exists) fs::remove_all(aside, ec);
+}
+
+DurableWriter::DurableWriter(const std::string& path) : path_(path) {
+  fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd_ < 0) ANDY_THROW(IoError, "cannot write ", path, ": ", io_failure_text(path, errno));
+}
+
+DurableWriter::DurableWriter(DurableWriter&& o) noexcept
+    : path_(std::move(o.path_)), fd_(o.fd_), error_(o.error_), written_(o.written_) {
+  o.fd_ = -1;
+}
+
+DurableWriter::~DurableWriter() {
+  if (fd_ >= 0) {
+    ::close(fd_);
+    ::unlink(path_.c_str());
+  }
+}
+
+void DurableWriter::write(const void* data, size_t n) {
+  const char* p = static_cast<const char*>(data);
+  while (error_ == 0 && n > 0) {
+    ssize_t w = ::write(fd_, p, n);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) {
+      error_ = w < 0 ? errno : ENOSPC;
+      break;
+    }
+    p += w;
+    n -= static_cast<size_t>(w);
+    written_ += static_cast<uint64_t>(w);
+  }
+}
+
+void DurableWriter::pad_to(uint64_t alignment) {
+  static const char zeros[64] = {};
+  while (alignment > 1 && written_ % alignment != 0 && error_ == 0)
+    write(zeros, std::min<uint64_t>(sizeof zeros, alignment - written_ % alignment));
+}
+
+void DurableWriter::finish() {
+  ANDY_CHECK(fd_ >= 0, "DurableWriter::finish called twice for ", path_);
+  if (error_ == 0 && ::fsync(fd_) != 0) error_ = errno;
+  if (::close(fd_) != 0 && error_ == 0) error_ = errno;
+  fd_ = -1;
+  if (error_ != 0) {
+    ::unlink(path_.c_str());
+    ANDY_THROW(IoError, "cannot write ", path_, ": ", io_failure_text(path_, error_));
+  }
 }
 
 }  // namespace andy

@@ -5,6 +5,8 @@
 // the file system on ENOSPC).
 #pragma once
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace andy {
@@ -13,6 +15,42 @@ namespace andy {
 void fsync_path(const std::string& path);
 // Writes `text` to `path` through `path.tmp`: write, fsync, rename, fsync of the directory.
 void write_file_durable(const std::string& path, const std::string& text);
+
+// Moves a finished file or directory `tmp` to `dest` (rename, then fsync of the parent). An
+// existing `dest` is replaced only with `replace` (moved aside, then removed once `tmp` is in
+// place), else IoError. For outputs built under a temporary name beside their destination.
+void publish_path(const std::string& tmp, const std::string& dest, bool replace);
+// "<dest>.partial-<pid>": the temporary name publish_path expects beside `dest`.
+std::string partial_path_for(const std::string& dest);
+
+// A file written through our own descriptor, for writers that stream many pieces (archives,
+// safetensors, GGUF). write() never throws: the first failure is remembered and later writes
+// are dropped; finish() fsyncs and closes, and on any failure removes the file and throws
+// IoError naming it, the reason and the free space. A writer destroyed without finish()
+// removes its file (nothing partial is left behind). Not thread-safe; movable, not copyable.
+//
+//   DurableWriter w(tmp);  w.write(header.data(), header.size());  ...;  w.finish();
+class DurableWriter {
+ public:
+  explicit DurableWriter(const std::string& path);  // IoError when it cannot be created
+  DurableWriter(DurableWriter&& o) noexcept;
+  DurableWriter(const DurableWriter&) = delete;
+  DurableWriter& operator=(const DurableWriter&) = delete;
+  ~DurableWriter();
+
+  void write(const void* data, size_t n);
+  void write(const std::string& s) { write(s.data(), s.size()); }
+  void pad_to(uint64_t alignment);  // zero bytes up to the next multiple of alignment
+  uint64_t bytes_written() const { return written_; }
+  bool failed() const { return error_ != 0; }
+  void finish();
+
+ private:
+  std::string path_;
+  int fd_ = -1;
+  int error_ = 0;
+  uint64_t written_ = 0;
+};
 // Atomically exchanges two existing directory entries (renameat2 RENAME_EXCHANGE); where the
 // file system does not support it, falls back to rename(a -> a.swap), rename(b -> a),
 // rename(a.swap -> b) and says so in the returned string (empty on the atomic path).

@@ -3,6 +3,8 @@
 // the q/k/v and gate/up groups (one each: the input is copied to the TP region once).
 #include "core/model/llama.h"
 
+#include <set>
+
 #include <cmath>
 
 #include "core/base/error.h"
@@ -332,7 +334,24 @@ void LlamaForCausalLMImpl::load_full_state_dict(const StateDict& full) {
 
 void LlamaForCausalLMImpl::load_local_state_dict(const StateDict& shard) {
   at::NoGradGuard no_grad;
+  // Int8 linear weights (an `andyllm quantize` model) go to their layers' int8 path.
+  std::set<std::string> int8_loaded;
+  for (const auto& m : named_modules()) {
+    const std::string name = m.key() + ".weight";
+    auto it = shard.find(name);
+    if (it == shard.end() || it->second.scalar_type() != at::kChar) continue;
+    auto scale = shard.find(name + "_scale");
+    ANDY_CHECK(scale != shard.end(), "load_local_state_dict: int8 '", name, "' has no scale");
+    if (auto* col = m.value()->as<ColumnParallelLinearImpl>())
+      col->load_int8_weight(it->second, scale->second);
+    else if (auto* row = m.value()->as<RowParallelLinearImpl>())
+      row->load_int8_weight(it->second, scale->second);
+    else
+      ANDY_THROW(Error, "load_local_state_dict: '", name, "' is int8 but not a linear layer's weight");
+    int8_loaded.insert(name);
+  }
   for (auto& p : named_parameters()) {
+    if (int8_loaded.count(p.key())) continue;
     auto it = shard.find(p.key());
     ANDY_CHECK(it != shard.end(), "load_local_state_dict: '", p.key(), "' is missing");
     ANDY_CHECK(it->second.sizes() == p.value().sizes(), "load_local_state_dict: '", p.key(),

@@ -162,7 +162,9 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   // Loads a full (Hugging Face shaped, unpadded) state dict: every name must be present.
   void load_full_state_dict(const StateDict& full);
   // Loads this rank's slices (as split_state_dict / load_model_shard give them): every
-  // parameter must be present with its local shape (Error naming it otherwise).
+  // parameter must be present with its local shape (Error naming it otherwise). An int8 linear
+  // weight with its NAME_scale (core/model/int8_weights.h) switches that layer to the int8
+  // inference path (CPU, no autograd).
   void load_local_state_dict(const StateDict& shard);
   // Collective over TP: the full state dict, on every rank.
   StateDict full_state_dict();

@@ -3,11 +3,7 @@
 
 #include <torch/serialize.h>
 
-#include <fcntl.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -15,8 +11,11 @@
 
 #include "core/base/durable_fs.h"
 #include "core/base/error.h"
+#include "core/model/hf_checkpoint.h"
+#include "core/model/int8_weights.h"
 #include "core/model/llama.h"
 #include "core/model/model_config.h"
+#include "core/model/safetensors.h"
 
 namespace andy {
 
@@ -79,25 +78,9 @@ at::Tensor read_weight(torch::serialize::InputArchive& ar, const std::string& fi
   return t;
 }
 
-// Full (unpadded) tensor shapes the config implies, by name.
 std::map<std::string, std::vector<int64_t>> full_shapes(const ModelConfig& m) {
-  const int64_t d = head_dim(m), ffn = derived_ffn_dim(m);
   std::map<std::string, std::vector<int64_t>> s;
-  s["model.embed_tokens.weight"] = {m.vocab_size, m.dim};
-  for (int64_t l = 0; l < m.n_layer; ++l) {
-    const std::string p = "model.layers." + std::to_string(l) + ".";
-    s[p + "input_layernorm.weight"] = {m.dim};
-    s[p + "post_attention_layernorm.weight"] = {m.dim};
-    s[p + "self_attn.q_proj.weight"] = {m.n_head * d, m.dim};
-    s[p + "self_attn.k_proj.weight"] = {m.n_kv_head * d, m.dim};
-    s[p + "self_attn.v_proj.weight"] = {m.n_kv_head * d, m.dim};
-    s[p + "self_attn.o_proj.weight"] = {m.dim, m.n_head * d};
-    s[p + "mlp.gate_proj.weight"] = {ffn, m.dim};
-    s[p + "mlp.up_proj.weight"] = {ffn, m.dim};
-    s[p + "mlp.down_proj.weight"] = {m.dim, ffn};
-  }
-  s["model.norm.weight"] = {m.dim};
-  if (!m.tie_embeddings) s["lm_head.weight"] = {m.vocab_size, m.dim};
+  for (auto& [name, shape] : model_tensor_shapes(m)) s[name] = shape;
   return s;
 }
 
@@ -114,6 +97,13 @@ StateDict read_full_weights(const ModelSource& src) {
   for (const auto& [name, shape] : full_shapes(src.config.model)) {
     full[name] = read_weight(ar, src.weights_file, name);
     check_shape(full[name], shape, src.weights_file, name);
+    if (!src.int8 || !is_int8_linear(name)) continue;
+    ANDY_CHECK_T(IoError, full[name].scalar_type() == at::kChar, "model weights ", src.weights_file,
+                 ": '", name, "' is ", c10::toString(full[name].scalar_type()), " but ",
+                 kQuantizationFile, " marks the model as int8");
+    const std::string scale = name + kInt8ScaleSuffix;
+    full[scale] = read_weight(ar, src.weights_file, scale);
+    check_shape(full[scale], {shape[0]}, src.weights_file, scale);
   }
   return full;
 }
@@ -129,7 +119,54 @@ StateDict read_checkpoint_shard(const ModelSource& src, int r, const PartitionSp
   return shard;
 }
 
+// Rank tp_rank's slices of a Hugging Face directory's weights, in fp32. Each tensor is a view
+// on the mapped file until it is split, so a rank reads only its own rows.
+StateDict read_hf_shard(const ModelSource& src, const PartitionSpecs& specs, int tp_rank, int tp_size) {
+  std::map<std::string, at::Tensor> stored = read_safetensors_dir(src.dir);
+  const ModelConfig& m = src.config.model;
+  const auto shapes = full_shapes(m);
+  for (const auto& [name, t] : stored) {
+    const bool ignorable = name.find("rotary_emb.inv_freq") != std::string::npos ||
+                           (m.tie_embeddings && name == "lm_head.weight");
+    ANDY_CHECK_T(IoError, shapes.count(name) || ignorable, "model ", src.dir, ": tensor '", name,
+                 "' is not part of a LLaMA model (another architecture?)");
+  }
+  StateDict mine;
+  for (const auto& [name, shape] : shapes) {
+    auto it = stored.find(name);
+    ANDY_CHECK_T(IoError, it != stored.end(), "model ", src.dir, ": tensor '", name,
+                 "' is missing from its safetensors files (damaged, or another architecture)");
+    check_shape(it->second, shape, src.dir, name);
+    const at::ScalarType t = it->second.scalar_type();
+    ANDY_CHECK_T(IoError, t == at::kFloat || t == at::kBFloat16 || t == at::kHalf, "model ", src.dir,
+                 ": tensor '", name, "' is ", c10::toString(t), "; float32, bfloat16 or float16 expected");
+    mine[name] = shard_tensor(it->second, specs.at(name), tp_rank, tp_size).to(at::kFloat);
+  }
+  return mine;
+}
+
 }  // namespace
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> model_tensor_shapes(const ModelConfig& m) {
+  const int64_t d = head_dim(m), ffn = derived_ffn_dim(m);
+  std::vector<std::pair<std::string, std::vector<int64_t>>> s;
+  s.push_back({"model.embed_tokens.weight", {m.vocab_size, m.dim}});
+  for (int64_t l = 0; l < m.n_layer; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    s.push_back({p + "input_layernorm.weight", {m.dim}});
+    s.push_back({p + "self_attn.q_proj.weight", {m.n_head * d, m.dim}});
+    s.push_back({p + "self_attn.k_proj.weight", {m.n_kv_head * d, m.dim}});
+    s.push_back({p + "self_attn.v_proj.weight", {m.n_kv_head * d, m.dim}});
+    s.push_back({p + "self_attn.o_proj.weight", {m.dim, m.n_head * d}});
+    s.push_back({p + "post_attention_layernorm.weight", {m.dim}});
+    s.push_back({p + "mlp.gate_proj.weight", {ffn, m.dim}});
+    s.push_back({p + "mlp.up_proj.weight", {ffn, m.dim}});
+    s.push_back({p + "mlp.down_proj.weight", {m.dim, ffn}});
+  }
+  s.push_back({"model.norm.weight", {m.dim}});
+  if (!m.tie_embeddings) s.push_back({"lm_head.weight", {m.vocab_size, m.dim}});
+  return s;
+}
 
 ModelSource resolve_model_source(const std::string& path) {
   ModelSource src;
@@ -137,6 +174,15 @@ ModelSource resolve_model_source(const std::string& path) {
   ANDY_USER_CHECK(!path.empty(), "no model given: pass --model DIR (a best_model/ "
                "directory, its model.pt, or a checkpoint step directory)");
   ANDY_USER_CHECK(fs::exists(path), "--model ", path, ": no such file or directory");
+  if (fs::is_directory(path) && fs::exists(path + "/config.json") && has_safetensors(path)) {
+    src.kind = ModelSource::Kind::kHuggingFace;
+    src.dir = path;
+    src.config_file = path + "/config.json";
+    src.config.model = model_config_from_hf_json(read_text(src.config_file), src.config_file);
+    const std::string tok = path + "/tokenizer.model";
+    src.config.data.tokenizer_path = fs::exists(tok) ? tok : "";
+    return src;
+  }
   if (fs::is_regular_file(path)) {
     src.weights_file = path;
     src.dir = fs::path(path).parent_path().string();
@@ -149,13 +195,17 @@ ModelSource resolve_model_source(const std::string& path) {
     src.dir = path;
   } else {
     throw ConfigError(detail::concat("--model ", path, ": neither a best_model directory (model.pt + "
-               "config.toml) nor a checkpoint step directory (meta.json + shard_tpRR.pt)"));
+               "config.toml), a checkpoint step directory (meta.json + shard_tpRR.pt) nor a Hugging "
+               "Face model directory (config.json + model.safetensors)"));
   }
   if (src.kind == ModelSource::Kind::kFullWeights) {
     src.config_file = src.dir + "/config.toml";
     ANDY_CHECK_T(IoError, fs::exists(src.config_file), "--model ", path, ": ", src.config_file,
                  " is missing (the model's shapes and tokenizer are read from it)");
     src.config = saved_config(read_text(src.config_file), src.config_file);
+    src.int8 = fs::exists(src.dir + "/" + kQuantizationFile);
+    // A tokenizer copied beside the weights (quantize and export write one) is the model's.
+    if (fs::exists(src.dir + "/tokenizer.model")) src.config.data.tokenizer_path = src.dir + "/tokenizer.model";
     return src;
   }
   src.config_file = src.dir + "/meta.json";
@@ -176,8 +226,10 @@ ModelSource resolve_model_source(const std::string& path) {
 StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size) {
   const ModelConfig& m = src.config.model;
   PartitionSpecs specs = llama_partition_specs(m, tp_size);  // ConfigError for a bad tp_size
+  if (src.int8) specs = with_int8_scales(specs);
   if (src.kind == ModelSource::Kind::kFullWeights)
     return split_state_dict(read_full_weights(src), specs, tp_rank, tp_size);
+  if (src.kind == ModelSource::Kind::kHuggingFace) return read_hf_shard(src, specs, tp_rank, tp_size);
   PartitionSpecs saved_specs = llama_partition_specs(m, src.saved_tp);
   if (src.saved_tp == tp_size) {
     StateDict mine = read_checkpoint_shard(src, tp_rank, saved_specs);
@@ -204,6 +256,12 @@ StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size) {
   return split_state_dict(full, specs, tp_rank, tp_size);
 }
 
+StateDict load_full_state_dict(const ModelSource& src) {
+  PartitionSpecs specs = llama_partition_specs(src.config.model, 1);
+  if (src.int8) specs = with_int8_scales(specs);
+  return merge_state_dicts({load_model_shard(src, 0, 1)}, specs);  // drops the vocabulary padding
+}
+
 void write_full_weights(const StateDict& full, const std::string& file) {
   torch::serialize::OutputArchive ar;
   for (const auto& [name, t] : full) ar.write(archive_key(name), t.detach().cpu());
@@ -211,34 +269,17 @@ void write_full_weights(const StateDict& full, const std::string& file) {
 }
 
 std::string save_archive(torch::serialize::OutputArchive& archive, const std::string& file) {
-  int fd = ::open(file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) throw IoError("cannot write " + file + ": " + io_failure_text(file, errno));
-  int failed = 0;
+  DurableWriter out(file);
   uint64_t fnv = 14695981039346656037ULL;  // FNV-1a 64 of the bytes written
   // Every chunk is reported as written, even after a failure: LibTorch's zip writer must not
   // throw (its destructor would throw again and terminate); the failure is ours to report.
   archive.save_to([&](const void* data, size_t n) -> size_t {
     const char* p = static_cast<const char*>(data);
     for (size_t i = 0; i < n; ++i) fnv = (fnv ^ static_cast<unsigned char>(p[i])) * 1099511628211ULL;
-    size_t left = n;
-    while (failed == 0 && left > 0) {
-      ssize_t w = ::write(fd, p, left);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) {
-        failed = w < 0 ? errno : ENOSPC;
-        break;
-      }
-      p += w;
-      left -= static_cast<size_t>(w);
-    }
+    out.write(data, n);
     return n;
   });
-  if (failed == 0 && ::fsync(fd) != 0) failed = errno;
-  if (::close(fd) != 0 && failed == 0) failed = errno;
-  if (failed != 0) {
-    ::unlink(file.c_str());
-    throw IoError("cannot write " + file + ": " + io_failure_text(file, failed));  // names the file itself
-  }
+  out.finish();  // names the file itself on failure
   char hex[32];
   std::snprintf(hex, sizeof hex, "fnv1a64:%016llx", static_cast<unsigned long long>(fnv));
   return hex;

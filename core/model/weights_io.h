@@ -1,12 +1,19 @@
 // Model weights on disk, below both serving and the trainer's checkpoints: where a model's
 // weights and saved config are, and each tensor-parallel rank's slices of them.
 //
-// Layouts read (all LibTorch archives, keys = Hugging Face tensor names with '.' as '/'):
+// Layouts read (LibTorch archives with keys = Hugging Face tensor names with "." as "/", or
+// safetensors):
 //   best_model/              model.pt (full, unsharded tensors) + config.toml (+ meta.json)
 //   best_model/model.pt      the same, named by its file (config.toml beside it)
 //   checkpoints/step_N/      shard_tpRR.pt per TP rank of the run that wrote it (weights and
 //                            AdamW moments; only the weights are used here) + meta.json
 //                            (tp_size, the saved config)
+//   int8_dir/                the best_model layout with int8 linear weights and
+//                            quantization.json (core/model/int8_weights.h)
+//   hf_dir/                  config.json + model.safetensors (or shards + index), as
+//                            transformers writes them (core/model/hf_checkpoint.h); float32,
+//                            bfloat16 or float16, loaded as float32. Its tokenizer.model, when
+//                            present, is the model's tokenizer.
 // A rank reads only what it needs where the layout allows: a checkpoint written at the same
 // TP size gives each rank its own shard file; otherwise the shards are merged and re-split
 // (parallel/tp_partition.h). The partition comes from the model's own specs
@@ -36,15 +43,21 @@ std::string archive_key(const std::string& tensor_name);
 // damaged)" otherwise (`what`: "model weights", "checkpoint file").
 torch::serialize::InputArchive open_archive(const std::string& file, const std::string& what);
 
+// Every tensor of the model `m` describes, in Hugging Face's order (embeddings, layers in
+// order, final norm, lm_head when untied), with its full (unpadded) shape.
+std::vector<std::pair<std::string, std::vector<int64_t>>> model_tensor_shapes(const ModelConfig& m);
+
 struct ModelSource {
-  enum class Kind { kFullWeights, kCheckpoint };
+  enum class Kind { kFullWeights, kCheckpoint, kHuggingFace };
   Kind kind = Kind::kFullWeights;
   std::string path;          // as the user gave it
   std::string weights_file;  // kFullWeights: model.pt
   std::string dir;           // the directory holding config / shards
-  std::string config_file;   // where `config` was read from
+  std::string config_file;   // where `config` was read from (config.json for kHuggingFace)
   Config config;             // [model] and [data] of the saved config (defaults elsewhere)
   int saved_tp = 1;          // kCheckpoint: TP size of the run that wrote it
+  bool int8 = false;         // kFullWeights written by `andyllm quantize` (int8_weights.h):
+                             // linear weights int8 plus their NAME_scale
 };
 
 // Finds the weights and the saved config of `path`; throws with a message saying what was
@@ -55,6 +68,10 @@ ModelSource resolve_model_source(const std::string& path);
 // ranks (ConfigError when tp_size does not divide the heads). Shapes are checked against the
 // config: a tensor missing or of another shape names the file and both shapes.
 StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size);
+
+// Every tensor of the model, whole and unpadded (Hugging Face shapes; an int8 model's int8
+// weights and scales as stored): for export and quantization.
+StateDict load_full_state_dict(const ModelSource& src);
 
 // Writes full (unsharded) tensors as one LibTorch archive and fsyncs it.
 void write_full_weights(const StateDict& full, const std::string& file);

@@ -11,8 +11,10 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -176,6 +178,34 @@ inline std::string env_or_empty(const char* name) {
 // True when Debian's /usr/bin/python3 can import `module`.
 inline bool python_has(const std::string& module) {
   return shell("/usr/bin/python3 -c 'import " + module + "'").first == 0;
+}
+
+// The ids Debian's Python sentencepiece (an independent reader of the .model) gives for each
+// text, one list per text. Writes its script and input under `dir`; throws andy::Error with the
+// script's output when it fails. Check python_has("sentencepiece") first.
+inline std::vector<std::vector<int32_t>> python_sentencepiece_ids(const std::string& model_file,
+                                                                  const std::vector<std::string>& texts,
+                                                                  const std::string& dir) {
+  std::string input;
+  for (const auto& t : texts) input += t + '\x1e';  // record separator: texts may hold newlines
+  write_file(dir + "/py_sp_texts.bin", input);
+  write_file(dir + "/py_sp_ids.py",
+             "import sys, sentencepiece as spm\n"
+             "sp = spm.SentencePieceProcessor(model_file=sys.argv[1])\n"
+             "data = open(sys.argv[2], 'rb').read().decode('utf-8').split('\\x1e')[:-1]\n"
+             "for t in data: print(' '.join(map(str, sp.encode(t))))\n");
+  auto [rc, out] = shell("/usr/bin/python3 " + dir + "/py_sp_ids.py " + model_file + " " + dir + "/py_sp_texts.bin");
+  if (rc != 0) throw Error("python sentencepiece failed (exit " + std::to_string(rc) + "):\n" + out);
+  std::vector<std::vector<int32_t>> ids;
+  std::istringstream lines(out);
+  for (std::string line; ids.size() < texts.size() && std::getline(lines, line);) {
+    std::istringstream words(line);
+    ids.emplace_back(std::istream_iterator<int32_t>(words), std::istream_iterator<int32_t>());
+  }
+  if (ids.size() != texts.size())
+    throw Error("python sentencepiece printed " + std::to_string(ids.size()) + " lines for " +
+                std::to_string(texts.size()) + " texts:\n" + out);
+  return ids;
 }
 
 }  // namespace andy::data::testing
