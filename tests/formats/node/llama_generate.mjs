@@ -25,11 +25,11 @@ const prompts = JSON.parse(readFileSync(promptsPath, "utf8"));
 
 const llama = await getLlama({gpu: false, build: "never", logLevel: "error"});
 const model = await llama.loadModel({modelPath});
+const context = await model.createContext({contextSize: 256, sequences: 1});
+const sequence = context.getSequence();
 const results = [];
 for (const prompt of prompts) {
-  // A fresh context per prompt: nothing carried over between prompts.
-  const context = await model.createContext({contextSize: 256, sequences: 1});
-  const sequence = context.getSequence();
+  await sequence.clearHistory();  // nothing carried over between prompts
   const promptIds = model.tokenize(prompt, false);
   const ids = [];
   for await (const token of sequence.evaluate(promptIds, {temperature: 0})) {
@@ -37,8 +37,8 @@ for (const prompt of prompts) {
     if (ids.length >= maxTokens) break;
   }
   results.push({prompt, prompt_ids: promptIds, ids, text: model.detokenize(ids)});
-  await context.dispose();
 }
+await context.dispose();
 process.stdout.write(JSON.stringify(results) + "\n");
 await model.dispose();
 await llama.dispose();
