@@ -102,8 +102,8 @@ ojson normalizer(const SpVocab& v) {
   return {{"type", "Sequence"}, {"normalizers", seq}};
 }
 
-// LlamaTokenizerFast.update_post_processor with add_bos_token true, add_eos_token false.
-ojson post_processor(const SpVocab& v) {
+// LlamaTokenizerFast.update_post_processor with add_bos_token as given, add_eos_token false.
+ojson post_processor(const SpVocab& v, bool add_bos_token) {
   auto special = [](const std::string& token, int type_id) {
     return ojson{{"SpecialToken", {{"id", token}, {"type_id", type_id}}}};
   };
@@ -112,7 +112,7 @@ ojson post_processor(const SpVocab& v) {
   };
   ojson single = ojson::array(), pair = ojson::array(), specials = ojson::object();
   const std::string& bos = v.piece_of(v.bos_id);
-  if (v.bos_id >= 0) {
+  if (add_bos_token && v.bos_id >= 0) {
     single = {special(bos, 0), sequence("A", 0)};
     pair = {special(bos, 0), sequence("A", 0), special(bos, 1), sequence("B", 1)};
     specials[bos] = {{"id", bos}, {"ids", {v.bos_id}}, {"tokens", {bos}}};
@@ -199,7 +199,7 @@ std::string read_bytes(const std::string& path) {
 
 }  // namespace
 
-std::string hf_tokenizer_json(const SpVocab& v) {
+std::string hf_tokenizer_json(const SpVocab& v, bool add_bos_token) {
   check_exportable(v);
   ojson t = {{"version", "1.0"},
              {"truncation", nullptr},
@@ -207,13 +207,13 @@ std::string hf_tokenizer_json(const SpVocab& v) {
              {"added_tokens", added_tokens(v)},
              {"normalizer", normalizer(v)},
              {"pre_tokenizer", nullptr},
-             {"post_processor", post_processor(v)},
+             {"post_processor", post_processor(v, add_bos_token)},
              {"decoder", decoder(v)},
              {"model", bpe_model(v)}};
   return dump(t, "tokenizer.json");
 }
 
-std::string hf_tokenizer_config_json(const SpVocab& v, int model_max_length) {
+std::string hf_tokenizer_config_json(const SpVocab& v, int model_max_length, bool add_bos_token) {
   ANDY_CHECK_T(ConfigError, model_max_length > 0, "tokenizer_config.json: model_max_length ",
                model_max_length, " must be positive");
   json decoder = json::object();
@@ -223,7 +223,7 @@ std::string hf_tokenizer_config_json(const SpVocab& v, int model_max_length) {
       decoder[std::to_string(id)] = token_entry(v.pieces[id].piece, t != PieceType::kUserDefined);
   }
   json c = {{"tokenizer_class", "LlamaTokenizer"},
-            {"add_bos_token", v.bos_id >= 0},
+            {"add_bos_token", add_bos_token && v.bos_id >= 0},
             {"add_eos_token", false},
             {"added_tokens_decoder", decoder},
             {"bos_token", token_or_null(v, v.bos_id)},
@@ -243,15 +243,15 @@ std::string hf_tokenizer_config_json(const SpVocab& v, int model_max_length) {
 }
 
 void write_hf_tokenizer_files(const std::string& model_file, const std::string& out_dir,
-                              int model_max_length) {
+                              int model_max_length, bool add_bos_token) {
   ANDY_CHECK_T(IoError, fs::is_directory(out_dir), "Hugging Face tokenizer files: ", out_dir,
                " is not a directory");
   const SpVocab v = read_sp_vocab(model_file);
   // Everything is built before anything is written: a model that cannot be exported leaves
   // out_dir as it was.
   const std::string model_bytes = read_bytes(model_file);
-  const std::string tokenizer_json = hf_tokenizer_json(v);
-  const std::string config_json = hf_tokenizer_config_json(v, model_max_length);
+  const std::string tokenizer_json = hf_tokenizer_json(v, add_bos_token);
+  const std::string config_json = hf_tokenizer_config_json(v, model_max_length, add_bos_token);
   const std::string special_json = special_tokens_map_json(v);
   const fs::path dir(out_dir);
   write_file_durable((dir / "tokenizer.model").string(), model_bytes);

@@ -23,7 +23,7 @@
 // contains a control piece's string ("<s>") is encoded as that special id by Hugging Face (and
 // the text after it gets a "▁" prepended) but as ordinary pieces by sentencepiece.
 //
-//   write_hf_tokenizer_files("run/tokenizer.model", "run/hf", 2048);
+//   write_hf_tokenizer_files("run/tokenizer.model", "run/hf", 2048, /*add_bos_token=*/false);
 #pragma once
 
 #include <string>
@@ -38,15 +38,19 @@ namespace andy::data {
 // file is replaced whole or not at all). Throws IoError naming the file for an unreadable model
 // or an unwritable directory, ConfigError when the model cannot be expressed (see
 // hf_tokenizer_json).
+// `add_bos_token`: whether the tokenizer puts bos in front of every text (tokenizer_config's
+// add_bos_token and tokenizer.json's post-processor). Models trained here never saw bos at the
+// start of a text (documents are separated by eos) and `andyllm generate` / `serve` add none,
+// so their exports say false; transformers and vLLM then feed the model what we do.
 void write_hf_tokenizer_files(const std::string& model_file, const std::string& out_dir,
-                              int model_max_length);
+                              int model_max_length, bool add_bos_token = false);
 
 // The tokenizer.json text alone (for tests). Throws ConfigError for a model that no
 // LlamaConverter-style tokenizer.json reproduces: not BPE, a normalization rule other than
 // identity, remove_extra_whitespaces on, no unk piece, or a piece that is not valid UTF-8.
-std::string hf_tokenizer_json(const SpVocab& v);
+std::string hf_tokenizer_json(const SpVocab& v, bool add_bos_token = false);
 
 // The tokenizer_config.json text alone (for tests).
-std::string hf_tokenizer_config_json(const SpVocab& v, int model_max_length);
+std::string hf_tokenizer_config_json(const SpVocab& v, int model_max_length, bool add_bos_token = false);
 
 }  // namespace andy::data

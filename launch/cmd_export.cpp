@@ -143,7 +143,9 @@ void add_gguf_tokenizer(GgufWriter& w, const data::SpVocab& v) {
   if (v.eos_id >= 0) w.add_u32("tokenizer.ggml.eos_token_id", static_cast<uint32_t>(v.eos_id));
   if (v.unk_id >= 0) w.add_u32("tokenizer.ggml.unknown_token_id", static_cast<uint32_t>(v.unk_id));
   if (v.pad_id >= 0) w.add_u32("tokenizer.ggml.padding_token_id", static_cast<uint32_t>(v.pad_id));
-  w.add_bool("tokenizer.ggml.add_bos_token", true);
+  // Models trained here never saw bos in front of a text, and generate / serve add none: so
+  // llama.cpp must not either (data/hf_tokenizer.h says the same for Hugging Face).
+  w.add_bool("tokenizer.ggml.add_bos_token", false);
   w.add_bool("tokenizer.ggml.add_eos_token", false);
   w.add_bool("tokenizer.ggml.add_space_prefix", v.add_dummy_prefix);
 }

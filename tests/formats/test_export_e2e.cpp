@@ -178,6 +178,7 @@ TEST_F(ExportE2e, HuggingFaceExportOfATp2CheckpointImportsBitIdentical) {
   EXPECT_EQ(cfg["pad_token_id"], 0);
   EXPECT_TRUE(cfg["rope_scaling"].is_null());
   EXPECT_EQ(cfg["torch_dtype"], "float32");
+  EXPECT_EQ(json::parse(dt::read_text(hf + "/tokenizer_config.json"))["add_bos_token"], false);
   andy::SafetensorsFile st = andy::SafetensorsFile::open(hf + "/model.safetensors");
   EXPECT_EQ(st.metadata().at("format"), "pt");
   EXPECT_TRUE(st.contains("lm_head.weight"));
@@ -230,6 +231,12 @@ TEST_F(ExportE2e, ShardedBf16ExportHasAnIndexAndLoadsAtAnyTp) {
                         " --dtype bfloat16 --max_shard_size 60KB").exit_code, 0);
   for (const auto& f : files) EXPECT_EQ(dt::read_text(hf + "/" + f), dt::read_text(path("hf_bf16b/") + f)) << f;
   EXPECT_EQ(ours(hf, 2), ours(hf, 1));
+  // float16 too.
+  ASSERT_EQ(run_command(andyllm_bin() + " export --format hf --model_path " + best() + " --output_dir " + path("hf_fp16") +
+                        " --dtype float16").exit_code, 0);
+  EXPECT_EQ(json::parse(dt::read_text(path("hf_fp16/config.json")))["torch_dtype"], "float16");
+  auto fp16 = weights_of(path("hf_fp16"));
+  for (const auto& [name, t] : original) EXPECT_TRUE(t.to(at::kHalf).to(at::kFloat).equal(fp16.at(name))) << name;
 }
 
 TEST_F(ExportE2e, LlamaCppRunsTheGgufWithOurTokensAndContinuations) {

@@ -215,7 +215,7 @@ TEST_F(HfTokenizerTest, WritesTheFourFiles) {
 
   const json config = json::parse(read_text(out / "tokenizer_config.json"));
   EXPECT_EQ(config["tokenizer_class"], "LlamaTokenizer");
-  EXPECT_EQ(config["add_bos_token"], true);
+  EXPECT_EQ(config["add_bos_token"], false) << "models trained here never see bos in front of a text";
   EXPECT_EQ(config["add_eos_token"], false);
   EXPECT_EQ(config["bos_token"], "<s>");
   EXPECT_EQ(config["eos_token"], "</s>");
@@ -273,7 +273,8 @@ TEST_F(HfTokenizerTest, WritesTheFourFiles) {
     EXPECT_EQ(t["added_tokens"][i]["content"], v.pieces[i].piece);
     EXPECT_EQ(t["added_tokens"][i]["special"], true);
   }
-  EXPECT_EQ(t["post_processor"]["special_tokens"]["<s>"]["ids"], json::array({kBosId}));
+  EXPECT_EQ(t["post_processor"]["single"], json::parse(R"([{"Sequence": {"id": "A", "type_id": 0}}])"))
+      << "no bos in front: models trained here never see one";
   EXPECT_EQ(t["normalizer"]["normalizers"][0]["type"], "Prepend");
 
   EXPECT_THROW(write_hf_tokenizer_files(model(), out / "no_such_dir", 2048), IoError);
@@ -302,19 +303,26 @@ TEST_F(HfTokenizerTest, ModelsALlamaTokenizerJsonCannotReproduceAreRefused) {
   EXPECT_EQ(t["normalizer"]["normalizers"][0]["type"], "Replace");
   for (const json& d : t["decoder"]["decoders"]) EXPECT_NE(d["type"], "Strip");
   EXPECT_EQ(json::parse(hf_tokenizer_config_json(v, 16))["add_prefix_space"], false);
-  // Without bos: nothing added in front, and the config says so.
+  // With add_bos_token: bos in front, and the config says so.
+  v = good;
+  const json with_bos = json::parse(hf_tokenizer_json(v, true))["post_processor"];
+  EXPECT_EQ(with_bos["single"],
+            json::parse(R"([{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}])"));
+  EXPECT_EQ(json::parse(hf_tokenizer_config_json(v, 16, true))["add_bos_token"], true);
+  // Without bos: nothing added in front even when asked, and the config says so.
   v = good;
   v.bos_id = -1;
-  const json no_bos = json::parse(hf_tokenizer_json(v))["post_processor"];
+  const json no_bos = json::parse(hf_tokenizer_json(v, true))["post_processor"];
   EXPECT_EQ(no_bos["single"], json::parse(R"([{"Sequence": {"id": "A", "type_id": 0}}])"));
   EXPECT_EQ(no_bos["special_tokens"], json::object());
-  const json config = json::parse(hf_tokenizer_config_json(v, 16));
+  const json config = json::parse(hf_tokenizer_config_json(v, 16, true));
   EXPECT_EQ(config["add_bos_token"], false);
   EXPECT_TRUE(config["bos_token"].is_null());
 }
 
 // The independent check: Hugging Face's JS reader of our tokenizer.json gives sentencepiece's
-// ids, with bos in front when special tokens are added, and decodes them as sentencepiece does.
+// ids (with bos in front when special tokens are added and the export asks for it), and decodes
+// them as sentencepiece does.
 TEST_F(HfTokenizerTest, HuggingFaceJsReaderEncodesLikeSentencepiece) {
   namespace fs = std::filesystem;
   const std::string source = env_or_empty("ANDYLLM_SOURCE_DIR").empty()
@@ -331,7 +339,7 @@ TEST_F(HfTokenizerTest, HuggingFaceJsReaderEncodesLikeSentencepiece) {
 
   const Tokenizer tok = Tokenizer::load(model());
   TempDir out("andyllm-hf-js");
-  write_hf_tokenizer_files(model(), out.path(), 4096);
+  write_hf_tokenizer_files(model(), out.path(), 4096, /*add_bos_token=*/true);
   const std::vector<std::string>& texts = all_texts();
   write_file(out / "texts.json", json(texts).dump());
   const auto [rc, err] = shell("ANDYLLM_FORMATS_NODE='" + node_dir + "' node '" + source +
