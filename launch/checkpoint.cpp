@@ -25,6 +25,7 @@
 #include "core/model/model_config.h"
 #include "core/model/weights_io.h"
 #include "data/checksum.h"
+#include "parallel/agreement.h"
 #include "parallel/tp_partition.h"
 
 namespace andy {
@@ -32,35 +33,13 @@ namespace andy {
 namespace fs = std::filesystem;
 using json = nlohmann::json;
 
-// Every rank learns whether any rank failed; if so every rank throws Agreed<IoError> with the
-// message of the lowest failing rank, which alone reports it (main prints it once and exits 1
-// without MPI_Abort). On failure world rank 0 removes `partial_dir` (the unfinished
-// step_N.tmp/) so nothing half-written stays.
 void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device,
                     const std::string& partial_dir) {
-  const int n = g.world_size(), me = g.rank();
-  at::Tensor first_t = at::full({1}, local_error.empty() ? n : me, at::kInt);
-  all_reduce_host(g.world.get(), first_t, ReduceOp::kMin, device);
-  const int first = first_t.item<int>();
-  if (first == n) return;
-  if (me == 0 && !partial_dir.empty()) {
+  agree_on_error(g.world.get(), device, local_error, [&] {
     std::error_code ec;
-    fs::remove_all(partial_dir, ec);
-  }
-  // The first failing rank's message on every rank: a sum to which only it contributes.
-  at::Tensor len = at::full({1}, me == first ? static_cast<int>(local_error.size()) : 0, at::kInt);
-  all_reduce_host(g.world.get(), len, ReduceOp::kSum, device);
-  const int n_chars = len.item<int>();
-  at::Tensor chars = at::zeros({std::max(1, n_chars)}, at::kInt);
-  int* c = chars.data_ptr<int>();
-  if (me == first)
-    for (size_t i = 0; i < local_error.size(); ++i) c[i] = static_cast<unsigned char>(local_error[i]);
-  all_reduce_host(g.world.get(), chars, ReduceOp::kSum, device);
-  std::string msg(static_cast<size_t>(n_chars), ' ');
-  for (size_t i = 0; i < msg.size(); ++i) msg[i] = static_cast<char>(c[i]);
-  throw Agreed<IoError>(msg, me == first);
+    if (g.rank() == 0 && !partial_dir.empty()) fs::remove_all(partial_dir, ec);
+  });
 }
-
 
 std::string describe_write_failure(const std::string& what_kind, const std::string& path,
                                    const std::exception& e, const std::string& verb) {
@@ -172,107 +151,148 @@ std::string checkpoint_dir_name(int64_t step) {
   return buf;
 }
 
+namespace {
+
+// The optimizer's tensors per parameter, in each shard file: the weight, then AdamW's moments.
+const std::vector<std::string>& optimizer_prefixes() {
+  static const std::vector<std::string> p = {"", "exp_avg.", "exp_avg_sq."};
+  return p;
+}
+
+// Rank 0 makes checkpoints/ and an empty step_N.tmp/; the error text, or "".
+std::string create_tmp_dir(const std::string& root, const std::string& tmp_dir) {
+  try {
+    fs::create_directories(root);
+    fs::remove_all(tmp_dir);
+    fs::create_directories(tmp_dir);
+  } catch (const std::exception& e) {
+    return std::string("checkpoint: cannot create ") + tmp_dir + ": " + e.what();
+  }
+  return "";
+}
+
+// Every rank's CPU generator state, [world, state bytes], on every rank.
+at::Tensor gather_rng_states(const TrainGrid& g, at::Device device) {
+  at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
+  at::Tensor all = at::empty({g.world_size() * rng.numel()}, rng.options());
+  if (g.world && g.world->size() > 1 && g.world->backend() == Backend::kNccl) {
+    at::Tensor d = all.to(device);
+    g.world->all_gather(d, rng.to(device))->wait();
+    all.copy_(d.cpu());
+  } else if (g.world && g.world->size() > 1) {
+    g.world->all_gather(all, rng)->wait();
+  } else {
+    all.copy_(rng.view({-1}));
+  }
+  return all.view({g.world_size(), -1});
+}
+
+// The first DP replica writes its TP shard (weights, moments, step count, loss scaler) and a
+// sidecar with the file's checksum; the error text, or "".
+std::string write_rank_shard(Trainer& tr, const std::string& tmp_dir) {
+  const TrainGrid& g = tr.grid();
+  const std::string file = tmp_dir + "/" + checkpoint_shard_file(g.tp_rank());
+  const TrainerOptions& opts = tr.options();
+  if (opts.fail_checkpoint_rank == g.rank() && opts.fail_checkpoint_step == tr.step())
+    return "checkpoint: cannot write " + file + ": injected failure (TrainerOptions::fail_checkpoint_rank)";
+  if (g.dp_rank() != 0) return "";
+  try {
+    torch::serialize::OutputArchive ar;
+    for (auto& s : tr.optimizer().slots()) {
+      const at::Tensor values[] = {s.param.detach(), s.exp_avg, s.exp_avg_sq};
+      for (size_t i = 0; i < optimizer_prefixes().size(); ++i)
+        ar.write(archive_key(optimizer_prefixes()[i] + s.name), values[i].cpu());
+    }
+    ar.write("optimizer_steps", at::full({1}, tr.optimizer().steps(), at::kLong));
+    ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
+                                       at::kDouble));
+    // The checksum travels to rank 0 (meta.json) in a sidecar file beside the shard.
+    write_file_durable(file + ".checksum", save_archive(ar, file) + "\n");
+  } catch (const std::exception& e) {
+    return describe_write_failure("checkpoint", file, e);
+  }
+  return "";
+}
+
+// Rank 0: rng.pt written, and every file's checksum (the shards' from their sidecars).
+json write_rng_and_collect_checksums(const std::string& tmp_dir, const at::Tensor& all_rng, int tp_size) {
+  torch::serialize::OutputArchive rar;
+  rar.write("rng", all_rng);
+  json checksums;
+  checksums["rng.pt"] = save_archive(rar, tmp_dir + "/rng.pt");
+  for (int r = 0; r < tp_size; ++r) {
+    const std::string side = tmp_dir + "/" + checkpoint_shard_file(r) + ".checksum";
+    std::ifstream in(side);
+    std::string sum;
+    in >> sum;
+    ANDY_CHECK_T(IoError, !sum.empty(), "checkpoint: ", side, " is missing");
+    checksums[checkpoint_shard_file(r)] = sum;
+    fs::remove(side);
+  }
+  return checksums;
+}
+
+json checkpoint_meta(Trainer& tr, const json& checksums) {
+  const TrainGrid& g = tr.grid();
+  const Config& cfg = tr.config();
+  const data::LoaderCursor c = tr.train_loader().cursor();
+  json meta;
+  meta["format_version"] = 2;  // 2: per-file checksums
+  meta["step"] = tr.step();
+  meta["optimizer_steps"] = tr.optimizer().steps();
+  meta["tp_size"] = g.tp_size();
+  meta["dp_size"] = g.dp_size();
+  meta["world_size"] = g.world_size();
+  meta["batch_size"] = cfg.train.batch_size;
+  meta["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps;
+  meta["seq_len"] = cfg.data.seq_len;
+  meta["data_cursor"] = {{"epoch", c.epoch},
+                         {"position", c.position},
+                         {"windows_consumed", c.position * tr.train_loader().global_batch()}};
+  meta["best_val_loss"] = std::isfinite(tr.best_val_loss()) ? json(tr.best_val_loss()) : json(nullptr);
+  meta["loss_scale"] = tr.scaler().scale();
+  meta["loss_scale_growth_tracker"] = tr.scaler().growth_tracker();
+  meta["files"] = json::array();
+  for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(checkpoint_shard_file(r));
+  meta["checksums"] = checksums;  // FNV-1a 64 per file, verified before a resume
+  meta["config"] = config_to_toml(cfg);
+  return meta;
+}
+
+// Rank 0, once every rank has written: step_N.tmp/ becomes step_N/, `latest` names it, older
+// checkpoints beyond keep_last go. A complete checkpoint of the same step (a stop right after
+// a periodic save) is moved aside first and removed only once the new one is in place and
+// recorded.
+void publish_checkpoint(const std::string& tmp_dir, const std::string& final_dir, const std::string& root,
+                        int64_t step, int64_t keep_last) {
+  fsync_path(tmp_dir);
+  const std::string old_dir = final_dir + ".old";
+  fs::remove_all(old_dir);
+  if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
+  fs::rename(tmp_dir, final_dir);
+  fsync_path(root);
+  write_file_durable(root + "/latest", checkpoint_dir_name(step) + "\n");
+  fs::remove_all(old_dir);
+  prune_checkpoints(root, step, keep_last);
+}
+
+}  // namespace
+
 std::string save_checkpoint(Trainer& tr) {
   const TrainGrid& g = tr.grid();
   const Config& cfg = tr.config();
   const std::string root = cfg.train.output_dir + "/checkpoints";
   const std::string final_dir = root + "/" + checkpoint_dir_name(tr.step());
   const std::string tmp_dir = final_dir + ".tmp";
+  agree_or_throw(g, g.rank() == 0 ? create_tmp_dir(root, tmp_dir) : "", tr.device());
+  const at::Tensor all_rng = gather_rng_states(g, tr.device());
+  agree_or_throw(g, write_rank_shard(tr, tmp_dir), tr.device(), tmp_dir);
   std::string err;
   if (g.rank() == 0) {
     try {
-      fs::create_directories(root);
-      fs::remove_all(tmp_dir);
-      fs::create_directories(tmp_dir);
-    } catch (const std::exception& e) {
-      err = std::string("checkpoint: cannot create ") + tmp_dir + ": " + e.what();
-    }
-  }
-  agree_or_throw(g, err, tr.device());
-  // Every rank's generator state, gathered to rank 0.
-  at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
-  at::Tensor all_rng = at::empty({g.world_size() * rng.numel()}, rng.options());
-  if (g.world && g.world->size() > 1 && g.world->backend() == Backend::kNccl) {
-    at::Tensor d = all_rng.to(tr.device());
-    g.world->all_gather(d, rng.to(tr.device()))->wait();
-    all_rng.copy_(d.cpu());
-  } else if (g.world && g.world->size() > 1) {
-    g.world->all_gather(all_rng, rng)->wait();
-  }
-  else all_rng.copy_(rng.view({-1}));
-  const TrainerOptions& opts = tr.options();
-  if (opts.fail_checkpoint_rank == g.rank() && opts.fail_checkpoint_step == tr.step()) {
-    err = "checkpoint: cannot write " + tmp_dir + "/" + checkpoint_shard_file(g.tp_rank()) +
-          ": injected failure (TrainerOptions::fail_checkpoint_rank)";
-  } else if (g.dp_rank() == 0) {
-    try {
-      torch::serialize::OutputArchive ar;
-      for (auto& s : tr.optimizer().slots()) {
-        ar.write(archive_key(s.name), s.param.detach().cpu());
-        ar.write(archive_key("exp_avg." + s.name), s.exp_avg.cpu());
-        ar.write(archive_key("exp_avg_sq." + s.name), s.exp_avg_sq.cpu());
-      }
-      ar.write("optimizer_steps", at::full({1}, tr.optimizer().steps(), at::kLong));
-      ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
-                                         at::kDouble));
-      const std::string file = tmp_dir + "/" + checkpoint_shard_file(g.tp_rank());
-      // The checksum travels to rank 0 (meta.json) in a sidecar file beside the shard.
-      write_file_durable(file + ".checksum", save_archive(ar, file) + "\n");
-    } catch (const std::exception& e) {
-      err = describe_write_failure("checkpoint", tmp_dir + "/" + checkpoint_shard_file(g.tp_rank()), e);
-    }
-  }
-  agree_or_throw(g, err, tr.device(), tmp_dir);
-  std::string result = final_dir;
-  if (g.rank() == 0) {
-    try {
-      torch::serialize::OutputArchive rar;
-      rar.write("rng", all_rng.view({g.world_size(), -1}));
-      json checksums;
-      checksums["rng.pt"] = save_archive(rar, tmp_dir + "/rng.pt");
-      for (int r = 0; r < g.tp_size(); ++r) {
-        const std::string side = tmp_dir + "/" + checkpoint_shard_file(r) + ".checksum";
-        std::ifstream in(side);
-        std::string sum;
-        in >> sum;
-        ANDY_CHECK_T(IoError, !sum.empty(), "checkpoint: ", side, " is missing");
-        checksums[checkpoint_shard_file(r)] = sum;
-        fs::remove(side);
-      }
-      data::LoaderCursor c = tr.train_loader().cursor();
-      json meta;
-      meta["format_version"] = 2;  // 2: per-file checksums
-      meta["step"] = tr.step();
-      meta["optimizer_steps"] = tr.optimizer().steps();
-      meta["tp_size"] = g.tp_size();
-      meta["dp_size"] = g.dp_size();
-      meta["world_size"] = g.world_size();
-      meta["batch_size"] = cfg.train.batch_size;
-      meta["gradient_accumulation_steps"] = cfg.train.gradient_accumulation_steps;
-      meta["seq_len"] = cfg.data.seq_len;
-      meta["data_cursor"] = {{"epoch", c.epoch},
-                             {"position", c.position},
-                             {"windows_consumed", c.position * tr.train_loader().global_batch()}};
-      meta["best_val_loss"] = std::isfinite(tr.best_val_loss()) ? json(tr.best_val_loss()) : json(nullptr);
-      meta["loss_scale"] = tr.scaler().scale();
-      meta["loss_scale_growth_tracker"] = tr.scaler().growth_tracker();
-      meta["files"] = json::array();
-      for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(checkpoint_shard_file(r));
-      meta["checksums"] = checksums;  // FNV-1a 64 per file, verified before a resume
-      meta["config"] = config_to_toml(cfg);
-      write_file_durable(tmp_dir + "/meta.json", meta.dump(2));
-      fsync_path(tmp_dir);
-      // Every rank has finished (the agree above): publish. A complete checkpoint of the same
-      // step (a stop right after a periodic save) is moved aside first and removed only once
-      // the new one is in place and recorded.
-      const std::string old_dir = final_dir + ".old";
-      fs::remove_all(old_dir);
-      if (fs::exists(final_dir)) fs::rename(final_dir, old_dir);
-      fs::rename(tmp_dir, final_dir);
-      fsync_path(root);
-      write_file_durable(root + "/latest", checkpoint_dir_name(tr.step()) + "\n");
-      fs::remove_all(old_dir);
-      prune_checkpoints(root, tr.step(), cfg.checkpoint.keep_last);
+      const json checksums = write_rng_and_collect_checksums(tmp_dir, all_rng, g.tp_size());
+      write_file_durable(tmp_dir + "/meta.json", checkpoint_meta(tr, checksums).dump(2));
+      publish_checkpoint(tmp_dir, final_dir, root, tr.step(), cfg.checkpoint.keep_last);
     } catch (const std::exception& e) {
       err = describe_write_failure("checkpoint", final_dir, e, "cannot finish");
       std::error_code ec;  // put a moved-aside complete checkpoint back
@@ -280,7 +300,7 @@ std::string save_checkpoint(Trainer& tr) {
     }
   }
   agree_or_throw(g, err, tr.device(), tmp_dir);
-  return result;
+  return final_dir;
 }
 
 std::string earlier_run_contents(const Config& cfg) {
@@ -452,116 +472,130 @@ std::string resolve_resume_path(const Config& cfg) {
 
 namespace {
 
+// The optimizer state of this rank's shard, as read from a checkpoint.
+struct ShardState {
+  StateDict tensors;  // "<prefix><param name>" for each optimizer prefix
+  int64_t optimizer_steps = 0;
+  double loss_scale = 1.0;
+  int64_t growth_tracker = 0;
+};
+
+json read_meta_for_load(const std::string& dir) {
+  const std::string meta_path = dir + "/meta.json";
+  ANDY_CHECK_T(IoError, fs::exists(meta_path), "checkpoint file ", meta_path, " is missing (partial checkpoint)");
+  try {
+    std::ifstream f(meta_path);
+    return json::parse(f);
+  } catch (const std::exception& e) {
+    ANDY_THROW(IoError, "checkpoint file ", meta_path, " is damaged: ", e.what());
+  }
+}
+
+// One shard file: every optimizer tensor of `slots` (shapes checked when `check_shapes`), and
+// the step count and loss scaler into `state`.
+void read_shard_file(const std::string& file, const std::vector<AdamW::Slot>& slots, bool check_shapes,
+                     StateDict& tensors, ShardState* scalars) {
+  auto ar = open_archive(file);
+  for (const auto& s : slots)
+    for (const std::string& pre : optimizer_prefixes())
+      tensors[pre + s.name] = read_tensor(ar, file, pre + s.name, check_shapes ? s.param.sizes() : at::IntArrayRef{});
+  if (!scalars) return;
+  scalars->optimizer_steps = read_tensor(ar, file, "optimizer_steps", {1}).item<int64_t>();
+  const at::Tensor sc = read_tensor(ar, file, "loss_scaler", {2});
+  scalars->loss_scale = sc[0].item<double>();
+  scalars->growth_tracker = static_cast<int64_t>(sc[1].item<double>());
+}
+
+// Written at another TP size: merge the old shards, split for this one.
+ShardState read_resharded(Trainer& tr, const std::string& dir, int old_tp) {
+  const TrainGrid& g = tr.grid();
+  const auto& slots = tr.optimizer().slots();
+  ShardState st;
+  std::vector<StateDict> shards(old_tp);
+  for (int r = 0; r < old_tp; ++r)
+    read_shard_file(dir + "/" + checkpoint_shard_file(r), slots, false, shards[r], r == 0 ? &st : nullptr);
+  const PartitionSpecs old_specs = llama_partition_specs(tr.config().model, old_tp);
+  const PartitionSpecs new_specs = llama_partition_specs(tr.config().model, g.tp_size());
+  PartitionSpecs old_all, new_all;
+  for (const auto& s : slots)
+    for (const std::string& pre : optimizer_prefixes()) {
+      old_all[pre + s.name] = old_specs.at(s.name);
+      new_all[pre + s.name] = new_specs.at(s.name);
+    }
+  StateDict full;
+  try {
+    full = merge_state_dicts(shards, old_all);
+  } catch (const Error& e) {
+    ANDY_THROW(IoError, "checkpoint ", dir, ": cannot merge its ", old_tp,
+               " TP shards for resharding to tensor_parallel_size ", g.tp_size(), ": ", e.what());
+  }
+  st.tensors = split_state_dict(full, new_all, g.tp_rank(), g.tp_size());
+  for (const auto& s : slots)
+    for (const std::string& pre : optimizer_prefixes()) {
+      const at::Tensor& t = st.tensors.at(pre + s.name);
+      ANDY_CHECK_T(IoError, t.sizes() == s.param.sizes(), "checkpoint ", dir, ": '", pre + s.name,
+                   "' resharded to ", t.sizes(), ", the model expects ", s.param.sizes());
+    }
+  if (g.rank() == 0) log::info("checkpoint ", dir, ": resharded from tensor_parallel_size ", old_tp, " to ", g.tp_size());
+  return st;
+}
+
+void apply_shard_state(Trainer& tr, const ShardState& st) {
+  at::NoGradGuard no_grad;
+  for (auto& s : tr.optimizer().slots()) {
+    at::Tensor* targets[] = {&s.param, &s.exp_avg, &s.exp_avg_sq};
+    for (size_t i = 0; i < optimizer_prefixes().size(); ++i)
+      targets[i]->copy_(st.tensors.at(optimizer_prefixes()[i] + s.name));
+  }
+  tr.optimizer().set_steps(st.optimizer_steps);
+  tr.scaler().set_state(st.loss_scale, st.growth_tracker);
+}
+
+// The generator state of this rank, when the world has the size it was saved with.
+void restore_rng(Trainer& tr, const std::string& dir, const json& meta) {
+  if (meta.at("world_size").get<int>() != tr.grid().world_size()) return;
+  const std::string file = dir + "/rng.pt";
+  auto ar = open_archive(file);
+  const at::Tensor all = read_tensor(ar, file, "rng", {});
+  at::Generator gen = at::detail::getDefaultCPUGenerator();
+  gen.set_state(all[tr.grid().rank()].contiguous());
+}
+
+// Windows consumed in the epoch, re-expressed in global batches of this layout.
+void restore_data_cursor(Trainer& tr, const std::string& dir, const json& meta) {
+  const auto& c = meta.at("data_cursor");
+  const int64_t epoch = c.at("epoch").get<int64_t>();
+  const int64_t consumed = c.at("windows_consumed").get<int64_t>();
+  const int64_t gb = tr.train_loader().global_batch();
+  int64_t pos = consumed / gb;
+  if (consumed % gb != 0 && tr.grid().rank() == 0)
+    log::warn("checkpoint ", dir, ": ", consumed, " windows of epoch ", epoch,
+              " were consumed, not a multiple of the new global batch ", gb, "; resuming at ", pos * gb, " (",
+              consumed - pos * gb, " windows are served again)");
+  pos = std::min(pos, tr.train_loader().steps_per_epoch());
+  tr.train_loader().seek({epoch, pos});
+}
+
 // Reads this rank's part of checkpoint `dir` into the trainer; no collectives.
 void load_checkpoint_local(Trainer& tr, const std::string& dir) {
   const TrainGrid& g = tr.grid();
   const Config& cfg = tr.config();
-  std::string meta_path = dir + "/meta.json";
-  ANDY_CHECK_T(IoError, fs::exists(meta_path), "checkpoint file ", meta_path,
-               " is missing (partial checkpoint)");
-  json meta;
-  try {
-    std::ifstream f(meta_path);
-    meta = json::parse(f);
-  } catch (const std::exception& e) {
-    ANDY_THROW(IoError, "checkpoint file ", meta_path, " is damaged: ", e.what());
-  }
-  check_same_model(meta, meta_path, cfg);
+  const json meta = read_meta_for_load(dir);
+  check_same_model(meta, dir + "/meta.json", cfg);
   if (g.rank() == 0 && meta.contains("seq_len") && meta["seq_len"].get<int64_t>() != cfg.data.seq_len)
     log::warn("checkpoint ", dir, " was trained with data.seq_len = ", meta["seq_len"].get<int64_t>(), ", this run uses ",
               cfg.data.seq_len, ": the data cursor counts windows, so the resumed data order shifts");
   const int old_tp = meta.at("tp_size").get<int>();
-  const int new_tp = g.tp_size();
-  // Per-name full or local tensors for this rank's shard.
-  std::map<std::string, at::Tensor> state;
-  auto& slots = tr.optimizer().slots();
-  PartitionSpecs new_specs = llama_partition_specs(cfg.model, new_tp);
-  int64_t opt_steps = 0;
-  double scale = 1.0, tracker = 0;
-  if (old_tp == new_tp) {
-    std::string file = dir + "/" + checkpoint_shard_file(g.tp_rank());
-    auto ar = open_archive(file);
-    for (auto& s : slots) {
-      for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."})
-        state[pre + s.name] = read_tensor(ar, file, pre + s.name, s.param.sizes());
-    }
-    opt_steps = read_tensor(ar, file, "optimizer_steps", {1}).item<int64_t>();
-    at::Tensor sc = read_tensor(ar, file, "loss_scaler", {2});
-    scale = sc[0].item<double>();
-    tracker = sc[1].item<double>();
-  } else {
-    // Reshard: merge the old TP shards, split for this TP size.
-    PartitionSpecs old_specs = llama_partition_specs(cfg.model, old_tp);
-    std::vector<StateDict> shards(old_tp);
-    for (int r = 0; r < old_tp; ++r) {
-      std::string file = dir + "/" + checkpoint_shard_file(r);
-      auto ar = open_archive(file);
-      for (auto& s : slots)
-        for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."})
-          shards[r][pre + s.name] = read_tensor(ar, file, pre + s.name, {});
-      if (r == 0) {
-        opt_steps = read_tensor(ar, file, "optimizer_steps", {1}).item<int64_t>();
-        at::Tensor sc = read_tensor(ar, file, "loss_scaler", {2});
-        scale = sc[0].item<double>();
-        tracker = sc[1].item<double>();
-      }
-    }
-    PartitionSpecs old_all, new_all;
-    for (auto& s : slots)
-      for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."}) {
-        old_all[pre + s.name] = old_specs.at(s.name);
-        new_all[pre + s.name] = new_specs.at(s.name);
-      }
-    StateDict full;
-    try {
-      full = merge_state_dicts(shards, old_all);
-    } catch (const Error& e) {
-      ANDY_THROW(IoError, "checkpoint ", dir, ": cannot merge its ", old_tp,
-                 " TP shards for resharding to tensor_parallel_size ", new_tp, ": ", e.what());
-    }
-    StateDict mine = split_state_dict(full, new_all, g.tp_rank(), new_tp);
-    for (auto& s : slots)
-      for (const std::string pre : {"", "exp_avg.", "exp_avg_sq."}) {
-        at::Tensor t = mine.at(pre + s.name);
-        ANDY_CHECK_T(IoError, t.sizes() == s.param.sizes(), "checkpoint ", dir, ": '", pre + s.name,
-                     "' resharded to ", t.sizes(), ", the model expects ", s.param.sizes());
-        state[pre + s.name] = t;
-      }
-    if (g.rank() == 0)
-      log::info("checkpoint ", dir, ": resharded from tensor_parallel_size ", old_tp, " to ", new_tp);
-  }
-  {
-    at::NoGradGuard no_grad;
-    for (auto& s : slots) {
-      s.param.copy_(state.at(s.name));
-      s.exp_avg.copy_(state.at("exp_avg." + s.name));
-      s.exp_avg_sq.copy_(state.at("exp_avg_sq." + s.name));
-    }
-  }
-  tr.optimizer().set_steps(opt_steps);
-  tr.scaler().set_state(scale, static_cast<int64_t>(tracker));
+  ShardState st;
+  if (old_tp == g.tp_size())
+    read_shard_file(dir + "/" + checkpoint_shard_file(g.tp_rank()), tr.optimizer().slots(), true, st.tensors, &st);
+  else
+    st = read_resharded(tr, dir, old_tp);
+  apply_shard_state(tr, st);
   tr.set_step(meta.at("step").get<int64_t>());
   if (!meta["best_val_loss"].is_null()) tr.set_best_val_loss(meta["best_val_loss"].get<double>());
-  // RNG: restored when the world has the same size.
-  if (meta.at("world_size").get<int>() == g.world_size()) {
-    std::string file = dir + "/rng.pt";
-    auto ar = open_archive(file);
-    at::Tensor all = read_tensor(ar, file, "rng", {});
-    at::Generator gen = at::detail::getDefaultCPUGenerator();
-    gen.set_state(all[g.rank()].contiguous());
-  }
-  // Data cursor: windows consumed in the epoch, re-expressed in global batches of this layout.
-  const auto& c = meta.at("data_cursor");
-  int64_t epoch = c.at("epoch").get<int64_t>();
-  int64_t consumed = c.at("windows_consumed").get<int64_t>();
-  int64_t gb = tr.train_loader().global_batch();
-  int64_t pos = consumed / gb;
-  if (consumed % gb != 0 && g.rank() == 0)
-    log::warn("checkpoint ", dir, ": ", consumed, " windows of epoch ", epoch,
-              " were consumed, not a multiple of the new global batch ", gb, "; resuming at ",
-              pos * gb, " (", consumed - pos * gb, " windows are served again)");
-  pos = std::min(pos, tr.train_loader().steps_per_epoch());
-  tr.train_loader().seek({epoch, pos});
+  restore_rng(tr, dir, meta);
+  restore_data_cursor(tr, dir, meta);
 }
 
 }  // namespace

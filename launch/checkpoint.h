@@ -64,9 +64,9 @@ double best_model_val_loss(const std::string& output_dir);
 std::string describe_write_failure(const std::string& what_kind, const std::string& path,
                                    const std::exception& e, const std::string& verb = "cannot write");
 
-// Every rank learns whether any rank failed (non-empty `local_error`); if so every rank throws
-// Agreed<IoError> with the message of the lowest failing rank, which alone reports it. World
-// rank 0 then removes `partial_dir` (if given) so nothing half-written stays. Collective.
+// agree_on_error (parallel/agreement.h) over the world: every rank throws Agreed<IoError> with
+// the lowest failing rank's message when any `local_error` is non-empty; world rank 0 then
+// removes `partial_dir` (if given) so nothing half-written stays. Collective.
 void agree_or_throw(const TrainGrid& g, const std::string& local_error, at::Device device,
                     const std::string& partial_dir = "");
 

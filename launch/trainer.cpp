@@ -99,17 +99,6 @@ at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
 
 }  // namespace
 
-void all_reduce_host(Communicator* c, at::Tensor& t, ReduceOp op, at::Device device) {
-  if (!c || c->size() <= 1) return;
-  if (c->backend() == Backend::kNccl) {
-    at::Tensor d = t.to(device);
-    c->all_reduce_sync(d, op);
-    t.copy_(d.cpu());
-  } else {
-    c->all_reduce_sync(t, op);
-  }
-}
-
 double measure_matmul_flops() {
   at::NoGradGuard no_grad;
   const int64_t n = 1024;
@@ -481,56 +470,74 @@ void Trainer::stop_if_diverged(const StepRecord& rec, bool skipped, int64_t cons
 TrainResult Trainer::run() {
   TrainResult result;
   install_stop_signal_handlers();
-  const auto& t = cfg_.train;
-  const int64_t accum = t.gradient_accumulation_steps;
-  const int64_t global_batch = t.batch_size * accum * grid_.dp_size();
-  const int64_t tokens_per_step = global_batch * cfg_.data.seq_len;
-  const bool root = grid_.rank() == 0 && opts_.print_progress;
+  RunState rs;
+  rs.root = grid_.rank() == 0 && opts_.print_progress;
+  rs.tokens_per_step = static_cast<double>(cfg_.train.batch_size * cfg_.train.gradient_accumulation_steps *
+                                           grid_.dp_size() * cfg_.data.seq_len);
+  begin_run(result, rs);
+  rs.flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len);
+  rs.peak_flops = peak_flops(rs.root);
+  rs.start = rs.interval.start = std::chrono::steady_clock::now();
+  while (step_ < total_steps_) {
+    if (stop_requested(rs)) {
+      result.last_checkpoint = save_checkpoint(*this);
+      result.stopped_by_signal = true;
+      break;
+    }
+    const StepRecord rec = train_step(result, rs);
+    result.steps.push_back(rec);
+    if (step_ % cfg_.train.log_interval == 0 || step_ == total_steps_) log_progress(rec, rs);
+    evaluate_if_due(result, rs);
+    checkpoint_if_due(result, rs);
+  }
+  end_run(result, rs);
+  return result;
+}
 
-  const std::string& resume = resume_dir_;
-  if (!resume.empty()) {
-    load_checkpoint(*this, resume);
-    if (root) log::info("resumed from ", resume, " at step ", step_);
+void Trainer::begin_run(TrainResult& result, const RunState& rs) {
+  const auto& t = cfg_.train;
+  if (!resume_dir_.empty()) {
+    load_checkpoint(*this, resume_dir_);
+    if (rs.root) log::info("resumed from ", resume_dir_, " at step ", step_);
   }
   result.start_step = step_;
-  note_earlier_results(root);
-  if (!resume.empty() && grid_.rank() == 0) truncate_metrics_after(step_);
-  if (!resume.empty() && step_ >= total_steps_) {
-    result.last_checkpoint = resume;
-    if (root)
+  note_earlier_results(rs.root);
+  if (!resume_dir_.empty() && grid_.rank() == 0) truncate_metrics_after(step_);
+  if (!resume_dir_.empty() && step_ >= total_steps_) {
+    result.last_checkpoint = resume_dir_;
+    if (rs.root)
       log::warn("the checkpoint is at step ", step_, ", already at the end of this run's ",
                 total_steps_, " steps: nothing to train (raise train.max_steps / num_epochs, or "
                 "start fresh in another --output_dir, or with --resume none --set checkpoint.existing=archive)");
   }
-  if (root) {
+  if (rs.root) {
+    const int64_t accum = t.gradient_accumulation_steps;
     log::info("training ", total_steps_, " steps: world ", grid_.world_size(), " = tp ",
-              grid_.tp_size(), " x dp ", grid_.dp_size(), "; global batch ", global_batch,
+              grid_.tp_size(), " x dp ", grid_.dp_size(), "; global batch ", t.batch_size * accum * grid_.dp_size(),
               " sequences = micro-batch ", t.batch_size, " x accumulation ", accum, " x dp ",
-              grid_.dp_size(), "; ", tokens_per_step, " tokens per step; precision ",
+              grid_.dp_size(), "; ", static_cast<int64_t>(rs.tokens_per_step), " tokens per step; precision ",
               cfg_.precision.mode, "; ", train_->steps_per_epoch(), " micro-batches per epoch");
     fs::create_directories(t.output_dir);
   }
   if (val_ && step_ == 0) {  // the untrained model's validation loss: the curve's start
     double vl = evaluate();
     result.val_losses.push_back({0, vl});
-    if (root) log::info("step 0 | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)));
+    if (rs.root) log::info("step 0 | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)));
     write_metrics("{\"step\": 0, \"val_loss\": " + json_num(vl) + ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
   }
-  const double flops_per_token = training_flops_per_token(cfg_.model, cfg_.data.seq_len);
-  double peak = t.peak_tflops * 1e12 * grid_.world_size();
-  std::string peak_what = "train.peak_tflops";
+}
+
+double Trainer::peak_flops(bool root) {
+  double peak = cfg_.train.peak_tflops * 1e12 * grid_.world_size();
   if (peak <= 0 && device_.is_cuda()) {
     const std::string gpu = World::gpu_name(device_.index());
     const double per_gpu = known_gpu_peak_tflops(gpu, cfg_.precision.mode);
     peak = per_gpu * 1e12 * grid_.world_size();
-    if (root) {
-      if (per_gpu > 0)
-        log::info("MFU is quoted against the dense ", cfg_.precision.mode, " peak of ", gpu, ": ",
-                  fmt("%.1f", per_gpu), " TFLOP/s per GPU (set train.peak_tflops to override)");
-      else
-        log::info("MFU unknown: no peak for GPU '", gpu, "' in ", cfg_.precision.mode,
-                  " (set train.peak_tflops)");
-    }
+    if (root && per_gpu > 0)
+      log::info("MFU is quoted against the dense ", cfg_.precision.mode, " peak of ", gpu, ": ",
+                fmt("%.1f", per_gpu), " TFLOP/s per GPU (set train.peak_tflops to override)");
+    else if (root)
+      log::info("MFU unknown: no peak for GPU '", gpu, "' in ", cfg_.precision.mode, " (set train.peak_tflops)");
   }
   if (peak <= 0 && device_.is_cpu() && opts_.print_progress) {
     // Measured on every rank at once (they share the host as during training), summed. The RNG
@@ -541,187 +548,183 @@ TrainResult Trainer::run() {
     gen.set_state(rng);
     all_reduce_host(grid_.world.get(), m, ReduceOp::kSum, device_);
     peak = m.item<double>();
-    peak_what = "the measured fp32 matmul rate";
-    if (root) log::info("MFU is quoted against ", peak_what, ": ", fmt("%.1f", peak / 1e9),
-                        " GFLOP/s over ", grid_.world_size(), " rank(s) (set train.peak_tflops to use a device peak)");
+    if (root)
+      log::info("MFU is quoted against the measured fp32 matmul rate: ", fmt("%.1f", peak / 1e9), " GFLOP/s over ",
+                grid_.world_size(), " rank(s) (set train.peak_tflops to use a device peak)");
   }
-  at::Tensor stop_flag = at::zeros({1}, at::kInt);
+  return peak;
+}
 
-  auto run_start = std::chrono::steady_clock::now();
-  auto interval_start = run_start;
-  int64_t interval_steps = 0;
-  double interval_excluded = 0;  // evaluation and checkpoint seconds inside the interval
-  double interval_comm_wait = 0;
-  double loss_sum_interval = 0;
-  int64_t loss_count_interval = 0;
-  int64_t steps_this_run = 0;
-  int64_t consecutive_skips = 0;
+bool Trainer::stop_requested(const RunState& rs) {
+  // 2: a signal on this rank, 1: the testing stop; MAX gives every rank the same reason.
+  const int local = stop_signal_received() ? 2
+                    : (opts_.stop_after_steps >= 0 && rs.steps_this_run >= opts_.stop_after_steps) ? 1
+                                                                                                   : 0;
+  at::Tensor flag = at::full({1}, local, at::kInt);
+  all_reduce_host(grid_.world.get(), flag, ReduceOp::kMax, device_);
+  const int agreed = flag.item<int>();
+  if (agreed != 0 && rs.root)
+    log::info("stop requested (", agreed == 2 ? "signal" : "stop_after_steps", "): writing a checkpoint at step ", step_);
+  return agreed != 0;
+}
 
-  while (step_ < total_steps_) {
-    // Agree on a stop request (signal on any rank) at the step boundary.
-    // 2: a signal on this rank, 1: the testing stop; MAX gives every rank the same reason.
-    int local_stop = stop_signal_received() ? 2
-                     : (opts_.stop_after_steps >= 0 && steps_this_run >= opts_.stop_after_steps) ? 1
-                                                                                                : 0;
-    stop_flag.fill_(local_stop);
-    all_reduce_host(grid_.world.get(), stop_flag, ReduceOp::kMax, device_);
-    if (stop_flag.item<int>() != 0) {
-      if (root) log::info("stop requested (", stop_flag.item<int>() == 2 ? "signal" : "stop_after_steps",
-                          "): writing a checkpoint at step ", step_);
-      result.last_checkpoint = save_checkpoint(*this);
-      result.stopped_by_signal = true;
-      break;
-    }
+StepRecord Trainer::train_step(TrainResult& result, RunState& rs) {
+  const auto step_t0 = std::chrono::steady_clock::now();
+  const int64_t accum = cfg_.train.gradient_accumulation_steps;
+  const double scale = scaler_->scale();
+  const double loss_sum = forward_backward(scale);
+  const double waited = reducer_->finish();
+  rs.interval.comm_wait += waited;
+  result.comm_wait_seconds += waited;
+  const bool found_nonfinite = unscale_and_find_nonfinite(scale);
+  const bool skip = scaler_->update(found_nonfinite, grid_.world.get(), device_);
+  at::Tensor loss_t = at::full({1}, loss_sum / static_cast<double>(accum), at::kDouble);
+  all_reduce_host(grid_.dp.get(), loss_t, ReduceOp::kAvg, device_);
+  StepRecord rec;
+  rec.step = step_ + 1;
+  rec.loss = loss_t.item<double>();
+  rec.lr = learning_rate_at(cfg_.train, step_, total_steps_);
+  rec.loss_scale = scale;
+  rec.skipped = skip;
+  rs.consecutive_skips = skip ? rs.consecutive_skips + 1 : 0;
+  stop_if_diverged(rec, skip, rs.consecutive_skips);
+  if (skip) {
+    rec.grad_norm = std::numeric_limits<double>::quiet_NaN();
+    if (rs.root)
+      log::warn("step ", rec.step, ": non-finite gradient on some rank, step skipped (", rs.consecutive_skips,
+                " in a row, at most train.max_skipped_steps = ", cfg_.train.max_skipped_steps, "); loss scale ",
+                scale, " -> ", scaler_->scale());
+  } else {
+    clip_and_apply(rec);
+  }
+  const double step_dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0).count();
+  result.step_seconds += step_dt;
+  result.step_times.push_back(step_dt);
+  ++step_;
+  ++rs.steps_this_run;
+  ++rs.interval.steps;
+  rs.interval.loss_sum += rec.loss;
+  return rec;
+}
 
-    auto step_t0 = std::chrono::steady_clock::now();
-    for (auto& p : params_) p.param.mutable_grad() = at::Tensor();
-    // Summed on the device: one host sync per step, not one per micro-step (GPU queues stay full).
-    at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
-    const double scale = scaler_->scale();
-    for (int64_t micro = 0; micro < accum; ++micro) {
-      data::Batch b = train_->next_batch();
-      reducer_->set_sync(micro == accum - 1);
-      at::Tensor loss;
-      {
-        AutocastScope ac(cfg_.precision.mode, device_);
-        at::Tensor logits = model_->forward(b.input.to(device_));
-        loss = model_->loss(logits.to(at::kFloat), b.target.to(device_));
-      }
-      (loss * (scale / static_cast<double>(accum))).backward();
-      loss_sum.add_(loss.detach().to(at::kDouble));
-    }
-    const double loss_acc = loss_sum.item<double>();
-    double waited = reducer_->finish();
-    interval_comm_wait += waited;
-    result.comm_wait_seconds += waited;
-    // Unscale and look for non-finite gradients.
-    bool found_inf = false;
+double Trainer::forward_backward(double scale) {
+  for (auto& p : params_) p.param.mutable_grad() = at::Tensor();
+  const int64_t accum = cfg_.train.gradient_accumulation_steps;
+  // Summed on the device: one host sync per step, not one per micro-step (GPU queues stay full).
+  at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  for (int64_t micro = 0; micro < accum; ++micro) {
+    data::Batch b = train_->next_batch();
+    reducer_->set_sync(micro == accum - 1);
+    at::Tensor loss;
     {
-      at::NoGradGuard no_grad;
-      if (opts_.inject_inf_rank == grid_.rank() &&
-          (opts_.inject_inf_step == step_ + 1 || opts_.inject_inf_step == -2)) {
-        params_[0].param.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
-      }
-      at::Tensor bad = at::zeros({1}, at::kFloat).to(device_);
-      for (auto& p : params_) {
-        at::Tensor g = p.param.grad();
-        if (!g.defined()) continue;
-        if (scale != 1.0) g.mul_(1.0 / scale);
-        bad.add_(g.isfinite().logical_not().any().to(at::kFloat).view({1}));
-      }
-      found_inf = bad.item<float>() > 0;
+      AutocastScope ac(cfg_.precision.mode, device_);
+      at::Tensor logits = model_->forward(b.input.to(device_));
+      loss = model_->loss(logits.to(at::kFloat), b.target.to(device_));
     }
-    double scale_used = scale;
-    bool skip = scaler_->update(found_inf, grid_.world.get(), device_);
-    at::Tensor loss_t = at::full({1}, loss_acc / static_cast<double>(accum), at::kDouble);
-    all_reduce_host(grid_.dp.get(), loss_t, ReduceOp::kAvg, device_);
-    StepRecord rec;
-    rec.step = step_ + 1;
-    rec.loss = loss_t.item<double>();
-    rec.lr = learning_rate_at(t, step_, total_steps_);
-    rec.loss_scale = scale_used;
-    rec.skipped = skip;
-    consecutive_skips = skip ? consecutive_skips + 1 : 0;
-    stop_if_diverged(rec, skip, consecutive_skips);
-    if (skip) {
-      rec.grad_norm = std::numeric_limits<double>::quiet_NaN();
-      if (root)
-        log::warn("step ", rec.step, ": non-finite gradient on some rank, step skipped (", consecutive_skips,
-                  " in a row, at most train.max_skipped_steps = ", t.max_skipped_steps, "); loss scale ",
-                  scale_used, " -> ", scaler_->scale());
-    } else {
-      rec.grad_norm = global_grad_norm(params_, grid_.tp.get());
-      if (t.grad_clip > 0 && rec.grad_norm > t.grad_clip) {
-        at::NoGradGuard no_grad;
-        double c = t.grad_clip / (rec.grad_norm + 1e-6);
-        for (auto& p : params_)
-          if (p.param.grad().defined()) p.param.mutable_grad().mul_(c);
-      }
-      optimizer_->step(rec.lr);
-    }
-    double step_dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0).count();
-    result.step_seconds += step_dt;
-    result.step_times.push_back(step_dt);
-    ++step_;
-    ++steps_this_run;
-    ++interval_steps;
-    loss_sum_interval += rec.loss;
-    ++loss_count_interval;
-    result.steps.push_back(rec);
-
-    const int64_t epoch = train_->cursor().epoch;
-    if (step_ % t.log_interval == 0 || step_ == total_steps_) {
-      auto now = std::chrono::steady_clock::now();
-      // Evaluation and checkpoint time inside the interval is not training time.
-      double dt = std::chrono::duration<double>(now - interval_start).count() - interval_excluded;
-      double tps = interval_steps * tokens_per_step / std::max(dt, 1e-9);
-      double mfu = peak > 0 ? flops_per_token * tps / peak : std::numeric_limits<double>::quiet_NaN();
-      double elapsed = std::chrono::duration<double>(now - run_start).count();
-      double eta = elapsed / std::max<int64_t>(1, steps_this_run) * (total_steps_ - step_);
-      double mean_loss = loss_sum_interval / std::max<int64_t>(1, loss_count_interval);
-      if (root) {
-        std::ostringstream os;
-        os << "step " << step_ << "/" << total_steps_ << " | epoch " << epoch << " | loss "
-           << fmt("%.4f", mean_loss) << " | lr " << fmt("%.3e", rec.lr) << " | grad norm "
-           << (std::isfinite(rec.grad_norm) ? fmt("%.3f", rec.grad_norm) : std::string("skipped"))
-           << " | " << fmt("%.0f", tps) << " tok/s | MFU "
-           << (std::isfinite(mfu) ? fmt("%.1f%%", 100 * mfu) : std::string("unknown"))
-           << " | loss scale " << fmt("%g", scale_used) << " | comm wait "
-           << fmt("%.0f%%", 100 * interval_comm_wait / std::max(dt, 1e-9)) << " | ETA "
-           << format_duration(eta);
-        log::info(os.str());
-      }
-      std::ostringstream js;
-      js << "{\"step\": " << step_ << ", \"epoch\": " << epoch << ", \"loss\": " << json_num(mean_loss)
-         << ", \"lr\": " << json_num(rec.lr) << ", \"grad_norm\": " << json_num(rec.grad_norm)
-         << ", \"tokens_per_sec\": " << json_num(tps) << ", \"mfu\": " << json_num(mfu)
-         << ", \"loss_scale\": " << json_num(scale_used) << ", \"skipped\": " << (skip ? "true" : "false")
-         << ", \"comm_wait_share\": " << json_num(interval_comm_wait / std::max(dt, 1e-9)) << "}";
-      write_metrics(js.str());
-      interval_start = std::chrono::steady_clock::now();
-      interval_excluded = 0;
-      interval_steps = 0;
-      interval_comm_wait = 0;
-      loss_sum_interval = 0;
-      loss_count_interval = 0;
-    }
-    if (val_ && (step_ % t.eval_interval == 0 || step_ == total_steps_)) {
-      const auto eval_t0 = std::chrono::steady_clock::now();
-      double vl = evaluate();
-      result.val_losses.push_back({step_, vl});
-      bool best = vl < best_val_;
-      if (best) {
-        save_best_model(vl);
-        best_val_ = vl;
-      }
-      if (root)
-        log::info("step ", step_, " | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)),
-                  best ? " | new best, saved to " + t.output_dir + "/best_model" : "");
-      write_metrics("{\"step\": " + std::to_string(step_) + ", \"val_loss\": " + json_num(vl) +
-                    ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
-      interval_excluded += std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_t0).count();
-    }
-    if (opts_.write_checkpoints && step_ % cfg_.checkpoint.interval == 0 && step_ < total_steps_) {
-      const auto save_t0 = std::chrono::steady_clock::now();
-      result.last_checkpoint = save_checkpoint(*this);
-      if (root) log::info("checkpoint written: ", result.last_checkpoint);
-      interval_excluded += std::chrono::duration<double>(std::chrono::steady_clock::now() - save_t0).count();
-    }
+    (loss * (scale / static_cast<double>(accum))).backward();
+    loss_sum.add_(loss.detach().to(at::kDouble));
   }
-  if (opts_.write_checkpoints && !result.stopped_by_signal && step_ >= total_steps_ && steps_this_run > 0) {
+  return loss_sum.item<double>();
+}
+
+bool Trainer::unscale_and_find_nonfinite(double scale) {
+  at::NoGradGuard no_grad;
+  if (opts_.inject_inf_rank == grid_.rank() && (opts_.inject_inf_step == step_ + 1 || opts_.inject_inf_step == -2))
+    params_[0].param.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
+  at::Tensor bad = at::zeros({1}, at::kFloat).to(device_);
+  for (auto& p : params_) {
+    at::Tensor g = p.param.grad();
+    if (!g.defined()) continue;
+    if (scale != 1.0) g.mul_(1.0 / scale);
+    bad.add_(g.isfinite().logical_not().any().to(at::kFloat).view({1}));
+  }
+  return bad.item<float>() > 0;
+}
+
+void Trainer::clip_and_apply(StepRecord& rec) {
+  rec.grad_norm = global_grad_norm(params_, grid_.tp.get());
+  const double clip = cfg_.train.grad_clip;
+  if (clip > 0 && rec.grad_norm > clip) {
+    at::NoGradGuard no_grad;
+    const double c = clip / (rec.grad_norm + 1e-6);
+    for (auto& p : params_)
+      if (p.param.grad().defined()) p.param.mutable_grad().mul_(c);
+  }
+  optimizer_->step(rec.lr);
+}
+
+void Trainer::log_progress(const StepRecord& rec, RunState& rs) {
+  const auto now = std::chrono::steady_clock::now();
+  Interval& in = rs.interval;
+  // Evaluation and checkpoint time inside the interval is not training time.
+  const double dt = std::max(std::chrono::duration<double>(now - in.start).count() - in.excluded_seconds, 1e-9);
+  const double tps = in.steps * rs.tokens_per_step / dt;
+  const double mfu = rs.peak_flops > 0 ? rs.flops_per_token * tps / rs.peak_flops : std::numeric_limits<double>::quiet_NaN();
+  const double elapsed = std::chrono::duration<double>(now - rs.start).count();
+  const double eta = elapsed / std::max<int64_t>(1, rs.steps_this_run) * (total_steps_ - step_);
+  const double mean_loss = in.loss_sum / std::max<int64_t>(1, in.steps);
+  const int64_t epoch = train_->cursor().epoch;
+  if (rs.root) {
+    std::ostringstream os;
+    os << "step " << step_ << "/" << total_steps_ << " | epoch " << epoch << " | loss " << fmt("%.4f", mean_loss)
+       << " | lr " << fmt("%.3e", rec.lr) << " | grad norm "
+       << (std::isfinite(rec.grad_norm) ? fmt("%.3f", rec.grad_norm) : std::string("skipped")) << " | "
+       << fmt("%.0f", tps) << " tok/s | MFU " << (std::isfinite(mfu) ? fmt("%.1f%%", 100 * mfu) : std::string("unknown"))
+       << " | loss scale " << fmt("%g", rec.loss_scale) << " | comm wait " << fmt("%.0f%%", 100 * in.comm_wait / dt)
+       << " | ETA " << format_duration(eta);
+    log::info(os.str());
+  }
+  std::ostringstream js;
+  js << "{\"step\": " << step_ << ", \"epoch\": " << epoch << ", \"loss\": " << json_num(mean_loss)
+     << ", \"lr\": " << json_num(rec.lr) << ", \"grad_norm\": " << json_num(rec.grad_norm)
+     << ", \"tokens_per_sec\": " << json_num(tps) << ", \"mfu\": " << json_num(mfu)
+     << ", \"loss_scale\": " << json_num(rec.loss_scale) << ", \"skipped\": " << (rec.skipped ? "true" : "false")
+     << ", \"comm_wait_share\": " << json_num(in.comm_wait / dt) << "}";
+  write_metrics(js.str());
+  in = Interval{};
+  in.start = std::chrono::steady_clock::now();
+}
+
+void Trainer::evaluate_if_due(TrainResult& result, RunState& rs) {
+  if (!val_ || (step_ % cfg_.train.eval_interval != 0 && step_ != total_steps_)) return;
+  const auto eval_t0 = std::chrono::steady_clock::now();
+  const double vl = evaluate();
+  result.val_losses.push_back({step_, vl});
+  const bool best = vl < best_val_;
+  if (best) {
+    save_best_model(vl);
+    best_val_ = vl;
+  }
+  if (rs.root)
+    log::info("step ", step_, " | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)),
+              best ? " | new best, saved to " + cfg_.train.output_dir + "/best_model" : "");
+  write_metrics("{\"step\": " + std::to_string(step_) + ", \"val_loss\": " + json_num(vl) +
+                ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
+  rs.interval.excluded_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_t0).count();
+}
+
+void Trainer::checkpoint_if_due(TrainResult& result, RunState& rs) {
+  if (!opts_.write_checkpoints || step_ % cfg_.checkpoint.interval != 0 || step_ >= total_steps_) return;
+  const auto save_t0 = std::chrono::steady_clock::now();
+  result.last_checkpoint = save_checkpoint(*this);
+  if (rs.root) log::info("checkpoint written: ", result.last_checkpoint);
+  rs.interval.excluded_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - save_t0).count();
+}
+
+void Trainer::end_run(TrainResult& result, const RunState& rs) {
+  if (opts_.write_checkpoints && !result.stopped_by_signal && step_ >= total_steps_ && rs.steps_this_run > 0) {
     result.last_checkpoint = save_checkpoint(*this);
-    if (root) log::info("final checkpoint written: ", result.last_checkpoint);
+    if (rs.root) log::info("final checkpoint written: ", result.last_checkpoint);
   }
   result.final_step = step_;
-  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - run_start).count();
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - rs.start).count();
   if (!result.stopped_by_signal && opts_.sample_tokens > 0) {
     try {
       result.sample = sample("The ", opts_.sample_tokens);
     } catch (const Error& e) {
-      if (root) log::warn("no sample: ", e.what());
+      if (rs.root) log::warn("no sample: ", e.what());
     }
   }
-  return result;
 }
 
 }  // namespace andy

@@ -22,6 +22,7 @@
 #include <torch/torch.h>
 
 #include <cstdint>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -30,27 +31,12 @@
 #include "core/config/config.h"
 #include "core/model/llama.h"
 #include "data/loader.h"
+#include "parallel/agreement.h"
 #include "parallel/grad_reducer.h"
 #include "parallel/process_grid.h"
 
 namespace andy {
 
-// The communicators a run uses. Null (or size-1) communicators mean a single rank in that
-// dimension, so a test can run a TP=1 x DP=1 reference inside a multi-rank job.
-struct TrainGrid {
-  CommPtr world, tp, dp;
-  int cuda_device = -1;  // this rank's GPU with train.device = cuda (-1: CPU, or GPU 0)
-  int world_size() const { return world ? world->size() : 1; }
-  int rank() const { return world ? world->rank() : 0; }
-  int tp_size() const { return tp ? tp->size() : 1; }
-  int tp_rank() const { return tp ? tp->rank() : 0; }
-  int dp_size() const { return dp ? dp->size() : 1; }
-  int dp_rank() const { return dp ? dp->rank() : 0; }
-  static TrainGrid from(const ProcessGrid& g, int cuda_device = -1) {
-    return {g.world_ptr(), g.tp_ptr(), g.dp_ptr(), cuda_device};
-  }
-  static TrainGrid single() { return {}; }
-};
 
 // Learning rate at optimizer step `step` (0-based): linear warmup over warmup_steps to
 // learning_rate, then cosine decay to min_learning_rate at total_steps.
@@ -193,6 +179,41 @@ class Trainer {
   // train.max_skipped_steps steps in a row.
   void stop_if_diverged(const StepRecord& rec, bool skipped, int64_t consecutive_skips);
 
+  // run(), as its steps. A throughput interval: from one progress line to the next.
+  struct Interval {
+    std::chrono::steady_clock::time_point start;
+    int64_t steps = 0;
+    double excluded_seconds = 0;  // evaluation and checkpoints inside the interval
+    double comm_wait = 0;         // waiting for the DP gradient all-reduce
+    double loss_sum = 0;
+  };
+  struct RunState {
+    bool root = false;  // rank 0 and printing progress
+    std::chrono::steady_clock::time_point start;
+    Interval interval;
+    int64_t steps_this_run = 0;
+    int64_t consecutive_skips = 0;
+    double tokens_per_step = 0, flops_per_token = 0, peak_flops = 0;
+  };
+  // Resume, earlier results, the setup line, the untrained model's validation loss.
+  void begin_run(TrainResult& result, const RunState& rs);
+  // The FLOP/s MFU is quoted against: train.peak_tflops, a known GPU's peak, or the measured
+  // fp32 matmul rate of the ranks on CPU (collective), 0 when unknown.
+  double peak_flops(bool root);
+  // Agreed over the world: a stop signal on any rank (or the testing stop_after_steps).
+  bool stop_requested(const RunState& rs);
+  // One optimizer step: micro-batches forward and backward, the DP reduction, unscaling, the
+  // scaler's skip decision, clipping and the update.
+  StepRecord train_step(TrainResult& result, RunState& rs);
+  double forward_backward(double scale);             // returns the summed micro-batch losses
+  bool unscale_and_find_nonfinite(double scale);     // this rank's gradients
+  void clip_and_apply(StepRecord& rec);               // sets rec.grad_norm, steps AdamW
+  void log_progress(const StepRecord& rec, RunState& rs);
+  void evaluate_if_due(TrainResult& result, RunState& rs);
+  void checkpoint_if_due(TrainResult& result, RunState& rs);
+  // The final checkpoint, the run's totals and the sample.
+  void end_run(TrainResult& result, const RunState& rs);
+
   Config cfg_;
   TrainGrid grid_;
   TrainerOptions opts_;
@@ -210,9 +231,6 @@ class Trainer {
   double best_val_;
 };
 
-// All-reduce of a small host tensor over `c` (null or size 1: nothing); with the NCCL backend
-// it travels through `device` (NCCL moves GPU memory only).
-void all_reduce_host(Communicator* c, at::Tensor& t, ReduceOp op, at::Device device);
 
 // fp32 matmul rate of this process (1024^3 products for about 0.3 s at LibTorch's current
 // threads), in FLOP/s: the "measured peak" MFU is quoted against on CPU.

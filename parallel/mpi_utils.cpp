@@ -1,6 +1,8 @@
 // MPI error text and the owning MPI_Comm wrapper.
 #include "parallel/mpi_utils.h"
 
+#include "parallel/agreement.h"
+
 namespace andy {
 
 std::string mpi_error_string(int code) {
@@ -15,41 +17,29 @@ void run_agreed(MPI_Comm comm, const std::function<void()>& fn) {
     fn();
     return;
   }
-  int rank = 0, size = 1;
-  MPI_CHECK(MPI_Comm_rank(comm, &rank));
-  MPI_CHECK(MPI_Comm_size(comm, &size));
+  FailureKind kind = FailureKind::kNone;
   std::string msg;
-  int kind = 0;  // 0 none, 1 ConfigError, 2 IoError, 3 CommError, 4 other
   try {
     fn();
-  } catch (const ConfigError& e) {
-    msg = e.what();
-    kind = 1;
-  } catch (const IoError& e) {
-    msg = e.what();
-    kind = 2;
-  } catch (const CommError& e) {
-    msg = e.what();
-    kind = 3;
   } catch (const std::exception& e) {
+    kind = failure_kind_of(e);
     msg = e.what();
-    kind = 4;
   }
-  int failed = kind ? rank : size, first = size;
-  MPI_CHECK(MPI_Allreduce(&failed, &first, 1, MPI_INT, MPI_MIN, comm));
-  if (first == size) return;
-  int len = static_cast<int>(msg.size());
-  MPI_CHECK(MPI_Bcast(&kind, 1, MPI_INT, first, comm));
-  MPI_CHECK(MPI_Bcast(&len, 1, MPI_INT, first, comm));
-  msg.resize(static_cast<size_t>(len));
-  if (len > 0) MPI_CHECK(MPI_Bcast(msg.data(), len, MPI_CHAR, first, comm));
-  const bool report = rank == first;
-  switch (kind) {
-    case 1: throw Agreed<ConfigError>(msg, report);
-    case 2: throw Agreed<IoError>(msg, report);
-    case 3: throw Agreed<CommError>(msg, report);
-    default: throw Agreed<Error>(msg, report);
-  }
+  AgreementTransport t;
+  MPI_CHECK(MPI_Comm_rank(comm, &t.rank));
+  MPI_CHECK(MPI_Comm_size(comm, &t.size));
+  t.min_over_ranks = [comm](int v) {
+    int out = v;
+    MPI_CHECK(MPI_Allreduce(&v, &out, 1, MPI_INT, MPI_MIN, comm));
+    return out;
+  };
+  t.broadcast_ints = [comm](std::vector<int32_t>& values, int root) {
+    int n = static_cast<int>(values.size());
+    MPI_CHECK(MPI_Bcast(&n, 1, MPI_INT, root, comm));
+    values.resize(static_cast<size_t>(n));
+    if (n > 0) MPI_CHECK(MPI_Bcast(values.data(), n, MPI_INT32_T, root, comm));
+  };
+  agree_or_throw_first_failure(t, kind, msg);
 }
 
 MpiComm::~MpiComm() {

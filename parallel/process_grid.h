@@ -71,4 +71,22 @@ class ProcessGrid {
   CommPtr world_comm_, tp_comm_, dp_comm_;
 };
 
+// The communicators a training run uses (TrainGrid::from(grid)). Null (or size-1) communicators
+// mean a single rank in that dimension, so a test can run a TP=1 x DP=1 reference inside a
+// multi-rank job.
+struct TrainGrid {
+  CommPtr world, tp, dp;
+  int cuda_device = -1;  // this rank's GPU with train.device = cuda (-1: CPU, or GPU 0)
+  int world_size() const { return world ? world->size() : 1; }
+  int rank() const { return world ? world->rank() : 0; }
+  int tp_size() const { return tp ? tp->size() : 1; }
+  int tp_rank() const { return tp ? tp->rank() : 0; }
+  int dp_size() const { return dp ? dp->size() : 1; }
+  int dp_rank() const { return dp ? dp->rank() : 0; }
+  static TrainGrid from(const ProcessGrid& g, int cuda_device = -1) {
+    return {g.world_ptr(), g.tp_ptr(), g.dp_ptr(), cuda_device};
+  }
+  static TrainGrid single() { return {}; }
+};
+
 }  // namespace andy
