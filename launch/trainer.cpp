@@ -14,6 +14,7 @@
 #include <sstream>
 
 #include "core/base/durable_fs.h"
+#include "core/base/format.h"
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "core/model/model_stats.h"
@@ -62,30 +63,6 @@ class AutocastScope {
   bool on_ = false;
   at::DeviceType type_ = at::kCPU;
 };
-
-std::string fmt(const char* f, double v) {
-  char buf[64];
-  std::snprintf(buf, sizeof buf, f, v);
-  return buf;
-}
-
-std::string json_num(double v) {
-  if (!std::isfinite(v)) return "null";
-  char buf[64];
-  std::snprintf(buf, sizeof buf, "%.8g", v);
-  return buf;
-}
-
-std::string format_duration(double s) {
-  if (!std::isfinite(s) || s < 0) return "?";
-  int64_t t = static_cast<int64_t>(s + 0.5);
-  char buf[32];
-  if (t >= 3600)
-    std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600), (long long)(t % 3600 / 60));
-  else
-    std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
-  return buf;
-}
 
 at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
   if (cfg.train.device == "cpu") return at::Device(at::kCPU);
@@ -346,7 +323,7 @@ void Trainer::write_best_model(const StateDict& full, const std::string& dir,
             " LibTorch archive (torch::serialize::InputArchive)\n";
   write_file_durable(tmp + "/README.txt", readme.str());
   std::ostringstream meta;
-  meta << "{\"format_version\": 1, \"step\": " << step_ << ", \"val_loss\": " << json_num(val_loss) << "}\n";
+  meta << "{\"format_version\": 1, \"step\": " << step_ << ", \"val_loss\": " << json_number(val_loss) << "}\n";
   write_file_durable(tmp + "/meta.json", meta.str());
   fsync_path(tmp);
   // Publish: an atomic exchange with the previous best_model (never a moment without one),
@@ -433,7 +410,7 @@ void Trainer::note_earlier_results(bool log_it) {
   if (std::isfinite(on_disk) && !(best_val_ <= on_disk)) {
     best_val_ = on_disk;
     if (log_it)
-      log::info("best_model/ holds val_loss ", fmt("%.4f", on_disk),
+      log::info("best_model/ holds val_loss ", format_printf("%.4f", on_disk),
                 ": it is replaced only by a better model");
   }
   if (resume_dir_.empty() || !log_it) return;
@@ -522,8 +499,8 @@ void Trainer::begin_run(TrainResult& result, const RunState& rs) {
   if (val_ && step_ == 0) {  // the untrained model's validation loss: the curve's start
     double vl = evaluate();
     result.val_losses.push_back({0, vl});
-    if (rs.root) log::info("step 0 | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)));
-    write_metrics("{\"step\": 0, \"val_loss\": " + json_num(vl) + ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
+    if (rs.root) log::info("step 0 | val_loss ", format_printf("%.4f", vl), " | val_ppl ", format_printf("%.6g", std::exp(vl)));
+    write_metrics("{\"step\": 0, \"val_loss\": " + json_number(vl) + ", \"val_ppl\": " + json_number(std::exp(vl)) + "}");
   }
 }
 
@@ -535,7 +512,7 @@ double Trainer::peak_flops(bool root) {
     peak = per_gpu * 1e12 * grid_.world_size();
     if (root && per_gpu > 0)
       log::info("MFU is quoted against the dense ", cfg_.precision.mode, " peak of ", gpu, ": ",
-                fmt("%.1f", per_gpu), " TFLOP/s per GPU (set train.peak_tflops to override)");
+                format_printf("%.1f", per_gpu), " TFLOP/s per GPU (set train.peak_tflops to override)");
     else if (root)
       log::info("MFU unknown: no peak for GPU '", gpu, "' in ", cfg_.precision.mode, " (set train.peak_tflops)");
   }
@@ -549,7 +526,7 @@ double Trainer::peak_flops(bool root) {
     all_reduce_host(grid_.world.get(), m, ReduceOp::kSum, device_);
     peak = m.item<double>();
     if (root)
-      log::info("MFU is quoted against the measured fp32 matmul rate: ", fmt("%.1f", peak / 1e9), " GFLOP/s over ",
+      log::info("MFU is quoted against the measured fp32 matmul rate: ", format_printf("%.1f", peak / 1e9), " GFLOP/s over ",
                 grid_.world_size(), " rank(s) (set train.peak_tflops to use a device peak)");
   }
   return peak;
@@ -666,20 +643,20 @@ void Trainer::log_progress(const StepRecord& rec, RunState& rs) {
   const int64_t epoch = train_->cursor().epoch;
   if (rs.root) {
     std::ostringstream os;
-    os << "step " << step_ << "/" << total_steps_ << " | epoch " << epoch << " | loss " << fmt("%.4f", mean_loss)
-       << " | lr " << fmt("%.3e", rec.lr) << " | grad norm "
-       << (std::isfinite(rec.grad_norm) ? fmt("%.3f", rec.grad_norm) : std::string("skipped")) << " | "
-       << fmt("%.0f", tps) << " tok/s | MFU " << (std::isfinite(mfu) ? fmt("%.1f%%", 100 * mfu) : std::string("unknown"))
-       << " | loss scale " << fmt("%g", rec.loss_scale) << " | comm wait " << fmt("%.0f%%", 100 * in.comm_wait / dt)
+    os << "step " << step_ << "/" << total_steps_ << " | epoch " << epoch << " | loss " << format_printf("%.4f", mean_loss)
+       << " | lr " << format_printf("%.3e", rec.lr) << " | grad norm "
+       << (std::isfinite(rec.grad_norm) ? format_printf("%.3f", rec.grad_norm) : std::string("skipped")) << " | "
+       << format_printf("%.0f", tps) << " tok/s | MFU " << (std::isfinite(mfu) ? format_printf("%.1f%%", 100 * mfu) : std::string("unknown"))
+       << " | loss scale " << format_printf("%g", rec.loss_scale) << " | comm wait " << format_printf("%.0f%%", 100 * in.comm_wait / dt)
        << " | ETA " << format_duration(eta);
     log::info(os.str());
   }
   std::ostringstream js;
-  js << "{\"step\": " << step_ << ", \"epoch\": " << epoch << ", \"loss\": " << json_num(mean_loss)
-     << ", \"lr\": " << json_num(rec.lr) << ", \"grad_norm\": " << json_num(rec.grad_norm)
-     << ", \"tokens_per_sec\": " << json_num(tps) << ", \"mfu\": " << json_num(mfu)
-     << ", \"loss_scale\": " << json_num(rec.loss_scale) << ", \"skipped\": " << (rec.skipped ? "true" : "false")
-     << ", \"comm_wait_share\": " << json_num(in.comm_wait / dt) << "}";
+  js << "{\"step\": " << step_ << ", \"epoch\": " << epoch << ", \"loss\": " << json_number(mean_loss)
+     << ", \"lr\": " << json_number(rec.lr) << ", \"grad_norm\": " << json_number(rec.grad_norm)
+     << ", \"tokens_per_sec\": " << json_number(tps) << ", \"mfu\": " << json_number(mfu)
+     << ", \"loss_scale\": " << json_number(rec.loss_scale) << ", \"skipped\": " << (rec.skipped ? "true" : "false")
+     << ", \"comm_wait_share\": " << json_number(in.comm_wait / dt) << "}";
   write_metrics(js.str());
   in = Interval{};
   in.start = std::chrono::steady_clock::now();
@@ -696,10 +673,10 @@ void Trainer::evaluate_if_due(TrainResult& result, RunState& rs) {
     best_val_ = vl;
   }
   if (rs.root)
-    log::info("step ", step_, " | val_loss ", fmt("%.4f", vl), " | val_ppl ", fmt("%.6g", std::exp(vl)),
+    log::info("step ", step_, " | val_loss ", format_printf("%.4f", vl), " | val_ppl ", format_printf("%.6g", std::exp(vl)),
               best ? " | new best, saved to " + cfg_.train.output_dir + "/best_model" : "");
-  write_metrics("{\"step\": " + std::to_string(step_) + ", \"val_loss\": " + json_num(vl) +
-                ", \"val_ppl\": " + json_num(std::exp(vl)) + "}");
+  write_metrics("{\"step\": " + std::to_string(step_) + ", \"val_loss\": " + json_number(vl) +
+                ", \"val_ppl\": " + json_number(std::exp(vl)) + "}");
   rs.interval.excluded_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - eval_t0).count();
 }
 

@@ -10,6 +10,8 @@
 // reads them.
 #include "serve/sampler.h"
 
+#include "core/base/format.h"
+
 #include <algorithm>
 #include <charconv>
 #include <cmath>
@@ -33,12 +35,8 @@ constexpr int64_t kTopPSortedTail = 64;  // top_p's radix select sorts what is l
 constexpr int kRadixBits = 11;           // top_p's radix select: 2048 bins a pass
 constexpr int64_t kTopKHeapMax = 1024;   // larger top_k: nth_element instead of a heap
 
-// Shortest text that reads back as the same double ("-1", "0.95", "1e-07").
-std::string format_number(double v) {
-  char buf[64];
-  auto res = std::to_chars(buf, buf + sizeof(buf), v);
-  return std::string(buf, res.ptr);
-}
+// Shortest text that reads back as the same value ("-1", "0.95", "1e-07").
+std::string format_number(double v) { return shortest_number(v); }
 std::string format_number(int64_t v) { return std::to_string(v); }
 
 // Keeps the first failed check as "name = value: expected range"; "" while all pass.

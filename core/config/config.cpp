@@ -478,34 +478,12 @@ void validate_config(const Config& cfg, int world_size) {
            cfg.origin_of(dotted) + ")";
   };
   const auto& m = cfg.model;
-  int64_t tp = cfg.parallel.tensor_parallel_size;
+  const int64_t tp = cfg.parallel.tensor_parallel_size;
   auto inconsistent = [&](const std::string& first_key, const std::string& msg) {
     std::string o = cfg.origin_of(first_key);
     fail(o == "default" ? "config" : o, msg);
   };
-  if (m.dim % m.n_head != 0)
-    inconsistent("model.dim", at("model.dim") + " is not divisible by " + at("model.n_head") +
-                                  ": the head size must be a whole number");
-  if ((m.dim / m.n_head) % 2 != 0)
-    inconsistent("model.dim", "head size " + at("model.dim") + " / n_head = " + std::to_string(m.dim / m.n_head) +
-                                  " is odd: rotary embeddings need an even head size");
-  if (m.n_kv_head > m.n_head || m.n_head % m.n_kv_head != 0)
-    inconsistent("model.n_head", at("model.n_head") + " is not a multiple of " + at("model.n_kv_head") +
-                                     ": each key/value head must serve a whole group of query heads");
-  if (m.n_head % tp != 0)
-    inconsistent("model.n_head", at("model.n_head") + " is not divisible by " +
-                                     at("parallel.tensor_parallel_size") + ": each tensor-parallel rank must hold whole heads");
-  if (m.n_kv_head % tp != 0)
-    inconsistent("model.n_kv_head", at("model.n_kv_head") + " is not divisible by " +
-                                        at("parallel.tensor_parallel_size") +
-                                        ": each tensor-parallel rank must hold whole key/value heads");
-  if (m.ffn_dim > 0 && m.ffn_dim % tp != 0)
-    inconsistent("model.ffn_dim", at("model.ffn_dim") + " is not divisible by " +
-                                      at("parallel.tensor_parallel_size") + ": MLP columns are split evenly");
-  if (m.ffn_dim == 0 && m.ffn_multiple_of % tp != 0)
-    inconsistent("model.ffn_multiple_of", at("model.ffn_multiple_of") + " is not divisible by " +
-                                              at("parallel.tensor_parallel_size") +
-                                              ": the derived ffn_dim must split evenly across tensor-parallel ranks");
+  for (const ShapeProblem& p : model_shape_problems(cfg, at)) inconsistent(p.key, p.message);
   if (cfg.data.seq_len > m.max_seq_len)
     inconsistent("data.seq_len", at("data.seq_len") + " is longer than " + at("model.max_seq_len"));
   if (cfg.train.min_learning_rate > cfg.train.learning_rate)
@@ -520,6 +498,61 @@ void validate_config(const Config& cfg, int world_size) {
     inconsistent("parallel.tensor_parallel_size",
                  "world size " + std::to_string(world_size) + " (mpirun -np) is not divisible by " +
                      at("parallel.tensor_parallel_size") + ": world size = tensor_parallel_size x data-parallel size");
+}
+
+std::string key_with_value(const Config& cfg, const std::string& dotted) {
+  const size_t dot = dotted.find('.');
+  const KeySpec* k = find_key(dotted.substr(0, dot), dotted.substr(dot + 1));
+  ANDY_CHECK(k != nullptr, "key_with_value: no config key ", dotted);
+  return dotted + " = " + format_value(k->get(cfg));
+}
+
+int64_t derived_ffn_dim(const ModelConfig& m) {
+  if (m.ffn_dim > 0) return m.ffn_dim;
+  const int64_t hidden = (2 * 4 * m.dim) / 3;  // int(2 * (4 * dim) / 3) as in Meta's LLaMA
+  const int64_t mult = std::max<int64_t>(1, m.ffn_multiple_of);
+  return mult * ((hidden + mult - 1) / mult);
+}
+
+int64_t head_dim(const ModelConfig& m) { return m.n_head > 0 ? m.dim / m.n_head : 0; }
+
+std::vector<ShapeProblem> model_shape_problems(const Config& cfg,
+                                               const std::function<std::string(const std::string&)>& describe) {
+  const ModelConfig& m = cfg.model;
+  const int64_t tp = cfg.parallel.tensor_parallel_size;
+  const std::string tps = describe("parallel.tensor_parallel_size");
+  std::vector<ShapeProblem> out;
+  if (tp < 1) out.push_back({"parallel.tensor_parallel_size", tps + " must be at least 1"});
+  if (m.n_head < 1 || m.n_kv_head < 1 || m.dim < 1 || m.n_layer < 1 || m.vocab_size < 1) {
+    out.push_back({"model.dim", "model.dim, n_layer, n_head, n_kv_head and vocab_size must be positive"});
+    return out;
+  }
+  if (m.dim % m.n_head != 0)
+    out.push_back({"model.dim", describe("model.dim") + " is not divisible by " + describe("model.n_head") +
+                                    ": the head size must be a whole number"});
+  if (head_dim(m) % 2 != 0)
+    out.push_back({"model.dim", "head size " + describe("model.dim") + " / n_head = " + std::to_string(head_dim(m)) +
+                                    " is odd: rotary embeddings need an even head size"});
+  if (m.n_kv_head > m.n_head || m.n_head % m.n_kv_head != 0)
+    out.push_back({"model.n_head", describe("model.n_head") + " is not a multiple of " + describe("model.n_kv_head") +
+                                       ": each key/value head must serve a whole group of query heads"});
+  if (tp < 1) return out;
+  if (m.n_head % tp != 0)
+    out.push_back({"model.n_head", describe("model.n_head") + " is not divisible by " + tps +
+                                       ": each tensor-parallel rank must hold whole heads"});
+  if (m.n_kv_head % tp != 0)
+    out.push_back({"model.n_kv_head", describe("model.n_kv_head") + " is not divisible by " + tps +
+                                          ": each tensor-parallel rank must hold whole key/value heads"});
+  if (derived_ffn_dim(m) % tp != 0) {
+    if (m.ffn_dim > 0)
+      out.push_back({"model.ffn_dim", describe("model.ffn_dim") + " is not divisible by " + tps +
+                                          ": MLP columns are split evenly"});
+    else
+      out.push_back({"model.ffn_multiple_of", "the derived ffn_dim = " + std::to_string(derived_ffn_dim(m)) + " (from " +
+                                                  describe("model.dim") + " and " + describe("model.ffn_multiple_of") +
+                                                  ") is not divisible by " + tps + ": MLP columns are split evenly"});
+  }
+  return out;
 }
 
 std::string config_to_toml(const Config& cfg) {

@@ -170,6 +170,25 @@ void apply_value_text(Config& cfg, const std::string& dotted, const std::string&
 // skips the checks that need the world size. Throws ConfigError naming every key involved.
 void validate_config(const Config& cfg, int world_size);
 
+// ffn_dim, or when 0 LLaMA's int(2 * 4 * dim / 3) rounded up to ffn_multiple_of.
+int64_t derived_ffn_dim(const ModelConfig& m);
+// dim / n_head.
+int64_t head_dim(const ModelConfig& m);
+
+// The model's shape rules, in one place: validate_config applies them to a run's config and
+// validate_model_shapes (core/model/model_config.h) to any model. One entry per broken rule,
+// in a fixed order: the key to blame and the sentence. `describe(dotted_key)` renders a key with
+// its value (validate_config adds where the value came from). The TP size is
+// cfg.parallel.tensor_parallel_size.
+// "model.dim = 64": a key and its value in `cfg`, for messages.
+std::string key_with_value(const Config& cfg, const std::string& dotted_key);
+struct ShapeProblem {
+  std::string key;
+  std::string message;
+};
+std::vector<ShapeProblem> model_shape_problems(const Config& cfg,
+                                               const std::function<std::string(const std::string&)>& describe);
+
 // The effective config as TOML (every key, with its origin as a comment).
 std::string config_to_toml(const Config& cfg);
 // Human-readable schema: every key with type, default, range and description.

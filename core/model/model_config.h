@@ -14,14 +14,13 @@ namespace andy {
 // The multiple the vocabulary is padded to before the tp factor (lcm(kVocabPadMultiple, tp)).
 constexpr int64_t kVocabPadMultiple = 64;
 
-int64_t derived_ffn_dim(const ModelConfig& m);  // m.ffn_dim when set
-int64_t head_dim(const ModelConfig& m);         // dim / n_head
+// derived_ffn_dim and head_dim are in core/config/config.h (the shape rules live there).
 int64_t padded_vocab_size(const ModelConfig& m, int tp_size);
 
 // Throws ConfigError with a message naming the keys when the model cannot be built or split
-// over `tp_size` ranks: dim % n_head, odd head size, n_head % n_kv_head, heads or ffn_dim not
-// divisible by tp. (validate_config checks the same for the run config; this is the model's
-// own guard, also used by tools that build a model without a run config.)
+// over `tp_size` ranks: the first of model_shape_problems (core/config/config.h), the rules
+// validate_config applies to a run's config. The model's own guard, also used by tools that
+// build a model without a run config.
 void validate_model_shapes(const ModelConfig& m, int tp_size);
 
 }  // namespace andy

@@ -1,6 +1,8 @@
 // Parameter counts, training FLOPs per token and memory estimates (see model_stats.h).
 #include "core/model/model_stats.h"
 
+#include "core/base/format.h"
+
 #include <cstdio>
 
 #include "core/model/model_config.h"
@@ -55,18 +57,6 @@ MemoryEstimate estimate_memory(const ModelConfig& m, int tp, int64_t batch, int6
 
 namespace {
 
-std::string human(double x, const char* unit) {
-  char buf[64];
-  if (x >= 1e9)
-    std::snprintf(buf, sizeof buf, "%.2f G%s", x / 1e9, unit);
-  else if (x >= 1e6)
-    std::snprintf(buf, sizeof buf, "%.2f M%s", x / 1e6, unit);
-  else if (x >= 1e3)
-    std::snprintf(buf, sizeof buf, "%.2f k%s", x / 1e3, unit);
-  else
-    std::snprintf(buf, sizeof buf, "%.0f %s", x, unit);
-  return buf;
-}
 
 std::string mib(double bytes) {
   char buf[64];
@@ -91,11 +81,11 @@ std::string model_summary(const Config& cfg) {
       buf, sizeof buf,
       "\n# ---- model summary ----\n"
       "# parameters: %s (%lld) = embedding %s%s + %lld layers x %s + final norm %lld\n",
-      human(static_cast<double>(c.total), "").c_str(), static_cast<long long>(c.total),
-      human(static_cast<double>(c.embedding), "").c_str(),
+      format_si(static_cast<double>(c.total), "").c_str(), static_cast<long long>(c.total),
+      format_si(static_cast<double>(c.embedding), "").c_str(),
       m.tie_embeddings ? " (tied with the output head)"
-                       : (" + lm_head " + human(static_cast<double>(c.lm_head), "")).c_str(),
-      static_cast<long long>(m.n_layer), human(static_cast<double>(c.per_layer), "").c_str(),
+                       : (" + lm_head " + format_si(static_cast<double>(c.lm_head), "")).c_str(),
+      static_cast<long long>(m.n_layer), format_si(static_cast<double>(c.per_layer), "").c_str(),
       static_cast<long long>(c.final_norm));
   out += buf;
   std::snprintf(buf, sizeof buf,
@@ -107,7 +97,7 @@ std::string model_summary(const Config& cfg) {
   out += buf;
   std::snprintf(buf, sizeof buf,
                 "# training FLOPs per token: %s (6N + 12*L*H*Q*T at seq_len %lld)\n",
-                human(training_flops_per_token(m, cfg.data.seq_len), "FLOP").c_str(),
+                format_si(training_flops_per_token(m, cfg.data.seq_len), "FLOP").c_str(),
                 static_cast<long long>(cfg.data.seq_len));
   out += buf;
   std::snprintf(

@@ -22,6 +22,7 @@
 #include "data/tokenizer.h"
 #include "tests/data/data_test_util.h"
 #include "tests/launch/run_command.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace fs = std::filesystem;
 using namespace andy::testing_util;
@@ -292,6 +293,26 @@ TEST_F(ExportE2e, Int8ModelIsSmallerServesAtAnyTpAndKeepsPerplexity) {
     for (size_t i = 0; i < want.size(); ++i) agree += agreement(got[i], want[i]) / want.size();
     std::printf("[ int8 ] TP=%d: %.1f %% of greedy tokens equal to fp32\n", tp, 100 * agree);
     EXPECT_GE(agree, 0.8) << "TP=" << tp;
+  }
+  // Served over HTTP at TP=2: the greedy completion is generate's.
+  {
+    Job server(mpirun(2) + andyllm_bin() + " serve --port 0 --model " + q, path("serve_int8.log"));
+    const int port = wait_for_server_port(server, 120);
+    ASSERT_GT(port, 0) << server.output();
+    const std::string url = "http://127.0.0.1:" + std::to_string(port);
+    const json models = json::parse(run_command("curl -s " + url + "/v1/models").output);
+    const json req = {{"model", models["data"][0]["id"]}, {"prompt", kPrompts[0]}, {"max_tokens", 16},
+                      {"temperature", 0}};
+    dt::write_file(path("req.json"), req.dump());
+    auto c = run_command("curl -s -H 'Content-Type: application/json' -d @" + path("req.json") + " " + url +
+                         "/v1/completions");
+    const json resp = json::parse(c.output);
+    andy::data::Tokenizer tok = andy::data::Tokenizer::load(path("data/tokenizer.model"));
+    const auto ids = ours(q, 2)[0];
+    EXPECT_EQ(resp["choices"][0]["text"], tok.decode(std::vector<int32_t>(ids.begin(), ids.end()))) << c.output;
+    kill(server.pid, SIGUSR1);
+    EXPECT_TRUE(server.wait_exit(60)) << server.output();
+    EXPECT_EQ(server.exit_code(), 0) << server.output();
   }
   // Validation perplexity within 2 % of fp32.
   auto eval = [&](const std::string& model, int ranks) {
