@@ -1,6 +1,8 @@
 // `andyllm preprocess` engine (see data/preprocess.h for the layout and the split rule).
 // Convention: every step that can fail runs inside agreed(), so with several MPI ranks a
 // failure on one rank reaches every rank as the same exception and nobody hangs.
+// The pipeline's steps 1-6 are the functions under "The run", called in order by
+// run_preprocess (step 1) and run_prepared (steps 2-6); each comment says which step it is.
 #include "data/preprocess.h"
 
 #include <mpi.h>
@@ -13,9 +15,14 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <thread>
+#include <type_traits>
+#include <vector>
 
+#include "core/base/format.h"
 #include "core/base/logging.h"
 #include "data/permutation.h"
 #include "data/shard.h"
@@ -47,6 +54,30 @@ void sum_i64(const RankGroup& c, std::vector<int64_t>& v) {
                           c.comm));
 }
 
+// A struct of int64_t counters only (each such struct static_asserts its size: no padding), as
+// one MPI buffer of int64s: a struct takes one collective call.
+template <class T>
+constexpr int int64_fields() {
+  static_assert(std::is_trivially_copyable_v<T> && std::is_standard_layout_v<T> &&
+                    sizeof(T) % sizeof(int64_t) == 0 && alignof(T) == alignof(int64_t),
+                "expected a struct of int64_t fields");
+  return static_cast<int>(sizeof(T) / sizeof(int64_t));
+}
+
+// Every field summed over the ranks.
+template <class T>
+void sum_fields(const RankGroup& c, T& fields) {
+  if (c.size == 1) return;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &fields, int64_fields<T>(), MPI_INT64_T, MPI_SUM, c.comm));
+}
+
+// Rank 0's fields on every rank.
+template <class T>
+void broadcast_fields(const RankGroup& c, T& fields) {
+  if (c.size == 1) return;
+  MPI_CHECK(MPI_Bcast(&fields, int64_fields<T>(), MPI_INT64_T, 0, c.comm));
+}
+
 // Every rank's string, on rank 0 (empty elsewhere).
 std::vector<std::string> gather_strings(const RankGroup& c, const std::string& s) {
   if (c.size == 1) return {s};
@@ -70,30 +101,6 @@ std::vector<std::string> gather_strings(const RankGroup& c, const std::string& s
   return out;
 }
 
-std::string human_bytes(double b) {
-  char buf[32];
-  if (b >= 1e9)
-    std::snprintf(buf, sizeof buf, "%.2f GB", b / 1e9);
-  else if (b >= 1e6)
-    std::snprintf(buf, sizeof buf, "%.1f MB", b / 1e6);
-  else
-    std::snprintf(buf, sizeof buf, "%.1f kB", b / 1e3);
-  return buf;
-}
-
-std::string human_time(double s) {
-  char buf[32];
-  if (!std::isfinite(s)) return "?";
-  int64_t t = static_cast<int64_t>(s + 0.5);
-  if (t >= 3600)
-    std::snprintf(buf, sizeof buf, "%lldh%02lldm", (long long)(t / 3600),
-                  (long long)(t % 3600 / 60));
-  else if (t >= 60)
-    std::snprintf(buf, sizeof buf, "%lldm%02llds", (long long)(t / 60), (long long)(t % 60));
-  else
-    std::snprintf(buf, sizeof buf, "%llds", (long long)t);
-  return buf;
-}
 
 // Rank 0's progress line: bytes, documents and tokens per second, and an ETA from the bytes.
 class Progress {
@@ -114,10 +121,10 @@ class Progress {
     char buf[256];
     std::snprintf(buf, sizeof buf, "%.1f%%", total_ > 0 ? 100.0 * bytes_ / total_ : 100.0);
     log::info("tokenize", ranks_ > 1 ? " (rank 0's share)" : "", ": ", buf, " ",
-              human_bytes(bytes_), " / ", human_bytes(total_), ", ", docs_, " docs, ", tokens_,
-              " tokens | ", human_bytes(rate), "/s, ", static_cast<int64_t>(docs_ / dt),
+              format_si(bytes_, "B"), " / ", format_si(total_, "B"), ", ", docs_, " docs, ", tokens_,
+              " tokens | ", format_si(rate, "B"), "/s, ", static_cast<int64_t>(docs_ / dt),
               " docs/s, ", static_cast<int64_t>(tokens_ / dt), " tokens/s | ",
-              final ? "done in " + human_time(dt) : "ETA " + human_time(eta));
+              final ? "done in " + format_duration(dt) : "ETA " + format_duration(eta));
   }
 
  private:
@@ -206,84 +213,96 @@ void write_training_lines(std::ofstream& out, const std::string& doc) {
   }
 }
 
-PreprocessResult run_prepared(const PreprocessOptions& opts, const RankGroup& ctx,
-                              const std::vector<TextFile>& files, const std::string& tmp_dir,
-                              bool train_tokenizer, Clock::time_point t_start);
+// ---- The run: what every step reads, then steps 1-6 in order. ----
 
-}  // namespace
+// What every step reads: the options, the ranks, the output paths and the input files. Fixed
+// once step 1 has listed the files; must not outlive the options.
+struct Pipeline {
+  const PreprocessOptions& opts;
+  RankGroup ranks;
+  fs::path out;                 // --output_dir
+  std::string tmp_dir;          // out/.preprocess-tmp: each rank's tokenizer-training text
+  bool train_tokenizer = true;  // no --tokenizer_path
+  std::vector<TextFile> files;  // every rank's input files, in path order (step 1)
+  int64_t input_bytes = 0;      // their total size (step 1)
 
-PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* comm) {
-  auto t_start = Clock::now();
-  RankGroup ctx;
-  if (comm) {
-    ctx.rank = comm->rank();
-    ctx.size = comm->size();
-    ctx.comm = comm->get();
-    if (ctx.size > 1) {
-      MPI_Comm local;
-      MPI_CHECK(
-          MPI_Comm_split_type(ctx.comm, MPI_COMM_TYPE_SHARED, ctx.rank, MPI_INFO_NULL, &local));
-      MPI_CHECK(MPI_Comm_size(local, &ctx.local_size));
-      MPI_CHECK(MPI_Comm_free(&local));
-    }
+  std::string model_path() const { return (out / "tokenizer.model").string(); }
+};
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// The ranks of `comm` (one rank without it) and how many of them share this host. Collective.
+RankGroup rank_group(const MpiComm* comm) {
+  RankGroup g;
+  if (!comm) return g;
+  g.rank = comm->rank();
+  g.size = comm->size();
+  g.comm = comm->get();
+  if (g.size > 1) {
+    MPI_Comm local;
+    MPI_CHECK(MPI_Comm_split_type(g.comm, MPI_COMM_TYPE_SHARED, g.rank, MPI_INFO_NULL, &local));
+    MPI_CHECK(MPI_Comm_size(local, &g.local_size));
+    MPI_CHECK(MPI_Comm_free(&local));
   }
-  const fs::path out(opts.output_dir);
-  const std::string tmp_dir = (out / ".preprocess-tmp").string();
-  const bool train_tokenizer = opts.tokenizer_path.empty();
+  return g;
+}
 
-  // 1. Options, input files, output directory.
-  std::vector<TextFile> files;
-  agreed(ctx, [&] {
-    validate(opts);
-    files = list_input_files(opts.input_dir);
-    if (!train_tokenizer) {
-      ANDY_CHECK_T(ConfigError, fs::is_regular_file(opts.tokenizer_path), "--tokenizer_path ",
-                   opts.tokenizer_path,
+Pipeline make_pipeline(const PreprocessOptions& opts, const MpiComm* comm) {
+  Pipeline p{opts, rank_group(comm), fs::path(opts.output_dir), "", true, {}, 0};
+  p.tmp_dir = (p.out / ".preprocess-tmp").string();
+  p.train_tokenizer = opts.tokenizer_path.empty();
+  return p;
+}
+
+// 1. Options, input files (and their total size).
+void check_options_and_list_inputs(Pipeline& p) {
+  agreed(p.ranks, [&] {
+    validate(p.opts);
+    p.files = list_input_files(p.opts.input_dir);
+    if (!p.train_tokenizer) {
+      ANDY_CHECK_T(ConfigError, fs::is_regular_file(p.opts.tokenizer_path), "--tokenizer_path ",
+                   p.opts.tokenizer_path,
                    ": no such file (expected an existing sentencepiece .model)");
     }
   });
-  bool out_existed = fs::exists(out);
-  agreed(ctx, [&] {
-    if (ctx.rank == 0) prepare_output(opts, tmp_dir);
-  });
-  try {
-    return run_prepared(opts, ctx, files, tmp_dir, train_tokenizer, t_start);
-  } catch (...) {
-    // Every rank is here (agreed()): rank 0 removes what this run wrote, so a failed run
-    // leaves no half dataset behind and a rerun needs no --overwrite.
-    if (ctx.rank == 0) {
-      std::error_code ec;
-      for (const char* d : {"train", "validation", ".preprocess-tmp", "manifest.json.tmp"})
-        fs::remove_all(out / d, ec);
-      if (train_tokenizer) {
-        fs::remove(out / "tokenizer.model", ec);
-        fs::remove(out / "tokenizer.vocab", ec);
-      }
-      if (!out_existed && fs::is_empty(out, ec)) fs::remove(out, ec);
-    }
-    throw;
-  }
+  for (const auto& f : p.files) p.input_bytes += static_cast<int64_t>(f.bytes);
 }
 
-namespace {
+// 1. Output directory (rank 0, see prepare_output).
+void prepare_output_dir(const Pipeline& p) {
+  agreed(p.ranks, [&] {
+    if (p.ranks.rank == 0) prepare_output(p.opts, p.tmp_dir);
+  });
+}
 
-PreprocessResult run_prepared(const PreprocessOptions& opts, const RankGroup& ctx,
-                              const std::vector<TextFile>& files, const std::string& tmp_dir,
-                              bool train_tokenizer, Clock::time_point t_start) {
-  const fs::path out(opts.output_dir);
-  PreprocessResult res;
-  int64_t total_bytes = 0;
-  for (const auto& f : files) total_bytes += static_cast<int64_t>(f.bytes);
-  log::info("preprocess: ", files.size(), " input files, ",
-            human_bytes(static_cast<double>(total_bytes)), " in ", opts.input_dir, " -> ",
-            opts.output_dir, " (", ctx.size, " rank", ctx.size > 1 ? "s" : "", ")");
+// Rank 0, after a failed run: removes what this run wrote, so a failed run leaves no half
+// dataset behind and a rerun needs no --overwrite.
+void remove_failed_run_output(const Pipeline& p, bool out_existed) {
+  std::error_code ec;
+  for (const char* d : {"train", "validation", ".preprocess-tmp", "manifest.json.tmp"})
+    fs::remove_all(p.out / d, ec);
+  if (p.train_tokenizer) {
+    fs::remove(p.out / "tokenizer.model", ec);
+    fs::remove(p.out / "tokenizer.vocab", ec);
+  }
+  if (!out_existed && fs::is_empty(p.out, ec)) fs::remove(p.out, ec);
+}
 
-  // 2. This rank's files (largest first to the least-loaded rank: deterministic).
+void log_start(const Pipeline& p) {
+  log::info("preprocess: ", p.files.size(), " input files, ",
+            format_si(static_cast<double>(p.input_bytes), "B"), " in ", p.opts.input_dir, " -> ",
+            p.opts.output_dir, " (", p.ranks.size, " rank", p.ranks.size > 1 ? "s" : "", ")");
+}
+
+// 2. This rank's files (largest first to the least-loaded rank: deterministic), in path order.
+std::vector<size_t> files_of_this_rank(const std::vector<TextFile>& files, const RankGroup& ranks) {
   std::vector<size_t> order(files.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
   std::stable_sort(order.begin(), order.end(),
                    [&](size_t a, size_t b) { return files[a].bytes > files[b].bytes; });
-  std::vector<uint64_t> load(ctx.size, 0);
+  std::vector<uint64_t> load(ranks.size, 0);
   std::vector<int> owner(files.size());
   for (size_t i : order) {
     int r = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
@@ -292,288 +311,502 @@ PreprocessResult run_prepared(const PreprocessOptions& opts, const RankGroup& ct
   }
   std::vector<size_t> mine;
   for (size_t i = 0; i < files.size(); ++i)
-    if (owner[i] == ctx.rank) mine.push_back(i);
+    if (owner[i] == ranks.rank) mine.push_back(i);
+  return mine;
+}
 
-  // 3. Read and normalize, count documents, write tokenizer-training text. Nothing is kept:
-  //    step 5 reads each file again, so memory stays bounded by the largest file.
-  std::vector<int64_t> doc_counts(files.size(), 0);
-  std::vector<int64_t> stats(4, 0);  // invalid_utf8, skipped lines, empty docs, doc bytes
-  agreed(ctx, [&] {
-    std::ofstream sp_in;
-    std::string sp_path = tmp_dir + "/spm_input." + std::to_string(ctx.rank) + ".txt";
-    if (train_tokenizer) {
-      sp_in.open(sp_path, std::ios::binary);
-      ANDY_CHECK_T(IoError, sp_in, sp_path, ": cannot create");
+// Counters of step 3's read, summed over the ranks in one call (int64_t fields only).
+struct ReadStats {
+  int64_t invalid_utf8 = 0;     // invalid UTF-8 sequences replaced by U+FFFD
+  int64_t skipped_lines = 0;    // malformed JSONL lines skipped
+  int64_t empty_documents = 0;  // documents empty after normalization, dropped
+  int64_t document_bytes = 0;   // bytes of the documents kept
+};
+static_assert(sizeof(ReadStats) == 4 * sizeof(int64_t), "ReadStats: int64_t fields only");
+
+// Step 3's result, the same on every rank except my_document_bytes.
+struct DocumentCounts {
+  std::vector<int64_t> per_file;   // documents of each input file
+  std::vector<int64_t> first_doc;  // global index of each file's first document; back(): all
+  ReadStats read;                  // summed over the ranks
+  int64_t my_document_bytes = 0;   // this rank's share of read.document_bytes
+
+  int64_t documents() const { return first_doc.back(); }
+};
+
+std::string training_text_path(const Pipeline& p, int rank) {
+  return p.tmp_dir + "/spm_input." + std::to_string(rank) + ".txt";
+}
+
+// Reads and normalizes this rank's files, counts their documents into doc_counts and, when a
+// tokenizer is to be trained, writes their text to this rank's training file. Keeps nothing.
+ReadStats read_my_files(const Pipeline& p, const std::vector<size_t>& mine,
+                        std::vector<int64_t>& doc_counts) {
+  ReadStats s;
+  std::ofstream sp_in;
+  const std::string sp_path = training_text_path(p, p.ranks.rank);
+  if (p.train_tokenizer) {
+    sp_in.open(sp_path, std::ios::binary);
+    ANDY_CHECK_T(IoError, sp_in, sp_path, ": cannot create");
+  }
+  for (size_t i : mine) {
+    FileDocuments fd = read_documents(p.files[i], p.opts.read);
+    s.invalid_utf8 += fd.invalid_utf8;
+    s.skipped_lines += fd.skipped_lines;
+    s.empty_documents += fd.empty_docs;
+    for (const auto& d : fd.docs) {
+      s.document_bytes += static_cast<int64_t>(d.size());
+      if (p.train_tokenizer) write_training_lines(sp_in, d);
     }
-    for (size_t i : mine) {
-      FileDocuments fd = read_documents(files[i], opts.read);
-      stats[0] += fd.invalid_utf8;
-      stats[1] += fd.skipped_lines;
-      stats[2] += fd.empty_docs;
-      for (const auto& d : fd.docs) {
-        stats[3] += static_cast<int64_t>(d.size());
-        if (train_tokenizer) write_training_lines(sp_in, d);
-      }
-      doc_counts[i] = static_cast<int64_t>(fd.docs.size());
-    }
-    if (train_tokenizer) {
-      sp_in.close();
-      ANDY_CHECK_T(IoError, sp_in, sp_path, ": write failed (disk full?)");
-    }
-  });
-  sum_i64(ctx, doc_counts);
-  std::vector<int64_t> my_doc_bytes{stats[3]};
-  sum_i64(ctx, stats);
-  res.files = static_cast<int64_t>(files.size());
-  res.bytes = total_bytes;
-  res.invalid_utf8 = stats[0];
-  res.skipped_lines = stats[1];
-  res.empty_documents = stats[2];
-  std::vector<int64_t> first_doc(files.size() + 1, 0);
-  for (size_t i = 0; i < files.size(); ++i) first_doc[i + 1] = first_doc[i] + doc_counts[i];
-  const int64_t n_docs = first_doc.back();
-  res.documents = n_docs;
-  agreed(ctx, [&] {
-    ANDY_CHECK_T(ConfigError, n_docs > 0, "--input_dir ", opts.input_dir,
-                 ": no readable text: ", files.size(), " files gave no non-empty document (",
-                 res.empty_documents, " empty after normalization, ", res.skipped_lines,
+    doc_counts[i] = static_cast<int64_t>(fd.docs.size());
+  }
+  if (p.train_tokenizer) {
+    sp_in.close();
+    ANDY_CHECK_T(IoError, sp_in, sp_path, ": write failed (disk full?)");
+  }
+  return s;
+}
+
+// 3. Read and normalize, count documents, write tokenizer-training text. Nothing is kept:
+//    step 5 reads each file again, so memory stays bounded by the largest file.
+DocumentCounts count_documents(const Pipeline& p, const std::vector<size_t>& mine) {
+  DocumentCounts c;
+  c.per_file.assign(p.files.size(), 0);
+  agreed(p.ranks, [&] { c.read = read_my_files(p, mine, c.per_file); });
+  sum_i64(p.ranks, c.per_file);
+  c.my_document_bytes = c.read.document_bytes;
+  sum_fields(p.ranks, c.read);
+  c.first_doc.assign(p.files.size() + 1, 0);
+  for (size_t i = 0; i < p.files.size(); ++i) c.first_doc[i + 1] = c.first_doc[i] + c.per_file[i];
+  return c;
+}
+
+// 3. The corpus has a document, and two when a validation split is asked for.
+void check_corpus(const Pipeline& p, const DocumentCounts& c) {
+  const int64_t n_docs = c.documents();
+  agreed(p.ranks, [&] {
+    ANDY_CHECK_T(ConfigError, n_docs > 0, "--input_dir ", p.opts.input_dir,
+                 ": no readable text: ", p.files.size(), " files gave no non-empty document (",
+                 c.read.empty_documents, " empty after normalization, ", c.read.skipped_lines,
                  " malformed JSONL lines skipped)");
-    ANDY_CHECK_T(ConfigError, opts.val_fraction == 0 || n_docs >= 2, "--val_fraction ",
-                 opts.val_fraction, ": the corpus has only ", n_docs,
+    ANDY_CHECK_T(ConfigError, p.opts.val_fraction == 0 || n_docs >= 2, "--val_fraction ",
+                 p.opts.val_fraction, ": the corpus has only ", n_docs,
                  " document, so it cannot be split by documents into train and validation (use "
                  "--val_fraction 0, "
                  "or --txt_docs blank_lines to split .txt files at blank lines)");
   });
-  log::info("preprocess: ", n_docs, " documents (", res.empty_documents, " empty dropped, ",
-            res.invalid_utf8, " invalid UTF-8 sequences replaced, ", res.skipped_lines,
-            " malformed JSONL lines skipped)");
+}
 
-  // 4. Tokenizer: trained on rank 0 from every rank's text, or the given one copied in.
-  const std::string model_path = (out / "tokenizer.model").string();
-  agreed(ctx, [&] {
-    if (ctx.rank != 0) return;
-    if (train_tokenizer) {
-      TokenizerTrainOptions t;
-      for (int r = 0; r < ctx.size; ++r)
-        t.input_files.push_back(tmp_dir + "/spm_input." + std::to_string(r) + ".txt");
-      t.model_prefix = (out / "tokenizer").string();
-      t.vocab_size = opts.vocab_size > 0 ? opts.vocab_size : 32000;
-      t.model_type = opts.model_type;
-      t.character_coverage = opts.character_coverage;
-      t.input_sentence_size = opts.tokenizer_sentences;
-      t.num_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-      t.seed = static_cast<uint32_t>(opts.seed);
-      auto t0 = Clock::now();
-      log::info("preprocess: training a ", opts.model_type, " sentencepiece tokenizer, vocab_size ",
-                t.vocab_size);
-      Tokenizer::train(t);
-      log::info("preprocess: tokenizer trained in ",
-                human_time(std::chrono::duration<double>(Clock::now() - t0).count()), " -> ",
-                model_path);
-    } else if (!same_file(opts.tokenizer_path, model_path)) {
-      std::error_code ec;
-      fs::copy_file(opts.tokenizer_path, model_path, fs::copy_options::overwrite_existing, ec);
-      ANDY_CHECK_T(IoError, !ec, "--tokenizer_path ", opts.tokenizer_path, ": cannot copy to ",
-                   model_path, ": ", ec.message());
-      std::string vocab = fs::path(opts.tokenizer_path).replace_extension(".vocab").string();
-      if (fs::is_regular_file(vocab))
-        fs::copy_file(vocab, (out / "tokenizer.vocab").string(),
-                      fs::copy_options::overwrite_existing, ec);
-    }
+void log_corpus(const DocumentCounts& c) {
+  log::info("preprocess: ", c.documents(), " documents (", c.read.empty_documents,
+            " empty dropped, ", c.read.invalid_utf8, " invalid UTF-8 sequences replaced, ",
+            c.read.skipped_lines, " malformed JSONL lines skipped)");
+}
+
+// Rank 0: trains the tokenizer on every rank's training text.
+void train_tokenizer_model(const Pipeline& p) {
+  TokenizerTrainOptions t;
+  for (int r = 0; r < p.ranks.size; ++r) t.input_files.push_back(training_text_path(p, r));
+  t.model_prefix = (p.out / "tokenizer").string();
+  t.vocab_size = p.opts.vocab_size > 0 ? p.opts.vocab_size : 32000;
+  t.model_type = p.opts.model_type;
+  t.character_coverage = p.opts.character_coverage;
+  t.input_sentence_size = p.opts.tokenizer_sentences;
+  t.num_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  t.seed = static_cast<uint32_t>(p.opts.seed);
+  auto t0 = Clock::now();
+  log::info("preprocess: training a ", p.opts.model_type, " sentencepiece tokenizer, vocab_size ",
+            t.vocab_size);
+  Tokenizer::train(t);
+  log::info("preprocess: tokenizer trained in ", format_duration(seconds_since(t0)), " -> ",
+            p.model_path());
+}
+
+// Rank 0: copies --tokenizer_path (and its .vocab, if any) into the output directory.
+void copy_tokenizer_model(const Pipeline& p) {
+  const std::string model_path = p.model_path();
+  std::error_code ec;
+  fs::copy_file(p.opts.tokenizer_path, model_path, fs::copy_options::overwrite_existing, ec);
+  ANDY_CHECK_T(IoError, !ec, "--tokenizer_path ", p.opts.tokenizer_path, ": cannot copy to ",
+               model_path, ": ", ec.message());
+  std::string vocab = fs::path(p.opts.tokenizer_path).replace_extension(".vocab").string();
+  if (fs::is_regular_file(vocab))
+    fs::copy_file(vocab, (p.out / "tokenizer.vocab").string(), fs::copy_options::overwrite_existing,
+                  ec);
+}
+
+// 4. Tokenizer: trained on rank 0 from every rank's text, or the given one copied in.
+void train_or_copy_tokenizer(const Pipeline& p) {
+  agreed(p.ranks, [&] {
+    if (p.ranks.rank != 0) return;
+    if (p.train_tokenizer)
+      train_tokenizer_model(p);
+    else if (!same_file(p.opts.tokenizer_path, p.model_path()))
+      copy_tokenizer_model(p);
   });
+}
+
+// 4. Every rank loads the tokenizer; a given --vocab_size must match a given tokenizer.
+Tokenizer load_tokenizer(const Pipeline& p) {
   Tokenizer tok;
-  agreed(ctx, [&] { tok = Tokenizer::load(model_path); });
-  res.vocab_size = tok.vocab_size();
-  res.tokenizer_path = model_path;
-  res.tokenizer_checksum = tok.checksum();
-  agreed(ctx, [&] {
-    ANDY_CHECK_T(ConfigError,
-                 train_tokenizer || opts.vocab_size == 0 || opts.vocab_size == tok.vocab_size(),
-                 "--vocab_size ", opts.vocab_size,
-                 " differs from the vocabulary of --tokenizer_path ", opts.tokenizer_path, " (",
-                 tok.vocab_size(), "); drop --vocab_size or use the matching tokenizer");
+  agreed(p.ranks, [&] { tok = Tokenizer::load(p.model_path()); });
+  agreed(p.ranks, [&] {
+    ANDY_CHECK_T(
+        ConfigError,
+        p.train_tokenizer || p.opts.vocab_size == 0 || p.opts.vocab_size == tok.vocab_size(),
+        "--vocab_size ", p.opts.vocab_size, " differs from the vocabulary of --tokenizer_path ",
+        p.opts.tokenizer_path, " (", tok.vocab_size(),
+        "); drop --vocab_size or use the matching tokenizer");
   });
+  return tok;
+}
 
-  // 5. Tokenize (threads) and write this rank's shards.
-  const int64_t n_val =
-      opts.val_fraction == 0
-          ? 0
-          : std::clamp<int64_t>(std::llround(n_docs * opts.val_fraction), 1, n_docs - 1);
-  IndexPermutation split_perm(static_cast<uint64_t>(n_docs), mix64(opts.seed) ^ 0x5EEDULL);
-  int threads = opts.threads;
-  if (threads <= 0) {
-    threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ctx.local_size);
+enum Split : int { kTrain = 0, kValidation = 1 };
+constexpr const char* kSplitNames[2] = {"train", "validation"};
+
+// The split of each document (data/preprocess.h): of n_docs documents, those whose position in
+// a seeded permutation of the global document index is below n_validation go to validation.
+class DocumentSplit {
+ public:
+  DocumentSplit(int64_t n_docs, double val_fraction, uint64_t seed)
+      : n_validation_(val_fraction == 0 ? 0
+                                        : std::clamp<int64_t>(std::llround(n_docs * val_fraction),
+                                                              1, n_docs - 1)),
+        perm_(static_cast<uint64_t>(n_docs), mix64(seed) ^ 0x5EEDULL) {}
+  Split of(int64_t doc) const {
+    return static_cast<int64_t>(perm_(static_cast<uint64_t>(doc))) < n_validation_ ? kValidation
+                                                                                   : kTrain;
   }
-  nlohmann::json my_shards = nlohmann::json::array();
-  agreed(ctx, [&] {
-    ShardWriteOptions wo;
-    wo.chunk_tokens = opts.chunk_tokens;
-    wo.compression = opts.compression;
-    const char* split_names[2] = {"train", "validation"};
-    std::unique_ptr<ShardWriter> writers[2];
-    int shard_index[2] = {0, 0};
-    auto close = [&](int s) {
-      if (!writers[s] || writers[s]->documents() == 0) return;
-      ShardSummary sum = writers[s]->finish();
-      my_shards.push_back({{"split", split_names[s]},
-                           {"file", fs::relative(sum.path, out).string()},
-                           {"tokens", sum.tokens},
-                           {"documents", sum.documents},
-                           {"checksum", sum.checksum}});
-      writers[s].reset();
-    };
-    auto writer_for = [&](int s, int64_t n) -> ShardWriter& {
-      if (writers[s] && writers[s]->tokens() > 0 && writers[s]->tokens() + n > opts.shard_tokens)
-        close(s);
-      if (!writers[s]) {
-        char name[64];
-        std::snprintf(name, sizeof name, "shard-%05d-%05d.h5", ctx.rank, shard_index[s]++);
-        writers[s] =
-            std::make_unique<ShardWriter>((out / split_names[s] / name).string(), split_names[s],
-                                          tok.vocab_size(), tok.checksum(), tok.eos_id(), wo);
-      }
-      return *writers[s];
-    };
-    Progress progress(my_doc_bytes[0], ctx.size);
-    ReadOptions again = opts.read;
-    again.log_problems = false;
-    for (size_t fi : mine) {
-      std::vector<std::string> fdocs = read_documents(files[fi], again).docs;
-      ANDY_CHECK_T(IoError, static_cast<int64_t>(fdocs.size()) == doc_counts[fi], files[fi].path,
-                   ": changed while preprocessing (", doc_counts[fi], " documents, now ",
-                   fdocs.size(), ")");
-      const size_t chunk = 512;
-      for (size_t b = 0; b < fdocs.size(); b += chunk) {
-        size_t e = std::min(fdocs.size(), b + chunk);
-        std::vector<std::vector<int32_t>> ids(e - b);
-        std::atomic<size_t> next{b};
-        std::exception_ptr err;
-        std::mutex err_mu;
-        auto work = [&] {
-          try {
-            for (size_t d; (d = next++) < e;) ids[d - b] = tok.encode(fdocs[d]);
-          } catch (...) {
-            std::lock_guard<std::mutex> l(err_mu);
-            err = std::current_exception();
-          }
-        };
-        std::vector<std::thread> pool;
-        int n_threads = static_cast<int>(std::min<size_t>(threads, e - b));
-        for (int t = 1; t < n_threads; ++t) pool.emplace_back(work);
-        work();
-        for (auto& t : pool) t.join();
-        if (err) std::rethrow_exception(err);
-        int64_t bytes = 0, tokens = 0;
-        for (size_t d = b; d < e; ++d) {
-          auto& v = ids[d - b];
-          v.push_back(tok.eos_id());
-          int64_t gid = first_doc[fi] + static_cast<int64_t>(d);
-          int s = static_cast<int64_t>(split_perm(static_cast<uint64_t>(gid))) < n_val ? 1 : 0;
-          writer_for(s, static_cast<int64_t>(v.size())).add_document(v.data(), v.size());
-          bytes += static_cast<int64_t>(fdocs[d].size());
-          tokens += static_cast<int64_t>(v.size());
-          std::string().swap(fdocs[d]);
-        }
-        progress.add(bytes, static_cast<int64_t>(e - b), tokens);
-      }
-    }
-    close(0);
-    close(1);
-    progress.print(true);
-  });
 
-  // 6. Manifest (rank 0), written last under a temporary name.
-  auto all = gather_strings(ctx, my_shards.dump());
-  agreed(ctx, [&] {
-    if (ctx.rank != 0) return;
-    nlohmann::json splits = {
-        {"train", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}},
-        {"validation", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}}};
-    for (const auto& s : all) {
-      for (const auto& sh : nlohmann::json::parse(s)) {
-        auto& sp = splits[sh["split"].get<std::string>()];
-        sp["documents"] = sp["documents"].get<int64_t>() + sh["documents"].get<int64_t>();
-        sp["tokens"] = sp["tokens"].get<int64_t>() + sh["tokens"].get<int64_t>();
-        nlohmann::json entry = sh;
-        entry.erase("split");
-        sp["shards"].push_back(entry);
-      }
+ private:
+  int64_t n_validation_;
+  IndexPermutation perm_;
+};
+
+// --threads, or this host's cores shared among its ranks.
+int tokenizer_threads(const PreprocessOptions& o, const RankGroup& ranks) {
+  if (o.threads > 0) return o.threads;
+  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks.local_size);
+}
+
+// Encodes docs[b, e) on up to `threads` threads (this one among them); rethrows a thread's error.
+std::vector<std::vector<int32_t>> encode_batch(const Tokenizer& tok,
+                                               const std::vector<std::string>& docs, size_t b,
+                                               size_t e, int threads) {
+  std::vector<std::vector<int32_t>> ids(e - b);
+  std::atomic<size_t> next{b};
+  std::exception_ptr err;
+  std::mutex err_mu;
+  auto work = [&] {
+    try {
+      for (size_t d; (d = next++) < e;) ids[d - b] = tok.encode(docs[d]);
+    } catch (...) {
+      std::lock_guard<std::mutex> l(err_mu);
+      err = std::current_exception();
     }
-    for (auto& [name, sp] : splits.items()) {
-      std::sort(
-          sp["shards"].begin(), sp["shards"].end(),
-          [](const nlohmann::json& a, const nlohmann::json& b) { return a["file"] < b["file"]; });
+  };
+  std::vector<std::thread> pool;
+  int n_threads = static_cast<int>(std::min<size_t>(threads, e - b));
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (err) std::rethrow_exception(err);
+  return ids;
+}
+
+// This rank's open shard of each split, <split>/shard-<rank>-<index>.h5. A shard is closed and
+// listed when the next document would take it past --shard_tokens: documents are never split.
+// Not thread-safe.
+class ShardSink {
+ public:
+  ShardSink(const Pipeline& p, const Tokenizer& tok) : p_(p), tok_(tok) {
+    options_.chunk_tokens = p.opts.chunk_tokens;
+    options_.compression = p.opts.compression;
+  }
+  void add(Split s, const std::vector<int32_t>& ids) {
+    writer_for(s, static_cast<int64_t>(ids.size())).add_document(ids.data(), ids.size());
+  }
+  // Closes the open shards (train first); returns every shard written, as manifest entries
+  // with their "split".
+  nlohmann::json finish() {
+    close(kTrain);
+    close(kValidation);
+    return std::move(shards_);
+  }
+
+ private:
+  ShardWriter& writer_for(Split s, int64_t n_tokens) {
+    if (writers_[s] && writers_[s]->tokens() > 0 &&
+        writers_[s]->tokens() + n_tokens > p_.opts.shard_tokens)
+      close(s);
+    if (!writers_[s]) {
+      char name[64];
+      std::snprintf(name, sizeof name, "shard-%05d-%05d.h5", p_.ranks.rank, shard_index_[s]++);
+      writers_[s] = std::make_unique<ShardWriter>((p_.out / kSplitNames[s] / name).string(),
+                                                  kSplitNames[s], tok_.vocab_size(),
+                                                  tok_.checksum(), tok_.eos_id(), options_);
     }
-    nlohmann::json m = {
-        {"format_version", kShardFormatVersion},
-        {"created_by", std::string("andyllm preprocess ") + ANDYLLM_VERSION},
-        {"tokenizer", "tokenizer.model"},
-        {"tokenizer_checksum", tok.checksum()},
-        {"vocab_size", tok.vocab_size()},
-        {"token_dtype", tok.vocab_size() <= 65536 ? "uint16" : "uint32"},
-        {"special_ids",
-         {{"pad", tok.pad_id()},
-          {"unk", tok.unk_id()},
-          {"bos", tok.bos_id()},
-          {"eos", tok.eos_id()}}},
-        {"normalization",
-         "invalid UTF-8 -> U+FFFD; CRLF/CR -> LF; document stripped of leading/trailing "
-         "whitespace; empty documents "
-         "dropped; sentencepiece identity rule with byte fallback"},
-        {"end_of_document", "eos"},
-        {"seed", opts.seed},
-        {"val_fraction", opts.val_fraction},
-        {"ranks", ctx.size},
-        {"input",
-         {{"dir", opts.input_dir},
-          {"files", res.files},
-          {"bytes", res.bytes},
-          {"documents", n_docs},
-          {"invalid_utf8_replaced", res.invalid_utf8},
-          {"malformed_jsonl_skipped", res.skipped_lines},
-          {"empty_documents_dropped", res.empty_documents}}},
-        {"splits", splits},
-    };
+    return *writers_[s];
+  }
+  void close(Split s) {
+    if (!writers_[s] || writers_[s]->documents() == 0) return;
+    ShardSummary sum = writers_[s]->finish();
+    shards_.push_back({{"split", kSplitNames[s]},
+                       {"file", fs::relative(sum.path, p_.out).string()},
+                       {"tokens", sum.tokens},
+                       {"documents", sum.documents},
+                       {"checksum", sum.checksum}});
+    writers_[s].reset();
+  }
+
+  const Pipeline& p_;
+  const Tokenizer& tok_;
+  ShardWriteOptions options_;
+  std::unique_ptr<ShardWriter> writers_[2];
+  int shard_index_[2] = {0, 0};
+  nlohmann::json shards_ = nlohmann::json::array();
+};
+
+// Step 5 on one rank, inside one agreed() call: reads the rank's files again, encodes them
+// batch by batch and adds every document, eos appended, to its split's shard.
+class ShardWriting {
+ public:
+  ShardWriting(const Pipeline& p, const Tokenizer& tok, const DocumentCounts& counts,
+               const DocumentSplit& split, int threads)
+      : p_(p),
+        tok_(tok),
+        counts_(counts),
+        split_(split),
+        threads_(threads),
+        sink_(p, tok),
+        progress_(counts.my_document_bytes, p.ranks.size),
+        reread_(p.opts.read) {
+    reread_.log_problems = false;  // step 3 reported them
+  }
+  // Writes the files `mine` (indices into p.files); returns this rank's shards (ShardSink).
+  nlohmann::json run(const std::vector<size_t>& mine) {
+    for (size_t fi : mine) write_file(fi);
+    nlohmann::json shards = sink_.finish();
+    progress_.print(true);
+    return shards;
+  }
+
+ private:
+  static constexpr size_t kBatch = 512;  // documents encoded between two progress updates
+
+  void write_file(size_t fi) {
+    std::vector<std::string> docs = read_documents(p_.files[fi], reread_).docs;
+    ANDY_CHECK_T(IoError, static_cast<int64_t>(docs.size()) == counts_.per_file[fi],
+                 p_.files[fi].path, ": changed while preprocessing (", counts_.per_file[fi],
+                 " documents, now ", docs.size(), ")");
+    for (size_t b = 0; b < docs.size(); b += kBatch)
+      write_batch(docs, b, std::min(docs.size(), b + kBatch), counts_.first_doc[fi]);
+  }
+  // Writes docs[b, e) of a file whose first document has global index first_doc, and frees
+  // their text.
+  void write_batch(std::vector<std::string>& docs, size_t b, size_t e, int64_t first_doc) {
+    std::vector<std::vector<int32_t>> ids = encode_batch(tok_, docs, b, e, threads_);
+    int64_t bytes = 0, tokens = 0;
+    for (size_t d = b; d < e; ++d) {
+      auto& v = ids[d - b];
+      v.push_back(tok_.eos_id());
+      sink_.add(split_.of(first_doc + static_cast<int64_t>(d)), v);
+      bytes += static_cast<int64_t>(docs[d].size());
+      tokens += static_cast<int64_t>(v.size());
+      std::string().swap(docs[d]);
+    }
+    progress_.add(bytes, static_cast<int64_t>(e - b), tokens);
+  }
+
+  const Pipeline& p_;
+  const Tokenizer& tok_;
+  const DocumentCounts& counts_;
+  const DocumentSplit& split_;
+  const int threads_;
+  ShardSink sink_;
+  Progress progress_;
+  ReadOptions reread_;
+};
+
+// 5. Tokenize (threads) and write this rank's shards; returns them (ShardSink::finish).
+nlohmann::json tokenize_and_write_shards(const Pipeline& p, const Tokenizer& tok,
+                                         const DocumentCounts& counts,
+                                         const std::vector<size_t>& mine) {
+  const DocumentSplit split(counts.documents(), p.opts.val_fraction, p.opts.seed);
+  const int threads = tokenizer_threads(p.opts, p.ranks);
+  nlohmann::json my_shards = nlohmann::json::array();
+  agreed(p.ranks, [&] { my_shards = ShardWriting(p, tok, counts, split, threads).run(mine); });
+  return my_shards;
+}
+
+// Per split: documents, tokens and shards written by every rank (int64_t fields only).
+struct SplitTotals {
+  int64_t documents = 0, tokens = 0, shards = 0;
+};
+struct DatasetTotals {
+  SplitTotals train, validation;
+};
+static_assert(sizeof(DatasetTotals) == 6 * sizeof(int64_t), "DatasetTotals: int64_t fields only");
+
+// Rank 0: every rank's shard list (ShardSink::finish, as JSON text) merged into the manifest's
+// "splits": per split its documents, tokens and shards sorted by file.
+nlohmann::json merge_shard_lists(const std::vector<std::string>& lists) {
+  nlohmann::json splits = {
+      {"train", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}},
+      {"validation", {{"documents", 0}, {"tokens", 0}, {"shards", nlohmann::json::array()}}}};
+  for (const auto& s : lists) {
+    for (const auto& sh : nlohmann::json::parse(s)) {
+      auto& sp = splits[sh["split"].get<std::string>()];
+      sp["documents"] = sp["documents"].get<int64_t>() + sh["documents"].get<int64_t>();
+      sp["tokens"] = sp["tokens"].get<int64_t>() + sh["tokens"].get<int64_t>();
+      nlohmann::json entry = sh;
+      entry.erase("split");
+      sp["shards"].push_back(entry);
+    }
+  }
+  for (auto& [name, sp] : splits.items()) {
+    std::sort(
+        sp["shards"].begin(), sp["shards"].end(),
+        [](const nlohmann::json& a, const nlohmann::json& b) { return a["file"] < b["file"]; });
+  }
+  return splits;
+}
+
+nlohmann::json manifest_json(const Pipeline& p, const Tokenizer& tok, const DocumentCounts& c,
+                             const nlohmann::json& splits) {
+  return {
+      {"format_version", kShardFormatVersion},
+      {"created_by", std::string("andyllm preprocess ") + ANDYLLM_VERSION},
+      {"tokenizer", "tokenizer.model"},
+      {"tokenizer_checksum", tok.checksum()},
+      {"vocab_size", tok.vocab_size()},
+      {"token_dtype", tok.vocab_size() <= 65536 ? "uint16" : "uint32"},
+      {"special_ids",
+       {{"pad", tok.pad_id()},
+        {"unk", tok.unk_id()},
+        {"bos", tok.bos_id()},
+        {"eos", tok.eos_id()}}},
+      {"normalization",
+       "invalid UTF-8 -> U+FFFD; CRLF/CR -> LF; document stripped of leading/trailing "
+       "whitespace; empty documents "
+       "dropped; sentencepiece identity rule with byte fallback"},
+      {"end_of_document", "eos"},
+      {"seed", p.opts.seed},
+      {"val_fraction", p.opts.val_fraction},
+      {"ranks", p.ranks.size},
+      {"input",
+       {{"dir", p.opts.input_dir},
+        {"files", static_cast<int64_t>(p.files.size())},
+        {"bytes", p.input_bytes},
+        {"documents", c.documents()},
+        {"invalid_utf8_replaced", c.read.invalid_utf8},
+        {"malformed_jsonl_skipped", c.read.skipped_lines},
+        {"empty_documents_dropped", c.read.empty_documents}}},
+      {"splits", splits},
+  };
+}
+
+// Writes out/manifest.json under a temporary name, then renames it into place.
+void write_manifest_file(const fs::path& out, const nlohmann::json& m) {
+  std::string tmp = (out / "manifest.json.tmp").string();
+  {
+    std::ofstream f(tmp);
+    f << m.dump(2) << "\n";
+    f.close();
+    ANDY_CHECK_T(IoError, f, tmp, ": write failed");
+  }
+  std::error_code ec;
+  fs::rename(tmp, out / "manifest.json", ec);
+  ANDY_CHECK_T(IoError, !ec, tmp, ": cannot rename to manifest.json: ", ec.message());
+}
+
+SplitTotals split_totals(const nlohmann::json& split) {
+  return {split["documents"].get<int64_t>(), split["tokens"].get<int64_t>(),
+          static_cast<int64_t>(split["shards"].size())};
+}
+
+// 6. Manifest (rank 0), written last under a temporary name; every rank gets rank 0's totals.
+DatasetTotals write_manifest(const Pipeline& p, const Tokenizer& tok, const DocumentCounts& c,
+                             const nlohmann::json& my_shards) {
+  auto all = gather_strings(p.ranks, my_shards.dump());
+  DatasetTotals totals;
+  agreed(p.ranks, [&] {
+    if (p.ranks.rank != 0) return;
+    nlohmann::json splits = merge_shard_lists(all);
+    nlohmann::json m = manifest_json(p, tok, c, splits);
     ANDY_CHECK_T(ConfigError, splits["train"]["tokens"].get<int64_t>() > 0,
                  "preprocess produced no training tokens");
-    std::string tmp = (out / "manifest.json.tmp").string();
-    {
-      std::ofstream f(tmp);
-      f << m.dump(2) << "\n";
-      f.close();
-      ANDY_CHECK_T(IoError, f, tmp, ": write failed");
-    }
+    write_manifest_file(p.out, m);
     std::error_code ec;
-    fs::rename(tmp, out / "manifest.json", ec);
-    ANDY_CHECK_T(IoError, !ec, tmp, ": cannot rename to manifest.json: ", ec.message());
-    fs::remove_all(tmp_dir, ec);
-    res.train_documents = splits["train"]["documents"];
-    res.train_tokens = splits["train"]["tokens"];
-    res.train_shards = static_cast<int64_t>(splits["train"]["shards"].size());
-    res.validation_documents = splits["validation"]["documents"];
-    res.validation_tokens = splits["validation"]["tokens"];
-    res.validation_shards = static_cast<int64_t>(splits["validation"]["shards"].size());
+    fs::remove_all(p.tmp_dir, ec);
+    totals = {split_totals(splits["train"]), split_totals(splits["validation"])};
   });
-  // Every rank gets rank 0's totals.
-  std::vector<int64_t> totals = {res.train_documents,   res.train_tokens,
-                                 res.train_shards,      res.validation_documents,
-                                 res.validation_tokens, res.validation_shards};
-  if (ctx.size > 1) MPI_CHECK(MPI_Bcast(totals.data(), 6, MPI_INT64_T, 0, ctx.comm));
-  res.train_documents = totals[0];
-  res.train_tokens = totals[1];
-  res.train_shards = totals[2];
-  res.validation_documents = totals[3];
-  res.validation_tokens = totals[4];
-  res.validation_shards = totals[5];
-  res.manifest_path = (out / "manifest.json").string();
-  res.seconds = std::chrono::duration<double>(Clock::now() - t_start).count();
-  log::info("preprocess: done in ", human_time(res.seconds), ": train ", res.train_documents,
+  broadcast_fields(p.ranks, totals);
+  return totals;
+}
+
+PreprocessResult result_of(const Pipeline& p, const DocumentCounts& c, const Tokenizer& tok,
+                           const DatasetTotals& totals, Clock::time_point t_start) {
+  PreprocessResult res;
+  res.files = static_cast<int64_t>(p.files.size());
+  res.bytes = p.input_bytes;
+  res.documents = c.documents();
+  res.invalid_utf8 = c.read.invalid_utf8;
+  res.skipped_lines = c.read.skipped_lines;
+  res.empty_documents = c.read.empty_documents;
+  res.vocab_size = tok.vocab_size();
+  res.tokenizer_path = p.model_path();
+  res.tokenizer_checksum = tok.checksum();
+  res.train_documents = totals.train.documents;
+  res.train_tokens = totals.train.tokens;
+  res.train_shards = totals.train.shards;
+  res.validation_documents = totals.validation.documents;
+  res.validation_tokens = totals.validation.tokens;
+  res.validation_shards = totals.validation.shards;
+  res.manifest_path = (p.out / "manifest.json").string();
+  res.seconds = seconds_since(t_start);
+  return res;
+}
+
+void log_done(const PreprocessResult& res) {
+  log::info("preprocess: done in ", format_duration(res.seconds), ": train ", res.train_documents,
             " docs, ", res.train_tokens, " tokens in ", res.train_shards, " shards; validation ",
             res.validation_documents, " docs, ", res.validation_tokens, " tokens in ",
             res.validation_shards, " shards; vocab ", res.vocab_size, " -> ", res.manifest_path);
+}
+
+// Steps 2-6, after step 1 (run_preprocess) checked the options, listed the input files and
+// prepared the output directory.
+PreprocessResult run_prepared(const Pipeline& p, Clock::time_point t_start) {
+  log_start(p);
+  const std::vector<size_t> mine = files_of_this_rank(p.files, p.ranks);
+  const DocumentCounts counts = count_documents(p, mine);
+  check_corpus(p, counts);
+  log_corpus(counts);
+  train_or_copy_tokenizer(p);
+  const Tokenizer tok = load_tokenizer(p);
+  const nlohmann::json my_shards = tokenize_and_write_shards(p, tok, counts, mine);
+  const DatasetTotals totals = write_manifest(p, tok, counts, my_shards);
+  PreprocessResult res = result_of(p, counts, tok, totals, t_start);
+  log_done(res);
   return res;
 }
 
 }  // namespace
+
+PreprocessResult run_preprocess(const PreprocessOptions& opts, const MpiComm* comm) {
+  const auto t_start = Clock::now();
+  Pipeline p = make_pipeline(opts, comm);
+  check_options_and_list_inputs(p);
+  const bool out_existed = fs::exists(p.out);
+  prepare_output_dir(p);
+  try {
+    return run_prepared(p, t_start);
+  } catch (...) {
+    // Every rank is here (agreed()): rank 0 cleans up.
+    if (p.ranks.rank == 0) remove_failed_run_output(p, out_existed);
+    throw;
+  }
+}
 
 }  // namespace andy::data

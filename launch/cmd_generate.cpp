@@ -83,57 +83,49 @@ json logprobs_json(const std::vector<serve::SampledToken>& v, const data::Tokeni
   return out;
 }
 
-int run_generate(const ParsedArgs& raw, World* world) {
-  reject_positional(raw, "generate");
-  ParsedArgs args = with_serving_flags(raw);
-  Config cfg = load_config_collectively(args, world);
-  if (handle_config_info_flags(args, cfg)) return 0;
-  configure_threads(cfg, world);
-  std::vector<std::string> prompts;
-  serve::SamplingParams params;
+// Rank 0: the prompts and sampling flags, checked before the model loads (agreed).
+void read_generate_inputs(const ParsedArgs& args, const Config& cfg, World* world, std::vector<std::string>* prompts,
+                          serve::SamplingParams* params) {
   run_agreed(world->comm().get(), [&] {
     if (!world->is_root()) return;
-    prompts = read_prompts(args);
-    params = sampling_from_flags(args, cfg.serve.max_tokens_default);
-    std::string bad = params.validate(1 << 30);
+    *prompts = read_prompts(args);
+    *params = sampling_from_flags(args, cfg.serve.max_tokens_default);
+    const std::string bad = params->validate(1 << 30);
     ANDY_USER_CHECK(bad.empty(), "andyllm generate: ", bad);
     if (args.has("output")) {
       fs::path parent = fs::path(args.get("output")).parent_path();
       ANDY_USER_CHECK(parent.empty() || fs::is_directory(parent), "--output ", args.get("output"),
-                   ": the directory ", parent.string(), " does not exist");
+                      ": the directory ", parent.string(), " does not exist");
     }
   });
-  ServingStack st = build_serving_stack(cfg, world);
-  if (!world->is_root()) return st.engine->run_worker();
-  // Every prompt is tokenized and checked first: a prompt that cannot be served stops the
-  // command before anything runs or is written.
-  const data::Tokenizer& tok = *st.tokenizer;
-  const int64_t max_len = st.engine->options().max_model_len;
-  std::vector<std::vector<int32_t>> prompt_ids;
-  std::string bad;
-  for (size_t i = 0; i < prompts.size() && bad.empty(); ++i) {
-    prompt_ids.push_back(tok.encode(prompts[i]));
-    const int64_t n = static_cast<int64_t>(prompt_ids.back().size());
-    if (n == 0)
-      bad = "prompt " + std::to_string(i) + " is empty";
-    else if (n + params.max_tokens > max_len)
-      bad = "prompt " + std::to_string(i) + " has " + std::to_string(n) + " tokens; with --max_tokens " +
-            std::to_string(params.max_tokens) + " that exceeds max_model_len = " + std::to_string(max_len) +
-            " (lower --max_tokens or shorten the prompt)";
-  }
-  if (!bad.empty()) {  // reported once by rank 0; every rank exits 2
-    log::error("andyllm generate: ", bad, "; nothing was generated");
-    st.engine->shutdown_workers(2);
-    return 2;
-  }
-  // Every prompt goes into the engine at once: continuous batching serves them together.
-  std::vector<Collected> results(prompts.size());
+}
+
+// Every prompt tokenized and checked first; the first that cannot be served is the error ("" if
+// none), so nothing runs or is written for a bad prompt.
+std::string tokenize_prompts(const std::vector<std::string>& prompts, const data::Tokenizer& tok, int64_t max_tokens,
+                             int64_t max_len, std::vector<std::vector<int32_t>>* ids) {
   for (size_t i = 0; i < prompts.size(); ++i) {
-    Collected& c = results[i];
+    ids->push_back(tok.encode(prompts[i]));
+    const int64_t n = static_cast<int64_t>(ids->back().size());
+    if (n == 0) return "prompt " + std::to_string(i) + " is empty";
+    if (n + max_tokens > max_len)
+      return "prompt " + std::to_string(i) + " has " + std::to_string(n) + " tokens; with --max_tokens " +
+             std::to_string(max_tokens) + " that exceeds max_model_len = " + std::to_string(max_len) +
+             " (lower --max_tokens or shorten the prompt)";
+  }
+  return "";
+}
+
+// Every prompt goes into the engine at once: continuous batching serves them together.
+void submit_all(serve::Engine& engine, const std::vector<std::vector<int32_t>>& prompt_ids,
+                const serve::SamplingParams& params, std::vector<Collected>* results) {
+  results->assign(prompt_ids.size(), Collected{});
+  for (size_t i = 0; i < prompt_ids.size(); ++i) {
+    Collected& c = (*results)[i];
     c.tokens.resize(params.n);
     c.sampled.resize(params.n);
     c.finish.resize(params.n);
-    st.engine->submit({prompt_ids[i], params}, [&c](const serve::RequestUpdate& u) {
+    engine.submit({prompt_ids[i], params}, [&c](const serve::RequestUpdate& u) {
       if (!u.error.empty()) {
         c.error = u.error;
         c.done = true;
@@ -149,30 +141,37 @@ int run_generate(const ParsedArgs& raw, World* world) {
       if (u.request_finished) c.done = true;
     });
   }
-  auto t0 = std::chrono::steady_clock::now();
+}
+
+// Steps the engine until every request is done, with a progress line every 5 s; the seconds.
+double run_to_completion(serve::Engine& engine, size_t n_prompts) {
+  const auto t0 = std::chrono::steady_clock::now();
   auto last_report = t0;
-  while (st.engine->step()) {
-    auto now = std::chrono::steady_clock::now();
-    if (now - last_report > std::chrono::seconds(5)) {
-      last_report = now;
-      const serve::EngineStats s = st.engine->stats();
-      const double el = std::chrono::duration<double>(now - t0).count();
-      const int64_t done = s.requests_finished + s.requests_refused;
-      log::info("generate: ", done, "/", prompts.size(), " prompts done, ", s.generation_tokens,
-                " tokens (", static_cast<int64_t>(s.generation_tokens / std::max(el, 1e-9)), " tok/s), ",
-                s.num_running, " running, ", s.num_waiting, " waiting; ETA ",
-                done > 0 ? std::to_string(static_cast<int64_t>(el / done * (prompts.size() - done))) + " s" : "?");
-    }
+  while (engine.step()) {
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_report <= std::chrono::seconds(5)) continue;
+    last_report = now;
+    const serve::EngineStats s = engine.stats();
+    const double el = std::chrono::duration<double>(now - t0).count();
+    const int64_t done = s.requests_finished + s.requests_refused;
+    log::info("generate: ", done, "/", n_prompts, " prompts done, ", s.generation_tokens, " tokens (",
+              static_cast<int64_t>(s.generation_tokens / std::max(el, 1e-9)), " tok/s), ", s.num_running,
+              " running, ", s.num_waiting, " waiting; ETA ",
+              done > 0 ? std::to_string(static_cast<int64_t>(el / done * (n_prompts - done))) + " s" : "?");
   }
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  st.engine->shutdown_workers();
-  // One JSON line per completion.
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// One JSON line per completion (an error line per failed prompt); counts the failed prompts
+// and generated tokens.
+std::string completion_lines(const std::vector<std::string>& prompts, const std::vector<Collected>& results,
+                             const serve::SamplingParams& params, const data::Tokenizer& tok, int64_t* failed,
+                             int64_t* generated) {
   std::ostringstream out;
-  int64_t failed = 0, generated = 0;
   for (size_t i = 0; i < prompts.size(); ++i) {
     const Collected& c = results[i];
     if (!c.error.empty()) {
-      ++failed;
+      ++*failed;
       log::error("prompt ", i, ": ", c.error);
       out << json({{"index", i}, {"prompt", prompts[i]}, {"error", c.error}}).dump() << "\n";
       continue;
@@ -188,15 +187,44 @@ int run_generate(const ParsedArgs& raw, World* world) {
                 {"completion_tokens", c.tokens[k].size()},
                 {"cached_prompt_tokens", c.cached}};
       if (params.logprobs >= 0) j["logprobs"] = logprobs_json(c.sampled[k], tok);
-      generated += static_cast<int64_t>(c.tokens[k].size());
+      *generated += static_cast<int64_t>(c.tokens[k].size());
       out << j.dump() << "\n";
     }
   }
+  return out.str();
+}
+
+int run_generate(const ParsedArgs& raw, World* world) {
+  reject_positional(raw, "generate");
+  ParsedArgs args = with_serving_flags(raw);
+  Config cfg = load_config_collectively(args, world);
+  if (handle_config_info_flags(args, cfg)) return 0;
+  configure_threads(cfg, world);
+  std::vector<std::string> prompts;
+  serve::SamplingParams params;
+  read_generate_inputs(args, cfg, world, &prompts, &params);
+  ServingStack st = build_serving_stack(cfg, world);
+  if (!world->is_root()) return st.engine->run_worker();
+  const data::Tokenizer& tok = *st.tokenizer;
+  std::vector<std::vector<int32_t>> prompt_ids;
+  const std::string bad =
+      tokenize_prompts(prompts, tok, params.max_tokens, st.engine->options().max_model_len, &prompt_ids);
+  if (!bad.empty()) {  // reported once by rank 0; every rank exits 2
+    log::error("andyllm generate: ", bad, "; nothing was generated");
+    st.engine->shutdown_workers(2);
+    return 2;
+  }
+  std::vector<Collected> results;
+  submit_all(*st.engine, prompt_ids, params, &results);
+  const double seconds = run_to_completion(*st.engine, prompts.size());
+  st.engine->shutdown_workers();
+  int64_t failed = 0, generated = 0;
+  const std::string lines = completion_lines(prompts, results, params, tok, &failed, &generated);
   if (args.has("output")) {
-    write_file_durable(args.get("output"), out.str());
+    write_file_durable(args.get("output"), lines);
     log::info("wrote ", args.get("output"));
   } else {
-    std::fwrite(out.str().data(), 1, out.str().size(), stdout);
+    std::fwrite(lines.data(), 1, lines.size(), stdout);
     std::fflush(stdout);
   }
   const serve::EngineStats s = st.engine->stats();

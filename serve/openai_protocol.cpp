@@ -110,20 +110,21 @@ std::optional<ApiError> parse_prompt(const json& body, const TextCodec& codec, A
   return std::nullopt;
 }
 
-// Fields both endpoints share; `max_tokens_key` already read into *max_tokens (or -1).
-std::optional<ApiError> parse_common(const json& body, const ProtocolOptions& opts, const TextCodec& codec,
-                                     int64_t max_tokens, ApiRequest* out) {
-  Fields f{body, std::nullopt};
-  if (const json* m = f.get("model")) {
-    if (!m->is_string()) return bad_param("model", "model: expected a string, got " + type_name(*m));
-    if (m->get<std::string>() != opts.model_id) {
-      ApiError e = bad_param("model", "The model `" + m->get<std::string>() + "` does not exist. This server serves `" +
-                                          opts.model_id + "` (GET /v1/models).");
-      e.status = 404;
-      e.code = "model_not_found";
-      return e;
-    }
-  }
+// "model": absent, or the served model's id (404 otherwise, as OpenAI and vLLM).
+std::optional<ApiError> check_model(Fields& f, const ProtocolOptions& opts) {
+  const json* m = f.get("model");
+  if (!m) return std::nullopt;
+  if (!m->is_string()) return bad_param("model", "model: expected a string, got " + type_name(*m));
+  if (m->get<std::string>() == opts.model_id) return std::nullopt;
+  ApiError e = bad_param("model", "The model `" + m->get<std::string>() + "` does not exist. This server serves `" +
+                                      opts.model_id + "` (GET /v1/models).");
+  e.status = 404;
+  e.code = "model_not_found";
+  return e;
+}
+
+// The plain sampling fields (numbers and switches) and user / seed / logit_bias.
+std::optional<ApiError> parse_sampling(Fields& f, ApiRequest* out) {
   SamplingParams& p = out->params;
   f.number("temperature", &p.temperature);
   f.number("top_p", &p.top_p);
@@ -151,6 +152,11 @@ std::optional<ApiError> parse_common(const json& body, const ProtocolOptions& op
       p.logit_bias[static_cast<int32_t>(id)] = it.value().get<double>();
     }
   }
+  return std::nullopt;
+}
+
+// stop, stop_token_ids, stream_options and the logprobs count.
+std::optional<ApiError> parse_stops_and_stream(Fields& f, ApiRequest* out) {
   if (const json* st = f.get("stop")) {
     if (st->is_string()) {
       out->stop.push_back(st->get<std::string>());
@@ -167,7 +173,7 @@ std::optional<ApiError> parse_common(const json& body, const ProtocolOptions& op
   }
   if (const json* ids = f.get("stop_token_ids")) {
     if (!ids->is_array() || !all_integers(*ids)) return bad_param("stop_token_ids", "stop_token_ids: expected a list of token ids");
-    for (const json& x : *ids) p.stop_token_ids.push_back(static_cast<int32_t>(x.get<int64_t>()));
+    for (const json& x : *ids) out->params.stop_token_ids.push_back(static_cast<int32_t>(x.get<int64_t>()));
   }
   if (const json* so = f.get("stream_options")) {
     if (!out->stream) return bad_param("stream_options", "stream_options: only allowed when stream is true");
@@ -176,38 +182,53 @@ std::optional<ApiError> parse_common(const json& body, const ProtocolOptions& op
     sf.boolean("include_usage", &out->include_usage);
     if (sf.err) return bad_param("stream_options", "stream_options.include_usage: expected a boolean");
   }
+  const bool chat = out->endpoint == Endpoint::kChat;
   if (out->top_logprobs < 0 || out->top_logprobs > kMaxTopLogprobs)
-    return bad_param(out->endpoint == Endpoint::kChat ? "top_logprobs" : "logprobs",
-                     (out->endpoint == Endpoint::kChat ? "top_logprobs = " : "logprobs = ") +
-                         std::to_string(out->top_logprobs) + ": expected 0 <= value <= 20");
-  p.logprobs = out->logprobs ? out->top_logprobs : -1;
-  // max_tokens: as given, else the default capped by the room left in the context.
+    return bad_param(chat ? "top_logprobs" : "logprobs", (chat ? "top_logprobs = " : "logprobs = ") +
+                                                             std::to_string(out->top_logprobs) + ": expected 0 <= value <= 20");
+  out->params.logprobs = out->logprobs ? out->top_logprobs : -1;
+  return std::nullopt;
+}
+
+// max_tokens: as given, else the default capped by the room left in the context; then the
+// whole request must fit the context (vLLM's wording, as the engine's).
+std::optional<ApiError> settle_max_tokens(const ProtocolOptions& opts, const TextCodec& codec, int64_t max_tokens,
+                                          ApiRequest* out) {
+  SamplingParams& p = out->params;
+  const char* prompt_param = out->endpoint == Endpoint::kChat ? "messages" : "prompt";
   int64_t longest = 0;
-  for (size_t i = 0; i < out->prompts.size(); ++i) {
-    const int64_t n = static_cast<int64_t>(out->prompts[i].size());
-    if (n == 0) return bad_param(out->endpoint == Endpoint::kChat ? "messages" : "prompt",
-                                 "the prompt is empty (at least one token is needed)");
-    longest = std::max(longest, n);
+  for (const auto& prompt : out->prompts) {
+    if (prompt.empty()) return bad_param(prompt_param, "the prompt is empty (at least one token is needed)");
+    longest = std::max(longest, static_cast<int64_t>(prompt.size()));
   }
   if (max_tokens >= 0) {
     p.max_tokens = max_tokens;
   } else {
     if (longest >= opts.max_model_len)
-      return bad_param(out->endpoint == Endpoint::kChat ? "messages" : "prompt",
-                       "This model's maximum context length is " + std::to_string(opts.max_model_len) +
-                           " tokens. However, your request has " + std::to_string(longest) +
-                           " input tokens. Please reduce the length of the input messages.");
+      return bad_param(prompt_param, "This model's maximum context length is " + std::to_string(opts.max_model_len) +
+                                         " tokens. However, your request has " + std::to_string(longest) +
+                                         " input tokens. Please reduce the length of the input messages.");
     p.max_tokens = std::min(opts.max_tokens_default, opts.max_model_len - longest);
   }
-  std::string bad = p.validate(codec.vocab_size);
+  const std::string bad = p.validate(codec.vocab_size);
   if (!bad.empty()) return bad_param(param_of(bad), bad);
-  if (longest + p.max_tokens > opts.max_model_len)  // vLLM's wording (as the engine's)
-    return bad_param(out->endpoint == Endpoint::kChat ? "messages" : "prompt",
-                     "This model's maximum context length is " + std::to_string(opts.max_model_len) +
-                         " tokens. However, you requested " + std::to_string(longest + p.max_tokens) + " tokens (" +
-                         std::to_string(longest) + " in the messages, " + std::to_string(p.max_tokens) +
-                         " in the completion). Please reduce the length of the messages or completion.");
+  if (longest + p.max_tokens > opts.max_model_len)
+    return bad_param(prompt_param, "This model's maximum context length is " + std::to_string(opts.max_model_len) +
+                                       " tokens. However, you requested " + std::to_string(longest + p.max_tokens) +
+                                       " tokens (" + std::to_string(longest) + " in the messages, " +
+                                       std::to_string(p.max_tokens) +
+                                       " in the completion). Please reduce the length of the messages or completion.");
   return std::nullopt;
+}
+
+// Fields both endpoints share; `max_tokens` already read (or -1).
+std::optional<ApiError> parse_common(const json& body, const ProtocolOptions& opts, const TextCodec& codec,
+                                     int64_t max_tokens, ApiRequest* out) {
+  Fields f{body, std::nullopt};
+  if (auto e = check_model(f, opts)) return e;
+  if (auto e = parse_sampling(f, out)) return e;
+  if (auto e = parse_stops_and_stream(f, out)) return e;
+  return settle_max_tokens(opts, codec, max_tokens, out);
 }
 
 }  // namespace
