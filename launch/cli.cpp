@@ -40,6 +40,14 @@ const std::vector<std::pair<std::string, std::string>>& named_config_flags() {
 }
 }  // namespace
 
+std::string ParsedArgs::get_any(std::initializer_list<const char*> names) const {
+  std::string value;
+  for (const auto& [flag, v] : ordered_)
+    for (const char* n : names)
+      if (flag == n) value = v;
+  return value;
+}
+
 bool ParsedArgs::has(const std::string& name) const {
   for (const auto& [k, v] : ordered_)
     if (k == name) return true;

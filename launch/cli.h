@@ -28,6 +28,8 @@ struct Flag {
 class ParsedArgs {
  public:
   bool has(const std::string& name) const;
+  // The value of the last given of several alias flags ({"model_path", "model"}), or "".
+  std::string get_any(std::initializer_list<const char*> names) const;
   // Last value given for `name`, or `fallback`.
   std::string get(const std::string& name, const std::string& fallback = "") const;
   double get_double(const std::string& name, double fallback) const;

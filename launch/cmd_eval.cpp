@@ -30,10 +30,8 @@ struct EvalOptions {
 EvalOptions eval_options_from(const ParsedArgs& args) {
   reject_positional(args, "eval");
   EvalOptions o;
-  for (const char* f : {"model_path", "model"})
-    if (args.has(f)) o.model = args.get(f);
-  for (const char* f : {"val_file", "split", "data"})
-    if (args.has(f)) o.split = args.get(f);
+  o.model = args.get_any({"model_path", "model"});
+  o.split = args.get_any({"val_file", "split", "data"});
   ANDY_USER_CHECK(!o.model.empty(), "--model_path is required");
   ANDY_USER_CHECK(!o.split.empty(), "--val_file is required (a split directory written by andyllm preprocess, "
                   "e.g. data/demo/processed/validation, a glob of .h5 shards or one .h5 file)");

@@ -63,10 +63,8 @@ ExportOptions export_options_from(const ParsedArgs& args) {
   ANDY_USER_CHECK(!o.format.empty(), "--format is required: hf (Hugging Face / vLLM) or gguf (llama.cpp)");
   ANDY_USER_CHECK(o.format == "hf" || o.format == "gguf", "--format '", o.format,
                   "': expected hf (Hugging Face / vLLM) or gguf (llama.cpp)");
-  for (const char* f : {"model_path", "model", "input"})
-    if (args.has(f)) o.model = args.get(f);
-  for (const char* f : {"output_dir", "output", "output_path"})
-    if (args.has(f)) o.output = args.get(f);
+  o.model = args.get_any({"model_path", "model", "input"});
+  o.output = args.get_any({"output_dir", "output", "output_path"});
   ANDY_USER_CHECK(!o.model.empty(), "--model_path is required (a best_model/ directory, its model.pt, a "
                   "checkpoint step directory, an int8 or a Hugging Face directory)");
   ANDY_USER_CHECK(!o.output.empty(), "--output_dir (hf) or --output FILE (gguf) is required");
@@ -79,9 +77,7 @@ ExportOptions export_options_from(const ParsedArgs& args) {
                     "--dtype '", o.dtype, "': GGUF export writes f32, f16, bf16 or q8_0");
   if (args.has("max_shard_size")) o.max_shard_bytes = parse_size(args.get("max_shard_size"), "max_shard_size");
   o.overwrite = args.has("overwrite");
-  std::error_code ec;
-  ANDY_USER_CHECK(o.overwrite || !fs::exists(fs::symlink_status(o.output, ec)), "output ", o.output,
-                  " already exists (pass --overwrite to replace it)");
+  check_output_free(o.output, o.overwrite);
   fs::path model_path(o.model);
   if (model_path.filename().empty()) model_path = model_path.parent_path();  // "dir/"
   o.name = args.get("name", model_path.filename().string());
@@ -172,18 +168,12 @@ int run_export(const ParsedArgs& args, World*) {
   const std::string tokenizer = checked_tokenizer(o, src, &vocab);
   log::info("export: reading ", o.model, src.int8 ? " (int8, dequantized)" : "");
   const StateDict full = load_full_model(src);
-  const std::string tmp = partial_path_for(o.output);
-  try {
+  build_then_publish(o.output, o.overwrite, [&](const std::string& tmp) {
     if (o.format == "hf")
       export_hf(o, src, full, tokenizer, vocab, tmp);
     else
       export_gguf(o, src, full, vocab, tmp);
-    publish_path(tmp, o.output, o.overwrite);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  });
   uint64_t bytes = 0;
   if (fs::is_directory(o.output)) {
     for (const auto& e : fs::directory_iterator(o.output)) bytes += e.is_regular_file() ? e.file_size() : 0;

@@ -27,10 +27,8 @@ struct QuantizeOptions {
 QuantizeOptions quantize_options_from(const ParsedArgs& args) {
   reject_positional(args, "quantize");
   QuantizeOptions o;
-  for (const char* f : {"model_path", "model", "input"})
-    if (args.has(f)) o.model = args.get(f);
-  for (const char* f : {"output_path", "output", "output_dir"})
-    if (args.has(f)) o.output = args.get(f);
+  o.model = args.get_any({"model_path", "model", "input"});
+  o.output = args.get_any({"output_path", "output", "output_dir"});
   ANDY_USER_CHECK(!o.model.empty(), "--model_path is required (a best_model/ directory, its model.pt, a "
                   "checkpoint step directory or a Hugging Face directory)");
   ANDY_USER_CHECK(!o.output.empty(), "--output_path is required (the directory to write)");
@@ -39,9 +37,7 @@ QuantizeOptions quantize_options_from(const ParsedArgs& args) {
                   "': only dynamic is supported (int8 weights, activations quantized at run time)");
   o.tokenizer = args.get("tokenizer_path");
   o.overwrite = args.has("overwrite");
-  std::error_code ec;
-  ANDY_USER_CHECK(o.overwrite || !fs::exists(fs::symlink_status(o.output, ec)), "output ", o.output,
-                  " already exists (pass --overwrite to replace it)");
+  check_output_free(o.output, o.overwrite);
   return o;
 }
 
@@ -83,15 +79,8 @@ int run_quantize(const ParsedArgs& args, World*) {
   log::info("quantize: reading ", o.model);
   const StateDict full = load_full_state_dict(src);
   const StateDict q = quantize_state_dict(full);
-  const std::string tmp = partial_path_for(o.output);
-  try {
-    write_quantized_dir(q, src, tokenizer, tmp);
-    publish_path(tmp, o.output, o.overwrite);
-  } catch (...) {
-    std::error_code ec;
-    fs::remove_all(tmp, ec);
-    throw;
-  }
+  build_then_publish(o.output, o.overwrite,
+                     [&](const std::string& tmp) { write_quantized_dir(q, src, tokenizer, tmp); });
   const auto [before, after] = linear_bytes(full, q);
   log::info("quantize: wrote ", o.output, ": linear weights ", static_cast<double>(before) / 1e6, " MB fp32 -> ",
             static_cast<double>(after) / 1e6, " MB int8 + scales (", static_cast<double>(before) / std::max<int64_t>(after, 1),

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "core/base/error.h"
 
@@ -102,6 +103,32 @@ void publish_path(const std::string& tmp, const std::string& dest, bool replace)
   std::string parent = fs::path(d).parent_path().string();
   fsync_path(parent.empty() ? "." : parent);
   if (exists) fs::remove_all(aside, ec);
+}
+
+void build_then_publish(const std::string& dest, bool replace, const std::function<void(const std::string& tmp)>& build) {
+  const std::string tmp = partial_path_for(dest);
+  try {
+    build(tmp);
+    publish_path(tmp, dest, replace);
+  } catch (...) {
+    std::error_code ec;
+    fs::remove_all(tmp, ec);
+    throw;
+  }
+}
+
+void check_output_free(const std::string& dest, bool replace) {
+  std::error_code ec;
+  ANDY_USER_CHECK(replace || !fs::exists(fs::symlink_status(dest, ec)), "output ", dest,
+                  " already exists (pass --overwrite to replace it)");
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream f(path);
+  ANDY_CHECK_T(IoError, f.good(), "cannot read ", path);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
 }
 
 DurableWriter::DurableWriter(const std::string& path) : path_(path) {

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace andy {
@@ -22,6 +23,15 @@ void write_file_durable(const std::string& path, const std::string& text);
 void publish_path(const std::string& tmp, const std::string& dest, bool replace);
 // "<dest>.partial-<pid>": the temporary name publish_path expects beside `dest`.
 std::string partial_path_for(const std::string& dest);
+// Runs build(tmp) with tmp = partial_path_for(dest), then publish_path(tmp, dest, replace); on
+// any failure removes tmp and rethrows. For outputs that must appear whole or not at all.
+void build_then_publish(const std::string& dest, bool replace, const std::function<void(const std::string& tmp)>& build);
+// ConfigError "output DEST already exists (pass --overwrite to replace it)" unless `replace`
+// or nothing is there: checked before any work.
+void check_output_free(const std::string& dest, bool replace);
+
+// The whole of a text file; IoError "cannot read PATH" when it cannot be opened.
+std::string read_text_file(const std::string& path);
 
 // A file written through our own descriptor, for writers that stream many pieces (archives,
 // safetensors, GGUF). write() never throws: the first failure is remembered and later writes

@@ -42,13 +42,6 @@ int64_t numel_of(const std::vector<int64_t>& shape) {
   return n;
 }
 
-std::string read_text(const std::string& path) {
-  std::ifstream f(path);
-  ANDY_CHECK_T(IoError, f.good(), "cannot read ", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 }  // namespace
 
@@ -167,7 +160,7 @@ std::map<std::string, at::Tensor> read_safetensors_dir(const std::string& dir) {
   if (fs::exists(index)) {
     std::map<std::string, std::string> weight_map;
     try {
-      weight_map = json::parse(read_text(index)).at("weight_map").get<std::map<std::string, std::string>>();
+      weight_map = json::parse(read_text_file(index)).at("weight_map").get<std::map<std::string, std::string>>();
     } catch (const std::exception& e) {
       ANDY_THROW(IoError, "safetensors index ", index, " is damaged (a weight_map of tensor -> file expected): ", e.what());
     }

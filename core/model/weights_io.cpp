@@ -47,13 +47,6 @@ std::string archive_key(const std::string& tensor_name) {
 
 namespace {
 
-std::string read_text(const std::string& path) {
-  std::ifstream f(path);
-  ANDY_CHECK_T(IoError, f.good(), "cannot read ", path);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
 
 Config saved_config(const std::string& text, const std::string& source) {
   Config c;
@@ -178,7 +171,7 @@ ModelSource resolve_model_source(const std::string& path) {
     src.kind = ModelSource::Kind::kHuggingFace;
     src.dir = path;
     src.config_file = path + "/config.json";
-    src.config.model = model_config_from_hf_json(read_text(src.config_file), src.config_file);
+    src.config.model = model_config_from_hf_json(read_text_file(src.config_file), src.config_file);
     const std::string tok = path + "/tokenizer.model";
     src.config.data.tokenizer_path = fs::exists(tok) ? tok : "";
     return src;
@@ -202,7 +195,7 @@ ModelSource resolve_model_source(const std::string& path) {
     src.config_file = src.dir + "/config.toml";
     ANDY_CHECK_T(IoError, fs::exists(src.config_file), "--model ", path, ": ", src.config_file,
                  " is missing (the model's shapes and tokenizer are read from it)");
-    src.config = saved_config(read_text(src.config_file), src.config_file);
+    src.config = saved_config(read_text_file(src.config_file), src.config_file);
     src.int8 = fs::exists(src.dir + "/" + kQuantizationFile);
     // A tokenizer copied beside the weights (quantize and export write one) is the model's.
     if (fs::exists(src.dir + "/tokenizer.model")) src.config.data.tokenizer_path = src.dir + "/tokenizer.model";
@@ -211,7 +204,7 @@ ModelSource resolve_model_source(const std::string& path) {
   src.config_file = src.dir + "/meta.json";
   nlohmann::json meta;
   try {
-    meta = nlohmann::json::parse(read_text(src.config_file));
+    meta = nlohmann::json::parse(read_text_file(src.config_file));
     src.saved_tp = meta.at("tp_size").get<int>();
     src.config = saved_config(meta.at("config").get<std::string>(), src.config_file + " (config)");
   } catch (const Error&) {

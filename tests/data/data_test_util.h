@@ -96,6 +96,20 @@ inline std::string corpus_doc(int i) {
   return "doc " + std::to_string(i) + ": " + d;
 }
 
+// Trains the tests' tokenizer (600 pieces on 300 corpus_doc documents: English, Chinese, emoji,
+// so rarer characters fall back to bytes) into dir/tok.model; returns its path.
+inline std::string train_test_tokenizer(const std::string& dir) {
+  std::string corpus;
+  for (int i = 0; i < 300; ++i) corpus += corpus_doc(i) + "\n";
+  write_file(dir + "/corpus.txt", corpus);
+  TokenizerTrainOptions o;
+  o.input_files = {dir + "/corpus.txt"};
+  o.model_prefix = dir + "/tok";
+  o.vocab_size = 600;
+  Tokenizer::train(o);
+  return dir + "/tok.model";
+}
+
 // Every document of a split directory, decoded (trailing eos checked and dropped).
 inline std::vector<std::string> decode_split(const std::string& dir, const Tokenizer& tok) {
   std::vector<std::string> files;

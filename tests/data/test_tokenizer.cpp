@@ -20,14 +20,7 @@ class TokenizerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new TempDir("andyllm-tok");
-    std::string corpus;
-    for (int i = 0; i < 300; ++i) corpus += corpus_doc(i) + "\n";
-    write_file(*dir_ / "corpus.txt", corpus);
-    TokenizerTrainOptions o;
-    o.input_files = {*dir_ / "corpus.txt"};
-    o.model_prefix = *dir_ / "tok";
-    o.vocab_size = 600;
-    Tokenizer::train(o);
+    train_test_tokenizer(dir_->path());
   }
   static void TearDownTestSuite() { delete dir_; }
   static TempDir* dir_;

@@ -33,14 +33,7 @@ class HfTokenizerTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     dir_ = new TempDir("andyllm-hf-tok");
-    std::string corpus;
-    for (int i = 0; i < 300; ++i) corpus += corpus_doc(i) + "\n";
-    write_file(*dir_ / "corpus.txt", corpus);
-    TokenizerTrainOptions o;
-    o.input_files = {*dir_ / "corpus.txt"};
-    o.model_prefix = *dir_ / "tok";
-    o.vocab_size = 600;
-    Tokenizer::train(o);
+    train_test_tokenizer(dir_->path());
   }
   static void TearDownTestSuite() { delete dir_; }
   static std::string model() { return *dir_ / "tok.model"; }
