@@ -85,7 +85,7 @@ ParsedArgs parse_flags(const std::string& command, const std::vector<Flag>& flag
   for (int i = start; i < argc; ++i) {
     std::string a = argv[i];
     if (a.rfind("--", 0) != 0 || a.size() == 2) {
-      out.positional_.push_back(a);
+      out.append_positional(a);
       continue;
     }
     std::string body = a.substr(2), value;
@@ -98,7 +98,7 @@ ParsedArgs parse_flags(const std::string& command, const std::vector<Flag>& flag
     }
     std::string name = normalize(body);
     if (name == "help") {
-      out.ordered_.push_back({"help", "true"});
+      out.append("help", "true");
       continue;
     }
     const Flag* spec = nullptr;
@@ -116,7 +116,7 @@ ParsedArgs parse_flags(const std::string& command, const std::vector<Flag>& flag
       if (has_value && value != "true" && value != "false") {
         throw ConfigError("andyllm " + command + ": --" + spec->name + " takes no value");
       }
-      out.ordered_.push_back({spec->name, has_value ? value : "true"});
+      out.append(spec->name, has_value ? value : "true");
       continue;
     }
     if (!has_value) {
@@ -126,7 +126,7 @@ ParsedArgs parse_flags(const std::string& command, const std::vector<Flag>& flag
       }
       value = argv[++i];
     }
-    out.ordered_.push_back({spec->name, value});
+    out.append(spec->name, value);
   }
   return out;
 }

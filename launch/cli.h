@@ -37,7 +37,12 @@ class ParsedArgs {
   // Every (flag, value) in command-line order; switches have value "true".
   const std::vector<std::pair<std::string, std::string>>& ordered() const { return ordered_; }
   const std::vector<std::string>& positional() const { return positional_; }
+  // Appends a flag as if given last on the command line (a command mapping its own flags onto
+  // --set entries, e.g. --resume PATH to --set checkpoint.resume=PATH).
+  void append(const std::string& flag, const std::string& value) { ordered_.push_back({flag, value}); }
+  void append_positional(const std::string& arg) { positional_.push_back(arg); }
 
+ private:
   std::vector<std::pair<std::string, std::string>> ordered_;
   std::vector<std::string> positional_;
 };

@@ -34,7 +34,7 @@ Subcommand make_train_command() {
     install_stop_signal_handlers();
     reject_positional(args, "train");
     ParsedArgs a = args;
-    if (args.has("resume")) a.ordered_.push_back({"set", "checkpoint.resume=" + args.get("resume")});
+    if (args.has("resume")) a.append("set", "checkpoint.resume=" + args.get("resume"));
     Config cfg = load_config_collectively(a, world);
     if (handle_config_info_flags(a, cfg, model_summary(cfg))) return 0;
     configure_threads(cfg, world);

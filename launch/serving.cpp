@@ -77,7 +77,7 @@ ParsedArgs with_serving_flags(const ParsedArgs& args, const ServeKeyTable& extra
   for (const auto& [flag, value] : args.ordered())
     for (const ServeKeyTable* table : {&serving_keys(), &extra_keys})
       for (const auto& [f, key] : *table)
-        if (flag == f) a.ordered_.push_back({"set", "serve." + key + "=" + value});
+        if (flag == f) a.append("set", "serve." + key + "=" + value);
   return a;
 }
 
