@@ -138,7 +138,7 @@ PartitionSpec VocabParallelEmbeddingImpl::partition_spec() const {
 }
 
 int64_t VocabParallelEmbeddingImpl::vocab_start() const {
-  return tp_rank_of(options.tp()) * (options.padded_vocab_size() / tp_size_of(options.tp()));
+  return shard_offset(partition_spec(), tp_rank_of(options.tp()), tp_size_of(options.tp()));
 }
 
 at::Tensor VocabParallelEmbeddingImpl::forward(const at::Tensor& ids) {

@@ -21,6 +21,10 @@ void check_spec(const at::Tensor& t, const PartitionSpec& spec, int tp_size,
 
 }  // namespace
 
+int64_t shard_offset(const PartitionSpec& spec, int tp_rank, int tp_size) {
+  return spec.replicated() ? 0 : tp_rank * (spec.padded_size / tp_size);
+}
+
 at::Tensor shard_tensor(const at::Tensor& full, const PartitionSpec& spec, int tp_rank,
                         int tp_size) {
   if (spec.replicated()) return full.clone(at::MemoryFormat::Contiguous);
@@ -29,7 +33,7 @@ at::Tensor shard_tensor(const at::Tensor& full, const PartitionSpec& spec, int t
              " along dim ", spec.dim, " but the partition spec says ", spec.full_size, " (shape ",
              full.sizes(), ")");
   int64_t n = spec.padded_size / tp_size;
-  int64_t start = tp_rank * n;
+  int64_t start = shard_offset(spec, tp_rank, tp_size);
   int64_t real = std::max<int64_t>(0, std::min(n, spec.full_size - start));
   std::vector<int64_t> shape(full.sizes().begin(), full.sizes().end());
   shape[spec.dim] = n;

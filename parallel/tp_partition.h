@@ -41,6 +41,10 @@ struct PartitionSpec {
 using StateDict = std::map<std::string, at::Tensor>;
 using PartitionSpecs = std::map<std::string, PartitionSpec>;
 
+// Where rank `tp_rank`'s chunk starts along spec.dim (in the padded tensor): the one place the
+// shard-offset formula lives. 0 for a replicated tensor.
+int64_t shard_offset(const PartitionSpec& spec, int tp_rank, int tp_size);
+
 // Rank `tp_rank`'s chunk of `full` (a fresh contiguous tensor). Throws Error on a shape that
 // does not match the spec.
 at::Tensor shard_tensor(const at::Tensor& full, const PartitionSpec& spec, int tp_rank,

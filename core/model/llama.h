@@ -173,7 +173,7 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   int tp_size() const;
   int tp_rank() const;
   int64_t padded_vocab() const { return padded_vocab_; }
-  int64_t vocab_start() const { return tp_rank() * (padded_vocab_ / tp_size()); }
+  int64_t vocab_start() const { return model->embed_tokens->vocab_start(); }
 
   LlamaModel model{nullptr};
   ColumnParallelLinear lm_head{nullptr};  // null when tie_embeddings
