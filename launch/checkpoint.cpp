@@ -17,12 +17,14 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/base/durable_fs.h"
 #include "core/base/logging.h"
 #include "core/model/model_config.h"
+#include "core/model/safetensors.h"
 #include "core/model/weights_io.h"
 #include "data/checksum.h"
 #include "parallel/agreement.h"
@@ -187,29 +189,35 @@ at::Tensor gather_rng_states(const TrainGrid& g, at::Device device) {
   return all.view({g.world_size(), -1});
 }
 
-// The first DP replica writes its TP shard (weights, moments, step count, loss scaler) and a
-// sidecar with the file's checksum; the error text, or "".
+// The first DP replica writes its TP shard: the weights as safetensors, the moments, step count
+// and loss scaler as an archive, each with a sidecar holding its checksum; the error text, or "".
 std::string write_rank_shard(Trainer& tr, const std::string& tmp_dir) {
   const TrainGrid& g = tr.grid();
   const std::string file = tmp_dir + "/" + checkpoint_shard_file(g.tp_rank());
+  const std::string weights_file = tmp_dir + "/" + checkpoint_weights_file(g.tp_rank());
   const TrainerOptions& opts = tr.options();
   if (opts.fail_checkpoint_rank == g.rank() && opts.fail_checkpoint_step == tr.step())
     return "checkpoint: cannot write " + file + ": injected failure (TrainerOptions::fail_checkpoint_rank)";
   if (g.dp_rank() != 0) return "";
+  std::string current = weights_file;
   try {
+    NamedTensors weights;
     torch::serialize::OutputArchive ar;
     for (auto& s : tr.optimizer().slots()) {
-      const at::Tensor values[] = {s.param.detach(), s.exp_avg, s.exp_avg_sq};
-      for (size_t i = 0; i < optimizer_prefixes().size(); ++i)
-        ar.write(archive_key(optimizer_prefixes()[i] + s.name), values[i].cpu());
+      weights.emplace_back(s.name, s.param.detach().cpu());
+      ar.write(archive_key("exp_avg." + s.name), s.exp_avg.cpu());
+      ar.write(archive_key("exp_avg_sq." + s.name), s.exp_avg_sq.cpu());
     }
     ar.write("optimizer_steps", at::full({1}, tr.optimizer().steps(), at::kLong));
     ar.write("loss_scaler", at::tensor({tr.scaler().scale(), static_cast<double>(tr.scaler().growth_tracker())},
                                        at::kDouble));
-    // The checksum travels to rank 0 (meta.json) in a sidecar file beside the shard.
+    // The checksums travel to rank 0 (meta.json) in sidecar files beside the shards.
+    write_safetensors(weights, weights_file);
+    write_file_durable(weights_file + ".checksum", data::file_checksum(weights_file) + "\n");
+    current = file;
     write_file_durable(file + ".checksum", save_archive(ar, file) + "\n");
   } catch (const std::exception& e) {
-    return describe_write_failure("checkpoint", file, e);
+    return describe_write_failure("checkpoint", current, e);
   }
   return "";
 }
@@ -220,15 +228,16 @@ json write_rng_and_collect_checksums(const std::string& tmp_dir, const at::Tenso
   rar.write("rng", all_rng);
   json checksums;
   checksums["rng.pt"] = save_archive(rar, tmp_dir + "/rng.pt");
-  for (int r = 0; r < tp_size; ++r) {
-    const std::string side = tmp_dir + "/" + checkpoint_shard_file(r) + ".checksum";
-    std::ifstream in(side);
-    std::string sum;
-    in >> sum;
-    ANDY_CHECK_T(IoError, !sum.empty(), "checkpoint: ", side, " is missing");
-    checksums[checkpoint_shard_file(r)] = sum;
-    fs::remove(side);
-  }
+  for (int r = 0; r < tp_size; ++r)
+    for (const std::string& name : {checkpoint_weights_file(r), checkpoint_shard_file(r)}) {
+      const std::string side = tmp_dir + "/" + name + ".checksum";
+      std::ifstream in(side);
+      std::string sum;
+      in >> sum;
+      ANDY_CHECK_T(IoError, !sum.empty(), "checkpoint: ", side, " is missing");
+      checksums[name] = sum;
+      fs::remove(side);
+    }
   return checksums;
 }
 
@@ -237,7 +246,7 @@ json checkpoint_meta(Trainer& tr, const json& checksums) {
   const Config& cfg = tr.config();
   const data::LoaderCursor c = tr.train_loader().cursor();
   json meta;
-  meta["format_version"] = 2;  // 2: per-file checksums
+  meta["format_version"] = 3;  // 2: per-file checksums; 3: weights apart, in safetensors
   meta["step"] = tr.step();
   meta["optimizer_steps"] = tr.optimizer().steps();
   meta["tp_size"] = g.tp_size();
@@ -253,7 +262,10 @@ json checkpoint_meta(Trainer& tr, const json& checksums) {
   meta["loss_scale"] = tr.scaler().scale();
   meta["loss_scale_growth_tracker"] = tr.scaler().growth_tracker();
   meta["files"] = json::array();
-  for (int r = 0; r < g.tp_size(); ++r) meta["files"].push_back(checkpoint_shard_file(r));
+  for (int r = 0; r < g.tp_size(); ++r) {
+    meta["files"].push_back(checkpoint_weights_file(r));
+    meta["files"].push_back(checkpoint_shard_file(r));
+  }
   meta["checksums"] = checksums;  // FNV-1a 64 per file, verified before a resume
   meta["config"] = config_to_toml(cfg);
   return meta;
@@ -432,10 +444,13 @@ void check_resume_checkpoint(const Config& cfg, const std::string& dir, int tp_r
   const int saved_tp = meta.value("tp_size", 0);
   ANDY_USER_CHECK(saved_tp >= 1, "checkpoint file ", meta_path, " has no valid tp_size");
   // The files this rank will read: its own shard at the same TP size, every shard otherwise.
+  const bool weights_apart = meta.value("format_version", 1) >= 3;
   std::vector<std::string> files;
-  if (saved_tp == tp_size) files.push_back(checkpoint_shard_file(tp_rank));
-  else
-    for (int r = 0; r < saved_tp; ++r) files.push_back(checkpoint_shard_file(r));
+  for (int r = 0; r < saved_tp; ++r) {
+    if (saved_tp == tp_size && r != tp_rank) continue;
+    if (weights_apart) files.push_back(checkpoint_weights_file(r));
+    files.push_back(checkpoint_shard_file(r));
+  }
   if (tp_rank == 0) files.push_back("rng.pt");
   const json sums = meta.value("checksums", json::object());
   for (const std::string& name : files) {
@@ -491,14 +506,31 @@ json read_meta_for_load(const std::string& dir) {
   }
 }
 
-// One shard file: every optimizer tensor of `slots` (shapes checked when `check_shapes`), and
-// the step count and loss scaler into `state`.
-void read_shard_file(const std::string& file, const std::vector<AdamW::Slot>& slots, bool check_shapes,
+// One TP rank's files: every optimizer tensor of `slots` (shapes checked when `check_shapes`),
+// the weights from model_tpRR.safetensors (format 3) or the shard archive (older), and the step
+// count and loss scaler into `scalars`.
+void read_shard_file(const std::string& dir, int r, const std::vector<AdamW::Slot>& slots, bool check_shapes,
                      StateDict& tensors, ShardState* scalars) {
+  const std::string file = dir + "/" + checkpoint_shard_file(r);
+  const std::string weights_file = dir + "/" + checkpoint_weights_file(r);
+  const bool weights_apart = fs::exists(weights_file);
   auto ar = open_archive(file);
+  std::optional<SafetensorsFile> weights;
+  if (weights_apart) weights = SafetensorsFile::open(weights_file);
   for (const auto& s : slots)
-    for (const std::string& pre : optimizer_prefixes())
-      tensors[pre + s.name] = read_tensor(ar, file, pre + s.name, check_shapes ? s.param.sizes() : at::IntArrayRef{});
+    for (const std::string& pre : optimizer_prefixes()) {
+      const at::IntArrayRef expected = check_shapes ? s.param.sizes() : at::IntArrayRef{};
+      if (pre.empty() && weights_apart) {
+        ANDY_CHECK_T(IoError, weights->contains(s.name), "checkpoint file ", weights_file, ": entry '", s.name,
+                     "' is missing (damaged or from another model)");
+        at::Tensor t = weights->tensor(s.name).clone();
+        ANDY_CHECK_T(IoError, expected.empty() || t.sizes() == expected, "checkpoint file ", weights_file, ": '",
+                     s.name, "' has shape ", t.sizes(), ", the model expects ", expected, " (another model config?)");
+        tensors[s.name] = t;
+      } else {
+        tensors[pre + s.name] = read_tensor(ar, file, pre + s.name, expected);
+      }
+    }
   if (!scalars) return;
   scalars->optimizer_steps = read_tensor(ar, file, "optimizer_steps", {1}).item<int64_t>();
   const at::Tensor sc = read_tensor(ar, file, "loss_scaler", {2});
@@ -513,7 +545,7 @@ ShardState read_resharded(Trainer& tr, const std::string& dir, int old_tp) {
   ShardState st;
   std::vector<StateDict> shards(old_tp);
   for (int r = 0; r < old_tp; ++r)
-    read_shard_file(dir + "/" + checkpoint_shard_file(r), slots, false, shards[r], r == 0 ? &st : nullptr);
+    read_shard_file(dir, r, slots, false, shards[r], r == 0 ? &st : nullptr);
   const PartitionSpecs old_specs = llama_partition_specs(tr.config().model, old_tp);
   const PartitionSpecs new_specs = llama_partition_specs(tr.config().model, g.tp_size());
   PartitionSpecs old_all, new_all;
@@ -588,7 +620,7 @@ void load_checkpoint_local(Trainer& tr, const std::string& dir) {
   const int old_tp = meta.at("tp_size").get<int>();
   ShardState st;
   if (old_tp == g.tp_size())
-    read_shard_file(dir + "/" + checkpoint_shard_file(g.tp_rank()), tr.optimizer().slots(), true, st.tensors, &st);
+    read_shard_file(dir, g.tp_rank(), tr.optimizer().slots(), true, st.tensors, &st);
   else
     st = read_resharded(tr, dir, old_tp);
   apply_shard_state(tr, st);

@@ -1,9 +1,14 @@
 // Training checkpoints: output_dir/checkpoints/step_NNNNNNNN/ holding
-//   shard_tpRR.pt   one per TP rank, written by DP rank 0 of that TP rank: the rank's parameter
-//                   shards, AdamW moments (exp_avg/NAME, exp_avg_sq/NAME) and the loss scaler
+//   model_tpRR.safetensors  one per TP rank, written by DP rank 0 of that TP rank: the rank's
+//                   parameter shards (as stored: the vocabulary padded), so a reader of the
+//                   weights alone (serving, export: core/model/weights_io.h) maps them and never
+//                   reads the optimizer state
+//   shard_tpRR.pt   the same rank's AdamW moments (exp_avg/NAME, exp_avg_sq/NAME), optimizer step
+//                   count and loss scaler (format 2 and older: the parameter shards too)
 //   rng.pt          every rank's CPU generator state ([world, bytes] uint8), from rank 0
-//   meta.json       step, optimizer steps, tp/dp sizes, batch sizes, data cursor (epoch and
-//                   windows consumed in the epoch), best validation loss, the effective config
+//   meta.json       format_version 3, step, optimizer steps, tp/dp sizes, batch sizes, data
+//                   cursor (epoch and windows consumed in the epoch), best validation loss, the
+//                   effective config, every file's FNV-1a 64 checksum
 // A save writes step_N.tmp/, waits until every rank has finished (barrier), renames it to
 // step_N/ and only then replaces the `latest` file (write + rename, atomic). Older step
 // directories beyond checkpoint.keep_last are removed: only steps older than the one just

@@ -39,6 +39,12 @@ std::string checkpoint_shard_file(int tp_rank) {
   return buf;
 }
 
+std::string checkpoint_weights_file(int tp_rank) {
+  char buf[40];
+  std::snprintf(buf, sizeof buf, "model_tp%02d.safetensors", tp_rank);
+  return buf;
+}
+
 std::string archive_key(const std::string& tensor_name) {
   std::string k = tensor_name;
   std::replace(k.begin(), k.end(), '.', '/');
@@ -101,13 +107,26 @@ StateDict read_full_weights(const ModelSource& src) {
   return full;
 }
 
-// The weights of rank r's shard of a checkpoint written at tp = saved_tp, as stored (padded).
+// The weights of rank r's shard of a checkpoint written at tp = saved_tp, as stored (padded):
+// from its safetensors file (format 3: mapped, the optimizer file is never opened), else from
+// the shard archive of older checkpoints.
 StateDict read_checkpoint_shard(const ModelSource& src, int r, const PartitionSpecs& specs) {
-  const std::string file = src.dir + "/" + checkpoint_shard_file(r);
-  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint ", src.dir, ": ", checkpoint_shard_file(r),
-               " is missing (meta.json says tp_size ", src.saved_tp, "; partial checkpoint?)");
-  auto ar = open_weights(file);
+  const std::string weights = src.dir + "/" + checkpoint_weights_file(r);
   StateDict shard;
+  if (fs::exists(weights)) {
+    SafetensorsFile f = SafetensorsFile::open(weights);
+    for (const auto& [name, spec] : specs) {
+      ANDY_CHECK_T(IoError, f.contains(name), "checkpoint file ", weights, ": tensor '", name,
+                   "' is missing (damaged, or a model of another architecture)");
+      shard[name] = f.tensor(name).clone();
+    }
+    return shard;
+  }
+  const std::string file = src.dir + "/" + checkpoint_shard_file(r);
+  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint ", src.dir, ": ", checkpoint_weights_file(r), " and ",
+               checkpoint_shard_file(r), " are missing (meta.json says tp_size ", src.saved_tp,
+               "; partial checkpoint?)");
+  auto ar = open_weights(file);
   for (const auto& [name, spec] : specs) shard[name] = read_weight(ar, file, name);
   return shard;
 }
@@ -232,7 +251,7 @@ StateDict load_model_shard(const ModelSource& src, int tp_rank, int tp_size) {
       std::vector<int64_t> expected = shapes.at(name);
       const PartitionSpec& sp = specs.at(name);
       if (!sp.replicated()) expected[sp.dim] = sp.padded_size / tp_size;
-      check_shape(t, expected, src.dir + "/" + checkpoint_shard_file(tp_rank), name);
+      check_shape(t, expected, src.dir, name);
     }
     return mine;
   }

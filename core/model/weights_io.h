@@ -5,9 +5,10 @@
 // safetensors):
 //   best_model/              model.pt (full, unsharded tensors) + config.toml (+ meta.json)
 //   best_model/model.pt      the same, named by its file (config.toml beside it)
-//   checkpoints/step_N/      shard_tpRR.pt per TP rank of the run that wrote it (weights and
-//                            AdamW moments; only the weights are used here) + meta.json
-//                            (tp_size, the saved config)
+//   checkpoints/step_N/      per TP rank of the run that wrote it: model_tpRR.safetensors
+//                            (its weight shards, mapped: only the weights are read, never the
+//                            AdamW moments in shard_tpRR.pt; format 2 and older kept both in
+//                            shard_tpRR.pt) + meta.json (tp_size, the saved config)
 //   int8_dir/                the best_model layout with int8 linear weights and
 //                            quantization.json (core/model/int8_weights.h)
 //   hf_dir/                  config.json + model.safetensors (or shards + index), as
@@ -34,8 +35,11 @@
 
 namespace andy {
 
-// "shard_tp03.pt": the file of TP rank 3 in a training checkpoint step directory.
+// "shard_tp03.pt": TP rank 3's optimizer file in a training checkpoint step directory (its
+// weights too in checkpoints of format 2 and older).
 std::string checkpoint_shard_file(int tp_rank);
+// "model_tp03.safetensors": TP rank 3's weights in a checkpoint of format 3.
+std::string checkpoint_weights_file(int tp_rank);
 // "model.layers.0.mlp.up_proj.weight" -> "model/layers/0/mlp/up_proj/weight" (archive keys).
 std::string archive_key(const std::string& tensor_name);
 

@@ -69,6 +69,20 @@ TEST_F(GenerateE2e, ACheckpointIsServedAtAnyTpSizeWithTheSameGreedyTokens) {
   EXPECT_EQ(tp1_at_1[0].size(), 12u);
 }
 
+// Serving reads a checkpoint's weights only (model_tpRR.safetensors): without the optimizer
+// files (shard_tpRR.pt, AdamW moments) it serves the same tokens at the same and another TP size.
+TEST_F(GenerateE2e, ACheckpointIsServedFromItsWeightsAlone) {
+  const std::string weights_only = path("weights_only");
+  fs::copy(checkpoint("tp2"), weights_only);
+  int removed = 0;
+  for (const auto& e : fs::directory_iterator(weights_only))
+    if (e.path().filename().string().rfind("shard_tp", 0) == 0) removed += fs::remove(e.path()) ? 1 : 0;
+  EXPECT_EQ(removed, 2);
+  const auto want = greedy(checkpoint("tp2"), 1);
+  EXPECT_EQ(greedy(weights_only, 1), want) << "TP=2 checkpoint served at TP=1 from its weights alone";
+  EXPECT_EQ(greedy(weights_only, 2), want) << "TP=2 checkpoint served at TP=2 from its weights alone";
+}
+
 TEST_F(GenerateE2e, WritesOneJsonLinePerCompletion) {
   const std::string prompts = path("prompts.jsonl"), out = path("gen.jsonl");
   std::string text;

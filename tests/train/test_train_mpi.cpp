@@ -325,7 +325,7 @@ TEST(Trainer, CheckpointOfAnotherShapeIsRefused) {
   MPI_Barrier(MPI_COMM_WORLD);
   msg = refusal();
   if (world_rank() == 0) std::printf("  refused: %s\n", msg.c_str());
-  EXPECT_NE(msg.find("shard_tp00.pt"), std::string::npos) << msg;
+  EXPECT_NE(msg.find("model_tp00.safetensors"), std::string::npos) << msg << " (the weights' file)";
   EXPECT_NE(msg.find("has shape"), std::string::npos) << msg;
 }
 
