@@ -16,6 +16,15 @@ at::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed) {
   return t;
 }
 
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight) {
+  if (x.device().is_cpu() && x.dim() >= 1 && x.numel() == x.size(-1) && x.scalar_type() == weight.scalar_type()) {
+    auto shape = x.sizes().vec();
+    shape.back() = weight.size(0);
+    return at::mv(weight, x.reshape({-1})).view(shape);
+  }
+  return at::linear(x, weight);
+}
+
 uint64_t param_seed(uint64_t seed, const std::string& name) {
   uint64_t h = 1469598103934665603ull;  // FNV-1a
   for (unsigned char c : name) {
@@ -77,7 +86,7 @@ PartitionSpec ColumnParallelLinearImpl::partition_spec() const {
 
 at::Tensor ColumnParallelLinearImpl::forward(const at::Tensor& x) {
   at::Tensor in = options.copy_input() ? copy_to_tp_region(x, options.tp()) : x;
-  return int8_ ? int8_->forward(in) : at::linear(in, weight);
+  return int8_ ? int8_->forward(in) : linear_rows(in, weight);
 }
 
 void ColumnParallelLinearImpl::load_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
@@ -105,7 +114,7 @@ PartitionSpec RowParallelLinearImpl::partition_spec() const {
 }
 
 at::Tensor RowParallelLinearImpl::forward(const at::Tensor& x) {
-  return reduce_from_tp_region(int8_ ? int8_->forward(x) : at::linear(x, weight), options.tp());
+  return reduce_from_tp_region(int8_ ? int8_->forward(x) : linear_rows(x, weight), options.tp());
 }
 
 void RowParallelLinearImpl::load_int8_weight(const at::Tensor& q, const at::Tensor& scale) {

@@ -22,6 +22,11 @@
 
 namespace andy {
 
+// x [..., in] times weight [out, in]^T, as at::linear; a single row on CPU goes through a
+// matrix-vector product instead (OpenBLAS's sgemm packs the whole weight for one row: decoding
+// one sequence of the 25 M model spent 2x longer in its linears).
+at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight);
+
 // The full tensor of `shape` drawn from normal(0, std) with a CPU generator seeded by `seed`.
 // Same values on every rank and for every TP size.
 at::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed);

@@ -119,6 +119,9 @@ void build_then_publish(const std::string& dest, bool replace, const std::functi
 
 void check_output_free(const std::string& dest, bool replace) {
   std::error_code ec;
+  const fs::path parent = fs::path(dest).parent_path();
+  ANDY_USER_CHECK(parent.empty() || fs::is_directory(parent, ec), "output ", dest, ": the directory ",
+                  parent.string(), " does not exist");
   ANDY_USER_CHECK(replace || !fs::exists(fs::symlink_status(dest, ec)), "output ", dest,
                   " already exists (pass --overwrite to replace it)");
 }

@@ -27,7 +27,7 @@ std::string partial_path_for(const std::string& dest);
 // any failure removes tmp and rethrows. For outputs that must appear whole or not at all.
 void build_then_publish(const std::string& dest, bool replace, const std::function<void(const std::string& tmp)>& build);
 // ConfigError "output DEST already exists (pass --overwrite to replace it)" unless `replace`
-// or nothing is there: checked before any work.
+// or nothing is there, and when DEST's directory does not exist: checked before any work.
 void check_output_free(const std::string& dest, bool replace);
 
 // The whole of a text file; IoError "cannot read PATH" when it cannot be opened.

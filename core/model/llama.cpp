@@ -221,7 +221,7 @@ RopeRows LlamaForCausalLMImpl::rope_rows(const at::Tensor& positions) {
 
 at::Tensor LlamaForCausalLMImpl::logits_from_hidden(const at::Tensor& h) {
   if (lm_head) return lm_head(h);
-  return at::linear(copy_to_tp_region(h, tp_), model->embed_tokens->weight);
+  return linear_rows(copy_to_tp_region(h, tp_), model->embed_tokens->weight);
 }
 
 at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& tokens) {

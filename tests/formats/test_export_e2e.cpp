@@ -377,6 +377,8 @@ TEST_F(ExportE2e, BadInputIsRefusedWithOneLineAndNothingWritten) {
                  2, "--dtype 'q4_0'", path("bad/x.gguf"));
   expect_refused(run_command(bin + "export --format hf --model_path " + path("nope") + " --output_dir " + path("bad/x")),
                  2, "no such file", path("bad/x"));
+  expect_refused(run_command(bin + "export --format gguf --model_path " + best() + " --output " + path("bad/no_dir/x.gguf")),
+                 2, "no_dir does not exist", path("bad/no_dir/x.gguf"));
   expect_refused(run_command(bin + "quantize --quantization_type static --model_path " + best() + " --output_path " + path("bad/q")),
                  2, "--quantization_type 'static'", path("bad/q"));
   // A Hugging Face directory of another architecture.
