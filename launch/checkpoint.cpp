@@ -17,7 +17,6 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <optional>
 #include <sstream>
 #include <nlohmann/json.hpp>
 
@@ -91,15 +90,7 @@ void prune_checkpoints(const std::string& root, int64_t current, int64_t keep_la
 // Reads `name` from an open archive into a tensor of the expected shape.
 at::Tensor read_tensor(torch::serialize::InputArchive& ar, const std::string& file,
                        const std::string& name, at::IntArrayRef expected) {
-  at::Tensor t;
-  bool ok = false;
-  try {
-    ok = ar.try_read(archive_key(name), t);
-  } catch (const c10::Error& e) {
-    ok = false;
-  }
-  ANDY_CHECK_T(IoError, ok && t.defined(), "checkpoint file ", file, ": entry '", name,
-               "' is missing (damaged or from another model)");
+  at::Tensor t = read_archive_tensor(ar, file, name, "checkpoint file");
   ANDY_CHECK_T(IoError, expected.empty() || t.sizes() == expected, "checkpoint file ", file,
                ": '", name, "' has shape ", t.sizes(), ", the model expects ", expected,
                " (another model config?)");
@@ -506,31 +497,20 @@ json read_meta_for_load(const std::string& dir) {
   }
 }
 
-// One TP rank's files: every optimizer tensor of `slots` (shapes checked when `check_shapes`),
-// the weights from model_tpRR.safetensors (format 3) or the shard archive (older), and the step
-// count and loss scaler into `scalars`.
+// One TP rank's files: its weights (read_checkpoint_weights: model_tpRR.safetensors, or the shard
+// archive of format 2 and older, which is then opened twice), every AdamW moment of `slots`
+// (shapes checked when `check_shapes`), and the step count and loss scaler into `scalars`.
 void read_shard_file(const std::string& dir, int r, const std::vector<AdamW::Slot>& slots, bool check_shapes,
                      StateDict& tensors, ShardState* scalars) {
+  std::map<std::string, std::vector<int64_t>> weights;
+  for (const auto& s : slots) weights[s.name] = check_shapes ? s.param.sizes().vec() : std::vector<int64_t>{};
+  tensors = read_checkpoint_weights(dir, r, weights);
   const std::string file = dir + "/" + checkpoint_shard_file(r);
-  const std::string weights_file = dir + "/" + checkpoint_weights_file(r);
-  const bool weights_apart = fs::exists(weights_file);
   auto ar = open_archive(file);
-  std::optional<SafetensorsFile> weights;
-  if (weights_apart) weights = SafetensorsFile::open(weights_file);
   for (const auto& s : slots)
-    for (const std::string& pre : optimizer_prefixes()) {
-      const at::IntArrayRef expected = check_shapes ? s.param.sizes() : at::IntArrayRef{};
-      if (pre.empty() && weights_apart) {
-        ANDY_CHECK_T(IoError, weights->contains(s.name), "checkpoint file ", weights_file, ": entry '", s.name,
-                     "' is missing (damaged or from another model)");
-        at::Tensor t = weights->tensor(s.name).clone();
-        ANDY_CHECK_T(IoError, expected.empty() || t.sizes() == expected, "checkpoint file ", weights_file, ": '",
-                     s.name, "' has shape ", t.sizes(), ", the model expects ", expected, " (another model config?)");
-        tensors[s.name] = t;
-      } else {
-        tensors[pre + s.name] = read_tensor(ar, file, pre + s.name, expected);
-      }
-    }
+    for (const std::string& pre : optimizer_prefixes())
+      if (!pre.empty())
+        tensors[pre + s.name] = read_tensor(ar, file, pre + s.name, check_shapes ? s.param.sizes() : at::IntArrayRef{});
   if (!scalars) return;
   scalars->optimizer_steps = read_tensor(ar, file, "optimizer_steps", {1}).item<int64_t>();
   const at::Tensor sc = read_tensor(ar, file, "loss_scaler", {2});

@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "core/base/durable_fs.h"
+#include "core/base/format.h"
 #include "core/base/logging.h"
 #include "core/model/gguf_llama.h"
 #include "core/model/hf_checkpoint.h"
@@ -180,8 +181,8 @@ int run_export(const ParsedArgs& args, World*) {
   } else {
     bytes = fs::file_size(o.output);
   }
-  log::info("export: wrote ", o.output, " (", o.format, ", ", o.dtype, ", ",
-            static_cast<double>(bytes) / 1e6, " MB)");
+  log::info("export: wrote ", o.output, " (", o.format, ", ", o.dtype, ", ", format_si(static_cast<double>(bytes), "B"),
+            ")");
   return 0;
 }
 

@@ -7,6 +7,7 @@
 #include <filesystem>
 
 #include "core/base/durable_fs.h"
+#include "core/base/format.h"
 #include "core/base/logging.h"
 #include "core/model/int8_weights.h"
 #include "core/model/weights_io.h"
@@ -82,9 +83,10 @@ int run_quantize(const ParsedArgs& args, World*) {
   build_then_publish(o.output, o.overwrite,
                      [&](const std::string& tmp) { write_quantized_dir(q, src, tokenizer, tmp); });
   const auto [before, after] = linear_bytes(full, q);
-  log::info("quantize: wrote ", o.output, ": linear weights ", static_cast<double>(before) / 1e6, " MB fp32 -> ",
-            static_cast<double>(after) / 1e6, " MB int8 + scales (", static_cast<double>(before) / std::max<int64_t>(after, 1),
-            "x smaller); model.pt ", static_cast<double>(fs::file_size(o.output + "/model.pt")) / 1e6, " MB");
+  log::info("quantize: wrote ", o.output, ": linear weights ", format_si(static_cast<double>(before), "B"),
+            " fp32 -> ", format_si(static_cast<double>(after), "B"), " int8 + scales (",
+            static_cast<double>(before) / std::max<int64_t>(after, 1), "x smaller); model.pt ",
+            format_si(static_cast<double>(fs::file_size(o.output + "/model.pt")), "B"));
   return 0;
 }
 

@@ -164,11 +164,9 @@ void GgufWriter::write(const std::string& file) const {
   DurableWriter out(file);
   out.write(head);
   out.pad_to(kGgufAlignment);
-  const uint64_t data_start = out.bytes_written();
-  for (const auto& t : tensors_) {
+  for (const auto& t : tensors_) {  // each tensor starts aligned, as the offsets above say
     out.write(t.bytes.data(), t.bytes.size());
-    const uint64_t rel = out.bytes_written() - data_start;
-    if (rel % kGgufAlignment) out.pad_to(kGgufAlignment);
+    out.pad_to(kGgufAlignment);
   }
   out.finish();
 }

@@ -9,8 +9,6 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
 #include <nlohmann/json.hpp>
 
 #include "core/base/durable_fs.h"
@@ -41,7 +39,6 @@ int64_t numel_of(const std::vector<int64_t>& shape) {
   for (int64_t s : shape) n *= s;
   return n;
 }
-
 
 }  // namespace
 
@@ -155,7 +152,6 @@ bool has_safetensors(const std::string& dir) {
 
 std::map<std::string, at::Tensor> read_safetensors_dir(const std::string& dir) {
   std::map<std::string, at::Tensor> out;
-  std::vector<std::string> files;
   const std::string index = (fs::path(dir) / kIndexFile).string();
   if (fs::exists(index)) {
     std::map<std::string, std::string> weight_map;

@@ -5,8 +5,7 @@
 
 #include <algorithm>
 #include <filesystem>
-#include <fstream>
-#include <sstream>
+#include <optional>
 #include <nlohmann/json.hpp>
 
 #include "core/base/durable_fs.h"
@@ -20,6 +19,49 @@
 namespace andy {
 
 namespace fs = std::filesystem;
+
+at::Tensor read_archive_tensor(torch::serialize::InputArchive& ar, const std::string& file, const std::string& name,
+                               const std::string& what) {
+  at::Tensor t;
+  bool ok = false;
+  try {
+    ok = ar.try_read(archive_key(name), t);
+  } catch (const c10::Error&) {
+    ok = false;
+  }
+  ANDY_CHECK_T(IoError, ok && t.defined(), what, " ", file, ": tensor '", name,
+               "' is missing (damaged, or a model of another architecture)");
+  return t;
+}
+
+StateDict read_checkpoint_weights(const std::string& dir, int tp_rank,
+                                  const std::map<std::string, std::vector<int64_t>>& expected) {
+  const std::string weights_file = dir + "/" + checkpoint_weights_file(tp_rank);
+  const bool apart = fs::exists(weights_file);  // format 3
+  const std::string file = apart ? weights_file : dir + "/" + checkpoint_shard_file(tp_rank);
+  std::optional<SafetensorsFile> st;
+  std::optional<torch::serialize::InputArchive> ar;
+  if (apart)
+    st = SafetensorsFile::open(file);
+  else
+    ar = open_archive(file, "checkpoint file");
+  StateDict out;
+  for (const auto& [name, shape] : expected) {
+    at::Tensor t;
+    if (apart) {
+      ANDY_CHECK_T(IoError, st->contains(name), "checkpoint file ", file, ": tensor '", name,
+                   "' is missing (damaged, or a model of another architecture)");
+      t = st->tensor(name);  // a view on the mapping: copied once, by whoever uses it
+    } else {
+      t = read_archive_tensor(*ar, file, name, "checkpoint file");
+    }
+    ANDY_CHECK_T(IoError, shape.empty() || t.sizes() == at::IntArrayRef(shape), "checkpoint file ", file, ": '",
+                 name, "' has shape ", t.sizes(), ", the model expects ", at::IntArrayRef(shape),
+                 " (another model config?)");
+    out[name] = t;
+  }
+  return out;
+}
 
 torch::serialize::InputArchive open_archive(const std::string& file, const std::string& what) {
   ANDY_CHECK_T(IoError, fs::exists(file), what, " ", file, " is missing (partial or damaged?)");
@@ -53,7 +95,6 @@ std::string archive_key(const std::string& tensor_name) {
 
 namespace {
 
-
 Config saved_config(const std::string& text, const std::string& source) {
   Config c;
   apply_toml_sections(c, text, source, {"model", "data"});
@@ -65,16 +106,7 @@ torch::serialize::InputArchive open_weights(const std::string& file) { return op
 
 at::Tensor read_weight(torch::serialize::InputArchive& ar, const std::string& file,
                        const std::string& name) {
-  at::Tensor t;
-  bool ok = false;
-  try {
-    ok = ar.try_read(archive_key(name), t);
-  } catch (const c10::Error&) {
-    ok = false;
-  }
-  ANDY_CHECK_T(IoError, ok && t.defined(), "model weights ", file, ": tensor '", name,
-               "' is missing (damaged, or a model of another architecture)");
-  return t;
+  return read_archive_tensor(ar, file, name, "model weights");
 }
 
 std::map<std::string, std::vector<int64_t>> full_shapes(const ModelConfig& m) {
@@ -107,28 +139,15 @@ StateDict read_full_weights(const ModelSource& src) {
   return full;
 }
 
-// The weights of rank r's shard of a checkpoint written at tp = saved_tp, as stored (padded):
-// from its safetensors file (format 3: mapped, the optimizer file is never opened), else from
-// the shard archive of older checkpoints.
+// The weights of rank r's shard of a checkpoint written at tp = saved_tp, as stored (padded).
 StateDict read_checkpoint_shard(const ModelSource& src, int r, const PartitionSpecs& specs) {
-  const std::string weights = src.dir + "/" + checkpoint_weights_file(r);
-  StateDict shard;
-  if (fs::exists(weights)) {
-    SafetensorsFile f = SafetensorsFile::open(weights);
-    for (const auto& [name, spec] : specs) {
-      ANDY_CHECK_T(IoError, f.contains(name), "checkpoint file ", weights, ": tensor '", name,
-                   "' is missing (damaged, or a model of another architecture)");
-      shard[name] = f.tensor(name).clone();
-    }
-    return shard;
-  }
-  const std::string file = src.dir + "/" + checkpoint_shard_file(r);
-  ANDY_CHECK_T(IoError, fs::exists(file), "checkpoint ", src.dir, ": ", checkpoint_weights_file(r), " and ",
-               checkpoint_shard_file(r), " are missing (meta.json says tp_size ", src.saved_tp,
-               "; partial checkpoint?)");
-  auto ar = open_weights(file);
-  for (const auto& [name, spec] : specs) shard[name] = read_weight(ar, file, name);
-  return shard;
+  ANDY_CHECK_T(IoError, fs::exists(src.dir + "/" + checkpoint_weights_file(r)) ||
+                            fs::exists(src.dir + "/" + checkpoint_shard_file(r)),
+               "checkpoint ", src.dir, ": ", checkpoint_weights_file(r), " and ", checkpoint_shard_file(r),
+               " are missing (meta.json says tp_size ", src.saved_tp, "; partial checkpoint?)");
+  std::map<std::string, std::vector<int64_t>> names;  // shapes are checked by the caller
+  for (const auto& [name, spec] : specs) names[name] = {};
+  return read_checkpoint_weights(src.dir, r, names);
 }
 
 // Rank tp_rank's slices of a Hugging Face directory's weights, in fp32. Each tensor is a view

@@ -51,6 +51,19 @@ torch::serialize::InputArchive open_archive(const std::string& file, const std::
 // order, final norm, lm_head when untied), with its full (unpadded) shape.
 std::vector<std::pair<std::string, std::vector<int64_t>>> model_tensor_shapes(const ModelConfig& m);
 
+// Tensor `name` of an open archive; IoError "WHAT FILE: tensor 'NAME' is missing" otherwise.
+at::Tensor read_archive_tensor(torch::serialize::InputArchive& ar, const std::string& file, const std::string& name,
+                               const std::string& what);
+
+// The weights named in `expected` (name -> shape as stored, checked; an empty shape is not
+// checked) of TP rank `tp_rank`'s shard of checkpoint step directory `dir`, as stored (the
+// vocabulary padded): views on its mapped model_tpRR.safetensors (format 3: the optimizer file
+// is never opened), else read from shard_tpRR.pt (format 2 and older). IoError naming the file
+// and the tensor. Serving reads checkpoints through it; the trainer's resume reads the weights
+// through it too and the optimizer state on top.
+StateDict read_checkpoint_weights(const std::string& dir, int tp_rank,
+                                  const std::map<std::string, std::vector<int64_t>>& expected);
+
 struct ModelSource {
   enum class Kind { kFullWeights, kCheckpoint, kHuggingFace };
   Kind kind = Kind::kFullWeights;
