@@ -37,6 +37,7 @@ int bench_comm(const ParsedArgs& args, World* world) {
   o.warmup = static_cast<int>(args.get_int("warmup", o.warmup));
   o.dtype = parse_dtype(args.get("dtype", "fp32"));
   o.debug_skip_rank = static_cast<int>(args.get_int("debug_skip_rank", -1));
+  o.raw = !args.has("no_raw");
   if (args.has("op") && args.get("op") != "all") o.ops = {args.get("op")};
   if (o.min_bytes < 1 || o.max_bytes < o.min_bytes || o.factor < 2 || o.iters < 1 || o.warmup < 0) {
     throw ConfigError("andyllm bench comm: expected 1 <= --min_bytes <= --max_bytes, --factor >= 2, --iters >= 1");
@@ -76,7 +77,7 @@ Subcommand make_bench_command() {
   c.name = "bench";
   c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share), generate (engine throughput and latency), serve (an OpenAI server over HTTP)";
   c.usage =
-      "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T]\n"
+      "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T --no_raw]\n"
       "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]\n"
       "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N]\n"
       "       mpirun -np TP andyllm bench generate --model DIR [--concurrency 1,8,32 --input_len N --output_len N]\n"
@@ -90,6 +91,7 @@ Subcommand make_bench_command() {
              {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
              {"backend", "mpi|nccl", "communicator backend (default mpi, CPU tensors)"},
              {"timeout", "SECONDS", "collective timeout (default 300)"},
+             {"no_raw", "", "comm: skip the raw library call (blocking MPI_Allreduce ..., ncclAllReduce ...) columns"},
              {"debug_skip_rank", "R", "testing: rank R skips the first collective, to show the timeout path"},
              // bench data
              {"config", "FILE", "data: TOML run config (data.*, train.batch_size, train.seed)"},

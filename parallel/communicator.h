@@ -34,7 +34,8 @@ class Work {
   // Blocks until complete. timeout <= 0 means the communicator's default timeout.
   // Throws TimeoutError (job must abort) or CommError.
   virtual void wait(std::chrono::milliseconds timeout = std::chrono::milliseconds(0)) = 0;
-  // Non-blocking completion check (also drives progress on the MPI backend).
+  // Non-blocking completion check; runs the completion hooks when done (on the MPI backend's
+  // nonblocking fallback it also drives MPI's progress).
   virtual bool is_completed() = 0;
 };
 using WorkPtr = std::shared_ptr<Work>;

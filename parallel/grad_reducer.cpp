@@ -92,7 +92,8 @@ void GradReducer::launch(Bucket& b) {
 }
 
 void GradReducer::progress() {
-  // Drives MPI's progress engine on the buckets in flight (cheap test, no wait).
+  // Completes the buckets already reduced (cheap test, no wait); on the MPI backend's
+  // nonblocking fallback this also drives MPI's progress engine.
   for (auto& b : buckets_)
     if (b.work) b.work->is_completed();
 }

@@ -1,16 +1,26 @@
-// MPI backend of the Communicator: nonblocking MPI collectives polled to completion with a
-// deadline. Completion hooks (copy back from fp32 staging, divide for avg) run exactly once,
-// in the first wait()/is_completed() that sees the request done.
+// MPI backend of the Communicator. Each collective is described once in two forms (MpiCall):
+// the blocking call, run in issue order by the communicator's CollectiveThread, and the
+// nonblocking call that wait() polls where MPI lacks MPI_THREAD_MULTIPLE. The two never mix on
+// one communicator (a blocking collective does not match a nonblocking one, and Open MPI 4.1's
+// libnbc, progressed from the caller while the thread is inside a blocking collective, crashed
+// in mca_pml_ob1_isend under test_collectives -np 3). Completion hooks (copy back from fp32
+// staging, divide for avg) run exactly once, on the caller's thread, in the first
+// wait()/is_completed() that sees the collective done.
 #include "parallel/mpi_communicator.h"
 
+#include <pthread.h>
 #include <sched.h>
 
+#include <condition_variable>
 #include <deque>
+#include <mutex>
 #include <thread>
 
 #include "core/base/logging.h"
 
 namespace andy {
+
+class MpiWork;
 
 namespace {
 
@@ -39,16 +49,47 @@ MPI_Op mpi_op(ReduceOp op) {
   return MPI_SUM;
 }
 
-// How wait() polls an unfinished collective: the first polls back to back, then yielding the
-// core between polls, then sleeping (short, then long) so that ranks sharing cores progress.
+// How wait() polls an unfinished nonblocking collective (the fallback): the first polls back to
+// back, then yielding the core between polls, then sleeping (short, then long) so that ranks
+// sharing cores progress.
 constexpr int kSpinPolls = 64, kYieldPolls = 1024, kShortSleepPolls = 4096;
 constexpr std::chrono::microseconds kShortSleep{50}, kLongSleep{500};
 
+// One collective in both forms, each returning an MPI error code. The buffers they name are
+// kept alive by the Work until it completes.
+struct MpiCall {
+  const char* name;                                   // "MPI_Allreduce", for messages
+  std::function<int(MPI_Comm)> blocking;              // on the communication thread
+  std::function<int(MPI_Comm, MPI_Request*)> start;   // without the thread: polled by wait()
+};
+
+}  // namespace
+
+// The FIFO between the issuing thread and the communication thread, and the completion state
+// of its Works; one mutex guards all of it.
+struct CollectiveQueue {
+  struct Item {
+    std::shared_ptr<MpiWork> work;
+    MpiCall call;
+  };
+  std::mutex mu;
+  std::condition_variable posted;    // the thread sleeps here while the FIFO is empty
+  std::condition_variable finished;  // waiters sleep here until their collective has run
+  std::deque<Item> items;
+  bool running = false;  // the thread is inside an MPI call on the communicator
+  bool stop = false;     // the thread ends once the FIFO is empty
+  bool stuck = false;    // a wait() timed out: the running call may never return
+};
+
+// Handle of one collective. Posted to the communication thread: it sets ran_/error_ under the
+// queue's mutex once it has run the blocking call. Without the thread: request_ is tested with
+// MPI_Test.
 class MpiWork : public Work {
  public:
   MpiWork(std::string what, std::chrono::milliseconds default_timeout)
       : what_(std::move(what)), default_timeout_(default_timeout) {}
 
+  const std::string& what() const { return what_; }
   MPI_Request* request() { return &request_; }
   void on_complete(std::function<void()> f) { on_complete_ = std::move(f); }
   void keep(at::Tensor t) { keep_alive_.push_back(std::move(t)); }
@@ -56,32 +97,46 @@ class MpiWork : public Work {
     int_buffers_.emplace_back(n, 0);
     return int_buffers_.back();
   }
-  void mark_trivially_complete() {
-    request_ = MPI_REQUEST_NULL;
+  void mark_trivially_complete() { request_ = MPI_REQUEST_NULL; }
+  // Completion comes from the communication thread of `queue`, not from a request.
+  void attach(std::shared_ptr<CollectiveQueue> queue) { queue_ = std::move(queue); }
+  // Holding queue_->mu: the blocking call returned ("" or its error).
+  void set_ran(std::string error) {
+    ran_ = true;
+    error_ = std::move(error);
   }
 
   bool is_completed() override {
     if (done_) return true;
-    int flag = 0;
-    MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
-    if (flag) finish();
-    return done_;
+    if (queue_) {
+      std::unique_lock<std::mutex> lock(queue_->mu);
+      if (!ran_) return false;
+    } else {
+      int flag = 0;
+      MPI_CHECK(MPI_Test(&request_, &flag, MPI_STATUS_IGNORE));
+      if (!flag) return false;
+    }
+    finish();
+    return true;
   }
 
   void wait(std::chrono::milliseconds timeout) override {
     if (timeout.count() <= 0) timeout = default_timeout_;
     auto start = std::chrono::steady_clock::now();
-    auto deadline = start + timeout;
+    if (queue_ && !done_) {
+      std::unique_lock<std::mutex> lock(queue_->mu);
+      if (!queue_->finished.wait_until(lock, start + timeout, [this] { return ran_; })) {
+        queue_->stuck = true;
+        lock.unlock();
+        throw_timeout(start);
+      }
+      lock.unlock();
+      finish();
+      return;
+    }
     int spins = 0;
     while (!is_completed()) {
-      auto now = std::chrono::steady_clock::now();
-      if (now >= deadline) {
-        double secs = std::chrono::duration<double>(now - start).count();
-        throw TimeoutError(where(__FILE__, __LINE__) + "collective " + what_ +
-                           " did not complete within " + std::to_string(secs).substr(0, 5) +
-                           " s (parallel.collective_timeout_s): another rank skipped it, died or "
-                           "is stuck; aborting the job");
-      }
+      if (std::chrono::steady_clock::now() >= start + timeout) throw_timeout(start);
       // Spin briefly (latency), then yield, then sleep: oversubscribed ranks share cores.
       if (++spins < kSpinPolls) continue;
       if (spins < kYieldPolls) {
@@ -93,7 +148,17 @@ class MpiWork : public Work {
   }
 
  private:
+  [[noreturn]] void throw_timeout(std::chrono::steady_clock::time_point start) const {
+    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    throw TimeoutError(where(__FILE__, __LINE__) + "collective " + what_ +
+                       " did not complete within " + std::to_string(secs).substr(0, 5) +
+                       " s (parallel.collective_timeout_s): another rank skipped it, died or "
+                       "is stuck; aborting the job");
+  }
+
+  // Runs the hooks once. A failed blocking call throws its error here, on every wait.
   void finish() {
+    if (!error_.empty()) throw CommError(error_);
     done_ = true;
     if (on_complete_) on_complete_();
     on_complete_ = nullptr;
@@ -103,11 +168,100 @@ class MpiWork : public Work {
   std::string what_;
   std::chrono::milliseconds default_timeout_;
   MPI_Request request_ = MPI_REQUEST_NULL;
-  bool done_ = false;
+  std::shared_ptr<CollectiveQueue> queue_;
+  bool ran_ = false;   // guarded by queue_->mu
+  std::string error_;  // guarded by queue_->mu until ran_
+  bool done_ = false;  // hooks have run (caller's thread only)
   std::function<void()> on_complete_;
   std::vector<at::Tensor> keep_alive_;
   std::deque<std::vector<int>> int_buffers_;  // deque: references stay valid
 };
+
+// The communication thread of one MpiCommunicator: runs the posted blocking collectives one
+// after the other, in posting order, and wakes the waiters. It sleeps on a condition variable
+// while the FIFO is empty, so it takes no core between collectives.
+class CollectiveThread {
+ public:
+  explicit CollectiveThread(MPI_Comm comm) : queue_(std::make_shared<CollectiveQueue>()) {
+    thread_ = std::thread([queue = queue_, comm] { run(*queue, comm); });
+    pthread_setname_np(thread_.native_handle(), "andyllm-mpi");
+  }
+  ~CollectiveThread() {
+    if (thread_.joinable()) stop(std::chrono::milliseconds(0));
+  }
+
+  void post(const std::shared_ptr<MpiWork>& work, MpiCall call) {
+    work->attach(queue_);
+    {
+      std::lock_guard<std::mutex> lock(queue_->mu);
+      queue_->items.push_back({work, std::move(call)});
+    }
+    queue_->posted.notify_one();
+  }
+
+  // Ends the thread once the FIFO has drained; waits at most `patience` for that, and not at
+  // all after a timed-out wait(). Returns false when the thread was detached, still inside a
+  // collective: it keeps the queue alive, and the caller must not free the MPI communicator.
+  bool stop(std::chrono::milliseconds patience) {
+    std::unique_lock<std::mutex> lock(queue_->mu);
+    queue_->stop = true;
+    queue_->posted.notify_one();
+    bool idle = queue_->finished.wait_for(lock, patience, [this] {
+      return queue_->stuck || (queue_->items.empty() && !queue_->running);
+    }) && !queue_->stuck;
+    lock.unlock();
+    if (idle) {
+      thread_.join();
+    } else {
+      thread_.detach();
+    }
+    return idle;
+  }
+
+ private:
+  static void run(CollectiveQueue& q, MPI_Comm comm) {
+    std::unique_lock<std::mutex> lock(q.mu);
+    for (;;) {
+      q.posted.wait(lock, [&q] { return q.stop || !q.items.empty(); });
+      if (q.items.empty()) return;
+      CollectiveQueue::Item item = std::move(q.items.front());
+      q.items.pop_front();
+      q.running = true;
+      lock.unlock();
+      int rc = item.call.blocking(comm);
+      std::string error;
+      if (rc != MPI_SUCCESS) {
+        error = where(__FILE__, __LINE__) + item.call.name + " failed in " + item.work->what() +
+                ": " + mpi_error_string(rc);
+      }
+      lock.lock();
+      q.running = false;
+      q.stuck = false;  // whatever timed out has come back
+      item.work->set_ran(std::move(error));
+      q.finished.notify_all();
+    }
+  }
+
+  std::shared_ptr<CollectiveQueue> queue_;
+  std::thread thread_;
+};
+
+namespace {
+
+// Hands the collective to the communication thread, or starts it nonblocking without one.
+WorkPtr issue(MPI_Comm comm, CollectiveThread* thread, std::shared_ptr<MpiWork> work,
+              MpiCall call) {
+  if (thread) {
+    thread->post(work, std::move(call));
+    return work;
+  }
+  int rc = call.start(comm, work->request());
+  if (rc != MPI_SUCCESS) {
+    throw CommError(where(__FILE__, __LINE__) + call.name + " failed in " + work->what() + ": " +
+                    mpi_error_string(rc));
+  }
+  return work;
+}
 
 void displacements(const std::vector<int64_t>& counts, std::vector<int>& c, std::vector<int>& d) {
   int64_t off = 0;
@@ -120,19 +274,48 @@ void displacements(const std::vector<int64_t>& counts, std::vector<int>& c, std:
                " elements exceeds 2^31-1");
 }
 
+bool mpi_thread_multiple() {
+  int provided = MPI_THREAD_SINGLE;
+  MPI_CHECK(MPI_Query_thread(&provided));
+  return provided == MPI_THREAD_MULTIPLE;
+}
+
 }  // namespace
 
 MpiCommunicator::MpiCommunicator(const MpiComm& group, std::string name,
-                                 std::chrono::milliseconds timeout)
+                                 std::chrono::milliseconds timeout, bool use_thread)
     : Communicator(group.rank(), group.size(), current_rank() < 0 ? 0 : current_rank(),
                    std::move(name), timeout),
       comm_(group.dup()) {
   MPI_CHECK(MPI_Comm_set_errhandler(comm_.get(), MPI_ERRORS_RETURN));
+  if (use_thread && mpi_thread_multiple()) thread_ = std::make_unique<CollectiveThread>(comm_.get());
+}
+
+MpiCommunicator::~MpiCommunicator() {
+  if (thread_ && !thread_->stop(timeout_)) {
+    log::warn("communicator ", name_, ": its thread is still inside a collective; left running");
+    comm_.release();
+  }
 }
 
 void MpiCommunicator::check_cpu(const at::Tensor& t, const char* op) const {
   ANDY_CHECK_T(CommError, t.device().is_cpu(), describe(op),
                ": the MPI backend takes CPU tensors, got ", t.device());
+}
+
+MpiComm MpiCommunicator::dup_group() {
+  MPI_Comm out = MPI_COMM_NULL;
+  auto work = std::make_shared<MpiWork>(describe("dup_group"), timeout_);
+  if (thread_) {
+    issue(comm_.get(), thread_.get(), work,
+          {"MPI_Comm_dup", [&out](MPI_Comm c) { return MPI_Comm_dup(c, &out); }, nullptr});
+    work->wait(std::chrono::milliseconds(0));
+  } else {
+    MPI_CHECK(MPI_Comm_dup(comm_.get(), &out));
+  }
+  MpiComm dup(out, true);
+  MPI_CHECK(MPI_Comm_set_errhandler(dup.get(), MPI_ERRORS_RETURN));
+  return dup;
 }
 
 WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& opts) {
@@ -145,18 +328,24 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
     return work;
   }
   at::Tensor buf = is_narrow_float(tensor.scalar_type()) ? tensor.to(at::kFloat) : tensor;
+  void* ptr = buf.data_ptr();
+  int count = static_cast<int>(buf.numel());
   MPI_Datatype dt = copy_type(buf.scalar_type());
-  MPI_CHECK(MPI_Iallreduce(MPI_IN_PLACE, buf.data_ptr(), static_cast<int>(buf.numel()), dt,
-                           mpi_op(opts.op), comm_.get(), work->request()));
+  MPI_Op op = mpi_op(opts.op);
   work->keep(buf);
   at::Tensor target = tensor;
   int n = size_;
-  ReduceOp op = opts.op;
-  work->on_complete([buf, target, n, op]() mutable {
-    if (op == ReduceOp::kAvg) buf.div_(n);
+  ReduceOp reduce = opts.op;
+  work->on_complete([buf, target, n, reduce]() mutable {
+    if (reduce == ReduceOp::kAvg) buf.div_(n);
     if (!buf.is_same(target)) target.copy_(buf);
   });
-  return work;
+  return issue(comm_.get(), thread_.get(), work,
+               {"MPI_Allreduce",
+                [=](MPI_Comm c) { return MPI_Allreduce(MPI_IN_PLACE, ptr, count, dt, op, c); },
+                [=](MPI_Comm c, MPI_Request* r) {
+                  return MPI_Iallreduce(MPI_IN_PLACE, ptr, count, dt, op, c, r);
+                }});
 }
 
 WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
@@ -169,13 +358,28 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
   auto& c = work->ints(size_);
   auto& d = work->ints(size_);
   displacements(counts, c, d);
+  const int* cp = c.data();
+  const int* dp = d.data();
   MPI_Datatype dt = copy_type(input.scalar_type());
-  MPI_CHECK(MPI_Iallgatherv(input.numel() ? input.data_ptr() : nullptr,
-                            static_cast<int>(input.numel()), dt, output.data_ptr(), c.data(),
-                            d.data(), dt, comm_.get(), work->request()));
+  const void* in = input.numel() ? input.data_ptr() : nullptr;
+  int count = static_cast<int>(input.numel());
+  void* out = output.data_ptr();
   work->keep(input);
   work->keep(output);
-  return work;
+  if (opts.counts.empty()) {  // equal shares: the tuned MPI_Allgather
+    return issue(comm_.get(), thread_.get(), work,
+                 {"MPI_Allgather",
+                  [=](MPI_Comm cm) { return MPI_Allgather(in, count, dt, out, count, dt, cm); },
+                  [=](MPI_Comm cm, MPI_Request* r) {
+                    return MPI_Iallgather(in, count, dt, out, count, dt, cm, r);
+                  }});
+  }
+  return issue(comm_.get(), thread_.get(), work,
+               {"MPI_Allgatherv",
+                [=](MPI_Comm cm) { return MPI_Allgatherv(in, count, dt, out, cp, dp, dt, cm); },
+                [=](MPI_Comm cm, MPI_Request* r) {
+                  return MPI_Iallgatherv(in, count, dt, out, cp, dp, dt, cm, r);
+                }});
 }
 
 WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& input,
@@ -189,26 +393,31 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
   auto& c = work->ints(size_);
   auto& d = work->ints(size_);
   displacements(counts, c, d);
+  const int* cp = c.data();
   bool narrow = is_narrow_float(input.scalar_type());
   at::Tensor in = narrow ? input.to(at::kFloat) : input;
   at::Tensor out = narrow ? at::empty({output.numel()}, output.options().dtype(at::kFloat)) : output;
   MPI_Datatype dt = copy_type(in.scalar_type());
-  // MPI_Ireduce_scatter rejects a null buffer even for zero elements: give it a dummy.
+  MPI_Op op = mpi_op(opts.op);
+  // MPI_Reduce_scatter rejects a null buffer even for zero elements: give it a dummy.
   static float dummy = 0;
-  void* in_ptr = in.numel() ? in.data_ptr() : &dummy;
+  const void* in_ptr = in.numel() ? in.data_ptr() : &dummy;
   void* out_ptr = out.numel() ? out.data_ptr() : &dummy;
-  MPI_CHECK(MPI_Ireduce_scatter(in_ptr, out_ptr, c.data(), dt, mpi_op(opts.op), comm_.get(),
-                                work->request()));
   work->keep(in);
   work->keep(out);
   at::Tensor target = output;
   int n = size_;
-  ReduceOp op = opts.op;
-  work->on_complete([out, target, n, op]() mutable {
-    if (op == ReduceOp::kAvg) out.div_(n);
+  ReduceOp reduce = opts.op;
+  work->on_complete([out, target, n, reduce]() mutable {
+    if (reduce == ReduceOp::kAvg) out.div_(n);
     if (!out.is_same(target)) target.view({-1}).copy_(out);
   });
-  return work;
+  return issue(comm_.get(), thread_.get(), work,
+               {"MPI_Reduce_scatter",
+                [=](MPI_Comm cm) { return MPI_Reduce_scatter(in_ptr, out_ptr, cp, dt, op, cm); },
+                [=](MPI_Comm cm, MPI_Request* r) {
+                  return MPI_Ireduce_scatter(in_ptr, out_ptr, cp, dt, op, cm, r);
+                }});
 }
 
 WorkPtr MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
@@ -221,16 +430,20 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
     work->mark_trivially_complete();
     return work;
   }
-  MPI_CHECK(MPI_Ibcast(tensor.data_ptr(), static_cast<int>(tensor.numel()),
-                       copy_type(tensor.scalar_type()), root, comm_.get(), work->request()));
+  void* ptr = tensor.data_ptr();
+  int count = static_cast<int>(tensor.numel());
+  MPI_Datatype dt = copy_type(tensor.scalar_type());
   work->keep(tensor);
-  return work;
+  return issue(comm_.get(), thread_.get(), work,
+               {"MPI_Bcast", [=](MPI_Comm c) { return MPI_Bcast(ptr, count, dt, root, c); },
+                [=](MPI_Comm c, MPI_Request* r) { return MPI_Ibcast(ptr, count, dt, root, c, r); }});
 }
 
 WorkPtr MpiCommunicator::barrier() {
   auto work = std::make_shared<MpiWork>(describe("barrier"), timeout_);
-  MPI_CHECK(MPI_Ibarrier(comm_.get(), work->request()));
-  return work;
+  return issue(comm_.get(), thread_.get(), work,
+               {"MPI_Barrier", [](MPI_Comm c) { return MPI_Barrier(c); },
+                [](MPI_Comm c, MPI_Request* r) { return MPI_Ibarrier(c, r); }});
 }
 
 }  // namespace andy

@@ -1,19 +1,35 @@
-// MpiCommunicator: the Communicator over MPI nonblocking collectives, on CPU tensors.
+// MpiCommunicator: the Communicator over MPI, on CPU tensors.
+// Collectives run as Open MPI's tuned BLOCKING calls (MPI_Allreduce, MPI_Allgatherv, ...) on one
+// communication thread per communicator, in issue order (a FIFO); wait() sleeps on a condition
+// variable until the thread has run the call. Where MPI lacks MPI_THREAD_MULTIPLE (or
+// use_thread is false) they are nonblocking calls (MPI_Iallreduce, ...) polled by wait().
 // bf16/fp16 reductions are done in fp32 staging buffers (one rounding at the end, exact for
 // values representable in the narrow type); copies (gather, broadcast) move raw 16-bit words.
 // The communicator owns a duplicate of the MPI communicator it was given, so its collectives
-// never match anyone else's.
+// never match anyone else's; every MPI call on that duplicate goes through the FIFO.
 #pragma once
+
+#include <memory>
 
 #include "parallel/communicator.h"
 #include "parallel/mpi_utils.h"
 
 namespace andy {
 
+class CollectiveThread;
+
 class MpiCommunicator : public Communicator {
  public:
-  // `group` is duplicated; the original may be freed afterwards.
-  MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout);
+  // `group` is duplicated; the original may be freed afterwards. use_thread (Default: true)
+  // picks the communication thread when MPI provides MPI_THREAD_MULTIPLE.
+  MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout,
+                  bool use_thread = true);
+  // Lets the communication thread finish what was issued, then joins it. A thread stuck in a
+  // collective (after a TimeoutError, or still busy after timeout()) is detached instead, and
+  // the MPI communicator it uses is not freed: the job is ending through MPI_Abort anyway.
+  ~MpiCommunicator() override;
+  MpiCommunicator(const MpiCommunicator&) = delete;
+  MpiCommunicator& operator=(const MpiCommunicator&) = delete;
 
   Backend backend() const override { return Backend::kMpi; }
   WorkPtr all_reduce(at::Tensor& tensor, const AllReduceOptions& opts = {}) override;
@@ -24,12 +40,17 @@ class MpiCommunicator : public Communicator {
   WorkPtr broadcast(at::Tensor& tensor, int root) override;
   WorkPtr barrier() override;
 
-  MPI_Comm mpi_comm() const { return comm_.get(); }
+  // True when collectives run on the communication thread, false when polled nonblocking.
+  bool threaded() const { return thread_ != nullptr; }
+  // A new MPI communicator over the same group (MPI_Comm_dup, ordered after every collective
+  // issued so far). For callers that need raw MPI calls beside this communicator (bench comm).
+  MpiComm dup_group();
 
  private:
   void check_cpu(const at::Tensor& t, const char* op) const;
 
   MpiComm comm_;
+  std::unique_ptr<CollectiveThread> thread_;  // null: nonblocking collectives polled by wait()
 };
 
 }  // namespace andy

@@ -42,6 +42,11 @@ class MpiComm {
   MpiComm& operator=(MpiComm&& o) noexcept;
 
   MPI_Comm get() const { return comm_; }
+  // Gives up ownership: the handle is returned and never freed here (a thread still uses it).
+  MPI_Comm release() {
+    owned_ = false;
+    return comm_;
+  }
   int rank() const;
   int size() const;
   // MPI_Comm_split into a new owned communicator.

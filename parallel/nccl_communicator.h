@@ -33,6 +33,11 @@ class NcclCommunicator : public Communicator {
   WorkPtr broadcast(at::Tensor& tensor, int root) override;
   WorkPtr barrier() override;
 
+  // For raw NCCL calls beside this communicator (bench comm): they must not run while one of
+  // its collectives is in flight.
+  ncclComm_t nccl_comm() const { return comm_; }
+  int device() const { return device_; }
+
  private:
   void check_device(const at::Tensor& t, const char* op) const;
   // Orders stream_ after the caller's current stream.

@@ -1,12 +1,18 @@
 // Multi-rank tests of the MPI Communicator (run by ctest under mpirun -np 2, 3 and 4).
 // Results are checked against closed-form values for every dtype and op, sizes that do not
 // divide by the world size, empty tensors, uneven counts, sub-group communicators of the grid,
-// asynchronous overlap and the argument errors.
+// asynchronous overlap, issue order with many collectives in flight (on the communication thread
+// and on the nonblocking fallback), the timeout and the argument errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <memory>
+#include <numeric>
+#include <random>
+#include <tuple>
 
 #include "core/base/error.h"
+#include "parallel/mpi_communicator.h"
 #include "parallel/process_grid.h"
 #include "tests/mpi_test_main.h"
 
@@ -238,3 +244,163 @@ TEST(Collectives, GridSubGroups) {
     EXPECT_EQ(w.item<int>(), n);
   }
 }
+
+namespace {
+
+// A communicator of its own over the world: the communication thread, or the nonblocking
+// fallback that MPI without MPI_THREAD_MULTIPLE gets.
+std::shared_ptr<MpiCommunicator> own_comm(bool use_thread, const std::string& name,
+                                          std::chrono::milliseconds timeout = std::chrono::milliseconds(20000)) {
+  return std::make_shared<MpiCommunicator>(MpiComm(MPI_COMM_WORLD, false), name, timeout, use_thread);
+}
+
+// One collective in flight and the result it must leave.
+struct InFlight {
+  WorkPtr work;
+  at::Tensor result, expected;
+  std::string what;
+};
+
+}  // namespace
+
+class CollectivesInFlight : public testing::TestWithParam<bool> {};
+
+// Sixty collectives of every op, dtype and size issued back to back without waiting, then waited
+// in an order of each rank's own (is_completed() polled in between). Runs of the same op and shape
+// carry values that depend on their position in the sequence, so a rank that ran them out of
+// issue order sums the wrong partners' values; a mismatched shape hangs into the timeout.
+// The communicator is destroyed before the last third is waited: it must finish them first.
+TEST_P(CollectivesInFlight, IssueOrderAndResultsHold) {
+  auto comm = own_comm(GetParam(), GetParam() ? "inflight[thread]" : "inflight[nonblocking]");
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  EXPECT_EQ(comm->threaded(), GetParam() && provided == MPI_THREAD_MULTIPLE);
+  const int n = comm->size(), r = comm->rank();
+  const double tri = n * (n + 1) / 2.0;
+  std::vector<InFlight> flights;
+  for (int i = 0; i < 60; ++i) {
+    // Tiny, odd, 32 KiB, 280 KB.
+    const int64_t sizes[] = {3, 1000 + i, 8190 + i % 5, 70000};
+    const int64_t size = sizes[i % 4];
+    const at::ScalarType t = (i % 5 == 4) ? at::kBFloat16 : (i % 7 == 6) ? at::kDouble : at::kFloat;
+    InFlight f;
+    switch (i % 6) {
+      case 0: case 3: {  // sum: rank q adds (q + 1) * (i + 1) to a 0..4 pattern
+        f.result = pattern(size, 0, 5, t).add_((r + 1) * (i % 8 + 1)).to(t);
+        f.work = comm->all_reduce(f.result, {ReduceOp::kSum});
+        f.expected = pattern(size, 0, 5, at::kDouble) * n + tri * (i % 8 + 1);
+        f.what = "all_reduce sum";
+        break;
+      }
+      case 1: {  // avg through the completion hook (bf16: fp32 staging, divide, copy back)
+        f.result = at::full({size}, 2.0 * (r + 1) + i % 4, at::kDouble).to(t);
+        f.work = comm->all_reduce(f.result, {ReduceOp::kAvg});
+        f.expected = at::full({size}, n + 1.0 + i % 4, at::kDouble);
+        f.what = "all_reduce avg";
+        break;
+      }
+      case 2: {  // gather, equal shares then uneven ones
+        const int64_t shard = size / n + 1;
+        at::Tensor in = pattern(shard, 8.0 * r + i % 5, 4, t);
+        if (i % 4 == 2) {
+          f.result = at::zeros({shard * n}, t);
+          f.work = comm->all_gather(f.result, in);
+          std::vector<at::Tensor> parts;
+          for (int q = 0; q < n; ++q) parts.push_back(pattern(shard, 8.0 * q + i % 5, 4, at::kDouble));
+          f.expected = at::cat(parts);
+        } else {
+          std::vector<int64_t> counts;
+          for (int q = 0; q < n; ++q) counts.push_back(shard + q);
+          at::Tensor mine = pattern(counts[r], 8.0 * r + i % 5, 4, t);
+          f.result = at::zeros({std::accumulate(counts.begin(), counts.end(), int64_t{0})}, t);
+          f.work = comm->all_gather(f.result, mine, {counts});
+          std::vector<at::Tensor> parts;
+          for (int q = 0; q < n; ++q) parts.push_back(pattern(counts[q], 8.0 * q + i % 5, 4, at::kDouble));
+          f.expected = at::cat(parts);
+        }
+        f.what = "all_gather";
+        break;
+      }
+      case 4: {  // reduce_scatter, max over ranks of r * (i % 3 + 1)
+        const int64_t shard = size / n + 1;
+        at::Tensor in = at::full({shard * n}, 1.0 * r * (i % 3 + 1), at::kDouble).to(t);
+        f.result = at::zeros({shard}, t);
+        f.work = comm->reduce_scatter(f.result, in, {ReduceOp::kMax, {}});
+        f.expected = at::full({shard}, 1.0 * (n - 1) * (i % 3 + 1), at::kDouble);
+        f.what = "reduce_scatter max";
+        break;
+      }
+      default: {  // broadcast from a root that moves with i
+        const int root = i % n;
+        f.result = r == root ? pattern(size, i, 7, t) : at::zeros({size}, t);
+        f.work = comm->broadcast(f.result, root);
+        f.expected = pattern(size, i, 7, at::kDouble);
+        f.what = "broadcast from " + std::to_string(root);
+        break;
+      }
+    }
+    f.what += " #" + std::to_string(i) + " " + c10::toString(t) + " size " + std::to_string(size);
+    flights.push_back(std::move(f));
+    if (i % 10 == 9) flights.push_back({comm->barrier(), {}, {}, "barrier #" + std::to_string(i)});
+  }
+  std::vector<size_t> order(flights.size());
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937(1234 + r));  // each rank its own order
+  const size_t before_reset = order.size() * 2 / 3;
+  for (size_t k = 0; k < order.size(); ++k) {
+    if (k == before_reset) comm.reset();  // drains what is still queued, then joins its thread
+    InFlight& f = flights[order[k]];
+    for (auto& other : flights) other.work->is_completed();
+    f.work->wait();
+    f.work->wait();  // a second wait runs no hook again (an avg divided twice would show)
+    EXPECT_TRUE(f.work->is_completed()) << f.what;
+    if (f.result.defined()) {
+      EXPECT_EQ(max_abs_diff(f.result, f.expected), 0) << f.what;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(ThreadAndNonblocking, CollectivesInFlight, testing::Values(true, false),
+                         [](const testing::TestParamInfo<bool>& p) {
+                           return p.param ? "CommunicationThread" : "NonblockingFallback";
+                         });
+
+class CollectivesTimeout : public testing::TestWithParam<std::tuple<bool, int64_t>> {};
+
+// Rank 0 waits for an all_reduce the others issue only later: its wait() throws the TimeoutError
+// of the contract; once they come the collective completes and the communicator ends cleanly.
+TEST_P(CollectivesTimeout, LateRanksTimeOutTheWaitThenComplete) {
+  const auto [use_thread, size] = GetParam();
+  auto comm = own_comm(use_thread, "late", std::chrono::milliseconds(60000));
+  const int n = comm->size(), r = comm->rank();
+  auto x = at::full({size}, r + 1.0, at::kFloat);
+  if (r == 0) {
+    WorkPtr work = comm->all_reduce(x, {ReduceOp::kSum});
+    try {
+      work->wait(std::chrono::milliseconds(300));
+      ADD_FAILURE() << "expected a TimeoutError";
+    } catch (const TimeoutError& e) {
+      const std::string msg = e.what();
+      EXPECT_NE(msg.find("collective all_reduce on late (group rank 0 of " + std::to_string(n) +
+                         ", world rank 0, mpi) did not complete within 0.3"), std::string::npos) << msg;
+      EXPECT_NE(msg.find("(parallel.collective_timeout_s): another rank skipped it, died or is stuck"),
+                std::string::npos) << msg;
+    }
+    EXPECT_FALSE(work->is_completed());
+    MPI_Barrier(MPI_COMM_WORLD);
+    work->wait();
+  } else {
+    MPI_Barrier(MPI_COMM_WORLD);
+    comm->all_reduce(x, {ReduceOp::kSum})->wait();
+  }
+  EXPECT_EQ(max_abs_diff(x, at::full({size}, n * (n + 1) / 2.0, at::kDouble)), 0);
+  comm->barrier()->wait();
+}
+
+// A small and a large buffer (Open MPI picks different algorithms).
+INSTANTIATE_TEST_SUITE_P(ThreadAndNonblocking, CollectivesTimeout,
+                         testing::Combine(testing::Bool(), testing::Values(int64_t{5000}, int64_t{100000})),
+                         [](const testing::TestParamInfo<std::tuple<bool, int64_t>>& p) {
+                           return std::string(std::get<0>(p.param) ? "CommunicationThread" : "NonblockingFallback") +
+                                  "_" + std::to_string(std::get<1>(p.param) * 4 / 1000) + "KB";
+                         });
