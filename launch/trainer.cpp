@@ -17,6 +17,7 @@
 #include "core/base/format.h"
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
+#include "core/model/fused_ops.h"
 #include "core/model/model_stats.h"
 #include "data/checksum.h"
 #include "data/tokenizer.h"
@@ -132,11 +133,15 @@ void AdamW::step(double lr) {
   for (auto& s : slots_) {
     at::Tensor g = s.param.grad();
     if (!g.defined()) continue;
-    if (s.decay && weight_decay_ > 0) s.param.mul_(1.0 - lr * weight_decay_);
-    s.exp_avg.mul_(beta1_).add_(g, 1.0 - beta1_);
-    s.exp_avg_sq.mul_(beta2_).addcmul_(g, g, 1.0 - beta2_);
-    at::Tensor denom = (s.exp_avg_sq.sqrt() / std::sqrt(bc2)).add_(eps_);
-    s.param.addcdiv_(s.exp_avg, denom, -lr / bc1);
+    AdamWHyper h;
+    h.lr = lr;
+    h.beta1 = beta1_;
+    h.beta2 = beta2_;
+    h.eps = eps_;
+    h.weight_decay = s.decay ? weight_decay_ : 0.0;
+    h.bc1 = bc1;
+    h.bc2 = bc2;
+    adamw_update(s.param, g, s.exp_avg, s.exp_avg_sq, h);  // one fused pass on CPU
   }
 }
 

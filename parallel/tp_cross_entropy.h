@@ -18,10 +18,12 @@ namespace andy {
 // logits: [N, local_vocab] (this rank's columns, global ids vocab_start + j).
 // targets: [N] int64 global ids; `ignore_index` targets give loss 0 and gradient 0.
 // Returns the per-token loss [N] (fp32), identical on every TP rank. A null/size-1 `tp` is
-// the dense cross-entropy (with padding columns still masked).
+// the dense cross-entropy (with padding columns still masked). On CPU (fp32 or bf16 logits,
+// AVX2 + FMA, ANDYLLM_FUSED_OPS not 0) a fused kernel computes it without materializing the
+// softmax; `fused` = false forces the composite (the tests' reference).
 at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tensor& targets,
                                         const CommPtr& tp, int64_t vocab_start, int64_t vocab_size,
-                                        int64_t ignore_index = -100);
+                                        int64_t ignore_index = -100, bool fused = true);
 
 // Mean over the non-ignored targets of any shape ([B, T, local_vocab] logits, [B, T] targets).
 // Returns 0 (with a zero gradient) when every target is ignored.

@@ -9,9 +9,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 PACKAGES=(
   # toolchain
   build-essential cmake ninja-build ccache pkg-config git
-  # LibTorch (CPU) with a fast BLAS: without libopenblas0-pthread fp32 matmul runs on
-  # reference BLAS (measured 8 vs 210 GFLOP/s on the build machine)
-  libtorch-dev libopenblas0-pthread
+  # LibTorch (CPU) with a fast BLAS: without OpenBLAS fp32 matmul runs on reference BLAS
+  # (measured 8 vs 210 GFLOP/s on the build machine). Both OpenBLAS builds are installed; the
+  # OpenMP one is selected below.
+  libtorch-dev libopenblas0-pthread libopenblas0-openmp
   # MPI, HDF5, sentencepiece, TOML++, HTTP + JSON, tests
   libopenmpi-dev openmpi-bin libhdf5-dev hdf5-tools libsentencepiece-dev sentencepiece
   libtomlplusplus-dev libgtest-dev googletest libcpp-httplib-dev nlohmann-json3-dev
@@ -38,15 +39,23 @@ else
   echo "[setup] all ${#PACKAGES[@]} Debian packages already installed"
 fi
 
-# OpenBLAS must be the BLAS libtorch loads (Debian's alternatives pick it when installed;
-# make sure nobody pinned the reference BLAS).
-blas=$(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3 2>/dev/null || true)
-case "$blas" in
-  *openblas*) echo "[setup] BLAS: $blas" ;;
-  *) echo "[setup] selecting OpenBLAS for libblas.so.3 (was: ${blas:-none})"
-     alt=$(update-alternatives --list libblas.so.3-x86_64-linux-gnu 2>/dev/null | grep openblas-pthread | head -1)
-     [ -n "$alt" ] && $SUDO update-alternatives --set libblas.so.3-x86_64-linux-gnu "$alt" ;;
-esac
+# OpenBLAS built on OpenMP must be the BLAS libtorch loads: it runs its threads in the same
+# OpenMP pool as LibTorch, where the pthreads build keeps a second pool and the two spin against
+# each other with more than one thread per process (measured on 2 cores, one process with 2
+# threads: 25 M model fp32 training 459 vs 1,141 tokens/s, decode at concurrency 32 407 vs
+# 1,666; docs/PERFORMANCE.md). Debian's alternatives prefer the pthreads build, so select it here.
+for lib in libblas.so.3 liblapack.so.3 libopenblas.so.0; do
+  name="$lib-x86_64-linux-gnu"
+  want=$(update-alternatives --list "$name" 2>/dev/null | grep /openblas-openmp/ | head -1 || true)
+  now=$(readlink -f "/usr/lib/x86_64-linux-gnu/$lib" 2>/dev/null || true)
+  if [ -z "$want" ]; then
+    echo "[setup] warning: no OpenMP OpenBLAS for $lib (now ${now:-none})" >&2
+  elif [ "$(readlink -f "$want")" != "$now" ]; then
+    echo "[setup] selecting $want for $lib (was: ${now:-none})"
+    $SUDO update-alternatives --quiet --set "$name" "$want"
+  fi
+done
+echo "[setup] BLAS: $(readlink -f /usr/lib/x86_64-linux-gnu/libblas.so.3)"
 
 # Node.js packages the tests drive, each pinned by a package-lock.json and installed with
 # `npm ci --omit=optional` into a folder of build/ (skipped while its lock is unchanged):

@@ -19,6 +19,7 @@
 #include <sstream>
 #include <thread>
 
+#include "core/base/error.h"
 #include "core/base/failpoint.h"
 #include "core/base/logging.h"
 
@@ -607,9 +608,24 @@ struct HttpServer::Impl {
 
   bool stream_events(const std::shared_ptr<Call>& call, CallOutput& out, const ApiRequest& r, httplib::DataSink& sink,
                      const std::string& id, int64_t created, int fd) {
-    auto chunk = [&](json choice) {
-      return send_event(sink, dump(response_json(r.endpoint, id, created, opts.protocol.model_id,
-                                                 json::array({std::move(choice)}), true)));
+    // A chunk is the response object around one choice. Its keys dump sorted, "choices" first,
+    // so the text around the choice is rendered once per stream; the events of one wake-up go
+    // out in one write (one send, not one per token and choice).
+    const std::string frame = dump(response_json(r.endpoint, id, created, opts.protocol.model_id, json::array(), true));
+    const size_t cut = frame.find("[]");
+    ANDY_CHECK(cut != std::string::npos && frame.rfind("{\"choices\":", 0) == 0, "stream chunk frame: ", frame);
+    const std::string head = "data: " + frame.substr(0, cut + 1), tail = frame.substr(cut + 1) + "\n\n";
+    std::string pending;
+    auto chunk = [&](const json& choice) {
+      pending += head;
+      pending += dump(choice);
+      pending += tail;
+      return true;
+    };
+    auto flush = [&] {
+      const bool ok = pending.empty() || sink.write(pending.data(), pending.size());
+      pending.clear();
+      return ok;
     };
     for (size_t i = 0; i < out.choices.size(); ++i) {
       if (out.choices[i].started) continue;
@@ -623,6 +639,7 @@ struct HttpServer::Impl {
         out.choices[i].started = false;
       if (!ok) return false;
     }
+    if (!flush()) return false;
     std::vector<int64_t> offsets(out.choices.size(), 0);
     for (size_t i = 0; i < out.choices.size(); ++i)
       if (r.echo) offsets[i] = static_cast<int64_t>(r.prompt_texts[i / r.params.n].size());
@@ -647,6 +664,7 @@ struct HttpServer::Impl {
                             : chunk(completion_choice(d.index, d.text, lp, d.finish_reason));
         if (!ok) return false;
       }
+      if (!flush()) return false;
       if (!deltas.empty() && failpoint_fires("serve.stream")) throw std::runtime_error("failpoint serve.stream");
       if (!deltas.empty()) {
         idle_since = Clock::now();

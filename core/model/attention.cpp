@@ -21,14 +21,19 @@ at::Tensor causal_mask(int64_t t, int64_t s, int64_t q_offset, const at::Device&
   return kpos.le(qpos);
 }
 
+// q [B, H, T, d], k/v [B, H_kv, S, d] with H = g * H_kv: each kv head's g query heads as one
+// [g * T, d] matrix against its keys, so K and V are never repeated g times.
 at::Tensor explicit_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                               int64_t q_offset) {
-  const double scale = 1.0 / std::sqrt(static_cast<double>(q.size(-1)));
-  at::Tensor scores = at::matmul(q, k.transpose(-2, -1)).mul(scale);
-  at::Tensor allowed = causal_mask(q.size(2), k.size(2), q_offset, q.device());
+  const int64_t b = q.size(0), h = q.size(1), t = q.size(2), d = q.size(3);
+  const int64_t h_kv = k.size(1), s = k.size(2), g = h / h_kv;
+  const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+  at::Tensor qg = q.reshape({b, h_kv, g * t, d});
+  at::Tensor scores = at::matmul(qg, k.transpose(-2, -1)).mul(scale).view({b, h_kv, g, t, s});
+  at::Tensor allowed = causal_mask(t, s, q_offset, q.device());
   scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
-  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
-  return at::matmul(probs, v);
+  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type()).view({b, h_kv, g * t, s});
+  return at::matmul(probs, v).view({b, h, t, d});
 }
 
 }  // namespace
@@ -43,14 +48,14 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
   ANDY_CHECK(q_offset >= 0 && q_offset + q.size(2) <= k_in.size(2),
              "attention: queries at positions ", q_offset, "..", q_offset + q.size(2) - 1,
              " but only ", k_in.size(2), " keys");
-  at::Tensor k = h == h_kv ? k_in : k_in.repeat_interleave(h / h_kv, 1);
-  at::Tensor v = h == h_kv ? v_in : v_in.repeat_interleave(h / h_kv, 1);
   if constexpr (compat::kHasFusedSdpa) {
+    at::Tensor k = h == h_kv ? k_in : k_in.repeat_interleave(h / h_kv, 1);
+    at::Tensor v = h == h_kv ? v_in : v_in.repeat_interleave(h / h_kv, 1);
     if (q_offset == 0 && q.size(2) == k.size(2)) return compat::fused_sdpa(q, k, v, {}, true);
     return compat::fused_sdpa(q, k, v, causal_mask(q.size(2), k.size(2), q_offset, q.device()),
                               false);
   }
-  return explicit_attention(q, k, v, q_offset);
+  return explicit_attention(q, k_in, v_in, q_offset);
 }
 
 namespace {
@@ -189,13 +194,6 @@ RopeTables make_rope_tables(int64_t head_dim, int64_t max_seq_len, double theta)
   at::Tensor freqs = at::outer(t, inv_freq);
   at::Tensor emb = at::cat({freqs, freqs}, -1);
   return {emb.cos(), emb.sin()};
-}
-
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
-  const int64_t half = x.size(-1) / 2;
-  at::Tensor c = cos.unsqueeze(1).to(x.scalar_type()), s = sin.unsqueeze(1).to(x.scalar_type());
-  at::Tensor rotated = at::cat({x.narrow(-1, half, half).neg(), x.narrow(-1, 0, half)}, -1);
-  return x * c + rotated * s;
 }
 
 }  // namespace andy

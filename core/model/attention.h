@@ -41,8 +41,7 @@ struct RopeTables {
   at::Tensor cos, sin;
 };
 RopeTables make_rope_tables(int64_t head_dim, int64_t max_seq_len, double theta);
-
-// x [B, H, T, d]; cos, sin [B, T, d] (rows of the tables gathered at each token's position).
-at::Tensor apply_rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+// Applying them: rope_bthd in core/model/fused_ops.h (x [B, T, H, d], cos/sin rows gathered at
+// each token's position, [B, T, d]).
 
 }  // namespace andy

@@ -1,5 +1,5 @@
-// CPU decode attention (see decode_attention_cpu.h). This file is compiled with -mavx2 -mfma
-// (core/model/CMakeLists.txt); the AVX2 path runs only where __builtin_cpu_supports says so.
+// CPU decode attention (see decode_attention_cpu.h). The AVX2 functions carry
+// target("avx2,fma") and run only where has_avx2_fma() (core/base/avx2_math.h).
 #include "core/model/decode_attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -9,14 +9,11 @@
 #include <cmath>
 #include <limits>
 
+#include "core/base/avx2_math.h"
+
 namespace andy {
 
 namespace {
-
-bool has_avx2_fma() {
-  static const bool yes = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return yes;
-}
 
 float dot_portable(const float* a, const float* b, int64_t d) {
   float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -51,27 +48,6 @@ __attribute__((target("avx2,fma"))) void axpy_avx2(float w, const float* x, floa
   for (; i + 8 <= d; i += 8)
     _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
   for (; i < d; ++i) y[i] += w * x[i];
-}
-
-// exp(x) for 8 floats (Cephes' method: 2^n * e^r with |r| <= ln2/2 and a degree-5 polynomial;
-// relative error about 2e-7 over the range softmax uses, x <= 0).
-__attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.3762626647949f), lo = _mm256_set1_ps(-88.3762626647949f);
-  x = _mm256_max_ps(_mm256_min_ps(x, hi), lo);
-  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
-  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  // r = x - n ln2, with ln2 split in two for precision
-  __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 
 // scores[i] = exp(scale * scores[i] - max) for i < n; returns their sum.

@@ -8,6 +8,7 @@
 #include <cmath>
 
 #include "core/base/error.h"
+#include "core/model/fused_ops.h"
 #include "core/model/model_config.h"
 #include "parallel/tp_cross_entropy.h"
 #include "parallel/tp_ops.h"
@@ -29,10 +30,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  at::Tensor h = x.to(at::kFloat);
-  at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
-  h = h * at::rsqrt(var + eps);
-  return weight * h.to(x.scalar_type());
+  return rms_norm(x, weight, eps);  // fused on CPU (core/model/fused_ops.h)
 }
 
 // ---- attention -----------------------------------------------------------------------------
@@ -63,11 +61,11 @@ LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint6
 at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeRows& rope) {
   const int64_t b = x.size(0), t = x.size(1);
   at::Tensor xc = copy_to_tp_region(x, tp_);
-  at::Tensor q = q_proj(xc).view({b, t, n_head_local_, head_dim_}).transpose(1, 2);
-  at::Tensor k = k_proj(xc).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
+  at::Tensor q = rope_bthd(q_proj(xc).view({b, t, n_head_local_, head_dim_}), rope.cos, rope.sin)
+                     .transpose(1, 2);
+  at::Tensor k = rope_bthd(k_proj(xc).view({b, t, n_kv_head_local_, head_dim_}), rope.cos, rope.sin)
+                     .transpose(1, 2);
   at::Tensor v = v_proj(xc).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
-  q = apply_rope(q, rope.cos, rope.sin);
-  k = apply_rope(k, rope.cos, rope.sin);
   at::Tensor o = attention(q, k, v, /*q_offset=*/0);
   return o_proj(o.transpose(1, 2).reshape({b, t, n_head_local_ * head_dim_}));
 }
@@ -76,11 +74,10 @@ at::Tensor LlamaAttentionImpl::forward_batch(const at::Tensor& x, const RopeRows
                                              KvCache& cache, int64_t layer,
                                              const ForwardBatch& batch, const at::Tensor& slots) {
   const int64_t n = x.size(0);
-  // RoPE on [1, H, N, d] views of the packed rows (apply_rope's layout).
+  // RoPE on [1, N, H, d] views of the packed rows.
   auto rotate = [&](const at::Tensor& t, int64_t heads) {
-    at::Tensor r = apply_rope(t.view({1, n, heads, head_dim_}).transpose(1, 2),
-                              rope.cos.unsqueeze(0), rope.sin.unsqueeze(0));
-    return r.transpose(1, 2).reshape({n, heads, head_dim_});
+    return rope_bthd(t.view({1, n, heads, head_dim_}), rope.cos.unsqueeze(0), rope.sin.unsqueeze(0))
+        .view({n, heads, head_dim_});
   };
   at::Tensor q = rotate(q_proj(x), n_head_local_);
   at::Tensor k = rotate(k_proj(x), n_kv_head_local_);
@@ -115,7 +112,7 @@ LlamaMLPImpl::LlamaMLPImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, co
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
   at::Tensor xc = copy_to_tp_region(x, tp_);
-  return down_proj(at::silu(gate_proj(xc)) * up_proj(xc));
+  return down_proj(swiglu(gate_proj(xc), up_proj(xc)));  // fused on CPU
 }
 
 // ---- decoder layer -------------------------------------------------------------------------

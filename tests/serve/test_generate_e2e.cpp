@@ -147,8 +147,9 @@ TEST_F(GenerateE2e, BadInputStopsWithOneClearLineAndWritesNothing) {
 }
 
 // `generate` on 1,000 short prompts (served by continuous batching): its resident memory,
-// sampled every 20 ms, does not grow in the second half of the run (the first half holds the
-// start-up and the warm-up: at most 5 % + 8 MiB over the largest value seen by then), and every
+// sampled every 20 ms, does not grow in the last third of the run (at most 5 % + 8 MiB over the
+// largest value of the middle third; the first third holds the start-up, and the warm-up may
+// reach into the middle one when the run is short: 1.2 s here with the fused kernels), and every
 // prompt gets its completion.
 TEST_F(GenerateE2e, ResidentMemoryIsStableOverAThousandPrompts) {
   const std::vector<std::string> words = {"the", "cat", "sat", "on", "a", "mat", "river", "tree", "blue", "morning"};
@@ -173,9 +174,10 @@ TEST_F(GenerateE2e, ResidentMemoryIsStableOverAThousandPrompts) {
   }
   ASSERT_EQ(job.exit_code(), 0) << job.output();
   ASSERT_GE(rss.size(), 8u) << "the run was too short to sample";
-  const auto half = rss.begin() + static_cast<std::ptrdiff_t>(rss.size() / 2);
-  const int64_t warm = *std::max_element(rss.begin(), half);
-  const int64_t later = *std::max_element(half, rss.end());
+  const auto third = rss.begin() + static_cast<std::ptrdiff_t>(rss.size() / 3);
+  const auto two_thirds = rss.begin() + static_cast<std::ptrdiff_t>(2 * rss.size() / 3);
+  const int64_t warm = *std::max_element(third, two_thirds);
+  const int64_t later = *std::max_element(two_thirds, rss.end());
   std::string series;
   for (size_t i = 0; i < rss.size(); i += std::max<size_t>(1, rss.size() / 20)) series += std::to_string(rss[i] >> 20) + " ";
   EXPECT_LE(later, warm + warm / 20 + (8 << 20)) << "RSS kept growing (MiB over time: " << series << ")";
@@ -187,7 +189,7 @@ TEST_F(GenerateE2e, ResidentMemoryIsStableOverAThousandPrompts) {
     ++lines;
   }
   EXPECT_EQ(lines, 1000);
-  std::printf("  1,000 prompts: %zu RSS samples, %.1f MiB at most in the first half, %.1f MiB in the second (MiB over time: %s)\n",
+  std::printf("  1,000 prompts: %zu RSS samples, %.1f MiB at most in the middle third, %.1f MiB in the last (MiB over time: %s)\n",
               rss.size(), warm / 1048576.0, later / 1048576.0, series.c_str());
 }
 

@@ -1,0 +1,355 @@
+// Fused CPU kernels (see fused_ops.h). The kernels sit between `#pragma GCC target("avx2,fma")`
+// and its pop, so GCC vectorizes their loops with AVX2; they run only where has_avx2_fma().
+// Reductions keep 8 partial sums (the compiler may not reorder float additions on its own).
+#include "core/model/fused_ops.h"
+
+#include <ATen/Parallel.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "core/base/error.h"
+#include "core/base/avx2_math.h"
+
+namespace andy {
+
+namespace {
+
+inline float to_f(float v) { return v; }
+inline float to_f(c10::BFloat16 v) { return static_cast<float>(v); }
+template <typename T>
+inline T from_f(float v) { return static_cast<T>(v); }
+// The value as x's dtype would hold it (bf16 rounding, as the composite's .to(dtype)).
+template <typename T>
+inline float round_as(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+// Rows per parallel chunk for row kernels of width d: about 32k elements per task.
+int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)); }
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+inline float sum_sq(const float* x, int64_t d) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += x[i + l] * x[i + l];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < d; ++i) s += x[i] * x[i];
+  return s;
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= d; i += 8)
+    for (int l = 0; l < 8; ++l) acc[l] += a[i + l] * b[i + l];
+  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// One row of T as floats in `buf` (no copy for fp32).
+template <typename T>
+inline const float* row_as_float(const T* src, int64_t d, float* buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    for (int64_t i = 0; i < d; ++i) buf[i] = to_f(src[i]);
+    return buf;
+  }
+}
+
+// y = w * round_T(x * rstd) per row; rstd saved for backward.
+template <typename T>
+void rms_forward_kernel(const T* x, const float* w, float* y, float* rstd, int64_t rows, int64_t d,
+                        float eps) {
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : d);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = row_as_float(x + r * d, d, buf.data());
+      const float rs = 1.0f / std::sqrt(sum_sq(xr, d) / static_cast<float>(d) + eps);
+      rstd[r] = rs;
+      float* yr = y + r * d;
+      for (int64_t i = 0; i < d; ++i) yr[i] = w[i] * round_as<T>(xr[i] * rs);
+    }
+  });
+}
+
+// dx = rstd * (gh - xn * mean(gh * xn)) with gh = dy * w (rounded to T as the composite's
+// gradient is) and xn = x * rstd; dw += dy * round_T(xn), summed per thread into dw_parts.
+template <typename T>
+void rms_backward_kernel(const float* dy, const T* x, const float* w, const float* rstd, T* dx,
+                         float* dw_parts, int64_t rows, int64_t d) {
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    float* dw = dw_parts + static_cast<int64_t>(at::get_thread_num()) * d;
+    std::vector<float> xbuf(std::is_same_v<T, float> ? 0 : d), gh(d), xn(d);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = row_as_float(x + r * d, d, xbuf.data());
+      const float* dyr = dy + r * d;
+      const float rs = rstd[r];
+      for (int64_t i = 0; i < d; ++i) {
+        gh[i] = round_as<T>(dyr[i] * w[i]);
+        xn[i] = xr[i] * rs;
+        dw[i] += dyr[i] * round_as<T>(xn[i]);
+      }
+      const float m = dot(gh.data(), xn.data(), d) / static_cast<float>(d);
+      T* dxr = dx + r * d;
+      for (int64_t i = 0; i < d; ++i) dxr[i] = from_f<T>(rs * (gh[i] - xn[i] * m));
+    }
+  });
+}
+
+// sigmoid of n (<= 256) floats.
+inline void sigmoid_block(const float* g, float* s, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256 e = exp8(_mm256_sub_ps(zero, _mm256_loadu_ps(g + i)));
+    _mm256_storeu_ps(s + i, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+  }
+  for (; i < n; ++i) s[i] = 1.0f / (1.0f + std::exp(-g[i]));
+}
+
+constexpr int64_t kBlock = 256;
+
+template <typename T>
+void swiglu_forward_kernel(const T* g, const T* u, T* out, int64_t n) {
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 64, [&](int64_t begin, int64_t end) {
+    float gf[kBlock], s[kBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t o = blk * kBlock, m = std::min(kBlock, n - o);
+      for (int64_t i = 0; i < m; ++i) gf[i] = to_f(g[o + i]);
+      sigmoid_block(gf, s, m);
+      for (int64_t i = 0; i < m; ++i) out[o + i] = from_f<T>(gf[i] * s[i] * to_f(u[o + i]));
+    }
+  });
+}
+
+template <typename T>
+void swiglu_backward_kernel(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n) {
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 64, [&](int64_t begin, int64_t end) {
+    float gf[kBlock], s[kBlock];
+    for (int64_t blk = begin; blk < end; ++blk) {
+      const int64_t o = blk * kBlock, m = std::min(kBlock, n - o);
+      for (int64_t i = 0; i < m; ++i) gf[i] = to_f(g[o + i]);
+      sigmoid_block(gf, s, m);
+      for (int64_t i = 0; i < m; ++i) {
+        const float d = to_f(dy[o + i]), gi = gf[i], si = s[i];
+        dg[o + i] = from_f<T>(d * to_f(u[o + i]) * si * (1.0f + gi * (1.0f - si)));
+        du[o + i] = from_f<T>(d * gi * si);
+      }
+    }
+  });
+}
+
+// Rotate-half RoPE over rows of width d (rows = B*T*H, each row's cos/sin row = row / H).
+// sign = +1 forward; -1 backward (the transpose: sin taken at the partner's index, negated).
+template <typename T>
+void rope_kernel(const T* x, const float* cos, const float* sin, T* y, int64_t rows, int64_t heads,
+                 int64_t d, bool backward) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : d);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* xr = row_as_float(x + r * d, d, buf.data());
+      const float* c = cos + (r / heads) * d;
+      const float* s = sin + (r / heads) * d;
+      T* yr = y + r * d;
+      if (!backward) {
+        for (int64_t i = 0; i < half; ++i) yr[i] = from_f<T>(xr[i] * c[i] - xr[i + half] * s[i]);
+        for (int64_t i = half; i < d; ++i) yr[i] = from_f<T>(xr[i] * c[i] + xr[i - half] * s[i]);
+      } else {
+        for (int64_t i = 0; i < half; ++i)
+          yr[i] = from_f<T>(xr[i] * c[i] + xr[i + half] * s[i + half]);
+        for (int64_t i = half; i < d; ++i)
+          yr[i] = from_f<T>(xr[i] * c[i] - xr[i - half] * s[i - half]);
+      }
+    }
+  });
+}
+
+void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, const AdamWHyper& h) {
+  const float decay = static_cast<float>(1.0 - h.lr * h.weight_decay);
+  const bool do_decay = h.weight_decay > 0;
+  const float b1 = static_cast<float>(h.beta1), one_b1 = static_cast<float>(1.0 - h.beta1);
+  const float b2 = static_cast<float>(h.beta2), one_b2 = static_cast<float>(1.0 - h.beta2);
+  const float sqrt_bc2 = static_cast<float>(std::sqrt(h.bc2)), eps = static_cast<float>(h.eps);
+  const float step = static_cast<float>(-h.lr / h.bc1);
+  at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      float pi = do_decay ? p[i] * decay : p[i];
+      const float mi = m[i] * b1 + one_b1 * g[i];
+      const float vi = v[i] * b2 + one_b2 * (g[i] * g[i]);
+      m[i] = mi;
+      v[i] = vi;
+      p[i] = pi + step * (mi / (std::sqrt(vi) / sqrt_bc2 + eps));
+    }
+  });
+}
+
+#pragma GCC pop_options
+
+// Runs f<float> or f<c10::BFloat16> on x's dtype.
+template <typename F>
+void on_dtype(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kFloat)
+    f(float{});
+  else
+    f(c10::BFloat16{});
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in,
+                            double eps) {
+    const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+    const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(1, d);
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kFloat));
+    at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+    on_dtype(x, [&](auto t) {
+      using T = decltype(t);
+      rms_forward_kernel<T>(x.data_ptr<T>(), w.data_ptr<float>(), y.data_ptr<float>(),
+                            rstd.data_ptr<float>(), rows, d, static_cast<float>(eps));
+    });
+    ctx->save_for_backward({x, w, rstd});
+    return y;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
+    const at::Tensor dy = grads[0].to(at::kFloat).contiguous();
+    const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(1, d);
+    at::Tensor dx = at::empty(x.sizes(), x.options());
+    at::Tensor parts = at::zeros({at::get_num_threads(), d}, x.options().dtype(at::kFloat));
+    on_dtype(x, [&](auto t) {
+      using T = decltype(t);
+      rms_backward_kernel<T>(dy.data_ptr<float>(), x.data_ptr<T>(), w.data_ptr<float>(),
+                             rstd.data_ptr<float>(), dx.data_ptr<T>(), parts.data_ptr<float>(), rows, d);
+    });
+    return {dx, parts.sum(0), at::Tensor()};
+  }
+};
+
+struct SwigluFn : public torch::autograd::Function<SwigluFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g_in, const at::Tensor& u_in) {
+    const at::Tensor g = g_in.contiguous(), u = u_in.contiguous();
+    at::Tensor out = at::empty(g.sizes(), g.options());
+    on_dtype(g, [&](auto t) {
+      using T = decltype(t);
+      swiglu_forward_kernel<T>(g.data_ptr<T>(), u.data_ptr<T>(), out.data_ptr<T>(), g.numel());
+    });
+    ctx->save_for_backward({g, u});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &g = saved[0], &u = saved[1];
+    const at::Tensor dy = grads[0].to(g.scalar_type()).contiguous();
+    at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
+    on_dtype(g, [&](auto t) {
+      using T = decltype(t);
+      swiglu_backward_kernel<T>(dy.data_ptr<T>(), g.data_ptr<T>(), u.data_ptr<T>(), dg.data_ptr<T>(),
+                                du.data_ptr<T>(), g.numel());
+    });
+    return {dg, du};
+  }
+};
+
+struct RopeFn : public torch::autograd::Function<RopeFn> {
+  static at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
+                        bool backward) {
+    const at::Tensor x = x_in.contiguous();
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    const int64_t heads = x.size(2), d = x.size(3);
+    on_dtype(x, [&](auto t) {
+      using T = decltype(t);
+      rope_kernel<T>(x.data_ptr<T>(), cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<T>(),
+                     x.numel() / d, heads, d, backward);
+    });
+    return y;
+  }
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos_in,
+                            const at::Tensor& sin_in) {
+    const at::Tensor cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
+    ctx->save_for_backward({cos, sin});
+    return run(x, cos, sin, false);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    return {run(grads[0], saved[0], saved[1], true), at::Tensor(), at::Tensor()};
+  }
+};
+
+}  // namespace
+
+bool fused_ops_apply(const at::Tensor& x) {
+  return fused_kernels_enabled() && x.is_cpu() &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
+}
+
+at::Tensor rms_norm_unfused(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  at::Tensor h = x.to(at::kFloat);
+  at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);
+  h = h * at::rsqrt(var + eps);
+  return weight * h.to(x.scalar_type());
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  if (fused_ops_apply(x) && weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
+      x.size(-1) == weight.size(0))
+    return RmsNormFn::apply(x, weight, eps);
+  return rms_norm_unfused(x, weight, eps);
+}
+
+at::Tensor swiglu_unfused(const at::Tensor& gate, const at::Tensor& up) { return at::silu(gate) * up; }
+
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
+  if (fused_ops_apply(gate) && up.scalar_type() == gate.scalar_type() && up.sizes() == gate.sizes())
+    return SwigluFn::apply(gate, up);
+  return swiglu_unfused(gate, up);
+}
+
+at::Tensor rope_bthd_unfused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t half = x.size(-1) / 2;
+  at::Tensor c = cos.unsqueeze(2).to(x.scalar_type()), s = sin.unsqueeze(2).to(x.scalar_type());
+  at::Tensor rotated = at::cat({x.narrow(-1, half, half).neg(), x.narrow(-1, 0, half)}, -1);
+  return x * c + rotated * s;
+}
+
+at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
+  ANDY_CHECK(x.dim() == 4 && cos.dim() == 3 && x.size(0) == cos.size(0) && x.size(1) == cos.size(1) &&
+                 x.size(3) == cos.size(2) && x.size(3) % 2 == 0 && cos.sizes() == sin.sizes(),
+             "rope: expected x [B, T, H, d] and cos/sin [B, T, d], got ", x.sizes(), " and ", cos.sizes());
+  if (fused_ops_apply(x) && cos.is_cpu()) return RopeFn::apply(x, cos, sin);
+  return rope_bthd_unfused(x, cos, sin);
+}
+
+void adamw_update_unfused(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                          at::Tensor& exp_avg_sq, const AdamWHyper& h) {
+  if (h.weight_decay > 0) param.mul_(1.0 - h.lr * h.weight_decay);
+  exp_avg.mul_(h.beta1).add_(grad, 1.0 - h.beta1);
+  exp_avg_sq.mul_(h.beta2).addcmul_(grad, grad, 1.0 - h.beta2);
+  at::Tensor denom = (exp_avg_sq.sqrt() / std::sqrt(h.bc2)).add_(h.eps);
+  param.addcdiv_(exp_avg, denom, -h.lr / h.bc1);
+}
+
+void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                  at::Tensor& exp_avg_sq, const AdamWHyper& h) {
+  auto ok = [](const at::Tensor& t) { return t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(); };
+  if (fused_kernels_enabled() && ok(param) && ok(grad) && ok(exp_avg) && ok(exp_avg_sq) &&
+      grad.numel() == param.numel() && exp_avg.numel() == param.numel() && exp_avg_sq.numel() == param.numel()) {
+    adamw_kernel(param.data_ptr<float>(), grad.data_ptr<float>(), exp_avg.data_ptr<float>(),
+                 exp_avg_sq.data_ptr<float>(), param.numel(), h);
+    return;
+  }
+  adamw_update_unfused(param, grad, exp_avg, exp_avg_sq, h);
+}
+
+}  // namespace andy

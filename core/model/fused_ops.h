@@ -1,0 +1,44 @@
+// Fused CPU kernels for the model's elementwise steps (issue 13): RMSNorm, RoPE and SwiGLU with
+// their backward, and AdamW's update. Each is one pass over memory where LibTorch runs a chain
+// of operators (RMSNorm: 5 forward and about 10 backward, each allocating its result).
+//
+// The unfused composites stay the reference: the model calls the dispatchers below, which run a
+// fused kernel where fused_ops_apply() (a CPU tensor, fp32 or bf16, a CPU with AVX2 + FMA, and
+// ANDYLLM_FUSED_OPS not set to 0) and the composite otherwise (CUDA, other dtypes), so the two
+// can be compared in one build (tests/model/test_fused_ops.cpp: values and gradients).
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace andy {
+
+// Whether the fused CPU kernels run for tensors like `x`.
+bool fused_ops_apply(const at::Tensor& x);
+
+// weight * (x / sqrt(mean(x^2, -1) + eps)), normalised in fp32 and rounded to x's dtype before
+// the scale, as transformers' LlamaRMSNorm. x [..., D]; weight [D].
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor rms_norm_unfused(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// silu(gate) * up (the LLaMA MLP's gate), elementwise.
+at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
+at::Tensor swiglu_unfused(const at::Tensor& gate, const at::Tensor& up);
+
+// Rotary embedding (rotate-half convention, as apply_rope) of x [B, T, H, d] with cos/sin
+// [B, T, d]; returns [B, T, H, d].
+at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+at::Tensor rope_bthd_unfused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
+
+// One AdamW step of one parameter (decoupled weight decay, bias corrections bc1/bc2 given):
+// p *= 1 - lr * weight_decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+// p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). Fused where param, grad and moments are
+// contiguous fp32 CPU tensors, LibTorch's in-place operators otherwise.
+struct AdamWHyper {
+  double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0, bc1 = 1, bc2 = 1;
+};
+void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                  at::Tensor& exp_avg_sq, const AdamWHyper& h);
+void adamw_update_unfused(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+                          at::Tensor& exp_avg_sq, const AdamWHyper& h);
+
+}  // namespace andy

@@ -1,0 +1,166 @@
+// The fused CPU kernels (core/model/fused_ops.h) against the unfused LibTorch composites they
+// replace: values and gradients, fp32 and bf16, widths that are not multiples of 8, several
+// intra-op threads; AdamW over several steps; the fused cross-entropy; attention with grouped kv
+// heads against the same attention on repeated keys and values.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "core/model/attention.h"
+#include "core/model/fused_ops.h"
+#include "parallel/tp_cross_entropy.h"
+
+namespace andy {
+namespace {
+
+// Relative max error of a against b (by b's largest magnitude).
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor af = a.to(at::kDouble), bf = b.to(at::kDouble);
+  return (af - bf).abs().max().item<double>() / std::max(1e-12, bf.abs().max().item<double>());
+}
+
+struct Case {
+  at::ScalarType dtype;
+  double tol;
+};
+const Case kCases[] = {{at::kFloat, 2e-6}, {at::kBFloat16, 2e-2}};
+
+class FusedOps : public ::testing::TestWithParam<int> {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(fused_ops_apply(at::zeros({1}))) << "this CPU lacks AVX2/FMA or ANDYLLM_FUSED_OPS=0";
+    at::set_num_threads(GetParam());
+    at::manual_seed(7);
+  }
+};
+
+// Runs f on leaf copies of the inputs, backward with a fixed upstream gradient; returns the
+// output followed by each input's gradient.
+template <typename F>
+std::vector<at::Tensor> value_and_grads(F f, const std::vector<at::Tensor>& inputs, const at::Tensor& upstream) {
+  std::vector<at::Tensor> leaves;
+  for (const auto& t : inputs) leaves.push_back(t.detach().clone().requires_grad_(true));
+  at::Tensor out = f(leaves);
+  (out.to(at::kFloat) * upstream).sum().backward();
+  std::vector<at::Tensor> r{out.detach()};
+  for (const auto& l : leaves) r.push_back(l.grad());
+  return r;
+}
+
+void expect_close(const std::vector<at::Tensor>& fused, const std::vector<at::Tensor>& ref, double tol,
+                  const std::string& what) {
+  ASSERT_EQ(fused.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_EQ(fused[i].sizes(), ref[i].sizes()) << what << " #" << i;
+    EXPECT_EQ(fused[i].scalar_type(), ref[i].scalar_type()) << what << " #" << i;
+    EXPECT_LT(rel_err(fused[i], ref[i]), tol) << what << (i == 0 ? " value" : " grad #" + std::to_string(i));
+  }
+}
+
+TEST_P(FusedOps, RmsNormMatchesComposite) {
+  for (const Case& c : kCases) {
+    for (int64_t d : {128, 37}) {
+      at::Tensor x = at::randn({3, 5, d}).mul(3).to(c.dtype);
+      at::Tensor w = at::rand({d}).add(0.5);
+      at::Tensor up = at::randn({3, 5, d});
+      auto fused = value_and_grads([&](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up);
+      auto ref = value_and_grads([&](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up);
+      expect_close(fused, ref, c.tol, "rms_norm d=" + std::to_string(d) + " " + c10::toString(c.dtype));
+    }
+  }
+}
+
+TEST_P(FusedOps, SwigluMatchesComposite) {
+  for (const Case& c : kCases) {
+    at::Tensor g = at::randn({4, 7, 131}).mul(4).to(c.dtype), u = at::randn({4, 7, 131}).to(c.dtype);
+    at::Tensor up = at::randn({4, 7, 131});
+    auto fused = value_and_grads([&](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, up);
+    auto ref = value_and_grads([&](auto& in) { return swiglu_unfused(in[0], in[1]); }, {g, u}, up);
+    expect_close(fused, ref, c.tol, std::string("swiglu ") + c10::toString(c.dtype));
+  }
+}
+
+TEST_P(FusedOps, RopeMatchesCompositeAndInvertsItself) {
+  const int64_t b = 2, t = 9, h = 3, d = 20;
+  RopeTables tables = make_rope_tables(d, 64, 10000.0);
+  at::Tensor pos = at::randint(0, 64, {b, t}, at::kLong);
+  at::Tensor cos = tables.cos.index_select(0, pos.view(-1)).view({b, t, d});
+  at::Tensor sin = tables.sin.index_select(0, pos.view(-1)).view({b, t, d});
+  for (const Case& c : kCases) {
+    // A strided input (a transposed view), as the attention hands it over.
+    at::Tensor x = at::randn({b, h, t, d}).to(c.dtype).transpose(1, 2);
+    at::Tensor up = at::randn({b, t, h, d});
+    auto fused = value_and_grads([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, up);
+    auto ref = value_and_grads([&](auto& in) { return rope_bthd_unfused(in[0], cos, sin); }, {x}, up);
+    expect_close(fused, ref, c.tol, std::string("rope ") + c10::toString(c.dtype));
+  }
+  // A rotation preserves each pair's norm: the fused kernel's backward is its transpose.
+  at::Tensor x = at::randn({b, t, h, d});
+  at::Tensor y = rope_bthd(x, cos, sin);
+  EXPECT_LT(rel_err(y.pow(2).sum(-1), x.pow(2).sum(-1)), 1e-5);
+}
+
+TEST_P(FusedOps, AdamWMatchesCompositeOverSteps) {
+  for (double wd : {0.0, 0.1}) {
+    at::Tensor p1 = at::randn({1000, 33}), m1 = at::zeros_like(p1), v1 = at::zeros_like(p1);
+    at::Tensor p2 = p1.clone(), m2 = m1.clone(), v2 = v1.clone();
+    for (int step = 1; step <= 5; ++step) {
+      at::Tensor g = at::randn_like(p1).mul(step);
+      AdamWHyper h;
+      h.lr = 1e-2;
+      h.beta1 = 0.9;
+      h.beta2 = 0.95;
+      h.eps = 1e-8;
+      h.weight_decay = wd;
+      h.bc1 = 1 - std::pow(0.9, step);
+      h.bc2 = 1 - std::pow(0.95, step);
+      adamw_update(p1, g, m1, v1, h);
+      adamw_update_unfused(p2, g, m2, v2, h);
+    }
+    EXPECT_LT(rel_err(p1, p2), 1e-6) << "wd " << wd;
+    EXPECT_LT(rel_err(m1, m2), 1e-6) << "wd " << wd;
+    EXPECT_LT(rel_err(v1, v2), 1e-6) << "wd " << wd;
+    EXPECT_GT(rel_err(p1, at::zeros_like(p1).add(1)), 0.0);  // it moved
+  }
+}
+
+TEST_P(FusedOps, GroupedAttentionMatchesRepeatedKv) {
+  const int64_t b = 2, h = 6, h_kv = 2, t = 5, s = 8, d = 16;
+  at::Tensor q = at::randn({b, h, t, d}), k = at::randn({b, h_kv, s, d}), v = at::randn({b, h_kv, s, d});
+  at::Tensor up = at::randn({b, h, t, d});
+  auto grouped = value_and_grads([&](auto& in) { return attention(in[0], in[1], in[2], s - t); }, {q, k, v}, up);
+  auto repeated = value_and_grads(
+      [&](auto& in) {
+        return attention(in[0], in[1].repeat_interleave(h / h_kv, 1), in[2].repeat_interleave(h / h_kv, 1), s - t);
+      },
+      {q, k, v}, up);
+  expect_close(grouped, repeated, 1e-5, "attention");
+}
+
+TEST_P(FusedOps, CrossEntropyMatchesComposite) {
+  // A rank's slice of a padded vocabulary: columns 0..29 of 32 are real (global ids 40..69,
+  // vocab_size 70), targets outside the slice, inside it, and ignored.
+  const int64_t n = 11, width = 32, start = 40, vocab = 70;
+  at::Tensor targets = at::randint(0, vocab, {n}, at::kLong);
+  targets[0] = -100;
+  targets[1] = start + 3;
+  targets[2] = start + 29;
+  targets[3] = 5;
+  for (const Case& c : kCases) {
+    at::Tensor logits = at::randn({n, width}).mul(5).to(c.dtype);
+    at::Tensor up = at::randn({n});
+    auto fused = value_and_grads(
+        [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, start, vocab, -100, true); },
+        {logits}, up);
+    auto ref = value_and_grads(
+        [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, start, vocab, -100, false); },
+        {logits}, up);
+    expect_close(fused, ref, c.dtype == at::kFloat ? 2e-6 : 1e-2, std::string("cross-entropy ") + c10::toString(c.dtype));
+    EXPECT_EQ(fused[1].narrow(1, 30, 2).abs().max().item<float>(), 0.0f);  // padding columns
+    EXPECT_EQ(fused[1][0].abs().max().item<float>(), 0.0f);                // ignored target
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Threads, FusedOps, ::testing::Values(1, 2));
+
+}  // namespace
+}  // namespace andy
