@@ -5,7 +5,8 @@
 # for fp32 and bf16. Model: configs/tiny.toml's shapes (dim 128, 4 layers, vocab 4096, seq 128,
 # micro-batch 8 per rank) unless CONFIG / overrides say otherwise.
 #
-# AndyLLM runs twice per mode: as shipped, and with its malloc tuning off (the ratio it buys).
+# AndyLLM runs three times per mode: as shipped, with its malloc tuning off and with its fused
+# CPU kernels off (the ratio each buys).
 #   scripts/bench_train.sh [RANKS] [STEPS]        # default 2 ranks, 20 steps (3 untimed)
 #   CONFIG=configs/bench_medium_cpu.toml scripts/bench_train.sh 2 10   # a 25 M parameter model
 set -euo pipefail
@@ -28,6 +29,12 @@ for mode in fp32 bf16; do
   mpirun -np "$RANKS" --oversubscribe -x ANDYLLM_MALLOC_TUNING=0 "$BIN" bench train --config "$CONFIG" \
     --steps "$STEPS" --warmup 3 --set precision.mode=$mode --set train.intra_op_threads=1 2>&1 |
     grep -E "^(step time|tokens/s)"
+  echo "# the same without the fused CPU kernels (ANDYLLM_FUSED_OPS=0, core/model/fused_ops.h):"
+  mpirun -np "$RANKS" --oversubscribe -x ANDYLLM_FUSED_OPS=0 "$BIN" bench train --config "$CONFIG" \
+    --steps "$STEPS" --warmup 3 --set precision.mode=$mode --set train.intra_op_threads=1 2>&1 |
+    grep -E "^(step time|tokens/s)"
   extra=""; [ "$mode" = bf16 ] && extra="--bf16"
+  # PyTorch with the malloc settings AndyLLM applies to itself (launch/main.cpp's mallopt).
+  MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456 \
   /usr/bin/python3 scripts/bench_pytorch.py --config "$CONFIG" --ranks "$RANKS" --threads 1 --steps "$STEPS" --warmup 3 $extra
 done

@@ -2,6 +2,8 @@
 #include "serve/step_plan.h"
 
 #include <chrono>
+#include <sched.h>
+
 #include <thread>
 
 #include "core/base/error.h"
@@ -101,15 +103,23 @@ StepPlan ControlChannel::broadcast(const StepPlan& plan) {
     MPI_CHECK(MPI_Ibcast(&n, 1, MPI_INT64_T, 0, comm_.get(), &req));
     MPI_CHECK(MPI_Wait(&req, MPI_STATUS_IGNORE));
   } else {
-    // Idle workers wait here between requests: poll with a growing sleep (up to 2 ms), never
-    // a timeout.
+    // Workers wait here between steps, and idle ones between requests, never with a timeout.
+    // For the first 2 ms they poll and yield the core (a busy server's next plan comes within
+    // a step's sampling and scheduling: a sleep there would add its granularity to every step,
+    // while a yield lets rank 0's HTTP threads run on this core); then with a growing sleep (up
+    // to 2 ms) so that an idle server does not spin.
     MPI_Request req;
     MPI_CHECK(MPI_Ibcast(&n, 1, MPI_INT64_T, 0, comm_.get(), &req));
     int done = 0;
     int64_t sleep_us = 0;
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::milliseconds(2);
     while (true) {
       MPI_CHECK(MPI_Test(&req, &done, MPI_STATUS_IGNORE));
       if (done) break;
+      if (std::chrono::steady_clock::now() < spin_until) {
+        sched_yield();
+        continue;
+      }
       if (sleep_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
       sleep_us = std::min<int64_t>(2000, sleep_us + 50);
     }
