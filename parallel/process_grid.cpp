@@ -1,6 +1,8 @@
 // Rank grid (TP innermost) and the communicator factory.
 #include "parallel/process_grid.h"
 
+#include <cstdlib>
+
 #include "parallel/mpi_communicator.h"
 #if defined(ANDYLLM_HAVE_NCCL)
 #include "parallel/nccl_communicator.h"
@@ -37,8 +39,12 @@ bool nccl_compiled_in() {
 }
 
 CommPtr make_communicator(Backend backend, const MpiComm& group, const std::string& name,
-                          int device, std::chrono::milliseconds timeout) {
-  if (backend == Backend::kMpi) return std::make_shared<MpiCommunicator>(group, name, timeout);
+                          int device, std::chrono::milliseconds timeout, bool comm_thread) {
+  if (backend == Backend::kMpi) {
+    const char* env = std::getenv("ANDYLLM_MPI_COMM_THREAD");
+    if (env && (std::string(env) == "0" || std::string(env) == "1")) comm_thread = std::string(env) == "1";
+    return std::make_shared<MpiCommunicator>(group, name, timeout, comm_thread);
+  }
 #if defined(ANDYLLM_HAVE_NCCL)
   return std::make_shared<NcclCommunicator>(group, device, name, timeout);
 #else
@@ -53,8 +59,10 @@ ProcessGrid::ProcessGrid(const World& world, const GridOptions& opts)
   tp_mpi_ = world.comm().split(coords_.dp_rank, coords_.tp_rank);
   dp_mpi_ = world.comm().split(coords_.tp_rank, coords_.dp_rank);
   world_comm_ = make_communicator(opts.backend, world.comm(), "world", opts.device, opts.timeout);
+  // Tensor-parallel collectives are synchronous and, when decoding, a few KB: polled, no thread
+  // (tiny model, TP=2, one sequence: 4,500 against 3,600 tokens/s through the thread).
   tp_comm_ = make_communicator(opts.backend, tp_mpi_, "tp[dp_rank=" + std::to_string(dp_rank()) + "]",
-                               opts.device, opts.timeout);
+                               opts.device, opts.timeout, /*comm_thread=*/false);
   dp_comm_ = make_communicator(opts.backend, dp_mpi_, "dp[tp_rank=" + std::to_string(tp_rank()) + "]",
                                opts.device, opts.timeout);
 }

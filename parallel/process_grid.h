@@ -42,9 +42,13 @@ struct GridOptions {
 bool nccl_compiled_in();
 
 // Makes a communicator of `backend` over `group` (collective over the group).
-// Throws CommError when the backend was not compiled in.
+// Throws CommError when the backend was not compiled in. On MPI, `comm_thread` picks the
+// communication thread (tuned blocking collectives, for the asynchronous gradient all-reduces)
+// over nonblocking collectives polled by the caller (lower latency for the small synchronous
+// ones of tensor parallelism: a decode step's all-reduces of a few KB). ANDYLLM_MPI_COMM_THREAD
+// = 0 / 1 overrides it for every communicator.
 CommPtr make_communicator(Backend backend, const MpiComm& group, const std::string& name,
-                          int device, std::chrono::milliseconds timeout);
+                          int device, std::chrono::milliseconds timeout, bool comm_thread = true);
 
 class ProcessGrid {
  public:
