@@ -20,12 +20,7 @@
 
 namespace andy {
 
-class MpiWork;
-
-namespace {
-
-// Datatype that moves the tensor's elements bit for bit.
-MPI_Datatype copy_type(at::ScalarType t) {
+MPI_Datatype mpi_copy_type(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return MPI_FLOAT;
     case at::kDouble: return MPI_DOUBLE;
@@ -37,6 +32,11 @@ MPI_Datatype copy_type(at::ScalarType t) {
     default: return MPI_DATATYPE_NULL;
   }
 }
+
+class MpiWork;
+
+namespace {
+
 
 bool is_narrow_float(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
@@ -330,7 +330,7 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
   at::Tensor buf = is_narrow_float(tensor.scalar_type()) ? tensor.to(at::kFloat) : tensor;
   void* ptr = buf.data_ptr();
   int count = static_cast<int>(buf.numel());
-  MPI_Datatype dt = copy_type(buf.scalar_type());
+  MPI_Datatype dt = mpi_copy_type(buf.scalar_type());
   MPI_Op op = mpi_op(opts.op);
   work->keep(buf);
   at::Tensor target = tensor;
@@ -360,7 +360,7 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
   displacements(counts, c, d);
   const int* cp = c.data();
   const int* dp = d.data();
-  MPI_Datatype dt = copy_type(input.scalar_type());
+  MPI_Datatype dt = mpi_copy_type(input.scalar_type());
   const void* in = input.numel() ? input.data_ptr() : nullptr;
   int count = static_cast<int>(input.numel());
   void* out = output.data_ptr();
@@ -397,7 +397,7 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
   bool narrow = is_narrow_float(input.scalar_type());
   at::Tensor in = narrow ? input.to(at::kFloat) : input;
   at::Tensor out = narrow ? at::empty({output.numel()}, output.options().dtype(at::kFloat)) : output;
-  MPI_Datatype dt = copy_type(in.scalar_type());
+  MPI_Datatype dt = mpi_copy_type(in.scalar_type());
   MPI_Op op = mpi_op(opts.op);
   // MPI_Reduce_scatter rejects a null buffer even for zero elements: give it a dummy.
   static float dummy = 0;
@@ -432,7 +432,7 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
   }
   void* ptr = tensor.data_ptr();
   int count = static_cast<int>(tensor.numel());
-  MPI_Datatype dt = copy_type(tensor.scalar_type());
+  MPI_Datatype dt = mpi_copy_type(tensor.scalar_type());
   work->keep(tensor);
   return issue(comm_.get(), thread_.get(), work,
                {"MPI_Bcast", [=](MPI_Comm c) { return MPI_Bcast(ptr, count, dt, root, c); },

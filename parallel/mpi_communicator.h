@@ -18,6 +18,10 @@ namespace andy {
 
 class CollectiveThread;
 
+// The MPI datatype that moves a tensor's elements bit for bit (bf16/fp16 as 16-bit words;
+// MPI_DATATYPE_NULL for other dtypes).
+MPI_Datatype mpi_copy_type(at::ScalarType t);
+
 class MpiCommunicator : public Communicator {
  public:
   // `group` is duplicated; the original may be freed afterwards. use_thread (Default: true)

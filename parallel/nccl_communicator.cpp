@@ -11,9 +11,7 @@
 
 namespace andy {
 
-namespace {
-
-ncclDataType_t nccl_type(at::ScalarType t) {
+ncclDataType_t nccl_dtype(at::ScalarType t) {
   switch (t) {
     case at::kFloat: return ncclFloat32;
     case at::kDouble: return ncclFloat64;
@@ -26,6 +24,8 @@ ncclDataType_t nccl_type(at::ScalarType t) {
     default: return ncclFloat32;
   }
 }
+
+namespace {
 
 ncclRedOp_t nccl_op(ReduceOp op) {
   switch (op) {
@@ -160,7 +160,7 @@ WorkPtr NcclCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions&
   check_reduction(tensor, opts.op, "all_reduce");
   enter();
   NCCL_CHECK(ncclAllReduce(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
-                           nccl_type(tensor.scalar_type()), nccl_op(opts.op), comm_, stream_));
+                           nccl_dtype(tensor.scalar_type()), nccl_op(opts.op), comm_, stream_));
   return finish("all_reduce", {tensor});
 }
 
@@ -170,7 +170,7 @@ WorkPtr NcclCommunicator::all_gather(at::Tensor& output, const at::Tensor& input
   check_device(input, "all_gather");
   check_device(output, "all_gather");
   auto counts = resolve_counts(opts.counts, output.numel(), input.numel(), "all_gather");
-  auto dt = nccl_type(input.scalar_type());
+  auto dt = nccl_dtype(input.scalar_type());
   size_t elem = input.element_size();
   enter();
   if (opts.counts.empty()) {
@@ -196,7 +196,7 @@ WorkPtr NcclCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& i
   check_device(output, "reduce_scatter");
   check_reduction(input, opts.op, "reduce_scatter");
   auto counts = resolve_counts(opts.counts, input.numel(), output.numel(), "reduce_scatter");
-  auto dt = nccl_type(input.scalar_type());
+  auto dt = nccl_dtype(input.scalar_type());
   size_t elem = input.element_size();
   enter();
   if (opts.counts.empty()) {
@@ -223,7 +223,7 @@ WorkPtr NcclCommunicator::broadcast(at::Tensor& tensor, int root) {
                " outside the group of ", size_);
   enter();
   NCCL_CHECK(ncclBroadcast(tensor.data_ptr(), tensor.data_ptr(), tensor.numel(),
-                           nccl_type(tensor.scalar_type()), root, comm_, stream_));
+                           nccl_dtype(tensor.scalar_type()), root, comm_, stream_));
   return finish("broadcast", {tensor});
 }
 

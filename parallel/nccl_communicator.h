@@ -15,6 +15,9 @@
 
 namespace andy {
 
+// NCCL's datatype for a tensor dtype.
+ncclDataType_t nccl_dtype(at::ScalarType t);
+
 class NcclCommunicator : public Communicator {
  public:
   // Collective over `group` (every rank must call); `device` is this rank's CUDA device.

@@ -15,20 +15,8 @@ namespace andy {
 
 namespace {
 
-// MPI has no bf16/fp16 reduction: narrow floats move as 16-bit words and are not reduced here.
-MPI_Datatype raw_mpi_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return MPI_FLOAT;
-    case at::kDouble: return MPI_DOUBLE;
-    case at::kBFloat16: case at::kHalf: return MPI_UINT16_T;
-    case at::kInt: return MPI_INT32_T;
-    case at::kLong: return MPI_INT64_T;
-    case at::kByte: case at::kBool: return MPI_UINT8_T;
-    case at::kChar: return MPI_INT8_T;
-    default: return MPI_DATATYPE_NULL;
-  }
-}
-
+// MPI has no bf16/fp16 reduction: narrow floats move as 16-bit words and are not reduced here
+// (mpi_copy_type).
 class RawMpi : public RawCollectives {
  public:
   explicit RawMpi(MpiComm comm) : comm_(std::move(comm)), size_(comm_.size()) {}
@@ -37,20 +25,20 @@ class RawMpi : public RawCollectives {
 
   void all_reduce(at::Tensor& t) override {
     MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, t.data_ptr(), static_cast<int>(t.numel()),
-                            raw_mpi_type(t.scalar_type()), MPI_SUM, comm_.get()));
+                            mpi_copy_type(t.scalar_type()), MPI_SUM, comm_.get()));
   }
   void all_gather(at::Tensor& out, const at::Tensor& in) override {
-    MPI_Datatype dt = raw_mpi_type(in.scalar_type());
+    MPI_Datatype dt = mpi_copy_type(in.scalar_type());
     int n = static_cast<int>(in.numel());
     MPI_CHECK(MPI_Allgather(in.data_ptr(), n, dt, out.data_ptr(), n, dt, comm_.get()));
   }
   void reduce_scatter(at::Tensor& out, const at::Tensor& in) override {
     std::vector<int> counts(size_, static_cast<int>(out.numel()));
     MPI_CHECK(MPI_Reduce_scatter(in.data_ptr(), out.data_ptr(), counts.data(),
-                                 raw_mpi_type(in.scalar_type()), MPI_SUM, comm_.get()));
+                                 mpi_copy_type(in.scalar_type()), MPI_SUM, comm_.get()));
   }
   void broadcast(at::Tensor& t, int root) override {
-    MPI_CHECK(MPI_Bcast(t.data_ptr(), static_cast<int>(t.numel()), raw_mpi_type(t.scalar_type()),
+    MPI_CHECK(MPI_Bcast(t.data_ptr(), static_cast<int>(t.numel()), mpi_copy_type(t.scalar_type()),
                         root, comm_.get()));
   }
 
@@ -60,20 +48,6 @@ class RawMpi : public RawCollectives {
 };
 
 #if defined(ANDYLLM_HAVE_NCCL)
-ncclDataType_t raw_nccl_type(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return ncclFloat32;
-    case at::kDouble: return ncclFloat64;
-    case at::kBFloat16: return ncclBfloat16;
-    case at::kHalf: return ncclFloat16;
-    case at::kInt: return ncclInt32;
-    case at::kLong: return ncclInt64;
-    case at::kByte: case at::kBool: return ncclUint8;
-    case at::kChar: return ncclInt8;
-    default: return ncclFloat32;
-  }
-}
-
 class RawNccl : public RawCollectives {
  public:
   explicit RawNccl(const NcclCommunicator& comm) : comm_(comm.nccl_comm()), device_(comm.device()) {}
@@ -82,25 +56,25 @@ class RawNccl : public RawCollectives {
 
   void all_reduce(at::Tensor& t) override {
     cudaStream_t s = stream();
-    NCCL_CHECK(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), raw_nccl_type(t.scalar_type()),
+    NCCL_CHECK(ncclAllReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_dtype(t.scalar_type()),
                              ncclSum, comm_, s));
     CUDA_CHECK(cudaStreamSynchronize(s));
   }
   void all_gather(at::Tensor& out, const at::Tensor& in) override {
     cudaStream_t s = stream();
-    NCCL_CHECK(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), raw_nccl_type(in.scalar_type()),
+    NCCL_CHECK(ncclAllGather(in.data_ptr(), out.data_ptr(), in.numel(), nccl_dtype(in.scalar_type()),
                              comm_, s));
     CUDA_CHECK(cudaStreamSynchronize(s));
   }
   void reduce_scatter(at::Tensor& out, const at::Tensor& in) override {
     cudaStream_t s = stream();
     NCCL_CHECK(ncclReduceScatter(in.data_ptr(), out.data_ptr(), out.numel(),
-                                 raw_nccl_type(in.scalar_type()), ncclSum, comm_, s));
+                                 nccl_dtype(in.scalar_type()), ncclSum, comm_, s));
     CUDA_CHECK(cudaStreamSynchronize(s));
   }
   void broadcast(at::Tensor& t, int root) override {
     cudaStream_t s = stream();
-    NCCL_CHECK(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), raw_nccl_type(t.scalar_type()),
+    NCCL_CHECK(ncclBroadcast(t.data_ptr(), t.data_ptr(), t.numel(), nccl_dtype(t.scalar_type()),
                              root, comm_, s));
     CUDA_CHECK(cudaStreamSynchronize(s));
   }

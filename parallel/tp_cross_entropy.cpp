@@ -91,14 +91,6 @@ void ce_grad_kernel(const T* logits, int64_t rows, int64_t width, int64_t n_real
 
 #pragma GCC pop_options
 
-template <typename F>
-void on_logit_dtype(const at::Tensor& x, F&& f) {
-  if (x.scalar_type() == at::kFloat)
-    f(float{});
-  else
-    f(c10::BFloat16{});
-}
-
 struct FusedVocabParallelCrossEntropy : public torch::autograd::Function<FusedVocabParallelCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_in, const at::Tensor& targets,
                             Communicator* comm, int64_t vocab_start, int64_t vocab_size, int64_t ignore_index) {
@@ -111,12 +103,12 @@ struct FusedVocabParallelCrossEntropy : public torch::autograd::Function<FusedVo
     at::Tensor local_t = (targets - vocab_start).masked_fill(in_range.logical_not(), 0).contiguous();
     auto f32 = logits.options().dtype(at::kFloat);
     at::Tensor max = at::empty({rows}, f32), both = at::empty({2, rows}, f32);
-    on_logit_dtype(logits, [&](auto t) {
+    on_float_or_bf16(logits, [&](auto t) {
       using T = decltype(t);
       row_max_kernel<T>(logits.data_ptr<T>(), rows, width, n_real, max.data_ptr<float>());
     });
     if (comm) comm->all_reduce_sync(max, ReduceOp::kMax);
-    on_logit_dtype(logits, [&](auto t) {
+    on_float_or_bf16(logits, [&](auto t) {
       using T = decltype(t);
       sum_exp_kernel<T>(logits.data_ptr<T>(), rows, width, n_real, max.data_ptr<float>(),
                         local_t.data_ptr<int64_t>(), in_range.data_ptr<bool>(), both[0].data_ptr<float>(),
@@ -135,7 +127,7 @@ struct FusedVocabParallelCrossEntropy : public torch::autograd::Function<FusedVo
     const at::Tensor sum_exp = saved[2].contiguous();
     const at::Tensor scale = (grads[0].to(at::kFloat) * saved[5].to(at::kFloat)).contiguous();
     at::Tensor grad = at::empty(logits.sizes(), logits.options());
-    on_logit_dtype(logits, [&](auto t) {
+    on_float_or_bf16(logits, [&](auto t) {
       using T = decltype(t);
       ce_grad_kernel<T>(logits.data_ptr<T>(), logits.size(0), logits.size(1), ctx->saved_data["n_real"].toInt(),
                         max.data_ptr<float>(), sum_exp.data_ptr<float>(), local_t.data_ptr<int64_t>(),

@@ -3,6 +3,7 @@
 // target("avx2,fma"), so callers need no -mavx2; call them only where has_avx2_fma().
 #pragma once
 
+#include <ATen/ATen.h>
 #include <immintrin.h>
 
 #include <cstdlib>
@@ -44,6 +45,16 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// Calls f(float{}) or f(c10::BFloat16{}) for x's dtype (the kernels' two element types; the
+// callers check that x is one of them).
+template <typename F>
+void on_float_or_bf16(const at::Tensor& x, F&& f) {
+  if (x.scalar_type() == at::kFloat)
+    f(float{});
+  else
+    f(c10::BFloat16{});
 }
 
 }  // namespace andy

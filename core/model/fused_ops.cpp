@@ -29,15 +29,6 @@ int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int6
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 
-inline float sum_sq(const float* x, int64_t d) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8)
-    for (int l = 0; l < 8; ++l) acc[l] += x[i + l] * x[i + l];
-  float s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  for (; i < d; ++i) s += x[i] * x[i];
-  return s;
-}
 
 inline float dot(const float* a, const float* b, int64_t d) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -68,7 +59,7 @@ void rms_forward_kernel(const T* x, const float* w, float* y, float* rstd, int64
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : d);
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = row_as_float(x + r * d, d, buf.data());
-      const float rs = 1.0f / std::sqrt(sum_sq(xr, d) / static_cast<float>(d) + eps);
+      const float rs = 1.0f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + eps);
       rstd[r] = rs;
       float* yr = y + r * d;
       for (int64_t i = 0; i < d; ++i) yr[i] = w[i] * round_as<T>(xr[i] * rs);
@@ -113,32 +104,35 @@ inline void sigmoid_block(const float* g, float* s, int64_t n) {
 
 constexpr int64_t kBlock = 256;
 
-template <typename T>
-void swiglu_forward_kernel(const T* g, const T* u, T* out, int64_t n) {
+// Runs f(o, m, g, s) over blocks of at most kBlock elements, in parallel: elements o..o+m-1
+// of `gate` as floats in g, their sigmoids in s.
+template <typename T, typename F>
+void for_gate_blocks(const T* gate, int64_t n, F&& f) {
   at::parallel_for(0, (n + kBlock - 1) / kBlock, 64, [&](int64_t begin, int64_t end) {
-    float gf[kBlock], s[kBlock];
+    float g[kBlock], s[kBlock];
     for (int64_t blk = begin; blk < end; ++blk) {
       const int64_t o = blk * kBlock, m = std::min(kBlock, n - o);
-      for (int64_t i = 0; i < m; ++i) gf[i] = to_f(g[o + i]);
-      sigmoid_block(gf, s, m);
-      for (int64_t i = 0; i < m; ++i) out[o + i] = from_f<T>(gf[i] * s[i] * to_f(u[o + i]));
+      for (int64_t i = 0; i < m; ++i) g[i] = to_f(gate[o + i]);
+      sigmoid_block(g, s, m);
+      f(o, m, g, s);
     }
   });
 }
 
 template <typename T>
+void swiglu_forward_kernel(const T* g, const T* u, T* out, int64_t n) {
+  for_gate_blocks(g, n, [&](int64_t o, int64_t m, const float* gf, const float* s) {
+    for (int64_t i = 0; i < m; ++i) out[o + i] = from_f<T>(gf[i] * s[i] * to_f(u[o + i]));
+  });
+}
+
+template <typename T>
 void swiglu_backward_kernel(const T* dy, const T* g, const T* u, T* dg, T* du, int64_t n) {
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 64, [&](int64_t begin, int64_t end) {
-    float gf[kBlock], s[kBlock];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t o = blk * kBlock, m = std::min(kBlock, n - o);
-      for (int64_t i = 0; i < m; ++i) gf[i] = to_f(g[o + i]);
-      sigmoid_block(gf, s, m);
-      for (int64_t i = 0; i < m; ++i) {
-        const float d = to_f(dy[o + i]), gi = gf[i], si = s[i];
-        dg[o + i] = from_f<T>(d * to_f(u[o + i]) * si * (1.0f + gi * (1.0f - si)));
-        du[o + i] = from_f<T>(d * gi * si);
-      }
+  for_gate_blocks(g, n, [&](int64_t o, int64_t m, const float* gf, const float* s) {
+    for (int64_t i = 0; i < m; ++i) {
+      const float d = to_f(dy[o + i]), gi = gf[i], si = s[i];
+      dg[o + i] = from_f<T>(d * to_f(u[o + i]) * si * (1.0f + gi * (1.0f - si)));
+      du[o + i] = from_f<T>(d * gi * si);
     }
   });
 }
@@ -190,15 +184,6 @@ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, const
 
 #pragma GCC pop_options
 
-// Runs f<float> or f<c10::BFloat16> on x's dtype.
-template <typename F>
-void on_dtype(const at::Tensor& x, F&& f) {
-  if (x.scalar_type() == at::kFloat)
-    f(float{});
-  else
-    f(c10::BFloat16{});
-}
-
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -209,7 +194,7 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(1, d);
     at::Tensor y = at::empty(x.sizes(), x.options().dtype(at::kFloat));
     at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-    on_dtype(x, [&](auto t) {
+    on_float_or_bf16(x, [&](auto t) {
       using T = decltype(t);
       rms_forward_kernel<T>(x.data_ptr<T>(), w.data_ptr<float>(), y.data_ptr<float>(),
                             rstd.data_ptr<float>(), rows, d, static_cast<float>(eps));
@@ -225,7 +210,7 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
     const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(1, d);
     at::Tensor dx = at::empty(x.sizes(), x.options());
     at::Tensor parts = at::zeros({at::get_num_threads(), d}, x.options().dtype(at::kFloat));
-    on_dtype(x, [&](auto t) {
+    on_float_or_bf16(x, [&](auto t) {
       using T = decltype(t);
       rms_backward_kernel<T>(dy.data_ptr<float>(), x.data_ptr<T>(), w.data_ptr<float>(),
                              rstd.data_ptr<float>(), dx.data_ptr<T>(), parts.data_ptr<float>(), rows, d);
@@ -238,7 +223,7 @@ struct SwigluFn : public torch::autograd::Function<SwigluFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g_in, const at::Tensor& u_in) {
     const at::Tensor g = g_in.contiguous(), u = u_in.contiguous();
     at::Tensor out = at::empty(g.sizes(), g.options());
-    on_dtype(g, [&](auto t) {
+    on_float_or_bf16(g, [&](auto t) {
       using T = decltype(t);
       swiglu_forward_kernel<T>(g.data_ptr<T>(), u.data_ptr<T>(), out.data_ptr<T>(), g.numel());
     });
@@ -251,7 +236,7 @@ struct SwigluFn : public torch::autograd::Function<SwigluFn> {
     const at::Tensor &g = saved[0], &u = saved[1];
     const at::Tensor dy = grads[0].to(g.scalar_type()).contiguous();
     at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
-    on_dtype(g, [&](auto t) {
+    on_float_or_bf16(g, [&](auto t) {
       using T = decltype(t);
       swiglu_backward_kernel<T>(dy.data_ptr<T>(), g.data_ptr<T>(), u.data_ptr<T>(), dg.data_ptr<T>(),
                                 du.data_ptr<T>(), g.numel());
@@ -266,7 +251,7 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
     const at::Tensor x = x_in.contiguous();
     at::Tensor y = at::empty(x.sizes(), x.options());
     const int64_t heads = x.size(2), d = x.size(3);
-    on_dtype(x, [&](auto t) {
+    on_float_or_bf16(x, [&](auto t) {
       using T = decltype(t);
       rope_kernel<T>(x.data_ptr<T>(), cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<T>(),
                      x.numel() / d, heads, d, backward);
