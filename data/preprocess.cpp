@@ -22,6 +22,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/base/cpu.h"
 #include "core/base/format.h"
 #include "core/base/logging.h"
 #include "data/permutation.h"
@@ -412,7 +413,7 @@ void train_tokenizer_model(const Pipeline& p) {
   t.model_type = p.opts.model_type;
   t.character_coverage = p.opts.character_coverage;
   t.input_sentence_size = p.opts.tokenizer_sentences;
-  t.num_threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  t.num_threads = cores_available();
   t.seed = static_cast<uint32_t>(p.opts.seed);
   auto t0 = Clock::now();
   log::info("preprocess: training a ", p.opts.model_type, " sentencepiece tokenizer, vocab_size ",
@@ -485,8 +486,12 @@ class DocumentSplit {
 
 // --threads, or this host's cores shared among its ranks.
 int tokenizer_threads(const PreprocessOptions& o, const RankGroup& ranks) {
+  if (o.threads > cores_available() && ranks.rank == 0)
+    log::warn("preprocess: --threads ", o.threads, " but this rank may only run on ", cores_available(),
+              " core(s) (mpirun binds each rank to one core by default for up to 2 ranks): run mpirun with ",
+              "--bind-to none or --map-by slot:PE=", o.threads);
   if (o.threads > 0) return o.threads;
-  return std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / ranks.local_size);
+  return default_threads_per_rank(ranks.local_size);
 }
 
 // Encodes docs[b, e) on up to `threads` threads (this one among them); rethrows a thread's error.
@@ -585,37 +590,48 @@ class ShardWriting {
   }
   // Writes the files `mine` (indices into p.files); returns this rank's shards (ShardSink).
   nlohmann::json run(const std::vector<size_t>& mine) {
-    for (size_t fi : mine) write_file(fi);
+    for (size_t fi : mine) read_file(fi);
+    write_batch();
     nlohmann::json shards = sink_.finish();
     progress_.print(true);
     return shards;
   }
 
  private:
-  static constexpr size_t kBatch = 512;  // documents encoded between two progress updates
+  // Documents encoded together (on the threads) between two writes and progress updates. A
+  // batch takes documents across files: a corpus of one document per file (the demo's) gave
+  // the threads one document at a time before, so --threads 2 barely helped.
+  static constexpr size_t kBatch = 512;
+  static constexpr int64_t kBatchBytes = 8 << 20;
 
-  void write_file(size_t fi) {
+  void read_file(size_t fi) {
     std::vector<std::string> docs = read_documents(p_.files[fi], reread_).docs;
     ANDY_CHECK_T(IoError, static_cast<int64_t>(docs.size()) == counts_.per_file[fi],
                  p_.files[fi].path, ": changed while preprocessing (", counts_.per_file[fi],
                  " documents, now ", docs.size(), ")");
-    for (size_t b = 0; b < docs.size(); b += kBatch)
-      write_batch(docs, b, std::min(docs.size(), b + kBatch), counts_.first_doc[fi]);
-  }
-  // Writes docs[b, e) of a file whose first document has global index first_doc, and frees
-  // their text.
-  void write_batch(std::vector<std::string>& docs, size_t b, size_t e, int64_t first_doc) {
-    std::vector<std::vector<int32_t>> ids = encode_batch(tok_, docs, b, e, threads_);
-    int64_t bytes = 0, tokens = 0;
-    for (size_t d = b; d < e; ++d) {
-      auto& v = ids[d - b];
-      v.push_back(tok_.eos_id());
-      sink_.add(split_.of(first_doc + static_cast<int64_t>(d)), v);
-      bytes += static_cast<int64_t>(docs[d].size());
-      tokens += static_cast<int64_t>(v.size());
-      std::string().swap(docs[d]);
+    for (size_t d = 0; d < docs.size(); ++d) {
+      batch_bytes_ += static_cast<int64_t>(docs[d].size());
+      batch_.push_back(std::move(docs[d]));
+      batch_index_.push_back(counts_.first_doc[fi] + static_cast<int64_t>(d));
+      if (batch_.size() >= kBatch || batch_bytes_ >= kBatchBytes) write_batch();
     }
-    progress_.add(bytes, static_cast<int64_t>(e - b), tokens);
+  }
+  // Encodes the batch, adds its documents in order (eos appended) to their split's shard, and
+  // empties it.
+  void write_batch() {
+    if (batch_.empty()) return;
+    std::vector<std::vector<int32_t>> ids = encode_batch(tok_, batch_, 0, batch_.size(), threads_);
+    int64_t tokens = 0;
+    for (size_t d = 0; d < batch_.size(); ++d) {
+      auto& v = ids[d];
+      v.push_back(tok_.eos_id());
+      sink_.add(split_.of(batch_index_[d]), v);
+      tokens += static_cast<int64_t>(v.size());
+    }
+    progress_.add(batch_bytes_, static_cast<int64_t>(batch_.size()), tokens);
+    batch_.clear();
+    batch_index_.clear();
+    batch_bytes_ = 0;
   }
 
   const Pipeline& p_;
@@ -626,6 +642,9 @@ class ShardWriting {
   ShardSink sink_;
   Progress progress_;
   ReadOptions reread_;
+  std::vector<std::string> batch_;      // documents read, not yet written
+  std::vector<int64_t> batch_index_;    // their global document indices
+  int64_t batch_bytes_ = 0;
 };
 
 // 5. Tokenize (threads) and write this rank's shards; returns them (ShardSink::finish).

@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "core/base/cpu.h"
 #include "core/base/error.h"
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
@@ -278,11 +279,15 @@ void configure_threads(const Config& cfg, const World* world) {
   const int cores = static_cast<int>(std::thread::hardware_concurrency());
   const int local = world ? world->local_size() : 1;
   if (threads <= 0) {
-    threads = std::max(1, cores / std::max(1, local));
+    threads = default_threads_per_rank(local);
   } else if (cores > 0 && threads * local > cores && (!world || world->is_root())) {
     // Oversubscribed threads spin against each other (64 threads on 2 cores ran 13x slower).
     log::warn("[train] intra_op_threads = ", threads, " x ", local, " rank(s) on this host = ", threads * local,
               " threads for ", cores, " cores: expect a large slowdown; use 0 (cores / ranks)");
+  } else if (threads > cores_available() && (!world || world->is_root())) {
+    log::warn("[train] intra_op_threads = ", threads, " but this rank may only run on ", cores_available(),
+              " core(s) (mpirun binds each rank to one core by default for up to 2 ranks): its threads ",
+              "share them; run mpirun with --bind-to none (scripts/mpirun.sh does) or --map-by slot:PE=", threads);
   }
   at::set_num_threads(threads);
   // LibTorch sets OpenMP's threads only; OpenBLAS (Debian's libblas.so.3, which fp32 matmul

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Tokenization throughput of `andyllm preprocess` against Python sentencepiece (Debian's
+# python3-sentencepiece: the same library and tokenizer model), one run each, on a corpus of
+# about SIZE_MB made from copies of the demo corpus (data/demo/raw, from scripts/quickstart.sh):
+#   python   : one process, SentencePieceProcessor.encode of every document (what the seed did)
+#   andyllm  : preprocess --tokenizer_path (the same model, so no tokenizer training is timed)
+#              with --threads 1, --threads 2, and mpirun -np 2 --threads 1
+# Reported: the tokenize step's MB/s from preprocess's progress line, and the whole command's
+# wall time (reading, counting, tokenizing, HDF5 shards with checksums, manifest).
+#   scripts/bench_preprocess.sh [SIZE_MB]    # default 32
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+SIZE_MB="${1:-32}"
+BIN="${ANDYLLM_BIN:-build/andyllm}"
+RAW=data/demo/raw
+TOK=data/demo/processed/tokenizer.model
+[ -d "$RAW" ] && [ -f "$TOK" ] || { echo "bench_preprocess: run scripts/quickstart.sh first (needs $RAW and $TOK)" >&2; exit 1; }
+WORK="$(mktemp -d /tmp/andyllm-bench-preprocess-XXXXXX)"
+trap 'rm -rf "$WORK"' EXIT
+raw_bytes=$(du -sb "$RAW" | cut -f1)
+copies=$(( (SIZE_MB * 1000000 + raw_bytes - 1) / raw_bytes ))
+for i in $(seq "$copies"); do cp -r "$RAW" "$WORK/corpus/copy$i" 2>/dev/null || { mkdir -p "$WORK/corpus"; cp -r "$RAW" "$WORK/corpus/copy$i"; }; done
+echo "# $(date -u +%FT%TZ) $(nproc) cores, $(lscpu | sed -n 's/^Model name: *//p'); corpus: $copies copies of $RAW, $(( $(du -sb "$WORK/corpus" | cut -f1) / 1000000 )) MB"
+
+/usr/bin/python3 - "$WORK/corpus" "$TOK" <<'PY'
+import os, sys, time
+import sentencepiece as spm
+root, model = sys.argv[1], sys.argv[2]
+docs = []
+for d, _, files in os.walk(root):
+    for f in sorted(files):
+        if f.endswith(".txt"):
+            with open(os.path.join(d, f), encoding="utf-8") as fh:
+                docs.append(fh.read())
+sp = spm.SentencePieceProcessor(model_file=model)
+n_bytes = sum(len(t.encode("utf-8")) for t in docs)
+t0 = time.perf_counter()
+tokens = sum(len(sp.encode(t)) for t in docs)
+dt = time.perf_counter() - t0
+print(f"python sentencepiece {spm.__version__}, 1 process: {len(docs)} docs, {tokens} tokens, "
+      f"{n_bytes / dt / 1e6:.2f} MB/s ({dt:.2f} s)")
+PY
+
+run() {  # run LABEL COMMAND...
+  local label="$1"; shift
+  local t0 t1 line
+  t0=$(date +%s.%N)
+  line=$("$@" --input_dir "$WORK/corpus" --output_dir "$WORK/out" --tokenizer_path "$TOK" --overwrite 2>&1 |
+         grep "tokenize.*done in" | tail -1 | sed 's/.*tokens | //')
+  t1=$(date +%s.%N)
+  printf "andyllm %-28s tokenize: %s | whole command %.2f s\n" "$label" "$line" "$(awk -v a="$t0" -v b="$t1" 'BEGIN { print b - a }')"
+}
+run "--threads 1" "$BIN" preprocess --threads 1
+run "--threads 2" "$BIN" preprocess --threads 2
+run "mpirun -np 2 --threads 1" mpirun -np 2 "$BIN" preprocess --threads 1
