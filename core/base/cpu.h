@@ -17,13 +17,12 @@ inline int cores_available() {
   return std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
 }
 
-// Threads per rank when the user gave none: the cores this rank is bound to, or, unbound, the
-// host's cores shared among the `local_ranks` ranks on it.
+// Threads per rank when the user gave none: the host's cores shared among the `local_ranks`
+// ranks on it, and no more than the cores this rank is bound to (one, under mpirun's default
+// binding for up to 2 ranks; a socket's, shared with other ranks, above that).
 inline int default_threads_per_rank(int local_ranks) {
   const int host = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
-  const int mine = cores_available();
-  if (mine < host) return mine;
-  return std::max(1, host / std::max(1, local_ranks));
+  return std::max(1, std::min(cores_available(), host / std::max(1, local_ranks)));
 }
 
 }  // namespace andy

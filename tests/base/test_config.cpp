@@ -1,9 +1,14 @@
 // Config schema, TOML loading, overrides and every promised error message.
 #include <gtest/gtest.h>
 
+#include <sched.h>
+
+#include <algorithm>
 #include <fstream>
 #include <string>
+#include <thread>
 
+#include "core/base/cpu.h"
 #include "core/base/error.h"
 #include "core/config/config.h"
 
@@ -177,4 +182,27 @@ TEST(Config, EffectiveConfigRoundTrips) {
 TEST(Config, DidYouMean) {
   EXPECT_EQ(did_you_mean("n_heads", {"n_head", "n_layer", "dim"}), "n_head");
   EXPECT_EQ(did_you_mean("zzzzzz", {"n_head", "dim"}), "");
+}
+
+// ---- threads per rank (core/base/cpu.h) --------------------------------------------------------
+
+// Bound to one core (as mpirun binds a rank by default), a rank defaults to one thread whatever
+// the host has; unbound, to the host's cores shared among its ranks.
+TEST(ThreadsPerRank, FollowTheAffinityMaskAndTheRanksOnTheHost) {
+  cpu_set_t saved;
+  ASSERT_EQ(sched_getaffinity(0, sizeof saved, &saved), 0);
+  const int host = std::max(1, static_cast<int>(std::thread::hardware_concurrency()));
+  EXPECT_EQ(andy::default_threads_per_rank(1), std::min(host, andy::cores_available()));
+  int first = 0;
+  while (!CPU_ISSET(first, &saved)) ++first;
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(first, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof one, &one), 0);
+  EXPECT_EQ(andy::cores_available(), 1);
+  EXPECT_EQ(andy::default_threads_per_rank(1), 1);
+  EXPECT_EQ(andy::default_threads_per_rank(4), 1);
+  ASSERT_EQ(sched_setaffinity(0, sizeof saved, &saved), 0);
+  EXPECT_EQ(andy::cores_available(), CPU_COUNT(&saved));
+  EXPECT_EQ(andy::default_threads_per_rank(host * 2), 1);  // more ranks than cores: one each
 }
