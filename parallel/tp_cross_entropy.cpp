@@ -32,7 +32,7 @@ inline float logit_at(const c10::BFloat16* row, int64_t j) { return static_cast<
 
 template <typename T>
 void row_max_kernel(const T* logits, int64_t rows, int64_t width, int64_t n_real, float* max) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const T* row = logits + r * width;
       float m = -std::numeric_limits<float>::infinity();
@@ -47,7 +47,7 @@ void row_max_kernel(const T* logits, int64_t rows, int64_t width, int64_t n_real
 template <typename T>
 void sum_exp_kernel(const T* logits, int64_t rows, int64_t width, int64_t n_real, const float* max,
                     const int64_t* local_t, const bool* in_range, float* target, float* sum_exp) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(n_real));
     for (int64_t r = b; r < e; ++r) {
       const T* row = logits + r * width;
@@ -70,7 +70,7 @@ template <typename T>
 void ce_grad_kernel(const T* logits, int64_t rows, int64_t width, int64_t n_real, const float* max,
                     const float* sum_exp, const int64_t* local_t, const bool* in_range, const float* scale,
                     T* grad) {
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / std::max<int64_t>(1, width)), [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, row_grain(width), [&](int64_t b, int64_t e) {
     std::vector<float> buf(static_cast<size_t>(n_real));
     for (int64_t r = b; r < e; ++r) {
       const T* row = logits + r * width;

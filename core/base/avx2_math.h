@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -46,6 +48,9 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   const __m256i n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
+
+// Rows per at::parallel_for chunk for the row kernels of width d: about 32k elements per task.
+inline int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)); }
 
 // Calls f(float{}) or f(c10::BFloat16{}) for x's dtype (the kernels' two element types; the
 // callers check that x is one of them).

@@ -23,8 +23,6 @@ inline T from_f(float v) { return static_cast<T>(v); }
 template <typename T>
 inline float round_as(float v) { return static_cast<float>(static_cast<T>(v)); }
 
-// Rows per parallel chunk for row kernels of width d: about 32k elements per task.
-int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(1, d)); }
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
