@@ -586,6 +586,11 @@ TEST_F(ServeE2e, ConcurrentMixedClientsLeaveNothingBehind) {
   }
   const double p0 = metric(*server_, "vllm:prompt_tokens_total");
   const double g0 = metric(*server_, "vllm:generation_tokens_total");
+  auto engine_tokens = [&] {
+    return metric(*server_, "andyllm:engine_prefill_step_tokens_total") +
+           metric(*server_, "andyllm:engine_decode_step_tokens_total");
+  };
+  const double steps0 = metric(*server_, "andyllm:engine_steps_total"), computed0 = engine_tokens();
   std::atomic<int64_t> expected_prompt{0}, reported_completion{0};
   std::atomic<int> unexpected{0}, abandoned{0};
   std::vector<std::string> problems(24);
@@ -647,6 +652,9 @@ TEST_F(ServeE2e, ConcurrentMixedClientsLeaveNothingBehind) {
   EXPECT_EQ(metric(*server_, "vllm:prompt_tokens_total") - p0, static_cast<double>(expected_prompt));
   const double generated = metric(*server_, "vllm:generation_tokens_total") - g0;
   EXPECT_GE(generated, static_cast<double>(reported_completion));
+  // The engine's step counters: every sampled token but each request's last was computed again.
+  EXPECT_GT(metric(*server_, "andyllm:engine_steps_total") - steps0, 0);
+  EXPECT_GE(engine_tokens() - computed0, generated - 96);
   std::printf("  96 requests (%d abandoned): %lld prompt tokens, %g generated (%lld reported by finished ones)\n",
               abandoned.load(), static_cast<long long>(expected_prompt), generated,
               static_cast<long long>(reported_completion));
