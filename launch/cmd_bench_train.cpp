@@ -79,6 +79,10 @@ int bench_train(const ParsedArgs& args, World* world) {
       std::printf("MFU vs measured    %.1f%% of the fp32 matmul rate measured on the ranks (%.1f GFLOP/s in all)\n",
                   100 * fpt * tps / peak.item<double>(), peak.item<double>() / 1e9);
     std::printf("comm wait share    %.1f%% of step time waiting for the DP gradient all-reduce\n", 100 * comm_share);
+    // For profilers (scripts/profile_train.sh keeps the samples of this window).
+    if (!r.step_starts.empty())
+      std::printf("timed window       %.6f %.6f (rank 0, CLOCK_MONOTONIC seconds)\n",
+                  r.step_starts[static_cast<size_t>(warmup)], r.step_starts.back() + r.step_times.back());
   }
   return 0;
 }

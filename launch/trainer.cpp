@@ -167,17 +167,21 @@ bool LossScaler::update(bool found_inf_local, Communicator* world, at::Device de
   return false;
 }
 
+double global_grad_norm(double sharded_sq, double replicated_sq, Communicator* tp, const at::Device& device) {
+  at::Tensor sharded = at::full({1}, sharded_sq, at::kDouble);
+  all_reduce_host(tp, sharded, ReduceOp::kSum, device);
+  return std::sqrt(sharded.item<double>() + replicated_sq);
+}
+
 double global_grad_norm(const std::vector<ParamInfo>& params, Communicator* tp) {
   at::NoGradGuard no_grad;
-  at::Tensor sharded = at::zeros({1}, at::kDouble), replicated = at::zeros({1}, at::kDouble);
+  double sharded = 0, replicated = 0;
   for (const auto& p : params) {
     at::Tensor g = p.param.grad();
     if (!g.defined()) continue;
-    at::Tensor sq = g.to(at::kDouble).pow(2).sum().cpu().view({1});
-    (p.tp_sharded() ? sharded : replicated).add_(sq);
+    (p.tp_sharded() ? sharded : replicated) += sum_of_squares(g);
   }
-  all_reduce_host(tp, sharded, ReduceOp::kSum, params.empty() ? at::Device(at::kCPU) : params[0].param.device());
-  return std::sqrt(sharded.item<double>() + replicated.item<double>());
+  return global_grad_norm(sharded, replicated, tp, params.empty() ? at::Device(at::kCPU) : params[0].param.device());
 }
 
 // ---- Trainer -------------------------------------------------------------------------------
@@ -582,6 +586,7 @@ StepRecord Trainer::train_step(TrainResult& result, RunState& rs) {
   const double step_dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0).count();
   result.step_seconds += step_dt;
   result.step_times.push_back(step_dt);
+  result.step_starts.push_back(std::chrono::duration<double>(step_t0.time_since_epoch()).count());
   ++step_;
   ++rs.steps_this_run;
   ++rs.interval.steps;
@@ -613,18 +618,30 @@ bool Trainer::unscale_and_find_nonfinite(double scale) {
   at::NoGradGuard no_grad;
   if (opts_.inject_inf_rank == grid_.rank() && (opts_.inject_inf_step == step_ + 1 || opts_.inject_inf_step == -2))
     params_[0].param.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
-  at::Tensor bad = at::zeros({1}, at::kFloat).to(device_);
+  // One pass per gradient: its sum of squares is the gradient norm's part and is finite exactly
+  // when every element is (it was an isfinite pass here and a double copy in the norm).
+  // On a GPU the sums stay on the device until one copy at the end.
+  grad_sq_sharded_ = grad_sq_replicated_ = 0;
+  at::Tensor on_device = device_.is_cpu() ? at::Tensor() : at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device_));
   for (auto& p : params_) {
     at::Tensor g = p.param.grad();
     if (!g.defined()) continue;
     if (scale != 1.0) g.mul_(1.0 / scale);
-    bad.add_(g.isfinite().logical_not().any().to(at::kFloat).view({1}));
+    if (on_device.defined())
+      on_device[p.tp_sharded() ? 0 : 1].add_(g.to(at::kDouble).pow(2).sum());
+    else
+      (p.tp_sharded() ? grad_sq_sharded_ : grad_sq_replicated_) += sum_of_squares(g);
   }
-  return bad.item<float>() > 0;
+  if (on_device.defined()) {
+    const at::Tensor host = on_device.cpu();
+    grad_sq_sharded_ = host[0].item<double>();
+    grad_sq_replicated_ = host[1].item<double>();
+  }
+  return !std::isfinite(grad_sq_sharded_ + grad_sq_replicated_);
 }
 
 void Trainer::clip_and_apply(StepRecord& rec) {
-  rec.grad_norm = global_grad_norm(params_, grid_.tp.get());
+  rec.grad_norm = global_grad_norm(grad_sq_sharded_, grad_sq_replicated_, grid_.tp.get(), device_);
   const double clip = cfg_.train.grad_clip;
   if (clip > 0 && rec.grad_norm > clip) {
     at::NoGradGuard no_grad;

@@ -89,6 +89,9 @@ class LossScaler {
 // Global L2 norm of the gradients of `params` over the TP group: squares of TP-sharded
 // parameters summed over the group, replicated ones counted once. Same value on every rank.
 double global_grad_norm(const std::vector<ParamInfo>& params, Communicator* tp);
+// The same from this rank's sums of squares (sum_of_squares, core/model/fused_ops.h) of its
+// TP-sharded and its replicated gradients.
+double global_grad_norm(double sharded_sq, double replicated_sq, Communicator* tp, const at::Device& device);
 
 struct TrainerOptions {
   int64_t sample_tokens = 48;  // tokens of the end-of-run sample (0: no sample)
@@ -126,6 +129,7 @@ struct TrainResult {
   double step_seconds = 0;       // inside optimizer steps (no evaluation, checkpoints)
   double comm_wait_seconds = 0;  // of which waiting for the DP gradient all-reduce
   std::vector<double> step_times;  // per step of this run
+  std::vector<double> step_starts;  // per step: steady_clock seconds (CLOCK_MONOTONIC on Linux)
   std::string last_checkpoint;
   std::string sample;
 };
@@ -206,7 +210,9 @@ class Trainer {
   // scaler's skip decision, clipping and the update.
   StepRecord train_step(TrainResult& result, RunState& rs);
   double forward_backward(double scale);             // returns the summed micro-batch losses
-  bool unscale_and_find_nonfinite(double scale);     // this rank's gradients
+  // This rank's gradients: unscaled (fp16), their sums of squares kept for clip_and_apply.
+  bool unscale_and_find_nonfinite(double scale);
+  double grad_sq_sharded_ = 0, grad_sq_replicated_ = 0;
   void clip_and_apply(StepRecord& rec);               // sets rec.grad_norm, steps AdamW
   void log_progress(const StepRecord& rec, RunState& rs);
   void evaluate_if_due(TrainResult& result, RunState& rs);

@@ -4,9 +4,12 @@
 #include "core/model/fused_ops.h"
 
 #include <ATen/Parallel.h>
+#include <immintrin.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
+#include <vector>
 
 #include "core/base/error.h"
 #include "core/base/avx2_math.h"
@@ -180,6 +183,26 @@ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, const
   });
 }
 
+// Sum of x[0..n)^2, accumulated in double (4 vectors of 4 lanes).
+double sum_sq_chunk(const float* x, int64_t n) {
+  __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(), a3 = _mm256_setzero_pd();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256 u = _mm256_loadu_ps(x + i), w = _mm256_loadu_ps(x + i + 8);
+    const __m256d u0 = _mm256_cvtps_pd(_mm256_castps256_ps128(u)), u1 = _mm256_cvtps_pd(_mm256_extractf128_ps(u, 1));
+    const __m256d w0 = _mm256_cvtps_pd(_mm256_castps256_ps128(w)), w1 = _mm256_cvtps_pd(_mm256_extractf128_ps(w, 1));
+    a0 = _mm256_fmadd_pd(u0, u0, a0);
+    a1 = _mm256_fmadd_pd(u1, u1, a1);
+    a2 = _mm256_fmadd_pd(w0, w0, a2);
+    a3 = _mm256_fmadd_pd(w1, w1, a3);
+  }
+  alignas(32) double lanes[4];
+  _mm256_store_pd(lanes, _mm256_add_pd(_mm256_add_pd(a0, a1), _mm256_add_pd(a2, a3)));
+  double s = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  for (; i < n; ++i) s += static_cast<double>(x[i]) * x[i];
+  return s;
+}
+
 #pragma GCC pop_options
 
 using torch::autograd::AutogradContext;
@@ -333,6 +356,24 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
     return;
   }
   adamw_update_unfused(param, grad, exp_avg, exp_avg_sq, h);
+}
+
+double sum_of_squares_unfused(const at::Tensor& g) { return g.to(at::kDouble).pow(2).sum().item<double>(); }
+
+double sum_of_squares(const at::Tensor& g) {
+  if (!(fused_kernels_enabled() && g.is_cpu() && g.scalar_type() == at::kFloat && g.is_contiguous()))
+    return sum_of_squares_unfused(g);
+  constexpr int64_t kChunk = 1 << 16;
+  const int64_t n = g.numel(), chunks = (n + kChunk - 1) / kChunk;
+  const float* x = g.data_ptr<float>();
+  std::vector<double> partial(static_cast<size_t>(chunks), 0.0);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c)
+      partial[static_cast<size_t>(c)] = sum_sq_chunk(x + c * kChunk, std::min(kChunk, n - c * kChunk));
+  });
+  double s = 0;
+  for (double p : partial) s += p;
+  return s;
 }
 
 }  // namespace andy

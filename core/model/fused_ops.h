@@ -1,5 +1,5 @@
 // Fused CPU kernels for the model's elementwise steps (issue 13): RMSNorm, RoPE and SwiGLU with
-// their backward, and AdamW's update. Each is one pass over memory where LibTorch runs a chain
+// their backward, AdamW's update and the gradients' sum of squares. Each is one pass over memory where LibTorch runs a chain
 // of operators (RMSNorm: 5 forward and about 10 backward, each allocating its result).
 //
 // The unfused composites stay the reference: the model calls the dispatchers below, which run a
@@ -40,5 +40,13 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
                   at::Tensor& exp_avg_sq, const AdamWHyper& h);
 void adamw_update_unfused(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                           at::Tensor& exp_avg_sq, const AdamWHyper& h);
+
+// sum(g^2) in double: the gradient norm's part, and a finite value exactly when every element
+// is finite (an inf or NaN makes it non-finite; fp32 squares cannot overflow a double). One
+// pass over a contiguous fp32 CPU tensor, in fixed chunks summed in order (the same result at
+// any thread count); the composite (to double, square, sum: three passes, two allocations)
+// otherwise.
+double sum_of_squares(const at::Tensor& g);
+double sum_of_squares_unfused(const at::Tensor& g);
 
 }  // namespace andy

@@ -5,6 +5,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cmath>
+#include <limits>
+
 #include "core/model/attention.h"
 #include "core/model/fused_ops.h"
 #include "parallel/tp_cross_entropy.h"
@@ -158,6 +161,28 @@ TEST_P(FusedOps, CrossEntropyMatchesComposite) {
     EXPECT_EQ(fused[1].narrow(1, 30, 2).abs().max().item<float>(), 0.0f);  // padding columns
     EXPECT_EQ(fused[1][0].abs().max().item<float>(), 0.0f);                // ignored target
   }
+}
+
+TEST_P(FusedOps, SumOfSquaresMatchesCompositeAndFlagsNonFinite) {
+  // Sizes around the vector width and the 65536-element chunk.
+  for (int64_t n : {0, 1, 15, 16, 17, 1000, 65536, 2 * 65536 + 3}) {
+    const at::Tensor g = at::randn({n}) * 3.0;
+    const double fused = sum_of_squares(g), composite = sum_of_squares_unfused(g);
+    EXPECT_NEAR(fused, composite, 1e-12 * std::max(1.0, composite)) << n;
+  }
+  // Not contiguous, or not fp32: the composite.
+  const at::Tensor m = at::randn({64, 48});
+  EXPECT_NEAR(sum_of_squares(m.t()), sum_of_squares_unfused(m), 1e-9);
+  EXPECT_NEAR(sum_of_squares(m.to(at::kBFloat16)), sum_of_squares_unfused(m.to(at::kBFloat16)), 1e-9);
+  // Large fp32 values do not overflow; one inf or NaN anywhere (the tail too) makes it non-finite.
+  EXPECT_DOUBLE_EQ(sum_of_squares(at::full({40}, 3e38f)), 40 * std::pow(static_cast<double>(3e38f), 2));
+  for (float bad : {std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity(),
+                    std::numeric_limits<float>::quiet_NaN()})
+    for (int64_t at : {int64_t{0}, int64_t{70000}, int64_t{2 * 65536 + 2}}) {
+      at::Tensor g = at::randn({2 * 65536 + 3});
+      g[at] = bad;
+      EXPECT_FALSE(std::isfinite(sum_of_squares(g))) << bad << " at " << at;
+    }
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, FusedOps, ::testing::Values(1, 2));
