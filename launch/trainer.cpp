@@ -125,7 +125,7 @@ AdamW::AdamW(const std::vector<ParamInfo>& params, const TrainConfig& t)
   }
 }
 
-void AdamW::step(double lr) {
+void AdamW::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
   ++steps_;
   const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
@@ -141,6 +141,7 @@ void AdamW::step(double lr) {
     h.weight_decay = s.decay ? weight_decay_ : 0.0;
     h.bc1 = bc1;
     h.bc2 = bc2;
+    h.grad_scale = grad_scale;
     adamw_update(s.param, g, s.exp_avg, s.exp_avg_sq, h);  // one fused pass on CPU
   }
 }
@@ -643,13 +644,9 @@ bool Trainer::unscale_and_find_nonfinite(double scale) {
 void Trainer::clip_and_apply(StepRecord& rec) {
   rec.grad_norm = global_grad_norm(grad_sq_sharded_, grad_sq_replicated_, grid_.tp.get(), device_);
   const double clip = cfg_.train.grad_clip;
-  if (clip > 0 && rec.grad_norm > clip) {
-    at::NoGradGuard no_grad;
-    const double c = clip / (rec.grad_norm + 1e-6);
-    for (auto& p : params_)
-      if (p.param.grad().defined()) p.param.mutable_grad().mul_(c);
-  }
-  optimizer_->step(rec.lr);
+  // Clipping as torch.nn.utils.clip_grad_norm_, its factor applied inside AdamW's pass.
+  const double c = clip > 0 && rec.grad_norm > clip ? clip / (rec.grad_norm + 1e-6) : 1.0;
+  optimizer_->step(rec.lr, c);
 }
 
 void Trainer::log_progress(const StepRecord& rec, RunState& rs) {

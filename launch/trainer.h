@@ -53,7 +53,8 @@ class AdamW {
     at::Tensor exp_avg, exp_avg_sq;
   };
   AdamW(const std::vector<ParamInfo>& params, const TrainConfig& t);
-  void step(double lr);
+  // grad_scale: gradient clipping's factor, applied inside the update (grads are not changed).
+  void step(double lr, double grad_scale = 1.0);
   int64_t steps() const { return steps_; }
   void set_steps(int64_t s) { steps_ = s; }
   std::vector<Slot>& slots() { return slots_; }

@@ -171,11 +171,14 @@ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, const
   const float b2 = static_cast<float>(h.beta2), one_b2 = static_cast<float>(1.0 - h.beta2);
   const float sqrt_bc2 = static_cast<float>(std::sqrt(h.bc2)), eps = static_cast<float>(h.eps);
   const float step = static_cast<float>(-h.lr / h.bc1);
+  const float gs = static_cast<float>(h.grad_scale);
+  const bool scaled = h.grad_scale != 1.0;
   at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       float pi = do_decay ? p[i] * decay : p[i];
-      const float mi = m[i] * b1 + one_b1 * g[i];
-      const float vi = v[i] * b2 + one_b2 * (g[i] * g[i]);
+      const float gi = scaled ? g[i] * gs : g[i];
+      const float mi = m[i] * b1 + one_b1 * gi;
+      const float vi = v[i] * b2 + one_b2 * (gi * gi);
       m[i] = mi;
       v[i] = vi;
       p[i] = pi + step * (mi / (std::sqrt(vi) / sqrt_bc2 + eps));
@@ -337,8 +340,9 @@ at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
   return rope_bthd_unfused(x, cos, sin);
 }
 
-void adamw_update_unfused(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
+void adamw_update_unfused(at::Tensor& param, const at::Tensor& grad_in, at::Tensor& exp_avg,
                           at::Tensor& exp_avg_sq, const AdamWHyper& h) {
+  const at::Tensor grad = h.grad_scale != 1.0 ? grad_in * h.grad_scale : grad_in;
   if (h.weight_decay > 0) param.mul_(1.0 - h.lr * h.weight_decay);
   exp_avg.mul_(h.beta1).add_(grad, 1.0 - h.beta1);
   exp_avg_sq.mul_(h.beta2).addcmul_(grad, grad, 1.0 - h.beta2);

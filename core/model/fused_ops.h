@@ -29,12 +29,15 @@ at::Tensor swiglu_unfused(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_bthd_unfused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
-// One AdamW step of one parameter (decoupled weight decay, bias corrections bc1/bc2 given):
+// One AdamW step of one parameter (decoupled weight decay, bias corrections bc1/bc2 given), on
+// the gradient times grad_scale (gradient clipping's factor, applied here instead of in a pass
+// of its own; the gradient itself is left as it is):
 // p *= 1 - lr * weight_decay; m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
 // p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps). Fused where param, grad and moments are
 // contiguous fp32 CPU tensors, LibTorch's in-place operators otherwise.
 struct AdamWHyper {
   double lr = 0, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, weight_decay = 0, bc1 = 1, bc2 = 1;
+  double grad_scale = 1;
 };
 void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                   at::Tensor& exp_avg_sq, const AdamWHyper& h);

@@ -103,11 +103,13 @@ TEST_P(FusedOps, RopeMatchesCompositeAndInvertsItself) {
 }
 
 TEST_P(FusedOps, AdamWMatchesCompositeOverSteps) {
-  for (double wd : {0.0, 0.1}) {
+  for (double wd : {0.0, 0.1})
+  for (double scale : {1.0, 0.37}) {  // a clipping factor: as the composite on the clipped gradient
     at::Tensor p1 = at::randn({1000, 33}), m1 = at::zeros_like(p1), v1 = at::zeros_like(p1);
     at::Tensor p2 = p1.clone(), m2 = m1.clone(), v2 = v1.clone();
     for (int step = 1; step <= 5; ++step) {
       at::Tensor g = at::randn_like(p1).mul(step);
+      const at::Tensor g_before = g.clone();
       AdamWHyper h;
       h.lr = 1e-2;
       h.beta1 = 0.9;
@@ -116,12 +118,15 @@ TEST_P(FusedOps, AdamWMatchesCompositeOverSteps) {
       h.weight_decay = wd;
       h.bc1 = 1 - std::pow(0.9, step);
       h.bc2 = 1 - std::pow(0.95, step);
+      h.grad_scale = scale;
       adamw_update(p1, g, m1, v1, h);
-      adamw_update_unfused(p2, g, m2, v2, h);
+      ASSERT_TRUE(at::equal(g, g_before)) << "the gradient is left as it is";
+      h.grad_scale = 1.0;
+      adamw_update_unfused(p2, g.mul(scale), m2, v2, h);
     }
-    EXPECT_LT(rel_err(p1, p2), 1e-6) << "wd " << wd;
-    EXPECT_LT(rel_err(m1, m2), 1e-6) << "wd " << wd;
-    EXPECT_LT(rel_err(v1, v2), 1e-6) << "wd " << wd;
+    EXPECT_LT(rel_err(p1, p2), 1e-6) << "wd " << wd << " scale " << scale;
+    EXPECT_LT(rel_err(m1, m2), 1e-6) << "wd " << wd << " scale " << scale;
+    EXPECT_LT(rel_err(v1, v2), 1e-6) << "wd " << wd << " scale " << scale;
     EXPECT_GT(rel_err(p1, at::zeros_like(p1).add(1)), 0.0);  // it moved
   }
 }
