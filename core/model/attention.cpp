@@ -8,6 +8,7 @@
 #include "core/base/error.h"
 #include "core/base/torch_compat.h"
 #include "core/model/decode_attention_cpu.h"
+#include "core/model/fused_ops.h"
 
 namespace andy {
 
@@ -29,10 +30,8 @@ at::Tensor explicit_attention(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t h_kv = k.size(1), s = k.size(2), g = h / h_kv;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   at::Tensor qg = q.reshape({b, h_kv, g * t, d});
-  at::Tensor scores = at::matmul(qg, k.transpose(-2, -1)).mul(scale).view({b, h_kv, g, t, s});
-  at::Tensor allowed = causal_mask(t, s, q_offset, q.device());
-  scores = scores.masked_fill(allowed.logical_not(), -std::numeric_limits<float>::infinity());
-  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type()).view({b, h_kv, g * t, s});
+  at::Tensor scores = at::matmul(qg, k.transpose(-2, -1)).view({b, h_kv, g, t, s});
+  at::Tensor probs = causal_softmax(scores, scale, q_offset).view({b, h_kv, g * t, s});  // fused on CPU
   return at::matmul(probs, v).view({b, h, t, d});
 }
 

@@ -9,6 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/base/error.h"
@@ -186,6 +188,72 @@ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, const
   });
 }
 
+// Causal softmax of one row of scores: p[j] = softmax(scale * x)[j] over j < n, 0 for j >= n
+// (the masked positions). `x` as floats, `p` written as T.
+template <typename T>
+void causal_softmax_row(const float* x, int64_t n, int64_t s, float scale, T* p, float* e) {
+  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + j));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, mv);
+  float mx = lanes[0];
+  for (int l = 1; l < 8; ++l) mx = std::max(mx, lanes[l]);
+  for (; j < n; ++j) mx = std::max(mx, x[j]);
+  const float shift = mx * scale;
+  const __m256 sv = _mm256_set1_ps(scale), shv = _mm256_set1_ps(shift);
+  __m256 acc = _mm256_setzero_ps();
+  j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 v = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), sv, shv));
+    _mm256_storeu_ps(e + j, v);
+    acc = _mm256_add_ps(acc, v);
+  }
+  _mm256_store_ps(lanes, acc);
+  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  for (; j < n; ++j) {
+    e[j] = std::exp(x[j] * scale - shift);
+    sum += e[j];
+  }
+  const float inv = 1.0f / sum;
+  for (j = 0; j < n; ++j) p[j] = from_f<T>(e[j] * inv);
+  for (; j < s; ++j) p[j] = from_f<T>(0.0f);
+}
+
+// Rows of [R, S] scores; row r is query r % t at position q_offset + r % t, which sees keys
+// 0..position.
+template <typename T>
+void causal_softmax_forward_kernel(const T* x, T* p, int64_t rows, int64_t s, int64_t t, int64_t q_offset,
+                                   float scale) {
+  at::parallel_for(0, rows, row_grain(s), [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(std::is_same_v<T, float> ? 0 : s), e(s);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = std::min(s, q_offset + r % t + 1);
+      const float* xr = row_as_float(x + r * s, n, buf.data());
+      causal_softmax_row<T>(xr, n, s, scale, p + r * s, e.data());
+    }
+  });
+}
+
+// dx = scale * p * (dp - sum(dp * p)) over the visible keys, 0 elsewhere.
+template <typename T>
+void causal_softmax_backward_kernel(const T* dp, const T* p, T* dx, int64_t rows, int64_t s, int64_t t,
+                                    int64_t q_offset, float scale) {
+  at::parallel_for(0, rows, row_grain(s), [&](int64_t begin, int64_t end) {
+    std::vector<float> bp(std::is_same_v<T, float> ? 0 : s), bd(std::is_same_v<T, float> ? 0 : s);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t n = std::min(s, q_offset + r % t + 1);
+      const float* pr = row_as_float(p + r * s, n, bp.data());
+      const float* dr = row_as_float(dp + r * s, n, bd.data());
+      const float dot_pd = dot(pr, dr, n);
+      T* out = dx + r * s;
+      int64_t j = 0;
+      for (; j < n; ++j) out[j] = from_f<T>(scale * pr[j] * (dr[j] - dot_pd));
+      for (; j < s; ++j) out[j] = from_f<T>(0.0f);
+    }
+  });
+}
+
 // Sum of x[0..n)^2, accumulated in double (4 vectors of 4 lanes).
 double sum_sq_chunk(const float* x, int64_t n) {
   __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd(), a2 = _mm256_setzero_pd(), a3 = _mm256_setzero_pd();
@@ -296,6 +364,38 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
   }
 };
 
+struct CausalSoftmaxFn : public torch::autograd::Function<CausalSoftmaxFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, double scale, int64_t q_offset) {
+    const at::Tensor x = x_in.contiguous();
+    const int64_t s = x.size(-1), t = x.size(-2), rows = x.numel() / std::max<int64_t>(1, s);
+    at::Tensor p = at::empty(x.sizes(), x.options());
+    on_float_or_bf16(x, [&](auto tag) {
+      using T = decltype(tag);
+      causal_softmax_forward_kernel<T>(x.data_ptr<T>(), p.data_ptr<T>(), rows, s, t, q_offset,
+                                       static_cast<float>(scale));
+    });
+    ctx->save_for_backward({p});
+    ctx->saved_data["scale"] = scale;
+    ctx->saved_data["q_offset"] = q_offset;
+    return p;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const at::Tensor p = ctx->get_saved_variables()[0];
+    const at::Tensor dp = grads[0].to(p.scalar_type()).contiguous();
+    const double scale = ctx->saved_data["scale"].toDouble();
+    const int64_t q_offset = ctx->saved_data["q_offset"].toInt();
+    const int64_t s = p.size(-1), t = p.size(-2), rows = p.numel() / std::max<int64_t>(1, s);
+    at::Tensor dx = at::empty(p.sizes(), p.options());
+    on_float_or_bf16(p, [&](auto tag) {
+      using T = decltype(tag);
+      causal_softmax_backward_kernel<T>(dp.data_ptr<T>(), p.data_ptr<T>(), dx.data_ptr<T>(), rows, s, t, q_offset,
+                                        static_cast<float>(scale));
+    });
+    return {dx, at::Tensor(), at::Tensor()};
+  }
+};
+
 }  // namespace
 
 bool fused_ops_apply(const at::Tensor& x) {
@@ -360,6 +460,22 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
     return;
   }
   adamw_update_unfused(param, grad, exp_avg, exp_avg_sq, h);
+}
+
+at::Tensor causal_softmax_unfused(const at::Tensor& scores, double scale, int64_t q_offset) {
+  const int64_t t = scores.size(-2), s = scores.size(-1);
+  auto opts = at::TensorOptions().dtype(at::kLong).device(scores.device());
+  const at::Tensor hidden = at::arange(s, opts).unsqueeze(0).gt(at::arange(t, opts).add_(q_offset).unsqueeze(1));
+  const at::Tensor x = scores.mul(scale).masked_fill(hidden, -std::numeric_limits<float>::infinity());
+  return at::softmax(x, -1, at::kFloat).to(scores.scalar_type());
+}
+
+at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t q_offset) {
+  ANDY_CHECK(scores.dim() >= 2 && q_offset >= 0 && q_offset + scores.size(-2) <= scores.size(-1),
+             "causal_softmax: scores [..., T, S] with queries at q_offset + T <= S expected, got ", scores.sizes(),
+             " and q_offset ", q_offset);
+  if (fused_ops_apply(scores) && scores.numel() > 0) return CausalSoftmaxFn::apply(scores, scale, q_offset);
+  return causal_softmax_unfused(scores, scale, q_offset);
 }
 
 double sum_of_squares_unfused(const at::Tensor& g) { return g.to(at::kDouble).pow(2).sum().item<double>(); }

@@ -29,6 +29,14 @@ at::Tensor swiglu_unfused(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_bthd_unfused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
+// Attention's probabilities: softmax(scale * scores) along the last dim with causal masking,
+// scores [..., T, S] of T queries at positions q_offset.. against S keys (query i sees keys
+// 0..q_offset + i); computed in fp32, returned in scores' dtype. One pass forward and one
+// backward where the composite runs a scale, a masked fill, the softmax and a cast, each with
+// its backward.
+at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t q_offset);
+at::Tensor causal_softmax_unfused(const at::Tensor& scores, double scale, int64_t q_offset);
+
 // One AdamW step of one parameter (decoupled weight decay, bias corrections bc1/bc2 given), on
 // the gradient times grad_scale (gradient clipping's factor, applied here instead of in a pass
 // of its own; the gradient itself is left as it is):

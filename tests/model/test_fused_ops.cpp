@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <limits>
+#include <tuple>
 
 #include "core/model/attention.h"
 #include "core/model/fused_ops.h"
@@ -68,6 +69,27 @@ TEST_P(FusedOps, RmsNormMatchesComposite) {
       auto fused = value_and_grads([&](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up);
       auto ref = value_and_grads([&](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up);
       expect_close(fused, ref, c.tol, "rms_norm d=" + std::to_string(d) + " " + c10::toString(c.dtype));
+    }
+  }
+}
+
+TEST_P(FusedOps, CausalSoftmaxMatchesComposite) {
+  for (const Case& c : kCases) {
+    // [B, H, T, S]: whole sequences (q_offset 0) and a chunk of queries after a prefix, widths
+    // that are not multiples of 8.
+    for (auto [t, s, off] : {std::tuple<int64_t, int64_t, int64_t>{13, 13, 0}, {16, 16, 0}, {5, 21, 16}, {1, 9, 8}}) {
+      at::Tensor x = at::randn({2, 3, t, s}).mul(4).to(c.dtype);
+      at::Tensor up = at::randn({2, 3, t, s});
+      auto fused = value_and_grads([&](auto& in) { return causal_softmax(in[0], 0.37, off); }, {x}, up);
+      auto ref = value_and_grads([&](auto& in) { return causal_softmax_unfused(in[0], 0.37, off); }, {x}, up);
+      const std::string what = "causal_softmax t=" + std::to_string(t) + " s=" + std::to_string(s) + " q_offset=" +
+                               std::to_string(off) + " " + c10::toString(c.dtype);
+      expect_close(fused, ref, c.tol, what);
+      // Masked positions: exactly zero probability and gradient.
+      const at::Tensor hidden = at::arange(s).unsqueeze(0).gt(at::arange(t).add(off).unsqueeze(1));
+      EXPECT_EQ(fused[0].masked_select(hidden).abs().sum().item<double>(), 0.0) << what;
+      EXPECT_EQ(fused[1].masked_select(hidden).abs().sum().item<double>(), 0.0) << what;
+      EXPECT_LT(rel_err(fused[0].to(at::kFloat).sum(-1), at::ones({2, 3, t})), c.tol) << what << ": rows sum to 1";
     }
   }
 }
