@@ -114,6 +114,9 @@ class Progress {
     tokens_ += tokens;
     if (std::chrono::duration<double>(Clock::now() - last_).count() >= 2.0) print(false);
   }
+  // Wall time spent in the encoder itself (encode_batch), for the final line: the encoding rate
+  // apart from reading the text and writing the shards.
+  void add_encode_seconds(double s) { encode_seconds_ += s; }
   void print(bool final) {
     last_ = Clock::now();
     double dt = std::max(1e-9, std::chrono::duration<double>(last_ - t0_).count());
@@ -125,10 +128,17 @@ class Progress {
               format_si(bytes_, "B"), " / ", format_si(total_, "B"), ", ", docs_, " docs, ", tokens_,
               " tokens | ", format_si(rate, "B"), "/s, ", static_cast<int64_t>(docs_ / dt),
               " docs/s, ", static_cast<int64_t>(tokens_ / dt), " tokens/s | ",
-              final ? "done in " + format_duration(dt) : "ETA " + format_duration(eta));
+              final ? "done in " + format_duration(dt) : "ETA " + format_duration(eta),
+              final && encode_seconds_ > 0 ? encoding_part() : std::string());
   }
 
  private:
+  std::string encoding_part() const {
+    char b[64];
+    std::snprintf(b, sizeof b, "%.2f s", encode_seconds_);
+    return " | encoding alone " + format_si(bytes_ / encode_seconds_, "B") + "/s (" + b + " of it)";
+  }
+  double encode_seconds_ = 0;
   int64_t total_, bytes_ = 0, docs_ = 0, tokens_ = 0;
   int ranks_;
   Clock::time_point t0_, last_;
@@ -620,7 +630,9 @@ class ShardWriting {
   // empties it.
   void write_batch() {
     if (batch_.empty()) return;
+    const auto t0 = Clock::now();
     std::vector<std::vector<int32_t>> ids = encode_batch(tok_, batch_, 0, batch_.size(), threads_);
+    progress_.add_encode_seconds(std::chrono::duration<double>(Clock::now() - t0).count());
     int64_t tokens = 0;
     for (size_t d = 0; d < batch_.size(); ++d) {
       auto& v = ids[d];

@@ -5,8 +5,10 @@
 #   python   : one process, SentencePieceProcessor.encode of every document (what the seed did)
 #   andyllm  : preprocess --tokenizer_path (the same model, so no tokenizer training is timed)
 #              with --threads 1, --threads 2, and mpirun -np 2 --threads 1
-# Reported: the tokenize step's MB/s from preprocess's progress line, and the whole command's
-# wall time (reading, counting, tokenizing, HDF5 shards with checksums, manifest).
+# Reported: the tokenize step's MB/s from preprocess's progress line (reading the text again,
+# encoding, writing the shards), the encoder's own rate (the time inside the encoder only, as
+# the Python figure is), and the whole command's wall time (reading, counting, tokenizing, HDF5
+# shards with checksums, manifest).
 #   scripts/bench_preprocess.sh [SIZE_MB]    # default 32
 set -euo pipefail
 cd "$(dirname "$0")/.."
