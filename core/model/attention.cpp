@@ -127,10 +127,8 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at:
                         .narrow(0, 0, ctx).to(q.scalar_type());
   at::Tensor qs = q.narrow(0, start, t).view({t, h_kv, g, d}).permute({1, 2, 0, 3});  // [h_kv, g, t, d]
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  at::Tensor scores = at::matmul(qs, keys.permute({1, 2, 0}).unsqueeze(1)).mul_(scale);  // [h_kv, g, t, ctx]
-  at::Tensor allowed = causal_mask(t, ctx, ctx - t, q.device());
-  scores.masked_fill_(allowed.logical_not(), -std::numeric_limits<float>::infinity());
-  at::Tensor probs = at::softmax(scores, -1, at::kFloat).to(q.scalar_type());
+  at::Tensor scores = at::matmul(qs, keys.permute({1, 2, 0}).unsqueeze(1));  // [h_kv, g, t, ctx]
+  at::Tensor probs = causal_softmax(scores, scale, ctx - t);  // fused on CPU
   at::Tensor o = at::matmul(probs, vals.permute({1, 0, 2}).unsqueeze(1));  // [h_kv, g, t, d]
   out.narrow(0, start, t).copy_(o.permute({2, 0, 1, 3}).reshape({t, h, d}));
 }
