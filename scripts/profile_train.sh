@@ -19,7 +19,8 @@ DETAIL="${DETAIL:-3}"
 OUT="${OUT:-$(mktemp -d /tmp/andyllm-profile.XXXXXX)}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 export OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1
-# oneDNN (bf16 matmuls) names its JIT-compiled kernels in /tmp/perf-PID.map for perf.
+# oneDNN builds with JIT profiling name their kernels (the bf16 matmuls) in /tmp/perf-PID.map
+# for perf; Debian's LibTorch 1.13 ignores this, and perf_categories.py files them as JIT code.
 export DNNL_JIT_PROFILE=1 ONEDNN_JIT_PROFILE=1
 command -v perf >/dev/null || { echo "profile_train: perf not found (Debian: apt-get install linux-perf)" >&2; exit 1; }
 [ -x "$BIN" ] || { echo "profile_train: $BIN not built" >&2; exit 1; }
