@@ -150,12 +150,19 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
   krows.resize(static_cast<size_t>(ctx));
   vrows.resize(static_cast<size_t>(ctx));
   const int64_t row_stride = h_kv * d;  // between consecutive slots
+  // Each block is a page of its own somewhere in the pool, where the hardware prefetcher starts
+  // over: the rows are prefetched here, keys to L1 and values to L2, while the pointers are set.
+  const int64_t row_lines = (d * static_cast<int64_t>(sizeof(float)) + 63) / 64;
   for (int64_t p0 = 0, b = 0; p0 < ctx; p0 += bs, ++b) {
     const float* k = a.k_cache + (table[b] * bs * h_kv + j) * d;
     const float* v = a.v_cache + (table[b] * bs * h_kv + j) * d;
     for (int64_t p = p0, end = std::min(ctx, p0 + bs); p < end; ++p, k += row_stride, v += row_stride) {
       krows[p] = k;
       vrows[p] = v;
+      for (int64_t l = 0; l < row_lines; ++l) {
+        _mm_prefetch(reinterpret_cast<const char*>(k) + 64 * l, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(v) + 64 * l, _MM_HINT_T1);
+      }
     }
   }
   // Scores of every head of the group, 8 positions at a time (the 8 key rows stay in L1 for
