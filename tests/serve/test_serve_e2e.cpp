@@ -6,15 +6,18 @@
 // exits 0.
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <sched.h>
 #include <signal.h>
 
 #include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <regex>
+#include <sstream>
 #include <thread>
 
 #include "tests/data/data_test_util.h"
@@ -135,6 +138,21 @@ Streamed collect(const std::vector<std::string>& events, bool chat) {
     }
   }
   return s;
+}
+
+// Scheduling policy of each thread of a process (/proc/PID/task/TID/stat, field 41), by tid.
+std::map<pid_t, int> thread_policies(pid_t pid) {
+  std::map<pid_t, int> out;
+  const std::string dir = "/proc/" + std::to_string(pid) + "/task";
+  for (const auto& e : std::filesystem::directory_iterator(dir)) {
+    std::ifstream f(e.path() / "stat");
+    std::string line;
+    if (!std::getline(f, line) || line.rfind(')') == std::string::npos) continue;
+    std::istringstream rest(line.substr(line.rfind(')') + 2));
+    std::vector<std::string> fields{std::istream_iterator<std::string>(rest), {}};
+    if (fields.size() > 38) out[static_cast<pid_t>(std::stol(e.path().filename().string()))] = std::stoi(fields[38]);
+  }
+  return out;
 }
 
 // A metric's value in /metrics text: the first sample of that name whose labels contain `label`.
@@ -652,6 +670,28 @@ TEST_F(ServeE2e, ConcurrentMixedClientsLeaveNothingBehind) {
   EXPECT_EQ(metric(*server_, "vllm:prompt_tokens_total") - p0, static_cast<double>(expected_prompt));
   const double generated = metric(*server_, "vllm:generation_tokens_total") - g0;
   EXPECT_GE(generated, static_cast<double>(reported_completion));
+  // The HTTP threads that served streams run under SCHED_BATCH (they must not preempt the engine
+  // thread); the main thread, which runs the engine at TP=1, keeps the default policy.
+  {
+    // The job is the server itself or a shell in front of it (its other child is Open MPI's orted).
+    auto comm_of = [](pid_t pid) {
+      std::ifstream f("/proc/" + std::to_string(pid) + "/comm");
+      std::string c;
+      std::getline(f, c);
+      return c;
+    };
+    pid_t server_pid = server_->job->pid;
+    if (comm_of(server_pid) != "andyllm")
+      for (pid_t kid : children_of(server_pid))
+        if (comm_of(kid) == "andyllm") server_pid = kid;
+    ASSERT_EQ(comm_of(server_pid), "andyllm");
+    const std::map<pid_t, int> policies = thread_policies(server_pid);
+    int batch = 0;
+    for (const auto& [tid, policy] : policies) batch += policy == SCHED_BATCH;
+    EXPECT_GE(batch, 1) << "no HTTP thread under SCHED_BATCH";
+    ASSERT_TRUE(policies.count(server_pid));
+    EXPECT_EQ(policies.at(server_pid), SCHED_OTHER) << "the engine thread's policy";
+  }
   // The engine's step counters: every sampled token but each request's last was computed again.
   EXPECT_GT(metric(*server_, "andyllm:engine_steps_total") - steps0, 0);
   EXPECT_GE(engine_tokens() - computed0, generated - 96);
