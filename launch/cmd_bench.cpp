@@ -79,7 +79,7 @@ Subcommand make_bench_command() {
   c.usage =
       "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T --no_raw]\n"
       "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]\n"
-      "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N]\n"
+      "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N --profile FILE]\n"
       "       mpirun -np TP andyllm bench generate --model DIR [--concurrency 1,8,32 --input_len N --output_len N]\n"
       "       andyllm bench serve --url http://127.0.0.1:8000 [--concurrency 1,8,32 --num_prompts N --input_len N --output_len N]";
   c.flags = {{"min_bytes", "B", "smallest buffer (default 8)"},
@@ -108,6 +108,10 @@ Subcommand make_bench_command() {
              // bench train (also --config, --set)
              {"steps", "N", "train: optimizer steps to run (default 20)"},
              {"warmup", "N", "train: first steps not timed (default 3)"},
+             {"profile", "FILE", "train: after the timed steps, trace --profile_steps more with LibTorch's profiler "
+                                 "(CPU ops and CUDA kernels) into FILE (Chrome trace JSON; rank R writes FILE.rankR "
+                                 "when several; LibTorch 2.1+, see docs/PERFORMANCE.md)"},
+             {"profile_steps", "N", "train: steps traced by --profile (default 3)"},
              // bench generate (also --config, --set and the serving flags)
              {"concurrency", "C1,C2,..", "generate: requests in flight (default 1,8,32)"},
              {"input_len", "N", "generate: prompt tokens per request (default 128)"},

@@ -23,7 +23,13 @@ int bench_train(const ParsedArgs& args, World* world) {
   const int64_t steps = args.get_int("steps", 20), warmup = args.get_int("warmup", 3);
   ANDY_CHECK_T(ConfigError, steps > warmup && warmup >= 0,
                "andyllm bench train: expected --steps > --warmup >= 0");
-  cfg.train.max_steps = steps;
+  const std::string profile = args.get("profile");
+  const int64_t profile_steps = profile.empty() ? 0 : args.get_int("profile_steps", 3);
+  ANDY_CHECK_T(ConfigError, profile_steps >= 0, "andyllm bench train: expected --profile_steps >= 1");
+  ANDY_CHECK_T(ConfigError, profile.empty() || compat::kHasKinetoProfiler,
+               "andyllm bench train --profile: this LibTorch (", TORCH_VERSION,
+               ") has no trace profiler the C++ API can drive (2.1+ needed); on CPU use scripts/profile_train.sh (perf)");
+  cfg.train.max_steps = steps + profile_steps;
   cfg.data.val_file = "";
   cfg.checkpoint.resume = "none";
   cfg.train.log_interval = steps + 1;
@@ -39,8 +45,26 @@ int bench_train(const ParsedArgs& args, World* world) {
   o.sample_tokens = 0;
   o.print_progress = false;
   o.write_checkpoints = false;
+  // The traced steps come after the timed ones (the profiler slows what it watches).
+  const std::string trace_path =
+      profile + (world->size() > 1 ? ".rank" + std::to_string(world->rank()) : std::string());
+  bool tracing = false;
+  if (profile_steps > 0)
+    o.before_step = [&](int64_t done) {
+      if (done != steps) return;
+      if (dev.is_cuda()) compat::cuda_synchronize(dev.index());
+      compat::profiler_start(dev.is_cuda());
+      tracing = true;
+    };
   Trainer trainer(cfg, TrainGrid::from(grid, g.device), o);
   TrainResult r = trainer.run();
+  if (tracing) {
+    if (dev.is_cuda()) compat::cuda_synchronize(dev.index());
+    compat::profiler_stop(trace_path);
+    log::info("profile of ", profile_steps, " step(s) after the timed ones written to ", trace_path);
+  }
+  r.step_times.resize(std::min<size_t>(r.step_times.size(), static_cast<size_t>(steps)));
+  r.step_starts.resize(std::min<size_t>(r.step_starts.size(), static_cast<size_t>(steps)));
   const int64_t tokens_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps *
                                   grid.dp_size() * cfg.data.seq_len;
   double timed = 0;

@@ -128,21 +128,26 @@ AdamW::AdamW(const std::vector<ParamInfo>& params, const TrainConfig& t)
 void AdamW::step(double lr, double grad_scale) {
   at::NoGradGuard no_grad;
   ++steps_;
-  const double bc1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
-  const double bc2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
-  for (auto& s : slots_) {
-    at::Tensor g = s.param.grad();
-    if (!g.defined()) continue;
-    AdamWHyper h;
-    h.lr = lr;
-    h.beta1 = beta1_;
-    h.beta2 = beta2_;
-    h.eps = eps_;
-    h.weight_decay = s.decay ? weight_decay_ : 0.0;
-    h.bc1 = bc1;
-    h.bc2 = bc2;
-    h.grad_scale = grad_scale;
-    adamw_update(s.param, g, s.exp_avg, s.exp_avg_sq, h);  // one fused pass on CPU
+  AdamWHyper h;
+  h.lr = lr;
+  h.beta1 = beta1_;
+  h.beta2 = beta2_;
+  h.eps = eps_;
+  h.bc1 = 1.0 - std::pow(beta1_, static_cast<double>(steps_));
+  h.bc2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
+  h.grad_scale = grad_scale;
+  // Two groups, decayed and not (one multi-tensor update each on CUDA; fused per parameter on CPU).
+  for (const bool decay : {true, false}) {
+    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+    for (auto& s : slots_) {
+      if (s.decay != decay || !s.param.grad().defined()) continue;
+      params.push_back(s.param);
+      grads.push_back(s.param.grad());
+      exp_avgs.push_back(s.exp_avg);
+      exp_avg_sqs.push_back(s.exp_avg_sq);
+    }
+    h.weight_decay = decay ? weight_decay_ : 0.0;
+    adamw_update_group(params, grads, exp_avgs, exp_avg_sqs, h, steps_);
   }
 }
 
@@ -556,6 +561,7 @@ bool Trainer::stop_requested(const RunState& rs) {
 }
 
 StepRecord Trainer::train_step(TrainResult& result, RunState& rs) {
+  if (opts_.before_step) opts_.before_step(rs.steps_this_run);
   const auto step_t0 = std::chrono::steady_clock::now();
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   const double scale = scaler_->scale();

@@ -105,6 +105,9 @@ struct TrainerOptions {
   // itself does not run on CPU).
   bool force_loss_scaler = false;
   bool write_checkpoints = true;  // false: no checkpoints (benchmarks)
+  // Called on every rank before each optimizer step with the number of steps this run has done
+  // (benchmarks start a profiler there).
+  std::function<void(int64_t)> before_step;
   // Testing: stop after this many steps of this run as if SIGTERM had arrived (-1: never).
   int64_t stop_after_steps = -1;
   // Testing: world rank `fail_checkpoint_rank` fails to write its part of the checkpoint of

@@ -200,6 +200,12 @@ at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tens
   if (fused && fused_kernels_enabled() && logits.is_cpu() &&
       (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16))
     return FusedVocabParallelCrossEntropy::apply(logits, targets, comm, vocab_start, vocab_size, ignore_index);
+  // One rank holding the whole (unpadded) vocabulary on CUDA: LibTorch's log_softmax + NLL in
+  // fp32 (two [N, V] passes forward, two backward), where the composite below materializes the
+  // fp32 logits, their shift, exp and softmax and clones the softmax for the gradient.
+  if (fused && fused_ops_requested() && comm == nullptr && logits.is_cuda() && vocab_start == 0 &&
+      logits.size(1) == vocab_size)
+    return at::cross_entropy_loss(logits.to(at::kFloat), targets, {}, at::Reduction::None, ignore_index);
   return VocabParallelCrossEntropy::apply(logits, targets, comm, vocab_start, vocab_size,
                                           ignore_index);
 }

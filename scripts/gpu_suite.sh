@@ -31,8 +31,11 @@ DEBS=(libopenmpi-dev openmpi-bin openmpi-common libopenmpi3 libpmix2 libhwloc15 
   libssl-dev zlib1g-dev libbrotli-dev)  # the headers cpp-httplib includes with the TLS and compression support it was built with
 
 # GPU_SUITE_STEPS (comma list, default all) picks the steps after the build: tests, comm, train,
-# generate, bench_train, pytorch, bench_generate. GPU_SUITE_BATCHES: bench train micro-batches (default 16).
-want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,bench_train,pytorch,bench_generate}," == *",$1,"* ]]; }
+# generate, hf (the Hugging Face export loaded by transformers), bench_train, unfused (bench train
+# with ANDYLLM_FUSED_OPS=0: what the GPU fused ops gain), profile (LibTorch's profiler over two
+# steps: GPU time by kernel), pytorch, bench_generate. GPU_SUITE_BATCHES: bench train micro-batches
+# (default 16).
+want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,hf,bench_train,unfused,profile,pytorch,bench_generate}," == *",$1,"* ]]; }
 say() { echo "[gpu_suite $(date -u +%T)] $*"; }
 die() { echo "gpu_suite: $*" >&2; exit 1; }
 
@@ -231,13 +234,31 @@ print(f"generate cuda vs cpu (greedy, fp32): {same}/{len(exp)} completions with 
 EOF
   fi
 
+  if want hf; then say "Hugging Face export of the same model, loaded by transformers: greedy ids against AndyLLM's"
+  rm -rf /tmp/gs_hf
+  "$BIN" export --format hf --model_path "$T/model" --tokenizer_path "$T/tokenizer.model" --output_dir /tmp/gs_hf \
+    >"$LOGS/export_hf.log" 2>&1 || { tail -5 "$LOGS/export_hf.log" | tee -a "$RES"; }
+  timeout 180 python3 "$ROOT/tests/formats/transformers_check.py" /tmp/gs_hf "$T/expected.jsonl" 2>&1 |
+    grep -vE "Warning|warn\(" | tee -a "$RES"
+  echo "transformers check exit status: ${PIPESTATUS[0]}" | tee -a "$RES"; fi
+
   local M="$ROOT/configs/gpt2_124m_gpu.toml"
-  if want bench_train; then say "bench train: GPT-2-small-sized model, bf16 and fp16"
-  for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16}; do
+  # One bench train run: $1 mode, $2 micro-batch, $3 label; further arguments go to andyllm.
+  bench_train() {
+    local mode=$1 mb=$2 label=$3; shift 3
     timeout 300 "$MPIRUN" -np 1 "$BIN" bench train --config "$M" --set data.train_file="$D/train" --set data.tokenizer_path="$D/tokenizer.model" \
-      --set precision.mode=$mode --set train.batch_size=$mb --steps 25 --warmup 5 2>&1 | tee "$LOGS/bench_train_${mode}_$mb.log" |
-      grep -E "^(# bench|step time|tokens/s|model TFLOP|MFU)" | sed "s/^/[$mode, micro-batch $mb] /" | tee -a "$RES"
-  done; done; fi
+      --set precision.mode=$mode --set train.batch_size=$mb --steps 25 --warmup 5 "$@" 2>&1 | tee "$LOGS/bench_train_${label// /_}_$mb.log" |
+      grep -E "^(# bench|step time|tokens/s|model TFLOP|MFU)" | sed "s/^/[$label, micro-batch $mb] /" | tee -a "$RES"
+  }
+  if want bench_train; then say "bench train: GPT-2-small-sized model, bf16 and fp16"
+  for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train $mode $mb $mode; done; done; fi
+  if want unfused; then say "bench train bf16 with ANDYLLM_FUSED_OPS=0 (the composites instead of LibTorch's fused RMSNorm, AdamW, cross-entropy)"
+  for mb in ${GPU_SUITE_BATCHES:-16}; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
+  if want profile; then say "profile: 2 bf16 steps of the same model under LibTorch's profiler, GPU time by kernel"
+  local mb1=${GPU_SUITE_BATCHES:-16}; mb1=${mb1%% *}
+  bench_train bf16 "$mb1" "bf16 profiled" --profile "$LOGS/trace_bf16.json" --profile_steps 2
+  python3 "$ROOT/scripts/trace_summary.py" "$LOGS/trace_bf16.json" 2 2>&1 | tee -a "$RES"
+  fi
   if want pytorch; then say "PyTorch eager on the same model and step (bf16 autocast, fused attention)"
   for mb in ${GPU_SUITE_BATCHES:-16}; do
     timeout 200 python3 "$ROOT/scripts/bench_pytorch.py" --config "$M" --ranks 1 --threads "$(nproc)" --device cuda --bf16 \

@@ -18,13 +18,19 @@ inline bool has_avx2_fma() {
   return yes;
 }
 
-// The fused CPU kernels run unless ANDYLLM_FUSED_OPS=0 (to measure or compare against the
-// unfused LibTorch composites in the same build) or the CPU lacks AVX2 + FMA.
-inline bool fused_kernels_enabled() {
+// ANDYLLM_FUSED_OPS=0 turns every fused path off (CPU kernels and the GPU's LibTorch 2.x fused
+// ops), to measure or compare against the unfused LibTorch composites in the same build.
+inline bool fused_ops_requested() {
   static const bool on = [] {
     const char* v = std::getenv("ANDYLLM_FUSED_OPS");
-    return !(v && std::strcmp(v, "0") == 0) && has_avx2_fma();
+    return !(v && std::strcmp(v, "0") == 0);
   }();
+  return on;
+}
+
+// The fused CPU kernels run unless ANDYLLM_FUSED_OPS=0 or the CPU lacks AVX2 + FMA.
+inline bool fused_kernels_enabled() {
+  static const bool on = fused_ops_requested() && has_avx2_fma();
   return on;
 }
 

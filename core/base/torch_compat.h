@@ -6,6 +6,10 @@
 #include <ATen/autocast_mode.h>
 #include <torch/version.h>
 
+#include <set>
+#include <string>
+#include <vector>
+
 #if defined(ANDYLLM_TORCH_CUDA)
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -15,6 +19,10 @@
 
 #define ANDYLLM_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+#if ANDYLLM_TORCH_AT_LEAST(2, 1)
+#include <torch/csrc/autograd/profiler_kineto.h>
+#endif
 
 namespace andy::compat {
 
@@ -30,6 +38,66 @@ inline at::Tensor fused_sdpa(const at::Tensor& q, const at::Tensor& k, const at:
 #else
   (void)q; (void)k; (void)v; (void)mask; (void)is_causal;
   TORCH_CHECK(false, "fused_sdpa needs LibTorch 2.0 or newer");
+#endif
+}
+
+// at::rms_norm (2.4+; in recent releases a fused kernel with its own backward on CUDA).
+constexpr bool kHasNativeRmsNorm = ANDYLLM_TORCH_AT_LEAST(2, 4);
+
+inline at::Tensor native_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
+#if ANDYLLM_TORCH_AT_LEAST(2, 4)
+  return at::rms_norm(x, {x.size(-1)}, weight, eps);
+#else
+  (void)x; (void)weight; (void)eps;
+  TORCH_CHECK(false, "native_rms_norm needs LibTorch 2.4 or newer");
+#endif
+}
+
+// at::_fused_adamw_ (2.1+): one multi-tensor AdamW kernel over lists of parameters (CUDA; CPU
+// too in newer releases). Decoupled weight decay, bias corrections from the step count:
+//   p -= lr*wd*p; m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps)
+// with g = grad / grad_divisor where grad_divisor is given (a one-element float tensor on the
+// parameters' device); `step` likewise a one-element float tensor holding the step count.
+constexpr bool kHasFusedAdamw = ANDYLLM_TORCH_AT_LEAST(2, 1);
+
+inline void fused_adamw(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                        const at::Tensor& step, double lr, double beta1, double beta2, double weight_decay,
+                        double eps, const c10::optional<at::Tensor>& grad_divisor) {
+#if ANDYLLM_TORCH_AT_LEAST(2, 1)
+  const std::vector<at::Tensor> steps(params.size(), step);
+  at::_fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, /*max_exp_avg_sqs=*/{}, steps, lr, beta1, beta2,
+                    weight_decay, eps, /*amsgrad=*/false, /*maximize=*/false, grad_divisor, /*found_inf=*/{});
+#else
+  (void)params; (void)grads; (void)exp_avgs; (void)exp_avg_sqs; (void)step; (void)lr; (void)beta1;
+  (void)beta2; (void)weight_decay; (void)eps; (void)grad_divisor;
+  TORCH_CHECK(false, "fused_adamw needs LibTorch 2.1 or newer");
+#endif
+}
+
+// LibTorch's (Kineto) profiler: CPU ops and, with `cuda`, the GPU kernels, written as a Chrome
+// trace (chrome://tracing, Perfetto). 2.1+ only.
+constexpr bool kHasKinetoProfiler = ANDYLLM_TORCH_AT_LEAST(2, 1);
+
+inline void profiler_start(bool cuda) {
+#if ANDYLLM_TORCH_AT_LEAST(2, 1)
+  namespace pi = torch::profiler::impl;
+  std::set<pi::ActivityType> activities{pi::ActivityType::CPU};
+  if (cuda) activities.insert(pi::ActivityType::CUDA);
+  torch::autograd::profiler::prepareProfiler(pi::ProfilerConfig(pi::ProfilerState::KINETO), activities);
+  torch::autograd::profiler::enableProfiler(pi::ProfilerConfig(pi::ProfilerState::KINETO), activities);
+#else
+  (void)cuda;
+  TORCH_CHECK(false, "the trace profiler needs LibTorch 2.1 or newer");
+#endif
+}
+
+inline void profiler_stop(const std::string& trace_path) {
+#if ANDYLLM_TORCH_AT_LEAST(2, 1)
+  torch::autograd::profiler::disableProfiler()->save(trace_path);
+#else
+  (void)trace_path;
+  TORCH_CHECK(false, "the trace profiler needs LibTorch 2.1 or newer");
 #endif
 }
 
@@ -62,6 +130,16 @@ inline int64_t cuda_free_memory(int index) {
 #else
   (void)index;
   return 0;
+#endif
+}
+
+// Waits for every kernel queued on CUDA device `index` (nothing in a CPU-only build).
+inline void cuda_synchronize(int index) {
+#if defined(ANDYLLM_TORCH_CUDA)
+  c10::cuda::set_device(static_cast<c10::DeviceIndex>(index));
+  c10::cuda::device_synchronize();
+#else
+  (void)index;
 #endif
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "core/base/error.h"
+#include "core/base/torch_compat.h"
 #include "core/base/avx2_math.h"
 
 namespace andy {
@@ -414,6 +415,13 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (fused_ops_apply(x) && weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
       x.size(-1) == weight.size(0))
     return RmsNormFn::apply(x, weight, eps);
+  // CUDA, fp32 (the training residual stream): LibTorch's rms_norm; the same arithmetic as the
+  // composite for fp32 (bf16 inputs keep the composite: it rounds before the scale).
+  if constexpr (compat::kHasNativeRmsNorm) {
+    if (fused_ops_requested() && x.is_cuda() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+        weight.dim() == 1 && x.size(-1) == weight.size(0))
+      return compat::native_rms_norm(x, weight, eps);
+  }
   return rms_norm_unfused(x, weight, eps);
 }
 
@@ -460,6 +468,35 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
     return;
   }
   adamw_update_unfused(param, grad, exp_avg, exp_avg_sq, h);
+}
+
+void adamw_update_group(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                        const AdamWHyper& h, int64_t step) {
+  ANDY_CHECK(grads.size() == params.size() && exp_avgs.size() == params.size() && exp_avg_sqs.size() == params.size(),
+             "adamw_update_group: ", params.size(), " parameters but ", grads.size(), " gradients, ", exp_avgs.size(),
+             " and ", exp_avg_sqs.size(), " moments");
+  if (params.empty()) return;
+  bool multi = compat::kHasFusedAdamw && fused_ops_requested();
+  for (size_t i = 0; multi && i < params.size(); ++i)
+    for (const at::Tensor* t : {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i]})
+      multi = multi && t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+              t->device() == params[0].device();
+  if (multi) {
+    at::NoGradGuard no_grad;
+    auto on_device = at::TensorOptions().dtype(at::kFloat).device(params[0].device());
+    const at::Tensor step_t = at::full({}, static_cast<double>(step), on_device);
+    c10::optional<at::Tensor> divisor;
+    if (h.grad_scale != 1.0) divisor = at::full({}, 1.0 / h.grad_scale, on_device);
+    // The kernel leaves g / divisor in the gradients (the trainer clears them every step).
+    compat::fused_adamw(params, grads, exp_avgs, exp_avg_sqs, step_t, h.lr, h.beta1, h.beta2, h.weight_decay, h.eps,
+                        divisor);
+    return;
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor p = params[i], m = exp_avgs[i], v = exp_avg_sqs[i];
+    adamw_update(p, grads[i], m, v, h);
+  }
 }
 
 at::Tensor causal_softmax_unfused(const at::Tensor& scores, double scale, int64_t q_offset) {

@@ -5,10 +5,14 @@
 // The unfused composites stay the reference: the model calls the dispatchers below, which run a
 // fused kernel where fused_ops_apply() (a CPU tensor, fp32 or bf16, a CPU with AVX2 + FMA, and
 // ANDYLLM_FUSED_OPS not set to 0) and the composite otherwise (CUDA, other dtypes), so the two
-// can be compared in one build (tests/model/test_fused_ops.cpp: values and gradients).
+// can be compared in one build (tests/model/test_fused_ops.cpp: values and gradients). On CUDA
+// with LibTorch 2.x, RMSNorm and AdamW use LibTorch's own fused ops instead
+// (tests/model/test_fused_ops_gpu.cpp compares them with the composites on the GPU).
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <vector>
 
 namespace andy {
 
@@ -51,6 +55,15 @@ void adamw_update(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg
                   at::Tensor& exp_avg_sq, const AdamWHyper& h);
 void adamw_update_unfused(at::Tensor& param, const at::Tensor& grad, at::Tensor& exp_avg,
                           at::Tensor& exp_avg_sq, const AdamWHyper& h);
+
+// The same step for a group of parameters sharing `h` (the trainer's decay / no-decay groups),
+// at optimizer step `step` (h.bc1 = 1 - beta1^step, h.bc2 likewise). On CUDA with LibTorch 2.1+
+// (and ANDYLLM_FUSED_OPS not 0): LibTorch's multi-tensor AdamW, a few kernel launches for the
+// whole group instead of about ten per parameter (it leaves the divided gradient in `grads`);
+// adamw_update per parameter otherwise.
+void adamw_update_group(const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
+                        const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_sqs,
+                        const AdamWHyper& h, int64_t step);
 
 // sum(g^2) in double: the gradient norm's part, and a finite value exactly when every element
 // is finite (an inf or NaN makes it non-finite; fp32 squares cannot overflow a double). One

@@ -1,0 +1,132 @@
+// The fused paths the model and the trainer take on CUDA (label gpu; every test skips where
+// LibTorch sees no GPU, as on the CPU build machine), each against the composite it replaces, on
+// the GPU: LibTorch's rms_norm (values and gradients), its multi-tensor AdamW over several
+// steps with weight decay and a clipping factor, and the one-rank cross-entropy (fp32 and bf16
+// logits, ignored targets). With LibTorch 1.13 (no such ops) they check the composite against
+// itself and say so.
+// Run: ctest -L gpu --output-on-failure
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include <cmath>
+
+#include "core/base/torch_compat.h"
+#include "core/model/fused_ops.h"
+#include "parallel/tp_cross_entropy.h"
+
+namespace andy {
+namespace {
+
+#define SKIP_WITHOUT_GPU()                                                                   \
+  if (!at::hasCUDA())                                                                        \
+  GTEST_SKIP() << "no CUDA device visible to this LibTorch ("                                \
+               << (compat::torch_has_cuda() ? "CUDA build" : "CPU-only build") << ")"
+
+const at::TensorOptions kGpu = at::TensorOptions().device(at::kCUDA);
+
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  at::Tensor af = a.to(at::kDouble).cpu(), bf = b.to(at::kDouble).cpu();
+  return (af - bf).abs().max().item<double>() / std::max(1e-12, bf.abs().max().item<double>());
+}
+
+template <typename F>
+std::vector<at::Tensor> value_and_grads(F f, const std::vector<at::Tensor>& inputs, const at::Tensor& upstream) {
+  std::vector<at::Tensor> leaves;
+  for (const auto& t : inputs) leaves.push_back(t.detach().clone().requires_grad_(true));
+  at::Tensor out = f(leaves);
+  (out.to(at::kFloat) * upstream).sum().backward();
+  std::vector<at::Tensor> r{out.detach()};
+  for (const auto& l : leaves) r.push_back(l.grad());
+  return r;
+}
+
+void expect_close(const std::vector<at::Tensor>& fast, const std::vector<at::Tensor>& ref, double tol,
+                  const std::string& what) {
+  ASSERT_EQ(fast.size(), ref.size());
+  for (size_t i = 0; i < ref.size(); ++i) {
+    ASSERT_TRUE(fast[i].defined() && ref[i].defined()) << what << " #" << i;
+    ASSERT_EQ(fast[i].sizes(), ref[i].sizes()) << what << " #" << i;
+    EXPECT_EQ(fast[i].scalar_type(), ref[i].scalar_type()) << what << " #" << i;
+    const double e = rel_err(fast[i], ref[i]);
+    EXPECT_LT(e, tol) << what << (i == 0 ? " value" : " grad #" + std::to_string(i));
+    std::printf("  %s %s: relative error %.2e\n", what.c_str(), i == 0 ? "value" : ("grad #" + std::to_string(i)).c_str(), e);
+  }
+}
+
+TEST(FusedOpsGpu, RmsNormMatchesComposite) {
+  SKIP_WITHOUT_GPU();
+  if (!compat::kHasNativeRmsNorm) std::printf("  LibTorch %s: no at::rms_norm, the composite runs\n", TORCH_VERSION);
+  at::manual_seed(3);
+  for (int64_t d : {64, 768, 771}) {
+    at::Tensor x = at::randn({4, 37, d}, kGpu), w = at::randn({d}, kGpu), up = at::randn({4, 37, d}, kGpu);
+    auto fast = value_and_grads([](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up);
+    auto ref = value_and_grads([](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up);
+    expect_close(fast, ref, 2e-5, "rms_norm d=" + std::to_string(d));
+  }
+}
+
+TEST(FusedOpsGpu, MultiTensorAdamWMatchesCompositeOverSteps) {
+  SKIP_WITHOUT_GPU();
+  if (!compat::kHasFusedAdamw) std::printf("  LibTorch %s: no _fused_adamw_, per-parameter updates run\n", TORCH_VERSION);
+  at::manual_seed(5);
+  for (double wd : {0.0, 0.1})
+    for (double scale : {1.0, 0.37}) {
+      std::vector<at::Tensor> p1, m1, v1, p2, m2, v2;
+      for (auto shape : {std::vector<int64_t>{1000, 33}, {768}, {7, 5, 3}}) {
+        p1.push_back(at::randn(shape, kGpu));
+        m1.push_back(at::zeros(shape, kGpu));
+        v1.push_back(at::zeros(shape, kGpu));
+        p2.push_back(p1.back().clone());
+        m2.push_back(m1.back().clone());
+        v2.push_back(v1.back().clone());
+      }
+      const at::Tensor start = p1[0].clone();
+      for (int step = 1; step <= 5; ++step) {
+        std::vector<at::Tensor> g1, g2;
+        for (const auto& p : p1) g1.push_back(at::randn_like(p).mul(step));
+        for (const auto& g : g1) g2.push_back(g.mul(scale));  // the composite gets the clipped gradient
+        AdamWHyper h;
+        h.lr = 1e-2;
+        h.beta1 = 0.9;
+        h.beta2 = 0.95;
+        h.eps = 1e-8;
+        h.weight_decay = wd;
+        h.bc1 = 1 - std::pow(0.9, step);
+        h.bc2 = 1 - std::pow(0.95, step);
+        h.grad_scale = scale;
+        adamw_update_group(p1, g1, m1, v1, h, step);
+        h.grad_scale = 1.0;
+        for (size_t i = 0; i < p2.size(); ++i) adamw_update_unfused(p2[i], g2[i], m2[i], v2[i], h);
+      }
+      for (size_t i = 0; i < p1.size(); ++i) {
+        EXPECT_LT(rel_err(p1[i], p2[i]), 1e-5) << "param " << i << " wd " << wd << " scale " << scale;
+        EXPECT_LT(rel_err(m1[i], m2[i]), 1e-5) << "exp_avg " << i << " wd " << wd << " scale " << scale;
+        EXPECT_LT(rel_err(v1[i], v2[i]), 1e-5) << "exp_avg_sq " << i << " wd " << wd << " scale " << scale;
+      }
+      EXPECT_GT(rel_err(p1[0], start), 1e-4) << "it moved";
+    }
+}
+
+TEST(FusedOpsGpu, OneRankCrossEntropyMatchesComposite) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(9);
+  const int64_t n = 67, vocab = 1000;
+  at::Tensor targets = at::randint(0, vocab, {n}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  targets[0] = -100;
+  targets[5] = -100;
+  for (auto [dtype, tol] : {std::pair{at::kFloat, 1e-5}, std::pair{at::kBFloat16, 1e-2}}) {
+    at::Tensor logits = at::randn({n, vocab}, kGpu).mul(3).to(dtype), up = at::randn({n}, kGpu);
+    auto fast = value_and_grads(
+        [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, true); }, {logits},
+        up);
+    auto ref = value_and_grads(
+        [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, false); },
+        {logits}, up);
+    expect_close(fast, ref, tol, std::string("cross-entropy ") + (dtype == at::kFloat ? "fp32" : "bf16"));
+    EXPECT_EQ(fast[0][0].item<float>(), 0.0f) << "an ignored target's loss is 0";
+    EXPECT_EQ(fast[1][0].abs().sum().item<float>(), 0.0f) << "and its row's gradient";
+  }
+}
+
+}  // namespace
+}  // namespace andy
