@@ -7,6 +7,7 @@
 #include <limits>
 
 #include "core/base/avx2_math.h"
+#include "core/base/cuda_kernel_args.h"
 
 #include "core/base/error.h"
 #include "parallel/tp_ops.h"
@@ -137,7 +138,38 @@ struct FusedVocabParallelCrossEntropy : public torch::autograd::Function<FusedVo
   }
 };
 
-// ---- composite (reference, and CUDA) --------------------------------------------------------
+#if ANDYLLM_CUDA_KERNELS
+// ---- one rank on CUDA (core/base/cuda_kernels.cu) ------------------------------------------
+// Forward reads the logits once and keeps each row's log-sum-exp; backward writes the gradient
+// in the logits' dtype in one pass. No [N, V] fp32 tensor at all.
+struct CudaCrossEntropy : public torch::autograd::Function<CudaCrossEntropy> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_in, const at::Tensor& targets_in,
+                            int64_t ignore_index) {
+    const at::Tensor logits = logits_in.contiguous(), targets = targets_in.contiguous();
+    const int64_t rows = logits.size(0), vocab = logits.size(1);
+    auto f32 = logits.options().dtype(at::kFloat);
+    at::Tensor loss = at::empty({rows}, f32), lse = at::empty({rows}, f32);
+    cuda::cross_entropy_forward(cuda_dtype(logits), logits.data_ptr(), targets.data_ptr<int64_t>(), rows, vocab,
+                                ignore_index, loss.data_ptr<float>(), lse.data_ptr<float>(), cuda_stream_for(logits));
+    ctx->save_for_backward({logits, targets, lse});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return loss;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &logits = saved[0], &targets = saved[1], &lse = saved[2];
+    const at::Tensor dloss = grads[0].to(at::kFloat).contiguous();
+    at::Tensor dlogits = at::empty(logits.sizes(), logits.options());
+    cuda::cross_entropy_backward(cuda_dtype(logits), logits.data_ptr(), targets.data_ptr<int64_t>(),
+                                 lse.data_ptr<float>(), dloss.data_ptr<float>(), logits.size(0), logits.size(1),
+                                 ctx->saved_data["ignore_index"].toInt(), dlogits.data_ptr(), cuda_stream_for(logits));
+    return {dlogits, at::Tensor(), at::Tensor()};
+  }
+};
+#endif  // ANDYLLM_CUDA_KERNELS
+
+// ---- composite (reference, CUDA with several ranks) --------------------------------------------------------
 
 struct VocabParallelCrossEntropy : public torch::autograd::Function<VocabParallelCrossEntropy> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& logits_in,
@@ -200,12 +232,17 @@ at::Tensor vocab_parallel_cross_entropy(const at::Tensor& logits, const at::Tens
   if (fused && fused_kernels_enabled() && logits.is_cpu() &&
       (logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kBFloat16))
     return FusedVocabParallelCrossEntropy::apply(logits, targets, comm, vocab_start, vocab_size, ignore_index);
-  // One rank holding the whole (unpadded) vocabulary on CUDA: LibTorch's log_softmax + NLL in
-  // fp32 (two [N, V] passes forward, two backward), where the composite below materializes the
+  // One rank holding the whole (unpadded) vocabulary on CUDA: our kernels (one pass forward, one
+  // backward), else LibTorch's log_softmax + NLL in fp32; the composite below materializes the
   // fp32 logits, their shift, exp and softmax and clones the softmax for the gradient.
   if (fused && fused_ops_requested() && comm == nullptr && logits.is_cuda() && vocab_start == 0 &&
-      logits.size(1) == vocab_size)
+      logits.size(1) == vocab_size) {
+#if ANDYLLM_CUDA_KERNELS
+    if (cuda_kernels_apply(logits) && targets.device() == logits.device())
+      return CudaCrossEntropy::apply(logits, targets, ignore_index);
+#endif
     return at::cross_entropy_loss(logits.to(at::kFloat), targets, {}, at::Reduction::None, ignore_index);
+  }
   return VocabParallelCrossEntropy::apply(logits, targets, comm, vocab_start, vocab_size,
                                           ignore_index);
 }

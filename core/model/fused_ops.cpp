@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "core/base/cuda_kernel_args.h"
 #include "core/base/error.h"
 #include "core/base/torch_compat.h"
 #include "core/base/avx2_math.h"
@@ -365,6 +366,56 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
   }
 };
 
+#if ANDYLLM_CUDA_KERNELS
+// ---- the CUDA counterparts (core/base/cuda_kernels.cu) ------------------------------------
+
+struct SwigluCudaFn : public torch::autograd::Function<SwigluCudaFn> {
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g_in, const at::Tensor& u_in) {
+    const at::Tensor g = g_in.contiguous(), u = u_in.contiguous();
+    at::Tensor out = at::empty(g.sizes(), g.options());
+    cuda::swiglu_forward(cuda_dtype(g), g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), cuda_stream_for(g));
+    ctx->save_for_backward({g, u});
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor &g = saved[0], &u = saved[1];
+    const at::Tensor dy = grads[0].to(g.scalar_type()).contiguous();
+    at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
+    cuda::swiglu_backward(cuda_dtype(g), dy.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(),
+                          g.numel(), cuda_stream_for(g));
+    return {dg, du};
+  }
+};
+
+struct RopeCudaFn : public torch::autograd::Function<RopeCudaFn> {
+  static at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
+    const at::Tensor x = x_in.contiguous();
+    at::Tensor y = at::empty(x.sizes(), x.options());
+    const int64_t heads = x.size(2), d = x.size(3);
+    (backward ? cuda::rope_backward : cuda::rope_forward)(cuda_dtype(x), x.data_ptr(), cos.data_ptr<float>(),
+                                                          sin.data_ptr<float>(), y.data_ptr(), x.numel() / d / heads,
+                                                          heads, d, cuda_stream_for(x));
+    return y;
+  }
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& cos_in,
+                            const at::Tensor& sin_in) {
+    const at::Tensor cos = cos_in.to(at::kFloat).contiguous(), sin = sin_in.to(at::kFloat).contiguous();
+    ctx->save_for_backward({cos, sin});
+    ctx->saved_data["dtype"] = static_cast<int64_t>(x.scalar_type());
+    return run(x, cos, sin, false);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
+    return {run(grads[0].to(dtype), saved[0], saved[1], true), at::Tensor(), at::Tensor()};
+  }
+};
+#endif  // ANDYLLM_CUDA_KERNELS
+
 struct CausalSoftmaxFn : public torch::autograd::Function<CausalSoftmaxFn> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, double scale, int64_t q_offset) {
     const at::Tensor x = x_in.contiguous();
@@ -430,6 +481,11 @@ at::Tensor swiglu_unfused(const at::Tensor& gate, const at::Tensor& up) { return
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up) {
   if (fused_ops_apply(gate) && up.scalar_type() == gate.scalar_type() && up.sizes() == gate.sizes())
     return SwigluFn::apply(gate, up);
+#if ANDYLLM_CUDA_KERNELS
+  if (cuda_kernels_apply(gate) && up.scalar_type() == gate.scalar_type() && up.sizes() == gate.sizes() &&
+      up.device() == gate.device())
+    return SwigluCudaFn::apply(gate, up);
+#endif
   return swiglu_unfused(gate, up);
 }
 
@@ -445,6 +501,10 @@ at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tenso
                  x.size(3) == cos.size(2) && x.size(3) % 2 == 0 && cos.sizes() == sin.sizes(),
              "rope: expected x [B, T, H, d] and cos/sin [B, T, d], got ", x.sizes(), " and ", cos.sizes());
   if (fused_ops_apply(x) && cos.is_cpu()) return RopeFn::apply(x, cos, sin);
+#if ANDYLLM_CUDA_KERNELS
+  if (cuda_kernels_apply(x) && cos.device() == x.device() && sin.device() == x.device())
+    return RopeCudaFn::apply(x, cos, sin);
+#endif
   return rope_bthd_unfused(x, cos, sin);
 }
 

@@ -1,15 +1,16 @@
 // The fused paths the model and the trainer take on CUDA (label gpu; every test skips where
 // LibTorch sees no GPU, as on the CPU build machine), each against the composite it replaces, on
-// the GPU: LibTorch's rms_norm (values and gradients), its multi-tensor AdamW over several
-// steps with weight decay and a clipping factor, and the one-rank cross-entropy (fp32 and bf16
-// logits, ignored targets). With LibTorch 1.13 (no such ops) they check the composite against
-// itself and say so.
+// the GPU: our kernels (core/base/cuda_kernels.cu: RoPE, SwiGLU, the one-rank cross-entropy; fp32,
+// bf16, fp16; values and gradients; the autograd node checked to be ours), LibTorch's rms_norm
+// and its multi-tensor AdamW over several steps with weight decay and a clipping factor. With
+// LibTorch 1.13 (no such ops) the LibTorch ones check the composite against itself and say so.
 // Run: ctest -L gpu --output-on-failure
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
 #include <cmath>
 
+#include "core/base/cuda_kernel_args.h"
 #include "core/base/torch_compat.h"
 #include "core/model/fused_ops.h"
 #include "parallel/tp_cross_entropy.h"
@@ -50,6 +51,55 @@ void expect_close(const std::vector<at::Tensor>& fast, const std::vector<at::Ten
     const double e = rel_err(fast[i], ref[i]);
     EXPECT_LT(e, tol) << what << (i == 0 ? " value" : " grad #" + std::to_string(i));
     std::printf("  %s %s: relative error %.2e\n", what.c_str(), i == 0 ? "value" : ("grad #" + std::to_string(i)).c_str(), e);
+  }
+}
+
+// The autograd node of f's output on fresh leaves: our CUDA function where the kernels are built.
+template <typename F>
+void expect_node(F f, std::vector<at::Tensor> inputs, const std::string& want) {
+  for (auto& t : inputs) t = t.detach().clone().requires_grad_(true);
+  const at::Tensor out = f(inputs);
+  ASSERT_TRUE(out.grad_fn());
+  const std::string name = out.grad_fn()->name();
+  if (ANDYLLM_CUDA_KERNELS) EXPECT_NE(name.find(want), std::string::npos) << "autograd node " << name;
+  else std::printf("  no CUDA kernels in this build: %s runs\n", name.c_str());
+}
+
+struct DtypeCase {
+  at::ScalarType dtype;
+  double tol;
+  const char* name;
+};
+const DtypeCase kDtypes[] = {{at::kFloat, 1e-5, "fp32"}, {at::kBFloat16, 2e-2, "bf16"}, {at::kHalf, 4e-3, "fp16"}};
+
+TEST(FusedOpsGpu, RopeKernelMatchesComposite) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(11);
+  const int64_t b = 3, t = 17, h = 5, d = 64;
+  at::Tensor cos = at::randn({b, t, d}, kGpu), sin = at::randn({b, t, d}, kGpu);
+  for (const auto& c : kDtypes) {
+    at::Tensor x = at::randn({b, t, h, d}, kGpu).to(c.dtype), up = at::randn({b, t, h, d}, kGpu);
+    auto fast = value_and_grads([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, up);
+    // The composite in fp32 (one rounding, as the kernel), rounded to the dtype at the end.
+    auto ref = value_and_grads([&](auto& in) { return rope_bthd_unfused(in[0].to(at::kFloat), cos, sin).to(c.dtype); },
+                               {x}, up);
+    expect_close(fast, ref, c.tol, std::string("rope ") + c.name);
+    expect_node([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, "RopeCudaFn");
+  }
+}
+
+TEST(FusedOpsGpu, SwigluKernelMatchesComposite) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(13);
+  for (const auto& c : kDtypes) {
+    at::Tensor g = at::randn({7, 1001}, kGpu).mul(3), u = at::randn({7, 1001}, kGpu), up = at::randn({7, 1001}, kGpu);
+    g = g.to(c.dtype);
+    u = u.to(c.dtype);
+    auto fast = value_and_grads([](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, up);
+    auto ref = value_and_grads(
+        [&](auto& in) { return swiglu_unfused(in[0].to(at::kFloat), in[1].to(at::kFloat)).to(c.dtype); }, {g, u}, up);
+    expect_close(fast, ref, c.tol, std::string("swiglu ") + c.name);
+    expect_node([](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, "SwigluCudaFn");
   }
 }
 
@@ -114,18 +164,30 @@ TEST(FusedOpsGpu, OneRankCrossEntropyMatchesComposite) {
   at::Tensor targets = at::randint(0, vocab, {n}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
   targets[0] = -100;
   targets[5] = -100;
-  for (auto [dtype, tol] : {std::pair{at::kFloat, 1e-5}, std::pair{at::kBFloat16, 1e-2}}) {
+  for (auto [dtype, tol] : {std::pair{at::kFloat, 1e-5}, std::pair{at::kBFloat16, 1e-2}, std::pair{at::kHalf, 4e-3}}) {
     at::Tensor logits = at::randn({n, vocab}, kGpu).mul(3).to(dtype), up = at::randn({n}, kGpu);
+    expect_node([&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, true); },
+                {logits}, "CudaCrossEntropy");
     auto fast = value_and_grads(
         [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, true); }, {logits},
         up);
     auto ref = value_and_grads(
         [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, false); },
         {logits}, up);
-    expect_close(fast, ref, tol, std::string("cross-entropy ") + (dtype == at::kFloat ? "fp32" : "bf16"));
+    expect_close(fast, ref, tol, std::string("cross-entropy ") + c10::toString(dtype));
     EXPECT_EQ(fast[0][0].item<float>(), 0.0f) << "an ignored target's loss is 0";
     EXPECT_EQ(fast[1][0].abs().sum().item<float>(), 0.0f) << "and its row's gradient";
   }
+  // A GPT-2-sized vocabulary (every thread of a row's block loops), large logits (the running
+  // maximum must rescale the sum) and a target's logit far above the rest.
+  at::Tensor big = at::randn({5, 32000}, kGpu).mul(20).to(at::kBFloat16), up = at::randn({5}, kGpu);
+  at::Tensor t5 = at::tensor({0L, 31999L, 17L, -100L, 12345L}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+  big.index_put_({2, 17}, 200.0f);
+  auto fast = value_and_grads([&](auto& in) { return vocab_parallel_cross_entropy(in[0], t5, nullptr, 0, 32000, -100, true); },
+                              {big}, up);
+  auto ref = value_and_grads([&](auto& in) { return vocab_parallel_cross_entropy(in[0], t5, nullptr, 0, 32000, -100, false); },
+                             {big}, up);
+  expect_close(fast, ref, 1e-2, "cross-entropy bf16, vocab 32000");
 }
 
 }  // namespace

@@ -1,0 +1,214 @@
+// CUDA kernels (see cuda_kernels.h). Grid-stride elementwise kernels for RoPE and SwiGLU; one
+// block per row for the cross-entropy, with an online (max, sum of exp) per thread combined
+// across the block.
+#include "core/base/cuda_kernels.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace andy::cuda {
+namespace {
+
+__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
+__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
+__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
+__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16(v); }
+__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half(v); }
+
+void check_launch(const char* what) {
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw std::runtime_error(std::string("CUDA kernel ") + what + ": " + cudaGetErrorString(e));
+}
+
+constexpr int kThreads = 256;
+
+unsigned grid_for(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 * 16 ? (blocks > 0 ? blocks : 1) : 65535 * 16);
+}
+
+// Calls f with a typed null pointer of the storage type: f(static_cast<T*>(nullptr)).
+template <typename F>
+void on_dtype(DType t, F&& f) {
+  switch (t) {
+    case DType::kF32: f(static_cast<float*>(nullptr)); break;
+    case DType::kBF16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    case DType::kF16: f(static_cast<__half*>(nullptr)); break;
+  }
+}
+
+// ---- RoPE --------------------------------------------------------------------------------
+// One thread per (row, head, i < d/2) pair: element i and its partner i + d/2.
+template <typename T>
+__global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
+                            T* __restrict__ y, int64_t rows, int64_t heads, int64_t d, bool backward) {
+  const int64_t half = d / 2, n = rows * heads * half;
+  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
+       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t i = idx % half, rh = idx / half, row = rh / heads;
+    const int64_t xo = rh * d + i, co = row * d + i;
+    const float a = load(x, xo), b = load(x, xo + half);
+    const float c1 = cos[co], s1 = sin[co], c2 = cos[co + half], s2 = sin[co + half];
+    if (!backward) {
+      store(y, xo, a * c1 - b * s1);
+      store(y, xo + half, b * c2 + a * s2);
+    } else {  // a, b are dy[i], dy[i + d/2]
+      store(y, xo, a * c1 + b * s2);
+      store(y, xo + half, b * c2 - a * s1);
+    }
+  }
+}
+
+// ---- SwiGLU ------------------------------------------------------------------------------
+template <typename T>
+__global__ void swiglu_fwd_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float gv = load(g, i);
+    store(out, i, gv / (1.0f + __expf(-gv)) * load(u, i));
+  }
+}
+
+template <typename T>
+__global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ g, const T* __restrict__ u,
+                                  T* __restrict__ dg, T* __restrict__ du, int64_t n) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float gv = load(g, i), uv = load(u, i), d = load(dout, i);
+    const float sig = 1.0f / (1.0f + __expf(-gv));
+    store(du, i, d * gv * sig);
+    store(dg, i, d * uv * sig * (1.0f + gv * (1.0f - sig)));
+  }
+}
+
+// ---- cross-entropy -----------------------------------------------------------------------
+// (m, s) with s = sum exp(x - m); combining two keeps the larger max.
+__device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
+  if (m2 > m) {
+    s = s * __expf(m - m2) + s2;  // m may be -inf: exp(-inf) = 0
+    m = m2;
+  } else if (m2 != -INFINITY) {
+    s += s2 * __expf(m2 - m);
+  }
+}
+
+template <typename T>
+__global__ void ce_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, int64_t vocab,
+                              int64_t ignore_index, float* __restrict__ loss, float* __restrict__ lse) {
+  const int64_t r = blockIdx.x;
+  const T* row = logits + r * vocab;
+  float m = -INFINITY, s = 0.0f;
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
+    const float x = load(row, j);
+    if (x > m) {
+      s = s * __expf(m - x) + 1.0f;
+      m = x;
+    } else if (x != -INFINITY) {
+      s += __expf(x - m);
+    }
+  }
+  for (int off = 16; off > 0; off /= 2) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    combine(m, s, m2, s2);
+  }
+  __shared__ float sm[32], ss[32];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+  if (lane == 0) {
+    sm[warp] = m;
+    ss[warp] = s;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float bm = sm[0], bs = ss[0];
+    for (int w = 1; w < warps; ++w) combine(bm, bs, sm[w], ss[w]);
+    const float l = bm + logf(bs);
+    lse[r] = l;
+    const int64_t t = targets[r];
+    loss[r] = t == ignore_index ? 0.0f : l - ((t >= 0 && t < vocab) ? load(row, t) : 0.0f);
+  }
+}
+
+template <typename T>
+__global__ void ce_bwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
+                              const float* __restrict__ lse, const float* __restrict__ dloss, int64_t vocab,
+                              int64_t ignore_index, T* __restrict__ dlogits) {
+  const int64_t r = blockIdx.x;
+  const int64_t t = targets[r];
+  const float scale = t == ignore_index ? 0.0f : dloss[r], l = lse[r];
+  const T* row = logits + r * vocab;
+  T* g = dlogits + r * vocab;
+  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
+    store(g, j, (__expf(load(row, j) - l) - (j == t ? 1.0f : 0.0f)) * scale);
+}
+
+}  // namespace
+
+void rope_forward(DType t, const void* x, const float* cos, const float* sin, void* y, int64_t rows, int64_t heads,
+                  int64_t d, void* stream) {
+  on_dtype(t, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rope_kernel<T><<<grid_for(rows * heads * (d / 2)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(x), cos, sin, static_cast<T*>(y), rows, heads, d, false);
+  });
+  check_launch("rope_forward");
+}
+
+void rope_backward(DType t, const void* dy, const float* cos, const float* sin, void* dx, int64_t rows, int64_t heads,
+                   int64_t d, void* stream) {
+  on_dtype(t, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rope_kernel<T><<<grid_for(rows * heads * (d / 2)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(dy), cos, sin, static_cast<T*>(dx), rows, heads, d, true);
+  });
+  check_launch("rope_backward");
+}
+
+void swiglu_forward(DType t, const void* gate, const void* up, void* out, int64_t n, void* stream) {
+  on_dtype(t, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    swiglu_fwd_kernel<T><<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(out), n);
+  });
+  check_launch("swiglu_forward");
+}
+
+void swiglu_backward(DType t, const void* dout, const void* gate, const void* up, void* dgate, void* dup, int64_t n,
+                     void* stream) {
+  on_dtype(t, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    swiglu_bwd_kernel<T><<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(dout), static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(dgate),
+        static_cast<T*>(dup), n);
+  });
+  check_launch("swiglu_backward");
+}
+
+void cross_entropy_forward(DType t, const void* logits, const int64_t* targets, int64_t rows, int64_t vocab,
+                           int64_t ignore_index, float* loss, float* lse, void* stream) {
+  if (rows == 0) return;
+  on_dtype(t, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    ce_fwd_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), targets, vocab, ignore_index, loss, lse);
+  });
+  check_launch("cross_entropy_forward");
+}
+
+void cross_entropy_backward(DType t, const void* logits, const int64_t* targets, const float* lse, const float* dloss,
+                            int64_t rows, int64_t vocab, int64_t ignore_index, void* dlogits, void* stream) {
+  if (rows == 0) return;
+  on_dtype(t, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    ce_bwd_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(logits), targets, lse, dloss, vocab, ignore_index, static_cast<T*>(dlogits));
+  });
+  check_launch("cross_entropy_backward");
+}
+
+}  // namespace andy::cuda
