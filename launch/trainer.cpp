@@ -302,7 +302,7 @@ double Trainer::evaluate() {
     data::Batch b = val_->next_batch();
     AutocastScope ac(cfg_.precision.mode, device_);
     at::Tensor logits = model_->forward(b.input.to(device_));
-    sum += model_->loss(logits.to(at::kFloat), b.target.to(device_)).item<double>();
+    sum += model_->loss(logits, b.target.to(device_)).item<double>();
   }
   at::Tensor t = at::full({1}, sum / static_cast<double>(n), at::kDouble);
   all_reduce_host(grid_.dp.get(), t, ReduceOp::kAvg, device_);
@@ -613,7 +613,8 @@ double Trainer::forward_backward(double scale) {
     {
       AutocastScope ac(cfg_.precision.mode, device_);
       at::Tensor logits = model_->forward(b.input.to(device_));
-      loss = model_->loss(logits.to(at::kFloat), b.target.to(device_));
+      // The logits as they are (bf16 under autocast): every cross-entropy path computes in fp32.
+      loss = model_->loss(logits, b.target.to(device_));
     }
     (loss * (scale / static_cast<double>(accum))).backward();
     loss_sum.add_(loss.detach().to(at::kDouble));
@@ -627,22 +628,32 @@ bool Trainer::unscale_and_find_nonfinite(double scale) {
     params_[0].param.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
   // One pass per gradient: its sum of squares is the gradient norm's part and is finite exactly
   // when every element is (it was an isfinite pass here and a double copy in the norm).
-  // On a GPU the sums stay on the device until one copy at the end.
   grad_sq_sharded_ = grad_sq_replicated_ = 0;
-  at::Tensor on_device = device_.is_cpu() ? at::Tensor() : at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  if (!device_.is_cpu()) {
+    // On a GPU: multi-tensor kernels (the unscale, one fp32 norm per gradient) for all the
+    // gradients at once, and one copy to the host.
+    std::vector<at::Tensor> groups[2];  // TP-sharded, replicated
+    for (auto& p : params_)
+      if (p.param.grad().defined()) groups[p.tp_sharded() ? 0 : 1].push_back(p.param.grad());
+    at::Tensor sums[2];
+    for (int i = 0; i < 2; ++i) {
+      if (groups[i].empty()) {
+        sums[i] = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
+        continue;
+      }
+      if (scale != 1.0) at::_foreach_mul_(groups[i], 1.0 / scale);
+      sums[i] = at::stack(at::_foreach_norm(groups[i], 2)).to(at::kDouble).pow(2).sum();
+    }
+    const at::Tensor host = at::stack({sums[0], sums[1]}).cpu();
+    grad_sq_sharded_ = host[0].item<double>();
+    grad_sq_replicated_ = host[1].item<double>();
+    return !std::isfinite(grad_sq_sharded_ + grad_sq_replicated_);
+  }
   for (auto& p : params_) {
     at::Tensor g = p.param.grad();
     if (!g.defined()) continue;
     if (scale != 1.0) g.mul_(1.0 / scale);
-    if (on_device.defined())
-      on_device[p.tp_sharded() ? 0 : 1].add_(g.to(at::kDouble).pow(2).sum());
-    else
-      (p.tp_sharded() ? grad_sq_sharded_ : grad_sq_replicated_) += sum_of_squares(g);
-  }
-  if (on_device.defined()) {
-    const at::Tensor host = on_device.cpu();
-    grad_sq_sharded_ = host[0].item<double>();
-    grad_sq_replicated_ = host[1].item<double>();
+    (p.tp_sharded() ? grad_sq_sharded_ : grad_sq_replicated_) += sum_of_squares(g);
   }
   return !std::isfinite(grad_sq_sharded_ + grad_sq_replicated_);
 }

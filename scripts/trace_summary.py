@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Where the GPU time of a profiled training step goes, from the Chrome trace that
 `andyllm bench train --profile FILE --profile_steps N` writes (LibTorch's Kineto profiler):
-GPU busy time per step against the span of the step's kernels, the time by category (matrix
-products, attention, optimizer, norms, softmax / cross-entropy, reductions, copies,
+GPU busy time per step against the span of the step's kernels, the time by category (our own
+kernels, matrix products, attention, optimizer, norms, softmax / cross-entropy, reductions, copies,
 elementwise) and the top kernels with their launches per step.
 
   python3 scripts/trace_summary.py TRACE.json N_STEPS
@@ -13,8 +13,9 @@ import re
 import sys
 
 CATEGORIES = [
+    ("ours (core/base/cuda_kernels.cu)", r"andy::cuda"),
     ("gemm (cuBLAS / CUTLASS)", r"gemm|cutlass|nvjet|xmma|cublas|sm90_|sm100_"),
-    ("attention (flash / efficient)", r"flash|fmha|attention|attn"),
+    ("attention (flash / efficient)", r"flash|fmha|attention|attn|sdpa|cudnn"),
     ("optimizer (AdamW)", r"adam"),
     ("norm", r"norm"),
     ("softmax / cross-entropy", r"softmax|nll|cross_entropy"),

@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -87,6 +88,53 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restric
   }
 }
 
+// 16-byte vectors (8 bf16 / fp16 or 4 fp32 elements per load) where n and the pointers allow.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+template <typename T>
+__global__ void swiglu_fwd_vec_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out,
+                                      int64_t nvec) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nvec;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint4 gr = reinterpret_cast<const uint4*>(g)[i], ur = reinterpret_cast<const uint4*>(u)[i];
+    uint4 o;
+    const T *gv = reinterpret_cast<const T*>(&gr), *uv = reinterpret_cast<const T*>(&ur);
+    T* ov = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      const float a = load(gv, k);
+      store(ov, k, a / (1.0f + __expf(-a)) * load(uv, k));
+    }
+    reinterpret_cast<uint4*>(out)[i] = o;
+  }
+}
+
+template <typename T>
+__global__ void swiglu_bwd_vec_kernel(const T* __restrict__ dout, const T* __restrict__ g, const T* __restrict__ u,
+                                      T* __restrict__ dg, T* __restrict__ du, int64_t nvec) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < nvec;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const uint4 dr = reinterpret_cast<const uint4*>(dout)[i], gr = reinterpret_cast<const uint4*>(g)[i],
+                ur = reinterpret_cast<const uint4*>(u)[i];
+    uint4 go, uo;
+    const T *dv = reinterpret_cast<const T*>(&dr), *gv = reinterpret_cast<const T*>(&gr),
+            *uv = reinterpret_cast<const T*>(&ur);
+    T *gov = reinterpret_cast<T*>(&go), *uov = reinterpret_cast<T*>(&uo);
+#pragma unroll
+    for (int k = 0; k < kVec<T>; ++k) {
+      const float gx = load(gv, k), ux = load(uv, k), d = load(dv, k);
+      const float sig = 1.0f / (1.0f + __expf(-gx));
+      store(uov, k, d * gx * sig);
+      store(gov, k, d * ux * sig * (1.0f + gx * (1.0f - sig)));
+    }
+    reinterpret_cast<uint4*>(dg)[i] = go;
+    reinterpret_cast<uint4*>(du)[i] = uo;
+  }
+}
+
 // ---- cross-entropy -----------------------------------------------------------------------
 // (m, s) with s = sum exp(x - m); combining two keeps the larger max.
 __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) {
@@ -98,21 +146,36 @@ __device__ __forceinline__ void combine(float& m, float& s, float m2, float s2) 
   }
 }
 
-template <typename T>
+// The row's elements in order, as f(j, x): 16-byte loads where VEC.
+template <bool VEC, typename T, typename F>
+__device__ __forceinline__ void for_row(const T* row, int64_t vocab, F&& f) {
+  if constexpr (VEC) {
+    const int64_t nvec = vocab / kVec<T>;
+    for (int64_t jv = threadIdx.x; jv < nvec; jv += blockDim.x) {
+      const uint4 r = reinterpret_cast<const uint4*>(row)[jv];
+      const T* v = reinterpret_cast<const T*>(&r);
+#pragma unroll
+      for (int k = 0; k < kVec<T>; ++k) f(jv * kVec<T> + k, load(v, k));
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) f(j, load(row, j));
+  }
+}
+
+template <bool VEC, typename T>
 __global__ void ce_fwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets, int64_t vocab,
                               int64_t ignore_index, float* __restrict__ loss, float* __restrict__ lse) {
   const int64_t r = blockIdx.x;
   const T* row = logits + r * vocab;
   float m = -INFINITY, s = 0.0f;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x) {
-    const float x = load(row, j);
+  for_row<VEC>(row, vocab, [&](int64_t, float x) {
     if (x > m) {
       s = s * __expf(m - x) + 1.0f;
       m = x;
     } else if (x != -INFINITY) {
       s += __expf(x - m);
     }
-  }
+  });
   for (int off = 16; off > 0; off /= 2) {
     const float m2 = __shfl_xor_sync(0xffffffffu, m, off), s2 = __shfl_xor_sync(0xffffffffu, s, off);
     combine(m, s, m2, s2);
@@ -134,7 +197,7 @@ __global__ void ce_fwd_kernel(const T* __restrict__ logits, const int64_t* __res
   }
 }
 
-template <typename T>
+template <bool VEC, typename T>
 __global__ void ce_bwd_kernel(const T* __restrict__ logits, const int64_t* __restrict__ targets,
                               const float* __restrict__ lse, const float* __restrict__ dloss, int64_t vocab,
                               int64_t ignore_index, T* __restrict__ dlogits) {
@@ -143,8 +206,22 @@ __global__ void ce_bwd_kernel(const T* __restrict__ logits, const int64_t* __res
   const float scale = t == ignore_index ? 0.0f : dloss[r], l = lse[r];
   const T* row = logits + r * vocab;
   T* g = dlogits + r * vocab;
-  for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
-    store(g, j, (__expf(load(row, j) - l) - (j == t ? 1.0f : 0.0f)) * scale);
+  if constexpr (VEC) {
+    const int64_t nvec = vocab / kVec<T>;
+    for (int64_t jv = threadIdx.x; jv < nvec; jv += blockDim.x) {
+      const uint4 in = reinterpret_cast<const uint4*>(row)[jv];
+      const T* v = reinterpret_cast<const T*>(&in);
+      uint4 out;
+      T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+      for (int k = 0; k < kVec<T>; ++k)
+        store(o, k, (__expf(load(v, k) - l) - (jv * kVec<T> + k == t ? 1.0f : 0.0f)) * scale);
+      reinterpret_cast<uint4*>(g)[jv] = out;
+    }
+  } else {
+    for (int64_t j = threadIdx.x; j < vocab; j += blockDim.x)
+      store(g, j, (__expf(load(row, j) - l) - (j == t ? 1.0f : 0.0f)) * scale);
+  }
 }
 
 }  // namespace
@@ -172,8 +249,13 @@ void rope_backward(DType t, const void* dy, const float* cos, const float* sin, 
 void swiglu_forward(DType t, const void* gate, const void* up, void* out, int64_t n, void* stream) {
   on_dtype(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    swiglu_fwd_kernel<T><<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(out), n);
+    const T *g = static_cast<const T*>(gate), *u = static_cast<const T*>(up);
+    T* o = static_cast<T*>(out);
+    auto st = static_cast<cudaStream_t>(stream);
+    if (n % kVec<T> == 0 && aligned16(g) && aligned16(u) && aligned16(o))
+      swiglu_fwd_vec_kernel<T><<<grid_for(n / kVec<T>), kThreads, 0, st>>>(g, u, o, n / kVec<T>);
+    else
+      swiglu_fwd_kernel<T><<<grid_for(n), kThreads, 0, st>>>(g, u, o, n);
   });
   check_launch("swiglu_forward");
 }
@@ -182,9 +264,13 @@ void swiglu_backward(DType t, const void* dout, const void* gate, const void* up
                      void* stream) {
   on_dtype(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    swiglu_bwd_kernel<T><<<grid_for(n), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(dout), static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(dgate),
-        static_cast<T*>(dup), n);
+    const T *d = static_cast<const T*>(dout), *g = static_cast<const T*>(gate), *u = static_cast<const T*>(up);
+    T *dg = static_cast<T*>(dgate), *du = static_cast<T*>(dup);
+    auto st = static_cast<cudaStream_t>(stream);
+    if (n % kVec<T> == 0 && aligned16(d) && aligned16(g) && aligned16(u) && aligned16(dg) && aligned16(du))
+      swiglu_bwd_vec_kernel<T><<<grid_for(n / kVec<T>), kThreads, 0, st>>>(d, g, u, dg, du, n / kVec<T>);
+    else
+      swiglu_bwd_kernel<T><<<grid_for(n), kThreads, 0, st>>>(d, g, u, dg, du, n);
   });
   check_launch("swiglu_backward");
 }
@@ -194,8 +280,12 @@ void cross_entropy_forward(DType t, const void* logits, const int64_t* targets, 
   if (rows == 0) return;
   on_dtype(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    ce_fwd_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(logits), targets, vocab, ignore_index, loss, lse);
+    const T* l = static_cast<const T*>(logits);
+    auto st = static_cast<cudaStream_t>(stream);
+    if (vocab % kVec<T> == 0 && aligned16(l))
+      ce_fwd_kernel<true, T><<<static_cast<unsigned>(rows), kThreads, 0, st>>>(l, targets, vocab, ignore_index, loss, lse);
+    else
+      ce_fwd_kernel<false, T><<<static_cast<unsigned>(rows), kThreads, 0, st>>>(l, targets, vocab, ignore_index, loss, lse);
   });
   check_launch("cross_entropy_forward");
 }
@@ -205,8 +295,13 @@ void cross_entropy_backward(DType t, const void* logits, const int64_t* targets,
   if (rows == 0) return;
   on_dtype(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    ce_bwd_kernel<T><<<static_cast<unsigned>(rows), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(logits), targets, lse, dloss, vocab, ignore_index, static_cast<T*>(dlogits));
+    const T* l = static_cast<const T*>(logits);
+    T* g = static_cast<T*>(dlogits);
+    auto st = static_cast<cudaStream_t>(stream);
+    if (vocab % kVec<T> == 0 && aligned16(l) && aligned16(g))
+      ce_bwd_kernel<true, T><<<static_cast<unsigned>(rows), kThreads, 0, st>>>(l, targets, lse, dloss, vocab, ignore_index, g);
+    else
+      ce_bwd_kernel<false, T><<<static_cast<unsigned>(rows), kThreads, 0, st>>>(l, targets, lse, dloss, vocab, ignore_index, g);
   });
   check_launch("cross_entropy_backward");
 }

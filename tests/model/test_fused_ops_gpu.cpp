@@ -91,8 +91,10 @@ TEST(FusedOpsGpu, RopeKernelMatchesComposite) {
 TEST(FusedOpsGpu, SwigluKernelMatchesComposite) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(13);
+  // 7 x 1001: the scalar kernels; 8 x 1024: the 16-byte vector ones.
+  for (auto shape : {std::vector<int64_t>{7, 1001}, std::vector<int64_t>{8, 1024}})
   for (const auto& c : kDtypes) {
-    at::Tensor g = at::randn({7, 1001}, kGpu).mul(3), u = at::randn({7, 1001}, kGpu), up = at::randn({7, 1001}, kGpu);
+    at::Tensor g = at::randn(shape, kGpu).mul(3), u = at::randn(shape, kGpu), up = at::randn(shape, kGpu);
     g = g.to(c.dtype);
     u = u.to(c.dtype);
     auto fast = value_and_grads([](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, up);
@@ -160,11 +162,13 @@ TEST(FusedOpsGpu, MultiTensorAdamWMatchesCompositeOverSteps) {
 TEST(FusedOpsGpu, OneRankCrossEntropyMatchesComposite) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(9);
-  const int64_t n = 67, vocab = 1000;
-  at::Tensor targets = at::randint(0, vocab, {n}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
-  targets[0] = -100;
-  targets[5] = -100;
+  // vocab 1000: rows read in 16-byte vectors; 1001: element by element.
+  for (const int64_t vocab : {1000, 1001})
   for (auto [dtype, tol] : {std::pair{at::kFloat, 1e-5}, std::pair{at::kBFloat16, 1e-2}, std::pair{at::kHalf, 4e-3}}) {
+    const int64_t n = 67;
+    at::Tensor targets = at::randint(0, vocab, {n}, at::TensorOptions().dtype(at::kLong).device(at::kCUDA));
+    targets[0] = -100;
+    targets[5] = -100;
     at::Tensor logits = at::randn({n, vocab}, kGpu).mul(3).to(dtype), up = at::randn({n}, kGpu);
     expect_node([&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, true); },
                 {logits}, "CudaCrossEntropy");
@@ -174,7 +178,7 @@ TEST(FusedOpsGpu, OneRankCrossEntropyMatchesComposite) {
     auto ref = value_and_grads(
         [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, false); },
         {logits}, up);
-    expect_close(fast, ref, tol, std::string("cross-entropy ") + c10::toString(dtype));
+    expect_close(fast, ref, tol, std::string("cross-entropy ") + c10::toString(dtype) + " vocab " + std::to_string(vocab));
     EXPECT_EQ(fast[0][0].item<float>(), 0.0f) << "an ignored target's loss is 0";
     EXPECT_EQ(fast[1][0].abs().sum().item<float>(), 0.0f) << "and its row's gradient";
   }
