@@ -252,7 +252,7 @@ EOF
   }
   if want bench_train; then say "bench train: GPT-2-small-sized model, bf16 and fp16"
   for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train $mode $mb $mode; done; done; fi
-  if want unfused; then say "bench train bf16 with ANDYLLM_FUSED_OPS=0 (the composites instead of LibTorch's fused RMSNorm, AdamW, cross-entropy)"
+  if want unfused; then say "bench train bf16 with ANDYLLM_FUSED_OPS=0 (the LibTorch composites instead of our CUDA kernels and LibTorch 2.x fused RMSNorm and AdamW)"
   for mb in ${GPU_SUITE_BATCHES:-16}; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
   if want profile; then say "profile: 2 bf16 steps of the same model under LibTorch's profiler, GPU time by kernel"
   local mb1=${GPU_SUITE_BATCHES:-16}; mb1=${mb1%% *}

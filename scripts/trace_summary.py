@@ -14,8 +14,8 @@ import sys
 
 CATEGORIES = [
     ("ours (core/base/cuda_kernels.cu)", r"andy::cuda"),
-    ("gemm (cuBLAS / CUTLASS)", r"gemm|cutlass|nvjet|xmma|cublas|sm90_|sm100_"),
     ("attention (flash / efficient)", r"flash|fmha|attention|attn|sdpa|cudnn"),
+    ("gemm (cuBLAS / CUTLASS)", r"gemm|cutlass|nvjet|xmma|cublas|sm90_|sm100_"),
     ("optimizer (AdamW)", r"adam"),
     ("norm", r"norm"),
     ("softmax / cross-entropy", r"softmax|nll|cross_entropy"),
