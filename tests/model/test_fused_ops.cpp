@@ -12,15 +12,12 @@
 #include "core/model/attention.h"
 #include "core/model/fused_ops.h"
 #include "parallel/tp_cross_entropy.h"
+#include "tests/model/fused_test_util.h"
 
 namespace andy {
 namespace {
 
-// Relative max error of a against b (by b's largest magnitude).
-double rel_err(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor af = a.to(at::kDouble), bf = b.to(at::kDouble);
-  return (af - bf).abs().max().item<double>() / std::max(1e-12, bf.abs().max().item<double>());
-}
+using namespace fused_test;
 
 struct Case {
   at::ScalarType dtype;
@@ -36,29 +33,6 @@ class FusedOps : public ::testing::TestWithParam<int> {
     at::manual_seed(7);
   }
 };
-
-// Runs f on leaf copies of the inputs, backward with a fixed upstream gradient; returns the
-// output followed by each input's gradient.
-template <typename F>
-std::vector<at::Tensor> value_and_grads(F f, const std::vector<at::Tensor>& inputs, const at::Tensor& upstream) {
-  std::vector<at::Tensor> leaves;
-  for (const auto& t : inputs) leaves.push_back(t.detach().clone().requires_grad_(true));
-  at::Tensor out = f(leaves);
-  (out.to(at::kFloat) * upstream).sum().backward();
-  std::vector<at::Tensor> r{out.detach()};
-  for (const auto& l : leaves) r.push_back(l.grad());
-  return r;
-}
-
-void expect_close(const std::vector<at::Tensor>& fused, const std::vector<at::Tensor>& ref, double tol,
-                  const std::string& what) {
-  ASSERT_EQ(fused.size(), ref.size());
-  for (size_t i = 0; i < ref.size(); ++i) {
-    ASSERT_EQ(fused[i].sizes(), ref[i].sizes()) << what << " #" << i;
-    EXPECT_EQ(fused[i].scalar_type(), ref[i].scalar_type()) << what << " #" << i;
-    EXPECT_LT(rel_err(fused[i], ref[i]), tol) << what << (i == 0 ? " value" : " grad #" + std::to_string(i));
-  }
-}
 
 TEST_P(FusedOps, RmsNormMatchesComposite) {
   for (const Case& c : kCases) {

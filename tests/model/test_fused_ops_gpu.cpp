@@ -14,9 +14,12 @@
 #include "core/base/torch_compat.h"
 #include "core/model/fused_ops.h"
 #include "parallel/tp_cross_entropy.h"
+#include "tests/model/fused_test_util.h"
 
 namespace andy {
 namespace {
+
+using namespace fused_test;
 
 #define SKIP_WITHOUT_GPU()                                                                   \
   if (!at::hasCUDA())                                                                        \
@@ -24,35 +27,6 @@ namespace {
                << (compat::torch_has_cuda() ? "CUDA build" : "CPU-only build") << ")"
 
 const at::TensorOptions kGpu = at::TensorOptions().device(at::kCUDA);
-
-double rel_err(const at::Tensor& a, const at::Tensor& b) {
-  at::Tensor af = a.to(at::kDouble).cpu(), bf = b.to(at::kDouble).cpu();
-  return (af - bf).abs().max().item<double>() / std::max(1e-12, bf.abs().max().item<double>());
-}
-
-template <typename F>
-std::vector<at::Tensor> value_and_grads(F f, const std::vector<at::Tensor>& inputs, const at::Tensor& upstream) {
-  std::vector<at::Tensor> leaves;
-  for (const auto& t : inputs) leaves.push_back(t.detach().clone().requires_grad_(true));
-  at::Tensor out = f(leaves);
-  (out.to(at::kFloat) * upstream).sum().backward();
-  std::vector<at::Tensor> r{out.detach()};
-  for (const auto& l : leaves) r.push_back(l.grad());
-  return r;
-}
-
-void expect_close(const std::vector<at::Tensor>& fast, const std::vector<at::Tensor>& ref, double tol,
-                  const std::string& what) {
-  ASSERT_EQ(fast.size(), ref.size());
-  for (size_t i = 0; i < ref.size(); ++i) {
-    ASSERT_TRUE(fast[i].defined() && ref[i].defined()) << what << " #" << i;
-    ASSERT_EQ(fast[i].sizes(), ref[i].sizes()) << what << " #" << i;
-    EXPECT_EQ(fast[i].scalar_type(), ref[i].scalar_type()) << what << " #" << i;
-    const double e = rel_err(fast[i], ref[i]);
-    EXPECT_LT(e, tol) << what << (i == 0 ? " value" : " grad #" + std::to_string(i));
-    std::printf("  %s %s: relative error %.2e\n", what.c_str(), i == 0 ? "value" : ("grad #" + std::to_string(i)).c_str(), e);
-  }
-}
 
 // The autograd node of f's output on fresh leaves: our CUDA function where the kernels are built.
 template <typename F>
