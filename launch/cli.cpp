@@ -299,5 +299,4 @@ void configure_threads(const Config& cfg, const World* world) {
   warn_if_blas_pool_contends(threads, !world || world->is_root());
 }
 
-
 }  // namespace andy

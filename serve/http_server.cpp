@@ -291,7 +291,14 @@ class Waker {
       if (p == c) return;
     collected_.push_back(c);
   }
-  // Around Engine::step() on the engine thread.
+  // Around Engine::step() on the engine thread: begin_step() / end_step(), or a Step in scope.
+  struct Step {
+    explicit Step(Waker& w) : w_(w) { w_.begin_step(); }
+    ~Step() { w_.end_step(); }
+    Step(const Step&) = delete;
+    Step& operator=(const Step&) = delete;
+    Waker& w_;
+  };
   void begin_step() { collecting_ = true; }
   void end_step() {
     collecting_ = false;
@@ -896,15 +903,11 @@ void HttpServer::run(const std::function<bool()>& stop_requested) {
           break;
         }
       }
-      s.waker.begin_step();
       bool worked = false;
-      try {
+      {
+        Waker::Step collecting(s.waker);  // the step's wake-ups delivered at its end, thrown or not
         worked = s.engine->step();
-      } catch (...) {
-        s.waker.end_step();
-        throw;
       }
-      s.waker.end_step();
       if (!worked) s.engine->wait_for_work(std::chrono::milliseconds(50));
     }
   } catch (const std::exception& e) {

@@ -1,9 +1,9 @@
 // Step plans and their broadcast (see step_plan.h).
 #include "serve/step_plan.h"
 
-#include <chrono>
 #include <sched.h>
 
+#include <chrono>
 #include <thread>
 
 #include "core/base/error.h"

@@ -1,5 +1,5 @@
 // Tensors to the arguments of core/base/cuda_kernels.h. ANDYLLM_CUDA_KERNELS is 1 where LibTorch
-// has CUDA and the kernels were built (the CUDA toolkit was found); callers put their CUDA paths
+// has CUDA and the kernels were built (the toolkit's nvcc works here); callers put their CUDA paths
 // under `#if ANDYLLM_CUDA_KERNELS` and keep the LibTorch composites otherwise.
 #pragma once
 
@@ -9,7 +9,7 @@
 #include "core/base/cuda_kernels.h"
 #include "core/base/torch_compat.h"
 
-#if defined(ANDYLLM_TORCH_CUDA) && defined(ANDYLLM_HAVE_CUDA)
+#if defined(ANDYLLM_TORCH_CUDA) && defined(ANDYLLM_HAVE_CUDA_KERNELS)
 #define ANDYLLM_CUDA_KERNELS 1
 #else
 #define ANDYLLM_CUDA_KERNELS 0

@@ -14,14 +14,6 @@ namespace andy {
 
 namespace {
 
-// [T, S] true where query i (position q_offset + i) may see key j.
-at::Tensor causal_mask(int64_t t, int64_t s, int64_t q_offset, const at::Device& device) {
-  auto opts = at::TensorOptions().dtype(at::kLong).device(device);
-  at::Tensor qpos = at::arange(t, opts).add_(q_offset).unsqueeze(1);
-  at::Tensor kpos = at::arange(s, opts).unsqueeze(0);
-  return kpos.le(qpos);
-}
-
 // q [B, H, T, d], k/v [B, H_kv, S, d] with H = g * H_kv: each kv head's g query heads as one
 // [g * T, d] matrix against its keys, so K and V are never repeated g times.
 at::Tensor explicit_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

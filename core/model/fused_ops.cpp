@@ -559,10 +559,15 @@ void adamw_update_group(const std::vector<at::Tensor>& params, const std::vector
   }
 }
 
+at::Tensor causal_mask(int64_t t, int64_t s, int64_t q_offset, const at::Device& device) {
+  auto opts = at::TensorOptions().dtype(at::kLong).device(device);
+  at::Tensor qpos = at::arange(t, opts).add_(q_offset).unsqueeze(1);
+  at::Tensor kpos = at::arange(s, opts).unsqueeze(0);
+  return kpos.le(qpos);
+}
+
 at::Tensor causal_softmax_unfused(const at::Tensor& scores, double scale, int64_t q_offset) {
-  const int64_t t = scores.size(-2), s = scores.size(-1);
-  auto opts = at::TensorOptions().dtype(at::kLong).device(scores.device());
-  const at::Tensor hidden = at::arange(s, opts).unsqueeze(0).gt(at::arange(t, opts).add_(q_offset).unsqueeze(1));
+  const at::Tensor hidden = causal_mask(scores.size(-2), scores.size(-1), q_offset, scores.device()).logical_not();
   const at::Tensor x = scores.mul(scale).masked_fill(hidden, -std::numeric_limits<float>::infinity());
   return at::softmax(x, -1, at::kFloat).to(scores.scalar_type());
 }

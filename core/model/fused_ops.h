@@ -33,6 +33,9 @@ at::Tensor swiglu_unfused(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor rope_bthd(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 at::Tensor rope_bthd_unfused(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);
 
+// [T, S] bool, true where query i (at position q_offset + i) may see key j (j <= q_offset + i).
+at::Tensor causal_mask(int64_t t, int64_t s, int64_t q_offset, const at::Device& device);
+
 // Attention's probabilities: softmax(scale * scores) along the last dim with causal masking,
 // scores [..., T, S] of T queries at positions q_offset.. against S keys (query i sees keys
 // 0..q_offset + i); computed in fp32, returned in scores' dtype. One pass forward and one

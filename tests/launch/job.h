@@ -68,6 +68,21 @@ struct Job {
   }
 };
 
+// Waits until process `pid` (not necessarily our child) has exited: no /proc entry, or a zombie
+// left to a parent that does not reap. False after `seconds`.
+inline bool wait_gone(pid_t pid, int seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  while (true) {
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string stat((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    const size_t paren = stat.rfind(')');
+    if (!f.is_open() || stat.empty() || (paren != std::string::npos && paren + 2 < stat.size() && stat[paren + 2] == 'Z'))
+      return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
 // Direct children of `pid` (the ranks, when `pid` is mpirun).
 inline std::vector<pid_t> children_of(pid_t pid) {
   auto r = run_command("pgrep -P " + std::to_string(pid));
