@@ -313,14 +313,15 @@ struct RmsNormFn : public torch::autograd::Function<RmsNormFn> {
   }
 };
 
-struct SwigluFn : public torch::autograd::Function<SwigluFn> {
+// silu(gate) * up with its backward, around the kernels of `Kernels` (the CPU ones below, the
+// CUDA ones under ANDYLLM_CUDA_KERNELS): forward(g, u, out) and backward(dy, g, u, dg, du) on
+// contiguous tensors of one dtype.
+template <typename Kernels>
+struct SwigluFnT : public torch::autograd::Function<SwigluFnT<Kernels>> {
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g_in, const at::Tensor& u_in) {
     const at::Tensor g = g_in.contiguous(), u = u_in.contiguous();
     at::Tensor out = at::empty(g.sizes(), g.options());
-    on_float_or_bf16(g, [&](auto t) {
-      using T = decltype(t);
-      swiglu_forward_kernel<T>(g.data_ptr<T>(), u.data_ptr<T>(), out.data_ptr<T>(), g.numel());
-    });
+    Kernels::forward(g, u, out);
     ctx->save_for_backward({g, u});
     return out;
   }
@@ -330,14 +331,27 @@ struct SwigluFn : public torch::autograd::Function<SwigluFn> {
     const at::Tensor &g = saved[0], &u = saved[1];
     const at::Tensor dy = grads[0].to(g.scalar_type()).contiguous();
     at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
+    Kernels::backward(dy, g, u, dg, du);
+    return {dg, du};
+  }
+};
+
+struct SwigluCpuKernels {
+  static void forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
+    on_float_or_bf16(g, [&](auto t) {
+      using T = decltype(t);
+      swiglu_forward_kernel<T>(g.data_ptr<T>(), u.data_ptr<T>(), out.data_ptr<T>(), g.numel());
+    });
+  }
+  static void backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& dg, at::Tensor& du) {
     on_float_or_bf16(g, [&](auto t) {
       using T = decltype(t);
       swiglu_backward_kernel<T>(dy.data_ptr<T>(), g.data_ptr<T>(), u.data_ptr<T>(), dg.data_ptr<T>(),
                                 du.data_ptr<T>(), g.numel());
     });
-    return {dg, du};
   }
 };
+using SwigluFn = SwigluFnT<SwigluCpuKernels>;
 
 struct RopeFn : public torch::autograd::Function<RopeFn> {
   static at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
@@ -369,25 +383,16 @@ struct RopeFn : public torch::autograd::Function<RopeFn> {
 #if ANDYLLM_CUDA_KERNELS
 // ---- the CUDA counterparts (core/base/cuda_kernels.cu) ------------------------------------
 
-struct SwigluCudaFn : public torch::autograd::Function<SwigluCudaFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& g_in, const at::Tensor& u_in) {
-    const at::Tensor g = g_in.contiguous(), u = u_in.contiguous();
-    at::Tensor out = at::empty(g.sizes(), g.options());
+struct SwigluCudaKernels {
+  static void forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
     cuda::swiglu_forward(cuda_dtype(g), g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), cuda_stream_for(g));
-    ctx->save_for_backward({g, u});
-    return out;
   }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &g = saved[0], &u = saved[1];
-    const at::Tensor dy = grads[0].to(g.scalar_type()).contiguous();
-    at::Tensor dg = at::empty(g.sizes(), g.options()), du = at::empty(g.sizes(), g.options());
+  static void backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& dg, at::Tensor& du) {
     cuda::swiglu_backward(cuda_dtype(g), dy.data_ptr(), g.data_ptr(), u.data_ptr(), dg.data_ptr(), du.data_ptr(),
                           g.numel(), cuda_stream_for(g));
-    return {dg, du};
   }
 };
+using SwigluCudaFn = SwigluFnT<SwigluCudaKernels>;
 
 struct RopeCudaFn : public torch::autograd::Function<RopeCudaFn> {
   static at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, bool backward) {

@@ -5,7 +5,10 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include "core/model/fused_ops.h"
+
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -40,6 +43,20 @@ inline void expect_close(const std::vector<at::Tensor>& fused, const std::vector
     EXPECT_EQ(fused[i].scalar_type(), ref[i].scalar_type()) << what << " #" << i;
     EXPECT_LT(rel_err(fused[i], ref[i]), tol) << what << (i == 0 ? " value" : " grad #" + std::to_string(i));
   }
+}
+
+// The AdamW hyper-parameters of the tests' step `step` (lr 1e-2, betas 0.9 / 0.95).
+inline AdamWHyper adamw_hyper(int step, double weight_decay, double grad_scale) {
+  AdamWHyper h;
+  h.lr = 1e-2;
+  h.beta1 = 0.9;
+  h.beta2 = 0.95;
+  h.eps = 1e-8;
+  h.weight_decay = weight_decay;
+  h.bc1 = 1 - std::pow(0.9, step);
+  h.bc2 = 1 - std::pow(0.95, step);
+  h.grad_scale = grad_scale;
+  return h;
 }
 
 }  // namespace andy::fused_test

@@ -106,15 +106,7 @@ TEST_P(FusedOps, AdamWMatchesCompositeOverSteps) {
     for (int step = 1; step <= 5; ++step) {
       at::Tensor g = at::randn_like(p1).mul(step);
       const at::Tensor g_before = g.clone();
-      AdamWHyper h;
-      h.lr = 1e-2;
-      h.beta1 = 0.9;
-      h.beta2 = 0.95;
-      h.eps = 1e-8;
-      h.weight_decay = wd;
-      h.bc1 = 1 - std::pow(0.9, step);
-      h.bc2 = 1 - std::pow(0.95, step);
-      h.grad_scale = scale;
+      AdamWHyper h = adamw_hyper(step, wd, scale);
       adamw_update(p1, g, m1, v1, h);
       ASSERT_TRUE(at::equal(g, g_before)) << "the gradient is left as it is";
       h.grad_scale = 1.0;

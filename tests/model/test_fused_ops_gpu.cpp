@@ -75,7 +75,7 @@ TEST(FusedOpsGpu, SwigluKernelMatchesComposite) {
     auto ref = value_and_grads(
         [&](auto& in) { return swiglu_unfused(in[0].to(at::kFloat), in[1].to(at::kFloat)).to(c.dtype); }, {g, u}, up);
     expect_close(fast, ref, c.tol, std::string("swiglu ") + c.name);
-    expect_node([](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, "SwigluCudaFn");
+    expect_node([](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, "SwigluCudaKernels");
   }
 }
 
@@ -111,15 +111,7 @@ TEST(FusedOpsGpu, MultiTensorAdamWMatchesCompositeOverSteps) {
         std::vector<at::Tensor> g1, g2;
         for (const auto& p : p1) g1.push_back(at::randn_like(p).mul(step));
         for (const auto& g : g1) g2.push_back(g.mul(scale));  // the composite gets the clipped gradient
-        AdamWHyper h;
-        h.lr = 1e-2;
-        h.beta1 = 0.9;
-        h.beta2 = 0.95;
-        h.eps = 1e-8;
-        h.weight_decay = wd;
-        h.bc1 = 1 - std::pow(0.9, step);
-        h.bc2 = 1 - std::pow(0.95, step);
-        h.grad_scale = scale;
+        AdamWHyper h = adamw_hyper(step, wd, scale);
         adamw_update_group(p1, g1, m1, v1, h, step);
         h.grad_scale = 1.0;
         for (size_t i = 0; i < p2.size(); ++i) adamw_update_unfused(p2[i], g2[i], m2[i], v2[i], h);
