@@ -25,7 +25,7 @@ int bench_train(const ParsedArgs& args, World* world) {
                "andyllm bench train: expected --steps > --warmup >= 0");
   const std::string profile = args.get("profile");
   const int64_t profile_steps = profile.empty() ? 0 : args.get_int("profile_steps", 3);
-  ANDY_CHECK_T(ConfigError, profile_steps >= 0, "andyllm bench train: expected --profile_steps >= 1");
+  ANDY_CHECK_T(ConfigError, profile.empty() || profile_steps >= 1, "andyllm bench train: expected --profile_steps >= 1");
   ANDY_CHECK_T(ConfigError, profile.empty() || compat::kHasKinetoProfiler,
                "andyllm bench train --profile: this LibTorch (", TORCH_VERSION,
                ") has no trace profiler the C++ API can drive (2.1+ needed); on CPU use scripts/profile_train.sh (perf)");
