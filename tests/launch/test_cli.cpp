@@ -118,6 +118,23 @@ TEST(Cli, ConfigErrorsStopBeforeWorkWithOneLine) {
   }
 }
 
+// bench train --profile: a step count below 1 is refused; a LibTorch without a C++-drivable trace
+// profiler (1.13) refuses with what to use instead, before any work.
+TEST(Cli, BenchTrainProfileFlagsAreCheckedFirst) {
+  std::string cfg = write_temp_config("b.toml", "[train]\nseed = 1\n");
+  std::string trace = fs::path(cfg).parent_path().string() + "/trace.json";
+  auto r = run_command(andyllm_bin() + " bench train --config " + cfg + " --profile " + trace + " --profile_steps 0");
+  EXPECT_EQ(r.exit_code, 2) << r.output;
+  expect_contains(r.output, "andyllm bench train: expected --profile_steps >= 1");
+  if (run_command(andyllm_bin() + " version").output.find("libtorch  1.") != std::string::npos) {
+    r = run_command(andyllm_bin() + " bench train --config " + cfg + " --profile " + trace);
+    EXPECT_EQ(r.exit_code, 2) << r.output;
+    expect_contains(r.output, "has no trace profiler the C++ API can drive (2.1+ needed); on CPU use scripts/profile_train.sh");
+    EXPECT_EQ(count_of(r.output, "\n"), 1) << "expected exactly one line:\n" << r.output;
+  }
+  EXPECT_FALSE(fs::exists(trace));
+}
+
 TEST(Cli, WorldSizeNotDivisibleIsReportedOnceByEveryRankAgreeing) {
   auto r = run_command(mpirun(3) + andyllm_bin() +
                        " train --set parallel.tensor_parallel_size=2 --output_dir /tmp/andyllm_never");
