@@ -67,12 +67,19 @@ __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ c
 }
 
 // ---- SwiGLU ------------------------------------------------------------------------------
+// silu(g) * u, and its gradients for an upstream d: du = d silu(g), dg = d u sig (1 + g (1 - sig)).
+__device__ __forceinline__ float swiglu_value(float g, float u) { return g / (1.0f + __expf(-g)) * u; }
+__device__ __forceinline__ void swiglu_grads(float d, float g, float u, float* dg, float* du) {
+  const float sig = 1.0f / (1.0f + __expf(-g));
+  *du = d * g * sig;
+  *dg = d * u * sig * (1.0f + g * (1.0f - sig));
+}
+
 template <typename T>
 __global__ void swiglu_fwd_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float gv = load(g, i);
-    store(out, i, gv / (1.0f + __expf(-gv)) * load(u, i));
+    store(out, i, swiglu_value(load(g, i), load(u, i)));
   }
 }
 
@@ -81,10 +88,10 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restric
                                   T* __restrict__ dg, T* __restrict__ du, int64_t n) {
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const float gv = load(g, i), uv = load(u, i), d = load(dout, i);
-    const float sig = 1.0f / (1.0f + __expf(-gv));
-    store(du, i, d * gv * sig);
-    store(dg, i, d * uv * sig * (1.0f + gv * (1.0f - sig)));
+    float dgv, duv;
+    swiglu_grads(load(dout, i), load(g, i), load(u, i), &dgv, &duv);
+    store(dg, i, dgv);
+    store(du, i, duv);
   }
 }
 
@@ -105,8 +112,7 @@ __global__ void swiglu_fwd_vec_kernel(const T* __restrict__ g, const T* __restri
     T* ov = reinterpret_cast<T*>(&o);
 #pragma unroll
     for (int k = 0; k < kVec<T>; ++k) {
-      const float a = load(gv, k);
-      store(ov, k, a / (1.0f + __expf(-a)) * load(uv, k));
+      store(ov, k, swiglu_value(load(gv, k), load(uv, k)));
     }
     reinterpret_cast<uint4*>(out)[i] = o;
   }
@@ -125,10 +131,10 @@ __global__ void swiglu_bwd_vec_kernel(const T* __restrict__ dout, const T* __res
     T *gov = reinterpret_cast<T*>(&go), *uov = reinterpret_cast<T*>(&uo);
 #pragma unroll
     for (int k = 0; k < kVec<T>; ++k) {
-      const float gx = load(gv, k), ux = load(uv, k), d = load(dv, k);
-      const float sig = 1.0f / (1.0f + __expf(-gx));
-      store(uov, k, d * gx * sig);
-      store(gov, k, d * ux * sig * (1.0f + gx * (1.0f - sig)));
+      float dgx, dux;
+      swiglu_grads(load(dv, k), load(gv, k), load(uv, k), &dgx, &dux);
+      store(gov, k, dgx);
+      store(uov, k, dux);
     }
     reinterpret_cast<uint4*>(dg)[i] = go;
     reinterpret_cast<uint4*>(du)[i] = uo;
@@ -226,24 +232,26 @@ __global__ void ce_bwd_kernel(const T* __restrict__ logits, const int64_t* __res
 
 }  // namespace
 
-void rope_forward(DType t, const void* x, const float* cos, const float* sin, void* y, int64_t rows, int64_t heads,
-                  int64_t d, void* stream) {
+namespace {
+void launch_rope(DType t, const void* in, const float* cos, const float* sin, void* out, int64_t rows, int64_t heads,
+                 int64_t d, void* stream, bool backward) {
   on_dtype(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     rope_kernel<T><<<grid_for(rows * heads * (d / 2)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(x), cos, sin, static_cast<T*>(y), rows, heads, d, false);
+        static_cast<const T*>(in), cos, sin, static_cast<T*>(out), rows, heads, d, backward);
   });
-  check_launch("rope_forward");
+  check_launch(backward ? "rope_backward" : "rope_forward");
+}
+}  // namespace
+
+void rope_forward(DType t, const void* x, const float* cos, const float* sin, void* y, int64_t rows, int64_t heads,
+                  int64_t d, void* stream) {
+  launch_rope(t, x, cos, sin, y, rows, heads, d, stream, false);
 }
 
 void rope_backward(DType t, const void* dy, const float* cos, const float* sin, void* dx, int64_t rows, int64_t heads,
                    int64_t d, void* stream) {
-  on_dtype(t, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    rope_kernel<T><<<grid_for(rows * heads * (d / 2)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(dy), cos, sin, static_cast<T*>(dx), rows, heads, d, true);
-  });
-  check_launch("rope_backward");
+  launch_rope(t, dy, cos, sin, dx, rows, heads, d, stream, true);
 }
 
 void swiglu_forward(DType t, const void* gate, const void* up, void* out, int64_t n, void* stream) {
