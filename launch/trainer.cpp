@@ -203,6 +203,8 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
                       "precision.mode = bf16 on CPU, or --device cuda");
   model_ = LlamaForCausalLM(cfg_.model, grid_.tp, static_cast<uint64_t>(cfg_.train.seed));
   model_->to(device_);
+  if (cfg_.precision.mode != "fp32" && !cfg_.precision.fp32_residual)
+    model_->set_residual_dtype(cfg_.precision.mode == "bf16" ? at::kBFloat16 : at::kHalf);
   params_ = model_->param_infos();
   std::vector<at::Tensor> tensors;
   for (const auto& p : params_) tensors.push_back(p.param);

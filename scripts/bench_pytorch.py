@@ -33,7 +33,9 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # fp32 x (autocast's residual stream): fp32 out; a bf16 x (--bf16_residual): bf16 out.
+        w = self.weight if x.dtype == torch.float32 else self.weight.to(x.dtype)
+        return w * xf.to(x.dtype)
 
 
 def rotate_half(x):
@@ -79,6 +81,7 @@ class Llama(nn.Module):
     def __init__(self, a):
         super().__init__()
         self.sdpa = a.device == "cuda"
+        self.bf16_residual = a.bf16_residual
         self.embed = nn.Embedding(a.vocab, a.dim)
         self.layers = nn.ModuleList([Block(a) for _ in range(a.n_layer)])
         self.norm = RMSNorm(a.dim, 1e-5)
@@ -95,6 +98,8 @@ class Llama(nn.Module):
 
     def forward(self, tokens):
         h = self.embed(tokens)
+        if self.bf16_residual:
+            h = h.to(torch.bfloat16)
         for l in self.layers:
             h = l(h, self.cos, self.sin, self.mask, self.sdpa)
         return self.norm(h) @ self.embed.weight.T
@@ -134,7 +139,7 @@ def worker(rank, a):
     if rank == 0:
         tokens = (a.steps - a.warmup) * a.batch * a.seq * a.ranks
         print(f"pytorch {torch.__version__}: {a.ranks} rank(s) x {a.threads} thread(s), "
-              f"{'bf16 autocast' if a.bf16 else 'fp32'}: step {1000 * timed.item() / (a.steps - a.warmup):.1f} ms, "
+              f"{('bf16 autocast' + (', bf16 residual' if a.bf16_residual else '')) if a.bf16 else 'fp32'}: step {1000 * timed.item() / (a.steps - a.warmup):.1f} ms, "
               f"tokens/s {tokens / timed.item():.0f}, last loss {loss.item():.3f}")
     if a.ranks > 1:
         dist.destroy_process_group()
@@ -148,6 +153,9 @@ def main():
         p.add_argument("--" + name, type=int, default=default)
     p.add_argument("--ffn_dim", type=int, default=0)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--residual", choices=["fp32", "bf16"],
+                   help="with --bf16: the residual stream's dtype (default: the config's precision.fp32_residual, "
+                        "else fp32 as autocast keeps it)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (one rank; fused attention)")
     p.add_argument("--config", help="AndyLLM run config (TOML): model shapes, seq_len and batch_size from it")
     a = p.parse_args()
@@ -162,6 +170,9 @@ def main():
                                    ("seq", "seq_len", d), ("batch", "batch_size", t)]:
             if key in section and ours not in given:
                 setattr(a, ours, int(section[key]))
+        if a.residual is None and cfg.get("precision", {}).get("fp32_residual", True) is False:
+            a.residual = "bf16"
+    a.bf16_residual = a.bf16 and a.residual == "bf16"
     if a.ranks > 1:
         # Chosen once here (the workers inherit it), so every rank meets at the same port.
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

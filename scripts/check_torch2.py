@@ -11,11 +11,13 @@ state is untouched) and unpacked under build/torch2/. The compile commands are b
 
   scripts/check_torch2.py            # both variants; exit 1 if a source fails to compile
   scripts/check_torch2.py cpu        # one variant
+  CHECK_TORCH2_ONLY=REGEX scripts/check_torch2.py cuda   # only the sources whose path matches
 Exit 0 with a warning when the .debs cannot be downloaded (no network): nothing was checked.
 """
 import concurrent.futures
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -64,6 +66,8 @@ def commands(variant):
         src = e["file"]
         if "cmake_pch" in src or src.endswith(".cu"):
             continue  # the precompiled header; CUDA kernels include no LibTorch (nvcc builds them here)
+        if os.environ.get("CHECK_TORCH2_ONLY") and not re.search(os.environ["CHECK_TORCH2_ONLY"], src):
+            continue
         args = shlex.split(e["command"])
         out, skip = [], False
         for i, a in enumerate(args):

@@ -31,11 +31,12 @@ DEBS=(libopenmpi-dev openmpi-bin openmpi-common libopenmpi3 libpmix2 libhwloc15 
   libssl-dev zlib1g-dev libbrotli-dev)  # the headers cpp-httplib includes with the TLS and compression support it was built with
 
 # GPU_SUITE_STEPS (comma list, default all) picks the steps after the build: tests, comm, train,
-# generate, hf (the Hugging Face export loaded by transformers), bench_train, unfused (bench train
-# with ANDYLLM_FUSED_OPS=0: what the GPU fused ops gain), profile (LibTorch's profiler over two
-# steps: GPU time by kernel), pytorch, bench_generate. GPU_SUITE_BATCHES: bench train micro-batches
-# (default 16).
-want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,hf,bench_train,unfused,profile,pytorch,bench_generate}," == *",$1,"* ]]; }
+# generate, hf (the Hugging Face export loaded by transformers), bench_train, fp32res (bench train
+# bf16 with the fp32 residual stream of PyTorch autocast instead of the config's bf16 one), unfused
+# (bench train with ANDYLLM_FUSED_OPS=0: what the GPU fused ops gain), profile (LibTorch's profiler
+# over two steps: GPU time by kernel), pytorch, bench_generate. GPU_SUITE_BATCHES: bench train
+# micro-batches (default 16).
+want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,hf,bench_train,fp32res,unfused,profile,pytorch,bench_generate}," == *",$1,"* ]]; }
 say() { echo "[gpu_suite $(date -u +%T)] $*"; }
 die() { echo "gpu_suite: $*" >&2; exit 1; }
 
@@ -211,10 +212,12 @@ run_suite() {
 
   local D="$G/data" T="$G/tiny"
   local common=(--train_file "$D/train" --val_file "$D/validation" --set data.tokenizer_path="$D/tokenizer.model")
-  if want train; then say "training: tiny, 30 steps, cuda fp32 and bf16 against cpu fp32 (loss at steps 1, 10, 20, 30)"
-  for dm in cpu:fp32 cuda:fp32 cuda:bf16; do
+  if want train; then say "training: tiny, 30 steps, cuda fp32 and bf16 (fp32 and bf16 residual stream) against cpu fp32 (loss at steps 1, 10, 20, 30)"
+  for dm in cpu:fp32 cuda:fp32 cuda:bf16 cuda:bf16r; do
+    local mode=${dm#*:} res=true
+    [ "$mode" = bf16r ] && { mode=bf16; res=false; }
     timeout 180 "$MPIRUN" -np 1 "$BIN" train --config "$ROOT/configs/tiny.toml" --set model.vocab_size=32000 "${common[@]}" \
-      --output_dir "/tmp/gs_tiny_${dm/:/_}" --device "${dm%:*}" --set precision.mode="${dm#*:}" --set train.max_steps=30 \
+      --output_dir "/tmp/gs_tiny_${dm/:/_}" --device "${dm%:*}" --set precision.mode="$mode" --set precision.fp32_residual=$res --set train.max_steps=30 \
       --set train.log_interval=1 --set train.eval_interval=1000 --set checkpoint.interval=1000 >"$LOGS/train_tiny_${dm/:/_}.log" 2>&1
     echo "train tiny $dm (rc $?): $(grep -oE 'step +(1|10|20|30)/30.*loss [0-9.]+' "$LOGS/train_tiny_${dm/:/_}.log" | grep -oE 'loss [0-9.]+' | tr '\n' ' ')" | tee -a "$RES"
     rm -rf "/tmp/gs_tiny_${dm/:/_}"
@@ -252,6 +255,8 @@ EOF
   }
   if want bench_train; then say "bench train: GPT-2-small-sized model, bf16 and fp16"
   for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train $mode $mb $mode; done; done; fi
+  if want fp32res; then say "bench train bf16 with the fp32 residual stream (PyTorch autocast's; the config keeps it in bf16)"
+  for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train bf16 "$mb" "bf16 fp32-residual" --set precision.fp32_residual=true; done; fi
   if want unfused; then say "bench train bf16 with ANDYLLM_FUSED_OPS=0 (the LibTorch composites instead of our CUDA kernels and LibTorch 2.x fused RMSNorm and AdamW)"
   for mb in ${GPU_SUITE_BATCHES:-16}; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
   if want profile; then say "profile: 2 bf16 steps of the same model under LibTorch's profiler, GPU time by kernel"
@@ -260,10 +265,10 @@ EOF
   python3 "$ROOT/scripts/trace_summary.py" "$LOGS/trace_bf16.json" 2 2>&1 | tee -a "$RES"
   fi
   if want pytorch; then say "PyTorch eager on the same model and step (bf16 autocast, fused attention)"
-  for mb in ${GPU_SUITE_BATCHES:-16}; do
+  for mb in ${GPU_SUITE_BATCHES:-16}; do for res in bf16 fp32; do
     timeout 200 python3 "$ROOT/scripts/bench_pytorch.py" --config "$M" --ranks 1 --threads "$(nproc)" --device cuda --bf16 \
-      --batch "$mb" --steps 25 --warmup 5 2>&1 | tail -1 | sed "s/^/[pytorch, micro-batch $mb] /" | tee -a "$RES"
-  done; fi
+      --residual $res --batch "$mb" --steps 25 --warmup 5 2>&1 | tail -1 | sed "s/^/[pytorch, micro-batch $mb] /" | tee -a "$RES"
+  done; done; fi
 
   if want bench_generate; then say "bench generate: the same model (20 training steps to make its directory)"
   rm -rf /tmp/gs_124m  # a rerun on a warm machine: not a resume of the last one

@@ -1,4 +1,4 @@
-// CUDA kernels (see cuda_kernels.h). Grid-stride elementwise kernels for RoPE and SwiGLU; one
+// CUDA kernels (see cuda_kernels.h). Row blocks for RoPE, grid-stride elementwise kernels for SwiGLU; one
 // block per row for the cross-entropy, with an online (max, sum of exp) per thread combined
 // across the block.
 #include "core/base/cuda_kernels.h"
@@ -44,25 +44,81 @@ void on_dtype(DType t, F&& f) {
   }
 }
 
+// 16-byte vectors (8 bf16 / fp16 or 4 fp32 elements per load) where n and the pointers allow.
+template <typename T>
+constexpr int kVec = 16 / static_cast<int>(sizeof(T));
+
+inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
 // ---- RoPE --------------------------------------------------------------------------------
-// One thread per (row, head, i < d/2) pair: element i and its partner i + d/2.
+// The scalar kernel: blocks of (32, 8) threads over rows, threadIdx.x walking i < d/2 (element i
+// and its partner i + d/2), threadIdx.y the heads. The vector kernel below takes every shape the
+// model uses: 2-byte loads reached about a third of an H100's bandwidth (2.1 ms of a step for
+// 0.7 ms of traffic).
+constexpr int kRopeX = 32, kRopeY = 8;
+
 template <typename T>
 __global__ void rope_kernel(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
-                            T* __restrict__ y, int64_t rows, int64_t heads, int64_t d, bool backward) {
-  const int64_t half = d / 2, n = rows * heads * half;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i = idx % half, rh = idx / half, row = rh / heads;
-    const int64_t xo = rh * d + i, co = row * d + i;
-    const float a = load(x, xo), b = load(x, xo + half);
-    const float c1 = cos[co], s1 = sin[co], c2 = cos[co + half], s2 = sin[co + half];
-    if (!backward) {
-      store(y, xo, a * c1 - b * s1);
-      store(y, xo + half, b * c2 + a * s2);
-    } else {  // a, b are dy[i], dy[i + d/2]
-      store(y, xo, a * c1 + b * s2);
-      store(y, xo + half, b * c2 - a * s1);
+                            T* __restrict__ y, int64_t rows, int heads, int d, bool backward) {
+  const int half = d / 2;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const float* cr = cos + row * d;
+    const float* sr = sin + row * d;
+    for (int i = threadIdx.x; i < half; i += kRopeX) {
+      const float c1 = cr[i], s1 = sr[i], c2 = cr[i + half], s2 = sr[i + half];
+      for (int h = threadIdx.y; h < heads; h += kRopeY) {
+        const int64_t xo = (row * heads + h) * d + i;
+        const float a = load(x, xo), b = load(x, xo + half);
+        if (!backward) {
+          store(y, xo, a * c1 - b * s1);
+          store(y, xo + half, b * c2 + a * s2);
+        } else {  // a, b are dy[i], dy[i + d/2]
+          store(y, xo, a * c1 + b * s2);
+          store(y, xo + half, b * c2 - a * s1);
+        }
+      }
     }
+  }
+}
+
+// One thread per kVec<T> consecutive elements i0.. of a head's first half and their partners in
+// the second: two 16-byte loads and stores of x / y, cos and sin rows in 16-byte loads too.
+// Needs (d/2) % kVec<T> == 0, 16-byte aligned pointers and rows * heads * d / 2 / kVec < 2^31.
+template <typename T>
+__global__ void rope_vec_kernel(const T* __restrict__ x, const float* __restrict__ cos, const float* __restrict__ sin,
+                                T* __restrict__ y, uint32_t total, int per_row, int nv, int heads, int d,
+                                bool backward) {
+  constexpr int V = kVec<T>;
+  const int half = d / 2;
+  for (uint32_t idx = blockIdx.x * blockDim.x + threadIdx.x; idx < total; idx += gridDim.x * blockDim.x) {
+    const uint32_t row = idx / per_row;
+    const int j = static_cast<int>(idx - row * per_row), h = j / nv, i0 = (j - h * nv) * V;
+    const int64_t xo = (static_cast<int64_t>(row) * heads + h) * d + i0, co = static_cast<int64_t>(row) * d + i0;
+    float c1[V], s1[V], c2[V], s2[V];
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+      reinterpret_cast<float4*>(c1)[q] = reinterpret_cast<const float4*>(cos + co)[q];
+      reinterpret_cast<float4*>(s1)[q] = reinterpret_cast<const float4*>(sin + co)[q];
+      reinterpret_cast<float4*>(c2)[q] = reinterpret_cast<const float4*>(cos + co + half)[q];
+      reinterpret_cast<float4*>(s2)[q] = reinterpret_cast<const float4*>(sin + co + half)[q];
+    }
+    const uint4 ar = *reinterpret_cast<const uint4*>(x + xo), br = *reinterpret_cast<const uint4*>(x + xo + half);
+    const T *av = reinterpret_cast<const T*>(&ar), *bv = reinterpret_cast<const T*>(&br);
+    uint4 oa, ob;
+    T *ov = reinterpret_cast<T*>(&oa), *pv = reinterpret_cast<T*>(&ob);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const float a = load(av, k), b = load(bv, k);
+      if (!backward) {
+        store(ov, k, a * c1[k] - b * s1[k]);
+        store(pv, k, b * c2[k] + a * s2[k]);
+      } else {  // a, b are dy[i], dy[i + d/2]
+        store(ov, k, a * c1[k] + b * s2[k]);
+        store(pv, k, b * c2[k] - a * s1[k]);
+      }
+    }
+    *reinterpret_cast<uint4*>(y + xo) = oa;
+    *reinterpret_cast<uint4*>(y + xo + half) = ob;
   }
 }
 
@@ -94,12 +150,6 @@ __global__ void swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restric
     store(du, i, duv);
   }
 }
-
-// 16-byte vectors (8 bf16 / fp16 or 4 fp32 elements per load) where n and the pointers allow.
-template <typename T>
-constexpr int kVec = 16 / static_cast<int>(sizeof(T));
-
-inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 template <typename T>
 __global__ void swiglu_fwd_vec_kernel(const T* __restrict__ g, const T* __restrict__ u, T* __restrict__ out,
@@ -235,10 +285,23 @@ __global__ void ce_bwd_kernel(const T* __restrict__ logits, const int64_t* __res
 namespace {
 void launch_rope(DType t, const void* in, const float* cos, const float* sin, void* out, int64_t rows, int64_t heads,
                  int64_t d, void* stream, bool backward) {
+  if (rows == 0) return;
+  const unsigned grid = static_cast<unsigned>(rows < 65535 * 16 ? rows : 65535 * 16);
   on_dtype(t, [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    rope_kernel<T><<<grid_for(rows * heads * (d / 2)), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-        static_cast<const T*>(in), cos, sin, static_cast<T*>(out), rows, heads, d, backward);
+    constexpr int V = kVec<T>;
+    const int64_t half = d / 2, total = rows * heads * (half / V);
+    if (half % V == 0 && total < (int64_t{1} << 31) && aligned16(in) && aligned16(out) && aligned16(cos) &&
+        aligned16(sin)) {
+      const int nv = static_cast<int>(half / V);
+      rope_vec_kernel<T><<<grid_for(total), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+          static_cast<const T*>(in), cos, sin, static_cast<T*>(out), static_cast<uint32_t>(total),
+          static_cast<int>(heads) * nv, nv, static_cast<int>(heads), static_cast<int>(d), backward);
+      return;
+    }
+    rope_kernel<T><<<grid, dim3(kRopeX, kRopeY), 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const T*>(in), cos, sin, static_cast<T*>(out), rows, static_cast<int>(heads), static_cast<int>(d),
+        backward);
   });
   check_launch(backward ? "rope_backward" : "rope_forward");
 }

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/autocast_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/version.h>
 
 #include <set>
@@ -44,8 +45,10 @@ inline at::Tensor fused_sdpa(const at::Tensor& q, const at::Tensor& k, const at:
 // at::rms_norm (2.4+; in recent releases a fused kernel with its own backward on CUDA).
 constexpr bool kHasNativeRmsNorm = ANDYLLM_TORCH_AT_LEAST(2, 4);
 
+// Runs outside autocast (whose fp32 list may hold rms_norm): the output has x's dtype.
 inline at::Tensor native_rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 #if ANDYLLM_TORCH_AT_LEAST(2, 4)
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   return at::rms_norm(x, {x.size(-1)}, weight, eps);
 #else
   (void)x; (void)weight; (void)eps;

@@ -125,6 +125,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(float_key(&PrecisionConfig::loss_scale_growth_factor, &C::precision, "precision", "loss_scale_growth_factor", 1, 1e3, true, "fp16: factor applied after growth_interval good steps"));
   s.push_back(float_key(&PrecisionConfig::loss_scale_backoff, &C::precision, "precision", "loss_scale_backoff", 0, 1, true, "fp16: factor applied on overflow"));
   s.push_back(int_key(&PrecisionConfig::loss_scale_growth_interval, &C::precision, "precision", "loss_scale_growth_interval", 1, kBig, "fp16: good steps before the scale grows"));
+  s.push_back(bool_key(&PrecisionConfig::fp32_residual, &C::precision, "precision", "fp32_residual", "bf16/fp16: keep the residual stream (embedding output, residual adds, norm inputs) in fp32 as PyTorch autocast does; false keeps it in the compute dtype as llm.c and Megatron-LM do (less memory traffic, the faster GPU step)"));
   s.push_back(float_key(&PrecisionConfig::loss_scale_min, &C::precision, "precision", "loss_scale_min", 0, 1e30, true, "fp16: the scale never falls below this"));
   // [checkpoint]
   s.push_back(int_key(&CheckpointConfig::interval, &C::checkpoint, "checkpoint", "interval", 1, kBig, "steps between checkpoints (one is always written at the end)"));

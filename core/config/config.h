@@ -78,6 +78,7 @@ struct PrecisionConfig {
   double loss_scale_backoff = 0.5;
   int64_t loss_scale_growth_interval = 2000;
   double loss_scale_min = 1.0;
+  bool fp32_residual = true;
 };
 
 struct CheckpointConfig {

@@ -471,10 +471,12 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (fused_ops_apply(x) && weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
       x.size(-1) == weight.size(0))
     return RmsNormFn::apply(x, weight, eps);
-  // CUDA, fp32 (the training residual stream): LibTorch's rms_norm; the same arithmetic as the
-  // composite for fp32 (bf16 inputs keep the composite: it rounds before the scale).
+  // CUDA: LibTorch's rms_norm, x and weight of one dtype. For fp32 (the default training
+  // residual stream) the composite's arithmetic; for bf16 / fp16 (precision.fp32_residual =
+  // false) one rounding at the end where the composite rounds before the scale too.
   if constexpr (compat::kHasNativeRmsNorm) {
-    if (fused_ops_requested() && x.is_cuda() && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat &&
+    if (fused_ops_requested() && x.is_cuda() && weight.scalar_type() == x.scalar_type() &&
+        (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) &&
         weight.dim() == 1 && x.size(-1) == weight.size(0))
       return compat::native_rms_norm(x, weight, eps);
   }

@@ -30,7 +30,9 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 }
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
-  return rms_norm(x, weight, eps);  // fused on CPU (core/model/fused_ops.h)
+  const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  if (reduced && weight.scalar_type() == at::kFloat) return rms_norm(x, weight.to(x.scalar_type()), eps);
+  return rms_norm(x, weight, eps);  // fused on CPU and CUDA (core/model/fused_ops.h)
 }
 
 // ---- attention -----------------------------------------------------------------------------
@@ -226,10 +228,17 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& tokens) {
   ANDY_CHECK(tokens.size(1) <= cfg_.max_seq_len, "LlamaForCausalLM: ", tokens.size(1),
              " tokens exceed model.max_seq_len = ", cfg_.max_seq_len);
   const int64_t b = tokens.size(0), t = tokens.size(1);
-  at::Tensor positions =
-      at::arange(t, tokens.options().dtype(at::kLong)).unsqueeze(0).expand({b, t});
-  RopeRows rope = rope_rows(positions);
+  // Positions 0..T-1 in every row: the same cos / sin rows every step of a training run, kept.
+  if (!(train_rope_b_ == b && train_rope_t_ == t && train_rope_.cos.defined() &&
+        train_rope_.cos.device() == tokens.device())) {
+    at::Tensor positions = at::arange(t, tokens.options().dtype(at::kLong)).unsqueeze(0).expand({b, t});
+    train_rope_ = rope_rows(positions);
+    train_rope_b_ = b;
+    train_rope_t_ = t;
+  }
+  const RopeRows& rope = train_rope_;
   at::Tensor h = model->embed_tokens(tokens);
+  if (residual_dtype_) h = h.to(*residual_dtype_);
   for (const auto& layer : *model->layers) h = layer->as<LlamaDecoderLayer>()->forward(h, rope);
   return model->norm(h);
 }

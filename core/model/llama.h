@@ -25,6 +25,7 @@
 
 #include <torch/torch.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -40,7 +41,9 @@ namespace andy {
 class RMSNormImpl : public torch::nn::Module {
  public:
   RMSNormImpl(int64_t dim, double eps);
-  // As transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale.
+  // As transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale. A bf16 / fp16 x
+  // with the fp32 weight (the reduced-precision residual stream) gives x's dtype: the weight is
+  // cast to it (differentiably) first.
   at::Tensor forward(const at::Tensor& x);
   at::Tensor weight;
   double eps;
@@ -128,6 +131,11 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   at::Tensor forward(const at::Tensor& tokens);
   // Last hidden state after the final norm, [B, T, dim] (replicated).
   at::Tensor hidden_states(const at::Tensor& tokens);
+  // The dtype of the residual stream in forward / hidden_states: the embedding's (fp32 under
+  // autocast, as PyTorch's autocast keeps it) when unset, else the embedding output is cast to
+  // `t` (bf16 or fp16: llm.c's and Megatron-LM's default) and every norm and residual add stays
+  // in it (precision.fp32_residual = false). The inference forward is not affected.
+  void set_residual_dtype(std::optional<at::ScalarType> t) { residual_dtype_ = t; }
   // Mean cross-entropy over targets != ignore_index, from local logits (vocab-parallel: the
   // full logits are never gathered). Same value on every TP rank.
   at::Tensor loss(const at::Tensor& local_logits, const at::Tensor& targets,
@@ -187,6 +195,9 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   int64_t padded_vocab_;
   RopeTables rope_;
   PartitionSpecs specs_;
+  std::optional<at::ScalarType> residual_dtype_;
+  RopeRows train_rope_;  // hidden_states' rows for [train_rope_b_, train_rope_t_] tokens
+  int64_t train_rope_b_ = -1, train_rope_t_ = -1;
 };
 TORCH_MODULE(LlamaForCausalLM);
 

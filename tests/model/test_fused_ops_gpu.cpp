@@ -49,15 +49,17 @@ const DtypeCase kDtypes[] = {{at::kFloat, 1e-5, "fp32"}, {at::kBFloat16, 2e-2, "
 TEST(FusedOpsGpu, RopeKernelMatchesComposite) {
   SKIP_WITHOUT_GPU();
   at::manual_seed(11);
-  const int64_t b = 3, t = 17, h = 5, d = 64;
-  at::Tensor cos = at::randn({b, t, d}, kGpu), sin = at::randn({b, t, d}, kGpu);
+  const int64_t b = 3, t = 17, h = 5;
+  // d = 64: the 16-byte vector kernel; d = 12 (6 pairs per head, no whole vector): the scalar one.
+  for (const int64_t d : {64, 12})
   for (const auto& c : kDtypes) {
+    at::Tensor cos = at::randn({b, t, d}, kGpu), sin = at::randn({b, t, d}, kGpu);
     at::Tensor x = at::randn({b, t, h, d}, kGpu).to(c.dtype), up = at::randn({b, t, h, d}, kGpu);
     auto fast = value_and_grads([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, up);
     // The composite in fp32 (one rounding, as the kernel), rounded to the dtype at the end.
     auto ref = value_and_grads([&](auto& in) { return rope_bthd_unfused(in[0].to(at::kFloat), cos, sin).to(c.dtype); },
                                {x}, up);
-    expect_close(fast, ref, c.tol, std::string("rope ") + c.name);
+    expect_close(fast, ref, c.tol, std::string("rope d=") + std::to_string(d) + " " + c.name);
     expect_node([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, "RopeCudaFn");
   }
 }
@@ -88,6 +90,19 @@ TEST(FusedOpsGpu, RmsNormMatchesComposite) {
     auto fast = value_and_grads([](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up);
     auto ref = value_and_grads([](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up);
     expect_close(fast, ref, 2e-5, "rms_norm d=" + std::to_string(d));
+  }
+  // bf16 / fp16 x and weight (the residual stream of precision.fp32_residual = false, the weight
+  // cast by RMSNorm): against the composite in fp32, rounded at the end.
+  for (const auto& c : kDtypes) {
+    if (c.dtype == at::kFloat) continue;
+    at::Tensor x = at::randn({4, 37, 768}, kGpu).to(c.dtype), w = at::randn({768}, kGpu).to(c.dtype),
+               up = at::randn({4, 37, 768}, kGpu);
+    auto fast = value_and_grads([](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up);
+    auto ref = value_and_grads(
+        [&](auto& in) { return rms_norm_unfused(in[0].to(at::kFloat), in[1].to(at::kFloat), 1e-5).to(c.dtype); },
+        {x, w}, up);
+    expect_close(fast, ref, c.tol, std::string("rms_norm ") + c.name);
+    EXPECT_EQ(rms_norm(x, w, 1e-5).scalar_type(), c.dtype);
   }
 }
 

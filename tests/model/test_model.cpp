@@ -4,6 +4,7 @@
 #include <torch/torch.h>
 
 #include <functional>
+#include <map>
 #include <set>
 
 #include "core/base/error.h"
@@ -311,4 +312,43 @@ TEST(Model, Bf16AutocastForwardBackward) {
     EXPECT_EQ(p.param.grad().scalar_type(), at::kFloat) << p.name;
     EXPECT_TRUE(p.param.grad().isfinite().all().item<bool>()) << p.name;
   }
+}
+
+// precision.fp32_residual = false: the residual stream in bf16 (embedding output, adds, norms).
+// The hidden states come out in bf16, the loss stays close to fp32's and to the fp32-residual
+// autocast run, and every parameter (fp32 master) gets a finite fp32 gradient close to fp32's.
+TEST(Model, Bf16ResidualStreamForwardBackward) {
+  ModelConfig m = tiny_config(true, 4);
+  LlamaForCausalLM model(m, nullptr, 23);
+  at::Tensor tokens = andy::test::random_tokens(2, 16, m.vocab_size, 3);
+  at::Tensor targets = andy::test::random_tokens(2, 16, m.vocab_size, 4);
+  at::Tensor ref = model->loss(model->forward(tokens), targets);
+  ref.backward();
+  std::map<std::string, at::Tensor> ref_grads;
+  for (const auto& p : model->param_infos()) ref_grads[p.name] = p.param.grad().clone();
+  model->zero_grad();
+  model->set_residual_dtype(at::kBFloat16);
+  compat::set_autocast(at::kCPU, true, at::kBFloat16);
+  at::Tensor hidden = model->hidden_states(tokens);
+  at::Tensor loss = model->loss(model->forward(tokens), targets);
+  compat::set_autocast(at::kCPU, false, at::kBFloat16);
+  at::autocast::clear_cache();
+  model->set_residual_dtype(std::nullopt);
+  EXPECT_EQ(hidden.scalar_type(), at::kBFloat16);
+  loss.backward();
+  const double rel = std::abs(loss.item<double>() - ref.item<double>()) / ref.item<double>();
+  std::printf("  bf16 residual loss %.6f vs fp32 %.6f, rel = %.3e\n", loss.item<double>(), ref.item<double>(), rel);
+  EXPECT_LT(rel, 2e-2);
+  for (const auto& p : model->param_infos()) {
+    ASSERT_TRUE(p.param.grad().defined()) << p.name;
+    EXPECT_EQ(p.param.grad().scalar_type(), at::kFloat) << p.name;
+    const at::Tensor& g = ref_grads.at(p.name);
+    const double err = (p.param.grad() - g).norm().item<double>() / (g.norm().item<double>() + 1e-12);
+    EXPECT_LT(err, 0.1) << p.name;
+  }
+  // Unset again: the fp32 residual stream of autocast's default.
+  compat::set_autocast(at::kCPU, true, at::kBFloat16);
+  EXPECT_EQ(model->hidden_states(tokens).scalar_type(), at::kFloat);
+  compat::set_autocast(at::kCPU, false, at::kBFloat16);
+  at::autocast::clear_cache();
 }
