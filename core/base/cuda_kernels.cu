@@ -8,6 +8,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -119,6 +120,129 @@ __global__ void rope_vec_kernel(const T* __restrict__ x, const float* __restrict
     }
     *reinterpret_cast<uint4*>(y + xo) = oa;
     *reinterpret_cast<uint4*>(y + xo + half) = ob;
+  }
+}
+
+// ---- RMSNorm -----------------------------------------------------------------------------
+// One warp per row (rows strided over the grid's warps), N elements per lane and load: N =
+// kVec<T> (16-byte loads) where d and the pointers allow, else 1. The row is read twice (sum of
+// squares, then the output); the second read comes from L1 / L2. The backward accumulates the
+// weight's gradient per block in shared memory (d floats), writes one partial row per block, and a
+// second kernel sums those partials in a fixed order (deterministic).
+template <int N, typename T>
+__device__ __forceinline__ void load_n(const T* p, float* out) {
+  if constexpr (N == 1) {
+    out[0] = load(p, 0);
+  } else {
+    const uint4 r = *reinterpret_cast<const uint4*>(p);
+    const T* v = reinterpret_cast<const T*>(&r);
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = load(v, k);
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_n(T* p, const float* in) {
+  if constexpr (N == 1) {
+    store(p, 0, in[0]);
+  } else {
+    uint4 r;
+    T* v = reinterpret_cast<T*>(&r);
+#pragma unroll
+    for (int k = 0; k < N; ++k) store(v, k, in[k]);
+    *reinterpret_cast<uint4*>(p) = r;
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int off = 16; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+constexpr int kRmsThreads = 256, kRmsWarps = kRmsThreads / 32;
+
+template <int N, typename T, typename W>
+__global__ void rms_fwd_kernel(const T* __restrict__ x, const W* __restrict__ w, T* __restrict__ y,
+                               float* __restrict__ rstd, int64_t rows, int d, float eps) {
+  const int lane = threadIdx.x % 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRmsWarps;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRmsWarps + threadIdx.x / 32; r < rows; r += stride) {
+    const T* xr = x + r * d;
+    float ss = 0.0f;
+    for (int j = lane * N; j < d; j += 32 * N) {
+      float v[N];
+      load_n<N>(xr + j, v);
+#pragma unroll
+      for (int k = 0; k < N; ++k) ss += v[k] * v[k];
+    }
+    const float rs = rsqrtf(warp_sum(ss) / static_cast<float>(d) + eps);
+    if (lane == 0) rstd[r] = rs;
+    T* yr = y + r * d;
+    for (int j = lane * N; j < d; j += 32 * N) {
+      float v[N];
+      load_n<N>(xr + j, v);
+#pragma unroll
+      for (int k = 0; k < N; ++k) v[k] = v[k] * rs * load(w, j + k);
+      store_n<N>(yr + j, v);
+    }
+  }
+}
+
+// y = w x rs with rs = (mean x^2 + eps)^-1/2:
+//   dx_i = rs w_i dy_i - x_i rs^3 / d sum_j w_j dy_j x_j,   dw_j = sum over rows of dy_j x_j rs.
+template <int N, typename T, typename W>
+__global__ void rms_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const W* __restrict__ w,
+                               const float* __restrict__ rstd, T* __restrict__ dx, float* __restrict__ dw_partial,
+                               int64_t rows, int d) {
+  extern __shared__ float sdw[];
+  for (int j = threadIdx.x; j < d; j += blockDim.x) sdw[j] = 0.0f;
+  __syncthreads();
+  const int lane = threadIdx.x % 32;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kRmsWarps;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRmsWarps + threadIdx.x / 32; r < rows; r += stride) {
+    const T *xr = x + r * d, *gr = dy + r * d;
+    const float rs = rstd[r];
+    float dot = 0.0f;
+    for (int j = lane * N; j < d; j += 32 * N) {
+      float a[N], g[N];
+      load_n<N>(xr + j, a);
+      load_n<N>(gr + j, g);
+#pragma unroll
+      for (int k = 0; k < N; ++k) dot += load(w, j + k) * g[k] * a[k];
+    }
+    const float c = warp_sum(dot) * rs * rs * rs / static_cast<float>(d);
+    T* dr = dx + r * d;
+    for (int j = lane * N; j < d; j += 32 * N) {
+      float a[N], g[N], o[N];
+      load_n<N>(xr + j, a);
+      load_n<N>(gr + j, g);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        o[k] = rs * load(w, j + k) * g[k] - a[k] * c;
+        atomicAdd(&sdw[j + k], g[k] * a[k] * rs);
+      }
+      store_n<N>(dr + j, o);
+    }
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < d; j += blockDim.x) dw_partial[static_cast<int64_t>(blockIdx.x) * d + j] = sdw[j];
+}
+
+// out[j] = sum over b < blocks of partial[b, j]: (32 columns x 8 partial rows) per block, then a
+// shared-memory sum over the 8.
+__global__ void sum_partials_kernel(const float* __restrict__ partial, int blocks, int d, float* __restrict__ out) {
+  __shared__ float acc[8][33];
+  const int j = blockIdx.x * 32 + threadIdx.x;
+  float s = 0.0f;
+  if (j < d)
+    for (int b = threadIdx.y; b < blocks; b += 8) s += partial[static_cast<int64_t>(b) * d + j];
+  acc[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && j < d) {
+    float t = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) t += acc[q][threadIdx.x];
+    out[j] = t;
   }
 }
 
@@ -306,6 +430,83 @@ void launch_rope(DType t, const void* in, const float* cos, const float* sin, vo
   check_launch(backward ? "rope_backward" : "rope_forward");
 }
 }  // namespace
+
+namespace {
+// Calls f with typed null pointers of x's storage type and of the weight's (fp32, or x's type).
+template <typename F>
+void on_norm_types(DType t, bool weight_fp32, F&& f) {
+  on_dtype(t, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (weight_fp32) f(static_cast<T*>(nullptr), static_cast<float*>(nullptr));
+    else f(static_cast<T*>(nullptr), static_cast<T*>(nullptr));
+  });
+}
+
+template <typename T>
+bool rms_vec_ok(int64_t d, std::initializer_list<const void*> ptrs) {
+  if (d % kVec<T> != 0) return false;
+  for (const void* p : ptrs)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+unsigned rms_grid(int64_t rows, int64_t cap) {
+  const int64_t blocks = (rows + kRmsWarps - 1) / kRmsWarps;
+  return static_cast<unsigned>(blocks < cap ? (blocks > 0 ? blocks : 1) : cap);
+}
+}  // namespace
+
+int64_t rms_norm_backward_blocks(int64_t rows) { return rms_grid(rows, 256); }
+
+void rms_norm_forward(DType t, bool weight_fp32, const void* x, const void* weight, int64_t rows, int64_t d, float eps,
+                      void* y, float* rstd, void* stream) {
+  if (rows == 0) return;
+  if (d > kRmsNormMaxDim) throw std::runtime_error("CUDA kernel rms_norm_forward: d > kRmsNormMaxDim");
+  on_norm_types(t, weight_fp32, [&](auto* xt, auto* wt) {
+    using T = std::remove_pointer_t<decltype(xt)>;
+    using W = std::remove_pointer_t<decltype(wt)>;
+    const T* xp = static_cast<const T*>(x);
+    const W* wp = static_cast<const W*>(weight);
+    T* yp = static_cast<T*>(y);
+    auto st = static_cast<cudaStream_t>(stream);
+    const unsigned grid = rms_grid(rows, 65535 * 16);
+    if (rms_vec_ok<T>(d, {xp, yp}))
+      rms_fwd_kernel<kVec<T>, T, W><<<grid, kRmsThreads, 0, st>>>(xp, wp, yp, rstd, rows, static_cast<int>(d), eps);
+    else
+      rms_fwd_kernel<1, T, W><<<grid, kRmsThreads, 0, st>>>(xp, wp, yp, rstd, rows, static_cast<int>(d), eps);
+  });
+  check_launch("rms_norm_forward");
+}
+
+void rms_norm_backward(DType t, bool weight_fp32, const void* dy, const void* x, const void* weight, const float* rstd,
+                       int64_t rows, int64_t d, void* dx, float* dw_partial, float* dw, void* stream) {
+  auto st = static_cast<cudaStream_t>(stream);
+  if (d > kRmsNormMaxDim) throw std::runtime_error("CUDA kernel rms_norm_backward: d > kRmsNormMaxDim");
+  if (rows == 0) {
+    cudaMemsetAsync(dw, 0, static_cast<size_t>(d) * sizeof(float), st);
+    check_launch("rms_norm_backward");
+    return;
+  }
+  const unsigned blocks = static_cast<unsigned>(rms_norm_backward_blocks(rows));
+  const size_t smem = static_cast<size_t>(d) * sizeof(float);
+  on_norm_types(t, weight_fp32, [&](auto* xt, auto* wt) {
+    using T = std::remove_pointer_t<decltype(xt)>;
+    using W = std::remove_pointer_t<decltype(wt)>;
+    const T *gp = static_cast<const T*>(dy), *xp = static_cast<const T*>(x);
+    const W* wp = static_cast<const W*>(weight);
+    T* dxp = static_cast<T*>(dx);
+    if (rms_vec_ok<T>(d, {gp, xp, dxp}))
+      rms_bwd_kernel<kVec<T>, T, W><<<blocks, kRmsThreads, smem, st>>>(gp, xp, wp, rstd, dxp, dw_partial, rows,
+                                                                       static_cast<int>(d));
+    else
+      rms_bwd_kernel<1, T, W><<<blocks, kRmsThreads, smem, st>>>(gp, xp, wp, rstd, dxp, dw_partial, rows,
+                                                                 static_cast<int>(d));
+  });
+  check_launch("rms_norm_backward");
+  sum_partials_kernel<<<static_cast<unsigned>((d + 31) / 32), dim3(32, 8), 0, st>>>(dw_partial, static_cast<int>(blocks),
+                                                                                    static_cast<int>(d), dw);
+  check_launch("rms_norm_backward (weight gradient)");
+}
 
 void rope_forward(DType t, const void* x, const float* cos, const float* sin, void* y, int64_t rows, int64_t heads,
                   int64_t d, void* stream) {

@@ -31,7 +31,7 @@ RMSNormImpl::RMSNormImpl(int64_t dim, double eps_) : eps(eps_) {
 
 at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
   const bool reduced = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  if (reduced && weight.scalar_type() == at::kFloat) return rms_norm(x, weight.to(x.scalar_type()), eps);
+  if (reduced && weight.scalar_type() == at::kFloat) return rms_norm_in_dtype(x, weight, eps);
   return rms_norm(x, weight, eps);  // fused on CPU and CUDA (core/model/fused_ops.h)
 }
 

@@ -91,18 +91,33 @@ TEST(FusedOpsGpu, RmsNormMatchesComposite) {
     auto ref = value_and_grads([](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up);
     expect_close(fast, ref, 2e-5, "rms_norm d=" + std::to_string(d));
   }
-  // bf16 / fp16 x and weight (the residual stream of precision.fp32_residual = false, the weight
-  // cast by RMSNorm): against the composite in fp32, rounded at the end.
+}
+
+// bf16 / fp16 x (the residual stream of precision.fp32_residual = false) with a weight of x's
+// dtype (rms_norm) or fp32 (rms_norm_in_dtype, what RMSNorm calls): our kernel against the
+// composite in fp32, rounded at the end; values, x's and the weight's gradients (the fp32 weight's
+// in fp32). d = 768: 16-byte loads; 771: element by element. 1000 rows: more rows than the
+// backward's blocks have warps, so blocks take several rows and sum the weight's partials.
+TEST(FusedOpsGpu, RmsNormKernelMatchesComposite) {
+  SKIP_WITHOUT_GPU();
+  at::manual_seed(4);
+  for (const int64_t d : {768, 771})
+  for (const int64_t rows : {37, 1000})
   for (const auto& c : kDtypes) {
     if (c.dtype == at::kFloat) continue;
-    at::Tensor x = at::randn({4, 37, 768}, kGpu).to(c.dtype), w = at::randn({768}, kGpu).to(c.dtype),
-               up = at::randn({4, 37, 768}, kGpu);
-    auto fast = value_and_grads([](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up);
-    auto ref = value_and_grads(
-        [&](auto& in) { return rms_norm_unfused(in[0].to(at::kFloat), in[1].to(at::kFloat), 1e-5).to(c.dtype); },
-        {x, w}, up);
-    expect_close(fast, ref, c.tol, std::string("rms_norm ") + c.name);
-    EXPECT_EQ(rms_norm(x, w, 1e-5).scalar_type(), c.dtype);
+    for (const bool w_fp32 : {false, true}) {
+      const std::string what = std::string("rms_norm ") + c.name + " d=" + std::to_string(d) + " rows=" +
+                               std::to_string(rows) + (w_fp32 ? " fp32 weight" : "");
+      at::Tensor x = at::randn({2, rows / 2 + 1, d}, kGpu).mul(3).to(c.dtype), up = at::randn({2, rows / 2 + 1, d}, kGpu);
+      at::Tensor w = at::randn({d}, kGpu).to(w_fp32 ? at::kFloat : c.dtype);
+      auto op = [w_fp32](auto& in) { return w_fp32 ? rms_norm_in_dtype(in[0], in[1], 1e-5) : rms_norm(in[0], in[1], 1e-5); };
+      auto fast = value_and_grads(op, {x, w}, up);
+      auto ref = value_and_grads(
+          [&](auto& in) { return rms_norm_unfused(in[0].to(at::kFloat), in[1].to(at::kFloat), 1e-5).to(c.dtype); },
+          {x, w}, up);
+      expect_close(fast, ref, c.tol, what);
+      expect_node(op, {x, w}, "RmsNormCudaFn");
+    }
   }
 }
 
