@@ -32,12 +32,11 @@ DEBS=(libopenmpi-dev openmpi-bin openmpi-common libopenmpi3 libpmix2 libhwloc15 
 
 # GPU_SUITE_STEPS (comma list, default all) picks the steps after the build: tests, comm, train,
 # generate, hf (the Hugging Face export loaded by transformers), bench_train, fp32res (bench train
-# bf16 with the fp32 residual stream of PyTorch autocast instead of the config's bf16 one), norm_lt
-# (bench train bf16 with LibTorch's rms_norm instead of our RMSNorm kernel), unfused
+# bf16 with the fp32 residual stream of PyTorch autocast instead of the config's bf16 one), unfused
 # (bench train with ANDYLLM_FUSED_OPS=0: what the GPU fused ops gain), profile (LibTorch's profiler
 # over two steps: GPU time by kernel), pytorch, bench_generate. GPU_SUITE_BATCHES: bench train
 # micro-batches (default 16); GPU_SUITE_PYTORCH_BATCHES those of the pytorch step (default the same).
-want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,hf,bench_train,fp32res,norm_lt,unfused,profile,pytorch,bench_generate}," == *",$1,"* ]]; }
+want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,hf,bench_train,fp32res,unfused,profile,pytorch,bench_generate}," == *",$1,"* ]]; }
 say() { echo "[gpu_suite $(date -u +%T)] $*"; }
 die() { echo "gpu_suite: $*" >&2; exit 1; }
 
@@ -258,8 +257,6 @@ EOF
   for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train $mode $mb $mode; done; done; fi
   if want fp32res; then say "bench train bf16 with the fp32 residual stream (PyTorch autocast's; the config keeps it in bf16)"
   for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train bf16 "$mb" "bf16 fp32-residual" --set precision.fp32_residual=true; done; fi
-  if want norm_lt; then say "bench train bf16 with ANDYLLM_CUDA_RMSNORM=0 (LibTorch's rms_norm, the weight cast to bf16, instead of our RMSNorm kernel)"
-  local mbn=${GPU_SUITE_BATCHES:-16}; ANDYLLM_CUDA_RMSNORM=0 bench_train bf16 "${mbn%% *}" "bf16 LibTorch rms_norm"; fi
   if want unfused; then say "bench train bf16 with ANDYLLM_FUSED_OPS=0 (the LibTorch composites instead of our CUDA kernels and LibTorch 2.x fused RMSNorm and AdamW)"
   for mb in ${GPU_SUITE_BATCHES:-16}; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
   if want profile; then say "profile: 2 bf16 steps of the same model under LibTorch's profiler, GPU time by kernel"

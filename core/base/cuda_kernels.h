@@ -1,5 +1,5 @@
 // CUDA kernels for the model's elementwise steps that LibTorch 2.x has no fused op for (issue
-// 13): RMSNorm, RoPE and SwiGLU with their backward, and the one-rank softmax cross-entropy (forward
+// 13): RoPE and SwiGLU with their backward, and the one-rank softmax cross-entropy (forward
 // keeps only each row's log-sum-exp; backward writes the logits' gradient in their dtype, in one
 // pass). Plain pointers and a stream: no LibTorch or CUDA header here, so the kernels compile
 // with nvcc wherever the CUDA toolkit is found (CI included), and the autograd wrappers
@@ -21,18 +21,6 @@ void rope_forward(DType t, const void* x, const float* cos, const float* sin, vo
 // dx from dy (the transpose of the rotation above).
 void rope_backward(DType t, const void* dy, const float* cos, const float* sin, void* dx, int64_t rows,
                    int64_t heads, int64_t d, void* stream);
-
-// RMSNorm over the last dimension: x, y [rows, d] contiguous (x's dtype), weight [d] fp32 (weight_fp32)
-// or x's dtype; y = x rstd w with rstd[r] = (mean of x[r]^2 + eps)^-1/2 (fp32, kept for the
-// backward), one rounding at the end. d <= kRmsNormMaxDim (the backward's shared memory).
-constexpr int64_t kRmsNormMaxDim = 12288;
-void rms_norm_forward(DType t, bool weight_fp32, const void* x, const void* weight, int64_t rows, int64_t d, float eps,
-                      void* y, float* rstd, void* stream);
-// dx (x's dtype) and the weight's gradient dw [d] in fp32. dw_partial: scratch of
-// rms_norm_backward_blocks(rows) x d floats.
-int64_t rms_norm_backward_blocks(int64_t rows);
-void rms_norm_backward(DType t, bool weight_fp32, const void* dy, const void* x, const void* weight, const float* rstd,
-                       int64_t rows, int64_t d, void* dx, float* dw_partial, float* dw, void* stream);
 
 // out = silu(gate) * up over n elements; the backward gives dgate and dup.
 void swiglu_forward(DType t, const void* gate, const void* up, void* out, int64_t n, void* stream);

@@ -9,8 +9,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -396,46 +394,6 @@ struct SwigluCudaKernels {
 };
 using SwigluCudaFn = SwigluFnT<SwigluCudaKernels>;
 
-// x bf16 / fp16 (contiguous rows), weight of x's dtype or fp32; y in x's dtype.
-struct RmsNormCudaFn : public torch::autograd::Function<RmsNormCudaFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
-    const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-    const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(1, d);
-    at::Tensor y = at::empty(x.sizes(), x.options());
-    at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
-    cuda::rms_norm_forward(cuda_dtype(x), w.scalar_type() == at::kFloat, x.data_ptr(), w.data_ptr(), rows, d,
-                           static_cast<float>(eps), y.data_ptr(), rstd.data_ptr<float>(), cuda_stream_for(x));
-    ctx->save_for_backward({x, w, rstd});
-    return y;
-  }
-
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const at::Tensor &x = saved[0], &w = saved[1], &rstd = saved[2];
-    const at::Tensor dy = grads[0].to(x.scalar_type()).contiguous();
-    const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(1, d);
-    at::Tensor dx = at::empty(x.sizes(), x.options());
-    at::Tensor partial = at::empty({cuda::rms_norm_backward_blocks(rows), d}, x.options().dtype(at::kFloat));
-    at::Tensor dw = at::empty({d}, x.options().dtype(at::kFloat));
-    cuda::rms_norm_backward(cuda_dtype(x), w.scalar_type() == at::kFloat, dy.data_ptr(), x.data_ptr(), w.data_ptr(),
-                            rstd.data_ptr<float>(), rows, d, dx.data_ptr(), partial.data_ptr<float>(),
-                            dw.data_ptr<float>(), cuda_stream_for(x));
-    return {dx, dw.to(w.scalar_type()), at::Tensor()};
-  }
-};
-
-// Whether RmsNormCudaFn takes (x, weight): bf16 / fp16 x, weight [d] of x's dtype or fp32 on its
-// device. ANDYLLM_CUDA_RMSNORM=0 keeps LibTorch's rms_norm instead (for measuring the kernel).
-bool rms_norm_cuda_applies(const at::Tensor& x, const at::Tensor& w) {
-  static const bool on = [] {
-    const char* v = std::getenv("ANDYLLM_CUDA_RMSNORM");
-    return !(v && std::strcmp(v, "0") == 0);
-  }();
-  return on && cuda_kernels_apply(x) && x.scalar_type() != at::kFloat && w.device() == x.device() &&
-         (w.scalar_type() == x.scalar_type() || w.scalar_type() == at::kFloat) && w.dim() == 1 &&
-         x.dim() >= 1 && x.size(-1) == w.size(0) && w.size(0) <= cuda::kRmsNormMaxDim;
-}
-
 struct RopeCudaFn : public torch::autograd::Function<RopeCudaFn> {
   static at::Tensor run(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin, bool backward) {
     const at::Tensor x = x_in.contiguous();
@@ -513,9 +471,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (fused_ops_apply(x) && weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
       x.size(-1) == weight.size(0))
     return RmsNormFn::apply(x, weight, eps);
-#if ANDYLLM_CUDA_KERNELS
-  if (weight.scalar_type() == x.scalar_type() && rms_norm_cuda_applies(x, weight)) return RmsNormCudaFn::apply(x, weight, eps);
-#endif
   // CUDA: LibTorch's rms_norm, x and weight of one dtype. For fp32 (the default training
   // residual stream) the composite's arithmetic; for bf16 / fp16 (precision.fp32_residual =
   // false) one rounding at the end where the composite rounds before the scale too.
@@ -529,9 +484,6 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 }
 
 at::Tensor rms_norm_in_dtype(const at::Tensor& x, const at::Tensor& weight, double eps) {
-#if ANDYLLM_CUDA_KERNELS
-  if (rms_norm_cuda_applies(x, weight)) return RmsNormCudaFn::apply(x, weight, eps);
-#endif
   return rms_norm(x, weight.scalar_type() == x.scalar_type() ? weight : weight.to(x.scalar_type()), eps);
 }
 

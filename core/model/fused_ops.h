@@ -24,8 +24,9 @@ bool fused_ops_apply(const at::Tensor& x);
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
 at::Tensor rms_norm_unfused(const at::Tensor& x, const at::Tensor& weight, double eps);
 // The same for a bf16 / fp16 x with an fp32 weight (the reduced-precision residual stream), the
-// result in x's dtype: our CUDA kernel with the fp32 weight where it applies (one rounding, the
-// weight's gradient in fp32), else rms_norm(x, weight cast to x's dtype).
+// result in x's dtype: rms_norm(x, the weight cast to x's dtype, differentiably). On a GPU that is
+// LibTorch's fused rms_norm (an RMSNorm kernel of our own with the fp32 weight was slower there:
+// docs/PERFORMANCE.md).
 at::Tensor rms_norm_in_dtype(const at::Tensor& x, const at::Tensor& weight, double eps);
 
 // silu(gate) * up (the LLaMA MLP's gate), elementwise.

@@ -43,7 +43,7 @@ class RMSNormImpl : public torch::nn::Module {
   RMSNormImpl(int64_t dim, double eps);
   // As transformers' LlamaRMSNorm: normalise in fp32, cast back, then scale. A bf16 / fp16 x
   // with the fp32 weight (the reduced-precision residual stream) gives x's dtype
-  // (rms_norm_in_dtype: our CUDA kernel on a GPU, the weight cast to x's dtype elsewhere).
+  // (rms_norm_in_dtype: the weight cast to x's dtype).
   at::Tensor forward(const at::Tensor& x);
   at::Tensor weight;
   double eps;
