@@ -1,8 +1,8 @@
 // Trainer on a CUDA device (label gpu; every test skips where LibTorch sees no GPU, as on the
 // CPU build machine). One rank, so it runs on a machine with a single GPU:
 //   - fp32 on the GPU follows the CPU run of the same config step by step;
-//   - bf16 and fp16 (dynamic loss scaling) train: the loss falls, fp16 ends with a finite scale
-//     and few skipped steps;
+//   - bf16 and fp16 (dynamic loss scaling) train, with the residual stream in fp32 and in the
+//     compute dtype: the loss falls, fp16 ends with a finite scale and few skipped steps;
 //   - a checkpoint written on the GPU resumes on the GPU with the same next losses.
 // Run: ctest -L gpu --output-on-failure   (docs/PERFORMANCE.md has the GPU benchmark commands)
 #include <gtest/gtest.h>
@@ -48,16 +48,20 @@ TEST(TrainGpu, Fp32OnTheGpuFollowsTheCpuRun) {
 
 TEST(TrainGpu, Bf16AndFp16Train) {
   SKIP_WITHOUT_GPU();
-  for (std::string mode : {"bf16", "fp16"}) {
-    Trainer t(gpu_run("gpu_" + mode, 30, mode), gpu_grid(), quiet());
+  // fp32_residual false: the residual stream in the compute dtype.
+  for (auto [mode, fp32_residual] : {std::pair<std::string, bool>{"bf16", true}, {"fp16", true}, {"bf16", false}, {"fp16", false}}) {
+    const std::string variant = mode + (fp32_residual ? "" : " (residual in " + mode + ")");
+    Config cfg = gpu_run("gpu_" + mode + (fp32_residual ? "" : "_r16"), 30, mode);
+    cfg.precision.fp32_residual = fp32_residual;
+    Trainer t(cfg, gpu_grid(), quiet());
     TrainResult r = t.run();
     int skipped = 0;
     for (const auto& s : r.steps) skipped += s.skipped ? 1 : 0;
     double first = r.steps.front().loss, last = r.steps.back().loss;
     std::printf("  %s on CUDA: loss %.4f -> %.4f over 30 steps, %d skipped, final scale %g\n",
-                mode.c_str(), first, last, skipped, t.scaler().scale());
-    EXPECT_LT(last, first - 0.5) << mode;
-    EXPECT_LE(skipped, 5) << mode;
+                variant.c_str(), first, last, skipped, t.scaler().scale());
+    EXPECT_LT(last, first - 0.5) << variant;
+    EXPECT_LE(skipped, 5) << variant;
     if (mode == "fp16") {
       EXPECT_TRUE(t.scaler().enabled());
       EXPECT_GE(t.scaler().scale(), 1.0);

@@ -530,4 +530,25 @@ TEST(Trainer, Bf16LossFalls) {
   EXPECT_LT(last, first - 0.5);
 }
 
+// precision.fp32_residual = false (the residual stream in bf16): the same run's losses stay within
+// bf16's rounding of the fp32-residual run's, step by step, and fall as much.
+TEST(Trainer, Bf16ResidualStreamTracksFp32Residual) {
+  Config c = tiny_run(per_rank("bf16_res32"), 20);
+  c.precision.mode = "bf16";
+  TrainResult a = Trainer(c, TrainGrid::single(), quiet()).run();
+  Config d = tiny_run(per_rank("bf16_res16"), 20);
+  d.precision.mode = "bf16";
+  d.precision.fp32_residual = false;
+  TrainResult b = Trainer(d, TrainGrid::single(), quiet()).run();
+  ASSERT_EQ(a.steps.size(), b.steps.size());
+  double worst = 0;
+  for (size_t i = 0; i < a.steps.size(); ++i) worst = std::max(worst, std::abs(a.steps[i].loss - b.steps[i].loss));
+  if (world_rank() == 0)
+    std::printf("  bf16 residual: loss %.4f -> %.4f (fp32 residual %.4f -> %.4f), largest step difference %.4f\n",
+                b.steps.front().loss, b.steps.back().loss, a.steps.front().loss, a.steps.back().loss, worst);
+  EXPECT_LT(worst, 0.05);
+  EXPECT_GT(worst, 0.0) << "the same losses to the last bit: precision.fp32_residual = false did not take effect";
+  EXPECT_LT(b.steps.back().loss, b.steps.front().loss - 0.5);
+}
+
 }  // namespace
