@@ -37,6 +37,13 @@ DEBS=(libopenmpi-dev openmpi-bin openmpi-common libopenmpi3 libpmix2 libhwloc15 
 # over two steps: GPU time by kernel), pytorch, bench_generate. GPU_SUITE_BATCHES: bench train
 # micro-batches (default 16); GPU_SUITE_PYTORCH_BATCHES those of the pytorch step (default the same).
 want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,hf,bench_train,fp32res,unfused,profile,pytorch,bench_generate}," == *",$1,"* ]]; }
+# A digest of the source tree as it is on disk (the device tool copies the working tree, whose
+# .git may name an older commit): `scripts/gpu_suite.sh digest` here gives the same for a checkout.
+source_digest() {
+  (cd "$ROOT" && find CMakeLists.txt core parallel data launch serve tests scripts configs \
+    \( -path data/demo -o -name __pycache__ \) -prune -o -type f ! -name '*.pyc' -print0 |
+    LC_ALL=C sort -z | xargs -0 sha256sum | sha256sum | cut -c1-12)
+}
 say() { echo "[gpu_suite $(date -u +%T)] $*"; }
 die() { echo "gpu_suite: $*" >&2; exit 1; }
 
@@ -180,7 +187,7 @@ run_suite() {
   # At most a few files come back from the machine: the results, the whole log, and the rest packed.
   trap "tar -C '$LOGS' -czf '$R/logs.tgz' . 2>/dev/null" EXIT
   {
-    echo "# AndyLLM GPU suite, $(date -u +%FT%TZ), git ${GIT_REV:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')}"
+    echo "# AndyLLM GPU suite, $(date -u +%FT%TZ), git ${GIT_REV:-$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')}, sources $(source_digest)"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | sed 's/^/# gpu: /'
     python3 -c 'import torch; print("# torch", torch.__version__, "cuda", torch.version.cuda, "cxx11abi", torch.compiled_with_cxx11_abi())'
     echo "# nccl: $nccl_dir; $(nproc) cores"
@@ -285,5 +292,6 @@ case "${1:-run}" in
   selfcheck) selfcheck ;;
   selfcheck-inner) selfcheck_inner ;;
   run) run_suite ;;
-  *) die "usage: scripts/gpu_suite.sh prepare|selfcheck|run" ;;
+  digest) source_digest ;;
+  *) die "usage: scripts/gpu_suite.sh prepare|selfcheck|run|digest" ;;
 esac
