@@ -1,6 +1,6 @@
-// CUDA kernels (see cuda_kernels.h). Row blocks for RoPE, grid-stride elementwise kernels for SwiGLU; one
-// block per row for the cross-entropy, with an online (max, sum of exp) per thread combined
-// across the block.
+// CUDA kernels (see cuda_kernels.h). Grid-stride kernels with 16-byte loads for RoPE (row blocks
+// where the shape allows no vectors) and SwiGLU; one block per row for the cross-entropy, with an
+// online (max, sum of exp) per thread combined across the block.
 #include "core/base/cuda_kernels.h"
 
 #include <cuda_bf16.h>
