@@ -37,7 +37,9 @@ int bench_train(const ParsedArgs& args, World* world) {
                                           static_cast<int>(cfg.parallel.tensor_parallel_size), world);
   ProcessGrid grid(*world, g);
   // Measured matmul peak: every rank at once (as they run during training), summed.
-  at::Tensor peak = at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops() : 0.0, at::kDouble);
+  const at::ScalarType matmul_dtype = cpu_matmul_dtype(cfg.precision.mode);
+  at::Tensor peak =
+      at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops(matmul_dtype) : 0.0, at::kDouble);
   at::Device dev = g.device >= 0 ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(g.device)) : at::Device(at::kCPU);
   all_reduce_host(&grid.world(), peak, ReduceOp::kSum, dev);
 
@@ -100,8 +102,9 @@ int bench_train(const ParsedArgs& args, World* world) {
                   configured_what.c_str(), world->size());
     else std::printf("MFU                unknown (set train.peak_tflops)\n");
     if (peak.item<double>() > 0)
-      std::printf("MFU vs measured    %.1f%% of the fp32 matmul rate measured on the ranks (%.1f GFLOP/s in all)\n",
-                  100 * fpt * tps / peak.item<double>(), peak.item<double>() / 1e9);
+      std::printf("MFU vs measured    %.1f%% of the %s matmul rate measured on the ranks (%.1f GFLOP/s in all)\n",
+                  100 * fpt * tps / peak.item<double>(), matmul_dtype == at::kFloat ? "fp32" : "bf16",
+                  peak.item<double>() / 1e9);
     std::printf("comm wait share    %.1f%% of step time waiting for the DP gradient all-reduce\n", 100 * comm_share);
     // For profilers (scripts/profile_train.sh keeps the samples of this window).
     if (!r.step_starts.empty())

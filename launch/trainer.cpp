@@ -77,10 +77,10 @@ at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
 
 }  // namespace
 
-double measure_matmul_flops() {
+double measure_matmul_flops(at::ScalarType dtype) {
   at::NoGradGuard no_grad;
   const int64_t n = 1024;
-  at::Tensor a = at::randn({n, n}), b = at::randn({n, n});
+  at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
   at::Tensor c = at::mm(a, b);
   int reps = 0;
   auto t0 = std::chrono::steady_clock::now();
@@ -537,13 +537,15 @@ double Trainer::peak_flops(bool root) {
     // Measured on every rank at once (they share the host as during training), summed. The RNG
     // draws of the probe use a private generator state: training is not perturbed.
     at::Tensor rng = at::detail::getDefaultCPUGenerator().get_state();
-    at::Tensor m = at::full({1}, measure_matmul_flops(), at::kDouble);
+    const at::ScalarType dt = cpu_matmul_dtype(cfg_.precision.mode);
+    at::Tensor m = at::full({1}, measure_matmul_flops(dt), at::kDouble);
     at::Generator gen = at::detail::getDefaultCPUGenerator();
     gen.set_state(rng);
     all_reduce_host(grid_.world.get(), m, ReduceOp::kSum, device_);
     peak = m.item<double>();
     if (root)
-      log::info("MFU is quoted against the measured fp32 matmul rate: ", format_printf("%.1f", peak / 1e9), " GFLOP/s over ",
+      log::info("MFU is quoted against the measured ", dt == at::kFloat ? "fp32" : "bf16", " matmul rate: ",
+                format_printf("%.1f", peak / 1e9), " GFLOP/s over ",
                 grid_.world_size(), " rank(s) (set train.peak_tflops to use a device peak)");
   }
   return peak;

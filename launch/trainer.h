@@ -242,9 +242,14 @@ class Trainer {
 };
 
 
-// fp32 matmul rate of this process (1024^3 products for about 0.3 s at LibTorch's current
+// Matmul rate of this process in `dtype` (1024^3 products for about 0.3 s at LibTorch's current
 // threads), in FLOP/s: the "measured peak" MFU is quoted against on CPU.
-double measure_matmul_flops();
+double measure_matmul_flops(at::ScalarType dtype = at::kFloat);
+// The dtype a CPU run's matmuls take for precision.mode: bf16 under bf16 autocast (oneDNN), else
+// fp32. MFU on CPU is quoted against that dtype's measured rate.
+inline at::ScalarType cpu_matmul_dtype(const std::string& precision_mode) {
+  return precision_mode == "bf16" ? at::kBFloat16 : at::kFloat;
+}
 
 // Installs SIGTERM/SIGINT/SIGUSR1 handlers that set a flag read by Trainer::run and the server
 // (idempotent). With `second_signal_exits` (serve), a signal after the first one takes its
