@@ -287,6 +287,22 @@ TEST(Model, ParamInfosAndHuggingFaceNames) {
   EXPECT_EQ(LlamaForCausalLM(t, nullptr, 1)->param_infos().size(), 1 + 1 + 2 * 9u);
 }
 
+// hidden_states keeps the RoPE rows of its last (batch, length) between calls: a call with other
+// shapes in between, or on a batch of the kept shape, gives what a fresh model gives.
+TEST(Model, KeptRopeRowsFollowTheBatchShape) {
+  ModelConfig m = tiny_config(true, 2);
+  LlamaForCausalLM model(m, nullptr, 31);
+  at::NoGradGuard no_grad;
+  const std::vector<std::pair<int64_t, int64_t>> shapes = {{2, 16}, {3, 8}, {2, 16}, {1, 24}, {3, 8}};
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    const auto [b, t] = shapes[i];
+    at::Tensor tokens = andy::test::random_tokens(b, t, m.vocab_size, 40 + static_cast<int>(i));
+    LlamaForCausalLM fresh(m, nullptr, 31);
+    const at::Tensor want = fresh->hidden_states(tokens), got = model->hidden_states(tokens);
+    EXPECT_TRUE(at::equal(got, want)) << "call " << i << " [" << b << ", " << t << "]";
+  }
+}
+
 // Training will run the same model under CPU autocast to bf16: forward, loss and backward must
 // work there and stay close to fp32 (bf16 has 8 bits of mantissa, so the bound is loose).
 TEST(Model, Bf16AutocastForwardBackward) {
