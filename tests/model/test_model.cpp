@@ -303,19 +303,39 @@ TEST(Model, KeptRopeRowsFollowTheBatchShape) {
   }
 }
 
+// CPU autocast to bf16 for a scope (cleared and off again at its end, an assertion failure too).
+struct CpuBf16Autocast {
+  CpuBf16Autocast() { compat::set_autocast(at::kCPU, true, at::kBFloat16); }
+  ~CpuBf16Autocast() {
+    compat::set_autocast(at::kCPU, false, at::kBFloat16);
+    at::autocast::clear_cache();
+  }
+};
+
+// A tiny 4-layer model with a [2, 16] batch of tokens and targets, and its fp32 loss.
+struct LossCase {
+  LossCase(bool tie, uint64_t seed, int token_seed)
+      : m(tiny_config(tie, 4)),
+        model(m, nullptr, seed),
+        tokens(andy::test::random_tokens(2, 16, m.vocab_size, token_seed)),
+        targets(andy::test::random_tokens(2, 16, m.vocab_size, token_seed + 1)),
+        ref(model->loss(model->forward(tokens), targets)) {}
+  ModelConfig m;
+  LlamaForCausalLM model;
+  at::Tensor tokens, targets, ref;
+};
+
 // Training will run the same model under CPU autocast to bf16: forward, loss and backward must
 // work there and stay close to fp32 (bf16 has 8 bits of mantissa, so the bound is loose).
 TEST(Model, Bf16AutocastForwardBackward) {
-  ModelConfig m = tiny_config(false, 4);
-  LlamaForCausalLM model(m, nullptr, 21);
-  at::Tensor tokens = andy::test::random_tokens(2, 16, m.vocab_size, 1);
-  at::Tensor targets = andy::test::random_tokens(2, 16, m.vocab_size, 2);
-  at::Tensor ref = model->loss(model->forward(tokens), targets);
-  compat::set_autocast(at::kCPU, true, at::kBFloat16);
-  at::Tensor logits = model->forward(tokens);
-  at::Tensor loss = model->loss(logits, targets);
-  compat::set_autocast(at::kCPU, false, at::kBFloat16);
-  at::autocast::clear_cache();
+  LossCase c(false, 21, 1);
+  auto& [m, model, tokens, targets, ref] = c;
+  at::Tensor logits, loss;
+  {
+    CpuBf16Autocast bf16;
+    logits = model->forward(tokens);
+    loss = model->loss(logits, targets);
+  }
   EXPECT_EQ(logits.scalar_type(), at::kBFloat16);
   EXPECT_EQ(loss.scalar_type(), at::kFloat);
   loss.backward();
@@ -334,21 +354,19 @@ TEST(Model, Bf16AutocastForwardBackward) {
 // The hidden states come out in bf16, the loss stays close to fp32's and to the fp32-residual
 // autocast run, and every parameter (fp32 master) gets a finite fp32 gradient close to fp32's.
 TEST(Model, Bf16ResidualStreamForwardBackward) {
-  ModelConfig m = tiny_config(true, 4);
-  LlamaForCausalLM model(m, nullptr, 23);
-  at::Tensor tokens = andy::test::random_tokens(2, 16, m.vocab_size, 3);
-  at::Tensor targets = andy::test::random_tokens(2, 16, m.vocab_size, 4);
-  at::Tensor ref = model->loss(model->forward(tokens), targets);
+  LossCase c(true, 23, 3);
+  auto& [m, model, tokens, targets, ref] = c;
   ref.backward();
   std::map<std::string, at::Tensor> ref_grads;
   for (const auto& p : model->param_infos()) ref_grads[p.name] = p.param.grad().clone();
   model->zero_grad();
   model->set_residual_dtype(at::kBFloat16);
-  compat::set_autocast(at::kCPU, true, at::kBFloat16);
-  at::Tensor hidden = model->hidden_states(tokens);
-  at::Tensor loss = model->loss(model->forward(tokens), targets);
-  compat::set_autocast(at::kCPU, false, at::kBFloat16);
-  at::autocast::clear_cache();
+  at::Tensor hidden, loss;
+  {
+    CpuBf16Autocast bf16;
+    hidden = model->hidden_states(tokens);
+    loss = model->loss(model->forward(tokens), targets);
+  }
   model->set_residual_dtype(std::nullopt);
   EXPECT_EQ(hidden.scalar_type(), at::kBFloat16);
   loss.backward();
@@ -363,8 +381,6 @@ TEST(Model, Bf16ResidualStreamForwardBackward) {
     EXPECT_LT(err, 0.1) << p.name;
   }
   // Unset again: the fp32 residual stream of autocast's default.
-  compat::set_autocast(at::kCPU, true, at::kBFloat16);
+  CpuBf16Autocast bf16;
   EXPECT_EQ(model->hidden_states(tokens).scalar_type(), at::kFloat);
-  compat::set_autocast(at::kCPU, false, at::kBFloat16);
-  at::autocast::clear_cache();
 }
