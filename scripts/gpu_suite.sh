@@ -35,7 +35,8 @@ DEBS=(libopenmpi-dev openmpi-bin openmpi-common libopenmpi3 libpmix2 libhwloc15 
 # bf16 with the fp32 residual stream of PyTorch autocast instead of the config's bf16 one), unfused
 # (bench train with ANDYLLM_FUSED_OPS=0: what the GPU fused ops gain), profile (LibTorch's profiler
 # over two steps: GPU time by kernel), pytorch, bench_generate. GPU_SUITE_BATCHES: bench train
-# micro-batches (default 16); GPU_SUITE_PYTORCH_BATCHES those of the pytorch step (default the same).
+# micro-batches (default "16 64": the config's, and the one the best MFU so far came from; the
+# profile takes the first); GPU_SUITE_PYTORCH_BATCHES those of the pytorch step (default 16).
 want() { [[ ",${GPU_SUITE_STEPS:-tests,comm,train,generate,hf,bench_train,fp32res,unfused,profile,pytorch,bench_generate}," == *",$1,"* ]]; }
 # A digest of the source tree as it is on disk (the device tool copies the working tree, whose
 # .git may name an older commit): `scripts/gpu_suite.sh digest` here gives the same for a checkout.
@@ -261,18 +262,18 @@ EOF
       grep -E "^(# bench|step time|tokens/s|model TFLOP|MFU)" | sed "s/^/[$label, micro-batch $mb] /" | tee -a "$RES"
   }
   if want bench_train; then say "bench train: GPT-2-small-sized model, bf16 and fp16"
-  for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train $mode $mb $mode; done; done; fi
+  for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16 64}; do bench_train $mode $mb $mode; done; done; fi
   if want fp32res; then say "bench train bf16 with the fp32 residual stream (PyTorch autocast's; the config keeps it in bf16)"
-  for mb in ${GPU_SUITE_BATCHES:-16}; do bench_train bf16 "$mb" "bf16 fp32-residual" --set precision.fp32_residual=true; done; fi
+  for mb in ${GPU_SUITE_BATCHES:-16 64}; do bench_train bf16 "$mb" "bf16 fp32-residual" --set precision.fp32_residual=true; done; fi
   if want unfused; then say "bench train bf16 with ANDYLLM_FUSED_OPS=0 (the LibTorch composites instead of our CUDA kernels and LibTorch 2.x fused RMSNorm and AdamW)"
-  for mb in ${GPU_SUITE_BATCHES:-16}; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
+  for mb in ${GPU_SUITE_BATCHES:-16 64}; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
   if want profile; then say "profile: 2 bf16 steps of the same model under LibTorch's profiler, GPU time by kernel"
-  local mb1=${GPU_SUITE_BATCHES:-16}; mb1=${mb1%% *}
+  local mb1=${GPU_SUITE_BATCHES:-16 64}; mb1=${mb1%% *}
   bench_train bf16 "$mb1" "bf16 profiled" --profile "$LOGS/trace_bf16.json" --profile_steps 2
   python3 "$ROOT/scripts/trace_summary.py" "$LOGS/trace_bf16.json" 2 2>&1 | tee -a "$RES"
   fi
   if want pytorch; then say "PyTorch eager on the same model and step (bf16 autocast, fused attention)"
-  for mb in ${GPU_SUITE_PYTORCH_BATCHES:-${GPU_SUITE_BATCHES:-16}}; do for res in bf16 fp32; do
+  for mb in ${GPU_SUITE_PYTORCH_BATCHES:-16}; do for res in bf16 fp32; do
     timeout 200 python3 "$ROOT/scripts/bench_pytorch.py" --config "$M" --ranks 1 --threads "$(nproc)" --device cuda --bf16 \
       --residual $res --batch "$mb" --steps 25 --warmup 5 2>&1 | tail -1 | sed "s/^/[pytorch, micro-batch $mb] /" | tee -a "$RES"
   done; done; fi
