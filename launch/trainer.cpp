@@ -45,13 +45,17 @@ extern "C" void on_stop_signal(int sig) {
   g_stop_signal.store(sig);
 }
 
+// The lower-precision dtype of a bf16 / fp16 run (autocast's, and the residual stream's when
+// precision.fp32_residual = false).
+at::ScalarType reduced_dtype(const std::string& mode) { return mode == "bf16" ? at::kBFloat16 : at::kHalf; }
+
 // Autocast on for the scope (bf16/fp16), restoring the previous state.
 class AutocastScope {
  public:
   AutocastScope(const std::string& mode, at::Device device) {
     if (mode == "fp32") return;
     type_ = device.type();
-    compat::set_autocast(type_, true, mode == "bf16" ? at::kBFloat16 : at::kHalf);
+    compat::set_autocast(type_, true, reduced_dtype(mode));
     on_ = true;
   }
   ~AutocastScope() {
@@ -204,7 +208,7 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   model_ = LlamaForCausalLM(cfg_.model, grid_.tp, static_cast<uint64_t>(cfg_.train.seed));
   model_->to(device_);
   if (cfg_.precision.mode != "fp32" && !cfg_.precision.fp32_residual)
-    model_->set_residual_dtype(cfg_.precision.mode == "bf16" ? at::kBFloat16 : at::kHalf);
+    model_->set_residual_dtype(reduced_dtype(cfg_.precision.mode));
   params_ = model_->param_infos();
   std::vector<at::Tensor> tensors;
   for (const auto& p : params_) tensors.push_back(p.param);

@@ -261,14 +261,15 @@ EOF
       --set precision.mode=$mode --set train.batch_size=$mb --steps 25 --warmup 5 "$@" 2>&1 | tee "$LOGS/bench_train_${label// /_}_$mb.log" |
       grep -E "^(# bench|step time|tokens/s|model TFLOP|MFU)" | sed "s/^/[$label, micro-batch $mb] /" | tee -a "$RES"
   }
+  local batches=${GPU_SUITE_BATCHES:-16 64}
   if want bench_train; then say "bench train: GPT-2-small-sized model, bf16 and fp16"
-  for mode in bf16 fp16; do for mb in ${GPU_SUITE_BATCHES:-16 64}; do bench_train $mode $mb $mode; done; done; fi
+  for mode in bf16 fp16; do for mb in $batches; do bench_train $mode $mb $mode; done; done; fi
   if want fp32res; then say "bench train bf16 with the fp32 residual stream (PyTorch autocast's; the config keeps it in bf16)"
-  for mb in ${GPU_SUITE_BATCHES:-16 64}; do bench_train bf16 "$mb" "bf16 fp32-residual" --set precision.fp32_residual=true; done; fi
+  for mb in $batches; do bench_train bf16 "$mb" "bf16 fp32-residual" --set precision.fp32_residual=true; done; fi
   if want unfused; then say "bench train bf16 with ANDYLLM_FUSED_OPS=0 (the LibTorch composites instead of our CUDA kernels and LibTorch 2.x fused RMSNorm and AdamW)"
-  for mb in ${GPU_SUITE_BATCHES:-16 64}; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
+  for mb in $batches; do ANDYLLM_FUSED_OPS=0 bench_train bf16 "$mb" "bf16 unfused"; done; fi
   if want profile; then say "profile: 2 bf16 steps of the same model under LibTorch's profiler, GPU time by kernel"
-  local mb1=${GPU_SUITE_BATCHES:-16 64}; mb1=${mb1%% *}
+  local mb1=${batches%% *}
   bench_train bf16 "$mb1" "bf16 profiled" --profile "$LOGS/trace_bf16.json" --profile_steps 2
   python3 "$ROOT/scripts/trace_summary.py" "$LOGS/trace_bf16.json" 2 2>&1 | tee -a "$RES"
   fi

@@ -229,12 +229,10 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& tokens) {
              " tokens exceed model.max_seq_len = ", cfg_.max_seq_len);
   const int64_t b = tokens.size(0), t = tokens.size(1);
   // Positions 0..T-1 in every row: the same cos / sin rows every step of a training run, kept.
-  if (!(train_rope_b_ == b && train_rope_t_ == t && train_rope_.cos.defined() &&
-        train_rope_.cos.device() == tokens.device())) {
+  const at::Tensor& kept = train_rope_.cos;  // [B, T, head_dim]
+  if (!(kept.defined() && kept.size(0) == b && kept.size(1) == t && kept.device() == tokens.device())) {
     at::Tensor positions = at::arange(t, tokens.options().dtype(at::kLong)).unsqueeze(0).expand({b, t});
     train_rope_ = rope_rows(positions);
-    train_rope_b_ = b;
-    train_rope_t_ = t;
   }
   const RopeRows& rope = train_rope_;
   at::Tensor h = model->embed_tokens(tokens);

@@ -196,8 +196,7 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   RopeTables rope_;
   PartitionSpecs specs_;
   std::optional<at::ScalarType> residual_dtype_;
-  RopeRows train_rope_;  // hidden_states' rows for [train_rope_b_, train_rope_t_] tokens
-  int64_t train_rope_b_ = -1, train_rope_t_ = -1;
+  RopeRows train_rope_;  // hidden_states' rows of its last [B, T] (positions 0..T-1 in each row)
 };
 TORCH_MODULE(LlamaForCausalLM);
 
