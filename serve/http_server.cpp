@@ -8,6 +8,8 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <linux/sockios.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 
 #include <cerrno>
@@ -17,6 +19,8 @@
 #include <chrono>
 #include <condition_variable>
 #include <deque>
+#include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -216,6 +220,25 @@ struct Call {
   std::deque<Item> inbox;
   std::string failure;  // the engine failed: every open call ends with this
   std::vector<int64_t> ids;  // engine request ids, one per prompt
+  bool handler_turn = false;  // the waker left work to the handler thread (under mu)
+
+  // A streaming call's writer: applies the inbox, renders the events and sends them. The waker
+  // thread runs it right after an engine step (no handler wake-up per token); it returns false
+  // when the handler thread has to go on (the stream ended, failed, the socket would block).
+  // Set by the handler while it is in its content provider, whose DataSink it writes to;
+  // writer_mu keeps one thread at a time in the stream's state. The handler also looks at the
+  // inbox every 100 ms itself, so a stream never depends on the waker alone.
+  std::mutex writer_mu;
+  std::function<bool()> pump;
+
+  // Wakes the handler thread to do what the waker did not.
+  void wake_handler() {
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      handler_turn = true;
+    }
+    cv.notify_one();
+  }
 };
 
 // The state of one call's choices as the updates are read (HTTP thread only).
@@ -264,12 +287,14 @@ struct CallOutput {
   }
 };
 
-// Wakes the handler threads of the calls that got updates during an engine step. Waking each
-// handler from the engine thread costs a futex call there per stream and step (measured: 3.4 %
-// of the engine thread at 32 streams, tiny model), on the path every token waits for. Inside
-// a step the wake-ups are collected instead, and when there are more than a few, this thread
-// delivers them: one futex call on the engine thread per step. Outside a step (cancellation,
-// failure, shutdown) a wake-up is immediate.
+// Delivers the updates of an engine step to the calls that got them. Waking each handler from
+// the engine thread costs a futex call there per stream and step (measured: 3.4 % of the engine
+// thread at 32 streams, tiny model), on the path every token waits for. Inside a step the
+// wake-ups are collected instead, and when there are more than a few, this thread delivers
+// them: one futex call on the engine thread per step. For a stream it writes the events itself
+// (Call::pump), instead of waking the stream's handler thread to do it: one thread woken per
+// step rather than one per stream, on the cores the engine shares. Outside a step
+// (cancellation, failure, shutdown) a wake-up is immediate.
 class Waker {
  public:
   Waker() : thread_([this] { loop(); }) {}
@@ -326,7 +351,14 @@ class Waker {
         if (queue_.empty()) return;  // stop_
         batch.swap(queue_);
       }
-      for (const auto& c : batch) c->cv.notify_one();
+      for (const auto& c : batch) {
+        bool written = false;
+        {
+          std::unique_lock<std::mutex> w(c->writer_mu, std::try_to_lock);  // held: the handler is at it
+          written = w.owns_lock() && c->pump && c->pump();
+        }
+        if (!written) c->wake_handler();
+      }
       batch.clear();
     }
   }
@@ -541,12 +573,24 @@ struct HttpServer::Impl {
     live.erase(call);
   }
 
-  // Waits up to `timeout` for updates; applies them to `out` and returns the deltas.
+  // Waits up to `timeout` for updates (or the waker's hand-over); applies them to `out` and
+  // returns the deltas.
   std::vector<CallOutput::Delta> next_deltas(Call& call, CallOutput& out, std::chrono::milliseconds timeout) {
+    wait_for_updates(call, timeout);
+    return take_deltas(call, out);
+  }
+
+  static void wait_for_updates(Call& call, std::chrono::milliseconds timeout) {
+    std::unique_lock<std::mutex> lk(call.mu);
+    call.cv.wait_for(lk, timeout, [&] { return !call.inbox.empty() || !call.failure.empty() || call.handler_turn; });
+    call.handler_turn = false;
+  }
+
+  // Applies the updates delivered so far to `out` (without waiting) and returns the deltas.
+  std::vector<CallOutput::Delta> take_deltas(Call& call, CallOutput& out) {
     std::deque<Call::Item> items;
     {
-      std::unique_lock<std::mutex> lk(call.mu);
-      call.cv.wait_for(lk, timeout, [&] { return !call.inbox.empty() || !call.failure.empty(); });
+      std::lock_guard<std::mutex> lk(call.mu);
       items.swap(call.inbox);
       if (!call.failure.empty() && out.error.empty()) out.error = call.failure;
     }
@@ -703,73 +747,136 @@ struct HttpServer::Impl {
     }
   }
 
+  // One stream's rendering state; used by the thread that holds Call::writer_mu.
+  struct EventStream {
+    std::string head, tail;    // a chunk is head + choice + tail
+    std::string pending;       // events not yet written
+    std::vector<int64_t> offsets;  // per choice: text offset (completion logprobs)
+    Clock::time_point idle_since = Clock::now();
+    bool gone = false;         // a write failed: the client went away
+    std::exception_ptr failed;  // thrown on the waker thread, rethrown on the handler's
+  };
+
+  // Renders `deltas` as chunks appended to es.pending.
+  void render(EventStream& es, CallOutput& out, const ApiRequest& r, const std::vector<CallOutput::Delta>& deltas) {
+    auto chunk = [&](const json& choice) {
+      es.pending += es.head;
+      es.pending += dump(choice);
+      es.pending += es.tail;
+    };
+    for (const auto& d : deltas) {
+      if (!out.choices[d.index].started) {  // echo + logprobs: the prompt and its logprobs first
+        out.choices[d.index].started = true;
+        const size_t sub = static_cast<size_t>(d.index / r.params.n);
+        chunk(completion_choice(d.index, r.prompt_texts[sub],
+                                echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], {}, codec, 0), ""));
+      }
+      const json lp = logprobs_of(r, d.sampled, es.offsets[d.index]);
+      es.offsets[d.index] += static_cast<int64_t>(d.text.size());
+      if (r.endpoint == Endpoint::kChat)
+        chunk(chat_delta_choice(d.index, d.text.empty() ? json::object() : json{{"content", d.text}}, lp, d.finish_reason));
+      else
+        chunk(completion_choice(d.index, d.text, lp, d.finish_reason));
+    }
+  }
+
+  static bool flush(EventStream& es, httplib::DataSink& sink) {
+    const bool ok = es.pending.empty() || sink.write(es.pending.data(), es.pending.size());
+    es.pending.clear();
+    return ok;
+  }
+
+  // Applies the delivered updates and writes their events, with what an earlier call left
+  // pending (Call::writer_mu held). kGone: the client went away. With `nonblocking_fd` >= 0 the
+  // events are written only when they fit in that socket's send buffer now (kWouldBlock: they
+  // stay pending, for the handler thread).
+  enum class Wrote { kOk, kGone, kWouldBlock };
+  Wrote write_updates(Call& call, CallOutput& out, const ApiRequest& r, EventStream& es, httplib::DataSink& sink,
+                      int nonblocking_fd = -1) {
+    const auto deltas = take_deltas(call, out);
+    render(es, out, r, deltas);
+    if (!es.pending.empty() && nonblocking_fd >= 0 && !fits_now(nonblocking_fd, es.pending.size())) return Wrote::kWouldBlock;
+    if (!flush(es, sink)) return Wrote::kGone;
+    if (!deltas.empty()) es.idle_since = Clock::now();
+    if (!deltas.empty() && failpoint_fires("serve.stream")) throw std::runtime_error("failpoint serve.stream");
+    return Wrote::kOk;
+  }
+
+  // True when `bytes` more can be written to socket `fd` without blocking: its send queue
+  // (bytes not yet sent or not yet acknowledged) plus them stays within half its send buffer.
+  // The kernel counts the buffer with its bookkeeping overhead, hence half. A client that stops
+  // reading fills the queue, and its events are then written by its own handler thread, which
+  // may block; the waker thread, which writes for every stream, must not.
+  static bool fits_now(int fd, size_t bytes) {
+    int queued = 0, sndbuf = 0;
+    socklen_t len = sizeof(sndbuf);
+    if (::ioctl(fd, SIOCOUTQ, &queued) != 0 || ::getsockopt(fd, SOL_SOCKET, SO_SNDBUF, &sndbuf, &len) != 0) return false;
+    return static_cast<size_t>(queued) + bytes <= static_cast<size_t>(sndbuf) / 2;
+  }
+
   bool stream_events(const std::shared_ptr<Call>& call, CallOutput& out, const ApiRequest& r, httplib::DataSink& sink,
                      const std::string& id, int64_t created, int fd) {
     // A chunk is the response object around one choice. Its keys dump sorted, "choices" first,
     // so the text around the choice is rendered once per stream; the events of one wake-up go
     // out in one write (one send, not one per token and choice).
+    EventStream es;
     const std::string frame = dump(response_json(r.endpoint, id, created, opts.protocol.model_id, json::array(), true));
     const size_t cut = frame.find("[]");
     ANDY_CHECK(cut != std::string::npos && frame.rfind("{\"choices\":", 0) == 0, "stream chunk frame: ", frame);
-    const std::string head = "data: " + frame.substr(0, cut + 1), tail = frame.substr(cut + 1) + "\n\n";
-    std::string pending;
-    auto chunk = [&](const json& choice) {
-      pending += head;
-      pending += dump(choice);
-      pending += tail;
-      return true;
-    };
-    auto flush = [&] {
-      const bool ok = pending.empty() || sink.write(pending.data(), pending.size());
-      pending.clear();
-      return ok;
-    };
-    for (size_t i = 0; i < out.choices.size(); ++i) {
-      if (out.choices[i].started) continue;
-      out.choices[i].started = true;
-      bool ok = true;
-      if (r.endpoint == Endpoint::kChat)
-        ok = chunk(chat_delta_choice(i, {{"role", "assistant"}, {"content", ""}}, nullptr, ""));
-      else if (r.echo && !r.logprobs)
-        ok = chunk(completion_choice(i, r.prompt_texts[i / r.params.n], nullptr, ""));
-      else if (r.echo)  // with logprobs: the prompt goes out with its logprobs, once they are known
-        out.choices[i].started = false;
-      if (!ok) return false;
-    }
-    if (!flush()) return false;
-    std::vector<int64_t> offsets(out.choices.size(), 0);
+    es.head = "data: " + frame.substr(0, cut + 1);
+    es.tail = frame.substr(cut + 1) + "\n\n";
+    es.offsets.assign(out.choices.size(), 0);
     for (size_t i = 0; i < out.choices.size(); ++i)
-      if (r.echo) offsets[i] = static_cast<int64_t>(r.prompt_texts[i / r.params.n].size());
-    auto idle_since = Clock::now();
-    while (!out.complete()) {
-      auto deltas = next_deltas(*call, out, std::chrono::milliseconds(100));
-      if (!out.error.empty()) break;
-      if (fd >= 0 && peer_closed(fd)) return false;
-      for (const auto& d : deltas) {
-        if (!out.choices[d.index].started) {  // echo + logprobs: the prompt and its logprobs first
-          out.choices[d.index].started = true;
-          const size_t sub = static_cast<size_t>(d.index / r.params.n);
-          if (!chunk(completion_choice(d.index, r.prompt_texts[sub],
-                                       echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], {}, codec, 0), "")))
-            return false;
-        }
-        const json lp = logprobs_of(r, d.sampled, offsets[d.index]);
-        offsets[d.index] += static_cast<int64_t>(d.text.size());
-        const bool ok = r.endpoint == Endpoint::kChat
-                            ? chunk(chat_delta_choice(d.index, d.text.empty() ? json::object() : json{{"content", d.text}}, lp,
-                                                      d.finish_reason))
-                            : chunk(completion_choice(d.index, d.text, lp, d.finish_reason));
-        if (!ok) return false;
+      if (r.echo) es.offsets[i] = static_cast<int64_t>(r.prompt_texts[i / r.params.n].size());
+    {
+      std::lock_guard<std::mutex> w(call->writer_mu);
+      for (size_t i = 0; i < out.choices.size(); ++i) {
+        if (out.choices[i].started) continue;
+        out.choices[i].started = true;
+        if (r.endpoint == Endpoint::kChat)
+          es.pending += es.head + dump(chat_delta_choice(i, {{"role", "assistant"}, {"content", ""}}, nullptr, "")) + es.tail;
+        else if (r.echo && !r.logprobs)
+          es.pending += es.head + dump(completion_choice(i, r.prompt_texts[i / r.params.n], nullptr, "")) + es.tail;
+        else if (r.echo)  // with logprobs: the prompt goes out with its logprobs, once they are known
+          out.choices[i].started = false;
       }
-      if (!flush()) return false;
-      if (!deltas.empty() && failpoint_fires("serve.stream")) throw std::runtime_error("failpoint serve.stream");
-      if (!deltas.empty()) {
-        idle_since = Clock::now();
-      } else if (Clock::now() - idle_since > std::chrono::seconds(1)) {
+      if (!flush(es, sink)) return false;
+      // From here the waker thread may write this stream's events, as long as this handler is
+      // in its content provider (the sink's lifetime) and a write would not block.
+      call->pump = [this, &call, &out, &r, &es, &sink, fd]() -> bool {
+        if (es.gone || es.failed || fd < 0) return false;
+        try {
+          const Wrote w = write_updates(*call, out, r, es, sink, fd);
+          if (w == Wrote::kGone) es.gone = true;
+          if (w != Wrote::kOk) return false;
+        } catch (...) {
+          es.failed = std::current_exception();
+          return false;
+        }
+        return !out.complete();
+      };
+    }
+    struct Unhook {  // the waker must not touch `es` or `sink` once this function has returned
+      Call& c;
+      ~Unhook() {
+        std::lock_guard<std::mutex> w(c.writer_mu);
+        c.pump = nullptr;
+      }
+    } unhook{*call};
+    while (true) {
+      wait_for_updates(*call, std::chrono::milliseconds(100));
+      std::lock_guard<std::mutex> w(call->writer_mu);
+      if (es.failed) std::rethrow_exception(es.failed);
+      if (es.gone) return false;
+      if (!out.complete() && fd >= 0 && peer_closed(fd)) return false;
+      // The updates the waker has not taken, and the events it left pending (if any).
+      if (write_updates(*call, out, r, es, sink) != Wrote::kOk) return false;
+      if (out.complete()) break;
+      if (Clock::now() - es.idle_since > std::chrono::seconds(1)) {
         // An SSE comment: tells a client that went away (mid-prefill) from one still reading.
         static const std::string ping = ": ping\n\n";
         if (!sink.write(ping.data(), ping.size())) return false;
-        idle_since = Clock::now();
+        es.idle_since = Clock::now();
       }
     }
     if (!out.error.empty()) {

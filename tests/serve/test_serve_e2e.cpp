@@ -4,10 +4,14 @@
 // whole response; errors are OpenAI error objects; a client that disconnects has its request
 // cancelled and its KV blocks freed; SIGTERM (SIGUSR1 through mpirun) drains and every rank
 // exits 0.
+#include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <httplib.h>
+#include <netinet/in.h>
 #include <sched.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -472,6 +476,145 @@ TEST_F(ServeE2e, ADisconnectedStreamIsCancelledAndItsBlocksFreed) {
   auto h = c.Get("/health");
   ASSERT_TRUE(h);
   EXPECT_EQ(h->status, 200);
+}
+
+// A client on a raw socket with a small receive buffer that sends a streamed request and reads
+// nothing until read_all().
+struct StalledStream {
+  int fd = -1;
+  StalledStream(int port, const json& body) {
+    fd = socket(AF_INET, SOCK_STREAM, 0);
+    const int small = 4096;
+    setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof(small));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    inet_pton(AF_INET, "127.0.0.1", &a.sin_addr);
+    EXPECT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)), 0);
+    const std::string b = body.dump();
+    const std::string req = "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                            "Connection: close\r\nContent-Length: " + std::to_string(b.size()) + "\r\n\r\n" + b;
+    EXPECT_EQ(send(fd, req.data(), req.size(), 0), static_cast<ssize_t>(req.size()));
+  }
+  ~StalledStream() { close(fd); }
+  // Reads the response to its end; returns its "data: " payloads (the chunked body decoded), or
+  // the whole response when it is not a stream (an error).
+  std::vector<std::string> read_all() {
+    timeval tv{60, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    std::string raw;
+    char buf[65536];
+    for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) raw.append(buf, static_cast<size_t>(n));
+    std::string body;
+    size_t pos = raw.find("\r\n\r\n");
+    if (pos == std::string::npos || raw.substr(0, pos).find("chunked") == std::string::npos) return {raw};  // an error
+    for (pos += 4; pos < raw.size();) {
+      const size_t eol = raw.find("\r\n", pos);
+      if (eol == std::string::npos) break;
+      const size_t len = std::stoul(raw.substr(pos, eol - pos), nullptr, 16);
+      if (len == 0) break;
+      body += raw.substr(eol + 2, len);
+      pos = eol + 2 + len + 2;
+    }
+    std::vector<std::string> events;
+    for (size_t p = 0; (p = body.find("data: ", p)) != std::string::npos;) {
+      const size_t end = body.find("\n\n", p);
+      events.push_back(body.substr(p + 6, end - p - 6));
+      p = end;
+    }
+    return events;
+  }
+};
+
+// The events of several streams go out from one thread (the waker) right after each engine
+// step. A client that stops reading must hold up its own stream only: the other streams end
+// with the right text, and the stalled stream, whose events the waker leaves to its handler
+// thread once its socket is full, is whole and in order when its client reads again.
+TEST_F(ServeE2e, AClientThatStopsReadingHoldsUpOnlyItsOwnStream) {
+  // Room for every sequence at once: the stalled request's and the others' events come out of
+  // the same steps.
+  Server s("--model " + model() + " --max_num_seqs 160", path("server_stall.log"), 1);
+  ASSERT_GT(s.port, 0) << s.job->output();
+  // 128 choices of 50 tokens with 20 top logprobs each: about 5 MB of events, more than the
+  // socket buffers hold (4 MB at most here), so the writes for it block part-way.
+  const json big = {{"prompt", {"the cat", "a dog"}}, {"max_tokens", 50}, {"n", 64}, {"logprobs", 20},
+                    {"ignore_eos", true}, {"stream", true}};
+  const json small = {{"prompt", "the cat sat"}, {"max_tokens", 40}, {"ignore_eos", true}, {"temperature", 0}};
+  int whole_status = 0;
+  const json whole = post_json(s, "/v1/completions", small, &whole_status);
+  ASSERT_EQ(whole_status, 200) << whole;
+  StalledStream stalled(s.port, big);
+  // Four streams at the same time (more than the two a step's end wakes directly: the stalled
+  // stream's events go through the waker thread too) run to their end while it stalls.
+  std::vector<std::thread> others;
+  std::vector<Streamed> got(4);
+  std::vector<int> status(4, 0);
+  for (size_t k = 0; k < got.size(); ++k)
+    others.emplace_back([&, k] {
+      json b = small;
+      b["stream"] = true;
+      got[k] = collect(post_stream(s, "/v1/completions", b, &status[k]), false);
+    });
+  for (auto& t : others) t.join();
+  for (size_t k = 0; k < got.size(); ++k) {
+    EXPECT_EQ(status[k], 200);
+    EXPECT_TRUE(got[k].done_last);
+    EXPECT_EQ(got[k].text[0], whole["choices"][0]["text"].get<std::string>()) << "stream " << k;
+  }
+  // The stalled stream, read now: every choice's 50 tokens, one finish_reason each, [DONE] last.
+  const std::vector<std::string> events = stalled.read_all();
+  ASSERT_FALSE(events.empty());
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::map<int, int64_t> tokens;
+  std::map<int, int> finishes;
+  for (size_t i = 0; i + 1 < events.size(); ++i) {
+    const json j = json::parse(events[i], nullptr, false);
+    ASSERT_FALSE(j.is_discarded() || j.contains("error")) << events[i].substr(0, 300);
+    for (const json& c : j["choices"]) {
+      const int idx = c["index"].get<int>();
+      if (c["logprobs"].is_object()) tokens[idx] += static_cast<int64_t>(c["logprobs"]["tokens"].size());
+      if (!c["finish_reason"].is_null()) ++finishes[idx];
+    }
+  }
+  ASSERT_EQ(tokens.size(), 128u);
+  for (int idx = 0; idx < 128; ++idx) {
+    EXPECT_EQ(tokens[idx], 50) << "choice " << idx;
+    EXPECT_EQ(finishes[idx], 1) << "choice " << idx;
+  }
+  expect_idle_within_seconds(s, 10);
+  EXPECT_EQ(s.stop(), 0) << s.job->output();
+}
+
+// An exception while writing a stream's events, on whichever thread writes them (the waker
+// thread when a step updates several streams), ends that stream with an error event and [DONE].
+TEST_F(ServeE2e, AnErrorWhileWritingSeveralStreamsEndsEachWithAnErrorEvent) {
+  Server s("--model " + model(), path("server_stream_fault.log"), 1, "ANDYLLM_FAILPOINTS=serve.stream:1000");
+  ASSERT_GT(s.port, 0) << s.job->output();
+  // A non-streamed request keeps the engine busy, so that the streams sent meanwhile are
+  // admitted together and their first tokens come out of the same step.
+  int long_status = 0;
+  std::thread busy([&] { post_json(s, "/v1/completions", kLongRequest, &long_status); });
+  ASSERT_TRUE(wait_running(s));
+  std::vector<std::thread> clients;
+  std::vector<std::vector<std::string>> events(8);
+  std::vector<int> status(8, 0);
+  for (size_t k = 0; k < events.size(); ++k)
+    clients.emplace_back([&, k] {
+      events[k] = post_stream(s, "/v1/completions",
+                              {{"prompt", "the cat"}, {"max_tokens", 8}, {"ignore_eos", true}, {"stream", true}}, &status[k]);
+    });
+  for (auto& t : clients) t.join();
+  busy.join();
+  EXPECT_EQ(long_status, 200);
+  for (size_t k = 0; k < events.size(); ++k) {
+    EXPECT_EQ(status[k], 200);
+    ASSERT_GE(events[k].size(), 2u) << "stream " << k;
+    EXPECT_EQ(events[k].back(), "[DONE]");
+    const json err = json::parse(events[k][events[k].size() - 2], nullptr, false);
+    EXPECT_EQ(err["error"]["code"], 500) << events[k][events[k].size() - 2];
+  }
+  expect_idle_within_seconds(s, 10);
+  EXPECT_EQ(s.stop(), 0) << s.job->output();
 }
 
 TEST_F(ServeE2e, ANonStreamingClientThatGoesAwayIsCancelled) {
