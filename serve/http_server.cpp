@@ -4,11 +4,11 @@
 #include <arpa/inet.h>
 #include <dirent.h>
 #include <httplib.h>
+#include <linux/sockios.h>
 #include <netinet/in.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
-#include <linux/sockios.h>
 #include <sys/ioctl.h>
 #include <sys/socket.h>
 
@@ -755,28 +755,30 @@ struct HttpServer::Impl {
     Clock::time_point idle_since = Clock::now();
     bool gone = false;         // a write failed: the client went away
     std::exception_ptr failed;  // thrown on the waker thread, rethrown on the handler's
+
+    void append_chunk(const json& choice) {
+      pending += head;
+      pending += dump(choice);
+      pending += tail;
+    }
   };
 
   // Renders `deltas` as chunks appended to es.pending.
   void render(EventStream& es, CallOutput& out, const ApiRequest& r, const std::vector<CallOutput::Delta>& deltas) {
-    auto chunk = [&](const json& choice) {
-      es.pending += es.head;
-      es.pending += dump(choice);
-      es.pending += es.tail;
-    };
     for (const auto& d : deltas) {
       if (!out.choices[d.index].started) {  // echo + logprobs: the prompt and its logprobs first
         out.choices[d.index].started = true;
         const size_t sub = static_cast<size_t>(d.index / r.params.n);
-        chunk(completion_choice(d.index, r.prompt_texts[sub],
-                                echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], {}, codec, 0), ""));
+        es.append_chunk(completion_choice(d.index, r.prompt_texts[sub],
+                                          echo_logprobs_json(r.prompts[sub], out.prompt_scored[sub], {}, codec, 0), ""));
       }
       const json lp = logprobs_of(r, d.sampled, es.offsets[d.index]);
       es.offsets[d.index] += static_cast<int64_t>(d.text.size());
       if (r.endpoint == Endpoint::kChat)
-        chunk(chat_delta_choice(d.index, d.text.empty() ? json::object() : json{{"content", d.text}}, lp, d.finish_reason));
+        es.append_chunk(chat_delta_choice(d.index, d.text.empty() ? json::object() : json{{"content", d.text}}, lp,
+                                          d.finish_reason));
       else
-        chunk(completion_choice(d.index, d.text, lp, d.finish_reason));
+        es.append_chunk(completion_choice(d.index, d.text, lp, d.finish_reason));
     }
   }
 
@@ -834,9 +836,9 @@ struct HttpServer::Impl {
         if (out.choices[i].started) continue;
         out.choices[i].started = true;
         if (r.endpoint == Endpoint::kChat)
-          es.pending += es.head + dump(chat_delta_choice(i, {{"role", "assistant"}, {"content", ""}}, nullptr, "")) + es.tail;
+          es.append_chunk(chat_delta_choice(i, {{"role", "assistant"}, {"content", ""}}, nullptr, ""));
         else if (r.echo && !r.logprobs)
-          es.pending += es.head + dump(completion_choice(i, r.prompt_texts[i / r.params.n], nullptr, "")) + es.tail;
+          es.append_chunk(completion_choice(i, r.prompt_texts[i / r.params.n], nullptr, ""));
         else if (r.echo)  // with logprobs: the prompt goes out with its logprobs, once they are known
           out.choices[i].started = false;
       }
