@@ -73,6 +73,17 @@ json post_json(const Server& s, const std::string& path, const json& body, int* 
   return json::parse(res->body, nullptr, false);
 }
 
+// The "data: X" payloads of an SSE body, in order.
+std::vector<std::string> sse_payloads(const std::string& body) {
+  std::vector<std::string> events;
+  for (size_t pos = 0; (pos = body.find("data: ", pos)) != std::string::npos;) {
+    const size_t end = body.find("\n\n", pos);
+    events.push_back(body.substr(pos + 6, end - pos - 6));
+    pos = end;
+  }
+  return events;
+}
+
 // The events of a streamed response ("data: X" payloads, [DONE] included) on connection `c`;
 // *status: the HTTP status, or minus httplib's error code when no response came.
 std::vector<std::string> post_stream_on(httplib::Client& c, const std::string& path, const json& body, int* status) {
@@ -88,13 +99,7 @@ std::vector<std::string> post_stream_on(httplib::Client& c, const std::string& p
   };
   auto res = c.send(req);
   *status = res ? res->status : -static_cast<int>(res.error());
-  std::vector<std::string> events;
-  for (size_t pos = 0; (pos = raw.find("data: ", pos)) != std::string::npos;) {
-    const size_t end = raw.find("\n\n", pos);
-    events.push_back(raw.substr(pos + 6, end - pos - 6));
-    pos = end;
-  }
-  return events;
+  return sse_payloads(raw);
 }
 std::vector<std::string> post_stream(const Server& s, const std::string& path, const json& body, int* status) {
   auto c = s.client();
@@ -516,13 +521,7 @@ struct StalledStream {
       body += raw.substr(eol + 2, len);
       pos = eol + 2 + len + 2;
     }
-    std::vector<std::string> events;
-    for (size_t p = 0; (p = body.find("data: ", p)) != std::string::npos;) {
-      const size_t end = body.find("\n\n", p);
-      events.push_back(body.substr(p + 6, end - p - 6));
-      p = end;
-    }
-    return events;
+    return sse_payloads(body);
   }
 };
 
