@@ -1024,6 +1024,25 @@ TEST_F(ServeE2e, BenchServeMeasuresTheServer) {
   EXPECT_NE(bad.output.find("is the server running at that --url?"), std::string::npos) << bad.output;
 }
 
+// scripts/bench_http_overhead.sh: a server of its own on a free port, bench serve, the server
+// stopped, bench generate; one row per concurrency with both rates and their ratio.
+TEST_F(ServeE2e, BenchHttpOverheadScriptComparesServeWithTheEngine) {
+  auto r = run_command("NUM_PROMPTS=4 INPUT_LEN=8 OUTPUT_LEN=5 " + source_dir() + "/scripts/bench_http_overhead.sh " +
+                       model() + " 1 1,2 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  for (const char* c : {"1", "2"}) {
+    std::regex row(std::string(R"(\n1 +)") + c + R"( +([0-9.]+) +([0-9.]+) +([0-9.]+)\n)");
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(r.output, m, row)) << r.output;
+    EXPECT_GT(std::stod(m[1]), 0) << r.output;
+    EXPECT_GT(std::stod(m[2]), 0) << r.output;
+    EXPECT_NEAR(std::stod(m[3]), std::stod(m[1]) / std::stod(m[2]), 0.001) << r.output;
+  }
+  auto bad = run_command(source_dir() + "/scripts/bench_http_overhead.sh " + path("no_such_model"));
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.output.find("no model directory"), std::string::npos) << bad.output;
+}
+
 // The official `openai` npm client (pinned in tests/serve/openai_node/package.json, installed by
 // scripts/setup.sh into build/openai-node) runs tests/serve/openai_node/suite.mjs against the
 // server: completions, chat, streaming with usage, stop strings, n, seed, logprobs, errors and
