@@ -23,6 +23,7 @@
 #include "data/tokenizer.h"
 #include "core/model/weights_io.h"
 #include "launch/checkpoint.h"
+#include "parallel/cpu_gemm.h"
 #include "parallel/tp_partition.h"
 #include "parallel/world.h"
 
@@ -86,11 +87,14 @@ double measure_matmul_flops(at::ScalarType dtype) {
   const int64_t n = 1024;
   at::Tensor a = at::randn({n, n}).to(dtype), b = at::randn({n, n}).to(dtype);
   at::Tensor c = at::mm(a, b);
+  // The path the model's fp32 linears take: oneDNN's sgemm where available (parallel/cpu_gemm.h).
+  const bool onednn = dtype == at::kFloat && cpu_gemm_enabled();
   int reps = 0;
   auto t0 = std::chrono::steady_clock::now();
   double dt = 0;
   while (dt < 0.3 || reps < 3) {
-    at::mm_out(c, a, b);
+    if (onednn) cpu_sgemm(false, false, n, n, n, a.data_ptr<float>(), n, b.data_ptr<float>(), n, c.data_ptr<float>(), n);
+    else at::mm_out(c, a, b);
     ++reps;
     dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }

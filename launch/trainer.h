@@ -243,7 +243,8 @@ class Trainer {
 
 
 // Matmul rate of this process in `dtype` (1024^3 products for about 0.3 s at LibTorch's current
-// threads), in FLOP/s: the "measured peak" MFU is quoted against on CPU.
+// threads, fp32 through oneDNN's sgemm when the linears use it), in FLOP/s: the "measured peak"
+// MFU is quoted against on CPU.
 double measure_matmul_flops(at::ScalarType dtype = at::kFloat);
 // The dtype a CPU run's matmuls take for precision.mode: bf16 under bf16 autocast (oneDNN), else
 // fp32. MFU on CPU is quoted against that dtype's measured rate.

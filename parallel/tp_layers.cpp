@@ -5,6 +5,7 @@
 #include <ATen/CPUGeneratorImpl.h>
 
 #include "core/base/error.h"
+#include "parallel/cpu_gemm.h"
 #include "parallel/tp_ops.h"
 
 namespace andy {
@@ -22,7 +23,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight) {
     shape.back() = weight.size(0);
     return at::mv(weight, x.reshape({-1})).view(shape);
   }
-  return at::linear(x, weight);
+  return cpu_linear(x, weight);  // oneDNN's sgemm for CPU fp32, at::linear otherwise
 }
 
 uint64_t param_seed(uint64_t seed, const std::string& name) {

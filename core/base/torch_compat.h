@@ -146,6 +146,15 @@ inline void cuda_synchronize(int index) {
 #endif
 }
 
+// Whether autocast is on for a device type.
+inline bool autocast_enabled(at::DeviceType device) {
+#if ANDYLLM_TORCH_AT_LEAST(2, 4)
+  return at::autocast::is_autocast_enabled(device);
+#else
+  return device == at::kCPU ? at::autocast::is_cpu_enabled() : at::autocast::is_enabled();
+#endif
+}
+
 // Enables or disables autocast for a device type with the given lower-precision dtype.
 inline void set_autocast(at::DeviceType device, bool enabled, at::ScalarType dtype) {
 #if ANDYLLM_TORCH_AT_LEAST(2, 4)

@@ -1,0 +1,95 @@
+// oneDNN sgemm for fp32 CPU linears (see cpu_gemm.h).
+#include "parallel/cpu_gemm.h"
+
+#include <dlfcn.h>
+#include <torch/torch.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "core/base/error.h"
+#include "core/base/torch_compat.h"
+
+namespace andy {
+
+namespace {
+
+// oneDNN's C API (dnnl.h, oneDNN 2.x and 3.x): row-major sgemm; 0 is dnnl_success.
+using SgemmFn = int (*)(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+                        int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
+
+// The process's `dnnl_sgemm` (Debian's libtorch_cpu links libdnnl.so.2; PyTorch's own builds link
+// oneDNN statically and do not export it), or null.
+SgemmFn sgemm_fn() {
+  static const SgemmFn fn = [] {
+    const char* env = std::getenv("ANDYLLM_CPU_GEMM");
+    if (env && std::string(env) == "blas") return SgemmFn{nullptr};
+    return reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "dnnl_sgemm"));
+  }();
+  return fn;
+}
+
+bool applies(const at::Tensor& x, const at::Tensor& w) {
+  return cpu_gemm_enabled() && x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kFloat &&
+         w.scalar_type() == at::kFloat && x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1) &&
+         !compat::autocast_enabled(at::kCPU) && x.numel() > 0 && w.numel() > 0;
+}
+
+// x2 [M, K] (contiguous) times w [N, K] (contiguous) transposed: [M, N].
+at::Tensor matmul_nt(const at::Tensor& x2, const at::Tensor& w) {
+  const int64_t m = x2.size(0), k = x2.size(1), n = w.size(0);
+  at::Tensor y = at::empty({m, n}, x2.options());
+  cpu_sgemm(false, true, m, n, k, x2.data_ptr<float>(), k, w.data_ptr<float>(), k, y.data_ptr<float>(), n);
+  return y;
+}
+
+struct CpuLinearFn : public torch::autograd::Function<CpuLinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& w) {
+    ctx->save_for_backward({x2, w});
+    return matmul_nt(x2, w);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x2 = saved[0];
+    const at::Tensor& w = saved[1];
+    const at::Tensor dy = grads[0].contiguous();
+    const int64_t m = x2.size(0), k = x2.size(1), n = w.size(0);
+    at::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) {  // dx [M, K] = dy [M, N] w [N, K]
+      dx = at::empty({m, k}, x2.options());
+      cpu_sgemm(false, false, m, k, n, dy.data_ptr<float>(), n, w.data_ptr<float>(), k, dx.data_ptr<float>(), k);
+    }
+    if (ctx->needs_input_grad(1)) {  // dw [N, K] = dy^T [N, M] x2 [M, K]
+      dw = at::empty({n, k}, w.options());
+      cpu_sgemm(true, false, n, k, m, dy.data_ptr<float>(), n, x2.data_ptr<float>(), k, dw.data_ptr<float>(), k);
+    }
+    return {dx, dw};
+  }
+};
+
+}  // namespace
+
+bool cpu_gemm_enabled() { return sgemm_fn() != nullptr; }
+
+void cpu_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float* c, int64_t ldc) {
+  const SgemmFn fn = sgemm_fn();
+  ANDY_CHECK(fn, "cpu_sgemm: oneDNN's dnnl_sgemm is not available in this process");
+  const int status = fn(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+  ANDY_CHECK(status == 0, "cpu_sgemm: dnnl_sgemm failed with status ", status, " (M ", m, ", N ", n, ", K ", k, ")");
+}
+
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight) {
+  if (!applies(x, weight)) return at::linear(x, weight);
+  auto shape = x.sizes().vec();
+  shape.back() = weight.size(0);
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  const at::Tensor w = weight.contiguous();
+  at::Tensor y;
+  if (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())) y = CpuLinearFn::apply(x2, w);
+  else y = matmul_nt(x2, w);
+  return y.view(shape);
+}
+
+}  // namespace andy

@@ -1,0 +1,32 @@
+// fp32 matrix products on CPU through oneDNN's sgemm (`dnnl_sgemm`) where the process has it.
+//
+// Debian's LibTorch 1.13 sends fp32 matmuls to OpenBLAS, whose 0.3.21 runs its AVX2 (Haswell)
+// kernels on this project's AVX-512 build machine: about 125 GFLOP/s per core, where oneDNN's
+// sgemm (the oneDNN LibTorch already links, libdnnl.so.2, used by LibTorch for bf16) reaches
+// about 240 at training shapes and 1.2-1.6x at 32-row decode shapes, to the same fp32 precision
+// (docs/PERFORMANCE.md). The linear layers (and the tied LM head) use it for CPU fp32 tensors;
+// everything else (other devices, bf16 / fp16, autocast regions, a LibTorch without an exported
+// `dnnl_sgemm`, ANDYLLM_CPU_GEMM=blas) goes through at::linear as before.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+
+namespace andy {
+
+// Whether fp32 CPU linears go through oneDNN: `dnnl_sgemm` is in the process and
+// ANDYLLM_CPU_GEMM is not "blas". Decided once.
+bool cpu_gemm_enabled();
+
+// y = x W^T for x [..., K] and W [N, K], differentiable in both (dx = dy W, dW = dy^T x).
+// oneDNN's sgemm for CPU fp32 tensors outside autocast when cpu_gemm_enabled(); at::linear
+// otherwise.
+at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight);
+
+// Row-major C[M, N] = op(A) op(B), op transposing when asked (A is [M, K] or, transposed,
+// [K, M]; B is [K, N] or [N, K]). Requires cpu_gemm_enabled().
+void cpu_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float* c, int64_t ldc);
+
+}  // namespace andy

@@ -1,0 +1,97 @@
+// oneDNN's sgemm behind the fp32 CPU linears (parallel/cpu_gemm.h): values and both gradients
+// equal at::linear's (OpenBLAS) to fp32 rounding, for training and decode shapes; the cases it
+// does not take (bf16, autocast, a single row through linear_rows' matrix-vector product) give
+// at::linear's results; the raw sgemm's four transpose cases against a double reference.
+#include <gtest/gtest.h>
+#include <torch/torch.h>
+
+#include "core/base/torch_compat.h"
+#include "parallel/cpu_gemm.h"
+#include "parallel/tp_layers.h"
+
+namespace andy {
+namespace {
+
+// Largest |a - b| over the largest |b|.
+double rel_err(const at::Tensor& a, const at::Tensor& b) {
+  return (a.to(at::kDouble) - b.to(at::kDouble)).abs().max().item<double>() /
+         std::max(1e-30, b.to(at::kDouble).abs().max().item<double>());
+}
+
+TEST(CpuGemm, IsAvailableWithDebiansLibTorch) {
+  // Debian's libtorch_cpu links libdnnl.so.2, which exports dnnl_sgemm: without it every other
+  // test here would only check the fallback.
+  if (std::getenv("ANDYLLM_CPU_GEMM")) GTEST_SKIP() << "ANDYLLM_CPU_GEMM is set";
+#if ANDYLLM_TORCH_AT_LEAST(2, 0)
+  GTEST_SKIP() << "PyTorch's own LibTorch builds do not export dnnl_sgemm";
+#else
+  EXPECT_TRUE(cpu_gemm_enabled());
+#endif
+}
+
+TEST(CpuGemm, SgemmTransposeCasesMatchADoubleReference) {
+  if (!cpu_gemm_enabled()) GTEST_SKIP() << "no dnnl_sgemm in this process";
+  torch::manual_seed(1);
+  const int64_t m = 37, n = 53, k = 29;
+  for (bool ta : {false, true}) {
+    for (bool tb : {false, true}) {
+      at::Tensor a = ta ? at::randn({k, m}) : at::randn({m, k});
+      at::Tensor b = tb ? at::randn({n, k}) : at::randn({k, n});
+      at::Tensor c = at::full({m, n}, 7.0f);  // overwritten (beta 0)
+      cpu_sgemm(ta, tb, m, n, k, a.data_ptr<float>(), a.size(1), b.data_ptr<float>(), b.size(1), c.data_ptr<float>(), n);
+      const at::Tensor ref = at::mm((ta ? a.t() : a).to(at::kDouble), (tb ? b.t() : b).to(at::kDouble));
+      EXPECT_LT(rel_err(c, ref), 1e-5) << "trans_a " << ta << " trans_b " << tb;
+    }
+  }
+}
+
+TEST(CpuGemm, LinearValuesAndGradientsMatchAtLinear) {
+  torch::manual_seed(2);
+  // [batch, seq, in] training shapes, 32-row decode shapes, odd sizes.
+  const std::vector<std::pair<std::vector<int64_t>, int64_t>> cases = {
+      {{4, 16, 128}, 384}, {{32, 512}, 1536}, {{3, 7, 29}, 53}, {{2, 64}, 4096}};
+  for (const auto& [xs, out] : cases) {
+    const at::Tensor x0 = at::randn(xs), w0 = at::randn({out, xs.back()}) * 0.1;
+    const at::Tensor g = at::randn([&] {
+      auto s = xs;
+      s.back() = out;
+      return s;
+    }());
+    at::Tensor x1 = x0.clone().requires_grad_(true), w1 = w0.clone().requires_grad_(true);
+    at::Tensor x2 = x0.clone().requires_grad_(true), w2 = w0.clone().requires_grad_(true);
+    const at::Tensor y1 = cpu_linear(x1, w1), y2 = at::linear(x2, w2);
+    ASSERT_EQ(y1.sizes(), y2.sizes());
+    EXPECT_LT(rel_err(y1, y2), 1e-5);
+    (y1 * g).sum().backward();
+    (y2 * g).sum().backward();
+    EXPECT_LT(rel_err(x1.grad(), x2.grad()), 1e-5);
+    EXPECT_LT(rel_err(w1.grad(), w2.grad()), 1e-5);
+    // Only the weight needs a gradient (a frozen input), and no gradient at all.
+    at::Tensor w3 = w0.clone().requires_grad_(true);
+    (cpu_linear(x0, w3) * g).sum().backward();
+    EXPECT_LT(rel_err(w3.grad(), w2.grad()), 1e-5);
+    torch::NoGradGuard no_grad;
+    EXPECT_LT(rel_err(cpu_linear(x0, w0), y2.detach()), 1e-5);
+    EXPECT_LT(rel_err(linear_rows(x0, w0), y2.detach()), 1e-5);
+  }
+}
+
+TEST(CpuGemm, OtherDtypesAutocastAndSingleRowsKeepAtLinear) {
+  torch::manual_seed(3);
+  const at::Tensor x = at::randn({5, 64}), w = at::randn({96, 64});
+  // bf16 stays LibTorch's (oneDNN through at::linear): identical results.
+  const at::Tensor xb = x.to(at::kBFloat16), wb = w.to(at::kBFloat16);
+  EXPECT_TRUE(at::equal(cpu_linear(xb, wb), at::linear(xb, wb)));
+  // Under CPU autocast the fp32 inputs go to at::linear, which runs them in bf16.
+  compat::set_autocast(at::kCPU, true, at::kBFloat16);
+  const at::Tensor ya = cpu_linear(x, w), yr = at::linear(x, w);
+  compat::set_autocast(at::kCPU, false, at::kBFloat16);
+  EXPECT_EQ(ya.scalar_type(), at::kBFloat16);
+  EXPECT_TRUE(at::equal(ya, yr));
+  // One row: linear_rows' matrix-vector product.
+  const at::Tensor row = at::randn({1, 64});
+  EXPECT_TRUE(at::equal(linear_rows(row, w), at::mv(w, row.reshape({-1})).view({1, 96})));
+}
+
+}  // namespace
+}  // namespace andy
