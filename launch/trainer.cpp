@@ -268,7 +268,8 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   // A bad --resume (no such directory, `latest` naming an incomplete checkpoint) is found here,
   // during setup, which cmd_train agrees across ranks; run() loads it.
   resume_dir_ = resolve_resume_path(cfg_);
-  check_fresh_start(cfg_, resume_dir_);
+  // A run that writes no checkpoints (bench train) cannot mix with an earlier run's.
+  if (opts_.write_checkpoints) check_fresh_start(cfg_, resume_dir_);
   if (!resume_dir_.empty()) check_resume_checkpoint(cfg_, resume_dir_, grid_.tp_rank(), grid_.tp_size());
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   if (cfg_.train.max_steps > 0) {

@@ -365,6 +365,27 @@ TEST(TrainE2e, ProgressFiguresStayInBoundsWithFrequentSavesAndEvaluations) {
 }
 
 
+// `bench train` writes nothing into the output_dir, so it runs on a config whose output_dir
+// holds a finished run (README: train, then bench train the same config) and leaves it as it was.
+TEST(TrainE2e, BenchTrainRunsBesideAnEarlierRunAndLeavesItAlone) {
+  dt::TempDir dir("andyllm-train-e2e");
+  std::string cfg = make_run(dir, 4, /*checkpoint_interval=*/2);
+  auto r = run_command(mpirun(1) + andyllm_bin() + " train --config " + cfg);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  const int rows = count_lines(dir / "out/metrics.jsonl");
+  const std::string latest = dt::read_text(dir / "out/checkpoints/latest");
+  auto b = run_command(mpirun(1) + andyllm_bin() + " bench train --config " + cfg + " --steps 3 --warmup 1");
+  ASSERT_EQ(b.exit_code, 0) << b.output;
+  EXPECT_NE(b.output.find("tokens/s"), std::string::npos) << b.output;
+  EXPECT_EQ(count_lines(dir / "out/metrics.jsonl"), rows);
+  EXPECT_EQ(dt::read_text(dir / "out/checkpoints/latest"), latest);
+  EXPECT_FALSE(fs::exists(dir / "out/archive"));
+  // A real second run there is still refused.
+  auto again = run_command(mpirun(1) + andyllm_bin() + " train --config " + cfg + " --resume none");
+  EXPECT_NE(again.exit_code, 0);
+  EXPECT_NE(again.output.find("already holds an earlier run"), std::string::npos) << again.output;
+}
+
 // Issue: two runs into one output_dir both ran. The second is refused naming the first's host
 // and PID; the lock dies with the process, so after a kill the run resumes.
 TEST(TrainE2e, ASecondRunIntoTheSameOutputDirIsRefusedWhileTheFirstLives) {
