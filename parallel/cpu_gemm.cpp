@@ -4,6 +4,7 @@
 #include <dlfcn.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -68,6 +69,58 @@ struct CpuLinearFn : public torch::autograd::Function<CpuLinearFn> {
   }
 };
 
+// A batch of row-major matrices as sgemm reads them: entry i at data + i * batch_stride, either
+// as stored ('N', leading dim ld) or transposed ('T').
+struct Operand {
+  at::Tensor keep;  // holds the memory
+  const float* data;
+  int64_t batch_stride, ld;
+  bool trans;
+};
+
+// x [batch, rows, cols] (any strides): read in place when its matrices are row-major or
+// transposed row-major, else from a contiguous copy.
+Operand operand_of(const at::Tensor& x) {
+  const int64_t rows = x.size(1), cols = x.size(2);
+  if (x.stride(2) == 1 && x.stride(1) >= std::max<int64_t>(cols, 1))
+    return {x, x.data_ptr<float>(), x.stride(0), x.stride(1), false};
+  if (x.stride(1) == 1 && x.stride(2) >= std::max<int64_t>(rows, 1))
+    return {x, x.data_ptr<float>(), x.stride(0), x.stride(2), true};
+  const at::Tensor c = x.contiguous();
+  return {c, c.data_ptr<float>(), c.stride(0), c.stride(1), false};
+}
+
+// c [batch, M, N] = op(a) op(b) for every batch entry; `flip_a` / `flip_b` transpose the operand
+// once more (the backward's a^T and b^T).
+at::Tensor batched_product(const at::Tensor& a3, bool flip_a, const at::Tensor& b3, bool flip_b) {
+  const Operand a = operand_of(a3), b = operand_of(b3);
+  const bool ta = a.trans != flip_a, tb = b.trans != flip_b;
+  const int64_t batch = a3.size(0);
+  const int64_t m = flip_a ? a3.size(2) : a3.size(1), k = flip_a ? a3.size(1) : a3.size(2);
+  const int64_t n = flip_b ? b3.size(1) : b3.size(2);
+  at::Tensor c = at::empty({batch, m, n}, a3.options());
+  float* cp = c.data_ptr<float>();
+  for (int64_t i = 0; i < batch; ++i)
+    cpu_sgemm(ta, tb, m, n, k, a.data + i * a.batch_stride, a.ld, b.data + i * b.batch_stride, b.ld, cp + i * m * n, n);
+  return c;
+}
+
+struct CpuMatmulFn : public torch::autograd::Function<CpuMatmulFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& a3, const at::Tensor& b3) {
+    ctx->save_for_backward({a3, b3});
+    return batched_product(a3, false, b3, false);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor dc = grads[0].contiguous();
+    at::Tensor da, db;
+    if (ctx->needs_input_grad(0)) da = batched_product(dc, false, saved[1], true);  // dC B^T
+    if (ctx->needs_input_grad(1)) db = batched_product(saved[0], true, dc, false);  // A^T dC
+    return {da, db};
+  }
+};
+
 }  // namespace
 
 bool cpu_gemm_enabled() { return sgemm_fn() != nullptr; }
@@ -90,6 +143,23 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight) {
   if (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())) y = CpuLinearFn::apply(x2, w);
   else y = matmul_nt(x2, w);
   return y.view(shape);
+}
+
+at::Tensor cpu_matmul(const at::Tensor& a, const at::Tensor& b) {
+  const bool fits = cpu_gemm_enabled() && a.dim() >= 3 && a.dim() == b.dim() && a.device().is_cpu() &&
+                    b.device().is_cpu() && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+                    !compat::autocast_enabled(at::kCPU) && a.size(-1) == b.size(-2) &&
+                    a.sizes().slice(0, a.dim() - 2) == b.sizes().slice(0, b.dim() - 2) && a.numel() > 0 &&
+                    b.numel() > 0;
+  if (!fits) return at::matmul(a, b);
+  auto shape = a.sizes().vec();
+  shape.back() = b.size(-1);
+  // reshape keeps a transposed view a view when the batch dims are contiguous ones.
+  const at::Tensor a3 = a.reshape({-1, a.size(-2), a.size(-1)}), b3 = b.reshape({-1, b.size(-2), b.size(-1)});
+  at::Tensor c;
+  if (at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad())) c = CpuMatmulFn::apply(a3, b3);
+  else c = batched_product(a3, false, b3, false);
+  return c.view(shape);
 }
 
 }  // namespace andy

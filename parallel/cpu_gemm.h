@@ -4,7 +4,8 @@
 // kernels on this project's AVX-512 build machine: about 125 GFLOP/s per core, where oneDNN's
 // sgemm (the oneDNN LibTorch already links, libdnnl.so.2, used by LibTorch for bf16) reaches
 // about 240 at training shapes and 1.2-1.6x at 32-row decode shapes, to the same fp32 precision
-// (docs/PERFORMANCE.md). The linear layers (and the tied LM head) use it for CPU fp32 tensors;
+// (docs/PERFORMANCE.md). The linear layers (and the tied LM head) and the attention's two
+// batched products (LibTorch 1.13's explicit attention) use it for CPU fp32 tensors;
 // everything else (other devices, bf16 / fp16, autocast regions, a LibTorch without an exported
 // `dnnl_sgemm`, ANDYLLM_CPU_GEMM=blas) goes through at::linear as before.
 #pragma once
@@ -23,6 +24,12 @@ bool cpu_gemm_enabled();
 // oneDNN's sgemm for CPU fp32 tensors outside autocast when cpu_gemm_enabled(); at::linear
 // otherwise.
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight);
+
+// a [..., M, K] times b [..., K, N] over the same batch dims (no broadcasting), as at::matmul,
+// differentiable in both. Each operand's last two dims may be a transposed view (k.transpose(-2,
+// -1)): it is read as it lies. oneDNN's sgemm per batch entry under the same conditions as
+// cpu_linear; at::matmul otherwise.
+at::Tensor cpu_matmul(const at::Tensor& a, const at::Tensor& b);
 
 // Row-major C[M, N] = op(A) op(B), op transposing when asked (A is [M, K] or, transposed,
 // [K, M]; B is [K, N] or [N, K]). Requires cpu_gemm_enabled().

@@ -9,6 +9,7 @@
 #include "core/base/torch_compat.h"
 #include "core/model/decode_attention_cpu.h"
 #include "core/model/fused_ops.h"
+#include "parallel/cpu_gemm.h"
 
 namespace andy {
 
@@ -22,9 +23,10 @@ at::Tensor explicit_attention(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t h_kv = k.size(1), s = k.size(2), g = h / h_kv;
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
   at::Tensor qg = q.reshape({b, h_kv, g * t, d});
-  at::Tensor scores = at::matmul(qg, k.transpose(-2, -1)).view({b, h_kv, g, t, s});
+  // cpu_matmul: oneDNN's sgemm for CPU fp32 (parallel/cpu_gemm.h), at::matmul otherwise.
+  at::Tensor scores = cpu_matmul(qg, k.transpose(-2, -1)).view({b, h_kv, g, t, s});
   at::Tensor probs = causal_softmax(scores, scale, q_offset).view({b, h_kv, g * t, s});  // fused on CPU
-  return at::matmul(probs, v).view({b, h, t, d});
+  return cpu_matmul(probs, v).view({b, h, t, d});
 }
 
 }  // namespace

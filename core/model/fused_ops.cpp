@@ -178,7 +178,25 @@ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, const
   const float gs = static_cast<float>(h.grad_scale);
   const bool scaled = h.grad_scale != 1.0;
   at::parallel_for(0, n, 32768, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+    // 8 at a time (GCC does not vectorize the loop below at -O2: it ran scalar divisions and
+    // square roots, 5.7 % of a 25 M fp32 step), the same operations in the same order.
+    const __m256 vdecay = _mm256_set1_ps(decay), vb1 = _mm256_set1_ps(b1), v1b1 = _mm256_set1_ps(one_b1);
+    const __m256 vb2 = _mm256_set1_ps(b2), v1b2 = _mm256_set1_ps(one_b2), vbc2 = _mm256_set1_ps(sqrt_bc2);
+    const __m256 veps = _mm256_set1_ps(eps), vstep = _mm256_set1_ps(step), vgs = _mm256_set1_ps(gs);
+    int64_t i = begin;
+    for (; i + 8 <= end; i += 8) {
+      __m256 pv = _mm256_loadu_ps(p + i);
+      if (do_decay) pv = _mm256_mul_ps(pv, vdecay);
+      __m256 gv = _mm256_loadu_ps(g + i);
+      if (scaled) gv = _mm256_mul_ps(gv, vgs);
+      const __m256 mv = _mm256_fmadd_ps(_mm256_loadu_ps(m + i), vb1, _mm256_mul_ps(v1b1, gv));
+      const __m256 vv = _mm256_fmadd_ps(_mm256_loadu_ps(v + i), vb2, _mm256_mul_ps(v1b2, _mm256_mul_ps(gv, gv)));
+      _mm256_storeu_ps(m + i, mv);
+      _mm256_storeu_ps(v + i, vv);
+      const __m256 denom = _mm256_add_ps(_mm256_div_ps(_mm256_sqrt_ps(vv), vbc2), veps);
+      _mm256_storeu_ps(p + i, _mm256_fmadd_ps(vstep, _mm256_div_ps(mv, denom), pv));
+    }
+    for (; i < end; ++i) {
       float pi = do_decay ? p[i] * decay : p[i];
       const float gi = scaled ? g[i] * gs : g[i];
       const float mi = m[i] * b1 + one_b1 * gi;

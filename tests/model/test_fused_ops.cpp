@@ -99,9 +99,10 @@ TEST_P(FusedOps, RopeMatchesCompositeAndInvertsItself) {
 }
 
 TEST_P(FusedOps, AdamWMatchesCompositeOverSteps) {
+  for (int64_t rows : {1000, 1001})  // 1001 x 33 = 33033: the 8-wide loop's scalar tail too
   for (double wd : {0.0, 0.1})
   for (double scale : {1.0, 0.37}) {  // a clipping factor: as the composite on the clipped gradient
-    at::Tensor p1 = at::randn({1000, 33}), m1 = at::zeros_like(p1), v1 = at::zeros_like(p1);
+    at::Tensor p1 = at::randn({rows, 33}), m1 = at::zeros_like(p1), v1 = at::zeros_like(p1);
     at::Tensor p2 = p1.clone(), m2 = m1.clone(), v2 = v1.clone();
     for (int step = 1; step <= 5; ++step) {
       at::Tensor g = at::randn_like(p1).mul(step);

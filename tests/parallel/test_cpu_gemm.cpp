@@ -1,7 +1,8 @@
 // oneDNN's sgemm behind the fp32 CPU linears (parallel/cpu_gemm.h): values and both gradients
 // equal at::linear's (OpenBLAS) to fp32 rounding, for training and decode shapes; the cases it
 // does not take (bf16, autocast, a single row through linear_rows' matrix-vector product) give
-// at::linear's results; the raw sgemm's four transpose cases against a double reference.
+// at::linear's results; the raw sgemm's four transpose cases against a double reference; the
+// batched products of the attention against at::matmul.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -74,6 +75,37 @@ TEST(CpuGemm, LinearValuesAndGradientsMatchAtLinear) {
     EXPECT_LT(rel_err(cpu_linear(x0, w0), y2.detach()), 1e-5);
     EXPECT_LT(rel_err(linear_rows(x0, w0), y2.detach()), 1e-5);
   }
+}
+
+// The attention's two products: scores = q k^T (k a transposed view) and out = p v, values and
+// both gradients against at::matmul; a permuted (neither row-major nor transposed) operand, a
+// single-row one, and mismatched batch dims (at::matmul's broadcasting, not taken here).
+TEST(CpuGemm, BatchedMatmulValuesAndGradientsMatchAtMatmul) {
+  torch::manual_seed(4);
+  const int64_t b = 2, h = 3, t = 17, s = 23, d = 16;
+  const at::Tensor q0 = at::randn({b, h, t, d}), k0 = at::randn({b, h, s, d}), v0 = at::randn({b, h, s, d});
+  const at::Tensor g0 = at::randn({b, h, t, d});
+  at::Tensor q1 = q0.clone().requires_grad_(true), k1 = k0.clone().requires_grad_(true),
+             v1 = v0.clone().requires_grad_(true);
+  at::Tensor q2 = q0.clone().requires_grad_(true), k2 = k0.clone().requires_grad_(true),
+             v2 = v0.clone().requires_grad_(true);
+  const at::Tensor o1 = cpu_matmul(at::softmax(cpu_matmul(q1, k1.transpose(-2, -1)), -1), v1);
+  const at::Tensor o2 = at::matmul(at::softmax(at::matmul(q2, k2.transpose(-2, -1)), -1), v2);
+  EXPECT_LT(rel_err(o1, o2), 1e-5);
+  (o1 * g0).sum().backward();
+  (o2 * g0).sum().backward();
+  EXPECT_LT(rel_err(q1.grad(), q2.grad()), 1e-5);
+  EXPECT_LT(rel_err(k1.grad(), k2.grad()), 1e-5);
+  EXPECT_LT(rel_err(v1.grad(), v2.grad()), 1e-5);
+  torch::NoGradGuard no_grad;
+  // A permuted operand ([b, s, h, d] read as [b, h, d, s]) is copied first; one-row matrices.
+  const at::Tensor kp = at::randn({b, s, h, d}).permute({0, 2, 3, 1});
+  EXPECT_LT(rel_err(cpu_matmul(q0, kp), at::matmul(q0, kp)), 1e-5);
+  const at::Tensor row = at::randn({b, h, 1, d});
+  EXPECT_LT(rel_err(cpu_matmul(row, k0.transpose(-2, -1)), at::matmul(row, k0.transpose(-2, -1))), 1e-5);
+  // Broadcast batch dims go to at::matmul.
+  const at::Tensor shared = at::randn({1, h, d, s});
+  EXPECT_TRUE(at::equal(cpu_matmul(q0, shared), at::matmul(q0, shared)));
 }
 
 TEST(CpuGemm, OtherDtypesAutocastAndSingleRowsKeepAtLinear) {
