@@ -162,19 +162,24 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
   });
   // 4. The engine: KV pool from [serve], control channel for the step plans.
   serve::EngineOptions opts;
+  const std::string& kv_name = cfg.serve.kv_cache_dtype;
+  const at::ScalarType kv_dtype = kv_name == "bf16"   ? at::kBFloat16
+                                  : kv_name == "fp16" ? at::kHalf
+                                  : kv_name == "fp32" ? at::kFloat
+                                                      : st.model->model->embed_tokens->weight.scalar_type();
   run_agreed(comm, [&] {
-    opts = serve::engine_options_from(cfg, st.model_config, tp, st.device, at::kFloat);
+    opts = serve::engine_options_from(cfg, st.model_config, tp, st.device, kv_dtype);
     if (st.tokenizer) opts.eos_id = st.tokenizer->eos_id();
   });
   st.channel = std::make_unique<serve::ControlChannel>(comm);
   st.engine = std::make_unique<serve::Engine>(
-      opts, st.model, at::TensorOptions().dtype(at::kFloat).device(st.device), st.channel.get());
+      opts, st.model, at::TensorOptions().dtype(kv_dtype).device(st.device), st.channel.get());
   st.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (world->is_root())
     log::info("serving ", cfg.serve.model, " (", st.model_config.n_layer, " layers, dim ",
               st.model_config.dim, ", vocab ", st.model_config.vocab_size, ") on ", tp,
               " tensor-parallel rank(s), ", st.device.str(), "; KV cache ", opts.num_blocks,
-              " blocks of ", opts.block_size, " tokens per rank",
+              " blocks of ", opts.block_size, " tokens per rank (", c10::toString(kv_dtype), ")",
               opts.num_host_blocks > 0 ? ", swap " + std::to_string(opts.num_host_blocks) + " blocks" : "",
               "; max_model_len ", opts.max_model_len, "; loaded in ", st.load_seconds, " s");
   return st;

@@ -89,10 +89,12 @@ void Scheduler::preempt(SequenceState* victim, SchedulerStep& step) {
   waiting_.push_front(victim);
 }
 
-bool Scheduler::swap_in(SequenceState* seq, SchedulerStep& step) {
+bool Scheduler::swap_in(SequenceState* seq, int64_t n_new, SchedulerStep& step) {
   const int64_t bs = blocks_.block_size();
   const int64_t held = static_cast<int64_t>(seq->host_blocks.size());
-  const int64_t total = std::max(held, (seq->num_computed + 1 + bs - 1) / bs);
+  // Room for its blocks and for this step's tokens: a decode's one, or a prefill chunk's many
+  // (a sequence swapped out in the middle of its prompt).
+  const int64_t total = std::max(held, (seq->num_computed + n_new + bs - 1) / bs);
   if (blocks_.num_available() < total) return false;
   for (int64_t h : seq->host_blocks) {
     const int64_t b = blocks_.allocate();
@@ -149,10 +151,10 @@ SchedulerStep Scheduler::schedule() {
   // 2. Swapped sequences come back, oldest first.
   while (!swapped_.empty() && budget > 0 && num_running() < opts_.max_num_seqs) {
     SequenceState* s = swapped_.front();
-    if (!swap_in(s, step)) break;
+    const int64_t n = std::min(pending_tokens(s), budget);
+    if (!swap_in(s, n, step)) break;
     swapped_.pop_front();
     insert_by_arrival(running_, s);
-    const int64_t n = std::min(pending_tokens(s), budget);
     ANDY_CHECK(grow(s, s->num_computed + n), "scheduler: swap-in reserved too few blocks");
     plan(s, n);
   }

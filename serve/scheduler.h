@@ -94,7 +94,8 @@ class Scheduler {
   void free_blocks(SequenceState* seq);
   // Frees (recompute) or swaps out `victim`; appends swap pairs to `step`.
   void preempt(SequenceState* victim, SchedulerStep& step);
-  bool swap_in(SequenceState* seq, SchedulerStep& step);
+  // Brings a swapped sequence back with room for n_new tokens of this step; false if blocks lack.
+  bool swap_in(SequenceState* seq, int64_t n_new, SchedulerStep& step);
   void lookup_prefix(SequenceState* seq);
 
   SchedulerOptions opts_;

@@ -18,6 +18,12 @@ inline bool has_avx2_fma() {
   return yes;
 }
 
+// F16C (fp16 <-> fp32 conversion): every AVX2 CPU has it, but it is its own CPUID bit.
+inline bool has_f16c() {
+  static const bool yes = __builtin_cpu_supports("f16c");
+  return yes;
+}
+
 // ANDYLLM_FUSED_OPS=0 turns every fused path off (CPU kernels and the GPU's LibTorch 2.x fused
 // ops), to measure or compare against the unfused LibTorch composites in the same build.
 inline bool fused_ops_requested() {

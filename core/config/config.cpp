@@ -144,6 +144,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(float_key(&ServeConfig::kv_cache_memory, &C::serve, "serve", "kv_cache_memory", 0, 1e15, false, "KV-cache pool per rank: bytes, or a fraction (<= 1) of free GPU memory; 0: room for max_num_seqs sequences of max_model_len (CPU) or 0.9 of free memory (GPU)"));
   s.push_back(int_key(&ServeConfig::num_kv_blocks, &C::serve, "serve", "num_kv_blocks", 0, kBig, "exact KV-cache pool size in blocks (overrides kv_cache_memory); 0: from kv_cache_memory"));
   s.push_back(float_key(&ServeConfig::swap_space, &C::serve, "serve", "swap_space", 0, 1e6, false, "GiB of host memory per rank for KV blocks of preempted requests; 0: preemption recomputes"));
+  s.push_back(str_key(&ServeConfig::kv_cache_dtype, &C::serve, "serve", "kv_cache_dtype", {"auto", "fp32", "bf16", "fp16"}, "element type of the KV cache: auto (the weights' dtype), fp32, bf16 or fp16 (half the memory and bytes read per decode step; keys and values rounded to 8 or 11 significant bits)"));
   s.push_back(int_key(&ServeConfig::max_num_seqs, &C::serve, "serve", "max_num_seqs", 1, 65536, "sequences in one engine step at most"));
   s.push_back(int_key(&ServeConfig::max_num_batched_tokens, &C::serve, "serve", "max_num_batched_tokens", 1, 1 << 24, "tokens in one engine step at most (prefill chunks and decodes)"));
   s.push_back(int_key(&ServeConfig::max_model_len, &C::serve, "serve", "max_model_len", 0, 1 << 24, "prompt + completion tokens at most; 0: model.max_seq_len"));

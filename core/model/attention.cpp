@@ -146,18 +146,20 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
       prefill_attention(q, k_cache, v_cache, batch, s, block_size, out);
   }
   if (decodes.empty()) return out;
-  const bool cpu_fp32 = q.is_cpu() && q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
-                        v_cache.scalar_type() == at::kFloat && k_cache.is_contiguous() &&
-                        v_cache.is_contiguous();
-  if (!cpu_fp32) {
+  const bool cpu_kernel = q.is_cpu() && q.scalar_type() == at::kFloat && k_cache.is_cpu() &&
+                          k_cache.scalar_type() == v_cache.scalar_type() &&
+                          decode_attention_cpu_supports(k_cache.scalar_type()) && k_cache.is_contiguous() &&
+                          v_cache.is_contiguous();
+  if (!cpu_kernel) {
     decode_attention(q, k_cache, v_cache, batch, decodes, block_size, out);
     return out;
   }
   const at::Tensor qc = q.contiguous();
   DecodeAttentionArgs a;
   a.q = qc.data_ptr<float>();
-  a.k_cache = k_cache.data_ptr<float>();
-  a.v_cache = v_cache.data_ptr<float>();
+  a.k_cache = k_cache.data_ptr();
+  a.v_cache = v_cache.data_ptr();
+  a.kv_dtype = k_cache.scalar_type();
   a.out = out.data_ptr<float>();
   a.n_head = q.size(1);
   a.n_kv_head = k_cache.size(1);

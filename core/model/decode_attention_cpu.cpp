@@ -1,53 +1,86 @@
 // CPU decode attention (see decode_attention_cpu.h). The AVX2 functions carry
-// target("avx2,fma") and run only where has_avx2_fma() (core/base/avx2_math.h).
+// target("avx2,fma,f16c") and run only where has_avx2_fma() and has_f16c() (core/base/avx2_math.h).
 #include "core/model/decode_attention_cpu.h"
 
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 #include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "core/base/avx2_math.h"
+#include "core/base/error.h"
 
 namespace andy {
 
 namespace {
 
-float dot_portable(const float* a, const float* b, int64_t d) {
+// Cache elements: fp32, bf16 or fp16 (serve.kv_cache_dtype), read as fp32.
+struct F32 {
+  using T = float;
+  static float scalar(const T* p) { return *p; }
+  __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+};
+struct BF16 {
+  using T = uint16_t;
+  static float scalar(const T* p) {
+    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  }
+  __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+};
+struct F16 {
+  using T = uint16_t;
+  static float scalar(const T* p) { return static_cast<float>(c10::Half(*p, c10::Half::from_bits())); }
+  __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+};
+
+template <class E>
+float dot_portable(const float* a, const typename E::T* b, int64_t d) {
   float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= d; i += 8)
-    for (int l = 0; l < 8; ++l) s[l] += a[i + l] * b[i + l];
+    for (int l = 0; l < 8; ++l) s[l] += a[i + l] * E::scalar(b + i + l);
   float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < d; ++i) r += a[i] * b[i];
+  for (; i < d; ++i) r += a[i] * E::scalar(b + i);
   return r;
 }
 
-void axpy_portable(float w, const float* x, float* y, int64_t d) {
-  for (int64_t i = 0; i < d; ++i) y[i] += w * x[i];
+template <class E>
+void axpy_portable(float w, const typename E::T* x, float* y, int64_t d) {
+  for (int64_t i = 0; i < d; ++i) y[i] += w * E::scalar(x + i);
 }
 
-__attribute__((target("avx2,fma"))) float dot_avx2(const float* a, const float* b, int64_t d) {
+template <class E>
+__attribute__((target("avx2,fma,f16c"))) float dot_avx2(const float* a, const typename E::T* b, int64_t d) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), E::load8(b + i), acc);
   __m128 lo = _mm256_castps256_ps128(acc), hi = _mm256_extractf128_ps(acc, 1);
   __m128 s = _mm_add_ps(lo, hi);
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   float r = _mm_cvtss_f32(s);
-  for (; i < d; ++i) r += a[i] * b[i];
+  for (; i < d; ++i) r += a[i] * E::scalar(b + i);
   return r;
 }
 
-__attribute__((target("avx2,fma"))) void axpy_avx2(float w, const float* x, float* y, int64_t d) {
+template <class E>
+__attribute__((target("avx2,fma,f16c"))) void axpy_avx2(float w, const typename E::T* x, float* y, int64_t d) {
   const __m256 wv = _mm256_set1_ps(w);
   int64_t i = 0;
-  for (; i + 8 <= d; i += 8)
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-  for (; i < d; ++i) y[i] += w * x[i];
+  for (; i + 8 <= d; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(wv, E::load8(x + i), _mm256_loadu_ps(y + i)));
+  for (; i < d; ++i) y[i] += w * E::scalar(x + i);
 }
 
 // scores[i] = exp(scale * scores[i] - max) for i < n; returns their sum.
@@ -79,26 +112,28 @@ __attribute__((target("avx2,fma"))) inline __m256 sum8(const __m256* a) {
 }
 
 // Scores of query `q` against 8 key rows, written to dst[0..8): 8 dot products reduced together.
-__attribute__((target("avx2,fma"))) void dot8_avx2(const float* q, const float* const* k, int64_t d, float* dst) {
+template <class E>
+__attribute__((target("avx2,fma,f16c"))) void dot8_avx2(const float* q, const typename E::T* const* k, int64_t d,
+                                                         float* dst) {
   __m256 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t x = 0; x < d; x += 8) {
     const __m256 qv = _mm256_loadu_ps(q + x);
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k[i] + x), acc[i]);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, E::load8(k[i] + x), acc[i]);
   }
   _mm256_storeu_ps(dst, sum8(acc));
 }
 
 // out[h * d + (0..d)] = sum_p w[h * stride + p] * v[p] for the G heads of a group, over `n`
 // rows, accumulated in registers (d = 8 * NV): each value row is loaded once for all G heads.
-template <int NV, int G>
-__attribute__((target("avx2,fma"))) void weighted_sum_avx2(const float* w, int64_t stride, const float* const* v,
-                                                           int64_t n, float* out) {
+template <int NV, int G, class E>
+__attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, int64_t stride,
+                                                                const typename E::T* const* v, int64_t n, float* out) {
   __m256 acc[G * NV];
   for (int i = 0; i < G * NV; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t p = 0; p < n; ++p) {
     __m256 row[NV];
-    for (int i = 0; i < NV; ++i) row[i] = _mm256_loadu_ps(v[p] + 8 * i);
+    for (int i = 0; i < NV; ++i) row[i] = E::load8(v[p] + 8 * i);
     for (int h = 0; h < G; ++h) {
       const __m256 wv = _mm256_set1_ps(w[h * stride + p]);
       for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_fmadd_ps(wv, row[i], acc[h * NV + i]);
@@ -109,20 +144,21 @@ __attribute__((target("avx2,fma"))) void weighted_sum_avx2(const float* w, int64
 }
 
 // The weighted sums of `g` heads (weights rows of `stride`), fused where registers allow.
-void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const float* const* v, int64_t n,
+template <class E>
+void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const typename E::T* const* v, int64_t n,
                    int64_t d, float* out) {
   if (avx2) {
     const int64_t nv = d / 8;
     if (d % 8 == 0) {
-      if (nv == 2 && g == 1) return weighted_sum_avx2<2, 1>(w, stride, v, n, out);
-      if (nv == 2 && g == 2) return weighted_sum_avx2<2, 2>(w, stride, v, n, out);
-      if (nv == 2 && g == 4) return weighted_sum_avx2<2, 4>(w, stride, v, n, out);
-      if (nv == 4 && g == 1) return weighted_sum_avx2<4, 1>(w, stride, v, n, out);
-      if (nv == 4 && g == 2) return weighted_sum_avx2<4, 2>(w, stride, v, n, out);
-      if (nv == 8 && g == 1) return weighted_sum_avx2<8, 1>(w, stride, v, n, out);
-      if (nv == 16 && g == 1) return weighted_sum_avx2<16, 1>(w, stride, v, n, out);
+      if (nv == 2 && g == 1) return weighted_sum_avx2<2, 1, E>(w, stride, v, n, out);
+      if (nv == 2 && g == 2) return weighted_sum_avx2<2, 2, E>(w, stride, v, n, out);
+      if (nv == 2 && g == 4) return weighted_sum_avx2<2, 4, E>(w, stride, v, n, out);
+      if (nv == 4 && g == 1) return weighted_sum_avx2<4, 1, E>(w, stride, v, n, out);
+      if (nv == 4 && g == 2) return weighted_sum_avx2<4, 2, E>(w, stride, v, n, out);
+      if (nv == 8 && g == 1) return weighted_sum_avx2<8, 1, E>(w, stride, v, n, out);
+      if (nv == 16 && g == 1) return weighted_sum_avx2<16, 1, E>(w, stride, v, n, out);
       if (g > 1) {  // one head at a time
-        for (int64_t h = 0; h < g; ++h) weighted_sums(avx2, w + h * stride, stride, 1, v, n, d, out + h * d);
+        for (int64_t h = 0; h < g; ++h) weighted_sums<E>(avx2, w + h * stride, stride, 1, v, n, d, out + h * d);
         return;
       }
     }
@@ -132,16 +168,18 @@ void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const f
     std::fill(o, o + d, 0.0f);
     for (int64_t p = 0; p < n; ++p) {
       if (avx2)
-        axpy_avx2(w[h * stride + p], v[p], o, d);
+        axpy_avx2<E>(w[h * stride + p], v[p], o, d);
       else
-        axpy_portable(w[h * stride + p], v[p], o, d);
+        axpy_portable<E>(w[h * stride + p], v[p], o, d);
     }
   }
 }
 
 // One (sequence, kv head): the group's query heads against the sequence's context.
+template <class E>
 void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::vector<float>& scores,
-            std::vector<const float*>& krows, std::vector<const float*>& vrows) {
+            std::vector<const typename E::T*>& krows, std::vector<const typename E::T*>& vrows) {
+  using T = typename E::T;
   const int64_t d = a.head_dim, h_kv = a.n_kv_head, g = a.n_head / h_kv, ctx = a.context_len[s];
   const int64_t bs = a.block_size;
   const std::vector<int64_t>& table = *a.tables[s];
@@ -152,10 +190,10 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
   const int64_t row_stride = h_kv * d;  // between consecutive slots
   // Each block is a page of its own somewhere in the pool, where the hardware prefetcher starts
   // over: the rows are prefetched here, keys to L1 and values to L2, while the pointers are set.
-  const int64_t row_lines = (d * static_cast<int64_t>(sizeof(float)) + 63) / 64;
+  const int64_t row_lines = (d * static_cast<int64_t>(sizeof(T)) + 63) / 64;
   for (int64_t p0 = 0, b = 0; p0 < ctx; p0 += bs, ++b) {
-    const float* k = a.k_cache + (table[b] * bs * h_kv + j) * d;
-    const float* v = a.v_cache + (table[b] * bs * h_kv + j) * d;
+    const T* k = static_cast<const T*>(a.k_cache) + (table[b] * bs * h_kv + j) * d;
+    const T* v = static_cast<const T*>(a.v_cache) + (table[b] * bs * h_kv + j) * d;
     for (int64_t p = p0, end = std::min(ctx, p0 + bs); p < end; ++p, k += row_stride, v += row_stride) {
       krows[p] = k;
       vrows[p] = v;
@@ -172,10 +210,10 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
   int64_t p = 0;
   if (vec8)
     for (; p + 8 <= ctx; p += 8)
-      for (int64_t h = 0; h < g; ++h) dot8_avx2(q + h * d, krows.data() + p, d, scores.data() + h * ctx + p);
+      for (int64_t h = 0; h < g; ++h) dot8_avx2<E>(q + h * d, krows.data() + p, d, scores.data() + h * ctx + p);
   for (; p < ctx; ++p)
     for (int64_t h = 0; h < g; ++h)
-      scores[h * ctx + p] = avx2 ? dot_avx2(q + h * d, krows[p], d) : dot_portable(q + h * d, krows[p], d);
+      scores[h * ctx + p] = avx2 ? dot_avx2<E>(q + h * d, krows[p], d) : dot_portable<E>(q + h * d, krows[p], d);
   for (int64_t h = 0; h < g; ++h) {
     float* sc = scores.data() + h * ctx;
     float mx = -std::numeric_limits<float>::infinity();
@@ -192,19 +230,34 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
     const float inv = 1.0f / sum;
     for (int64_t i = 0; i < ctx; ++i) sc[i] *= inv;
   }
-  weighted_sums(avx2, scores.data(), ctx, g, vrows.data(), ctx, d, out);
+  weighted_sums<E>(avx2, scores.data(), ctx, g, vrows.data(), ctx, d, out);
+}
+
+template <class E>
+void attend_all(const DecodeAttentionArgs& a, bool avx2) {
+  const int64_t n = static_cast<int64_t>(a.rows.size());
+  at::parallel_for(0, n * a.n_kv_head, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    std::vector<const typename E::T*> krows, vrows;
+    for (int64_t i = begin; i < end; ++i)
+      attend<E>(a, avx2, i / a.n_kv_head, i % a.n_kv_head, scores, krows, vrows);
+  });
 }
 
 }  // namespace
 
+bool decode_attention_cpu_supports(c10::ScalarType kv_dtype) {
+  return kv_dtype == at::kFloat || kv_dtype == at::kBFloat16 || kv_dtype == at::kHalf;
+}
+
 void decode_attention_cpu(const DecodeAttentionArgs& a) {
-  const int64_t n = static_cast<int64_t>(a.rows.size());
-  const bool avx2 = has_avx2_fma();
-  at::parallel_for(0, n * a.n_kv_head, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<const float*> krows, vrows;
-    for (int64_t i = begin; i < end; ++i) attend(a, avx2, i / a.n_kv_head, i % a.n_kv_head, scores, krows, vrows);
-  });
+  const bool avx2 = has_avx2_fma() && has_f16c();
+  switch (a.kv_dtype) {
+    case at::kFloat: return attend_all<F32>(a, avx2);
+    case at::kBFloat16: return attend_all<BF16>(a, avx2);
+    case at::kHalf: return attend_all<F16>(a, avx2);
+    default: ANDY_CHECK(false, "decode_attention_cpu: KV cache dtype ", a.kv_dtype, " (fp32, bf16 or fp16 expected)");
+  }
 }
 
 }  // namespace andy

@@ -1,9 +1,12 @@
 // A CPU kernel for the decode half of paged attention: each sequence's one new query attends
 // to its cached keys and values read in place from the paged cache (no gather into a padded
 // copy), one pass over K and one over V per kv head, shared by the query heads of its group.
-// fp32 only; AVX2 + FMA where the CPU has them (checked at run time), portable loops
-// otherwise. Parallel over (sequence, kv head) with LibTorch's intra-op threads.
+// The cache may hold fp32, bf16 or fp16 (serve.kv_cache_dtype), read as fp32; queries, scores
+// and outputs are fp32. AVX2 + FMA + F16C where the CPU has them (checked at run time),
+// portable loops otherwise. Parallel over (sequence, kv head) with LibTorch's intra-op threads.
 #pragma once
+
+#include <c10/core/ScalarType.h>
 
 #include <cstdint>
 #include <vector>
@@ -12,8 +15,9 @@ namespace andy {
 
 struct DecodeAttentionArgs {
   const float* q = nullptr;        // [N, H, d] packed queries (rows of the batch)
-  const float* k_cache = nullptr;  // [slots, H_kv, d]
-  const float* v_cache = nullptr;
+  const void* k_cache = nullptr;   // [slots, H_kv, d] of kv_dtype
+  const void* v_cache = nullptr;
+  c10::ScalarType kv_dtype = c10::kFloat;
   float* out = nullptr;            // [N, H, d]
   int64_t n_head = 0, n_kv_head = 0, head_dim = 0, block_size = 0;
   float scale = 1.0f;
@@ -21,6 +25,9 @@ struct DecodeAttentionArgs {
   std::vector<int64_t> rows, context_len;
   std::vector<const std::vector<int64_t>*> tables;
 };
+
+// Whether the kernel reads a cache of this dtype (fp32, bf16, fp16).
+bool decode_attention_cpu_supports(c10::ScalarType kv_dtype);
 
 void decode_attention_cpu(const DecodeAttentionArgs& a);
 

@@ -92,8 +92,9 @@ struct Outcome {
 
 // Runs `requests` on a fresh engine; `together`: all submitted at once, else one at a time.
 // Collective: workers follow rank 0's plans. Checks every KV block is free at the end.
-Outcome run(const EngineOptions& opts, const std::vector<GenerationRequest>& requests, bool together) {
-  Engine engine(opts, tp_model(), at::TensorOptions().dtype(at::kFloat), &channel());
+Outcome run(const EngineOptions& opts, const std::vector<GenerationRequest>& requests, bool together,
+            at::ScalarType kv_dtype = at::kFloat) {
+  Engine engine(opts, tp_model(), at::TensorOptions().dtype(kv_dtype), &channel());
   Outcome out;
   if (rank() != 0) {
     engine.run_worker();
@@ -196,6 +197,55 @@ TEST(Engine, GreedyAloneEqualsBatchedChunkedAndTheFullForwardReference) {
   std::printf("  %s32 requests: alone %lld steps, batched %lld steps; %d mismatches vs the reference\n",
               tag().c_str(), (long long)alone.stats.steps, (long long)batched.stats.steps, mismatches);
   EXPECT_LT(batched.stats.steps, alone.stats.steps / 3) << "continuous batching should share steps";
+}
+
+// The dense model's logits for the token after `seq` (full forward, fp32).
+at::Tensor reference_next_logits(const std::vector<int64_t>& seq) {
+  at::NoGradGuard no_grad;
+  at::Tensor logits = dense_model()->forward(at::tensor(seq, at::kLong).view({1, -1}));
+  return dense_model()->gather_logits(logits)[0][-1];
+}
+
+// serve.kv_cache_dtype = fp16 / bf16: keys and values are rounded when stored. The tokens are
+// the same alone as in a batch with chunked prefills and preemption by swapping; against the
+// fp32 full forward, fp16 (11 significant bits) keeps every token of this model, and where bf16
+// (8 bits) picks another token, the fp32 logits of the two were nearly tied there.
+TEST(Engine, NarrowKvCacheKeepsGreedyTokensAloneAndBatched) {
+  auto requests = mixed_requests();
+  for (const at::ScalarType dtype : {at::kHalf, at::kBFloat16}) {
+    EngineOptions o = options(/*num_blocks=*/256);
+    Outcome alone = run(o, requests, /*together=*/false, dtype);
+    o.max_num_batched_tokens = 16;
+    o.num_blocks = 24;  // pressure: preemption, here by swapping to host blocks
+    o.num_host_blocks = 64;
+    Outcome batched = run(o, requests, /*together=*/true, dtype);
+    if (rank() != 0) continue;
+    EXPECT_GT(batched.stats.swapped_out_blocks, 0) << dtype;
+    int mismatches = 0;
+    double worst_gap = 0;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      EXPECT_EQ(batched.tokens[i][0], alone.tokens[i][0]) << tag() << dtype << " request " << i;
+      const auto want = reference_greedy(requests[i].prompt, requests[i].params.max_tokens);
+      const auto& got = alone.tokens[i][0];
+      ASSERT_EQ(got.size(), want.size());
+      size_t j = 0;
+      while (j < got.size() && got[j] == want[j]) ++j;
+      if (j == got.size()) continue;
+      ++mismatches;
+      // The first token that differs: how far below the fp32 choice the fp32 logits put it.
+      std::vector<int64_t> seq(requests[i].prompt.begin(), requests[i].prompt.end());
+      seq.insert(seq.end(), want.begin(), want.begin() + static_cast<std::ptrdiff_t>(j));
+      at::Tensor l = reference_next_logits(seq);
+      const double gap = (l[want[j]] - l[got[j]]).item<double>() / (l.max() - l.min()).item<double>();
+      worst_gap = std::max(worst_gap, gap);
+    }
+    std::printf("  %s%s KV cache: %d of 32 requests differ from the fp32 full forward (largest fp32 logit gap "
+                "at a divergence: %.4f of the logit range); %lld preemptions\n",
+                tag().c_str(), c10::toString(dtype), mismatches, worst_gap, (long long)batched.stats.num_preemptions);
+    if (dtype == at::kHalf) EXPECT_EQ(mismatches, 0);
+    EXPECT_LT(mismatches, 8) << dtype;
+    EXPECT_LT(worst_gap, 0.01) << dtype << ": a token far from a tie changed";
+  }
 }
 
 TEST(Engine, KvPoolPressurePreemptsAndKeepsGreedyTokens) {
