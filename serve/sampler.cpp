@@ -394,6 +394,23 @@ SampledToken SequenceSampler::sample(const at::Tensor& logits, const std::vector
   const at::Tensor row = logits.contiguous();
   const int64_t vocab = row.numel();
   const float* raw = row.data_ptr<float>();
+  const bool penalties = params_.repetition_penalty != 1.0 || params_.frequency_penalty != 0.0 ||
+                         params_.presence_penalty != 0.0;
+  if (params_.temperature < kGreedyTemperature && params_.logprobs < 0 && params_.logit_bias.empty() &&
+      !penalties) {
+    // Plain greedy: one pass over the fp32 row (the same token as the double path below: the
+    // conversion keeps the order, and the lowest index wins ties).
+    int64_t best = 0;
+    bool nan = false;
+    for (int64_t i = 0; i < vocab; ++i) {
+      nan |= std::isnan(raw[i]);
+      if (raw[i] > raw[best]) best = i;
+    }
+    ANDY_CHECK(!nan, "sampler: logits contain NaN");
+    SampledToken out;
+    out.token = static_cast<int32_t>(best);
+    return out;
+  }
   Workspace& ws = workspace();
   std::vector<double>& x = ws.x;
   x.assign(raw, raw + vocab);

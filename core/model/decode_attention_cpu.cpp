@@ -124,13 +124,14 @@ __attribute__((target("avx2,fma,f16c"))) void dot8_avx2(const float* q, const ty
   _mm256_storeu_ps(dst, sum8(acc));
 }
 
-// out[h * d + (0..d)] = sum_p w[h * stride + p] * v[p] for the G heads of a group, over `n`
+// out[h * d + (0..d)] += sum_p w[h * stride + p] * v[p] for the G heads of a group, over `n`
 // rows, accumulated in registers (d = 8 * NV): each value row is loaded once for all G heads.
 template <int NV, int G, class E>
 __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, int64_t stride,
                                                                 const typename E::T* const* v, int64_t n, float* out) {
   __m256 acc[G * NV];
-  for (int i = 0; i < G * NV; ++i) acc[i] = _mm256_setzero_ps();
+  for (int h = 0; h < G; ++h)
+    for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_loadu_ps(out + h * NV * 8 + 8 * i);
   for (int64_t p = 0; p < n; ++p) {
     __m256 row[NV];
     for (int i = 0; i < NV; ++i) row[i] = E::load8(v[p] + 8 * i);
@@ -143,7 +144,8 @@ __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, 
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + h * NV * 8 + 8 * i, acc[h * NV + i]);
 }
 
-// The weighted sums of `g` heads (weights rows of `stride`), fused where registers allow.
+// The weighted sums of `g` heads (weights rows of `stride`) added to out, fused where registers
+// allow.
 template <class E>
 void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const typename E::T* const* v, int64_t n,
                    int64_t d, float* out) {
@@ -165,7 +167,6 @@ void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const t
   }
   for (int64_t h = 0; h < g; ++h) {
     float* o = out + h * d;
-    std::fill(o, o + d, 0.0f);
     for (int64_t p = 0; p < n; ++p) {
       if (avx2)
         axpy_avx2<E>(w[h * stride + p], v[p], o, d);
@@ -175,62 +176,102 @@ void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const t
   }
 }
 
-// One (sequence, kv head): the group's query heads against the sequence's context.
+// Largest of x[0..n).
+__attribute__((target("avx2,fma"))) float max_avx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = *std::max_element(lanes, lanes + 8);
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
+}
+
+// Prefetches `rows` rows of `bytes` each, `stride` elements apart, into L1.
+template <class T>
+void prefetch_rows(const T* p, int64_t rows, int64_t stride, int64_t bytes) {
+  for (int64_t r = 0; r < rows; ++r, p += stride)
+    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+}
+
+// One (sequence, kv head): the group's query heads against the sequence's context, block by
+// block of the paged cache. Each block is a page of its own somewhere in the pool, where the
+// hardware prefetcher starts over, so the next block's rows are prefetched while this one is
+// computed. Pass 1: the scores of every head of the group, 8 rows at a time (the 8 key rows
+// stay in L1 for the group's heads); then a softmax per head, whose 1/sum is applied to the
+// output at the end; pass 2: the weighted sums of the values, accumulated in registers.
 template <class E>
-void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::vector<float>& scores,
-            std::vector<const typename E::T*>& krows, std::vector<const typename E::T*>& vrows) {
+void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::vector<float>& scores) {
   using T = typename E::T;
   const int64_t d = a.head_dim, h_kv = a.n_kv_head, g = a.n_head / h_kv, ctx = a.context_len[s];
   const int64_t bs = a.block_size;
   const std::vector<int64_t>& table = *a.tables[s];
   const float* q = a.q + (a.rows[s] * a.n_head + j * g) * d;
   float* out = a.out + (a.rows[s] * a.n_head + j * g) * d;
-  krows.resize(static_cast<size_t>(ctx));
-  vrows.resize(static_cast<size_t>(ctx));
   const int64_t row_stride = h_kv * d;  // between consecutive slots
-  // Each block is a page of its own somewhere in the pool, where the hardware prefetcher starts
-  // over: the rows are prefetched here, keys to L1 and values to L2, while the pointers are set.
-  const int64_t row_lines = (d * static_cast<int64_t>(sizeof(T)) + 63) / 64;
-  for (int64_t p0 = 0, b = 0; p0 < ctx; p0 += bs, ++b) {
-    const T* k = static_cast<const T*>(a.k_cache) + (table[b] * bs * h_kv + j) * d;
-    const T* v = static_cast<const T*>(a.v_cache) + (table[b] * bs * h_kv + j) * d;
-    for (int64_t p = p0, end = std::min(ctx, p0 + bs); p < end; ++p, k += row_stride, v += row_stride) {
-      krows[p] = k;
-      vrows[p] = v;
-      for (int64_t l = 0; l < row_lines; ++l) {
-        _mm_prefetch(reinterpret_cast<const char*>(k) + 64 * l, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(v) + 64 * l, _MM_HINT_T1);
-      }
-    }
-  }
-  // Scores of every head of the group, 8 positions at a time (the 8 key rows stay in L1 for
-  // the group's heads); then a softmax per head; then the fused weighted sums of the values.
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const int64_t n_blocks = (ctx + bs - 1) / bs;
+  auto rows_in = [&](int64_t b) { return std::min(bs, ctx - b * bs); };
+  auto base = [&](const void* cache, int64_t b) {
+    return static_cast<const T*>(cache) + (table[b] * bs * h_kv + j) * d;
+  };
+  constexpr int64_t kChunk = 8;
+  const T* rows[kChunk];
   scores.resize(static_cast<size_t>(g * ctx));
   const bool vec8 = avx2 && d % 8 == 0;
-  int64_t p = 0;
-  if (vec8)
-    for (; p + 8 <= ctx; p += 8)
-      for (int64_t h = 0; h < g; ++h) dot8_avx2<E>(q + h * d, krows.data() + p, d, scores.data() + h * ctx + p);
-  for (; p < ctx; ++p)
-    for (int64_t h = 0; h < g; ++h)
-      scores[h * ctx + p] = avx2 ? dot_avx2<E>(q + h * d, krows[p], d) : dot_portable<E>(q + h * d, krows[p], d);
-  for (int64_t h = 0; h < g; ++h) {
+  prefetch_rows(base(a.k_cache, 0), rows_in(0), row_stride, row_bytes);
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    if (b + 1 < n_blocks) prefetch_rows(base(a.k_cache, b + 1), rows_in(b + 1), row_stride, row_bytes);
+    const T* k = base(a.k_cache, b);
+    const int64_t n = rows_in(b), p0 = b * bs;
+    int64_t r = 0;
+    if (vec8)
+      for (; r + kChunk <= n; r += kChunk) {
+        for (int64_t i = 0; i < kChunk; ++i) rows[i] = k + (r + i) * row_stride;
+        for (int64_t h = 0; h < g; ++h) dot8_avx2<E>(q + h * d, rows, d, scores.data() + h * ctx + p0 + r);
+      }
+    for (; r < n; ++r)
+      for (int64_t h = 0; h < g; ++h)
+        scores[h * ctx + p0 + r] = avx2 ? dot_avx2<E>(q + h * d, k + r * row_stride, d)
+                                        : dot_portable<E>(q + h * d, k + r * row_stride, d);
+  }
+  float inv[64];
+  float* inv_heads = g <= 64 ? inv : nullptr;
+  std::vector<float> inv_big;
+  if (!inv_heads) {
+    inv_big.resize(static_cast<size_t>(g));
+    inv_heads = inv_big.data();
+  }
+  for (int64_t h = 0; h < g; ++h) {  // scale > 0: the largest scaled score is scale * max
     float* sc = scores.data() + h * ctx;
-    float mx = -std::numeric_limits<float>::infinity();
-    for (int64_t i = 0; i < ctx; ++i) mx = std::max(mx, sc[i] * a.scale);
     float sum = 0;
     if (avx2) {
-      sum = exp_scores_avx2(sc, ctx, a.scale, mx);
+      sum = exp_scores_avx2(sc, ctx, a.scale, a.scale * max_avx2(sc, ctx));
     } else {
+      const float mx = a.scale * *std::max_element(sc, sc + ctx);
       for (int64_t i = 0; i < ctx; ++i) {
         sc[i] = std::exp(sc[i] * a.scale - mx);
         sum += sc[i];
       }
     }
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < ctx; ++i) sc[i] *= inv;
+    inv_heads[h] = 1.0f / sum;
   }
-  weighted_sums<E>(avx2, scores.data(), ctx, g, vrows.data(), ctx, d, out);
+  std::fill(out, out + g * d, 0.0f);
+  prefetch_rows(base(a.v_cache, 0), rows_in(0), row_stride, row_bytes);
+  const T* vrows[256];
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    if (b + 1 < n_blocks) prefetch_rows(base(a.v_cache, b + 1), rows_in(b + 1), row_stride, row_bytes);
+    const T* v = base(a.v_cache, b);
+    const int64_t n = rows_in(b), p0 = b * bs;
+    for (int64_t c = 0; c < n; c += 256) {
+      const int64_t m = std::min<int64_t>(256, n - c);
+      for (int64_t i = 0; i < m; ++i) vrows[i] = v + (c + i) * row_stride;
+      weighted_sums<E>(avx2, scores.data() + p0 + c, ctx, g, vrows, m, d, out);
+    }
+  }
+  for (int64_t h = 0; h < g; ++h)
+    for (int64_t x = 0; x < d; ++x) out[h * d + x] *= inv_heads[h];
 }
 
 template <class E>
@@ -238,9 +279,7 @@ void attend_all(const DecodeAttentionArgs& a, bool avx2) {
   const int64_t n = static_cast<int64_t>(a.rows.size());
   at::parallel_for(0, n * a.n_kv_head, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    std::vector<const typename E::T*> krows, vrows;
-    for (int64_t i = begin; i < end; ++i)
-      attend<E>(a, avx2, i / a.n_kv_head, i % a.n_kv_head, scores, krows, vrows);
+    for (int64_t i = begin; i < end; ++i) attend<E>(a, avx2, i / a.n_kv_head, i % a.n_kv_head, scores);
   });
 }
 

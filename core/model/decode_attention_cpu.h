@@ -20,7 +20,7 @@ struct DecodeAttentionArgs {
   c10::ScalarType kv_dtype = c10::kFloat;
   float* out = nullptr;            // [N, H, d]
   int64_t n_head = 0, n_kv_head = 0, head_dim = 0, block_size = 0;
-  float scale = 1.0f;
+  float scale = 1.0f;              // 1/sqrt(head_dim); must be positive
   // Per decoded sequence: its row in q/out, its context length and block table.
   std::vector<int64_t> rows, context_len;
   std::vector<const std::vector<int64_t>*> tables;

@@ -44,7 +44,8 @@ at::Tensor reference(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 }
 
 TEST(PagedAttention, MatchesDenseAttentionForEveryCacheDtype) {
-  const int64_t block_size = 4, num_blocks = 64;
+  const int64_t num_blocks = 64;
+  for (const int64_t block_size : {4, 16})  // blocks shorter than the kernel's 8 rows, and longer
   for (const Geometry geo : {Geometry{8, 4, 16}, Geometry{4, 2, 64}, Geometry{6, 3, 24}}) {
     for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
       at::manual_seed(11);
@@ -62,7 +63,7 @@ TEST(PagedAttention, MatchesDenseAttentionForEveryCacheDtype) {
       at::Tensor got = paged_attention(q, k_cache, v_cache, b, block_size);
       at::Tensor want = reference(q, k_cache, v_cache, b, block_size);
       const double rel = (got.to(at::kDouble) - want).norm().item<double>() / want.norm().item<double>();
-      EXPECT_LT(rel, 1e-5) << "head_dim " << geo.head_dim << ", " << geo.n_head << "/" << geo.n_kv_head
+      EXPECT_LT(rel, 1e-5) << "block " << block_size << ", head_dim " << geo.head_dim << ", " << geo.n_head << "/" << geo.n_kv_head
                            << " heads, cache " << dtype;
       // The cache really holds the narrower type: its rounding shows against the fp32 values.
       if (dtype != at::kFloat) {

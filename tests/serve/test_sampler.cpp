@@ -105,6 +105,13 @@ TEST(Sampler, GreedyPicksArgmaxLowestIdOnTies) {
     EXPECT_EQ(sample_once(greedy(), row(v)), ref_argmax(v));
     EXPECT_EQ(sample_once(tiny, row(v), {}, {}, seed), ref_argmax(v));
   }
+  // Plain greedy takes a single pass over the fp32 row; -inf entries and a row of -inf behave as
+  // in the double path (the lowest id), and a NaN anywhere is refused.
+  const float inf = std::numeric_limits<float>::infinity();
+  EXPECT_EQ(sample_once(greedy(), row({-inf, -inf, 0.5f, -inf})), 2);
+  EXPECT_EQ(sample_once(greedy(), row({-inf, -inf, -inf})), 0);
+  EXPECT_THROW(sample_once(greedy(), row({0.1f, std::nanf(""), 2.0f})), andy::Error);
+  EXPECT_THROW(sample_once(greedy(), row({0.1f, 2.0f, std::nanf("")})), andy::Error);
 }
 
 TEST(Sampler, LogitBiasForcesAndBansTokens) {
