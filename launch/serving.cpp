@@ -27,6 +27,8 @@ const std::vector<std::pair<std::string, std::string>>& serving_keys() {
       {"swap_space", "swap_space"},
       {"kv_cache_memory", "kv_cache_memory"},
       {"num_kv_blocks", "num_kv_blocks"},
+      {"dtype", "dtype"},
+      {"kv_cache_dtype", "kv_cache_dtype"},
   };
   return keys;
 }
@@ -47,12 +49,28 @@ std::string tokenizer_path_for(const std::string& given, const ModelSource& src)
   return saved;
 }
 
-LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessGrid& grid, at::Device device) {
+LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessGrid& grid, at::Device device,
+                                          at::ScalarType dtype) {
   LlamaForCausalLM model(src.config.model, grid.tp_ptr(), /*seed=*/0);
   model->load_local_state_dict(load_model_shard(src, grid.tp_rank(), grid.tp_size()));
   model->to(device);
+  if (dtype != at::kFloat) {
+    ANDY_CHECK(!src.int8, "load_model_for_inference: an int8 model stays as quantized (dtype ", dtype, ")");
+    model->to(dtype);
+  }
   model->eval();
   return model;
+}
+
+at::ScalarType serve_dtype(const Config& cfg, bool int8_model) {
+  const std::string& d = cfg.serve.dtype;
+  if (d == "auto" || d == "fp32") return at::kFloat;
+  ANDY_CHECK_T(ConfigError, !int8_model, "[serve] dtype = \"", d, "\" (", cfg.origin_of("serve.dtype"), "): ",
+               cfg.serve.model, " is an int8 model (andyllm quantize), which runs as quantized; use dtype = auto");
+  ANDY_CHECK_T(ConfigError, d != "fp16" || cfg.serve.device == "cuda", "[serve] dtype = \"fp16\" (",
+               cfg.origin_of("serve.dtype"), "): fp16 matrix products need a GPU (LibTorch's CPU has none); "
+               "use bf16 on CPU");
+  return d == "bf16" ? at::kBFloat16 : at::kHalf;
 }
 
 std::vector<Flag> serving_flags() {
@@ -69,6 +87,8 @@ std::vector<Flag> serving_flags() {
       {"swap_space", "GIB", "host memory for preempted KV blocks, per rank (serve.swap_space)"},
       {"kv_cache_memory", "BYTES|FRACTION", "KV-cache pool per rank (serve.kv_cache_memory)"},
       {"num_kv_blocks", "N", "exact KV-cache pool size in blocks (serve.num_kv_blocks)"},
+      {"dtype", "auto|fp32|bf16|fp16", "weights and activations (serve.dtype; fp16: GPU only)"},
+      {"kv_cache_dtype", "auto|fp32|bf16|fp16", "KV-cache elements (serve.kv_cache_dtype; auto: as --dtype)"},
   };
 }
 
@@ -158,7 +178,7 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
   st.device = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(0, g.device)))
                    : at::Device(at::kCPU);
   run_agreed(comm, [&] {
-    st.model = load_model_for_inference(st.source, *st.grid, st.device);
+    st.model = load_model_for_inference(st.source, *st.grid, st.device, serve_dtype(cfg, st.source.int8));
   });
   // 4. The engine: KV pool from [serve], control channel for the step plans.
   serve::EngineOptions opts;
@@ -179,7 +199,8 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
     log::info("serving ", cfg.serve.model, " (", st.model_config.n_layer, " layers, dim ",
               st.model_config.dim, ", vocab ", st.model_config.vocab_size, ") on ", tp,
               " tensor-parallel rank(s), ", st.device.str(), "; KV cache ", opts.num_blocks,
-              " blocks of ", opts.block_size, " tokens per rank (", c10::toString(kv_dtype), ")",
+              " blocks of ", opts.block_size, " tokens per rank (", c10::toString(kv_dtype), "); weights ",
+              c10::toString(st.model->model->embed_tokens->weight.scalar_type()),
               opts.num_host_blocks > 0 ? ", swap " + std::to_string(opts.num_host_blocks) + " blocks" : "",
               "; max_model_len ", opts.max_model_len, "; loaded in ", st.load_seconds, " s");
   return st;

@@ -43,8 +43,15 @@ struct ServingStack {
 ServingStack build_serving_stack(const Config& cfg, World* world);
 
 // This rank's shard of the model `src` (an int8 model on its int8 path) on the grid's TP group,
-// moved to `device`, in eval mode. Reads files only; no collective.
-LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessGrid& grid, at::Device device);
+// moved to `device` and cast to `dtype` (fp32 keeps the stored weights), in eval mode. Reads
+// files only; no collective.
+LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessGrid& grid, at::Device device,
+                                          at::ScalarType dtype = at::kFloat);
+
+// serve.dtype as a LibTorch dtype: auto and fp32 -> kFloat, bf16, fp16. ConfigError (naming the
+// key and where it was set) for fp16 on CPU, whose matrix products LibTorch 1.13 lacks, and for
+// bf16 / fp16 with an int8 model.
+at::ScalarType serve_dtype(const Config& cfg, bool int8_model);
 
 // The serving flags shared by generate / bench generate / serve (each sets a [serve] key).
 std::vector<Flag> serving_flags();

@@ -100,6 +100,7 @@ struct ServeConfig {
   double kv_cache_memory = 0.0;     // bytes; <= 1: fraction of free GPU memory; 0: auto
   int64_t num_kv_blocks = 0;        // exact pool size (overrides kv_cache_memory); 0: from it
   double swap_space = 0.0;          // GiB of host memory per rank for swapped-out KV blocks
+  std::string dtype = "auto";           // weights and activations: auto (as stored: fp32), fp32, bf16
   std::string kv_cache_dtype = "auto";  // auto (the weights' dtype), fp32, bf16, fp16
   int64_t max_num_seqs = 32;
   int64_t max_num_batched_tokens = 512;

@@ -137,6 +137,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
              "[slots, H_kv, d] expected, got ", q.sizes(), " and ", k_cache.sizes());
   ANDY_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_attention: ", q.size(1),
              " query heads are not a multiple of ", k_cache.size(1), " kv heads");
+  // A bf16 / fp16 model on CPU (serve.dtype): the CPU decode kernel reads fp32 queries (a few
+  // KB per step) and the cache in its own dtype; LibTorch's generic path would gather the cache.
+  if (q.is_cpu() && q.scalar_type() != at::kFloat && decode_attention_cpu_supports(k_cache.scalar_type()))
+    return paged_attention(q.to(at::kFloat), k_cache, v_cache, batch, block_size).to(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
   std::vector<int64_t> decodes;
   for (int64_t s = 0; s < batch.num_sequences(); ++s) {

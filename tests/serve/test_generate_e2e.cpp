@@ -106,6 +106,24 @@ TEST_F(GenerateE2e, WritesOneJsonLinePerCompletion) {
   EXPECT_EQ(lines, 40);
 }
 
+// --dtype bf16 (weights, activations and, by default, the KV cache in bf16) and --kv_cache_dtype
+// fp16 under the real executable at TP=2: every prompt completes, and the log says what was used.
+TEST_F(GenerateE2e, ServesInBf16AndWithANarrowKvCache) {
+  for (const std::string flags : {"--dtype bf16", "--kv_cache_dtype fp16"}) {
+    const std::string out = path("narrow.jsonl");
+    auto r = run_command(mpirun(2) + andyllm_bin() + " generate --model " + path("tp1/best_model") +
+                         " --prompt 'the cat' --prompt 'a quick brown fox' --max_tokens 6 --ignore_eos --output " + out +
+                         " " + flags);
+    ASSERT_EQ(r.exit_code, 0) << flags << "\n" << r.output;
+    std::ifstream f(out);
+    int lines = 0;
+    for (std::string line; std::getline(f, line); ++lines) EXPECT_EQ(json::parse(line)["completion_tokens"], 6) << line;
+    EXPECT_EQ(lines, 2) << flags;
+    const std::string want = flags == "--dtype bf16" ? "(BFloat16); weights BFloat16" : "(Half); weights Float";
+    EXPECT_EQ(count_of(r.output, want), 1) << flags << "\n" << r.output;
+  }
+}
+
 // Each bad input: exit code, the line that says what is wrong (printed once), no output file.
 TEST_F(GenerateE2e, BadInputStopsWithOneClearLineAndWritesNothing) {
   const std::string model = path("tp1/best_model"), out = path("never.jsonl");
@@ -135,6 +153,9 @@ TEST_F(GenerateE2e, BadInputStopsWithOneClearLineAndWritesNothing) {
       {"prompt longer than the context", "--model " + model + " --prompt '" + long_prompt + "'", "exceeds max_model_len = 64", 2, 2},
       {"non-UTF-8 prompts file", "--model " + model + " --prompts_file " + path("bad_utf8.jsonl"), "bad_utf8.jsonl:2: not valid UTF-8", 2, 2},
       {"TP size that does not divide the heads", "--model " + model + " --prompt hi", "cannot serve " + model + " on 3 tensor-parallel ranks", 3, 2},
+      {"fp16 on CPU", "--model " + model + " --prompt hi --dtype fp16", "fp16 matrix products need a GPU", 2, 2},
+      {"unknown KV-cache dtype", "--model " + model + " --prompt hi --kv_cache_dtype int4",
+       "kv_cache_dtype = \"int4\": expected one of auto, fp32, bf16, fp16", 2, 2},
   };
   for (const Case& c : cases) {
     auto r = run_command(mpirun(c.ranks) + andyllm_bin() + " generate " + c.args + " --output " + out);
