@@ -1,11 +1,14 @@
 // oneDNN sgemm for fp32 CPU linears (see cpu_gemm.h).
 #include "parallel/cpu_gemm.h"
 
+#include <ATen/Parallel.h>
 #include <dlfcn.h>
+#include <immintrin.h>
 #include <torch/torch.h>
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/base/error.h"
@@ -121,7 +124,91 @@ struct CpuMatmulFn : public torch::autograd::Function<CpuMatmulFn> {
   }
 };
 
+// bf16 bits to fp32 (exact).
+inline float bf16_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// y[r] = dot(w row r, x) for rows [begin, end): 4 rows at a time, 16 columns per step.
+__attribute__((target("avx2,fma"))) void bf16_gemv_avx2(const uint16_t* w, const float* x, int64_t k, int64_t begin,
+                                                        int64_t end, float* y) {
+  int64_t r = begin;
+  for (; r + 4 <= end; r += 4) {
+    const uint16_t* rows[4] = {w + r * k, w + (r + 1) * k, w + (r + 2) * k, w + (r + 3) * k};
+    __m256 acc[8];
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 16 <= k; c += 16) {
+      const __m256 x0 = _mm256_loadu_ps(x + c), x1 = _mm256_loadu_ps(x + c + 8);
+      for (int i = 0; i < 4; ++i) {
+        acc[2 * i] = _mm256_fmadd_ps(load_bf16x8(rows[i] + c), x0, acc[2 * i]);
+        acc[2 * i + 1] = _mm256_fmadd_ps(load_bf16x8(rows[i] + c + 8), x1, acc[2 * i + 1]);
+      }
+    }
+    for (int i = 0; i < 4; ++i) {
+      float t = hsum(_mm256_add_ps(acc[2 * i], acc[2 * i + 1]));
+      for (int64_t j = c; j < k; ++j) t += bf16_to_float(rows[i][j]) * x[j];
+      y[r + i] = t;
+    }
+  }
+  for (; r < end; ++r) {
+    const uint16_t* row = w + r * k;
+    __m256 acc = _mm256_setzero_ps();
+    int64_t c = 0;
+    for (; c + 8 <= k; c += 8) acc = _mm256_fmadd_ps(load_bf16x8(row + c), _mm256_loadu_ps(x + c), acc);
+    float t = hsum(acc);
+    for (; c < k; ++c) t += bf16_to_float(row[c]) * x[c];
+    y[r] = t;
+  }
+}
+
+void bf16_gemv_portable(const uint16_t* w, const float* x, int64_t k, int64_t begin, int64_t end, float* y) {
+  for (int64_t r = begin; r < end; ++r) {
+    float t = 0;
+    for (int64_t c = 0; c < k; ++c) t += bf16_to_float(w[r * k + c]) * x[c];
+    y[r] = t;
+  }
+}
+
 }  // namespace
+
+at::Tensor cpu_bf16_gemv(const at::Tensor& x, const at::Tensor& weight) {
+  ANDY_CHECK(x.device().is_cpu() && weight.device().is_cpu() && x.scalar_type() == at::kBFloat16 &&
+                 weight.scalar_type() == at::kBFloat16 && weight.dim() == 2 && x.dim() >= 1 &&
+                 x.numel() == x.size(-1) && x.size(-1) == weight.size(1),
+             "cpu_bf16_gemv: one bf16 CPU row [.., K] and bf16 CPU weights [N, K] expected, got ", x.sizes(), " ",
+             x.scalar_type(), " and ", weight.sizes(), " ", weight.scalar_type());
+  const int64_t n = weight.size(0), k = weight.size(1);
+  const at::Tensor w = weight.contiguous();
+  const at::Tensor xf = x.reshape({k}).to(at::kFloat).contiguous();
+  at::Tensor y = at::empty({n}, xf.options());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  const float* xp = xf.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  at::parallel_for(0, n, std::max<int64_t>(16, 32768 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
+    if (avx2) bf16_gemv_avx2(wp, xp, k, begin, end, yp);
+    else bf16_gemv_portable(wp, xp, k, begin, end, yp);
+  });
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  return y.to(at::kBFloat16).view(shape);
+}
 
 bool cpu_gemm_enabled() { return sgemm_fn() != nullptr; }
 

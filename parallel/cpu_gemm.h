@@ -31,6 +31,14 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight);
 // cpu_linear; at::matmul otherwise.
 at::Tensor cpu_matmul(const at::Tensor& a, const at::Tensor& b);
 
+// y = W x for one bf16 row x [K] (any leading dims of size 1) and bf16 W [N, K], as at::linear
+// rounds it: products summed in fp32, the result rounded to bf16. Reads the weights once, two
+// bytes each, with AVX2 (8 weights per load, 4 rows at a time) where the CPU has it; no autograd
+// (inference). The decode step of one sequence of a bf16 model (serve.dtype = bf16): LibTorch
+// 1.13's bf16 matrix-vector product rounds partial sums to bf16, and oneDNN's bf16 product runs
+// a single row at a third of memory speed.
+at::Tensor cpu_bf16_gemv(const at::Tensor& x, const at::Tensor& weight);
+
 // Row-major C[M, N] = op(A) op(B), op transposing when asked (A is [M, K] or, transposed,
 // [K, M]; B is [K, N] or [N, K]). Requires cpu_gemm_enabled().
 void cpu_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,

@@ -2,9 +2,14 @@
 // equal at::linear's (OpenBLAS) to fp32 rounding, for training and decode shapes; the cases it
 // does not take (bf16, autocast, a single row through linear_rows' matrix-vector product) give
 // at::linear's results; the raw sgemm's four transpose cases against a double reference; the
-// batched products of the attention against at::matmul.
+// batched products of the attention against at::matmul; the bf16 single-row product against a
+// double reference.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
+
+#include <cmath>
+#include <utility>
+#include <vector>
 
 #include "core/base/torch_compat.h"
 #include "parallel/cpu_gemm.h"
@@ -126,4 +131,28 @@ TEST(CpuGemm, OtherDtypesAutocastAndSingleRowsKeepAtLinear) {
 }
 
 }  // namespace
+// The bf16 single-row product of a bf16 model's decode step: the exact products of the bf16
+// inputs summed in fp32, then rounded to bf16 once (within one bf16 rounding of the double
+// reference, never the several of partial sums rounded to bf16), for widths that are not multiples
+// of 16 and row counts that are not of 4; linear_rows takes it for a bf16 row outside autograd.
+TEST(CpuGemm, Bf16RowProductSumsInFp32AndRoundsOnce) {
+  torch::manual_seed(5);
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{4096, 512}, {37, 29}, {5, 16}, {3, 1000}}) {
+    const at::Tensor w = at::randn({n, k}).to(at::kBFloat16), x = at::randn({1, k}).to(at::kBFloat16);
+    const at::Tensor want = at::mv(w.to(at::kDouble), x.to(at::kDouble).view({-1}));
+    const at::Tensor got = cpu_bf16_gemv(x, w);
+    ASSERT_EQ(got.scalar_type(), at::kBFloat16);
+    ASSERT_EQ(got.sizes(), (std::vector<int64_t>{1, n}));
+    // One bf16 rounding: at most half a unit in the last place (2^-8 relative), plus fp32 sums.
+    const at::Tensor err = (got.to(at::kDouble).view({-1}) - want).abs();
+    const at::Tensor bound = want.abs() * (1.0 / 256) + 1e-4 * std::sqrt(static_cast<double>(k));
+    EXPECT_TRUE(err.le(bound).all().item<bool>()) << n << "x" << k << ": largest error " << err.max().item<double>();
+    {
+      at::NoGradGuard no_grad;
+      EXPECT_TRUE(at::equal(linear_rows(x, w), got)) << n << "x" << k;
+    }
+    EXPECT_LT(rel_err(got, at::linear(x, w)), 1e-2) << "oneDNN's bf16 product, " << n << "x" << k;
+  }
+}
+
 }  // namespace andy
