@@ -11,6 +11,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/base/avx2_math.h"
 #include "core/base/error.h"
 #include "core/base/torch_compat.h"
 
@@ -124,19 +125,6 @@ struct CpuMatmulFn : public torch::autograd::Function<CpuMatmulFn> {
   }
 };
 
-// bf16 bits to fp32 (exact).
-inline float bf16_to_float(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-__attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-
 __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -162,7 +150,7 @@ __attribute__((target("avx2,fma"))) void bf16_gemv_avx2(const uint16_t* w, const
     }
     for (int i = 0; i < 4; ++i) {
       float t = hsum(_mm256_add_ps(acc[2 * i], acc[2 * i + 1]));
-      for (int64_t j = c; j < k; ++j) t += bf16_to_float(rows[i][j]) * x[j];
+      for (int64_t j = c; j < k; ++j) t += bf16_bits_to_float(rows[i][j]) * x[j];
       y[r + i] = t;
     }
   }
@@ -172,7 +160,7 @@ __attribute__((target("avx2,fma"))) void bf16_gemv_avx2(const uint16_t* w, const
     int64_t c = 0;
     for (; c + 8 <= k; c += 8) acc = _mm256_fmadd_ps(load_bf16x8(row + c), _mm256_loadu_ps(x + c), acc);
     float t = hsum(acc);
-    for (; c < k; ++c) t += bf16_to_float(row[c]) * x[c];
+    for (; c < k; ++c) t += bf16_bits_to_float(row[c]) * x[c];
     y[r] = t;
   }
 }
@@ -180,7 +168,7 @@ __attribute__((target("avx2,fma"))) void bf16_gemv_avx2(const uint16_t* w, const
 void bf16_gemv_portable(const uint16_t* w, const float* x, int64_t k, int64_t begin, int64_t end, float* y) {
   for (int64_t r = begin; r < end; ++r) {
     float t = 0;
-    for (int64_t c = 0; c < k; ++c) t += bf16_to_float(w[r * k + c]) * x[c];
+    for (int64_t c = 0; c < k; ++c) t += bf16_bits_to_float(w[r * k + c]) * x[c];
     y[r] = t;
   }
 }

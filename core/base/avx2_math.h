@@ -1,5 +1,5 @@
 // AVX2 + FMA helpers shared by the CPU kernels (decode attention, fused model ops, the fused
-// cross-entropy): the run-time checks and a vectorized exp. Functions carry
+// cross-entropy, the bf16 row product): the run-time checks, bf16 loads and a vectorized exp. Functions carry
 // target("avx2,fma"), so callers need no -mavx2; call them only where has_avx2_fma().
 #pragma once
 
@@ -38,6 +38,20 @@ inline bool fused_ops_requested() {
 inline bool fused_kernels_enabled() {
   static const bool on = fused_ops_requested() && has_avx2_fma();
   return on;
+}
+
+// A bf16 value (its 16 bits) as fp32: exact, the bits shifted into the high half.
+inline float bf16_bits_to_float(uint16_t b) {
+  const uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// 8 bf16 values as 8 floats (exact).
+__attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
 }
 
 // exp(x) for 8 floats (Cephes' method: 2^n * e^r with |r| <= ln2/2 and a degree-5 polynomial;

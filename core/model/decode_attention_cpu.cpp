@@ -26,16 +26,8 @@ struct F32 {
 };
 struct BF16 {
   using T = uint16_t;
-  static float scalar(const T* p) {
-    const uint32_t bits = static_cast<uint32_t>(*p) << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-  }
-  __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-  }
+  static float scalar(const T* p) { return bf16_bits_to_float(*p); }
+  __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) { return load_bf16x8(p); }
 };
 struct F16 {
   using T = uint16_t;
