@@ -1,6 +1,7 @@
 // AVX2 + FMA helpers shared by the CPU kernels (decode attention, fused model ops, the fused
-// cross-entropy, the bf16 row product): the run-time checks, bf16 loads and a vectorized exp. Functions carry
-// target("avx2,fma"), so callers need no -mavx2; call them only where has_avx2_fma().
+// cross-entropy, the bf16 row product): the run-time checks, bf16 loads and a vectorized exp.
+// Functions carry target("avx2,fma"), so callers need no -mavx2; call them only where
+// has_avx2_fma().
 #pragma once
 
 #include <ATen/ATen.h>
