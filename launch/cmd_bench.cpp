@@ -87,7 +87,7 @@ Subcommand make_bench_command() {
              {"factor", "F", "size multiplier between rows (default 8)"},
              {"iters", "N", "timed iterations per size (default 5)"},
              {"warmup", "N", "untimed iterations per size (default 2)"},
-             {"dtype", "T", "fp32 (default), fp64, bf16, fp16, int32, int64"},
+             {"dtype", "T", "comm: fp32 (default), fp64, bf16, fp16, int32, int64; generate: the served model's (serve.dtype: auto, fp32, bf16)"},
              {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
              {"backend", "mpi|nccl", "communicator backend (default mpi, CPU tensors)"},
              {"timeout", "SECONDS", "collective timeout (default 300)"},
