@@ -62,6 +62,13 @@ LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessG
   return model;
 }
 
+namespace {
+// "fp32", "bf16", "fp16" (the values [serve] dtype keys take besides "auto").
+at::ScalarType dtype_named(const std::string& name) {
+  return name == "bf16" ? at::kBFloat16 : name == "fp16" ? at::kHalf : at::kFloat;
+}
+}  // namespace
+
 at::ScalarType serve_dtype(const Config& cfg, bool int8_model) {
   const std::string& d = cfg.serve.dtype;
   if (d == "auto" || d == "fp32") return at::kFloat;
@@ -70,7 +77,7 @@ at::ScalarType serve_dtype(const Config& cfg, bool int8_model) {
   ANDY_CHECK_T(ConfigError, d != "fp16" || cfg.serve.device == "cuda", "[serve] dtype = \"fp16\" (",
                cfg.origin_of("serve.dtype"), "): fp16 matrix products need a GPU (LibTorch's CPU has none); "
                "use bf16 on CPU");
-  return d == "bf16" ? at::kBFloat16 : at::kHalf;
+  return dtype_named(d);
 }
 
 std::vector<Flag> serving_flags() {
@@ -177,16 +184,15 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
   st.grid = std::make_unique<ProcessGrid>(*world, g);
   st.device = cuda ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(std::max(0, g.device)))
                    : at::Device(at::kCPU);
+  at::ScalarType dtype = at::kFloat;
   run_agreed(comm, [&] {
-    st.model = load_model_for_inference(st.source, *st.grid, st.device, serve_dtype(cfg, st.source.int8));
+    dtype = serve_dtype(cfg, st.source.int8);
+    st.model = load_model_for_inference(st.source, *st.grid, st.device, dtype);
   });
   // 4. The engine: KV pool from [serve], control channel for the step plans.
   serve::EngineOptions opts;
-  const std::string& kv_name = cfg.serve.kv_cache_dtype;
-  const at::ScalarType kv_dtype = kv_name == "bf16"   ? at::kBFloat16
-                                  : kv_name == "fp16" ? at::kHalf
-                                  : kv_name == "fp32" ? at::kFloat
-                                                      : st.model->model->embed_tokens->weight.scalar_type();
+  const at::ScalarType kv_dtype =
+      cfg.serve.kv_cache_dtype == "auto" ? dtype : dtype_named(cfg.serve.kv_cache_dtype);
   run_agreed(comm, [&] {
     opts = serve::engine_options_from(cfg, st.model_config, tp, st.device, kv_dtype);
     if (st.tokenizer) opts.eos_id = st.tokenizer->eos_id();
@@ -199,8 +205,7 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
     log::info("serving ", cfg.serve.model, " (", st.model_config.n_layer, " layers, dim ",
               st.model_config.dim, ", vocab ", st.model_config.vocab_size, ") on ", tp,
               " tensor-parallel rank(s), ", st.device.str(), "; KV cache ", opts.num_blocks,
-              " blocks of ", opts.block_size, " tokens per rank (", c10::toString(kv_dtype), "); weights ",
-              c10::toString(st.model->model->embed_tokens->weight.scalar_type()),
+              " blocks of ", opts.block_size, " tokens per rank (", c10::toString(kv_dtype), "); weights ", c10::toString(dtype),
               opts.num_host_blocks > 0 ? ", swap " + std::to_string(opts.num_host_blocks) + " blocks" : "",
               "; max_model_len ", opts.max_model_len, "; loaded in ", st.load_seconds, " s");
   return st;

@@ -125,13 +125,6 @@ struct CpuMatmulFn : public torch::autograd::Function<CpuMatmulFn> {
   }
 };
 
-__attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
-}
-
 // y[r] = dot(w row r, x) for rows [begin, end): 4 rows at a time, 16 columns per step.
 __attribute__((target("avx2,fma"))) void bf16_gemv_avx2(const uint16_t* w, const float* x, int64_t k, int64_t begin,
                                                         int64_t end, float* y) {
@@ -149,7 +142,7 @@ __attribute__((target("avx2,fma"))) void bf16_gemv_avx2(const uint16_t* w, const
       }
     }
     for (int i = 0; i < 4; ++i) {
-      float t = hsum(_mm256_add_ps(acc[2 * i], acc[2 * i + 1]));
+      float t = hsum8(_mm256_add_ps(acc[2 * i], acc[2 * i + 1]));
       for (int64_t j = c; j < k; ++j) t += bf16_bits_to_float(rows[i][j]) * x[j];
       y[r + i] = t;
     }
@@ -159,7 +152,7 @@ __attribute__((target("avx2,fma"))) void bf16_gemv_avx2(const uint16_t* w, const
     __m256 acc = _mm256_setzero_ps();
     int64_t c = 0;
     for (; c + 8 <= k; c += 8) acc = _mm256_fmadd_ps(load_bf16x8(row + c), _mm256_loadu_ps(x + c), acc);
-    float t = hsum(acc);
+    float t = hsum8(acc);
     for (; c < k; ++c) t += bf16_bits_to_float(row[c]) * x[c];
     y[r] = t;
   }
@@ -188,7 +181,7 @@ at::Tensor cpu_bf16_gemv(const at::Tensor& x, const at::Tensor& weight) {
   const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   const float* xp = xf.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx2 = has_avx2_fma();
   at::parallel_for(0, n, std::max<int64_t>(16, 32768 / std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t end) {
     if (avx2) bf16_gemv_avx2(wp, xp, k, begin, end, yp);
     else bf16_gemv_portable(wp, xp, k, begin, end, yp);

@@ -1,5 +1,5 @@
 // AVX2 + FMA helpers shared by the CPU kernels (decode attention, fused model ops, the fused
-// cross-entropy, the bf16 row product): the run-time checks, bf16 loads and a vectorized exp.
+// cross-entropy, the bf16 row product): the run-time checks, bf16 loads, a lane sum and a vectorized exp.
 // Functions carry target("avx2,fma"), so callers need no -mavx2; call them only where
 // has_avx2_fma().
 #pragma once
@@ -53,6 +53,14 @@ inline float bf16_bits_to_float(uint16_t b) {
 __attribute__((target("avx2,fma"))) inline __m256 load_bf16x8(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+
+// The sum of v's 8 lanes.
+__attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
 }
 
 // exp(x) for 8 floats (Cephes' method: 2^n * e^r with |r| <= ln2/2 and a degree-5 polynomial;

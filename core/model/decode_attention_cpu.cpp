@@ -58,11 +58,7 @@ __attribute__((target("avx2,fma,f16c"))) float dot_avx2(const float* a, const ty
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), E::load8(b + i), acc);
-  __m128 lo = _mm256_castps256_ps128(acc), hi = _mm256_extractf128_ps(acc, 1);
-  __m128 s = _mm_add_ps(lo, hi);
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  float r = _mm_cvtss_f32(s);
+  float r = hsum8(acc);
   for (; i < d; ++i) r += a[i] * E::scalar(b + i);
   return r;
 }
@@ -210,7 +206,8 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
   };
   constexpr int64_t kChunk = 8;
   const T* rows[kChunk];
-  scores.resize(static_cast<size_t>(g * ctx));
+  scores.resize(static_cast<size_t>(g * ctx + g));  // the scores, then 1/sum of each head
+  float* inv = scores.data() + g * ctx;
   const bool vec8 = avx2 && d % 8 == 0;
   prefetch_rows(base(a.k_cache, 0), rows_in(0), row_stride, row_bytes);
   for (int64_t b = 0; b < n_blocks; ++b) {
@@ -228,13 +225,6 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
         scores[h * ctx + p0 + r] = avx2 ? dot_avx2<E>(q + h * d, k + r * row_stride, d)
                                         : dot_portable<E>(q + h * d, k + r * row_stride, d);
   }
-  float inv[64];
-  float* inv_heads = g <= 64 ? inv : nullptr;
-  std::vector<float> inv_big;
-  if (!inv_heads) {
-    inv_big.resize(static_cast<size_t>(g));
-    inv_heads = inv_big.data();
-  }
   for (int64_t h = 0; h < g; ++h) {  // scale > 0: the largest scaled score is scale * max
     float* sc = scores.data() + h * ctx;
     float sum = 0;
@@ -247,7 +237,7 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
         sum += sc[i];
       }
     }
-    inv_heads[h] = 1.0f / sum;
+    inv[h] = 1.0f / sum;
   }
   std::fill(out, out + g * d, 0.0f);
   prefetch_rows(base(a.v_cache, 0), rows_in(0), row_stride, row_bytes);
@@ -263,7 +253,7 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
     }
   }
   for (int64_t h = 0; h < g; ++h)
-    for (int64_t x = 0; x < d; ++x) out[h * d + x] *= inv_heads[h];
+    for (int64_t x = 0; x < d; ++x) out[h * d + x] *= inv[h];
 }
 
 template <class E>

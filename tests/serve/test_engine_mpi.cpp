@@ -206,6 +206,32 @@ at::Tensor reference_next_logits(const std::vector<int64_t>& seq) {
   return dense_model()->gather_logits(logits)[0][-1];
 }
 
+// How far the greedy tokens `got` stray from the fp32 full forward's: the number of requests that
+// differ anywhere, and the largest gap, at the first differing token, between the fp32 logits of
+// the reference's choice and of ours, as a share of that row's logit range (0 at an exact tie).
+std::pair<int, double> divergence(const std::vector<GenerationRequest>& requests, Outcome& out) {
+  int mismatches = 0;
+  double worst = 0;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const auto want = reference_greedy(requests[i].prompt, requests[i].params.max_tokens);
+    const auto& got = out.tokens[i][0];
+    EXPECT_EQ(got.size(), want.size()) << "request " << i;
+    if (got.size() != want.size()) {
+      ++mismatches;
+      continue;
+    }
+    size_t j = 0;
+    while (j < got.size() && got[j] == want[j]) ++j;
+    if (j == got.size()) continue;
+    ++mismatches;
+    std::vector<int64_t> seq(requests[i].prompt.begin(), requests[i].prompt.end());
+    seq.insert(seq.end(), want.begin(), want.begin() + static_cast<std::ptrdiff_t>(j));
+    at::Tensor l = reference_next_logits(seq);
+    worst = std::max(worst, (l[want[j]] - l[got[j]]).item<double>() / (l.max() - l.min()).item<double>());
+  }
+  return {mismatches, worst};
+}
+
 // serve.kv_cache_dtype = fp16 / bf16: keys and values are rounded when stored. The tokens are
 // the same alone as in a batch with chunked prefills and preemption by swapping; against the
 // fp32 full forward, fp16 (11 significant bits) keeps every token of this model, and where bf16
@@ -221,53 +247,18 @@ TEST(Engine, NarrowKvCacheKeepsGreedyTokensAloneAndBatched) {
     Outcome batched = run(o, requests, /*together=*/true, dtype);
     if (rank() != 0) continue;
     EXPECT_GT(batched.stats.swapped_out_blocks, 0) << dtype;
-    int mismatches = 0;
-    double worst_gap = 0;
-    for (size_t i = 0; i < requests.size(); ++i) {
+    for (size_t i = 0; i < requests.size(); ++i)
       EXPECT_EQ(batched.tokens[i][0], alone.tokens[i][0]) << tag() << dtype << " request " << i;
-      const auto want = reference_greedy(requests[i].prompt, requests[i].params.max_tokens);
-      const auto& got = alone.tokens[i][0];
-      ASSERT_EQ(got.size(), want.size());
-      size_t j = 0;
-      while (j < got.size() && got[j] == want[j]) ++j;
-      if (j == got.size()) continue;
-      ++mismatches;
-      // The first token that differs: how far below the fp32 choice the fp32 logits put it.
-      std::vector<int64_t> seq(requests[i].prompt.begin(), requests[i].prompt.end());
-      seq.insert(seq.end(), want.begin(), want.begin() + static_cast<std::ptrdiff_t>(j));
-      at::Tensor l = reference_next_logits(seq);
-      const double gap = (l[want[j]] - l[got[j]]).item<double>() / (l.max() - l.min()).item<double>();
-      worst_gap = std::max(worst_gap, gap);
-    }
+    const auto [mismatches, worst_gap] = divergence(requests, alone);
     std::printf("  %s%s KV cache: %d of 32 requests differ from the fp32 full forward (largest fp32 logit gap "
                 "at a divergence: %.4f of the logit range); %lld preemptions\n",
                 tag().c_str(), c10::toString(dtype), mismatches, worst_gap, (long long)batched.stats.num_preemptions);
-    if (dtype == at::kHalf) EXPECT_EQ(mismatches, 0);
+    if (dtype == at::kHalf) {
+      EXPECT_EQ(mismatches, 0);
+    }
     EXPECT_LT(mismatches, 8) << dtype;
     EXPECT_LT(worst_gap, 0.01) << dtype << ": a token far from a tie changed";
   }
-}
-
-// How far the greedy tokens `got` stray from the fp32 full forward's: the number of requests that
-// differ anywhere, and the largest gap, at the first differing token, between the fp32 logits of
-// the reference's choice and of ours, as a share of that row's logit range (0 at an exact tie).
-std::pair<int, double> divergence(const std::vector<GenerationRequest>& requests, Outcome& out) {
-  int mismatches = 0;
-  double worst = 0;
-  for (size_t i = 0; i < requests.size(); ++i) {
-    const auto want = reference_greedy(requests[i].prompt, requests[i].params.max_tokens);
-    const auto& got = out.tokens[i][0];
-    EXPECT_EQ(got.size(), want.size());
-    size_t j = 0;
-    while (j < got.size() && j < want.size() && got[j] == want[j]) ++j;
-    if (j == got.size()) continue;
-    ++mismatches;
-    std::vector<int64_t> seq(requests[i].prompt.begin(), requests[i].prompt.end());
-    seq.insert(seq.end(), want.begin(), want.begin() + static_cast<std::ptrdiff_t>(j));
-    at::Tensor l = reference_next_logits(seq);
-    worst = std::max(worst, (l[want[j]] - l[got[j]]).item<double>() / (l.max() - l.min()).item<double>());
-  }
-  return {mismatches, worst};
 }
 
 // serve.dtype = bf16: the model's weights and activations in bf16 (here with a bf16 KV cache, as
