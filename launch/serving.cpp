@@ -7,6 +7,7 @@
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "data/text_input.h"
+#include "parallel/cpu_gemm.h"
 #include "parallel/mpi_utils.h"
 
 namespace andy {
@@ -189,6 +190,8 @@ ServingStack build_serving_stack(const Config& cfg, World* world) {
     dtype = serve_dtype(cfg, st.source.int8);
     st.model = load_model_for_inference(st.source, *st.grid, st.device, dtype);
   });
+  // Packed on first use by the engine thread (cpu_gemm.h); the engine is this process's only model.
+  set_cpu_packed_weights(!cuda && cfg.serve.cpu_packed_weights);
   // 4. The engine: KV pool from [serve], control channel for the step plans.
   serve::EngineOptions opts;
   const at::ScalarType kv_dtype =

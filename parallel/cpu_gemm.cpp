@@ -6,10 +6,15 @@
 #include <immintrin.h>
 #include <torch/torch.h>
 
+#include <c10/util/intrusive_ptr.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
+#include <unordered_map>
+#include <vector>
 
 #include "core/base/avx2_math.h"
 #include "core/base/error.h"
@@ -32,6 +37,157 @@ SgemmFn sgemm_fn() {
     return reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "dnnl_sgemm"));
   }();
   return fn;
+}
+
+// oneDNN's packed GEMM (src/cpu/gemm/gemm_pack.hpp, oneDNN 2.x; exported by libdnnl.so.2 as C++
+// symbols, not by dnnl.h): one operand is packed once into the layout the kernels read, and the
+// products then skip the per-call copy of it. Column-major, as BLAS; dim_t is int64_t.
+using PackSizeFn = int (*)(const char* identifier, const char* transa, const char* transb, const int64_t* m,
+                           const int64_t* n, const int64_t* k, const int64_t* lda, const int64_t* ldb, size_t* size,
+                           bool* pack);
+template <typename T>
+using PackFn = int (*)(const char* identifier, const char* transa, const char* transb, const int64_t* m,
+                       const int64_t* n, const int64_t* k, const int64_t* lda, const int64_t* ldb, const T* src, T* dst);
+template <typename T>
+using ComputeFn = int (*)(const char* transa, const char* transb, const int64_t* m, const int64_t* n, const int64_t* k,
+                          const T* a, const int64_t* lda, const T* b, const int64_t* ldb, const float* beta, float* c,
+                          const int64_t* ldc);
+
+// The packed-GEMM entry points of one element type (float, or bf16 as uint16_t), or nulls.
+template <typename T>
+struct PackedGemm {
+  PackSizeFn size = nullptr;
+  PackFn<T> pack = nullptr;
+  ComputeFn<T> compute = nullptr;
+  bool available() const { return size && pack && compute; }
+};
+
+template <typename T>
+PackedGemm<T> lookup_packed_gemm(const char* size_name, const char* pack_name, const char* compute_name) {
+  PackedGemm<T> g;
+  const char* env = std::getenv("ANDYLLM_CPU_GEMM");
+  if (env && std::string(env) == "blas") return g;
+  g.size = reinterpret_cast<PackSizeFn>(dlsym(RTLD_DEFAULT, size_name));
+  g.pack = reinterpret_cast<PackFn<T>>(dlsym(RTLD_DEFAULT, pack_name));
+  g.compute = reinterpret_cast<ComputeFn<T>>(dlsym(RTLD_DEFAULT, compute_name));
+  return g;
+}
+
+const PackedGemm<float>& packed_sgemm() {
+  static const PackedGemm<float> g = lookup_packed_gemm<float>(
+      "_ZN4dnnl4impl3cpu19sgemm_pack_get_sizeEPKcS3_S3_PKlS5_S5_S5_S5_PmPb",
+      "_ZN4dnnl4impl3cpu10sgemm_packEPKcS3_S3_PKlS5_S5_S5_S5_PKfPf",
+      "_ZN4dnnl4impl3cpu13sgemm_computeEPKcS3_PKlS5_S5_PKfS5_S7_S5_S7_PfS5_");
+  return g;
+}
+
+const PackedGemm<uint16_t>& packed_bf16_gemm() {
+  static const PackedGemm<uint16_t> g = lookup_packed_gemm<uint16_t>(
+      "_ZN4dnnl4impl3cpu30gemm_bf16bf16f32_pack_get_sizeEPKcS3_S3_PKlS5_S5_S5_S5_PmPb",
+      "_ZN4dnnl4impl3cpu21gemm_bf16bf16f32_packEPKcS3_S3_PKlS5_S5_S5_S5_PKNS0_10bfloat16_tEPS6_",
+      "_ZN4dnnl4impl3cpu24gemm_bf16bf16f32_computeEPKcS3_PKlS5_S5_PKNS0_10bfloat16_tES5_S8_S5_PKfPfS5_");
+  return g;
+}
+
+// Products of more rows (prefill chunks) keep the unpacked paths: with the packs used for them
+// too, a 25 M model's prefill at concurrency 1 ran 5-10 % slower in `bench generate` (bf16; the
+// single-row decode steps read the unpacked weights, so the two copies compete for the cache),
+// and concurrency 32 gained nothing measurable.
+constexpr int64_t kPackedMaxRows = 64;
+
+// The weights are packed for this many rows of x; the packed layout serves any row count (checked
+// from 1 to 300 rows against at::linear; its size stops depending on the rows from 32 up).
+constexpr int64_t kPackRows = 32;
+
+// One packed weight matrix: W [N, K] row-major seen as column-major op(A) = W (A = W^T, lda = K).
+struct PackedWeight {
+  explicit PackedWeight(const at::Tensor& w)
+      : owner(w.getIntrusivePtr()), data(w.data_ptr()), n(w.size(0)), k(w.size(1)), version(w._version()),
+        dtype(w.scalar_type()) {}
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
+  const void* data;
+  int64_t n, k, version;
+  at::ScalarType dtype;
+  std::shared_ptr<void> buffer;  // 64-byte aligned
+};
+
+struct PackedWeights {
+  std::mutex mu;
+  bool enabled = false;
+  std::unordered_map<const c10::TensorImpl*, PackedWeight> by_tensor;
+};
+
+PackedWeights& packed_weights() {
+  static PackedWeights p;
+  return p;
+}
+
+bool packed_entry_matches(const PackedWeight& e, const at::Tensor& w) {
+  return !e.owner.expired() && e.data == w.data_ptr() && e.n == w.size(0) && e.k == w.size(1) &&
+         e.version == w._version() && e.dtype == w.scalar_type();
+}
+
+template <typename T>
+std::shared_ptr<void> pack_weight(const PackedGemm<T>& g, const at::Tensor& w) {
+  const int64_t n = w.size(0), k = w.size(1), m = kPackRows, lda = k, ldb = k;
+  size_t bytes = 0;
+  bool pack = true;
+  int status = g.size("A", "T", "N", &n, &m, &k, &lda, &ldb, &bytes, &pack);
+  ANDY_CHECK(status == 0 && pack && bytes > 0, "cpu_linear: oneDNN's pack_get_size failed with status ", status,
+             " (N ", n, ", K ", k, ")");
+  void* raw = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  ANDY_CHECK(raw, "cpu_linear: out of memory packing a ", n, "x", k, " weight (", bytes, " bytes)");
+  std::shared_ptr<void> buffer(raw, std::free);
+  status = g.pack("A", "T", "N", &n, &m, &k, &lda, &ldb, static_cast<const T*>(w.data_ptr()), static_cast<T*>(raw));
+  ANDY_CHECK(status == 0, "cpu_linear: oneDNN's pack failed with status ", status, " (N ", n, ", K ", k, ")");
+  return buffer;
+}
+
+// The packed copy of w, packed on first use (and again if w changed in place); null when the
+// packing is off or does not apply.
+std::shared_ptr<void> packed_for(const at::Tensor& w) {
+  PackedWeights& p = packed_weights();
+  std::lock_guard<std::mutex> lock(p.mu);
+  if (!p.enabled) return nullptr;
+  auto it = p.by_tensor.find(w.unsafeGetTensorImpl());
+  if (it != p.by_tensor.end() && packed_entry_matches(it->second, w)) return it->second.buffer;
+  for (auto e = p.by_tensor.begin(); e != p.by_tensor.end();)  // drop the packs of freed weights
+    e = e->second.owner.expired() ? p.by_tensor.erase(e) : std::next(e);
+  PackedWeight e(w);
+  e.buffer = w.scalar_type() == at::kFloat ? pack_weight(packed_sgemm(), w) : pack_weight(packed_bf16_gemm(), w);
+  std::shared_ptr<void> buffer = e.buffer;
+  p.by_tensor.insert_or_assign(w.unsafeGetTensorImpl(), std::move(e));
+  return buffer;
+}
+
+// y = x W^T through W's packed copy: inference (no gradient), CPU, 1 to kPackedMaxRows rows of x,
+// fp32 x and W outside autocast, or bf16 x and W (summed in fp32, rounded to bf16 once, as at::linear); false when it does not apply.
+bool packed_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
+  if (at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad())) return false;
+  if (!(x.device().is_cpu() && w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() && x.dim() >= 1 &&
+        x.size(-1) == w.size(1) && x.numel() > 0 && w.numel() > 0 && x.scalar_type() == w.scalar_type()))
+    return false;
+  const bool fp32 = x.scalar_type() == at::kFloat && !compat::autocast_enabled(at::kCPU) && packed_sgemm().available();
+  const bool bf16 = x.scalar_type() == at::kBFloat16 && packed_bf16_gemm().available();
+  if (!fp32 && !bf16) return false;
+  if (x.numel() / w.size(1) > kPackedMaxRows) return false;
+  const std::shared_ptr<void> packed = packed_for(w);
+  if (!packed) return false;
+  const int64_t k = w.size(1), n = w.size(0), m = x.numel() / k, lda = k, ldb = k, ldc = n;
+  const float beta = 0;
+  const at::Tensor x2 = x.reshape({m, k}).contiguous();
+  at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  int status = fp32 ? packed_sgemm().compute("P", "N", &n, &m, &k, static_cast<const float*>(packed.get()), &lda,
+                                             x2.data_ptr<float>(), &ldb, &beta, out.data_ptr<float>(), &ldc)
+                    : packed_bf16_gemm().compute("P", "N", &n, &m, &k, static_cast<const uint16_t*>(packed.get()), &lda,
+                                                 static_cast<const uint16_t*>(x2.data_ptr()), &ldb, &beta,
+                                                 out.data_ptr<float>(), &ldc);
+  ANDY_CHECK(status == 0, "cpu_linear: oneDNN's packed product failed with status ", status, " (M ", m, ", N ", n,
+             ", K ", k, ")");
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  y = (bf16 ? out.to(at::kBFloat16) : out).view(shape);
+  return true;
 }
 
 bool applies(const at::Tensor& x, const at::Tensor& w) {
@@ -201,7 +357,34 @@ void cpu_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, cons
   ANDY_CHECK(status == 0, "cpu_sgemm: dnnl_sgemm failed with status ", status, " (M ", m, ", N ", n, ", K ", k, ")");
 }
 
+void set_cpu_packed_weights(bool on) {
+  PackedWeights& p = packed_weights();
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.enabled = on;
+  if (!on) p.by_tensor.clear();
+}
+
+bool cpu_packed_weights_available(at::ScalarType dtype) {
+  return dtype == at::kFloat ? packed_sgemm().available() : dtype == at::kBFloat16 && packed_bf16_gemm().available();
+}
+
+int64_t cpu_packed_weight_bytes() {
+  PackedWeights& p = packed_weights();
+  std::lock_guard<std::mutex> lock(p.mu);
+  int64_t total = 0;
+  for (const auto& e : p.by_tensor) {
+    if (e.second.owner.expired()) continue;
+    const int64_t n = e.second.n, k = e.second.k, m = kPackRows, lda = k, ldb = k;
+    size_t bytes = 0;
+    bool pack = true;
+    const PackSizeFn size = e.second.dtype == at::kFloat ? packed_sgemm().size : packed_bf16_gemm().size;
+    if (size && size("A", "T", "N", &n, &m, &k, &lda, &ldb, &bytes, &pack) == 0) total += static_cast<int64_t>(bytes);
+  }
+  return total;
+}
+
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight) {
+  if (at::Tensor y; packed_linear(x, weight, y)) return y;
   if (!applies(x, weight)) return at::linear(x, weight);
   auto shape = x.sizes().vec();
   shape.back() = weight.size(0);

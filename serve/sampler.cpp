@@ -18,6 +18,7 @@
 #include <cstring>
 #include <limits>
 
+#include "core/base/avx2_math.h"
 #include "core/base/error.h"
 
 namespace andy::serve {
@@ -74,6 +75,38 @@ double log_sum_exp(std::vector<double>& x, std::vector<double>& tmp) {
   at::Tensor t = as_tensor(tmp);
   at::sub_out(t, as_tensor(x), max_x).exp_();
   return max_x + std::log(sum(tmp));
+}
+
+// Index of the largest of x[0..n) (the lowest among ties; 0 when all are -inf), and whether any
+// is NaN: one vectorized pass for the maximum, then a search for its first occurrence.
+__attribute__((target("avx2,fma"))) int64_t argmax_f32_avx2(const float* x, int64_t n, bool& nan) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), unordered = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, v);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float mx = *std::max_element(lanes, lanes + 8);
+  nan = _mm256_movemask_ps(unordered) != 0;
+  for (; i < n; ++i) {
+    nan |= std::isnan(x[i]);
+    mx = std::max(mx, x[i]);
+  }
+  return std::find(x, x + n, mx) - x;
+}
+
+int64_t argmax_f32(const float* x, int64_t n, bool& nan) {
+  if (has_avx2_fma()) return argmax_f32_avx2(x, n, nan);
+  int64_t best = 0;
+  nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    nan |= std::isnan(x[i]);
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
 }
 
 // Index of the largest value; the lowest index among ties.
@@ -400,12 +433,8 @@ SampledToken SequenceSampler::sample(const at::Tensor& logits, const std::vector
       !penalties) {
     // Plain greedy: one pass over the fp32 row (the same token as the double path below: the
     // conversion keeps the order, and the lowest index wins ties).
-    int64_t best = 0;
     bool nan = false;
-    for (int64_t i = 0; i < vocab; ++i) {
-      nan |= std::isnan(raw[i]);
-      if (raw[i] > raw[best]) best = i;
-    }
+    const int64_t best = argmax_f32(raw, vocab, nan);
     ANDY_CHECK(!nan, "sampler: logits contain NaN");
     SampledToken out;
     out.token = static_cast<int32_t>(best);

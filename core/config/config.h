@@ -102,6 +102,7 @@ struct ServeConfig {
   double swap_space = 0.0;          // GiB of host memory per rank for swapped-out KV blocks
   std::string dtype = "auto";           // weights and activations: auto (as stored: fp32), fp32, bf16
   std::string kv_cache_dtype = "auto";  // auto (the weights' dtype), fp32, bf16, fp16
+  bool cpu_packed_weights = true;       // CPU: multi-row products through weights packed once
   int64_t max_num_seqs = 32;
   int64_t max_num_batched_tokens = 512;
   int64_t max_model_len = 0;        // 0: model.max_seq_len

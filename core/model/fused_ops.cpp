@@ -56,18 +56,18 @@ inline const float* row_as_float(const T* src, int64_t d, float* buf) {
   }
 }
 
-// y = w * round_T(x * rstd) per row; rstd saved for backward.
-template <typename T>
-void rms_forward_kernel(const T* x, const float* w, float* y, float* rstd, int64_t rows, int64_t d,
+// y = w * round_T(x * rstd) per row, stored as Y; rstd saved for backward unless null.
+template <typename T, typename Y = float>
+void rms_forward_kernel(const T* x, const float* w, Y* y, float* rstd, int64_t rows, int64_t d,
                         float eps) {
   at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : d);
     for (int64_t r = begin; r < end; ++r) {
       const float* xr = row_as_float(x + r * d, d, buf.data());
       const float rs = 1.0f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + eps);
-      rstd[r] = rs;
-      float* yr = y + r * d;
-      for (int64_t i = 0; i < d; ++i) yr[i] = w[i] * round_as<T>(xr[i] * rs);
+      if (rstd) rstd[r] = rs;
+      Y* yr = y + r * d;
+      for (int64_t i = 0; i < d; ++i) yr[i] = from_f<Y>(w[i] * round_as<T>(xr[i] * rs));
     }
   });
 }
@@ -489,6 +489,19 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   if (fused_ops_apply(x) && weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
       x.size(-1) == weight.size(0))
     return RmsNormFn::apply(x, weight, eps);
+  // bf16 inference (serve.dtype = bf16: bf16 activations and weight, no gradient): the
+  // composite's two roundings, bf16(w * bf16(x * rstd)), in one pass without fp32 temporaries.
+  if (fused_ops_apply(x) && x.scalar_type() == at::kBFloat16 && weight.is_cpu() &&
+      weight.scalar_type() == at::kBFloat16 && weight.dim() == 1 && x.size(-1) == weight.size(0) &&
+      !(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))) {
+    const at::Tensor xc = x.contiguous(), w = weight.to(at::kFloat).contiguous();
+    const int64_t d = xc.size(-1), rows = xc.numel() / std::max<int64_t>(1, d);
+    at::Tensor y = at::empty(xc.sizes(), xc.options());
+    rms_forward_kernel<c10::BFloat16, c10::BFloat16>(xc.data_ptr<c10::BFloat16>(), w.data_ptr<float>(),
+                                                     y.data_ptr<c10::BFloat16>(), nullptr, rows, d,
+                                                     static_cast<float>(eps));
+    return y;
+  }
   // CUDA: LibTorch's rms_norm, x and weight of one dtype. For fp32 (the default training
   // residual stream) the composite's arithmetic; for bf16 / fp16 (precision.fp32_residual =
   // false) one rounding at the end where the composite rounds before the scale too.

@@ -47,6 +47,25 @@ TEST_P(FusedOps, RmsNormMatchesComposite) {
   }
 }
 
+// Serving in bf16: bf16 activations and a bf16 weight without gradients take the one-pass
+// kernel, which rounds where the composite does (bf16(w * bf16(x * rstd))): equal to it except
+// where the two sums of squares, added in different orders, put x * rstd on either side of a
+// bf16 rounding boundary (one bf16 step apart at most).
+TEST_P(FusedOps, RmsNormInBf16WithoutGradMatchesComposite) {
+  at::NoGradGuard no_grad;
+  for (int64_t d : {512, 128, 37}) {
+    at::Tensor x = at::randn({64, d}).mul(3).to(at::kBFloat16);
+    at::Tensor w = at::rand({d}).add(0.5).to(at::kBFloat16);
+    at::Tensor got = rms_norm(x, w, 1e-5), want = rms_norm_unfused(x, w, 1e-5);
+    ASSERT_EQ(got.scalar_type(), at::kBFloat16);
+    ASSERT_EQ(got.sizes(), want.sizes());
+    at::Tensor g = got.to(at::kFloat), r = want.to(at::kFloat);
+    const double differ = g.ne(r).to(at::kDouble).mean().item<double>();
+    EXPECT_LT(differ, 0.01) << "d=" << d;
+    EXPECT_TRUE(at::allclose(g, r, 1e-2, 1e-2)) << "d=" << d << " max diff " << (g - r).abs().max().item<float>();
+  }
+}
+
 TEST_P(FusedOps, CausalSoftmaxMatchesComposite) {
   for (const Case& c : kCases) {
     // [B, H, T, S]: whole sequences (q_offset 0) and a chunk of queries after a prefix, widths

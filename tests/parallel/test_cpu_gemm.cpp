@@ -155,4 +155,76 @@ TEST(CpuGemm, Bf16RowProductSumsInFp32AndRoundsOnce) {
   }
 }
 
+// Packed weights (serve.cpu_packed_weights): off by default; when on, inference products of up to
+// 64 rows read a copy of the weight packed once (more rows: the unpacked paths, checked too). fp32 equals the unpacked sgemm to fp32
+// rounding (bit-identical from 32 rows up, where both run the same kernels); bf16 sums the exact products in fp32 and rounds once (within one bf16 rounding of a double
+// reference). A weight changed in place is packed again; turning packing off frees the packs;
+// products that need gradients never use them.
+TEST(CpuGemm, PackedWeightsMatchTheUnpackedProducts) {
+  if (!cpu_packed_weights_available(at::kFloat) || !cpu_packed_weights_available(at::kBFloat16))
+    GTEST_SKIP() << "no oneDNN packed GEMM in this process (PyTorch's own builds, ANDYLLM_CPU_GEMM=blas)";
+  torch::manual_seed(11);
+  struct Off {
+    ~Off() { set_cpu_packed_weights(false); }
+  } off;
+  at::NoGradGuard no_grad;
+  for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{{704, 512}, {37, 29}, {2048, 128}, {5, 1000}}) {
+    const at::Tensor w = at::randn({n, k}), wb = w.to(at::kBFloat16);
+    for (int64_t m : {1, 2, 7, 32, 33, 160}) {
+      const at::Tensor x = at::randn({m, k}), xb = x.to(at::kBFloat16);
+      set_cpu_packed_weights(false);
+      const at::Tensor want = cpu_linear(x, w);
+      EXPECT_EQ(cpu_packed_weight_bytes(), 0);
+      set_cpu_packed_weights(true);
+      const at::Tensor got = cpu_linear(x, w);
+      EXPECT_LT(rel_err(got, want), 2e-6) << n << "x" << k << ", " << m << " rows";
+      if (m >= 32) {
+        EXPECT_TRUE(at::equal(got, want)) << n << "x" << k << ", " << m << " rows";
+      }
+      const at::Tensor gotb = cpu_linear(xb.view({1, m, k}), wb);
+      ASSERT_EQ(gotb.scalar_type(), at::kBFloat16);
+      ASSERT_EQ(gotb.sizes(), (std::vector<int64_t>{1, m, n}));
+      const at::Tensor ref = at::matmul(xb.to(at::kDouble), wb.to(at::kDouble).t());
+      const at::Tensor err = (gotb.view({m, n}).to(at::kDouble) - ref).abs();
+      const at::Tensor bound = ref.abs() * (1.0 / 256) + 1e-4 * std::sqrt(static_cast<double>(k));
+      EXPECT_TRUE(err.le(bound).all().item<bool>()) << n << "x" << k << ", " << m << " rows: " << err.max().item<double>();
+      if (m <= 64) {
+        EXPECT_GE(cpu_packed_weight_bytes(), 2 * n * k * 2) << m << " rows";  // the fp32 and the bf16 pack at least
+      } else {
+        EXPECT_EQ(cpu_packed_weight_bytes(), 0) << m << " rows";
+      }
+    }
+  }
+  // Changed in place: packed again.
+  at::Tensor w = at::randn({64, 48});
+  const at::Tensor x = at::randn({8, 48});
+  set_cpu_packed_weights(true);
+  const at::Tensor before = cpu_linear(x, w);
+  w.mul_(-2);
+  set_cpu_packed_weights(false);
+  const at::Tensor want = cpu_linear(x, w);
+  set_cpu_packed_weights(true);
+  cpu_linear(x, w.mul(1));  // another tensor: its own pack
+  EXPECT_LT(rel_err(cpu_linear(x, w), want), 2e-6);
+  EXPECT_GT(rel_err(before, want), 1.0);
+  // Gradients: the autograd path, never the pack.
+  {
+    at::AutoGradMode grad(true);
+    const at::Tensor wg = w.clone().requires_grad_(true);
+    at::Tensor y = cpu_linear(x, wg);
+    ASSERT_TRUE(y.requires_grad());
+    y.sum().backward();
+    EXPECT_TRUE(at::allclose(wg.grad(), x.sum(0).expand({64, 48}), 1e-5, 1e-5));
+  }
+  // Freed weights drop their packs at the next packing.
+  set_cpu_packed_weights(false);
+  set_cpu_packed_weights(true);
+  {
+    const at::Tensor tmp = at::randn({256, 256});
+    cpu_linear(x.new_ones({4, 256}), tmp);
+    EXPECT_GE(cpu_packed_weight_bytes(), 256 * 256 * 4);
+  }
+  EXPECT_EQ(cpu_packed_weight_bytes(), 0);
+}
+
 }  // namespace andy

@@ -2,7 +2,8 @@
 // The independent reference is greedy decoding with the dense TP=1 model's full forward (no KV
 // cache, the whole sequence every token), built from the same seed on every rank. Checked:
 // the packed batched forward against the full forward's logits; greedy tokens served alone,
-// in a batch of 32 mixed-length requests with small prefill chunks, under KV-pool pressure
+// in a batch of 32 mixed-length requests with small prefill chunks (through packed weights, as
+// `generate` and `serve` run on CPU), under KV-pool pressure
 // (preemption by recompute, and by swapping), with a prefix-cache hit; seeded sampling alone
 // vs in a batch; n > 1; every KV block free after the requests end; RSS flat over 1,000
 // requests.
@@ -17,6 +18,7 @@
 #include <thread>
 
 #include "core/model/llama.h"
+#include "parallel/cpu_gemm.h"
 #include "parallel/mpi_communicator.h"
 #include "serve/engine.h"
 #include "tests/model/model_test_util.h"
@@ -185,7 +187,12 @@ TEST(Engine, GreedyAloneEqualsBatchedChunkedAndTheFullForwardReference) {
   EngineOptions o = options(/*num_blocks=*/256);
   Outcome alone = run(o, requests, /*together=*/false);
   o.max_num_batched_tokens = 16;  // prefills in chunks of at most 16 tokens, mixed with decodes
+  set_cpu_packed_weights(true);   // as `generate` and `serve` run on CPU (serve.cpu_packed_weights)
   Outcome batched = run(o, requests, /*together=*/true);
+  if (cpu_packed_weights_available(at::kFloat)) {
+    EXPECT_GT(cpu_packed_weight_bytes(), 0);
+  }
+  set_cpu_packed_weights(false);
   if (rank() != 0) return;
   int mismatches = 0;
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -264,7 +271,8 @@ TEST(Engine, NarrowKvCacheKeepsGreedyTokensAloneAndBatched) {
 // serve.dtype = bf16: the model's weights and activations in bf16 (here with a bf16 KV cache, as
 // `auto` gives). Rounding to 8 significant bits moves the logits, so the greedy tokens follow the
 // fp32 full forward except where its two best logits are close, alone and in a batch with chunked
-// prefills (whose products run through other kernels than one row's).
+// prefills (whose products run through other kernels than one row's: here oneDNN's packed bf16
+// GEMM, as `generate` and `serve` run them).
 TEST(Engine, Bf16ModelFollowsTheFp32ReferenceExceptNearTies) {
   static LlamaForCausalLM* bf16 = [] {
     auto* m = new LlamaForCausalLM(model_config(), world_tp(), kSeed);
@@ -275,7 +283,12 @@ TEST(Engine, Bf16ModelFollowsTheFp32ReferenceExceptNearTies) {
   EngineOptions o = options(/*num_blocks=*/256);
   Outcome alone = run(o, requests, /*together=*/false, at::kBFloat16, bf16);
   o.max_num_batched_tokens = 16;
+  set_cpu_packed_weights(true);  // the batched products through packed bf16 weights
   Outcome batched = run(o, requests, /*together=*/true, at::kBFloat16, bf16);
+  if (cpu_packed_weights_available(at::kBFloat16)) {
+    EXPECT_GT(cpu_packed_weight_bytes(), 0);
+  }
+  set_cpu_packed_weights(false);
   if (rank() != 0) return;
   for (auto* out : {&alone, &batched}) {
     const auto [mismatches, gap] = divergence(requests, *out);

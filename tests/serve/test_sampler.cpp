@@ -112,6 +112,26 @@ TEST(Sampler, GreedyPicksArgmaxLowestIdOnTies) {
   EXPECT_EQ(sample_once(greedy(), row({-inf, -inf, -inf})), 0);
   EXPECT_THROW(sample_once(greedy(), row({0.1f, std::nanf(""), 2.0f})), andy::Error);
   EXPECT_THROW(sample_once(greedy(), row({0.1f, 2.0f, std::nanf("")})), andy::Error);
+  // Rows past the 8-wide vector body (19 entries: two vectors and a tail of 3): ties between
+  // lanes, between a vector and the tail, +inf, all -inf, a NaN inside a vector and in the tail.
+  std::vector<float> v(19, -1.0f);
+  v[13] = v[5] = 4.0f;
+  EXPECT_EQ(sample_once(greedy(), row(v)), 5);
+  v[17] = 4.0f;
+  v[5] = 0.0f;
+  EXPECT_EQ(sample_once(greedy(), row(v)), 13);
+  v[18] = inf;
+  EXPECT_EQ(sample_once(greedy(), row(v)), 18);
+  EXPECT_EQ(sample_once(greedy(), row(std::vector<float>(19, -inf))), 0);
+  for (size_t at : {size_t{6}, size_t{17}}) {
+    std::vector<float> w(19, 0.5f);
+    w[at] = std::nanf("");
+    EXPECT_THROW(sample_once(greedy(), row(w)), andy::Error) << "NaN at " << at;
+  }
+  for (uint64_t seed = 0; seed < 20; ++seed) {  // lengths that are not multiples of 8
+    auto r = random_logits(4093 + seed, seed);
+    EXPECT_EQ(sample_once(greedy(), row(r)), ref_argmax(r));
+  }
 }
 
 TEST(Sampler, LogitBiasForcesAndBansTokens) {
