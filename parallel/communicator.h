@@ -78,6 +78,9 @@ class Communicator {
   virtual WorkPtr reduce_scatter(at::Tensor& output, const at::Tensor& input,
                                  const ReduceScatterOptions& opts = {}) = 0;
   virtual WorkPtr broadcast(at::Tensor& tensor, int root) = 0;
+  // Every rank's input (the same numel everywhere) concatenated in rank order into `output` on
+  // `root` (contiguous, size() * input.numel() elements); `output` is not read elsewhere.
+  virtual WorkPtr gather(at::Tensor& output, const at::Tensor& input, int root) = 0;
   virtual WorkPtr barrier() = 0;
 
   // Synchronous forms (issue + wait).

@@ -439,6 +439,29 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
                 [=](MPI_Comm c, MPI_Request* r) { return MPI_Ibcast(ptr, count, dt, root, c, r); }});
 }
 
+WorkPtr MpiCommunicator::gather(at::Tensor& output, const at::Tensor& input, int root) {
+  check_tensor(input, "gather", "input");
+  check_cpu(input, "gather");
+  ANDY_CHECK_T(CommError, root >= 0 && root < size_, describe("gather"), ": root ", root,
+               " outside the group of ", size_);
+  if (rank_ == root) {
+    check_pair(input, output, "gather");
+    check_cpu(output, "gather");
+    ANDY_CHECK_T(CommError, output.numel() == input.numel() * size_, describe("gather"), ": output has ",
+                 output.numel(), " elements, expected ", size_, " x ", input.numel());
+  }
+  auto work = std::make_shared<MpiWork>(describe("gather"), timeout_);
+  MPI_Datatype dt = mpi_copy_type(input.scalar_type());
+  const void* in = input.numel() ? input.data_ptr() : nullptr;
+  int count = static_cast<int>(input.numel());
+  void* out = rank_ == root ? output.data_ptr() : nullptr;
+  work->keep(input);
+  if (rank_ == root) work->keep(output);
+  return issue(comm_.get(), thread_.get(), work,
+               {"MPI_Gather", [=](MPI_Comm c) { return MPI_Gather(in, count, dt, out, count, dt, root, c); },
+                [=](MPI_Comm c, MPI_Request* r) { return MPI_Igather(in, count, dt, out, count, dt, root, c, r); }});
+}
+
 WorkPtr MpiCommunicator::barrier() {
   auto work = std::make_shared<MpiWork>(describe("barrier"), timeout_);
   return issue(comm_.get(), thread_.get(), work,

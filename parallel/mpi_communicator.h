@@ -42,6 +42,7 @@ class MpiCommunicator : public Communicator {
   WorkPtr reduce_scatter(at::Tensor& output, const at::Tensor& input,
                          const ReduceScatterOptions& opts = {}) override;
   WorkPtr broadcast(at::Tensor& tensor, int root) override;
+  WorkPtr gather(at::Tensor& output, const at::Tensor& input, int root) override;
   WorkPtr barrier() override;
 
   // True when collectives run on the communication thread, false when polled nonblocking.

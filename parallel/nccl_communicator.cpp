@@ -227,6 +227,32 @@ WorkPtr NcclCommunicator::broadcast(at::Tensor& tensor, int root) {
   return finish("broadcast", {tensor});
 }
 
+WorkPtr NcclCommunicator::gather(at::Tensor& output, const at::Tensor& input, int root) {
+  check_tensor(input, "gather", "input");
+  check_device(input, "gather");
+  ANDY_CHECK_T(CommError, root >= 0 && root < size_, describe("gather"), ": root ", root,
+               " outside the group of ", size_);
+  if (rank_ == root) {
+    check_pair(input, output, "gather");
+    check_device(output, "gather");
+    ANDY_CHECK_T(CommError, output.numel() == input.numel() * size_, describe("gather"), ": output has ",
+                 output.numel(), " elements, expected ", size_, " x ", input.numel());
+  }
+  auto dt = nccl_dtype(input.scalar_type());
+  const size_t bytes = static_cast<size_t>(input.numel()) * input.element_size();
+  enter();
+  // Point to point in one group: every rank sends to the root, which receives from each (itself
+  // included).
+  NCCL_CHECK(ncclGroupStart());
+  NCCL_CHECK(ncclSend(input.data_ptr(), input.numel(), dt, root, comm_, stream_));
+  if (rank_ == root)
+    for (int r = 0; r < size_; ++r)
+      NCCL_CHECK(ncclRecv(static_cast<char*>(output.data_ptr()) + r * bytes, input.numel(), dt, r, comm_, stream_));
+  NCCL_CHECK(ncclGroupEnd());
+  if (rank_ == root) return finish("gather", {input, output});
+  return finish("gather", {input});
+}
+
 WorkPtr NcclCommunicator::barrier() {
   if (!barrier_buf_.defined()) {
     barrier_buf_ = at::zeros({1}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA, device_));

@@ -34,6 +34,7 @@ class NcclCommunicator : public Communicator {
   WorkPtr reduce_scatter(at::Tensor& output, const at::Tensor& input,
                          const ReduceScatterOptions& opts = {}) override;
   WorkPtr broadcast(at::Tensor& tensor, int root) override;
+  WorkPtr gather(at::Tensor& output, const at::Tensor& input, int root) override;
   WorkPtr barrier() override;
 
   // For raw NCCL calls beside this communicator (bench comm): they must not run while one of

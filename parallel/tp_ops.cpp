@@ -85,6 +85,25 @@ at::Tensor reduce_from_tp_region(const at::Tensor& x, const CommPtr& tp) {
   return ReduceFromTpRegion::apply(x, tp.get());
 }
 
+at::Tensor gather_to_tp_root(const at::Tensor& x, const CommPtr& tp) {
+  if (!tp_active(tp)) return x;
+  const at::Tensor in = x.contiguous();
+  const bool root = tp->rank() == 0;
+  std::vector<int64_t> shape{tp->size()};
+  for (int64_t s : in.sizes()) shape.push_back(s);
+  at::Tensor out = root ? at::empty(shape, in.options()) : at::Tensor();
+  tp->gather(out, in, 0)->wait();
+  if (!root) return at::Tensor();
+  // [tp, ..., n] -> [..., tp, n] -> [..., tp * n]
+  std::vector<int64_t> perm;
+  for (int64_t d = 1; d < in.dim(); ++d) perm.push_back(d);
+  perm.push_back(0);
+  perm.push_back(in.dim());
+  std::vector<int64_t> final_shape(in.sizes().begin(), in.sizes().end());
+  final_shape.back() *= tp->size();
+  return out.permute(perm).reshape(final_shape);
+}
+
 at::Tensor gather_from_tp_region(const at::Tensor& x, const CommPtr& tp) {
   if (!tp_active(tp)) return x;
   return GatherFromTpRegion::apply(x, tp.get());

@@ -29,5 +29,9 @@ at::Tensor reduce_from_tp_region(const at::Tensor& x, const CommPtr& tp);
 // Concatenates every rank's x along the last dimension (forward all-gather); backward keeps
 // this rank's slice of the gradient. Used where full logits are needed (sampling, tests).
 at::Tensor gather_from_tp_region(const at::Tensor& x, const CommPtr& tp);
+// The same concatenation on the group's rank 0 only (a gather, not an all-gather: half the bytes
+// at two ranks, and no copy to permute on the others); an undefined tensor on the other ranks.
+// No autograd. Used where one rank samples from the logits (the serving engine).
+at::Tensor gather_to_tp_root(const at::Tensor& x, const CommPtr& tp);
 
 }  // namespace andy

@@ -253,7 +253,10 @@ at::Tensor Engine::execute(const StepPlan& plan) {
   if (batch.num_sequences() == 0) return {};
   at::Tensor local = model_->forward_batch(batch, cache_);
   if (batch.sample_rows.empty()) return {};
-  return model_->gather_logits(local).to(at::kFloat).cpu().contiguous();
+  // Only TP rank 0, the engine's rank 0 that samples, receives the full rows.
+  const at::Tensor full = model_->gather_logits_to_root(local);
+  if (!full.defined()) return {};
+  return full.to(at::kFloat).cpu().contiguous();
 }
 
 bool Engine::step() {
@@ -273,6 +276,8 @@ bool Engine::step() {
   channel_->broadcast(plan);
   auto t1 = std::chrono::steady_clock::now();
   at::Tensor logits = execute(plan);
+  ANDY_CHECK(logits.defined() || plan.sample_rows.empty(),
+             "engine: its rank 0 is not rank 0 of the model's tensor-parallel group, which alone receives the logits");
   auto t2 = std::chrono::steady_clock::now();
   live_.forward_seconds += std::chrono::duration<double>(t2 - t1).count();
   int64_t prompt_tokens = 0, tokens = 0;

@@ -305,6 +305,11 @@ at::Tensor LlamaForCausalLMImpl::gather_logits(const at::Tensor& local_logits) c
   return full.narrow(-1, 0, cfg_.vocab_size);
 }
 
+at::Tensor LlamaForCausalLMImpl::gather_logits_to_root(const at::Tensor& local_logits) const {
+  at::Tensor full = tp_active(tp_) ? gather_to_tp_root(local_logits, tp_) : local_logits;
+  return full.defined() ? full.narrow(-1, 0, cfg_.vocab_size) : full;
+}
+
 std::vector<ParamInfo> LlamaForCausalLMImpl::param_infos() {
   std::vector<ParamInfo> out;
   for (const auto& p : named_parameters()) {

@@ -160,6 +160,8 @@ class LlamaForCausalLMImpl : public torch::nn::Module {
   // Full-vocabulary logits [.., vocab_size] (all-gathered over TP, padding dropped): for
   // sampling and tests, not for training.
   at::Tensor gather_logits(const at::Tensor& local_logits) const;
+  // The same on TP rank 0 only (gather_to_tp_root); undefined on the other ranks.
+  at::Tensor gather_logits_to_root(const at::Tensor& local_logits) const;
 
   std::vector<ParamInfo> param_infos();
   const PartitionSpecs& partition_specs() const { return specs_; }

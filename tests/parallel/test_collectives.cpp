@@ -151,6 +151,40 @@ TEST(Collectives, BroadcastFromEveryRoot) {
   }
 }
 
+// Gather to each root, on the communication thread and on the nonblocking path (the serving
+// engine's TP communicators): the root gets every rank's input in rank order, the other ranks'
+// output is left untouched; a root outside the group is refused on every rank, an output of the
+// wrong size on the root.
+TEST(Collectives, GatherToEveryRoot) {
+  for (bool thread : {true, false}) {
+    auto comm = make_communicator(Backend::kMpi, MpiComm(MPI_COMM_WORLD, false), thread ? "gather[thread]" : "gather",
+                                  -1, std::chrono::milliseconds(60000), thread);
+    const int n = comm->size(), r = comm->rank();
+    for (auto t : kAllTypes) {
+      for (int root = 0; root < n; ++root) {
+        for (int64_t size : {int64_t{0}, int64_t{1}, int64_t{777}}) {
+          const at::Tensor in = pattern(size, 10 * r + 1, 7, t).view({1, size});
+          at::Tensor out = r == root ? at::full({n, size}, -1, t) : at::full({3}, -5, t);
+          comm->gather(out, in, root)->wait();
+          if (r == root) {
+            for (int q = 0; q < n; ++q)
+              EXPECT_EQ(max_abs_diff(out[q], pattern(size, 10 * q + 1, 7, at::kDouble)), 0)
+                  << t << " root " << root << " from " << q << (thread ? " (thread)" : "");
+          } else {
+            EXPECT_EQ(max_abs_diff(out, at::full({3}, -5, at::kDouble)), 0) << "not the root's output";
+          }
+        }
+      }
+    }
+    at::Tensor in = at::ones({3}), out = at::zeros({3 * n + (r == 0 ? 1 : 0)});
+    EXPECT_THROW(comm->gather(out, in, n), CommError);
+    if (r == 0) {
+      EXPECT_THROW(comm->gather(out, in, 0), CommError);  // the root checks its output, before communicating
+    }
+    comm->barrier()->wait();
+  }
+}
+
 TEST(Collectives, MultiDimensionalAndEmptyTensors) {
   auto comm = world_comm();
   auto x = at::ones({3, 0, 2});
