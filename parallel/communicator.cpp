@@ -48,6 +48,16 @@ void Communicator::check_pair(const at::Tensor& input, const at::Tensor& output,
                ": dtype mismatch: input ", input.scalar_type(), ", output ", output.scalar_type());
 }
 
+void Communicator::check_gather(const at::Tensor& output, const at::Tensor& input, int root) const {
+  check_tensor(input, "gather", "input");
+  ANDY_CHECK_T(CommError, root >= 0 && root < size_, describe("gather"), ": root ", root,
+               " outside the group of ", size_);
+  if (rank_ != root) return;
+  check_pair(input, output, "gather");
+  ANDY_CHECK_T(CommError, output.numel() == input.numel() * size_, describe("gather"), ": output has ",
+               output.numel(), " elements, expected ", size_, " x ", input.numel());
+}
+
 void Communicator::check_reduction(const at::Tensor& t, ReduceOp reduce, const char* op) const {
   ANDY_CHECK_T(CommError, reduce != ReduceOp::kAvg || at::isFloatingType(t.scalar_type()),
                describe(op), ": avg needs a floating dtype, got ", t.scalar_type());

@@ -93,6 +93,9 @@ class Communicator {
                std::chrono::milliseconds timeout)
       : rank_(rank), size_(size), global_rank_(global_rank), name_(std::move(name)), timeout_(timeout) {}
 
+  // gather's: the input, the root inside the group, and on the root an output of the input's
+  // dtype with size() times its elements.
+  void check_gather(const at::Tensor& output, const at::Tensor& input, int root) const;
   // Shared argument checks: contiguity, dtype support, size agreement. Throw CommError.
   void check_tensor(const at::Tensor& t, const char* op, const char* what) const;
   // check_tensor on both, and the same dtype.

@@ -440,16 +440,9 @@ WorkPtr MpiCommunicator::broadcast(at::Tensor& tensor, int root) {
 }
 
 WorkPtr MpiCommunicator::gather(at::Tensor& output, const at::Tensor& input, int root) {
-  check_tensor(input, "gather", "input");
+  check_gather(output, input, root);
   check_cpu(input, "gather");
-  ANDY_CHECK_T(CommError, root >= 0 && root < size_, describe("gather"), ": root ", root,
-               " outside the group of ", size_);
-  if (rank_ == root) {
-    check_pair(input, output, "gather");
-    check_cpu(output, "gather");
-    ANDY_CHECK_T(CommError, output.numel() == input.numel() * size_, describe("gather"), ": output has ",
-                 output.numel(), " elements, expected ", size_, " x ", input.numel());
-  }
+  if (rank_ == root) check_cpu(output, "gather");
   auto work = std::make_shared<MpiWork>(describe("gather"), timeout_);
   MPI_Datatype dt = mpi_copy_type(input.scalar_type());
   const void* in = input.numel() ? input.data_ptr() : nullptr;

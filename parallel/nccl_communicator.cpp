@@ -228,16 +228,9 @@ WorkPtr NcclCommunicator::broadcast(at::Tensor& tensor, int root) {
 }
 
 WorkPtr NcclCommunicator::gather(at::Tensor& output, const at::Tensor& input, int root) {
-  check_tensor(input, "gather", "input");
+  check_gather(output, input, root);
   check_device(input, "gather");
-  ANDY_CHECK_T(CommError, root >= 0 && root < size_, describe("gather"), ": root ", root,
-               " outside the group of ", size_);
-  if (rank_ == root) {
-    check_pair(input, output, "gather");
-    check_device(output, "gather");
-    ANDY_CHECK_T(CommError, output.numel() == input.numel() * size_, describe("gather"), ": output has ",
-                 output.numel(), " elements, expected ", size_, " x ", input.numel());
-  }
+  if (rank_ == root) check_device(output, "gather");
   auto dt = nccl_dtype(input.scalar_type());
   const size_t bytes = static_cast<size_t>(input.numel()) * input.element_size();
   enter();

@@ -25,20 +25,25 @@ at::Tensor all_reduce_copy(const at::Tensor& x, Communicator* comm) {
   return y;
 }
 
+// The gathered [tp, ..., n] as [..., tp * n]: each rank's slice side by side in the last dim.
+at::Tensor concat_last_dim(const at::Tensor& gathered) {
+  const int64_t d = gathered.dim() - 1;  // the input's dims
+  std::vector<int64_t> perm;
+  for (int64_t i = 1; i < d; ++i) perm.push_back(i);
+  perm.push_back(0);
+  perm.push_back(d);
+  std::vector<int64_t> shape(gathered.sizes().begin() + 1, gathered.sizes().end());
+  shape.back() *= gathered.size(0);
+  return gathered.permute(perm).reshape(shape);
+}
+
 at::Tensor all_gather_last_dim(const at::Tensor& x, Communicator* comm) {
   at::Tensor in = x.contiguous();
   std::vector<int64_t> shape{comm->size()};
   for (int64_t s : in.sizes()) shape.push_back(s);
   at::Tensor out = at::empty(shape, in.options());
   comm->all_gather(out, in)->wait();
-  // [tp, ..., n] -> [..., tp, n] -> [..., tp * n]
-  std::vector<int64_t> perm;
-  for (int64_t d = 1; d < in.dim(); ++d) perm.push_back(d);
-  perm.push_back(0);
-  perm.push_back(in.dim());
-  std::vector<int64_t> final_shape(in.sizes().begin(), in.sizes().end());
-  final_shape.back() *= comm->size();
-  return out.permute(perm).reshape(final_shape);
+  return concat_last_dim(out);
 }
 
 struct CopyToTpRegion : public torch::autograd::Function<CopyToTpRegion> {
@@ -93,15 +98,7 @@ at::Tensor gather_to_tp_root(const at::Tensor& x, const CommPtr& tp) {
   for (int64_t s : in.sizes()) shape.push_back(s);
   at::Tensor out = root ? at::empty(shape, in.options()) : at::Tensor();
   tp->gather(out, in, 0)->wait();
-  if (!root) return at::Tensor();
-  // [tp, ..., n] -> [..., tp, n] -> [..., tp * n]
-  std::vector<int64_t> perm;
-  for (int64_t d = 1; d < in.dim(); ++d) perm.push_back(d);
-  perm.push_back(0);
-  perm.push_back(in.dim());
-  std::vector<int64_t> final_shape(in.sizes().begin(), in.sizes().end());
-  final_shape.back() *= tp->size();
-  return out.permute(perm).reshape(final_shape);
+  return root ? concat_last_dim(out) : at::Tensor();
 }
 
 at::Tensor gather_from_tp_region(const at::Tensor& x, const CommPtr& tp) {
