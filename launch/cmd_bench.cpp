@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cstdio>
 
+#include "core/base/dtype_names.h"
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "launch/commands.h"
@@ -19,12 +20,7 @@ int bench_serve(const ParsedArgs& args, World* world);     // launch/cmd_bench_s
 namespace {
 
 at::ScalarType parse_dtype(const std::string& s) {
-  if (s == "fp32" || s == "float") return at::kFloat;
-  if (s == "fp64" || s == "double") return at::kDouble;
-  if (s == "bf16") return at::kBFloat16;
-  if (s == "fp16") return at::kHalf;
-  if (s == "int32") return at::kInt;
-  if (s == "int64") return at::kLong;
+  if (const auto t = scalar_type_named(s)) return *t;
   throw ConfigError("--dtype " + s + ": expected fp32, fp64, bf16, fp16, int32 or int64");
 }
 

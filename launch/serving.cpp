@@ -4,6 +4,7 @@
 #include <chrono>
 #include <filesystem>
 
+#include "core/base/dtype_names.h"
 #include "core/base/logging.h"
 #include "core/base/torch_compat.h"
 #include "data/text_input.h"
@@ -65,9 +66,8 @@ LlamaForCausalLM load_model_for_inference(const ModelSource& src, const ProcessG
 
 namespace {
 // "fp32", "bf16", "fp16" (the values [serve] dtype keys take besides "auto").
-at::ScalarType dtype_named(const std::string& name) {
-  return name == "bf16" ? at::kBFloat16 : name == "fp16" ? at::kHalf : at::kFloat;
-}
+// A [serve] dtype name the config has already checked (fp32, bf16, fp16).
+at::ScalarType dtype_named(const std::string& name) { return scalar_type_named(name).value_or(at::kFloat); }
 }  // namespace
 
 at::ScalarType serve_dtype(const Config& cfg, bool int8_model) {

@@ -196,39 +196,6 @@ bool applies(const at::Tensor& x, const at::Tensor& w) {
          !compat::autocast_enabled(at::kCPU) && x.numel() > 0 && w.numel() > 0;
 }
 
-// x2 [M, K] (contiguous) times w [N, K] (contiguous) transposed: [M, N].
-at::Tensor matmul_nt(const at::Tensor& x2, const at::Tensor& w) {
-  const int64_t m = x2.size(0), k = x2.size(1), n = w.size(0);
-  at::Tensor y = at::empty({m, n}, x2.options());
-  cpu_sgemm(false, true, m, n, k, x2.data_ptr<float>(), k, w.data_ptr<float>(), k, y.data_ptr<float>(), n);
-  return y;
-}
-
-struct CpuLinearFn : public torch::autograd::Function<CpuLinearFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& w) {
-    ctx->save_for_backward({x2, w});
-    return matmul_nt(x2, w);
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const at::Tensor& x2 = saved[0];
-    const at::Tensor& w = saved[1];
-    const at::Tensor dy = grads[0].contiguous();
-    const int64_t m = x2.size(0), k = x2.size(1), n = w.size(0);
-    at::Tensor dx, dw;
-    if (ctx->needs_input_grad(0)) {  // dx [M, K] = dy [M, N] w [N, K]
-      dx = at::empty({m, k}, x2.options());
-      cpu_sgemm(false, false, m, k, n, dy.data_ptr<float>(), n, w.data_ptr<float>(), k, dx.data_ptr<float>(), k);
-    }
-    if (ctx->needs_input_grad(1)) {  // dw [N, K] = dy^T [N, M] x2 [M, K]
-      dw = at::empty({n, k}, w.options());
-      cpu_sgemm(true, false, n, k, m, dy.data_ptr<float>(), n, x2.data_ptr<float>(), k, dw.data_ptr<float>(), k);
-    }
-    return {dx, dw};
-  }
-};
-
 // A batch of row-major matrices as sgemm reads them: entry i at data + i * batch_stride, either
 // as stored ('N', leading dim ld) or transposed ('T').
 struct Operand {
@@ -278,6 +245,27 @@ struct CpuMatmulFn : public torch::autograd::Function<CpuMatmulFn> {
     if (ctx->needs_input_grad(0)) da = batched_product(dc, false, saved[1], true);  // dC B^T
     if (ctx->needs_input_grad(1)) db = batched_product(saved[0], true, dc, false);  // A^T dC
     return {da, db};
+  }
+};
+
+// x2 [M, K] (contiguous) times w [N, K] (contiguous) transposed: [M, N]; a batch of one.
+at::Tensor matmul_nt(const at::Tensor& x2, const at::Tensor& w) {
+  return batched_product(x2.unsqueeze(0), false, w.unsqueeze(0), true).squeeze(0);
+}
+
+struct CpuLinearFn : public torch::autograd::Function<CpuLinearFn> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& w) {
+    ctx->save_for_backward({x2, w});
+    return matmul_nt(x2, w);
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor dy = grads[0].contiguous().unsqueeze(0);
+    at::Tensor dx, dw;
+    if (ctx->needs_input_grad(0)) dx = batched_product(dy, false, saved[1].unsqueeze(0), false).squeeze(0);  // dy w
+    if (ctx->needs_input_grad(1)) dw = batched_product(dy, true, saved[0].unsqueeze(0), false).squeeze(0);   // dy^T x2
+    return {dx, dw};
   }
 };
 

@@ -4,6 +4,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "core/base/dtype_names.h"
 #include "core/base/durable_fs.h"
 #include "core/base/error.h"
 #include "core/model/model_config.h"
@@ -16,9 +17,8 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 
 at::ScalarType hf_dtype(const std::string& name, const std::string& what) {
-  if (name == "float32" || name == "fp32" || name == "f32") return at::kFloat;
-  if (name == "bfloat16" || name == "bf16") return at::kBFloat16;
-  if (name == "float16" || name == "fp16" || name == "f16") return at::kHalf;
+  const auto t = scalar_type_named(name);
+  if (t == at::kFloat || t == at::kBFloat16 || t == at::kHalf) return *t;
   ANDY_THROW(ConfigError, what, " '", name, "': expected float32, bfloat16 or float16");
 }
 
