@@ -99,6 +99,12 @@ constexpr int64_t kPackedMaxRows = 64;
 // from 1 to 300 rows against at::linear; its size stops depending on the rows from 32 up).
 constexpr int64_t kPackRows = 32;
 
+// x [..., K] and w [N, K] on the CPU, neither empty: the shapes every CPU product path takes.
+bool cpu_linear_operands(const at::Tensor& x, const at::Tensor& w) {
+  return x.device().is_cpu() && w.device().is_cpu() && x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1) &&
+         x.numel() > 0 && w.numel() > 0;
+}
+
 // One packed weight matrix: W [N, K] row-major seen as column-major op(A) = W (A = W^T, lda = K).
 struct PackedWeight {
   explicit PackedWeight(const at::Tensor& w)
@@ -109,6 +115,7 @@ struct PackedWeight {
   int64_t n, k, version;
   at::ScalarType dtype;
   std::shared_ptr<void> buffer;  // 64-byte aligned
+  int64_t bytes = 0;             // of the packed layout
 };
 
 struct PackedWeights {
@@ -127,8 +134,9 @@ bool packed_entry_matches(const PackedWeight& e, const at::Tensor& w) {
          e.version == w._version() && e.dtype == w.scalar_type();
 }
 
+// Packs e's weight w into e.buffer.
 template <typename T>
-std::shared_ptr<void> pack_weight(const PackedGemm<T>& g, const at::Tensor& w) {
+void pack_weight(const PackedGemm<T>& g, const at::Tensor& w, PackedWeight& e) {
   const int64_t n = w.size(0), k = w.size(1), m = kPackRows, lda = k, ldb = k;
   size_t bytes = 0;
   bool pack = true;
@@ -137,10 +145,10 @@ std::shared_ptr<void> pack_weight(const PackedGemm<T>& g, const at::Tensor& w) {
              " (N ", n, ", K ", k, ")");
   void* raw = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
   ANDY_CHECK(raw, "cpu_linear: out of memory packing a ", n, "x", k, " weight (", bytes, " bytes)");
-  std::shared_ptr<void> buffer(raw, std::free);
+  e.buffer.reset(raw, std::free);
+  e.bytes = static_cast<int64_t>(bytes);
   status = g.pack("A", "T", "N", &n, &m, &k, &lda, &ldb, static_cast<const T*>(w.data_ptr()), static_cast<T*>(raw));
   ANDY_CHECK(status == 0, "cpu_linear: oneDNN's pack failed with status ", status, " (N ", n, ", K ", k, ")");
-  return buffer;
 }
 
 // The packed copy of w, packed on first use (and again if w changed in place); null when the
@@ -154,7 +162,11 @@ std::shared_ptr<void> packed_for(const at::Tensor& w) {
   for (auto e = p.by_tensor.begin(); e != p.by_tensor.end();)  // drop the packs of freed weights
     e = e->second.owner.expired() ? p.by_tensor.erase(e) : std::next(e);
   PackedWeight e(w);
-  e.buffer = w.scalar_type() == at::kFloat ? pack_weight(packed_sgemm(), w) : pack_weight(packed_bf16_gemm(), w);
+  if (w.scalar_type() == at::kFloat) {
+    pack_weight(packed_sgemm(), w, e);
+  } else {
+    pack_weight(packed_bf16_gemm(), w, e);
+  }
   std::shared_ptr<void> buffer = e.buffer;
   p.by_tensor.insert_or_assign(w.unsafeGetTensorImpl(), std::move(e));
   return buffer;
@@ -164,9 +176,7 @@ std::shared_ptr<void> packed_for(const at::Tensor& w) {
 // fp32 x and W outside autocast, or bf16 x and W (summed in fp32, rounded to bf16 once, as at::linear); false when it does not apply.
 bool packed_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
   if (at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad())) return false;
-  if (!(x.device().is_cpu() && w.device().is_cpu() && w.dim() == 2 && w.is_contiguous() && x.dim() >= 1 &&
-        x.size(-1) == w.size(1) && x.numel() > 0 && w.numel() > 0 && x.scalar_type() == w.scalar_type()))
-    return false;
+  if (!(cpu_linear_operands(x, w) && w.is_contiguous() && x.scalar_type() == w.scalar_type())) return false;
   const bool fp32 = x.scalar_type() == at::kFloat && !compat::autocast_enabled(at::kCPU) && packed_sgemm().available();
   const bool bf16 = x.scalar_type() == at::kBFloat16 && packed_bf16_gemm().available();
   if (!fp32 && !bf16) return false;
@@ -191,9 +201,8 @@ bool packed_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
 }
 
 bool applies(const at::Tensor& x, const at::Tensor& w) {
-  return cpu_gemm_enabled() && x.device().is_cpu() && w.device().is_cpu() && x.scalar_type() == at::kFloat &&
-         w.scalar_type() == at::kFloat && x.dim() >= 1 && w.dim() == 2 && x.size(-1) == w.size(1) &&
-         !compat::autocast_enabled(at::kCPU) && x.numel() > 0 && w.numel() > 0;
+  return cpu_gemm_enabled() && cpu_linear_operands(x, w) && x.scalar_type() == at::kFloat &&
+         w.scalar_type() == at::kFloat && !compat::autocast_enabled(at::kCPU);
 }
 
 // A batch of row-major matrices as sgemm reads them: entry i at data + i * batch_stride, either
@@ -360,14 +369,8 @@ int64_t cpu_packed_weight_bytes() {
   PackedWeights& p = packed_weights();
   std::lock_guard<std::mutex> lock(p.mu);
   int64_t total = 0;
-  for (const auto& e : p.by_tensor) {
-    if (e.second.owner.expired()) continue;
-    const int64_t n = e.second.n, k = e.second.k, m = kPackRows, lda = k, ldb = k;
-    size_t bytes = 0;
-    bool pack = true;
-    const PackSizeFn size = e.second.dtype == at::kFloat ? packed_sgemm().size : packed_bf16_gemm().size;
-    if (size && size("A", "T", "N", &n, &m, &k, &lda, &ldb, &bytes, &pack) == 0) total += static_cast<int64_t>(bytes);
-  }
+  for (const auto& e : p.by_tensor)
+    if (!e.second.owner.expired()) total += e.second.bytes;
   return total;
 }
 

@@ -242,8 +242,7 @@ WorkPtr NcclCommunicator::gather(at::Tensor& output, const at::Tensor& input, in
     for (int r = 0; r < size_; ++r)
       NCCL_CHECK(ncclRecv(static_cast<char*>(output.data_ptr()) + r * bytes, input.numel(), dt, r, comm_, stream_));
   NCCL_CHECK(ncclGroupEnd());
-  if (rank_ == root) return finish("gather", {input, output});
-  return finish("gather", {input});
+  return finish("gather", rank_ == root ? std::vector<at::Tensor>{input, output} : std::vector<at::Tensor>{input});
 }
 
 WorkPtr NcclCommunicator::barrier() {

@@ -56,9 +56,7 @@ void sum_exp_kernel(const T* logits, int64_t rows, int64_t width, int64_t n_real
       __m256 acc = _mm256_setzero_ps();
       int64_t j = 0;
       for (; j + 8 <= n_real; j += 8) acc = _mm256_add_ps(acc, exp8(_mm256_loadu_ps(buf.data() + j)));
-      alignas(32) float lanes[8];
-      _mm256_store_ps(lanes, acc);
-      float s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+      float s = hsum8_pairs(acc);
       for (; j < n_real; ++j) s += std::exp(buf[j]);
       sum_exp[r] = s;
       target[r] = in_range[r] ? logit_at(row, local_t[r]) - max[r] : 0.0f;

@@ -87,9 +87,7 @@ __attribute__((target("avx2,fma"))) int64_t argmax_f32_avx2(const float* x, int6
     m = _mm256_max_ps(m, v);
     unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float mx = *std::max_element(lanes, lanes + 8);
+  float mx = hmax8(m);
   nan = _mm256_movemask_ps(unordered) != 0;
   for (; i < n; ++i) {
     nan |= std::isnan(x[i]);

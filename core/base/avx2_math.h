@@ -1,5 +1,6 @@
 // AVX2 + FMA helpers shared by the CPU kernels (decode attention, fused model ops, the fused
-// cross-entropy, the bf16 row product): the run-time checks, bf16 loads, a lane sum and a vectorized exp.
+// cross-entropy, the bf16 row product, the sampler): the run-time checks, bf16 loads, lane sums
+// and maxima, a row maximum and a vectorized exp.
 // Functions carry target("avx2,fma"), so callers need no -mavx2; call them only where
 // has_avx2_fma().
 #pragma once
@@ -11,6 +12,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 
 namespace andy {
 
@@ -61,6 +63,31 @@ __attribute__((target("avx2,fma"))) inline float hsum8(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
   return _mm_cvtss_f32(s);
+}
+
+// The sum of v's 8 lanes added in pairs, ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)): the order
+// the softmax and cross-entropy kernels sum their exponentials in (hsum8 adds in another).
+__attribute__((target("avx2,fma"))) inline float hsum8_pairs(__m256 v) {
+  alignas(32) float l[8];
+  _mm256_store_ps(l, v);
+  return ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+}
+
+// The largest of v's 8 lanes (compared as std::max_element does).
+__attribute__((target("avx2,fma"))) inline float hmax8(__m256 v) {
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, v);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+// The largest of x[0..n) (-inf for n == 0).
+__attribute__((target("avx2,fma"))) inline float max_avx2(const float* x, int64_t n) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  float r = hmax8(m);
+  for (; i < n; ++i) r = std::max(r, x[i]);
+  return r;
 }
 
 // exp(x) for 8 floats (Cephes' method: 2^n * e^r with |r| <= ln2/2 and a degree-5 polynomial;

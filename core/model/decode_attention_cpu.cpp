@@ -81,9 +81,7 @@ __attribute__((target("avx2,fma"))) float exp_scores_avx2(float* scores, int64_t
     _mm256_storeu_ps(scores + i, e);
     acc = _mm256_add_ps(acc, e);
   }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, acc);
-  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  float sum = hsum8_pairs(acc);
   for (; i < n; ++i) {
     scores[i] = std::exp(scores[i] * scale - mx);
     sum += scores[i];
@@ -162,18 +160,6 @@ void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const t
         axpy_portable<E>(w[h * stride + p], v[p], o, d);
     }
   }
-}
-
-// Largest of x[0..n).
-__attribute__((target("avx2,fma"))) float max_avx2(const float* x, int64_t n) {
-  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, m);
-  float r = *std::max_element(lanes, lanes + 8);
-  for (; i < n; ++i) r = std::max(r, x[i]);
-  return r;
 }
 
 // Prefetches `rows` rows of `bytes` each, `stride` elements apart, into L1.

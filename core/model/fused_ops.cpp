@@ -212,25 +212,16 @@ void adamw_kernel(float* p, const float* g, float* m, float* v, int64_t n, const
 // (the masked positions). `x` as floats, `p` written as T.
 template <typename T>
 void causal_softmax_row(const float* x, int64_t n, int64_t s, float scale, T* p, float* e) {
-  __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(x + j));
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, mv);
-  float mx = lanes[0];
-  for (int l = 1; l < 8; ++l) mx = std::max(mx, lanes[l]);
-  for (; j < n; ++j) mx = std::max(mx, x[j]);
-  const float shift = mx * scale;
+  const float shift = max_avx2(x, n) * scale;
   const __m256 sv = _mm256_set1_ps(scale), shv = _mm256_set1_ps(shift);
   __m256 acc = _mm256_setzero_ps();
-  j = 0;
+  int64_t j = 0;
   for (; j + 8 <= n; j += 8) {
     const __m256 v = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(x + j), sv, shv));
     _mm256_storeu_ps(e + j, v);
     acc = _mm256_add_ps(acc, v);
   }
-  _mm256_store_ps(lanes, acc);
-  float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+  float sum = hsum8_pairs(acc);
   for (; j < n; ++j) {
     e[j] = std::exp(x[j] * scale - shift);
     sum += e[j];
@@ -486,13 +477,11 @@ at::Tensor rms_norm_unfused(const at::Tensor& x, const at::Tensor& weight, doubl
 }
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  if (fused_ops_apply(x) && weight.is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 1 &&
-      x.size(-1) == weight.size(0))
-    return RmsNormFn::apply(x, weight, eps);
+  const bool cpu_kernel = fused_ops_apply(x) && weight.is_cpu() && weight.dim() == 1 && x.size(-1) == weight.size(0);
+  if (cpu_kernel && weight.scalar_type() == at::kFloat) return RmsNormFn::apply(x, weight, eps);
   // bf16 inference (serve.dtype = bf16: bf16 activations and weight, no gradient): the
   // composite's two roundings, bf16(w * bf16(x * rstd)), in one pass without fp32 temporaries.
-  if (fused_ops_apply(x) && x.scalar_type() == at::kBFloat16 && weight.is_cpu() &&
-      weight.scalar_type() == at::kBFloat16 && weight.dim() == 1 && x.size(-1) == weight.size(0) &&
+  if (cpu_kernel && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16 &&
       !(at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad()))) {
     const at::Tensor xc = x.contiguous(), w = weight.to(at::kFloat).contiguous();
     const int64_t d = xc.size(-1), rows = xc.numel() / std::max<int64_t>(1, d);

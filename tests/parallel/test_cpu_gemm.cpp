@@ -24,6 +24,14 @@ double rel_err(const at::Tensor& a, const at::Tensor& b) {
          std::max(1e-30, b.to(at::kDouble).abs().max().item<double>());
 }
 
+// Largest |got - want| beyond one bf16 rounding of a sum of k fp32 products (half a unit in the last
+// place, 2^-8 relative, plus the fp32 sums): 0 when every element is within it.
+double beyond_one_bf16_rounding(const at::Tensor& got, const at::Tensor& want, int64_t k) {
+  const at::Tensor err = (got.to(at::kDouble).reshape(want.sizes()) - want).abs();
+  const at::Tensor bound = want.abs() * (1.0 / 256) + 1e-4 * std::sqrt(static_cast<double>(k));
+  return (err - bound).clamp_min(0).max().item<double>();
+}
+
 TEST(CpuGemm, IsAvailableWithDebiansLibTorch) {
   // Debian's libtorch_cpu links libdnnl.so.2, which exports dnnl_sgemm: without it every other
   // test here would only check the fallback.
@@ -143,10 +151,7 @@ TEST(CpuGemm, Bf16RowProductSumsInFp32AndRoundsOnce) {
     const at::Tensor got = cpu_bf16_gemv(x, w);
     ASSERT_EQ(got.scalar_type(), at::kBFloat16);
     ASSERT_EQ(got.sizes(), (std::vector<int64_t>{1, n}));
-    // One bf16 rounding: at most half a unit in the last place (2^-8 relative), plus fp32 sums.
-    const at::Tensor err = (got.to(at::kDouble).view({-1}) - want).abs();
-    const at::Tensor bound = want.abs() * (1.0 / 256) + 1e-4 * std::sqrt(static_cast<double>(k));
-    EXPECT_TRUE(err.le(bound).all().item<bool>()) << n << "x" << k << ": largest error " << err.max().item<double>();
+    EXPECT_EQ(beyond_one_bf16_rounding(got, want, k), 0) << n << "x" << k;
     {
       at::NoGradGuard no_grad;
       EXPECT_TRUE(at::equal(linear_rows(x, w), got)) << n << "x" << k;
@@ -185,9 +190,7 @@ TEST(CpuGemm, PackedWeightsMatchTheUnpackedProducts) {
       ASSERT_EQ(gotb.scalar_type(), at::kBFloat16);
       ASSERT_EQ(gotb.sizes(), (std::vector<int64_t>{1, m, n}));
       const at::Tensor ref = at::matmul(xb.to(at::kDouble), wb.to(at::kDouble).t());
-      const at::Tensor err = (gotb.view({m, n}).to(at::kDouble) - ref).abs();
-      const at::Tensor bound = ref.abs() * (1.0 / 256) + 1e-4 * std::sqrt(static_cast<double>(k));
-      EXPECT_TRUE(err.le(bound).all().item<bool>()) << n << "x" << k << ", " << m << " rows: " << err.max().item<double>();
+      EXPECT_EQ(beyond_one_bf16_rounding(gotb, ref, k), 0) << n << "x" << k << ", " << m << " rows";
       if (m <= 64) {
         EXPECT_GE(cpu_packed_weight_bytes(), 2 * n * k * 2) << m << " rows";  // the fp32 and the bf16 pack at least
       } else {

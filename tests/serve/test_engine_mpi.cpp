@@ -124,6 +124,20 @@ Outcome run(const EngineOptions& opts, const std::vector<GenerationRequest>& req
   return out;
 }
 
+// run() with the products through packed weights, as `generate` and `serve` run on CPU
+// (serve.cpu_packed_weights); checks that packs were made where this LibTorch has the functions.
+Outcome run_packed(const EngineOptions& opts, const std::vector<GenerationRequest>& requests, bool together,
+                   at::ScalarType kv_dtype = at::kFloat, LlamaForCausalLM* model = nullptr) {
+  set_cpu_packed_weights(true);
+  Outcome out = run(opts, requests, together, kv_dtype, model);
+  const at::ScalarType dtype = (model ? *model : tp_model())->model->embed_tokens->weight.scalar_type();
+  if (cpu_packed_weights_available(dtype)) {
+    EXPECT_GT(cpu_packed_weight_bytes(), 0);
+  }
+  set_cpu_packed_weights(false);
+  return out;
+}
+
 GenerationRequest greedy(std::vector<int32_t> prompt, int64_t max_tokens) {
   GenerationRequest r;
   r.prompt = std::move(prompt);
@@ -187,12 +201,7 @@ TEST(Engine, GreedyAloneEqualsBatchedChunkedAndTheFullForwardReference) {
   EngineOptions o = options(/*num_blocks=*/256);
   Outcome alone = run(o, requests, /*together=*/false);
   o.max_num_batched_tokens = 16;  // prefills in chunks of at most 16 tokens, mixed with decodes
-  set_cpu_packed_weights(true);   // as `generate` and `serve` run on CPU (serve.cpu_packed_weights)
-  Outcome batched = run(o, requests, /*together=*/true);
-  if (cpu_packed_weights_available(at::kFloat)) {
-    EXPECT_GT(cpu_packed_weight_bytes(), 0);
-  }
-  set_cpu_packed_weights(false);
+  Outcome batched = run_packed(o, requests, /*together=*/true);
   if (rank() != 0) return;
   int mismatches = 0;
   for (size_t i = 0; i < requests.size(); ++i) {
@@ -283,12 +292,7 @@ TEST(Engine, Bf16ModelFollowsTheFp32ReferenceExceptNearTies) {
   EngineOptions o = options(/*num_blocks=*/256);
   Outcome alone = run(o, requests, /*together=*/false, at::kBFloat16, bf16);
   o.max_num_batched_tokens = 16;
-  set_cpu_packed_weights(true);  // the batched products through packed bf16 weights
-  Outcome batched = run(o, requests, /*together=*/true, at::kBFloat16, bf16);
-  if (cpu_packed_weights_available(at::kBFloat16)) {
-    EXPECT_GT(cpu_packed_weight_bytes(), 0);
-  }
-  set_cpu_packed_weights(false);
+  Outcome batched = run_packed(o, requests, /*together=*/true, at::kBFloat16, bf16);  // packed bf16 weights
   if (rank() != 0) return;
   for (auto* out : {&alone, &batched}) {
     const auto [mismatches, gap] = divergence(requests, *out);
