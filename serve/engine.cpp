@@ -225,10 +225,21 @@ StepPlan Engine::plan_of(const SchedulerStep& step) {
     if (c.sample) plan.sample_rows.push_back(rows - 1);
     plan.seqs.push_back(std::move(d));
   }
+  plan.greedy = !plan.sample_rows.empty() && greedy_only(step);
   return plan;
 }
 
-at::Tensor Engine::execute(const StepPlan& plan) {
+bool Engine::greedy_only(const SchedulerStep& step) const {
+  for (const auto& c : step.chunks) {
+    if (prompt_score_rows(c) > 0) return false;
+    if (!c.sample) continue;
+    const SamplingParams& p = requests_.at(c.seq->request_id)->req.params;
+    if (!is_plain_greedy(p) || p.n != 1) return false;
+  }
+  return true;
+}
+
+Engine::StepOutput Engine::execute(const StepPlan& plan) {
   at::NoGradGuard no_grad;
   auto ids = [](const std::vector<std::pair<int64_t, int64_t>>& pairs, bool first) {
     std::vector<int64_t> v;
@@ -253,10 +264,15 @@ at::Tensor Engine::execute(const StepPlan& plan) {
   if (batch.num_sequences() == 0) return {};
   at::Tensor local = model_->forward_batch(batch, cache_);
   if (batch.sample_rows.empty()) return {};
-  // Only TP rank 0, the engine's rank 0 that samples, receives the full rows.
+  // Only TP rank 0, the engine's rank 0 that samples, receives the tokens or the full rows.
+  StepOutput out;
+  if (plan.greedy) {
+    out.greedy_tokens = model_->greedy_tokens_to_root(local);
+    return out;
+  }
   const at::Tensor full = model_->gather_logits_to_root(local);
-  if (!full.defined()) return {};
-  return full.to(at::kFloat).cpu().contiguous();
+  if (full.defined()) out.logits = full.to(at::kFloat).cpu().contiguous();
+  return out;
 }
 
 bool Engine::step() {
@@ -275,8 +291,8 @@ bool Engine::step() {
   const StepPlan plan = plan_of(st);
   channel_->broadcast(plan);
   auto t1 = std::chrono::steady_clock::now();
-  at::Tensor logits = execute(plan);
-  ANDY_CHECK(logits.defined() || plan.sample_rows.empty(),
+  const StepOutput out = execute(plan);
+  ANDY_CHECK(out.defined() || plan.sample_rows.empty(),
              "engine: its rank 0 is not rank 0 of the model's tensor-parallel group, which alone receives the logits");
   auto t2 = std::chrono::steady_clock::now();
   live_.forward_seconds += std::chrono::duration<double>(t2 - t1).count();
@@ -287,7 +303,7 @@ bool Engine::step() {
   }
   scheduler_.commit(st);
   auto t3 = std::chrono::steady_clock::now();
-  process_samples(st, logits);
+  process_samples(st, out);
   live_.sample_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t3).count();
   const double dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   live_.prompt_tokens += prompt_tokens;
@@ -334,7 +350,8 @@ int64_t Engine::prompt_score_rows(const ScheduledChunk& c) const {
   return std::min(c.start + c.length, s->prompt_len - 1) - c.start;
 }
 
-void Engine::process_samples(const SchedulerStep& step, const at::Tensor& logits) {
+void Engine::process_samples(const SchedulerStep& step, const StepOutput& out) {
+  const at::Tensor& logits = out.logits;
   int64_t row = 0;
   for (const auto& c : step.chunks) {
     if (const int64_t n = prompt_score_rows(c); n > 0) {
@@ -346,9 +363,15 @@ void Engine::process_samples(const SchedulerStep& step, const at::Tensor& logits
       }
     }
     if (!c.sample) continue;
-    at::Tensor l = logits[row++];
     SequenceState* seq = c.seq;
     Request& r = *requests_.at(seq->request_id);
+    if (!out.greedy_tokens.empty()) {  // a greedy plan: the ranks' argmax
+      SampledToken t;
+      t.token = static_cast<int32_t>(out.greedy_tokens.at(static_cast<size_t>(row++)));
+      append_token(seq, t, r);
+      continue;
+    }
+    at::Tensor l = logits[row++];
     if (!r.forked && seq->index == 0 && seq->num_generated() == 0) fork_completions(seq, r, l);
     // The generated tokens are copied out only when a penalty reads them (a copy per token
     // would make a long generation quadratic).

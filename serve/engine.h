@@ -144,10 +144,20 @@ class Engine {
   int64_t prompt_score_rows(const ScheduledChunk& c) const;
   // Records the queue time of the requests scheduled for the first time in `step`.
   void note_first_scheduled(const SchedulerStep& step, std::chrono::steady_clock::time_point now);
-  // Swaps and forward on this rank; returns the full-vocabulary logits of the sampled rows
-  // (every rank takes part in the gather).
-  at::Tensor execute(const StepPlan& plan);
-  void process_samples(const SchedulerStep& step, const at::Tensor& logits);
+  // What rank 0 samples from: the full-vocabulary logits of the sampled rows, or, for a greedy
+  // plan, their tokens.
+  struct StepOutput {
+    at::Tensor logits;
+    std::vector<int64_t> greedy_tokens;
+    bool defined() const { return logits.defined() || !greedy_tokens.empty(); }
+  };
+  // Swaps and forward on this rank; rank 0 gets the step's output (every rank takes part in the
+  // gather).
+  StepOutput execute(const StepPlan& plan);
+  // Whether every row the step samples is plain greedy (is_plain_greedy, one completion, no
+  // prompt logprobs).
+  bool greedy_only(const SchedulerStep& step) const;
+  void process_samples(const SchedulerStep& step, const StepOutput& out);
   void append_token(SequenceState* seq, const SampledToken& t, Request& r);
   void fork_completions(SequenceState* parent, Request& r, const at::Tensor& row);
   void finish_sequence(SequenceState* seq, Request& r, const std::string& reason);

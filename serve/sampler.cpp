@@ -77,36 +77,6 @@ double log_sum_exp(std::vector<double>& x, std::vector<double>& tmp) {
   return max_x + std::log(sum(tmp));
 }
 
-// Index of the largest of x[0..n) (the lowest among ties; 0 when all are -inf), and whether any
-// is NaN: one vectorized pass for the maximum, then a search for its first occurrence.
-__attribute__((target("avx2,fma"))) int64_t argmax_f32_avx2(const float* x, int64_t n, bool& nan) {
-  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), unordered = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    m = _mm256_max_ps(m, v);
-    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-  }
-  float mx = hmax8(m);
-  nan = _mm256_movemask_ps(unordered) != 0;
-  for (; i < n; ++i) {
-    nan |= std::isnan(x[i]);
-    mx = std::max(mx, x[i]);
-  }
-  return std::find(x, x + n, mx) - x;
-}
-
-int64_t argmax_f32(const float* x, int64_t n, bool& nan) {
-  if (has_avx2_fma()) return argmax_f32_avx2(x, n, nan);
-  int64_t best = 0;
-  nan = false;
-  for (int64_t i = 0; i < n; ++i) {
-    nan |= std::isnan(x[i]);
-    if (x[i] > x[best]) best = i;
-  }
-  return best;
-}
-
 // Index of the largest value; the lowest index among ties.
 int32_t argmax(std::vector<double>& x) {
   return static_cast<int32_t>(std::find(x.begin(), x.end(), max_value(x)) - x.begin());
@@ -415,6 +385,11 @@ std::string SamplingParams::validate(int64_t vocab_size) const {
 SequenceSampler::SequenceSampler(const SamplingParams& params, uint64_t seed)
     : params_(params), rng_(seed) {}
 
+bool is_plain_greedy(const SamplingParams& p) {
+  const bool penalties = p.repetition_penalty != 1.0 || p.frequency_penalty != 0.0 || p.presence_penalty != 0.0;
+  return p.temperature < kGreedyTemperature && p.logprobs < 0 && p.logit_bias.empty() && !penalties;
+}
+
 SampledToken SequenceSampler::sample(const at::Tensor& logits, const std::vector<int32_t>& prompt,
                                      const std::vector<int32_t>& output) {
   ANDY_CHECK(logits.defined() && logits.dim() == 1 && logits.numel() > 0 &&
@@ -425,10 +400,7 @@ SampledToken SequenceSampler::sample(const at::Tensor& logits, const std::vector
   const at::Tensor row = logits.contiguous();
   const int64_t vocab = row.numel();
   const float* raw = row.data_ptr<float>();
-  const bool penalties = params_.repetition_penalty != 1.0 || params_.frequency_penalty != 0.0 ||
-                         params_.presence_penalty != 0.0;
-  if (params_.temperature < kGreedyTemperature && params_.logprobs < 0 && params_.logit_bias.empty() &&
-      !penalties) {
+  if (is_plain_greedy(params_)) {
     // Plain greedy: one pass over the fp32 row (the same token as the double path below: the
     // conversion keeps the order, and the lowest index wins ties).
     bool nan = false;

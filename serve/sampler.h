@@ -46,6 +46,10 @@ struct SamplingParams {
   std::string validate(int64_t vocab_size) const;
 };
 
+// Whether sampling under `p` is a bare argmax of the raw logits: greedy, with no logprobs, logit
+// bias or penalty (the engine then reduces each row on the TP ranks, greedy_tokens_to_root).
+bool is_plain_greedy(const SamplingParams& p);
+
 struct SampledToken {
   int32_t token = 0;
   double logprob = 0;  // log-probability of `token` under the raw model distribution

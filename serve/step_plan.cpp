@@ -14,6 +14,7 @@ std::vector<int64_t> StepPlan::encode() const {
   std::vector<int64_t> w;
   w.push_back(kind);
   w.push_back(exit_code);
+  w.push_back(greedy ? 1 : 0);
   w.push_back(static_cast<int64_t>(swap_out.size()));
   for (const auto& [a, b] : swap_out) w.insert(w.end(), {a, b});
   w.push_back(static_cast<int64_t>(swap_in.size()));
@@ -55,6 +56,7 @@ StepPlan StepPlan::decode(const std::vector<int64_t>& w) {
   StepPlan p;
   p.kind = next();
   p.exit_code = next();
+  p.greedy = next() != 0;
   pairs(p.swap_out);
   pairs(p.swap_in);
   for (int64_t n = count(); n > 0; --n) {

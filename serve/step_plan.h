@@ -6,7 +6,9 @@
 // turns a plan into the packed ForwardBatch through its BlockTables mirror, so their forwards
 // and collectives are the same by construction. A prompt's tokens travel once (when computed),
 // a block id once (when added).
-// Encoded as one int64 vector: [kind, exit_code, n_out, (dev, host)*, n_in, (host, dev)*,
+// When every sampled row is plain greedy (is_plain_greedy), the plan says so and the ranks send
+// rank 0 each row's argmax instead of the row (greedy_tokens_to_root).
+// Encoded as one int64 vector: [kind, exit_code, greedy, n_out, (dev, host)*, n_in, (host, dev)*,
 // n_seq, (seq_id, n_keep, context_len, n_new, block*, n_tokens, token*)*, n_rows, row*,
 // n_released, seq_id*].
 //
@@ -44,6 +46,7 @@ struct StepPlan {
   std::vector<std::pair<int64_t, int64_t>> swap_in;   // (host block, device block)
   std::vector<SequenceDelta> seqs;
   std::vector<int64_t> sample_rows;  // rows of the packed batch whose logits are sampled
+  bool greedy = false;               // every sampled row is plain greedy: only its argmax goes to rank 0
   std::vector<int64_t> released;     // sequences that ended: their tables are dropped
 
   std::vector<int64_t> encode() const;

@@ -1,6 +1,6 @@
 // AVX2 + FMA helpers shared by the CPU kernels (decode attention, fused model ops, the fused
 // cross-entropy, the bf16 row product, the sampler): the run-time checks, bf16 loads, lane sums
-// and maxima, a row maximum and a vectorized exp.
+// and maxima, a row maximum and its first index (argmax), and a vectorized exp.
 // Functions carry target("avx2,fma"), so callers need no -mavx2; call them only where
 // has_avx2_fma().
 #pragma once
@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -88,6 +89,37 @@ __attribute__((target("avx2,fma"))) inline float max_avx2(const float* x, int64_
   float r = hmax8(m);
   for (; i < n; ++i) r = std::max(r, x[i]);
   return r;
+}
+
+// Index of the largest of x[0..n) (the lowest among ties; 0 when all are -inf), and whether any
+// is NaN: one vectorized pass for the maximum, then a search for its first occurrence.
+__attribute__((target("avx2,fma"))) inline int64_t argmax_f32_avx2(const float* x, int64_t n, bool& nan) {
+  __m256 m = _mm256_set1_ps(-std::numeric_limits<float>::infinity()), unordered = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    m = _mm256_max_ps(m, v);
+    unordered = _mm256_or_ps(unordered, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  }
+  float mx = hmax8(m);
+  nan = _mm256_movemask_ps(unordered) != 0;
+  for (; i < n; ++i) {
+    nan |= std::isnan(x[i]);
+    mx = std::max(mx, x[i]);
+  }
+  return std::find(x, x + n, mx) - x;
+}
+
+// Either way (the portable loop where the CPU lacks AVX2).
+inline int64_t argmax_f32(const float* x, int64_t n, bool& nan) {
+  if (has_avx2_fma()) return argmax_f32_avx2(x, n, nan);
+  int64_t best = 0;
+  nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    nan |= std::isnan(x[i]);
+    if (x[i] > x[best]) best = i;
+  }
+  return best;
 }
 
 // exp(x) for 8 floats (Cephes' method: 2^n * e^r with |r| <= ln2/2 and a degree-5 polynomial;

@@ -97,30 +97,50 @@ __attribute__((target("avx2,fma"))) inline __m256 sum8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// Scores of query `q` against 8 key rows, written to dst[0..8): 8 dot products reduced together.
+// Scores of query `q` against 8 key rows `stride` apart, written to dst[0..8): 8 dot products
+// reduced together.
 template <class E>
-__attribute__((target("avx2,fma,f16c"))) void dot8_avx2(const float* q, const typename E::T* const* k, int64_t d,
-                                                         float* dst) {
+__attribute__((target("avx2,fma,f16c"))) void dot8_avx2(const float* q, const typename E::T* k, int64_t stride,
+                                                         int64_t d, float* dst) {
   __m256 acc[8];
   for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
   for (int64_t x = 0; x < d; x += 8) {
     const __m256 qv = _mm256_loadu_ps(q + x);
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, E::load8(k[i] + x), acc[i]);
+    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, E::load8(k + i * stride + x), acc[i]);
   }
   _mm256_storeu_ps(dst, sum8(acc));
 }
+// The scores of the G heads of a group against 8 key rows of head_dim 16 (the rows `stride`
+// apart), written to dst[h * dst_stride + (0..8)]: each key row is loaded once for the G heads.
+template <int G, class E>
+__attribute__((target("avx2,fma,f16c"))) void dot8x16_avx2(const float* q, const typename E::T* k,
+                                                            int64_t stride, float* dst, int64_t dst_stride) {
+  __m256 qv[G][2];
+  for (int h = 0; h < G; ++h) {
+    qv[h][0] = _mm256_loadu_ps(q + 16 * h);
+    qv[h][1] = _mm256_loadu_ps(q + 16 * h + 8);
+  }
+  __m256 acc[G][8];
+  for (int i = 0; i < 8; ++i) {
+    const __m256 k0 = E::load8(k + i * stride), k1 = E::load8(k + i * stride + 8);
+    for (int h = 0; h < G; ++h) acc[h][i] = _mm256_fmadd_ps(qv[h][1], k1, _mm256_mul_ps(qv[h][0], k0));
+  }
+  for (int h = 0; h < G; ++h) _mm256_storeu_ps(dst + h * dst_stride, sum8(acc[h]));
+}
 
-// out[h * d + (0..d)] += sum_p w[h * stride + p] * v[p] for the G heads of a group, over `n`
-// rows, accumulated in registers (d = 8 * NV): each value row is loaded once for all G heads.
+// out[h * d + (0..d)] += sum_p w[h * stride + p] * v[p * vstride + (0..d)] for the G heads of a
+// group, over `n` rows, accumulated in registers (d = 8 * NV): each value row is loaded once for
+// all G heads.
 template <int NV, int G, class E>
 __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, int64_t stride,
-                                                                const typename E::T* const* v, int64_t n, float* out) {
+                                                                const typename E::T* v, int64_t vstride,
+                                                                int64_t n, float* out) {
   __m256 acc[G * NV];
   for (int h = 0; h < G; ++h)
     for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_loadu_ps(out + h * NV * 8 + 8 * i);
   for (int64_t p = 0; p < n; ++p) {
     __m256 row[NV];
-    for (int i = 0; i < NV; ++i) row[i] = E::load8(v[p] + 8 * i);
+    for (int i = 0; i < NV; ++i) row[i] = E::load8(v + p * vstride + 8 * i);
     for (int h = 0; h < G; ++h) {
       const __m256 wv = _mm256_set1_ps(w[h * stride + p]);
       for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_fmadd_ps(wv, row[i], acc[h * NV + i]);
@@ -130,23 +150,24 @@ __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, 
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + h * NV * 8 + 8 * i, acc[h * NV + i]);
 }
 
-// The weighted sums of `g` heads (weights rows of `stride`) added to out, fused where registers
-// allow.
+// The weighted sums of `g` heads (weights rows of `stride`) over `n` value rows `vstride` apart,
+// added to out, fused where registers allow.
 template <class E>
-void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const typename E::T* const* v, int64_t n,
-                   int64_t d, float* out) {
+void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const typename E::T* v,
+                   int64_t vstride, int64_t n, int64_t d, float* out) {
   if (avx2) {
     const int64_t nv = d / 8;
     if (d % 8 == 0) {
-      if (nv == 2 && g == 1) return weighted_sum_avx2<2, 1, E>(w, stride, v, n, out);
-      if (nv == 2 && g == 2) return weighted_sum_avx2<2, 2, E>(w, stride, v, n, out);
-      if (nv == 2 && g == 4) return weighted_sum_avx2<2, 4, E>(w, stride, v, n, out);
-      if (nv == 4 && g == 1) return weighted_sum_avx2<4, 1, E>(w, stride, v, n, out);
-      if (nv == 4 && g == 2) return weighted_sum_avx2<4, 2, E>(w, stride, v, n, out);
-      if (nv == 8 && g == 1) return weighted_sum_avx2<8, 1, E>(w, stride, v, n, out);
-      if (nv == 16 && g == 1) return weighted_sum_avx2<16, 1, E>(w, stride, v, n, out);
+      if (nv == 2 && g == 1) return weighted_sum_avx2<2, 1, E>(w, stride, v, vstride, n, out);
+      if (nv == 2 && g == 2) return weighted_sum_avx2<2, 2, E>(w, stride, v, vstride, n, out);
+      if (nv == 2 && g == 4) return weighted_sum_avx2<2, 4, E>(w, stride, v, vstride, n, out);
+      if (nv == 4 && g == 1) return weighted_sum_avx2<4, 1, E>(w, stride, v, vstride, n, out);
+      if (nv == 4 && g == 2) return weighted_sum_avx2<4, 2, E>(w, stride, v, vstride, n, out);
+      if (nv == 8 && g == 1) return weighted_sum_avx2<8, 1, E>(w, stride, v, vstride, n, out);
+      if (nv == 16 && g == 1) return weighted_sum_avx2<16, 1, E>(w, stride, v, vstride, n, out);
       if (g > 1) {  // one head at a time
-        for (int64_t h = 0; h < g; ++h) weighted_sums<E>(avx2, w + h * stride, stride, 1, v, n, d, out + h * d);
+        for (int64_t h = 0; h < g; ++h)
+          weighted_sums<E>(avx2, w + h * stride, stride, 1, v, vstride, n, d, out + h * d);
         return;
       }
     }
@@ -155,9 +176,9 @@ void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const t
     float* o = out + h * d;
     for (int64_t p = 0; p < n; ++p) {
       if (avx2)
-        axpy_avx2<E>(w[h * stride + p], v[p], o, d);
+        axpy_avx2<E>(w[h * stride + p], v + p * vstride, o, d);
       else
-        axpy_portable<E>(w[h * stride + p], v[p], o, d);
+        axpy_portable<E>(w[h * stride + p], v + p * vstride, o, d);
     }
   }
 }
@@ -191,7 +212,6 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
     return static_cast<const T*>(cache) + (table[b] * bs * h_kv + j) * d;
   };
   constexpr int64_t kChunk = 8;
-  const T* rows[kChunk];
   scores.resize(static_cast<size_t>(g * ctx + g));  // the scores, then 1/sum of each head
   float* inv = scores.data() + g * ctx;
   const bool vec8 = avx2 && d % 8 == 0;
@@ -201,11 +221,18 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
     const T* k = base(a.k_cache, b);
     const int64_t n = rows_in(b), p0 = b * bs;
     int64_t r = 0;
-    if (vec8)
+    float* dst = scores.data() + p0;
+    if (vec8 && d == 16 && g <= 2) {  // small heads: each key row loaded once for the group
       for (; r + kChunk <= n; r += kChunk) {
-        for (int64_t i = 0; i < kChunk; ++i) rows[i] = k + (r + i) * row_stride;
-        for (int64_t h = 0; h < g; ++h) dot8_avx2<E>(q + h * d, rows, d, scores.data() + h * ctx + p0 + r);
+        if (g == 2)
+          dot8x16_avx2<2, E>(q, k + r * row_stride, row_stride, dst + r, ctx);
+        else
+          dot8x16_avx2<1, E>(q, k + r * row_stride, row_stride, dst + r, ctx);
       }
+    } else if (vec8) {
+      for (; r + kChunk <= n; r += kChunk)
+        for (int64_t h = 0; h < g; ++h) dot8_avx2<E>(q + h * d, k + r * row_stride, row_stride, d, dst + h * ctx + r);
+    }
     for (; r < n; ++r)
       for (int64_t h = 0; h < g; ++h)
         scores[h * ctx + p0 + r] = avx2 ? dot_avx2<E>(q + h * d, k + r * row_stride, d)
@@ -227,16 +254,9 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
   }
   std::fill(out, out + g * d, 0.0f);
   prefetch_rows(base(a.v_cache, 0), rows_in(0), row_stride, row_bytes);
-  const T* vrows[256];
   for (int64_t b = 0; b < n_blocks; ++b) {
     if (b + 1 < n_blocks) prefetch_rows(base(a.v_cache, b + 1), rows_in(b + 1), row_stride, row_bytes);
-    const T* v = base(a.v_cache, b);
-    const int64_t n = rows_in(b), p0 = b * bs;
-    for (int64_t c = 0; c < n; c += 256) {
-      const int64_t m = std::min<int64_t>(256, n - c);
-      for (int64_t i = 0; i < m; ++i) vrows[i] = v + (c + i) * row_stride;
-      weighted_sums<E>(avx2, scores.data() + p0 + c, ctx, g, vrows, m, d, out);
-    }
+    weighted_sums<E>(avx2, scores.data() + b * bs, ctx, g, base(a.v_cache, b), row_stride, rows_in(b), d, out);
   }
   for (int64_t h = 0; h < g; ++h)
     for (int64_t x = 0; x < d; ++x) out[h * d + x] *= inv[h];

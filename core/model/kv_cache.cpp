@@ -2,9 +2,19 @@
 #include "core/model/kv_cache.h"
 
 #include "core/base/error.h"
+#include "core/base/huge_pages.h"
 #include "core/model/model_config.h"
 
 namespace andy {
+
+at::Tensor cpu_zeros_on_huge_pages(at::IntArrayRef sizes, at::TensorOptions options) {
+  int64_t numel = 1;
+  for (int64_t n : sizes) numel *= n;
+  const size_t bytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+  void* p = alloc_huge_pages(bytes);
+  ANDY_CHECK(p, "out of memory: ", bytes, " bytes for a CPU tensor of shape ", sizes);
+  return at::from_blob(p, sizes, [bytes](void* q) { free_huge_pages(q, bytes); }, options.device(at::kCPU));
+}
 
 KvCache::KvCache(const ModelConfig& cfg, int tp_size, int64_t block_size, int64_t num_blocks,
                  at::TensorOptions options)
@@ -13,9 +23,12 @@ KvCache::KvCache(const ModelConfig& cfg, int tp_size, int64_t block_size, int64_
   ANDY_CHECK_T(ConfigError, block_size > 0 && num_blocks > 0, "KvCache: block_size (", block_size,
                ") and num_blocks (", num_blocks, ") must be positive");
   const int64_t kv_local = cfg.n_kv_head / tp_size;
+  // One pool for every layer's keys and values; each layer's K and V are contiguous views.
+  const std::vector<int64_t> shape = {2, cfg.n_layer, num_blocks, block_size, kv_local, head_dim(cfg)};
+  const at::Tensor pool = options.device().is_cpu() ? cpu_zeros_on_huge_pages(shape, options) : at::zeros(shape, options);
   for (int64_t l = 0; l < cfg.n_layer; ++l) {
-    k_.push_back(at::zeros({num_blocks, block_size, kv_local, head_dim(cfg)}, options));
-    v_.push_back(at::zeros({num_blocks, block_size, kv_local, head_dim(cfg)}, options));
+    k_.push_back(pool[0][l]);
+    v_.push_back(pool[1][l]);
   }
   for (int64_t b = 0; b < num_blocks; ++b) free_.insert(b);
 }

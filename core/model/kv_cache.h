@@ -5,7 +5,7 @@
 // sequence lives in block table[p / block_size], slot p % block_size. Each TP rank holds the
 // cache for its own kv heads only. Blocks are handed out lowest id first, so ranks that make
 // the same calls hold identical tables (the server may instead broadcast tables from rank 0).
-// Not thread-safe.
+// On CPU the pool sits on transparent huge pages (core/base/huge_pages.h). Not thread-safe.
 //
 //   KvCache cache(cfg, tp_size, /*block_size=*/16, /*num_blocks=*/64);
 //   std::vector<KvSequence> seqs(batch);
@@ -21,6 +21,9 @@
 #include "core/config/config.h"
 
 namespace andy {
+
+// Zeroed CPU tensor on transparent huge pages (core/base/huge_pages.h), freed with its storage.
+at::Tensor cpu_zeros_on_huge_pages(at::IntArrayRef sizes, at::TensorOptions options);
 
 struct KvSequence {
   std::vector<int64_t> block_table;  // block ids in token order

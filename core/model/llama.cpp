@@ -3,10 +3,12 @@
 // the q/k/v and gate/up groups (one each: the input is copied to the TP region once).
 #include "core/model/llama.h"
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
 #include <set>
 
-#include <cmath>
-
+#include "core/base/avx2_math.h"
 #include "core/base/error.h"
 #include "core/model/fused_ops.h"
 #include "core/model/model_config.h"
@@ -308,6 +310,52 @@ at::Tensor LlamaForCausalLMImpl::gather_logits(const at::Tensor& local_logits) c
 at::Tensor LlamaForCausalLMImpl::gather_logits_to_root(const at::Tensor& local_logits) const {
   at::Tensor full = tp_active(tp_) ? gather_to_tp_root(local_logits, tp_) : local_logits;
   return full.defined() ? full.narrow(-1, 0, cfg_.vocab_size) : full;
+}
+
+std::vector<int64_t> LlamaForCausalLMImpl::greedy_tokens_to_root(const at::Tensor& local_logits) const {
+  ANDY_CHECK(local_logits.dim() == 2, "greedy_tokens_to_root: [rows, vocab slice] logits expected, got ",
+             local_logits.sizes());
+  // The indices travel as fp32, exact below 2^24.
+  ANDY_CHECK(cfg_.vocab_size <= (int64_t{1} << 24), "greedy_tokens_to_root: vocab_size ", cfg_.vocab_size,
+             " above 2^24");
+  const int64_t rows = local_logits.size(0), start = vocab_start();
+  const int64_t valid = std::clamp<int64_t>(cfg_.vocab_size - start, 0, local_logits.size(1));  // no padding
+  // 1. This rank's (largest logit, its global index) per row; NaN as the value flags a NaN.
+  at::Tensor best;
+  if (valid == 0) {
+    best = at::full({rows, 2}, -std::numeric_limits<float>::infinity(), local_logits.options().dtype(at::kFloat));
+  } else if (local_logits.is_cpu()) {
+    const at::Tensor l = local_logits.narrow(1, 0, valid).to(at::kFloat).contiguous();
+    best = at::empty({rows, 2}, at::kFloat);
+    float* out = best.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      bool nan = false;
+      const int64_t i = argmax_f32(l.data_ptr<float>() + r * valid, valid, nan);
+      out[2 * r] = nan ? std::numeric_limits<float>::quiet_NaN() : l.data_ptr<float>()[r * valid + i];
+      out[2 * r + 1] = static_cast<float>(start + i);
+    }
+  } else {
+    auto [v, i] = at::max(local_logits.narrow(1, 0, valid).to(at::kFloat), 1);  // first maximum; NaN wins
+    best = at::stack({v, i.to(at::kFloat) + static_cast<double>(start)}, 1);
+  }
+  // 2. Rank 0: every rank's pair per row, [rows, 2 * tp] in rank order, and the largest.
+  const at::Tensor all = tp_active(tp_) ? gather_to_tp_root(best, tp_) : best;
+  if (!all.defined()) return {};
+  const at::Tensor pairs = all.to(at::kCPU).contiguous();
+  const int64_t n = pairs.size(1) / 2;
+  const float* p = pairs.data_ptr<float>();
+  std::vector<int64_t> tokens(static_cast<size_t>(rows));
+  for (int64_t r = 0; r < rows; ++r, p += 2 * n) {
+    int64_t k_best = 0;
+    bool nan = false;
+    for (int64_t k = 0; k < n; ++k) {
+      nan |= std::isnan(p[2 * k]);
+      if (p[2 * k] > p[2 * k_best]) k_best = k;
+    }
+    ANDY_CHECK(!nan, "sampler: logits contain NaN (row ", r, ")");
+    tokens[static_cast<size_t>(r)] = static_cast<int64_t>(p[2 * k_best + 1]);
+  }
+  return tokens;
 }
 
 std::vector<ParamInfo> LlamaForCausalLMImpl::param_infos() {

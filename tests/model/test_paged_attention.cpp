@@ -46,7 +46,7 @@ at::Tensor reference(const at::Tensor& q, const at::Tensor& k_cache, const at::T
 TEST(PagedAttention, MatchesDenseAttentionForEveryCacheDtype) {
   const int64_t num_blocks = 64;
   for (const int64_t block_size : {4, 16})  // blocks shorter than the kernel's 8 rows, and longer
-  for (const Geometry geo : {Geometry{8, 4, 16}, Geometry{4, 2, 64}, Geometry{6, 3, 24}}) {
+  for (const Geometry geo : {Geometry{8, 4, 16}, Geometry{4, 4, 16}, Geometry{4, 2, 64}, Geometry{6, 3, 24}}) {
     for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16, at::kHalf}) {
       at::manual_seed(11);
       at::Tensor k32 = at::randn({num_blocks * block_size, geo.n_kv_head, geo.head_dim});

@@ -6,6 +6,9 @@
 #include <mpi.h>
 #include <torch/torch.h>
 
+#include <limits>
+
+#include "core/base/error.h"
 #include "core/model/llama.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/tp_cross_entropy.h"
@@ -161,6 +164,56 @@ TEST(TensorParallel, VocabParallelCrossEntropyMatchesDense) {
   EXPECT_LT(max_over_ranks(e_grad), 1e-6);
   EXPECT_EQ(andy::test::max_abs(grad.narrow(1, vocab, padded - vocab)), 0.0);
   EXPECT_EQ(andy::test::max_abs(loss.index({at::arange(1, n, 4)})), 0.0);
+}
+
+// The greedy tokens reduced on the ranks (each its slice's maximum, rank 0 the largest) equal the
+// first argmax of the full row: ties within a slice and across slices, the last valid id, rows of
+// -inf, a vocabulary padded to the TP size (padding holds the largest values and must be
+// ignored), and a NaN on one rank refused on rank 0.
+TEST(TensorParallel, GreedyTokensToRootMatchFullArgmax) {
+  CommPtr tp = world_tp();
+  ModelConfig m = tiny_config(false, 4);
+  m.vocab_size = 97;
+  LlamaForCausalLM model(m, tp, 5);
+  at::Tensor local_shape;
+  {
+    at::NoGradGuard g;
+    local_shape = model->forward(andy::test::random_tokens(1, 1, m.vocab_size, 3));
+  }
+  const int64_t local = local_shape.size(-1), padded = local * tp->size(), v = m.vocab_size;
+  ASSERT_GT(padded, v) << "the test wants padding";
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(9);
+  at::Tensor full = at::randn({8, padded}, gen);
+  const float inf = std::numeric_limits<float>::infinity();
+  full.narrow(1, v, padded - v).fill_(1e9);  // padding: never a token
+  full[1][3] = 50;
+  full[1][v - 2] = 50;  // a tie across slices: the lower id
+  full[2][10] = 7;
+  full[2][11] = 7;  // a tie within a slice
+  full[3][v - 1] = 60;  // the last valid id
+  full[4].narrow(0, 0, v).fill_(-inf);  // all -inf: id 0, as the sampler's argmax
+  full[5][local] = 30;  // the first id of rank 1's slice
+  std::vector<int64_t> want;
+  for (int64_t r = 0; r < full.size(0); ++r) {
+    int64_t best = 0;
+    for (int64_t i = 1; i < v; ++i)
+      if (full[r][i].item<float>() > full[r][best].item<float>()) best = i;
+    want.push_back(best);
+  }
+  const at::Tensor mine = full.narrow(1, tp->rank() * local, local).contiguous();
+  const std::vector<int64_t> got = model->greedy_tokens_to_root(mine);
+  if (tp->rank() == 0)
+    EXPECT_EQ(got, want);
+  else
+    EXPECT_TRUE(got.empty());
+  // A NaN in the last rank's slice (a valid id there): rank 0 refuses the step.
+  at::Tensor with_nan = full.clone();
+  with_nan[6][std::min(v - 1, (tp->size() - 1) * local)] = std::numeric_limits<float>::quiet_NaN();
+  const at::Tensor mine_nan = with_nan.narrow(1, tp->rank() * local, local).contiguous();
+  if (tp->rank() == 0)
+    EXPECT_THROW(model->greedy_tokens_to_root(mine_nan), Error);
+  else
+    EXPECT_TRUE(model->greedy_tokens_to_root(mine_nan).empty());
 }
 
 TEST(TensorParallel, KvCacheDecodingMatchesFullForward) {

@@ -17,8 +17,10 @@ TEST(StepPlan, RoundTripsEveryField) {
   p.seqs.push_back({8, 2, 33, {6}, {42}});
   p.sample_rows = {4, 5};
   p.released = {1, 5};
+  p.greedy = true;
   StepPlan q = StepPlan::decode(p.encode());
   EXPECT_EQ(q.encode(), p.encode());
+  EXPECT_TRUE(q.greedy);
   EXPECT_EQ(q.seqs[1].tokens, std::vector<int64_t>{42});
   EXPECT_EQ(q.swap_in[0].second, 9);
   std::vector<int64_t> words = p.encode();
