@@ -25,7 +25,8 @@ KvCache::KvCache(const ModelConfig& cfg, int tp_size, int64_t block_size, int64_
   const int64_t kv_local = cfg.n_kv_head / tp_size;
   // One pool for every layer's keys and values; each layer's K and V are contiguous views.
   const std::vector<int64_t> shape = {2, cfg.n_layer, num_blocks, block_size, kv_local, head_dim(cfg)};
-  const at::Tensor pool = options.device().is_cpu() ? cpu_zeros_on_huge_pages(shape, options) : at::zeros(shape, options);
+  const at::Tensor pool =
+      options.device().is_cpu() ? cpu_zeros_on_huge_pages(shape, options) : at::zeros(shape, options);
   for (int64_t l = 0; l < cfg.n_layer; ++l) {
     k_.push_back(pool[0][l]);
     v_.push_back(pool[1][l]);
