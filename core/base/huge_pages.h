@@ -1,9 +1,9 @@
-// Memory on transparent huge pages (2 MiB) for large buffers read at random offsets every
-// engine step: the paged KV cache and the packed weights. With 4 KiB pages a decode step that
-// reads a few MiB of cache blocks scattered through the pool misses the TLB on almost every
-// block (measured: 17 % of the CPU decode attention's time, docs/PERFORMANCE.md). Linux maps
-// the buffer with huge pages when /sys/kernel/mm/transparent_hugepage/enabled is `always` or
-// `madvise`; with `never`, or elsewhere, the same calls give ordinary zeroed pages.
+// Memory on transparent huge pages (2 MiB) for a large buffer read all over every engine
+// step: the paged KV cache (core/model/kv_cache.h). With 4 KiB pages, a decode step that reads a
+// few MiB of cache blocks spread through the pool keeps missing the TLB (measured: 11-17 % of the
+// CPU decode attention's time, docs/PERFORMANCE.md). Linux maps the buffer with huge pages when
+// /sys/kernel/mm/transparent_hugepage/enabled is `always` or `madvise`; with `never`, or
+// elsewhere, the same calls give ordinary zeroed pages.
 #pragma once
 
 #include <cstddef>
