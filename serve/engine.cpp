@@ -211,6 +211,7 @@ StepPlan Engine::plan_of(const SchedulerStep& step) {
   plan.swap_in = step.swap_in;
   plan.released.swap(released_);
   int64_t rows = 0;
+  bool greedy = true;  // every sampled row plain greedy, one completion, no prompt logprobs
   for (const auto& c : step.chunks) {
     SequenceState* s = c.seq;
     SequenceDelta d;
@@ -220,23 +221,19 @@ StepPlan Engine::plan_of(const SchedulerStep& step) {
     d.new_blocks.assign(s->blocks.begin() + s->blocks_sent, s->blocks.end());
     d.tokens.assign(s->tokens.begin() + c.start, s->tokens.begin() + c.start + c.length);
     s->blocks_sent = static_cast<int64_t>(s->blocks.size());
-    for (int64_t i = 0, n = prompt_score_rows(c); i < n; ++i) plan.sample_rows.push_back(rows + i);
+    const int64_t score_rows = prompt_score_rows(c);
+    for (int64_t i = 0; i < score_rows; ++i) plan.sample_rows.push_back(rows + i);
     rows += c.length;
-    if (c.sample) plan.sample_rows.push_back(rows - 1);
+    if (c.sample) {
+      plan.sample_rows.push_back(rows - 1);
+      const SamplingParams& p = requests_.at(s->request_id)->req.params;
+      greedy = greedy && is_plain_greedy(p) && p.n == 1;
+    }
+    greedy = greedy && score_rows == 0;
     plan.seqs.push_back(std::move(d));
   }
-  plan.greedy = !plan.sample_rows.empty() && greedy_only(step);
+  plan.greedy = greedy && !plan.sample_rows.empty();
   return plan;
-}
-
-bool Engine::greedy_only(const SchedulerStep& step) const {
-  for (const auto& c : step.chunks) {
-    if (prompt_score_rows(c) > 0) return false;
-    if (!c.sample) continue;
-    const SamplingParams& p = requests_.at(c.seq->request_id)->req.params;
-    if (!is_plain_greedy(p) || p.n != 1) return false;
-  }
-  return true;
 }
 
 Engine::StepOutput Engine::execute(const StepPlan& plan) {

@@ -138,7 +138,9 @@ class Engine {
   void take_inbox();
   void admit(std::unique_ptr<Request> r);
   void refuse(Request& r, const std::string& why);
-  // The step as deltas for every rank's BlockTables (marks the blocks as sent).
+  // The step as deltas for every rank's BlockTables (marks the blocks as sent), flagged greedy
+  // when every row it samples is plain greedy (is_plain_greedy, one completion, no prompt
+  // logprobs).
   StepPlan plan_of(const SchedulerStep& step);
   // Rows of a chunk whose logits score the next prompt token (prompt logprobs not yet computed).
   int64_t prompt_score_rows(const ScheduledChunk& c) const;
@@ -154,9 +156,6 @@ class Engine {
   // Swaps and forward on this rank; rank 0 gets the step's output (every rank takes part in the
   // gather).
   StepOutput execute(const StepPlan& plan);
-  // Whether every row the step samples is plain greedy (is_plain_greedy, one completion, no
-  // prompt logprobs).
-  bool greedy_only(const SchedulerStep& step) const;
   void process_samples(const SchedulerStep& step, const StepOutput& out);
   void append_token(SequenceState* seq, const SampledToken& t, Request& r);
   void fork_completions(SequenceState* parent, Request& r, const at::Tensor& row);

@@ -329,9 +329,10 @@ std::vector<int64_t> LlamaForCausalLMImpl::greedy_tokens_to_root(const at::Tenso
     best = at::empty({rows, 2}, at::kFloat);
     float* out = best.data_ptr<float>();
     for (int64_t r = 0; r < rows; ++r) {
+      const float* row = l.data_ptr<float>() + r * valid;
       bool nan = false;
-      const int64_t i = argmax_f32(l.data_ptr<float>() + r * valid, valid, nan);
-      out[2 * r] = nan ? std::numeric_limits<float>::quiet_NaN() : l.data_ptr<float>()[r * valid + i];
+      const int64_t i = argmax_f32(row, valid, nan);
+      out[2 * r] = nan ? std::numeric_limits<float>::quiet_NaN() : row[i];
       out[2 * r + 1] = static_cast<float>(start + i);
     }
   } else {
