@@ -113,6 +113,9 @@ Subcommand make_bench_command() {
              {"input_len", "N", "generate: prompt tokens per request (default 128)"},
              {"output_len", "N", "generate: generated tokens per request (default 128)"},
              {"num_prompts", "N", "generate, serve: requests per concurrency (generate: default max(4, 2 x C); serve: 64)"},
+             {"rounds", "N", "generate: run the --concurrency list N times in turn (default 1) and print each "
+                             "concurrency's decode rate over the first one's, per round and their median: "
+                             "rates a round apart are measured under the same machine load"},
              {"output", "FILE", "generate: also write the rows as JSON"},
              // bench serve (also --concurrency, --input_len, --output_len, --num_prompts)
              {"url", "URL", "serve: the server (default http://127.0.0.1:8000)"}};

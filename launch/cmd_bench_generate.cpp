@@ -6,6 +6,9 @@
 //   decode tok/s   tokens of decode-only steps / those steps' time
 //   output tok/s   generated tokens / wall time;  req/s  finished requests / wall time
 //   TTFT           submit -> first token;  TPOT  (last - first token) / (tokens - 1)
+// With --rounds N the list of concurrencies runs N times in turn, and a closing line gives each
+// concurrency's decode rate over the first concurrency's of the same round, per round and the
+// median: a ratio of rates measured minutes apart on a shared machine measures its load too.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -105,6 +108,52 @@ BenchRow run_concurrency(serve::Engine& engine, int64_t c, int64_t num, int64_t 
   return row;
 }
 
+// Prints the row (the table's line) and returns it as JSON.
+nlohmann::json report(const BenchRow& r, int64_t round) {
+  char ttft[64], tpot[64], kv[32];
+  std::snprintf(ttft, sizeof ttft, "%.1f/%.1f/%.1f", r.ttft_ms.mean, r.ttft_ms.p50, r.ttft_ms.p99);
+  std::snprintf(tpot, sizeof tpot, "%.2f/%.2f/%.2f", r.tpot_ms.mean, r.tpot_ms.p50, r.tpot_ms.p99);
+  std::snprintf(kv, sizeof kv, "%lld/%lld", (long long)r.kv_peak, (long long)r.kv_total);
+  std::printf("%5lld %5lld %9.2f %10.0f %10.0f %10.0f %7.2f %23s %23s %13s %6lld %4.0f/%3.0f%%\n",
+              (long long)r.concurrency, (long long)r.requests, r.seconds, r.prefill_tps, r.decode_tps, r.output_tps,
+              r.req_per_s, ttft, tpot, kv, (long long)r.preemptions, 100 * r.forward_share, 100 * r.sample_share);
+  std::fflush(stdout);
+  auto pct = [](const Percentiles& p) { return nlohmann::json{{"mean", p.mean}, {"p50", p.p50}, {"p99", p.p99}}; };
+  return {{"round", round}, {"concurrency", r.concurrency}, {"requests", r.requests}, {"seconds", r.seconds},
+          {"prefill_tokens_per_s", r.prefill_tps}, {"decode_tokens_per_s", r.decode_tps},
+          {"output_tokens_per_s", r.output_tps}, {"requests_per_s", r.req_per_s}, {"ttft_ms", pct(r.ttft_ms)},
+          {"tpot_ms", pct(r.tpot_ms)}, {"itl_ms", pct(r.itl_ms)}, {"kv_blocks_peak", r.kv_peak},
+          {"forward_share", r.forward_share}, {"sample_share", r.sample_share}, {"kv_blocks_total", r.kv_total},
+          {"preemptions", r.preemptions}};
+}
+
+double median_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+// "# decode tok/s over concurrency 1, per round: c=32 8.10x 7.90x 8.30x, median 8.10x": each
+// concurrency's decode rate over the first one's of the same round. decode[i][r]: concurrency
+// i's decode tokens/s in round r.
+void print_decode_ratios(const std::vector<int64_t>& concurrencies, const std::vector<std::vector<double>>& decode) {
+  if (concurrencies.size() < 2) return;
+  const size_t rounds = decode[0].size();
+  std::printf("# decode tok/s over concurrency %lld, %s:", (long long)concurrencies[0],
+              rounds > 1 ? "per round and the median" : "the same run");
+  for (size_t i = 1; i < concurrencies.size(); ++i) {
+    std::vector<double> ratios;
+    std::printf(" c=%lld", (long long)concurrencies[i]);
+    for (size_t r = 0; r < rounds; ++r) {
+      ratios.push_back(decode[0][r] > 0 ? decode[i][r] / decode[0][r] : 0.0);
+      std::printf(" %.2fx", ratios.back());
+    }
+    if (rounds > 1) std::printf(" (median %.2fx)", median_of(ratios));
+    std::printf(i + 1 < concurrencies.size() ? ";" : "\n");
+  }
+  std::fflush(stdout);
+}
+
 }  // namespace
 
 int bench_generate(const ParsedArgs& raw, World* world) {
@@ -112,14 +161,15 @@ int bench_generate(const ParsedArgs& raw, World* world) {
   Config cfg = load_config_collectively(args, world);
   configure_threads(cfg, world);
   std::vector<int64_t> concurrencies;
-  int64_t input_len = 0, output_len = 0, num_prompts = 0;
+  int64_t input_len = 0, output_len = 0, num_prompts = 0, rounds = 1;
   run_agreed(world->comm().get(), [&] {
     concurrencies = parse_positive_list(args.get("concurrency", "1,8,32"), "concurrency");
     input_len = args.get_int("input_len", 128);
     output_len = args.get_int("output_len", 128);
     num_prompts = args.get_int("num_prompts", 0);
-    ANDY_USER_CHECK(input_len >= 1 && output_len >= 1 && num_prompts >= 0,
-                 "andyllm bench generate: --input_len and --output_len must be >= 1, --num_prompts >= 0");
+    rounds = args.get_int("rounds", 1);
+    ANDY_USER_CHECK(input_len >= 1 && output_len >= 1 && num_prompts >= 0 && rounds >= 1,
+                    "andyllm bench generate: --input_len, --output_len and --rounds must be >= 1, --num_prompts >= 0");
   });
   ServingStack st = build_serving_stack(cfg, world);
   if (!world->is_root()) return st.engine->run_worker();
@@ -140,25 +190,18 @@ int bench_generate(const ParsedArgs& raw, World* world) {
               "decode/s", "output/s", "req/s", "TTFT ms mean/p50/p99", "TPOT ms mean/p50/p99", "KV peak", "preem",
               "fwd/samp");
   nlohmann::json rows = nlohmann::json::array();
-  for (int64_t c : concurrencies) {
-    const int64_t num = num_prompts > 0 ? num_prompts : std::max<int64_t>(4, 2 * c);
-    BenchRow r = run_concurrency(engine, c, num, input_len, output_len, st.model_config.vocab_size, rng);
-    char ttft[64], tpot[64], kv[32];
-    std::snprintf(ttft, sizeof ttft, "%.1f/%.1f/%.1f", r.ttft_ms.mean, r.ttft_ms.p50, r.ttft_ms.p99);
-    std::snprintf(tpot, sizeof tpot, "%.2f/%.2f/%.2f", r.tpot_ms.mean, r.tpot_ms.p50, r.tpot_ms.p99);
-    std::snprintf(kv, sizeof kv, "%lld/%lld", (long long)r.kv_peak, (long long)r.kv_total);
-    std::printf("%5lld %5lld %9.2f %10.0f %10.0f %10.0f %7.2f %23s %23s %13s %6lld %4.0f/%3.0f%%\n", (long long)c,
-                (long long)r.requests, r.seconds, r.prefill_tps, r.decode_tps, r.output_tps, r.req_per_s, ttft,
-                tpot, kv, (long long)r.preemptions, 100 * r.forward_share, 100 * r.sample_share);
-    std::fflush(stdout);
-    rows.push_back({{"concurrency", c}, {"requests", r.requests}, {"seconds", r.seconds},
-                    {"prefill_tokens_per_s", r.prefill_tps}, {"decode_tokens_per_s", r.decode_tps},
-                    {"output_tokens_per_s", r.output_tps}, {"requests_per_s", r.req_per_s},
-                    {"ttft_ms", {{"mean", r.ttft_ms.mean}, {"p50", r.ttft_ms.p50}, {"p99", r.ttft_ms.p99}}},
-                    {"tpot_ms", {{"mean", r.tpot_ms.mean}, {"p50", r.tpot_ms.p50}, {"p99", r.tpot_ms.p99}}},
-                    {"itl_ms", {{"mean", r.itl_ms.mean}, {"p50", r.itl_ms.p50}, {"p99", r.itl_ms.p99}}},
-                    {"kv_blocks_peak", r.kv_peak}, {"forward_share", r.forward_share}, {"sample_share", r.sample_share}, {"kv_blocks_total", r.kv_total}, {"preemptions", r.preemptions}});
+  std::vector<std::vector<double>> decode(concurrencies.size());  // [concurrency][round]
+  for (int64_t round = 1; round <= rounds; ++round) {
+    if (rounds > 1) std::printf("# round %lld of %lld\n", (long long)round, (long long)rounds);
+    for (size_t ci = 0; ci < concurrencies.size(); ++ci) {
+      const int64_t c = concurrencies[ci];
+      const int64_t num = num_prompts > 0 ? num_prompts : std::max<int64_t>(4, 2 * c);
+      BenchRow r = run_concurrency(engine, c, num, input_len, output_len, st.model_config.vocab_size, rng);
+      decode[ci].push_back(r.decode_tps);
+      rows.push_back(report(r, round));
+    }
   }
+  print_decode_ratios(concurrencies, decode);
   engine.shutdown_workers();
   ANDY_CHECK(engine.num_free_blocks() == engine.options().num_blocks, "bench generate: ",
              engine.options().num_blocks - engine.num_free_blocks(), " KV blocks still held after every request ended");

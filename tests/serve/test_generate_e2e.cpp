@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <regex>
 #include <thread>
 #include <nlohmann/json.hpp>
 
@@ -212,6 +213,40 @@ TEST_F(GenerateE2e, ResidentMemoryIsStableOverAThousandPrompts) {
   EXPECT_EQ(lines, 1000);
   std::printf("  1,000 prompts: %zu RSS samples, %.1f MiB at most in the middle third, %.1f MiB in the last (MiB over time: %s)\n",
               rss.size(), warm / 1048576.0, later / 1048576.0, series.c_str());
+}
+
+// --rounds 2: the concurrency list twice in turn; the closing line's ratios are each round's
+// decode rates (the JSON rows') over its concurrency-1 rate, and their median.
+TEST_F(GenerateE2e, BenchGenerateRoundsReportTheDecodeRatioPerRound) {
+  const std::string out = path("bench_rounds.json");
+  auto r = run_command(mpirun(2) + andyllm_bin() + " bench generate --model " + path("tp1/best_model") +
+                       " --concurrency 1,3 --num_prompts 3 --input_len 8 --output_len 6 --rounds 2 --output " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_EQ(count_of(r.output, "# round "), 2) << r.output;
+  std::ifstream f(out);
+  const json rows = json::parse(f);
+  ASSERT_EQ(rows.size(), 4u) << rows.dump();
+  std::vector<double> ratios;
+  for (int round = 1; round <= 2; ++round) {
+    const json& c1 = rows[2 * (round - 1)];
+    const json& c3 = rows[2 * (round - 1) + 1];
+    EXPECT_EQ(c1["round"], round);
+    EXPECT_EQ(c1["concurrency"], 1);
+    EXPECT_EQ(c3["concurrency"], 3);
+    EXPECT_EQ(c3["requests"], 3);
+    ASSERT_GT(c1["decode_tokens_per_s"].get<double>(), 0) << rows.dump();
+    ratios.push_back(c3["decode_tokens_per_s"].get<double>() / c1["decode_tokens_per_s"].get<double>());
+  }
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(r.output, m, std::regex(R"(# decode tok/s over concurrency 1, per round and the median: )"
+                                                        R"(c=3 ([0-9.]+)x ([0-9.]+)x \(median ([0-9.]+)x\))")))
+      << r.output;
+  EXPECT_NEAR(std::stod(m[1]), ratios[0], 0.006) << r.output;
+  EXPECT_NEAR(std::stod(m[2]), ratios[1], 0.006) << r.output;
+  EXPECT_NEAR(std::stod(m[3]), (ratios[0] + ratios[1]) / 2, 0.006) << r.output;
+  auto bad = run_command(andyllm_bin() + " bench generate --model " + path("tp1/best_model") + " --rounds 0");
+  EXPECT_EQ(bad.exit_code, 2) << bad.output;
+  EXPECT_EQ(count_of(bad.output, "--rounds must be >= 1"), 1) << bad.output;
 }
 
 TEST_F(GenerateE2e, AKilledRankEndsTheJobWithinSeconds) {
