@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "core/base/logging.h"
+#include "parallel/shm_all_reduce.h"
 
 namespace andy {
 
@@ -54,6 +55,13 @@ MPI_Op mpi_op(ReduceOp op) {
 // sharing cores progress.
 constexpr int kSpinPolls = 64, kYieldPolls = 1024, kShortSleepPolls = 4096;
 constexpr std::chrono::microseconds kShortSleep{50}, kLongSleep{500};
+
+[[noreturn]] void throw_collective_timeout(const std::string& what, std::chrono::steady_clock::time_point start) {
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  throw TimeoutError(where(__FILE__, __LINE__) + "collective " + what + " did not complete within " +
+                     std::to_string(secs).substr(0, 5) +
+                     " s (parallel.collective_timeout_s): another rank skipped it, died or is stuck; aborting the job");
+}
 
 // One collective in both forms, each returning an MPI error code. The buffers they name are
 // kept alive by the Work until it completes.
@@ -149,11 +157,7 @@ class MpiWork : public Work {
 
  private:
   [[noreturn]] void throw_timeout(std::chrono::steady_clock::time_point start) const {
-    double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    throw TimeoutError(where(__FILE__, __LINE__) + "collective " + what_ +
-                       " did not complete within " + std::to_string(secs).substr(0, 5) +
-                       " s (parallel.collective_timeout_s): another rank skipped it, died or "
-                       "is stuck; aborting the job");
+    throw_collective_timeout(what_, start);
   }
 
   // Runs the hooks once. A failed blocking call throws its error here, on every wait.
@@ -175,6 +179,45 @@ class MpiWork : public Work {
   std::function<void()> on_complete_;
   std::vector<at::Tensor> keep_alive_;
   std::deque<std::vector<int>> int_buffers_;  // deque: references stay valid
+};
+
+// Handle of an all-reduce through shared memory: complete once every rank has posted it and
+// this rank has summed the slots (on the caller's thread, in wait() or is_completed()).
+class ShmWork : public Work {
+ public:
+  ShmWork(std::string what, std::chrono::milliseconds default_timeout, std::shared_ptr<ShmAllReduce> shm,
+          uint64_t seq, at::Tensor buf, at::Tensor target)
+      : what_(std::move(what)), default_timeout_(default_timeout), shm_(std::move(shm)), seq_(seq),
+        buf_(std::move(buf)), target_(std::move(target)) {}
+
+  bool is_completed() override {
+    if (done_) return true;
+    if (!shm_->try_complete(seq_)) return false;
+    finish();
+    return true;
+  }
+
+  void wait(std::chrono::milliseconds timeout) override {
+    if (done_) return;
+    if (timeout.count() <= 0) timeout = default_timeout_;
+    const auto start = std::chrono::steady_clock::now();
+    if (!shm_->complete(seq_, start + timeout)) throw_collective_timeout(what_, start);
+    finish();
+  }
+
+ private:
+  void finish() {
+    done_ = true;
+    if (!buf_.is_same(target_)) target_.copy_(buf_);  // from the fp32 staging buffer
+    buf_ = target_ = at::Tensor();
+  }
+
+  std::string what_;
+  std::chrono::milliseconds default_timeout_;
+  std::shared_ptr<ShmAllReduce> shm_;
+  uint64_t seq_;
+  at::Tensor buf_, target_;
+  bool done_ = false;
 };
 
 // The communication thread of one MpiCommunicator: runs the posted blocking collectives one
@@ -283,11 +326,12 @@ bool mpi_thread_multiple() {
 }  // namespace
 
 MpiCommunicator::MpiCommunicator(const MpiComm& group, std::string name,
-                                 std::chrono::milliseconds timeout, bool use_thread)
+                                 std::chrono::milliseconds timeout, bool use_thread, int64_t shm_bytes)
     : Communicator(group.rank(), group.size(), current_rank() < 0 ? 0 : current_rank(),
                    std::move(name), timeout),
       comm_(group.dup()) {
   MPI_CHECK(MPI_Comm_set_errhandler(comm_.get(), MPI_ERRORS_RETURN));
+  if (shm_bytes > 0 && size_ > 1) shm_ = ShmAllReduce::create(comm_.get(), shm_bytes);
   if (use_thread && mpi_thread_multiple()) thread_ = std::make_unique<CollectiveThread>(comm_.get());
 }
 
@@ -302,6 +346,8 @@ void MpiCommunicator::check_cpu(const at::Tensor& t, const char* op) const {
   ANDY_CHECK_T(CommError, t.device().is_cpu(), describe(op),
                ": the MPI backend takes CPU tensors, got ", t.device());
 }
+
+int64_t MpiCommunicator::shm_all_reduce_elements() const { return shm_ ? shm_->capacity_elements() : 0; }
 
 MpiComm MpiCommunicator::dup_group() {
   MPI_Comm out = MPI_COMM_NULL;
@@ -328,6 +374,13 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
     return work;
   }
   at::Tensor buf = is_narrow_float(tensor.scalar_type()) ? tensor.to(at::kFloat) : tensor;
+  if (shm_ && buf.scalar_type() == at::kFloat && buf.numel() <= shm_->capacity_elements()) {
+    const auto start = std::chrono::steady_clock::now();
+    float* p = buf.data_ptr<float>();
+    const uint64_t seq = shm_->post(p, buf.numel(), opts.op, p, start + timeout_);
+    if (seq == 0) throw_collective_timeout(describe("all_reduce"), start);
+    return std::make_shared<ShmWork>(describe("all_reduce"), timeout_, shm_, seq, buf, tensor);
+  }
   void* ptr = buf.data_ptr();
   int count = static_cast<int>(buf.numel());
   MPI_Datatype dt = mpi_copy_type(buf.scalar_type());

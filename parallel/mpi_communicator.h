@@ -5,6 +5,7 @@
 // use_thread is false) they are nonblocking calls (MPI_Iallreduce, ...) polled by wait().
 // bf16/fp16 reductions are done in fp32 staging buffers (one rounding at the end, exact for
 // values representable in the narrow type); copies (gather, broadcast) move raw 16-bit words.
+// Optionally, small all-reduces within one node go through shared memory instead (shm_bytes).
 // The communicator owns a duplicate of the MPI communicator it was given, so its collectives
 // never match anyone else's; every MPI call on that duplicate goes through the FIFO.
 #pragma once
@@ -17,6 +18,7 @@
 namespace andy {
 
 class CollectiveThread;
+class ShmAllReduce;
 
 // The MPI datatype that moves a tensor's elements bit for bit (bf16/fp16 as 16-bit words;
 // MPI_DATATYPE_NULL for other dtypes).
@@ -25,9 +27,12 @@ MPI_Datatype mpi_copy_type(at::ScalarType t);
 class MpiCommunicator : public Communicator {
  public:
   // `group` is duplicated; the original may be freed afterwards. use_thread (Default: true)
-  // picks the communication thread when MPI provides MPI_THREAD_MULTIPLE.
+  // picks the communication thread when MPI provides MPI_THREAD_MULTIPLE. shm_bytes > 0 (collective
+  // like the constructor): fp32, bf16 and fp16 all-reduces of up to that many bytes (as fp32) go
+  // through shared memory (parallel/shm_all_reduce.h) when every rank of the group is on this
+  // node; the other collectives, larger ones and other groups keep MPI.
   MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout,
-                  bool use_thread = true);
+                  bool use_thread = true, int64_t shm_bytes = 0);
   // Lets the communication thread finish what was issued, then joins it. A thread stuck in a
   // collective (after a TimeoutError, or still busy after timeout()) is detached instead, and
   // the MPI communicator it uses is not freed: the job is ending through MPI_Abort anyway.
@@ -47,6 +52,8 @@ class MpiCommunicator : public Communicator {
 
   // True when collectives run on the communication thread, false when polled nonblocking.
   bool threaded() const { return thread_ != nullptr; }
+  // The largest all-reduce, in fp32 elements, that goes through shared memory; 0 when none does.
+  int64_t shm_all_reduce_elements() const;
   // A new MPI communicator over the same group (MPI_Comm_dup, ordered after every collective
   // issued so far). For callers that need raw MPI calls beside this communicator (bench comm).
   MpiComm dup_group();
@@ -56,6 +63,7 @@ class MpiCommunicator : public Communicator {
 
   MpiComm comm_;
   std::unique_ptr<CollectiveThread> thread_;  // null: nonblocking collectives polled by wait()
+  std::shared_ptr<ShmAllReduce> shm_;         // null: every all-reduce through MPI
 };
 
 }  // namespace andy

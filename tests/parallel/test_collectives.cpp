@@ -283,9 +283,24 @@ namespace {
 
 // A communicator of its own over the world: the communication thread, or the nonblocking
 // fallback that MPI without MPI_THREAD_MULTIPLE gets.
+// shm_bytes > 0: all-reduces up to that size through shared memory (the tensor-parallel group's
+// setting).
 std::shared_ptr<MpiCommunicator> own_comm(bool use_thread, const std::string& name,
-                                          std::chrono::milliseconds timeout = std::chrono::milliseconds(20000)) {
-  return std::make_shared<MpiCommunicator>(MpiComm(MPI_COMM_WORLD, false), name, timeout, use_thread);
+                                          std::chrono::milliseconds timeout = std::chrono::milliseconds(20000),
+                                          int64_t shm_bytes = 0) {
+  return std::make_shared<MpiCommunicator>(MpiComm(MPI_COMM_WORLD, false), name, timeout, use_thread, shm_bytes);
+}
+
+// The three ways a collective runs: the communication thread, the nonblocking fallback, and
+// the fallback with all-reduces through shared memory (the tensor-parallel group's way).
+enum class Path { kThread, kNonblocking, kSharedMemory };
+std::string path_name(Path p) {
+  return p == Path::kThread ? "CommunicationThread" : p == Path::kNonblocking ? "NonblockingFallback" : "SharedMemory";
+}
+std::shared_ptr<MpiCommunicator> path_comm(Path p, const std::string& name,
+                                           std::chrono::milliseconds timeout = std::chrono::milliseconds(20000)) {
+  return own_comm(p == Path::kThread, name + "[" + path_name(p) + "]", timeout,
+                  p == Path::kSharedMemory ? kTpShmAllReduceBytes : 0);
 }
 
 // One collective in flight and the result it must leave.
@@ -297,7 +312,7 @@ struct InFlight {
 
 }  // namespace
 
-class CollectivesInFlight : public testing::TestWithParam<bool> {};
+class CollectivesInFlight : public testing::TestWithParam<Path> {};
 
 // Sixty collectives of every op, dtype and size issued back to back without waiting, then waited
 // in an order of each rank's own (is_completed() polled in between). Runs of the same op and shape
@@ -305,10 +320,12 @@ class CollectivesInFlight : public testing::TestWithParam<bool> {};
 // issue order sums the wrong partners' values; a mismatched shape hangs into the timeout.
 // The communicator is destroyed before the last third is waited: it must finish them first.
 TEST_P(CollectivesInFlight, IssueOrderAndResultsHold) {
-  auto comm = own_comm(GetParam(), GetParam() ? "inflight[thread]" : "inflight[nonblocking]");
+  auto comm = path_comm(GetParam(), "inflight");
   int provided = 0;
   MPI_Query_thread(&provided);
-  EXPECT_EQ(comm->threaded(), GetParam() && provided == MPI_THREAD_MULTIPLE);
+  EXPECT_EQ(comm->threaded(), GetParam() == Path::kThread && provided == MPI_THREAD_MULTIPLE);
+  // One node: the fp32 / bf16 all-reduces below (up to 280 KB) go through shared memory.
+  EXPECT_EQ(comm->shm_all_reduce_elements() > 0, GetParam() == Path::kSharedMemory);
   const int n = comm->size(), r = comm->rank();
   const double tri = n * (n + 1) / 2.0;
   std::vector<InFlight> flights;
@@ -394,18 +411,18 @@ TEST_P(CollectivesInFlight, IssueOrderAndResultsHold) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(ThreadAndNonblocking, CollectivesInFlight, testing::Values(true, false),
-                         [](const testing::TestParamInfo<bool>& p) {
-                           return p.param ? "CommunicationThread" : "NonblockingFallback";
-                         });
+INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesInFlight,
+                         testing::Values(Path::kThread, Path::kNonblocking, Path::kSharedMemory),
+                         [](const testing::TestParamInfo<Path>& p) { return path_name(p.param); });
 
-class CollectivesTimeout : public testing::TestWithParam<std::tuple<bool, int64_t>> {};
+class CollectivesTimeout : public testing::TestWithParam<std::tuple<Path, int64_t>> {};
 
 // Rank 0 waits for an all_reduce the others issue only later: its wait() throws the TimeoutError
 // of the contract; once they come the collective completes and the communicator ends cleanly.
 TEST_P(CollectivesTimeout, LateRanksTimeOutTheWaitThenComplete) {
-  const auto [use_thread, size] = GetParam();
-  auto comm = own_comm(use_thread, "late", std::chrono::milliseconds(60000));
+  const auto [path, size] = GetParam();
+  auto comm = own_comm(path == Path::kThread, "late", std::chrono::milliseconds(60000),
+                       path == Path::kSharedMemory ? kTpShmAllReduceBytes : 0);
   const int n = comm->size(), r = comm->rank();
   auto x = at::full({size}, r + 1.0, at::kFloat);
   if (r == 0) {
@@ -432,9 +449,67 @@ TEST_P(CollectivesTimeout, LateRanksTimeOutTheWaitThenComplete) {
 }
 
 // A small and a large buffer (Open MPI picks different algorithms).
-INSTANTIATE_TEST_SUITE_P(ThreadAndNonblocking, CollectivesTimeout,
-                         testing::Combine(testing::Bool(), testing::Values(int64_t{5000}, int64_t{100000})),
-                         [](const testing::TestParamInfo<std::tuple<bool, int64_t>>& p) {
-                           return std::string(std::get<0>(p.param) ? "CommunicationThread" : "NonblockingFallback") +
-                                  "_" + std::to_string(std::get<1>(p.param) * 4 / 1000) + "KB";
+INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
+                         testing::Combine(testing::Values(Path::kThread, Path::kNonblocking, Path::kSharedMemory),
+                                          testing::Values(int64_t{5000}, int64_t{100000})),
+                         [](const testing::TestParamInfo<std::tuple<Path, int64_t>>& p) {
+                           return path_name(std::get<0>(p.param)) + "_" +
+                                  std::to_string(std::get<1>(p.param) * 4 / 1000) + "KB";
                          });
+
+// The shared-memory all-reduce (the tensor-parallel group's): random fp32 values, so the order
+// of the sum shows; every rank must hold the same bits, those of the sum in rank order, for
+// sizes around its capacity (the largest through shared memory, one more through MPI), every
+// op, bf16 through the fp32 staging, and more operations issued ahead of their waits than it
+// has slots.
+TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
+  auto comm = own_comm(false, "shm", std::chrono::milliseconds(20000), kTpShmAllReduceBytes);
+  const int n = comm->size(), r = comm->rank();
+  const int64_t cap = comm->shm_all_reduce_elements();
+  ASSERT_EQ(cap, kTpShmAllReduceBytes / 4);  // one node
+  auto input = [](int q, int64_t size, int i) {
+    at::Generator g = at::detail::createCPUGenerator(1000 * i + q);
+    return at::randn({size}, g, at::kFloat);
+  };
+  const int64_t sizes[] = {1, 5, 4096, cap, cap + 1};
+  const ReduceOp ops[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kMin};
+  std::vector<std::tuple<WorkPtr, at::Tensor, at::Tensor, std::string>> flights;
+  int i = 0;
+  for (int64_t size : sizes) {
+    for (ReduceOp op : ops) {
+      at::Tensor x = input(r, size, i);
+      at::Tensor expect = input(0, size, i);  // rank order: ((x0 + x1) + x2) + x3
+      for (int q = 1; q < n; ++q) {
+        at::Tensor y = input(q, size, i);
+        expect = op == ReduceOp::kMax ? at::maximum(expect, y) : op == ReduceOp::kMin ? at::minimum(expect, y) : expect + y;
+      }
+      if (op == ReduceOp::kAvg) expect = expect / static_cast<float>(n);
+      flights.emplace_back(comm->all_reduce(x, {op}), x, expect, "size " + std::to_string(size) + " op " + std::to_string(int(op)));
+      ++i;
+    }
+  }
+  for (auto& [work, x, expect, what] : flights) {
+    work->wait();
+    const bool through_shm = x.numel() <= cap;
+    if (through_shm) {
+      EXPECT_TRUE(at::equal(x, expect)) << what << ": " << max_abs_diff(x, expect);
+    } else {  // MPI's own order of the sum
+      EXPECT_LE(max_abs_diff(x, expect), 1e-5) << what;
+    }
+    // The same bits on every rank.
+    at::Tensor mine = x.clone(), lo = x.clone();
+    MPI_Allreduce(MPI_IN_PLACE, mine.data_ptr<float>(), static_cast<int>(mine.numel()), MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, lo.data_ptr<float>(), static_cast<int>(lo.numel()), MPI_FLOAT, MPI_MIN, MPI_COMM_WORLD);
+    EXPECT_TRUE(at::equal(mine, lo)) << what;
+  }
+  // bf16: staged in fp32, rounded once.
+  at::Tensor b = at::full({1000}, 1.5 * (r + 1), at::kBFloat16);
+  comm->all_reduce(b, {ReduceOp::kSum})->wait();
+  EXPECT_EQ(max_abs_diff(b, at::full({1000}, 1.5 * n * (n + 1) / 2, at::kDouble)), 0);
+  // The grid's tensor-parallel group has it; the world and data-parallel groups do not.
+  GridOptions opts;
+  opts.tensor_parallel_size = n;
+  ProcessGrid grid(test_world(), opts);
+  EXPECT_EQ(dynamic_cast<MpiCommunicator&>(grid.tp()).shm_all_reduce_elements(), cap);
+  EXPECT_EQ(dynamic_cast<MpiCommunicator&>(grid.world()).shm_all_reduce_elements(), 0);
+}

@@ -1,0 +1,214 @@
+// Shared-memory all-reduce (see shm_all_reduce.h). The segment: one 128-byte header per rank
+// (the last operation it posted, the last it completed; a cache line each), then kSlots slots
+// of capacity bytes per rank.
+#include "parallel/shm_all_reduce.h"
+
+#include <fcntl.h>
+#include <immintrin.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "core/base/error.h"
+
+namespace andy {
+
+struct alignas(64) ShmAllReduce::Flag {
+  std::atomic<uint64_t> value;
+};
+
+namespace {
+
+constexpr int64_t kPage = 4096;
+constexpr size_t kHeaderPerRank = 128;  // posted, done: a cache line each
+
+int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+}  // namespace
+
+std::unique_ptr<ShmAllReduce> ShmAllReduce::create(MPI_Comm comm, int64_t capacity_bytes) {
+  if (capacity_bytes <= 0) return nullptr;
+  int rank = 0, size = 0;
+  MPI_CHECK(MPI_Comm_rank(comm, &rank));
+  MPI_CHECK(MPI_Comm_size(comm, &size));
+  // Only when every rank shares this node's memory (agreed: every rank takes the same path).
+  MPI_Comm local = MPI_COMM_NULL;
+  MPI_CHECK(MPI_Comm_split_type(comm, MPI_COMM_TYPE_SHARED, rank, MPI_INFO_NULL, &local));
+  int local_size = 0;
+  MPI_CHECK(MPI_Comm_size(local, &local_size));
+  MPI_CHECK(MPI_Comm_free(&local));
+  int ok = local_size == size;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, comm));
+  if (!ok) return nullptr;
+
+  const int64_t capacity = round_up(capacity_bytes, kPage);
+  const int64_t header = round_up(static_cast<int64_t>(size * kHeaderPerRank), kPage);
+  const size_t bytes = static_cast<size_t>(header + int64_t{size} * kSlots * capacity);
+  // Rank 0 makes the segment under a fresh name; the others open it; once all have it mapped,
+  // the name is removed, so nothing is left in /dev/shm whatever happens to the job later.
+  char name[64] = {0};
+  void* base = nullptr;
+  if (rank == 0) {
+    std::random_device rd;
+    std::snprintf(name, sizeof name, "/andyllm-%d-%08x", static_cast<int>(getpid()), rd());
+    const int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
+    if (fd >= 0) {
+      if (ftruncate(fd, static_cast<off_t>(bytes)) == 0) {
+        void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p != MAP_FAILED) base = p;
+      }
+      close(fd);
+    }
+    if (base) {
+      for (int r = 0; r < size; ++r)
+        for (int k = 0; k < 2; ++k)
+          new (static_cast<char*>(base) + r * kHeaderPerRank + k * 64) Flag{{0}};
+    } else {
+      shm_unlink(name);
+      name[0] = 0;
+    }
+  }
+  MPI_CHECK(MPI_Bcast(name, sizeof name, MPI_CHAR, 0, comm));
+  if (rank != 0 && name[0]) {
+    const int fd = shm_open(name, O_RDWR, 0600);
+    if (fd >= 0) {
+      void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (p != MAP_FAILED) base = p;
+      close(fd);
+    }
+  }
+  ok = base != nullptr;
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &ok, 1, MPI_INT, MPI_MIN, comm));
+  if (rank == 0 && name[0]) shm_unlink(name);
+  if (!ok) {
+    if (base) munmap(base, bytes);
+    return nullptr;
+  }
+  return std::unique_ptr<ShmAllReduce>(new ShmAllReduce(base, bytes, rank, size, capacity));
+}
+
+ShmAllReduce::ShmAllReduce(void* base, size_t bytes, int rank, int size, int64_t capacity)
+    : base_(base), bytes_(bytes), rank_(rank), size_(size), capacity_(capacity) {}
+
+ShmAllReduce::~ShmAllReduce() { munmap(base_, bytes_); }
+
+ShmAllReduce::Flag& ShmAllReduce::posted(int r) const {
+  return *reinterpret_cast<Flag*>(static_cast<char*>(base_) + r * kHeaderPerRank);
+}
+
+ShmAllReduce::Flag& ShmAllReduce::done(int r) const {
+  return *reinterpret_cast<Flag*>(static_cast<char*>(base_) + r * kHeaderPerRank + 64);
+}
+
+const float* ShmAllReduce::slot(int r, uint64_t seq) const {
+  const int64_t header = round_up(static_cast<int64_t>(size_ * kHeaderPerRank), kPage);
+  const int64_t index = int64_t{r} * kSlots + static_cast<int64_t>(seq % kSlots);
+  return reinterpret_cast<const float*>(static_cast<char*>(base_) + header + index * capacity_);
+}
+
+bool ShmAllReduce::wait_all(bool use_posted, uint64_t seq, Deadline deadline, bool block) const {
+  // Spin briefly (the ranks usually arrive within microseconds of each other), then yield the
+  // core, then sleep: ranks may share cores, and one may be far behind (a prefill elsewhere).
+  constexpr int kSpins = 256, kYields = 4096;
+  for (int round = 0;; ++round) {
+    int r = 0;
+    for (; r < size_; ++r) {
+      const Flag& f = use_posted ? posted(r) : done(r);
+      if (f.value.load(std::memory_order_acquire) < seq) break;
+    }
+    if (r == size_) return true;
+    if (!block) return false;
+    if (round < kSpins) {
+      _mm_pause();
+      continue;
+    }
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    if (round < kYields) {
+      sched_yield();
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(round < 4 * kYields ? 50 : 500));
+    }
+  }
+}
+
+uint64_t ShmAllReduce::post(const float* data, int64_t n, ReduceOp op, float* out, Deadline deadline) {
+  ANDY_CHECK_T(CommError, n >= 0 && n <= capacity_elements(), "shared-memory all-reduce: ", n,
+               " elements exceed its capacity of ", capacity_elements());
+  std::lock_guard<std::mutex> lock(mu_);
+  const uint64_t seq = issued_ + 1;
+  if (seq > static_cast<uint64_t>(kSlots)) {
+    // The slot's previous operation must be read by every rank; ours we complete ourselves.
+    const uint64_t prev = seq - kSlots;
+    if (!complete_locked(prev, deadline, true) || !wait_all(false, prev, deadline, true)) return 0;
+  }
+  std::memcpy(const_cast<float*>(slot(rank_, seq)), data, static_cast<size_t>(n) * sizeof(float));
+  posted(rank_).value.store(seq, std::memory_order_release);
+  issued_ = seq;
+  pending_.push_back({seq, out, n, op});
+  return seq;
+}
+
+bool ShmAllReduce::complete(uint64_t seq, Deadline deadline) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return complete_locked(seq, deadline, true);
+}
+
+bool ShmAllReduce::try_complete(uint64_t seq) {
+  std::lock_guard<std::mutex> lock(mu_);
+  return complete_locked(seq, Deadline::max(), false);
+}
+
+bool ShmAllReduce::complete_locked(uint64_t seq, Deadline deadline, bool block) {
+  while (!pending_.empty() && pending_.front().seq <= seq) {
+    const Pending p = pending_.front();
+    if (!wait_all(true, p.seq, deadline, block)) return false;
+    // Every rank sums the slots in rank order: the same bits everywhere.
+    float* __restrict out = p.out;
+    const float* __restrict a = slot(0, p.seq);
+    if (size_ == 1) {
+      std::memcpy(out, a, static_cast<size_t>(p.n) * sizeof(float));
+    } else {
+      const float* __restrict b = slot(1, p.seq);
+      switch (p.op) {
+        case ReduceOp::kSum:
+        case ReduceOp::kAvg:
+          for (int64_t i = 0; i < p.n; ++i) out[i] = a[i] + b[i];
+          for (int r = 2; r < size_; ++r) {
+            const float* __restrict c = slot(r, p.seq);
+            for (int64_t i = 0; i < p.n; ++i) out[i] += c[i];
+          }
+          break;
+        case ReduceOp::kMax:
+          for (int64_t i = 0; i < p.n; ++i) out[i] = std::max(a[i], b[i]);
+          for (int r = 2; r < size_; ++r) {
+            const float* __restrict c = slot(r, p.seq);
+            for (int64_t i = 0; i < p.n; ++i) out[i] = std::max(out[i], c[i]);
+          }
+          break;
+        case ReduceOp::kMin:
+          for (int64_t i = 0; i < p.n; ++i) out[i] = std::min(a[i], b[i]);
+          for (int r = 2; r < size_; ++r) {
+            const float* __restrict c = slot(r, p.seq);
+            for (int64_t i = 0; i < p.n; ++i) out[i] = std::min(out[i], c[i]);
+          }
+          break;
+      }
+    }
+    if (p.op == ReduceOp::kAvg) {
+      const float n_ranks = static_cast<float>(size_);
+      for (int64_t i = 0; i < p.n; ++i) out[i] /= n_ranks;
+    }
+    done(rank_).value.store(p.seq, std::memory_order_release);
+    pending_.pop_front();
+  }
+  return true;
+}
+
+}  // namespace andy
