@@ -49,10 +49,16 @@ int bench_comm(const ParsedArgs& args, World* world) {
     g.device = world->device_for_local_rank(compat::cuda_device_count());
     o.device = at::Device(at::kCUDA, g.device);
   }
+  // --group tp: every rank in one tensor-parallel group, whose communicator is the one the TP
+  // layers use (on MPI: polled, all-reduces up to 1 MB through shared memory on one node).
+  const std::string group = args.get("group", "world");
+  if (group != "world" && group != "tp") throw ConfigError("--group " + group + ": expected world or tp");
+  if (group == "tp") g.tensor_parallel_size = world->size();
   ProcessGrid grid(*world, g);
-  if (world->is_root()) std::printf("%s", comm_bench_header(grid.world(), o).c_str());
+  Communicator& comm = group == "tp" ? grid.tp() : grid.world();
+  if (world->is_root()) std::printf("%s", comm_bench_header(comm, o).c_str());
   int64_t wrong = 0;
-  run_comm_bench(grid.world(), o, [&](const CommBenchRow& row) {
+  run_comm_bench(comm, o, [&](const CommBenchRow& row) {
     wrong += row.wrong;
     if (world->is_root()) {
       std::printf("%s", comm_bench_format(row, o.dtype).c_str());
@@ -73,7 +79,7 @@ Subcommand make_bench_command() {
   c.name = "bench";
   c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share), generate (engine throughput and latency), serve (an OpenAI server over HTTP)";
   c.usage =
-      "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T --no_raw]\n"
+      "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T --group world|tp --no_raw]\n"
       "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]\n"
       "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N --profile FILE]\n"
       "       mpirun -np TP andyllm bench generate --model DIR [--concurrency 1,8,32 --input_len N --output_len N]\n"
@@ -86,6 +92,9 @@ Subcommand make_bench_command() {
              {"dtype", "T", "comm: fp32 (default), fp64, bf16, fp16, int32, int64; generate: the served model's (serve.dtype: auto, fp32, bf16)"},
              {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
              {"backend", "mpi|nccl", "communicator backend (default mpi, CPU tensors)"},
+             {"group", "world|tp", "comm: the world communicator (default; on MPI: a communication thread) or the "
+                                   "tensor-parallel group's, all ranks in one TP group (on MPI: polled, all-reduces up "
+                                   "to 1 MB through shared memory)"},
              {"timeout", "SECONDS", "collective timeout (default 300)"},
              {"no_raw", "", "comm: skip the raw library call (blocking MPI_Allreduce ..., ncclAllReduce ...) columns"},
              {"debug_skip_rank", "R", "testing: rank R skips the first collective, to show the timeout path"},

@@ -221,11 +221,11 @@ std::string comm_bench_header(const Communicator& comm, const CommBenchOptions& 
   const std::string raw = comm.backend() == Backend::kMpi ? "raw mpi" : "raw nccl";
   char buf[1024];
   std::snprintf(buf, sizeof buf,
-                "# andyllm bench comm: %d ranks, backend %s, dtype %s, %d warmup + %d timed iterations%s\n"
+                "# andyllm bench comm: %d ranks, backend %s, group %s, dtype %s, %d warmup + %d timed iterations%s\n"
                 "#%15s %14s %8s %10s %s%s\n"
                 "#%15s %14s %8s %10s %12s %9s %9s %8s%s\n"
                 "#%15s %14s %8s %10s %12s %9s %9s %8s%s\n",
-                comm.size(), backend_name(comm.backend()), type_name(opts.dtype), opts.warmup,
+                comm.size(), backend_name(comm.backend()), comm.name().c_str(), type_name(opts.dtype), opts.warmup,
                 opts.iters,
                 opts.raw ? "\n# raw: the library's own blocking call on the same buffers; ratio: busbw / raw busbw" : "",
                 "", "", "", "", centred("andyllm", 41).c_str(), opts.raw ? (" " + centred(raw, 40)).c_str() : "",

@@ -374,11 +374,17 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
     return work;
   }
   at::Tensor buf = is_narrow_float(tensor.scalar_type()) ? tensor.to(at::kFloat) : tensor;
-  if (shm_ && buf.scalar_type() == at::kFloat && buf.numel() <= shm_->capacity_elements()) {
+  if (shm_ && buf.scalar_type() == at::kFloat) {
+    // In pieces of the segment's capacity, each its own operation: larger buffers stream
+    // through the slots (posting a piece completes this rank's piece kSlots earlier first).
     const auto start = std::chrono::steady_clock::now();
     float* p = buf.data_ptr<float>();
-    const uint64_t seq = shm_->post(p, buf.numel(), opts.op, p, start + timeout_);
-    if (seq == 0) throw_collective_timeout(describe("all_reduce"), start);
+    const int64_t cap = shm_->capacity_elements();
+    uint64_t seq = 0;
+    for (int64_t off = 0; off < buf.numel(); off += cap) {
+      seq = shm_->post(p + off, std::min(cap, buf.numel() - off), opts.op, p + off, start + timeout_);
+      if (seq == 0) throw_collective_timeout(describe("all_reduce"), start);
+    }
     return std::make_shared<ShmWork>(describe("all_reduce"), timeout_, shm_, seq, buf, tensor);
   }
   void* ptr = buf.data_ptr();

@@ -5,7 +5,7 @@
 // use_thread is false) they are nonblocking calls (MPI_Iallreduce, ...) polled by wait().
 // bf16/fp16 reductions are done in fp32 staging buffers (one rounding at the end, exact for
 // values representable in the narrow type); copies (gather, broadcast) move raw 16-bit words.
-// Optionally, small all-reduces within one node go through shared memory instead (shm_bytes).
+// Optionally, float all-reduces within one node go through shared memory instead (shm_bytes).
 // The communicator owns a duplicate of the MPI communicator it was given, so its collectives
 // never match anyone else's; every MPI call on that duplicate goes through the FIFO.
 #pragma once
@@ -28,9 +28,9 @@ class MpiCommunicator : public Communicator {
  public:
   // `group` is duplicated; the original may be freed afterwards. use_thread (Default: true)
   // picks the communication thread when MPI provides MPI_THREAD_MULTIPLE. shm_bytes > 0 (collective
-  // like the constructor): fp32, bf16 and fp16 all-reduces of up to that many bytes (as fp32) go
-  // through shared memory (parallel/shm_all_reduce.h) when every rank of the group is on this
-  // node; the other collectives, larger ones and other groups keep MPI.
+  // like the constructor): when every rank of the group is on this node and /dev/shm has room,
+  // fp32, bf16 and fp16 all-reduces go through shared memory (parallel/shm_all_reduce.h), in
+  // pieces of shm_bytes (as fp32); the other collectives, dtypes and groups keep MPI.
   MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout,
                   bool use_thread = true, int64_t shm_bytes = 0);
   // Lets the communication thread finish what was issued, then joins it. A thread stuck in a
@@ -52,7 +52,7 @@ class MpiCommunicator : public Communicator {
 
   // True when collectives run on the communication thread, false when polled nonblocking.
   bool threaded() const { return thread_ != nullptr; }
-  // The largest all-reduce, in fp32 elements, that goes through shared memory; 0 when none does.
+  // The piece, in fp32 elements, in which all-reduces go through shared memory; 0 when none do.
   int64_t shm_all_reduce_elements() const;
   // A new MPI communicator over the same group (MPI_Comm_dup, ordered after every collective
   // issued so far). For callers that need raw MPI calls beside this communicator (bench comm).

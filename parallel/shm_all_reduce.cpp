@@ -7,6 +7,7 @@
 #include <immintrin.h>
 #include <sched.h>
 #include <sys/mman.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -60,7 +61,11 @@ std::unique_ptr<ShmAllReduce> ShmAllReduce::create(MPI_Comm comm, int64_t capaci
     std::snprintf(name, sizeof name, "/andyllm-%d-%08x", static_cast<int>(getpid()), rd());
     const int fd = shm_open(name, O_CREAT | O_EXCL | O_RDWR, 0600);
     if (fd >= 0) {
-      if (ftruncate(fd, static_cast<off_t>(bytes)) == 0) {
+      // The pages are reserved now: a segment larger than what /dev/shm has left (64 MB in a
+      // default Docker container) is refused here, not met later as a SIGBUS on first touch.
+      struct statvfs fs {};
+      const bool room = fstatvfs(fd, &fs) == 0 && static_cast<double>(fs.f_bavail) * fs.f_frsize > 1.25 * bytes;
+      if (room && posix_fallocate(fd, 0, static_cast<off_t>(bytes)) == 0) {
         void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (p != MAP_FAILED) base = p;
       }

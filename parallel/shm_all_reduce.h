@@ -3,9 +3,9 @@
 // and DeepSpeed's CPU backends do for their TP all-reduce. Each rank copies its buffer into its
 // own slot of a segment every rank maps, publishes the operation's sequence number, and, once
 // every rank has published it, sums the slots in rank order into its buffer: every rank gets
-// the same bits, and no message, progress engine or thread sits between the ranks. Against Open
-// MPI's nonblocking all-reduce of 16 KB (the all-reduce of a 32-sequence decode step of the tiny
-// model) polled from the same thread, in the engine: docs/PERFORMANCE.md.
+// the same bits, and no message, progress engine or thread sits between the ranks. Larger
+// buffers go in pieces of the slot size (MpiCommunicator). Measured against Open MPI's
+// blocking and nonblocking all-reduces: docs/PERFORMANCE.md.
 //
 // Operations are numbered in issue order and complete in that order; each uses slot
 // seq % kSlots of every rank. Before a rank overwrites a slot it waits until every rank has
@@ -32,7 +32,8 @@ class ShmAllReduce {
   using Deadline = std::chrono::steady_clock::time_point;
 
   // Collective over `comm`. Null (on every rank) when its ranks do not all share this node's
-  // memory, when capacity_bytes is 0, or when the segment cannot be made (no /dev/shm, ...).
+  // memory, when capacity_bytes is 0, or when the segment cannot be made (no /dev/shm, or less
+  // room left there than the segment's ranks x kSlots x capacity bytes, reserved at once).
   // capacity_bytes: the largest buffer it takes (rounded up to 4 KB).
   static std::unique_ptr<ShmAllReduce> create(MPI_Comm comm, int64_t capacity_bytes);
   ~ShmAllReduce();

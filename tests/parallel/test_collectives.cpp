@@ -459,7 +459,7 @@ INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
 
 // The shared-memory all-reduce (the tensor-parallel group's): random fp32 values, so the order
 // of the sum shows; every rank must hold the same bits, those of the sum in rank order, for
-// sizes around its capacity (the largest through shared memory, one more through MPI), every
+// sizes around its capacity (the largest in one piece, one more in two pieces), every
 // op, bf16 through the fp32 staging, and more operations issued ahead of their waits than it
 // has slots.
 TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
@@ -471,7 +471,7 @@ TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
     at::Generator g = at::detail::createCPUGenerator(1000 * i + q);
     return at::randn({size}, g, at::kFloat);
   };
-  const int64_t sizes[] = {1, 5, 4096, cap, cap + 1};
+  const int64_t sizes[] = {1, 5, 4096, cap, cap + 1, 3 * cap + 7};
   const ReduceOp ops[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kMin};
   std::vector<std::tuple<WorkPtr, at::Tensor, at::Tensor, std::string>> flights;
   int i = 0;
@@ -490,12 +490,7 @@ TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
   }
   for (auto& [work, x, expect, what] : flights) {
     work->wait();
-    const bool through_shm = x.numel() <= cap;
-    if (through_shm) {
-      EXPECT_TRUE(at::equal(x, expect)) << what << ": " << max_abs_diff(x, expect);
-    } else {  // MPI's own order of the sum
-      EXPECT_LE(max_abs_diff(x, expect), 1e-5) << what;
-    }
+    EXPECT_TRUE(at::equal(x, expect)) << what << ": " << max_abs_diff(x, expect);
     // The same bits on every rank.
     at::Tensor mine = x.clone(), lo = x.clone();
     MPI_Allreduce(MPI_IN_PLACE, mine.data_ptr<float>(), static_cast<int>(mine.numel()), MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD);
@@ -506,6 +501,12 @@ TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
   at::Tensor b = at::full({1000}, 1.5 * (r + 1), at::kBFloat16);
   comm->all_reduce(b, {ReduceOp::kSum})->wait();
   EXPECT_EQ(max_abs_diff(b, at::full({1000}, 1.5 * n * (n + 1) / 2, at::kDouble)), 0);
+  // A segment larger than /dev/shm has room for: refused at creation, every all-reduce on MPI.
+  auto big = own_comm(false, "shm_too_big", std::chrono::milliseconds(20000), int64_t{1} << 42);
+  EXPECT_EQ(big->shm_all_reduce_elements(), 0);
+  at::Tensor y = at::full({5000}, 1.0 * (r + 1), at::kFloat);
+  big->all_reduce(y, {ReduceOp::kSum})->wait();
+  EXPECT_EQ(max_abs_diff(y, at::full({5000}, n * (n + 1) / 2.0, at::kDouble)), 0);
   // The grid's tensor-parallel group has it; the world and data-parallel groups do not.
   GridOptions opts;
   opts.tensor_parallel_size = n;
