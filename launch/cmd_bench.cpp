@@ -93,8 +93,8 @@ Subcommand make_bench_command() {
              {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
              {"backend", "mpi|nccl", "communicator backend (default mpi, CPU tensors)"},
              {"group", "world|tp", "comm: the world communicator (default; on MPI: a communication thread) or the "
-                                   "tensor-parallel group's, all ranks in one TP group (on MPI: polled, all-reduces up "
-                                   "to 1 MB through shared memory)"},
+                                   "tensor-parallel group's, all ranks in one TP group (on MPI: polled, float all-reduces "
+                                   "through shared memory on one node)"},
              {"timeout", "SECONDS", "collective timeout (default 300)"},
              {"no_raw", "", "comm: skip the raw library call (blocking MPI_Allreduce ..., ncclAllReduce ...) columns"},
              {"debug_skip_rank", "R", "testing: rank R skips the first collective, to show the timeout path"},
