@@ -382,7 +382,7 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
     const int64_t cap = shm_->capacity_elements();
     uint64_t seq = 0;
     for (int64_t off = 0; off < buf.numel(); off += cap) {
-      seq = shm_->post(p + off, std::min(cap, buf.numel() - off), opts.op, p + off, start + timeout_);
+      seq = shm_->post(p + off, std::min(cap, buf.numel() - off), opts.op, p + off, buf, start + timeout_);
       if (seq == 0) throw_collective_timeout(describe("all_reduce"), start);
     }
     return std::make_shared<ShmWork>(describe("all_reduce"), timeout_, shm_, seq, buf, tensor);

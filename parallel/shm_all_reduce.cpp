@@ -143,7 +143,8 @@ bool ShmAllReduce::wait_all(bool use_posted, uint64_t seq, Deadline deadline, bo
   }
 }
 
-uint64_t ShmAllReduce::post(const float* data, int64_t n, ReduceOp op, float* out, Deadline deadline) {
+uint64_t ShmAllReduce::post(const float* data, int64_t n, ReduceOp op, float* out, const at::Tensor& owner,
+                           Deadline deadline) {
   ANDY_CHECK_T(CommError, n >= 0 && n <= capacity_elements(), "shared-memory all-reduce: ", n,
                " elements exceed its capacity of ", capacity_elements());
   std::lock_guard<std::mutex> lock(mu_);
@@ -156,7 +157,7 @@ uint64_t ShmAllReduce::post(const float* data, int64_t n, ReduceOp op, float* ou
   std::memcpy(const_cast<float*>(slot(rank_, seq)), data, static_cast<size_t>(n) * sizeof(float));
   posted(rank_).value.store(seq, std::memory_order_release);
   issued_ = seq;
-  pending_.push_back({seq, out, n, op});
+  pending_.push_back({seq, out, n, op, owner});
   return seq;
 }
 
@@ -172,7 +173,7 @@ bool ShmAllReduce::try_complete(uint64_t seq) {
 
 bool ShmAllReduce::complete_locked(uint64_t seq, Deadline deadline, bool block) {
   while (!pending_.empty() && pending_.front().seq <= seq) {
-    const Pending p = pending_.front();
+    const Pending& p = pending_.front();
     if (!wait_all(true, p.seq, deadline, block)) return false;
     // Every rank sums the slots in rank order: the same bits everywhere.
     float* __restrict out = p.out;

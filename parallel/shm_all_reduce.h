@@ -43,10 +43,11 @@ class ShmAllReduce {
   int64_t capacity_elements() const { return capacity_ / static_cast<int64_t>(sizeof(float)); }
 
   // Copies n <= capacity_elements() floats from `data` into this rank's slot and publishes them;
-  // the result goes to `out` (n floats, kept alive by the caller until complete() returns), which
-  // may be `data`. Returns the operation's number, or 0 when the deadline passed while waiting
-  // for the ranks to release the slot (nothing was issued then).
-  uint64_t post(const float* data, int64_t n, ReduceOp op, float* out, Deadline deadline);
+  // the result goes to `out` (n floats inside `owner`, which the operation keeps alive until it
+  // completes, waited or not), which may be `data`. Returns the operation's number, or 0 when
+  // the deadline passed while waiting for the ranks to release the slot (nothing was issued).
+  uint64_t post(const float* data, int64_t n, ReduceOp op, float* out, const at::Tensor& owner,
+                Deadline deadline);
   // Completes every operation up to `seq` in order. False when the deadline passed first (call
   // again to go on waiting).
   bool complete(uint64_t seq, Deadline deadline);
@@ -59,6 +60,7 @@ class ShmAllReduce {
     float* out;
     int64_t n;
     ReduceOp op;
+    at::Tensor owner;  // keeps `out` alive
   };
   ShmAllReduce(void* base, size_t bytes, int rank, int size, int64_t capacity);
   struct alignas(64) Flag;

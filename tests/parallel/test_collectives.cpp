@@ -14,6 +14,7 @@
 #include "core/base/error.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_grid.h"
+#include "parallel/shm_all_reduce.h"
 #include "tests/mpi_test_main.h"
 
 using namespace andy;
@@ -496,6 +497,16 @@ TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
     MPI_Allreduce(MPI_IN_PLACE, mine.data_ptr<float>(), static_cast<int>(mine.numel()), MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD);
     MPI_Allreduce(MPI_IN_PLACE, lo.data_ptr<float>(), static_cast<int>(lo.numel()), MPI_FLOAT, MPI_MIN, MPI_COMM_WORLD);
     EXPECT_TRUE(at::equal(mine, lo)) << what;
+  }
+  // A work dropped unwaited: its operation keeps its buffer and completes with the later ones.
+  {
+    at::Tensor dropped = at::full({3000}, 1.0, at::kFloat);
+    comm->all_reduce(dropped, {ReduceOp::kSum});
+  }
+  for (int k = 0; k < 2 * ShmAllReduce::kSlots; ++k) {
+    at::Tensor z = at::full({3000}, 1.0 * k, at::kFloat);
+    comm->all_reduce(z, {ReduceOp::kSum})->wait();
+    EXPECT_EQ(max_abs_diff(z, at::full({3000}, 1.0 * k * n, at::kDouble)), 0) << k;
   }
   // bf16: staged in fp32, rounded once.
   at::Tensor b = at::full({1000}, 1.5 * (r + 1), at::kBFloat16);
