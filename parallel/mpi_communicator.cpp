@@ -11,13 +11,16 @@
 #include <pthread.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <condition_variable>
+#include <cstring>
 #include <deque>
 #include <mutex>
+#include <numeric>
 #include <thread>
 
 #include "core/base/logging.h"
-#include "parallel/shm_all_reduce.h"
+#include "parallel/shm_collectives.h"
 
 namespace andy {
 
@@ -181,14 +184,15 @@ class MpiWork : public Work {
   std::deque<std::vector<int>> int_buffers_;  // deque: references stay valid
 };
 
-// Handle of an all-reduce through shared memory: complete once every rank has posted it and
-// this rank has summed the slots (on the caller's thread, in wait() or is_completed()).
+// Handle of a collective through shared memory: complete once every rank has posted it and
+// this rank has computed its result (on the caller's thread, in wait() or is_completed()).
+// on_complete (copying back from an fp32 staging buffer) runs once, then.
 class ShmWork : public Work {
  public:
-  ShmWork(std::string what, std::chrono::milliseconds default_timeout, std::shared_ptr<ShmAllReduce> shm,
-          uint64_t seq, at::Tensor buf, at::Tensor target)
+  ShmWork(std::string what, std::chrono::milliseconds default_timeout, std::shared_ptr<ShmCollectives> shm,
+          uint64_t seq, std::function<void()> on_complete)
       : what_(std::move(what)), default_timeout_(default_timeout), shm_(std::move(shm)), seq_(seq),
-        buf_(std::move(buf)), target_(std::move(target)) {}
+        on_complete_(std::move(on_complete)) {}
 
   bool is_completed() override {
     if (done_) return true;
@@ -208,15 +212,15 @@ class ShmWork : public Work {
  private:
   void finish() {
     done_ = true;
-    if (!buf_.is_same(target_)) target_.copy_(buf_);  // from the fp32 staging buffer
-    buf_ = target_ = at::Tensor();
+    if (on_complete_) on_complete_();
+    on_complete_ = nullptr;
   }
 
   std::string what_;
   std::chrono::milliseconds default_timeout_;
-  std::shared_ptr<ShmAllReduce> shm_;
+  std::shared_ptr<ShmCollectives> shm_;
   uint64_t seq_;
-  at::Tensor buf_, target_;
+  std::function<void()> on_complete_;
   bool done_ = false;
 };
 
@@ -331,7 +335,7 @@ MpiCommunicator::MpiCommunicator(const MpiComm& group, std::string name,
                    std::move(name), timeout),
       comm_(group.dup()) {
   MPI_CHECK(MPI_Comm_set_errhandler(comm_.get(), MPI_ERRORS_RETURN));
-  if (shm_bytes > 0 && size_ > 1) shm_ = ShmAllReduce::create(comm_.get(), shm_bytes);
+  if (shm_bytes > 0 && size_ > 1) shm_ = ShmCollectives::create(comm_.get(), shm_bytes);
   if (use_thread && mpi_thread_multiple()) thread_ = std::make_unique<CollectiveThread>(comm_.get());
 }
 
@@ -347,7 +351,15 @@ void MpiCommunicator::check_cpu(const at::Tensor& t, const char* op) const {
                ": the MPI backend takes CPU tensors, got ", t.device());
 }
 
-int64_t MpiCommunicator::shm_all_reduce_elements() const { return shm_ ? shm_->capacity_elements() : 0; }
+int64_t MpiCommunicator::shm_slot_bytes() const { return shm_ ? shm_->capacity_bytes() : 0; }
+
+WorkPtr MpiCommunicator::post_shm(const char* op, const void* data, int64_t bytes, ShmCollectives::Combine combine,
+                                  std::vector<at::Tensor> owner, std::function<void()> on_complete) {
+  const auto start = std::chrono::steady_clock::now();
+  const uint64_t seq = shm_->post(data, bytes, std::move(combine), std::move(owner), start + timeout_);
+  if (seq == 0) throw_collective_timeout(describe(op), start);
+  return std::make_shared<ShmWork>(describe(op), timeout_, shm_, seq, std::move(on_complete));
+}
 
 MpiComm MpiCommunicator::dup_group() {
   MPI_Comm out = MPI_COMM_NULL;
@@ -374,18 +386,30 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
     return work;
   }
   at::Tensor buf = is_narrow_float(tensor.scalar_type()) ? tensor.to(at::kFloat) : tensor;
-  if (shm_ && buf.scalar_type() == at::kFloat) {
-    // In pieces of the segment's capacity, each its own operation: larger buffers stream
-    // through the slots (posting a piece completes this rank's piece kSlots earlier first).
-    const auto start = std::chrono::steady_clock::now();
+  // Through shared memory: at most a slot on a threaded communicator (larger ones run Open MPI's
+  // blocking call at its own speed), any size in slot-size pieces on a polled one (whose
+  // MPI_Iallreduce reaches half of that from 1 MB).
+  const int64_t slot_floats = shm_ ? shm_->capacity_bytes() / static_cast<int64_t>(sizeof(float)) : 0;
+  if (shm_ && buf.scalar_type() == at::kFloat && (!thread_ || buf.numel() <= slot_floats)) {
     float* p = buf.data_ptr<float>();
-    const int64_t cap = shm_->capacity_elements();
-    uint64_t seq = 0;
-    for (int64_t off = 0; off < buf.numel(); off += cap) {
-      seq = shm_->post(p + off, std::min(cap, buf.numel() - off), opts.op, p + off, buf, start + timeout_);
-      if (seq == 0) throw_collective_timeout(describe("all_reduce"), start);
+    const ReduceOp op = opts.op;
+    WorkPtr last;
+    for (int64_t off = 0; off < buf.numel(); off += slot_floats) {
+      float* piece = p + off;
+      const int64_t n = std::min(slot_floats, buf.numel() - off);
+      auto combine = [piece, n, op, size = size_](const std::function<const void*(int)>& slot) {
+        std::vector<const float*> in;
+        for (int r = 0; r < size; ++r) in.push_back(static_cast<const float*>(slot(r)));
+        ShmCollectives::reduce(piece, in, n, op);
+      };
+      const bool final_piece = off + n == buf.numel();
+      last = post_shm("all_reduce", piece, n * static_cast<int64_t>(sizeof(float)), combine, {buf},
+                      final_piece && !buf.is_same(tensor) ? std::function<void()>([buf, tensor]() mutable {
+                        tensor.copy_(buf);
+                      })
+                                                          : nullptr);
     }
-    return std::make_shared<ShmWork>(describe("all_reduce"), timeout_, shm_, seq, buf, tensor);
+    return last;  // completes the pieces before it too
   }
   void* ptr = buf.data_ptr();
   int count = static_cast<int>(buf.numel());
@@ -413,6 +437,19 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
   check_cpu(input, "all_gather");
   check_cpu(output, "all_gather");
   auto counts = resolve_counts(opts.counts, output.numel(), input.numel(), "all_gather");
+  const int64_t esize = input.element_size();
+  if (shm_ && *std::max_element(counts.begin(), counts.end()) * esize <= shm_->capacity_bytes()) {
+    char* out = static_cast<char*>(output.data_ptr());
+    auto combine = [out, counts, esize](const std::function<const void*(int)>& slot) {
+      int64_t off = 0;
+      for (size_t r = 0; r < counts.size(); ++r) {
+        if (counts[r] > 0) std::memcpy(out + off * esize, slot(static_cast<int>(r)), static_cast<size_t>(counts[r] * esize));
+        off += counts[r];
+      }
+    };
+    return post_shm("all_gather", input.numel() ? input.data_ptr() : nullptr, input.numel() * esize, combine,
+                    {input, output}, nullptr);
+  }
   auto work = std::make_shared<MpiWork>(describe("all_gather"), timeout_);
   auto& c = work->ints(size_);
   auto& d = work->ints(size_);
@@ -456,6 +493,24 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
   bool narrow = is_narrow_float(input.scalar_type());
   at::Tensor in = narrow ? input.to(at::kFloat) : input;
   at::Tensor out = narrow ? at::empty({output.numel()}, output.options().dtype(at::kFloat)) : output;
+  if (shm_ && in.scalar_type() == at::kFloat &&
+      in.numel() * static_cast<int64_t>(sizeof(float)) <= shm_->capacity_bytes()) {
+    const int64_t mine = counts[rank_];
+    const int64_t off = std::accumulate(counts.begin(), counts.begin() + rank_, int64_t{0});
+    float* dst = out.numel() ? out.data_ptr<float>() : nullptr;
+    const ReduceOp op = opts.op;
+    auto combine = [dst, mine, off, op, size = size_](const std::function<const void*(int)>& slot) {
+      if (mine == 0) return;
+      std::vector<const float*> parts;
+      for (int r = 0; r < size; ++r) parts.push_back(static_cast<const float*>(slot(r)) + off);
+      ShmCollectives::reduce(dst, parts, mine, op);
+    };
+    at::Tensor target = output;
+    return post_shm("reduce_scatter", in.numel() ? in.data_ptr() : nullptr,
+                    in.numel() * static_cast<int64_t>(sizeof(float)), combine, {in, out},
+                    out.is_same(target) ? std::function<void()>()
+                                        : std::function<void()>([out, target]() mutable { target.view({-1}).copy_(out); }));
+  }
   MPI_Datatype dt = mpi_copy_type(in.scalar_type());
   MPI_Op op = mpi_op(opts.op);
   // MPI_Reduce_scatter rejects a null buffer even for zero elements: give it a dummy.

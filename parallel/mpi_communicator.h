@@ -5,7 +5,7 @@
 // use_thread is false) they are nonblocking calls (MPI_Iallreduce, ...) polled by wait().
 // bf16/fp16 reductions are done in fp32 staging buffers (one rounding at the end, exact for
 // values representable in the narrow type); copies (gather, broadcast) move raw 16-bit words.
-// Optionally, float all-reduces within one node go through shared memory instead (shm_bytes).
+// Optionally, small collectives within one node go through shared memory instead (shm_bytes).
 // The communicator owns a duplicate of the MPI communicator it was given, so its collectives
 // never match anyone else's; every MPI call on that duplicate goes through the FIFO.
 #pragma once
@@ -14,11 +14,11 @@
 
 #include "parallel/communicator.h"
 #include "parallel/mpi_utils.h"
+#include "parallel/shm_collectives.h"
 
 namespace andy {
 
 class CollectiveThread;
-class ShmAllReduce;
 
 // The MPI datatype that moves a tensor's elements bit for bit (bf16/fp16 as 16-bit words;
 // MPI_DATATYPE_NULL for other dtypes).
@@ -29,8 +29,10 @@ class MpiCommunicator : public Communicator {
   // `group` is duplicated; the original may be freed afterwards. use_thread (Default: true)
   // picks the communication thread when MPI provides MPI_THREAD_MULTIPLE. shm_bytes > 0 (collective
   // like the constructor): when every rank of the group is on this node and /dev/shm has room,
-  // fp32, bf16 and fp16 all-reduces go through shared memory (parallel/shm_all_reduce.h), in
-  // pieces of shm_bytes (as fp32); the other collectives, dtypes and groups keep MPI.
+  // collectives go through shared memory (parallel/shm_collectives.h) where each rank's part fits
+  // a slot of shm_bytes: all_gather (any dtype), all_reduce and reduce_scatter (fp32, and bf16 /
+  // fp16 in fp32), all_reduce of any size in slot-size pieces when there is no thread. Broadcast,
+  // gather, barrier, integer reductions and larger buffers keep MPI.
   MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout,
                   bool use_thread = true, int64_t shm_bytes = 0);
   // Lets the communication thread finish what was issued, then joins it. A thread stuck in a
@@ -52,18 +54,21 @@ class MpiCommunicator : public Communicator {
 
   // True when collectives run on the communication thread, false when polled nonblocking.
   bool threaded() const { return thread_ != nullptr; }
-  // The piece, in fp32 elements, in which all-reduces go through shared memory; 0 when none do.
-  int64_t shm_all_reduce_elements() const;
+  // The slot size of the shared-memory collectives; 0 when this communicator has none.
+  int64_t shm_slot_bytes() const;
   // A new MPI communicator over the same group (MPI_Comm_dup, ordered after every collective
   // issued so far). For callers that need raw MPI calls beside this communicator (bench comm).
   MpiComm dup_group();
 
  private:
   void check_cpu(const at::Tensor& t, const char* op) const;
+  // Issues one shared-memory operation; a Work whose completion runs on_complete.
+  WorkPtr post_shm(const char* op, const void* data, int64_t bytes, ShmCollectives::Combine combine,
+                   std::vector<at::Tensor> owner, std::function<void()> on_complete);
 
   MpiComm comm_;
   std::unique_ptr<CollectiveThread> thread_;  // null: nonblocking collectives polled by wait()
-  std::shared_ptr<ShmAllReduce> shm_;         // null: every all-reduce through MPI
+  std::shared_ptr<ShmCollectives> shm_;       // null: every collective through MPI
 };
 
 }  // namespace andy

@@ -60,16 +60,19 @@ ProcessGrid::ProcessGrid(const World& world, const GridOptions& opts)
       coords_(grid_coords(world.rank(), world.size(), opts.tensor_parallel_size)) {
   tp_mpi_ = world.comm().split(coords_.dp_rank, coords_.tp_rank);
   dp_mpi_ = world.comm().split(coords_.tp_rank, coords_.dp_rank);
-  world_comm_ = make_communicator(opts.backend, world.comm(), "world", opts.device, opts.timeout);
-  // Tensor-parallel collectives are synchronous and, when decoding, a few KB: polled, no thread
-  // (tiny model, TP=2, one sequence: 4,500 against 3,600 tokens/s through the thread), and
-  // all-reduces through shared memory in 1 MB pieces when the group is on one node (16 KB: 2x
-  // Open MPI's blocking MPI_Allreduce here, 2-16 MB: 0.8-1.1x, where the polled MPI_Iallreduce
-  // reaches 0.4x; docs/PERFORMANCE.md).
+  // On one node, collectives of up to 1 MB per rank go through shared memory on every group
+  // (64 KB: 1.1-2x Open MPI's blocking calls here; docs/PERFORMANCE.md, "Collectives"); larger
+  // ones run Open MPI's blocking calls on the communication thread,
+  world_comm_ = make_communicator(opts.backend, world.comm(), "world", opts.device, opts.timeout,
+                                  /*comm_thread=*/true, kShmSlotBytes);
+  // except on the tensor-parallel group: its collectives are synchronous and, when decoding, a
+  // few KB: polled, no thread (tiny model, TP=2, one sequence: 4,500 against 3,600 tokens/s
+  // through the thread), and all-reduces of any size through shared memory in 1 MB pieces (2-16
+  // MB: 0.8-1.0x the blocking MPI_Allreduce, where the polled MPI_Iallreduce reaches 0.4x).
   tp_comm_ = make_communicator(opts.backend, tp_mpi_, "tp[dp_rank=" + std::to_string(dp_rank()) + "]",
-                               opts.device, opts.timeout, /*comm_thread=*/false, kTpShmAllReduceBytes);
+                               opts.device, opts.timeout, /*comm_thread=*/false, kShmSlotBytes);
   dp_comm_ = make_communicator(opts.backend, dp_mpi_, "dp[tp_rank=" + std::to_string(tp_rank()) + "]",
-                               opts.device, opts.timeout);
+                               opts.device, opts.timeout, /*comm_thread=*/true, kShmSlotBytes);
 }
 
 }  // namespace andy

@@ -41,16 +41,16 @@ struct GridOptions {
 // at configure time); the backend conditionals stay in parallel/.
 bool nccl_compiled_in();
 
-// The tensor-parallel group's shared-memory all-reduce size on MPI (see make_communicator).
-constexpr int64_t kTpShmAllReduceBytes = int64_t{1} << 20;
+// The slot size of the grid's shared-memory collectives on MPI (see make_communicator).
+constexpr int64_t kShmSlotBytes = int64_t{1} << 20;
 
 // Makes a communicator of `backend` over `group` (collective over the group).
 // Throws CommError when the backend was not compiled in. On MPI, `comm_thread` picks the
 // communication thread (tuned blocking collectives, for the asynchronous gradient all-reduces)
 // over nonblocking collectives polled by the caller (lower latency for the small synchronous
 // ones of tensor parallelism: a decode step's all-reduces of a few KB). ANDYLLM_MPI_COMM_THREAD
-// = 0 / 1 overrides it for every communicator. shm_bytes > 0: float all-reduces go through
-// shared memory in pieces of that many bytes when the group is on one node (MpiCommunicator);
+// = 0 / 1 overrides it for every communicator. shm_bytes > 0: collectives that fit slots of
+// that many bytes go through shared memory when the group is on one node (MpiCommunicator);
 // ANDYLLM_MPI_SHM_BYTES overrides the size for the communicators that have it (0: off).
 CommPtr make_communicator(Backend backend, const MpiComm& group, const std::string& name,
                           int device, std::chrono::milliseconds timeout, bool comm_thread = true,

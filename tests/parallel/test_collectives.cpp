@@ -14,7 +14,7 @@
 #include "core/base/error.h"
 #include "parallel/mpi_communicator.h"
 #include "parallel/process_grid.h"
-#include "parallel/shm_all_reduce.h"
+#include "parallel/shm_collectives.h"
 #include "tests/mpi_test_main.h"
 
 using namespace andy;
@@ -292,16 +292,26 @@ std::shared_ptr<MpiCommunicator> own_comm(bool use_thread, const std::string& na
   return std::make_shared<MpiCommunicator>(MpiComm(MPI_COMM_WORLD, false), name, timeout, use_thread, shm_bytes);
 }
 
-// The three ways a collective runs: the communication thread, the nonblocking fallback, and
-// the fallback with all-reduces through shared memory (the tensor-parallel group's way).
-enum class Path { kThread, kNonblocking, kSharedMemory };
+// The ways a collective runs: the communication thread, the nonblocking fallback, and each of
+// them with shared memory for what fits its slots (the grid's world and data-parallel groups:
+// thread and shared memory; its tensor-parallel group: polled and shared memory).
+enum class Path { kThread, kNonblocking, kThreadAndSharedMemory, kSharedMemory };
+bool threaded(Path p) { return p == Path::kThread || p == Path::kThreadAndSharedMemory; }
+bool shared(Path p) { return p == Path::kSharedMemory || p == Path::kThreadAndSharedMemory; }
 std::string path_name(Path p) {
-  return p == Path::kThread ? "CommunicationThread" : p == Path::kNonblocking ? "NonblockingFallback" : "SharedMemory";
+  switch (p) {
+    case Path::kThread: return "CommunicationThread";
+    case Path::kNonblocking: return "NonblockingFallback";
+    case Path::kThreadAndSharedMemory: return "ThreadAndSharedMemory";
+    case Path::kSharedMemory: return "SharedMemory";
+  }
+  return "";
 }
+const auto kEveryPath =
+    testing::Values(Path::kThread, Path::kNonblocking, Path::kThreadAndSharedMemory, Path::kSharedMemory);
 std::shared_ptr<MpiCommunicator> path_comm(Path p, const std::string& name,
                                            std::chrono::milliseconds timeout = std::chrono::milliseconds(20000)) {
-  return own_comm(p == Path::kThread, name + "[" + path_name(p) + "]", timeout,
-                  p == Path::kSharedMemory ? kTpShmAllReduceBytes : 0);
+  return own_comm(threaded(p), name, timeout, shared(p) ? kShmSlotBytes : 0);
 }
 
 // One collective in flight and the result it must leave.
@@ -321,12 +331,12 @@ class CollectivesInFlight : public testing::TestWithParam<Path> {};
 // issue order sums the wrong partners' values; a mismatched shape hangs into the timeout.
 // The communicator is destroyed before the last third is waited: it must finish them first.
 TEST_P(CollectivesInFlight, IssueOrderAndResultsHold) {
-  auto comm = path_comm(GetParam(), "inflight");
+  auto comm = path_comm(GetParam(), "inflight[" + path_name(GetParam()) + "]");
   int provided = 0;
   MPI_Query_thread(&provided);
-  EXPECT_EQ(comm->threaded(), GetParam() == Path::kThread && provided == MPI_THREAD_MULTIPLE);
-  // One node: the fp32 / bf16 all-reduces below (up to 280 KB) go through shared memory.
-  EXPECT_EQ(comm->shm_all_reduce_elements() > 0, GetParam() == Path::kSharedMemory);
+  EXPECT_EQ(comm->threaded(), threaded(GetParam()) && provided == MPI_THREAD_MULTIPLE);
+  // One node: every collective below but broadcast and barrier goes through shared memory.
+  EXPECT_EQ(comm->shm_slot_bytes() > 0, shared(GetParam()));
   const int n = comm->size(), r = comm->rank();
   const double tri = n * (n + 1) / 2.0;
   std::vector<InFlight> flights;
@@ -412,8 +422,7 @@ TEST_P(CollectivesInFlight, IssueOrderAndResultsHold) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesInFlight,
-                         testing::Values(Path::kThread, Path::kNonblocking, Path::kSharedMemory),
+INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesInFlight, kEveryPath,
                          [](const testing::TestParamInfo<Path>& p) { return path_name(p.param); });
 
 class CollectivesTimeout : public testing::TestWithParam<std::tuple<Path, int64_t>> {};
@@ -422,8 +431,7 @@ class CollectivesTimeout : public testing::TestWithParam<std::tuple<Path, int64_
 // of the contract; once they come the collective completes and the communicator ends cleanly.
 TEST_P(CollectivesTimeout, LateRanksTimeOutTheWaitThenComplete) {
   const auto [path, size] = GetParam();
-  auto comm = own_comm(path == Path::kThread, "late", std::chrono::milliseconds(60000),
-                       path == Path::kSharedMemory ? kTpShmAllReduceBytes : 0);
+  auto comm = path_comm(path, "late", std::chrono::milliseconds(60000));
   const int n = comm->size(), r = comm->rank();
   auto x = at::full({size}, r + 1.0, at::kFloat);
   if (r == 0) {
@@ -451,8 +459,7 @@ TEST_P(CollectivesTimeout, LateRanksTimeOutTheWaitThenComplete) {
 
 // A small and a large buffer (Open MPI picks different algorithms).
 INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
-                         testing::Combine(testing::Values(Path::kThread, Path::kNonblocking, Path::kSharedMemory),
-                                          testing::Values(int64_t{5000}, int64_t{100000})),
+                         testing::Combine(kEveryPath, testing::Values(int64_t{5000}, int64_t{100000})),
                          [](const testing::TestParamInfo<std::tuple<Path, int64_t>>& p) {
                            return path_name(std::get<0>(p.param)) + "_" +
                                   std::to_string(std::get<1>(p.param) * 4 / 1000) + "KB";
@@ -464,10 +471,10 @@ INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
 // op, bf16 through the fp32 staging, and more operations issued ahead of their waits than it
 // has slots.
 TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
-  auto comm = own_comm(false, "shm", std::chrono::milliseconds(20000), kTpShmAllReduceBytes);
+  auto comm = own_comm(false, "shm", std::chrono::milliseconds(20000), kShmSlotBytes);
   const int n = comm->size(), r = comm->rank();
-  const int64_t cap = comm->shm_all_reduce_elements();
-  ASSERT_EQ(cap, kTpShmAllReduceBytes / 4);  // one node
+  ASSERT_EQ(comm->shm_slot_bytes(), kShmSlotBytes);  // one node
+  const int64_t cap = kShmSlotBytes / 4;           // fp32 elements in a slot
   auto input = [](int q, int64_t size, int i) {
     at::Generator g = at::detail::createCPUGenerator(1000 * i + q);
     return at::randn({size}, g, at::kFloat);
@@ -503,7 +510,7 @@ TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
     at::Tensor dropped = at::full({3000}, 1.0, at::kFloat);
     comm->all_reduce(dropped, {ReduceOp::kSum});
   }
-  for (int k = 0; k < 2 * ShmAllReduce::kSlots; ++k) {
+  for (int k = 0; k < 2 * ShmCollectives::kSlots; ++k) {
     at::Tensor z = at::full({3000}, 1.0 * k, at::kFloat);
     comm->all_reduce(z, {ReduceOp::kSum})->wait();
     EXPECT_EQ(max_abs_diff(z, at::full({3000}, 1.0 * k * n, at::kDouble)), 0) << k;
@@ -512,16 +519,49 @@ TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
   at::Tensor b = at::full({1000}, 1.5 * (r + 1), at::kBFloat16);
   comm->all_reduce(b, {ReduceOp::kSum})->wait();
   EXPECT_EQ(max_abs_diff(b, at::full({1000}, 1.5 * n * (n + 1) / 2, at::kDouble)), 0);
+  // all_gather through the slots (any dtype, bytes as they are; uneven counts up to a slot's
+  // worth of fp32) and reduce_scatter (random fp32: the sum in rank order, the same bits).
+  for (auto t : {at::kFloat, at::kBFloat16, at::kLong, at::kByte}) {
+    for (bool uneven : {false, true}) {
+      std::vector<int64_t> counts;
+      for (int q = 0; q < n; ++q) counts.push_back(uneven ? (q == n - 1 ? cap : 37 * q) : 1000);
+      if (t != at::kFloat) counts.back() = std::min<int64_t>(counts.back(), 5000);
+      const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+      at::Tensor out = at::zeros({total}, t);
+      comm->all_gather(out, pattern(counts[r], 3.0 * r, 7, t), {uneven ? counts : std::vector<int64_t>{}})->wait();
+      std::vector<at::Tensor> parts;
+      for (int q = 0; q < n; ++q) parts.push_back(pattern(counts[q], 3.0 * q, 7, at::kDouble));
+      EXPECT_EQ(max_abs_diff(out, at::cat(parts)), 0) << "all_gather " << t << (uneven ? " uneven" : "");
+    }
+  }
+  for (ReduceOp op : ops) {
+    std::vector<int64_t> counts;
+    for (int q = 0; q < n; ++q) counts.push_back(cap / n - 3 * q);
+    const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+    const int64_t off = std::accumulate(counts.begin(), counts.begin() + r, int64_t{0});
+    at::Tensor expect = input(0, total, 500 + int(op));
+    for (int q = 1; q < n; ++q) {
+      at::Tensor y = input(q, total, 500 + int(op));
+      expect = op == ReduceOp::kMax ? at::maximum(expect, y) : op == ReduceOp::kMin ? at::minimum(expect, y) : expect + y;
+    }
+    if (op == ReduceOp::kAvg) expect = expect / static_cast<float>(n);
+    at::Tensor out = at::zeros({counts[r]}, at::kFloat);
+    comm->reduce_scatter(out, input(r, total, 500 + int(op)), {op, counts})->wait();
+    EXPECT_TRUE(at::equal(out, expect.narrow(0, off, counts[r]))) << "reduce_scatter op " << int(op);
+  }
+  at::Tensor rs = at::zeros({700}, at::kBFloat16);
+  comm->reduce_scatter(rs, at::full({700 * n}, 0.5 * (r + 1), at::kBFloat16), {ReduceOp::kSum, {}})->wait();
+  EXPECT_EQ(max_abs_diff(rs, at::full({700}, 0.5 * n * (n + 1) / 2, at::kDouble)), 0);
   // A segment larger than /dev/shm has room for: refused at creation, every all-reduce on MPI.
   auto big = own_comm(false, "shm_too_big", std::chrono::milliseconds(20000), int64_t{1} << 42);
-  EXPECT_EQ(big->shm_all_reduce_elements(), 0);
+  EXPECT_EQ(big->shm_slot_bytes(), 0);
   at::Tensor y = at::full({5000}, 1.0 * (r + 1), at::kFloat);
   big->all_reduce(y, {ReduceOp::kSum})->wait();
   EXPECT_EQ(max_abs_diff(y, at::full({5000}, n * (n + 1) / 2.0, at::kDouble)), 0);
-  // The grid's tensor-parallel group has it; the world and data-parallel groups do not.
+  // The grid's groups have it.
   GridOptions opts;
   opts.tensor_parallel_size = n;
   ProcessGrid grid(test_world(), opts);
-  EXPECT_EQ(dynamic_cast<MpiCommunicator&>(grid.tp()).shm_all_reduce_elements(), cap);
-  EXPECT_EQ(dynamic_cast<MpiCommunicator&>(grid.world()).shm_all_reduce_elements(), 0);
+  for (Communicator* c : {&grid.tp(), &grid.world(), &grid.dp()})  // dp: one rank, nothing to share
+    EXPECT_EQ(dynamic_cast<MpiCommunicator&>(*c).shm_slot_bytes(), c->size() > 1 ? kShmSlotBytes : 0) << c->name();
 }

@@ -1,7 +1,7 @@
-// Shared-memory all-reduce (see shm_all_reduce.h). The segment: one 128-byte header per rank
+// Shared-memory collectives (see shm_collectives.h). The segment: one 128-byte header per rank
 // (the last operation it posted, the last it completed; a cache line each), then kSlots slots
 // of capacity bytes per rank.
-#include "parallel/shm_all_reduce.h"
+#include "parallel/shm_collectives.h"
 
 #include <fcntl.h>
 #include <immintrin.h>
@@ -21,7 +21,7 @@
 
 namespace andy {
 
-struct alignas(64) ShmAllReduce::Flag {
+struct alignas(64) ShmCollectives::Flag {
   std::atomic<uint64_t> value;
 };
 
@@ -34,7 +34,7 @@ int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
 
 }  // namespace
 
-std::unique_ptr<ShmAllReduce> ShmAllReduce::create(MPI_Comm comm, int64_t capacity_bytes) {
+std::unique_ptr<ShmCollectives> ShmCollectives::create(MPI_Comm comm, int64_t capacity_bytes) {
   if (capacity_bytes <= 0) return nullptr;
   int rank = 0, size = 0;
   MPI_CHECK(MPI_Comm_rank(comm, &rank));
@@ -96,29 +96,29 @@ std::unique_ptr<ShmAllReduce> ShmAllReduce::create(MPI_Comm comm, int64_t capaci
     if (base) munmap(base, bytes);
     return nullptr;
   }
-  return std::unique_ptr<ShmAllReduce>(new ShmAllReduce(base, bytes, rank, size, capacity));
+  return std::unique_ptr<ShmCollectives>(new ShmCollectives(base, bytes, rank, size, capacity));
 }
 
-ShmAllReduce::ShmAllReduce(void* base, size_t bytes, int rank, int size, int64_t capacity)
+ShmCollectives::ShmCollectives(void* base, size_t bytes, int rank, int size, int64_t capacity)
     : base_(base), bytes_(bytes), rank_(rank), size_(size), capacity_(capacity) {}
 
-ShmAllReduce::~ShmAllReduce() { munmap(base_, bytes_); }
+ShmCollectives::~ShmCollectives() { munmap(base_, bytes_); }
 
-ShmAllReduce::Flag& ShmAllReduce::posted(int r) const {
+ShmCollectives::Flag& ShmCollectives::posted(int r) const {
   return *reinterpret_cast<Flag*>(static_cast<char*>(base_) + r * kHeaderPerRank);
 }
 
-ShmAllReduce::Flag& ShmAllReduce::done(int r) const {
+ShmCollectives::Flag& ShmCollectives::done(int r) const {
   return *reinterpret_cast<Flag*>(static_cast<char*>(base_) + r * kHeaderPerRank + 64);
 }
 
-const float* ShmAllReduce::slot(int r, uint64_t seq) const {
+char* ShmCollectives::slot(int r, uint64_t seq) const {
   const int64_t header = round_up(static_cast<int64_t>(size_ * kHeaderPerRank), kPage);
   const int64_t index = int64_t{r} * kSlots + static_cast<int64_t>(seq % kSlots);
-  return reinterpret_cast<const float*>(static_cast<char*>(base_) + header + index * capacity_);
+  return static_cast<char*>(base_) + header + index * capacity_;
 }
 
-bool ShmAllReduce::wait_all(bool use_posted, uint64_t seq, Deadline deadline, bool block) const {
+bool ShmCollectives::wait_all(bool use_posted, uint64_t seq, Deadline deadline, bool block) const {
   // Spin briefly (the ranks usually arrive within microseconds of each other), then yield the
   // core, then sleep: ranks may share cores, and one may be far behind (a prefill elsewhere).
   constexpr int kSpins = 256, kYields = 4096;
@@ -143,10 +143,10 @@ bool ShmAllReduce::wait_all(bool use_posted, uint64_t seq, Deadline deadline, bo
   }
 }
 
-uint64_t ShmAllReduce::post(const float* data, int64_t n, ReduceOp op, float* out, const at::Tensor& owner,
-                           Deadline deadline) {
-  ANDY_CHECK_T(CommError, n >= 0 && n <= capacity_elements(), "shared-memory all-reduce: ", n,
-               " elements exceed its capacity of ", capacity_elements());
+uint64_t ShmCollectives::post(const void* data, int64_t bytes, Combine combine, std::vector<at::Tensor> owner,
+                             Deadline deadline) {
+  ANDY_CHECK_T(CommError, bytes >= 0 && bytes <= capacity_, "shared-memory collective: ", bytes,
+               " bytes exceed its slot of ", capacity_);
   std::lock_guard<std::mutex> lock(mu_);
   const uint64_t seq = issued_ + 1;
   if (seq > static_cast<uint64_t>(kSlots)) {
@@ -154,67 +154,54 @@ uint64_t ShmAllReduce::post(const float* data, int64_t n, ReduceOp op, float* ou
     const uint64_t prev = seq - kSlots;
     if (!complete_locked(prev, deadline, true) || !wait_all(false, prev, deadline, true)) return 0;
   }
-  std::memcpy(const_cast<float*>(slot(rank_, seq)), data, static_cast<size_t>(n) * sizeof(float));
+  if (bytes > 0) std::memcpy(slot(rank_, seq), data, static_cast<size_t>(bytes));
   posted(rank_).value.store(seq, std::memory_order_release);
   issued_ = seq;
-  pending_.push_back({seq, out, n, op, owner});
+  pending_.push_back({seq, std::move(combine), std::move(owner)});
   return seq;
 }
 
-bool ShmAllReduce::complete(uint64_t seq, Deadline deadline) {
+bool ShmCollectives::complete(uint64_t seq, Deadline deadline) {
   std::lock_guard<std::mutex> lock(mu_);
   return complete_locked(seq, deadline, true);
 }
 
-bool ShmAllReduce::try_complete(uint64_t seq) {
+bool ShmCollectives::try_complete(uint64_t seq) {
   std::lock_guard<std::mutex> lock(mu_);
   return complete_locked(seq, Deadline::max(), false);
 }
 
-bool ShmAllReduce::complete_locked(uint64_t seq, Deadline deadline, bool block) {
+bool ShmCollectives::complete_locked(uint64_t seq, Deadline deadline, bool block) {
   while (!pending_.empty() && pending_.front().seq <= seq) {
     const Pending& p = pending_.front();
     if (!wait_all(true, p.seq, deadline, block)) return false;
-    // Every rank sums the slots in rank order: the same bits everywhere.
-    float* __restrict out = p.out;
-    const float* __restrict a = slot(0, p.seq);
-    if (size_ == 1) {
-      std::memcpy(out, a, static_cast<size_t>(p.n) * sizeof(float));
-    } else {
-      const float* __restrict b = slot(1, p.seq);
-      switch (p.op) {
-        case ReduceOp::kSum:
-        case ReduceOp::kAvg:
-          for (int64_t i = 0; i < p.n; ++i) out[i] = a[i] + b[i];
-          for (int r = 2; r < size_; ++r) {
-            const float* __restrict c = slot(r, p.seq);
-            for (int64_t i = 0; i < p.n; ++i) out[i] += c[i];
-          }
-          break;
-        case ReduceOp::kMax:
-          for (int64_t i = 0; i < p.n; ++i) out[i] = std::max(a[i], b[i]);
-          for (int r = 2; r < size_; ++r) {
-            const float* __restrict c = slot(r, p.seq);
-            for (int64_t i = 0; i < p.n; ++i) out[i] = std::max(out[i], c[i]);
-          }
-          break;
-        case ReduceOp::kMin:
-          for (int64_t i = 0; i < p.n; ++i) out[i] = std::min(a[i], b[i]);
-          for (int r = 2; r < size_; ++r) {
-            const float* __restrict c = slot(r, p.seq);
-            for (int64_t i = 0; i < p.n; ++i) out[i] = std::min(out[i], c[i]);
-          }
-          break;
-      }
-    }
-    if (p.op == ReduceOp::kAvg) {
-      const float n_ranks = static_cast<float>(size_);
-      for (int64_t i = 0; i < p.n; ++i) out[i] /= n_ranks;
-    }
+    p.combine([this, &p](int r) -> const void* { return slot(r, p.seq); });
     done(rank_).value.store(p.seq, std::memory_order_release);
     pending_.pop_front();
   }
   return true;
+}
+
+void ShmCollectives::reduce(float* out, const std::vector<const float*>& in, int64_t n, ReduceOp op) {
+  // Two inputs at a time into `out`, first in[0] with in[1], then out with in[2], ...
+  auto fold = [&](auto f) {
+    const float* a = in[0];
+    for (size_t r = 1; r < in.size(); ++r) {
+      const float* b = in[r];
+      for (int64_t i = 0; i < n; ++i) out[i] = f(a[i], b[i]);
+      a = out;
+    }
+    if (in.size() == 1 && out != in[0]) std::memcpy(out, in[0], static_cast<size_t>(n) * sizeof(float));
+  };
+  switch (op) {
+    case ReduceOp::kSum: case ReduceOp::kAvg: fold([](float x, float y) { return x + y; }); break;
+    case ReduceOp::kMax: fold([](float x, float y) { return std::max(x, y); }); break;
+    case ReduceOp::kMin: fold([](float x, float y) { return std::min(x, y); }); break;
+  }
+  if (op == ReduceOp::kAvg) {
+    const float n_ranks = static_cast<float>(in.size());
+    for (int64_t i = 0; i < n; ++i) out[i] /= n_ranks;
+  }
 }
 
 }  // namespace andy
