@@ -30,9 +30,10 @@ class MpiCommunicator : public Communicator {
   // picks the communication thread when MPI provides MPI_THREAD_MULTIPLE. shm_bytes > 0 (collective
   // like the constructor): when every rank of the group is on this node and /dev/shm has room,
   // collectives go through shared memory (parallel/shm_collectives.h) where each rank's part fits
-  // a slot of shm_bytes: all_gather (any dtype), all_reduce and reduce_scatter (fp32, and bf16 /
-  // fp16 in fp32), all_reduce of any size in slot-size pieces when there is no thread. Broadcast,
-  // gather, barrier, integer reductions and larger buffers keep MPI.
+  // a slot of shm_bytes: all_reduce and reduce_scatter (fp32, and bf16 / fp16 in fp32),
+  // all_reduce of any size in slot-size pieces when there is no thread, all_gather (any dtype)
+  // up to 128 KB gathered. Broadcast, gather, barrier, integer reductions and larger buffers
+  // keep MPI.
   MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout,
                   bool use_thread = true, int64_t shm_bytes = 0);
   // Lets the communication thread finish what was issued, then joins it. A thread stuck in a

@@ -519,13 +519,13 @@ TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
   at::Tensor b = at::full({1000}, 1.5 * (r + 1), at::kBFloat16);
   comm->all_reduce(b, {ReduceOp::kSum})->wait();
   EXPECT_EQ(max_abs_diff(b, at::full({1000}, 1.5 * n * (n + 1) / 2, at::kDouble)), 0);
-  // all_gather through the slots (any dtype, bytes as they are; uneven counts up to a slot's
-  // worth of fp32) and reduce_scatter (random fp32: the sum in rank order, the same bits).
+  // all_gather through the slots (any dtype, bytes as they are, up to 128 KB gathered; larger
+  // through MPI) and reduce_scatter (random fp32: the sum in rank order, the same bits).
   for (auto t : {at::kFloat, at::kBFloat16, at::kLong, at::kByte}) {
-    for (bool uneven : {false, true}) {
+    for (int64_t last : {int64_t{0}, int64_t{3000}, cap}) {
+      const bool uneven = last > 0;
       std::vector<int64_t> counts;
-      for (int q = 0; q < n; ++q) counts.push_back(uneven ? (q == n - 1 ? cap : 37 * q) : 1000);
-      if (t != at::kFloat) counts.back() = std::min<int64_t>(counts.back(), 5000);
+      for (int q = 0; q < n; ++q) counts.push_back(uneven ? (q == n - 1 ? last : 37 * q) : 1000);
       const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
       at::Tensor out = at::zeros({total}, t);
       comm->all_gather(out, pattern(counts[r], 3.0 * r, 7, t), {uneven ? counts : std::vector<int64_t>{}})->wait();
