@@ -465,12 +465,13 @@ INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
                                   std::to_string(std::get<1>(p.param) * 4 / 1000) + "KB";
                          });
 
-// The shared-memory all-reduce (the tensor-parallel group's): random fp32 values, so the order
-// of the sum shows; every rank must hold the same bits, those of the sum in rank order, for
-// sizes around its capacity (the largest in one piece, one more in two pieces), every
-// op, bf16 through the fp32 staging, and more operations issued ahead of their waits than it
-// has slots.
-TEST(Collectives, SharedMemoryAllReduceGivesEveryRankTheSameBits) {
+// The shared-memory collectives (every group of the grid, on one node), polled: random fp32
+// values, so the order of a sum shows; every rank must hold the same bits, those of the sum in
+// rank order, for all_reduce around the slot size (one piece, two, four), every op, bf16
+// through the fp32 staging, more operations issued ahead of their waits than there are slots,
+// a work dropped unwaited; all_gather of every kind of dtype and reduce_scatter; a segment too
+// large for /dev/shm refused; the grid's groups have them.
+TEST(Collectives, SharedMemoryCollectivesGiveEveryRankTheSameBits) {
   auto comm = own_comm(false, "shm", std::chrono::milliseconds(20000), kShmSlotBytes);
   const int n = comm->size(), r = comm->rank();
   ASSERT_EQ(comm->shm_slot_bytes(), kShmSlotBytes);  // one node
