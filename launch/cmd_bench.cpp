@@ -50,7 +50,7 @@ int bench_comm(const ParsedArgs& args, World* world) {
     o.device = at::Device(at::kCUDA, g.device);
   }
   // --group tp: every rank in one tensor-parallel group, whose communicator is the one the TP
-  // layers use (on MPI: polled, all-reduces up to 1 MB through shared memory on one node).
+  // layers use (on MPI: polled, all-reduces of any size through shared memory on one node).
   const std::string group = args.get("group", "world");
   if (group != "world" && group != "tp") throw ConfigError("--group " + group + ": expected world or tp");
   if (group == "tp") g.tensor_parallel_size = world->size();
@@ -92,9 +92,9 @@ Subcommand make_bench_command() {
              {"dtype", "T", "comm: fp32 (default), fp64, bf16, fp16, int32, int64; generate: the served model's (serve.dtype: auto, fp32, bf16)"},
              {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
              {"backend", "mpi|nccl", "communicator backend (default mpi, CPU tensors)"},
-             {"group", "world|tp", "comm: the world communicator (default; on MPI: a communication thread) or the "
-                                   "tensor-parallel group's, all ranks in one TP group (on MPI: polled, float all-reduces "
-                                   "through shared memory on one node)"},
+             {"group", "world|tp", "comm: the world communicator (default; on MPI: the communication thread, small "
+                                   "collectives through shared memory on one node) or the tensor-parallel group's, all "
+                                   "ranks in one TP group (on MPI: polled, all-reduces of any size through shared memory)"},
              {"timeout", "SECONDS", "collective timeout (default 300)"},
              {"no_raw", "", "comm: skip the raw library call (blocking MPI_Allreduce ..., ncclAllReduce ...) columns"},
              {"debug_skip_rank", "R", "testing: rank R skips the first collective, to show the timeout path"},
