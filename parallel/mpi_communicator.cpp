@@ -387,8 +387,8 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
   }
   at::Tensor buf = is_narrow_float(tensor.scalar_type()) ? tensor.to(at::kFloat) : tensor;
   // Through shared memory: at most a slot on a threaded communicator (larger ones run Open MPI's
-  // blocking call at its own speed), any size in slot-size pieces on a polled one (whose
-  // MPI_Iallreduce reaches half of that from 1 MB).
+  // blocking call at its own speed), any size in slot-size pieces on a polled one (its
+  // MPI_Iallreduce runs at under half the blocking call's speed from 1 MB).
   const int64_t slot_floats = shm_ ? shm_->capacity_bytes() / static_cast<int64_t>(sizeof(float)) : 0;
   if (shm_ && buf.scalar_type() == at::kFloat && (!thread_ || buf.numel() <= slot_floats)) {
     float* p = buf.data_ptr<float>();
