@@ -9,7 +9,6 @@
 #include "parallel/mpi_communicator.h"
 
 #include <pthread.h>
-#include <sched.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -53,11 +52,10 @@ MPI_Op mpi_op(ReduceOp op) {
   return MPI_SUM;
 }
 
-// How wait() polls an unfinished nonblocking collective (the fallback): the first polls back to
-// back, then yielding the core between polls, then sleeping (short, then long) so that ranks
-// sharing cores progress.
+// How wait() polls an unfinished nonblocking collective (the fallback; poll_backoff): the first
+// polls back to back, then yielding the core between polls, then sleeping (short, then long) so
+// that ranks sharing cores progress.
 constexpr int kSpinPolls = 64, kYieldPolls = 1024, kShortSleepPolls = 4096;
-constexpr std::chrono::microseconds kShortSleep{50}, kLongSleep{500};
 
 [[noreturn]] void throw_collective_timeout(const std::string& what, std::chrono::steady_clock::time_point start) {
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
@@ -148,13 +146,7 @@ class MpiWork : public Work {
     int spins = 0;
     while (!is_completed()) {
       if (std::chrono::steady_clock::now() >= start + timeout) throw_timeout(start);
-      // Spin briefly (latency), then yield, then sleep: oversubscribed ranks share cores.
-      if (++spins < kSpinPolls) continue;
-      if (spins < kYieldPolls) {
-        sched_yield();
-      } else {
-        std::this_thread::sleep_for(spins < kShortSleepPolls ? kShortSleep : kLongSleep);
-      }
+      poll_backoff(++spins, kSpinPolls, kYieldPolls, kShortSleepPolls);
     }
   }
 
@@ -353,11 +345,15 @@ void MpiCommunicator::check_cpu(const at::Tensor& t, const char* op) const {
 
 int64_t MpiCommunicator::shm_slot_bytes() const { return shm_ ? shm_->capacity_bytes() : 0; }
 
-WorkPtr MpiCommunicator::post_shm(const char* op, const void* data, int64_t bytes, ShmCollectives::Combine combine,
-                                  std::vector<at::Tensor> owner, std::function<void()> on_complete) {
+WorkPtr MpiCommunicator::post_shm(const char* op, std::vector<ShmPiece> pieces, const std::vector<at::Tensor>& owner,
+                                  std::function<void()> on_complete) {
   const auto start = std::chrono::steady_clock::now();
-  const uint64_t seq = shm_->post(data, bytes, std::move(combine), std::move(owner), start + timeout_);
-  if (seq == 0) throw_collective_timeout(describe(op), start);
+  uint64_t seq = 0;
+  for (ShmPiece& p : pieces) {
+    seq = shm_->post(p.data, p.bytes, std::move(p.combine), owner, start + timeout_);
+    if (seq == 0) throw_collective_timeout(describe(op), start);
+  }
+  // Completing the last piece completes those before it.
   return std::make_shared<ShmWork>(describe(op), timeout_, shm_, seq, std::move(on_complete));
 }
 
@@ -393,23 +389,20 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
   if (shm_ && buf.scalar_type() == at::kFloat && (!thread_ || buf.numel() <= slot_floats)) {
     float* p = buf.data_ptr<float>();
     const ReduceOp op = opts.op;
-    WorkPtr last;
+    std::vector<ShmPiece> pieces;
     for (int64_t off = 0; off < buf.numel(); off += slot_floats) {
       float* piece = p + off;
       const int64_t n = std::min(slot_floats, buf.numel() - off);
-      auto combine = [piece, n, op, size = size_](const std::function<const void*(int)>& slot) {
-        std::vector<const float*> in;
-        for (int r = 0; r < size; ++r) in.push_back(static_cast<const float*>(slot(r)));
-        ShmCollectives::reduce(piece, in, n, op);
-      };
-      const bool final_piece = off + n == buf.numel();
-      last = post_shm("all_reduce", piece, n * static_cast<int64_t>(sizeof(float)), combine, {buf},
-                      final_piece && !buf.is_same(tensor) ? std::function<void()>([buf, tensor]() mutable {
-                        tensor.copy_(buf);
-                      })
-                                                          : nullptr);
+      pieces.push_back({piece, n * static_cast<int64_t>(sizeof(float)),
+                        [piece, n, op, size = size_](const std::function<const void*(int)>& slot) {
+                          std::vector<const float*> in;
+                          for (int r = 0; r < size; ++r) in.push_back(static_cast<const float*>(slot(r)));
+                          ShmCollectives::reduce(piece, in, n, op);
+                        }});
     }
-    return last;  // completes the pieces before it too
+    std::function<void()> copy_back;
+    if (!buf.is_same(tensor)) copy_back = [buf, tensor]() mutable { tensor.copy_(buf); };
+    return post_shm("all_reduce", std::move(pieces), {buf}, std::move(copy_back));
   }
   void* ptr = buf.data_ptr();
   int count = static_cast<int>(buf.numel());
@@ -452,7 +445,7 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
         off += counts[r];
       }
     };
-    return post_shm("all_gather", input.numel() ? input.data_ptr() : nullptr, input.numel() * esize, combine,
+    return post_shm("all_gather", {{input.numel() ? input.data_ptr() : nullptr, input.numel() * esize, combine}},
                     {input, output}, nullptr);
   }
   auto work = std::make_shared<MpiWork>(describe("all_gather"), timeout_);
@@ -511,8 +504,9 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
       ShmCollectives::reduce(dst, parts, mine, op);
     };
     at::Tensor target = output;
-    return post_shm("reduce_scatter", in.numel() ? in.data_ptr() : nullptr,
-                    in.numel() * static_cast<int64_t>(sizeof(float)), combine, {in, out},
+    return post_shm("reduce_scatter",
+                    {{in.numel() ? in.data_ptr() : nullptr, in.numel() * static_cast<int64_t>(sizeof(float)), combine}},
+                    {in, out},
                     out.is_same(target) ? std::function<void()>()
                                         : std::function<void()>([out, target]() mutable { target.view({-1}).copy_(out); }));
   }

@@ -63,9 +63,15 @@ class MpiCommunicator : public Communicator {
 
  private:
   void check_cpu(const at::Tensor& t, const char* op) const;
-  // Issues one shared-memory operation; a Work whose completion runs on_complete.
-  WorkPtr post_shm(const char* op, const void* data, int64_t bytes, ShmCollectives::Combine combine,
-                   std::vector<at::Tensor> owner, std::function<void()> on_complete);
+  // One shared-memory operation per piece (a collective's data, or an all-reduce's slot-size
+  // pieces), all within one timeout; a Work that completes them all, then runs on_complete.
+  struct ShmPiece {
+    const void* data;
+    int64_t bytes;
+    ShmCollectives::Combine combine;
+  };
+  WorkPtr post_shm(const char* op, std::vector<ShmPiece> pieces, const std::vector<at::Tensor>& owner,
+                   std::function<void()> on_complete);
 
   MpiComm comm_;
   std::unique_ptr<CollectiveThread> thread_;  // null: nonblocking collectives polled by wait()

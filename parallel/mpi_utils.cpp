@@ -1,6 +1,12 @@
 // MPI error text and the owning MPI_Comm wrapper.
 #include "parallel/mpi_utils.h"
 
+#include <immintrin.h>
+#include <sched.h>
+
+#include <chrono>
+#include <thread>
+
 #include "parallel/agreement.h"
 
 namespace andy {
@@ -81,6 +87,16 @@ MpiComm MpiComm::dup() const {
   MPI_Comm out;
   MPI_CHECK(MPI_Comm_dup(comm_, &out));
   return MpiComm(out, true);
+}
+
+void poll_backoff(int poll, int spins, int yields, int short_sleeps) {
+  if (poll < spins) {
+    _mm_pause();
+  } else if (poll < yields) {
+    sched_yield();
+  } else {
+    std::this_thread::sleep_for(std::chrono::microseconds(poll < short_sleeps ? 50 : 500));
+  }
 }
 
 }  // namespace andy

@@ -13,6 +13,11 @@ namespace andy {
 
 std::string mpi_error_string(int code);
 
+// Between two polls of something other ranks complete (`poll` counts them from 0): the first
+// `spins` back to back (a pause hint only), then yielding the core until `yields`, then
+// sleeping 50 µs until `short_sleeps`, then 500 µs, since ranks may share cores.
+void poll_backoff(int poll, int spins, int yields, int short_sleeps);
+
 #define MPI_CHECK(call)                                                                   \
   do {                                                                                    \
     int andy_mpi_rc_ = (call);                                                            \

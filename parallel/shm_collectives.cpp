@@ -4,8 +4,6 @@
 #include "parallel/shm_collectives.h"
 
 #include <fcntl.h>
-#include <immintrin.h>
-#include <sched.h>
 #include <sys/mman.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -15,7 +13,6 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
-#include <thread>
 
 #include "core/base/error.h"
 
@@ -96,11 +93,12 @@ std::unique_ptr<ShmCollectives> ShmCollectives::create(MPI_Comm comm, int64_t ca
     if (base) munmap(base, bytes);
     return nullptr;
   }
-  return std::unique_ptr<ShmCollectives>(new ShmCollectives(base, bytes, rank, size, capacity));
+  return std::unique_ptr<ShmCollectives>(new ShmCollectives(base, bytes, header, rank, size, capacity));
 }
 
-ShmCollectives::ShmCollectives(void* base, size_t bytes, int rank, int size, int64_t capacity)
-    : base_(base), bytes_(bytes), rank_(rank), size_(size), capacity_(capacity) {}
+ShmCollectives::ShmCollectives(void* base, size_t bytes, int64_t header, int rank, int size, int64_t capacity)
+    : base_(base), slots_(static_cast<char*>(base) + header), bytes_(bytes), rank_(rank), size_(size),
+      capacity_(capacity) {}
 
 ShmCollectives::~ShmCollectives() { munmap(base_, bytes_); }
 
@@ -113,9 +111,7 @@ ShmCollectives::Flag& ShmCollectives::done(int r) const {
 }
 
 char* ShmCollectives::slot(int r, uint64_t seq) const {
-  const int64_t header = round_up(static_cast<int64_t>(size_ * kHeaderPerRank), kPage);
-  const int64_t index = int64_t{r} * kSlots + static_cast<int64_t>(seq % kSlots);
-  return static_cast<char*>(base_) + header + index * capacity_;
+  return slots_ + (int64_t{r} * kSlots + static_cast<int64_t>(seq % kSlots)) * capacity_;
 }
 
 bool ShmCollectives::wait_all(bool use_posted, uint64_t seq, Deadline deadline, bool block) const {
@@ -130,16 +126,8 @@ bool ShmCollectives::wait_all(bool use_posted, uint64_t seq, Deadline deadline, 
     }
     if (r == size_) return true;
     if (!block) return false;
-    if (round < kSpins) {
-      _mm_pause();
-      continue;
-    }
-    if (std::chrono::steady_clock::now() >= deadline) return false;
-    if (round < kYields) {
-      sched_yield();
-    } else {
-      std::this_thread::sleep_for(std::chrono::microseconds(round < 4 * kYields ? 50 : 500));
-    }
+    if (round >= kSpins && std::chrono::steady_clock::now() >= deadline) return false;
+    poll_backoff(round, kSpins, kYields, 4 * kYields);
   }
 }
 

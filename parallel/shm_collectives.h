@@ -69,7 +69,7 @@ class ShmCollectives {
     std::vector<at::Tensor> owner;
   };
   struct alignas(64) Flag;
-  ShmCollectives(void* base, size_t bytes, int rank, int size, int64_t capacity);
+  ShmCollectives(void* base, size_t bytes, int64_t header, int rank, int size, int64_t capacity);
   Flag& posted(int r) const;
   Flag& done(int r) const;
   char* slot(int r, uint64_t seq) const;
@@ -78,6 +78,7 @@ class ShmCollectives {
   bool complete_locked(uint64_t seq, Deadline deadline, bool block);
 
   void* base_;
+  char* slots_;  // after the flags' header
   size_t bytes_;
   int rank_, size_;
   int64_t capacity_;

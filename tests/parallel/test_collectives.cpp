@@ -283,9 +283,8 @@ TEST(Collectives, GridSubGroups) {
 namespace {
 
 // A communicator of its own over the world: the communication thread, or the nonblocking
-// fallback that MPI without MPI_THREAD_MULTIPLE gets.
-// shm_bytes > 0: all-reduces up to that size through shared memory (the tensor-parallel group's
-// setting).
+// fallback that MPI without MPI_THREAD_MULTIPLE gets; shm_bytes > 0: with shared-memory slots of
+// that size (MpiCommunicator).
 std::shared_ptr<MpiCommunicator> own_comm(bool use_thread, const std::string& name,
                                           std::chrono::milliseconds timeout = std::chrono::milliseconds(20000),
                                           int64_t shm_bytes = 0) {
@@ -480,6 +479,15 @@ TEST(Collectives, SharedMemoryCollectivesGiveEveryRankTheSameBits) {
     at::Generator g = at::detail::createCPUGenerator(1000 * i + q);
     return at::randn({size}, g, at::kFloat);
   };
+  // What every rank must hold: the inputs of draw i reduced in rank order, ((x0 + x1) + x2) + x3.
+  auto rank_order = [&](int64_t size, int i, ReduceOp op) {
+    at::Tensor expect = input(0, size, i);
+    for (int q = 1; q < n; ++q) {
+      at::Tensor y = input(q, size, i);
+      expect = op == ReduceOp::kMax ? at::maximum(expect, y) : op == ReduceOp::kMin ? at::minimum(expect, y) : expect + y;
+    }
+    return op == ReduceOp::kAvg ? expect / static_cast<float>(n) : expect;
+  };
   const int64_t sizes[] = {1, 5, 4096, cap, cap + 1, 3 * cap + 7};
   const ReduceOp ops[] = {ReduceOp::kSum, ReduceOp::kAvg, ReduceOp::kMax, ReduceOp::kMin};
   std::vector<std::tuple<WorkPtr, at::Tensor, at::Tensor, std::string>> flights;
@@ -487,13 +495,8 @@ TEST(Collectives, SharedMemoryCollectivesGiveEveryRankTheSameBits) {
   for (int64_t size : sizes) {
     for (ReduceOp op : ops) {
       at::Tensor x = input(r, size, i);
-      at::Tensor expect = input(0, size, i);  // rank order: ((x0 + x1) + x2) + x3
-      for (int q = 1; q < n; ++q) {
-        at::Tensor y = input(q, size, i);
-        expect = op == ReduceOp::kMax ? at::maximum(expect, y) : op == ReduceOp::kMin ? at::minimum(expect, y) : expect + y;
-      }
-      if (op == ReduceOp::kAvg) expect = expect / static_cast<float>(n);
-      flights.emplace_back(comm->all_reduce(x, {op}), x, expect, "size " + std::to_string(size) + " op " + std::to_string(int(op)));
+      flights.emplace_back(comm->all_reduce(x, {op}), x, rank_order(size, i, op),
+                           "size " + std::to_string(size) + " op " + std::to_string(int(op)));
       ++i;
     }
   }
@@ -540,12 +543,7 @@ TEST(Collectives, SharedMemoryCollectivesGiveEveryRankTheSameBits) {
     for (int q = 0; q < n; ++q) counts.push_back(cap / n - 3 * q);
     const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
     const int64_t off = std::accumulate(counts.begin(), counts.begin() + r, int64_t{0});
-    at::Tensor expect = input(0, total, 500 + int(op));
-    for (int q = 1; q < n; ++q) {
-      at::Tensor y = input(q, total, 500 + int(op));
-      expect = op == ReduceOp::kMax ? at::maximum(expect, y) : op == ReduceOp::kMin ? at::minimum(expect, y) : expect + y;
-    }
-    if (op == ReduceOp::kAvg) expect = expect / static_cast<float>(n);
+    const at::Tensor expect = rank_order(total, 500 + int(op), op);
     at::Tensor out = at::zeros({counts[r]}, at::kFloat);
     comm->reduce_scatter(out, input(r, total, 500 + int(op)), {op, counts})->wait();
     EXPECT_TRUE(at::equal(out, expect.narrow(0, off, counts[r]))) << "reduce_scatter op " << int(op);
