@@ -86,10 +86,13 @@ Engine::Engine(const EngineOptions& opts, LlamaForCausalLM model, at::TensorOpti
       scheduler_(SchedulerOptions{opts.max_num_seqs, opts.max_num_batched_tokens}, blocks_) {
   if (opts.num_host_blocks > 0) {
     for (int64_t l = 0; l < cache_.n_layer(); ++l) {
-      std::vector<int64_t> shape = cache_.k(l).sizes().vec();
-      shape[0] = opts.num_host_blocks;
-      host_k_.push_back(at::zeros(shape, cache_.k(l).options().device(at::kCPU)));
-      host_v_.push_back(at::zeros_like(host_k_.back()));
+      auto host = [&](const at::Tensor& dev) {  // the same block layout, num_host_blocks blocks
+        std::vector<int64_t> shape = dev.sizes().vec();
+        shape[0] = opts.num_host_blocks;
+        return at::zeros(shape, dev.options().device(at::kCPU));
+      };
+      host_k_.push_back(host(cache_.k(l)));
+      host_v_.push_back(host(cache_.v(l)));
     }
   }
   live_.kv_blocks_total = opts.num_blocks;

@@ -22,6 +22,13 @@ inline bool has_avx2_fma() {
   return yes;
 }
 
+// AVX-512 F, BW and VL (Skylake-SP and later Xeons, Zen 4): the decode attention's 16-wide path.
+inline bool has_avx512_bw_vl() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && has_avx2_fma();
+  return yes;
+}
+
 // F16C (fp16 <-> fp32 conversion): every AVX2 CPU has it, but it is its own CPUID bit.
 inline bool has_f16c() {
   static const bool yes = __builtin_cpu_supports("f16c");

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 
 #include "core/base/error.h"
@@ -53,15 +54,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
 
 namespace {
 
-// Keys or values of sequences gathered block by block (whole blocks are contiguous in the
-// cache, so this copies block_size x H_kv x d floats per index rather than one token's):
-// tables padded with block 0 to `n_blocks` -> [n, n_blocks * block_size, H_kv, d].
-at::Tensor gather_blocks(const at::Tensor& cache_flat, const std::vector<int64_t>& padded_tables,
-                         int64_t n, int64_t n_blocks, int64_t block_size, const at::Device& device) {
-  const int64_t h_kv = cache_flat.size(1), d = cache_flat.size(2);
-  at::Tensor blocks = cache_flat.view({-1, block_size, h_kv, d});
+// Keys or values of sequences gathered block by block into token order (tables padded with
+// block 0 to `n_blocks`): k_cache [blocks, H_kv, d, bs] or v_cache [blocks, H_kv, bs, d] (the
+// layouts of kv_cache.h) -> [n, n_blocks * bs, H_kv, d].
+at::Tensor gather_blocks(const at::Tensor& cache, bool keys, const std::vector<int64_t>& padded_tables, int64_t n,
+                         int64_t n_blocks, const at::Device& device) {
+  const int64_t h_kv = cache.size(1), d = keys ? cache.size(2) : cache.size(3), bs = keys ? cache.size(3) : cache.size(2);
   at::Tensor idx = at::tensor(padded_tables, at::kLong).to(device);
-  return blocks.index_select(0, idx).view({n, n_blocks * block_size, h_kv, d});
+  at::Tensor g = cache.index_select(0, idx).view({n, n_blocks, h_kv, keys ? d : bs, keys ? bs : d});
+  return (keys ? g.permute({0, 1, 4, 2, 3}) : g.permute({0, 1, 3, 2, 4})).reshape({n, n_blocks * bs, h_kv, d});
 }
 
 // Block tables of `seqs`, each padded with block 0 to the longest one.
@@ -92,8 +93,8 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
   }
   const int64_t width = n_blocks * block_size;
   const std::vector<int64_t> tables = padded_tables(batch, seqs, n_blocks);
-  at::Tensor keys = gather_blocks(k_cache, tables, n, n_blocks, block_size, q.device()).to(q.scalar_type());
-  at::Tensor vals = gather_blocks(v_cache, tables, n, n_blocks, block_size, q.device()).to(q.scalar_type());
+  at::Tensor keys = gather_blocks(k_cache, true, tables, n, n_blocks, q.device()).to(q.scalar_type());
+  at::Tensor vals = gather_blocks(v_cache, false, tables, n, n_blocks, q.device()).to(q.scalar_type());
   auto long_opts = at::TensorOptions().dtype(at::kLong).device(q.device());
   at::Tensor row_t = at::tensor(rows, at::kLong).to(q.device());
   at::Tensor qd = q.index_select(0, row_t).view({n, h_kv, g, d});
@@ -115,9 +116,9 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at:
   const int64_t h = q.size(1), d = q.size(2), h_kv = k_cache.size(1), g = h / h_kv;
   const int64_t n_blocks = (ctx + block_size - 1) / block_size;
   const std::vector<int64_t> table = padded_tables(batch, {s}, n_blocks);
-  at::Tensor keys = gather_blocks(k_cache, table, 1, n_blocks, block_size, q.device())[0]
+  at::Tensor keys = gather_blocks(k_cache, true, table, 1, n_blocks, q.device())[0]
                         .narrow(0, 0, ctx).to(q.scalar_type());  // [ctx, h_kv, d]
-  at::Tensor vals = gather_blocks(v_cache, table, 1, n_blocks, block_size, q.device())[0]
+  at::Tensor vals = gather_blocks(v_cache, false, table, 1, n_blocks, q.device())[0]
                         .narrow(0, 0, ctx).to(q.scalar_type());
   at::Tensor qs = q.narrow(0, start, t).view({t, h_kv, g, d}).permute({1, 2, 0, 3});  // [h_kv, g, t, d]
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
@@ -132,9 +133,13 @@ void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at:
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const ForwardBatch& batch,
                            int64_t block_size) {
-  ANDY_CHECK(q.dim() == 3 && k_cache.dim() == 3 && q.size(0) == batch.num_tokens(),
-             "paged_attention: q [N, H, d] with N = ", batch.num_tokens(), " and a flat cache "
-             "[slots, H_kv, d] expected, got ", q.sizes(), " and ", k_cache.sizes());
+  ANDY_CHECK(q.dim() == 3 && q.size(0) == batch.num_tokens() && k_cache.dim() == 4 && v_cache.dim() == 4 &&
+                 k_cache.size(3) == block_size &&
+                 v_cache.sizes() == at::IntArrayRef({k_cache.size(0), k_cache.size(1), block_size, q.size(2)}) &&
+                 k_cache.size(2) == q.size(2),
+             "paged_attention: q [N, H, d] with N = ", batch.num_tokens(), ", k_cache [blocks, H_kv, d, ",
+             block_size, "] and v_cache [blocks, H_kv, ", block_size, ", d] expected, got ", q.sizes(), ", ",
+             k_cache.sizes(), " and ", v_cache.sizes());
   ANDY_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_attention: ", q.size(1),
              " query heads are not a multiple of ", k_cache.size(1), " kv heads");
   // A bf16 / fp16 model on CPU (serve.dtype): the CPU decode kernel reads fp32 queries (a few
@@ -177,6 +182,48 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   }
   decode_attention_cpu(a);
   return out;
+}
+
+void write_kv_cache(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
+                    const at::Tensor& v) {
+  const int64_t n = slots.numel();
+  ANDY_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k.dim() == 3 && k.sizes() == v.sizes() && k.size(0) == n &&
+                 k.size(1) == k_cache.size(1) && k.size(2) == k_cache.size(2) &&
+                 v_cache.sizes() == at::IntArrayRef({k_cache.size(0), k_cache.size(1), k_cache.size(3), k.size(2)}),
+             "write_kv_cache: k, v [N, H_kv, d] for ", n, " slots into k_cache [blocks, H_kv, d, bs] and v_cache "
+             "[blocks, H_kv, bs, d] expected, got ", k.sizes(), ", ", v.sizes(), ", ", k_cache.sizes(), " and ",
+             v_cache.sizes());
+  const int64_t h_kv = k_cache.size(1), d = k_cache.size(2), bs = k_cache.size(3);
+  const at::Tensor kc = k.to(k_cache.scalar_type()).contiguous(), vc = v.to(v_cache.scalar_type()).contiguous();
+  if (k_cache.is_cpu() && k_cache.is_contiguous() && v_cache.is_contiguous()) {
+    // Element copies in place: a decode step writes a few KB, less than the dispatch of
+    // LibTorch's indexing ops would cost.
+    const at::Tensor sl = slots.to(at::kLong).contiguous();
+    const int64_t* slot = sl.data_ptr<int64_t>();
+    const size_t es = static_cast<size_t>(k_cache.element_size());
+    const char* ks = static_cast<const char*>(kc.data_ptr());
+    const char* vs = static_cast<const char*>(vc.data_ptr());
+    char* kd = static_cast<char*>(k_cache.data_ptr());
+    char* vd = static_cast<char*>(v_cache.data_ptr());
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t block = slot[i] / bs, off = slot[i] % bs;
+      ANDY_CHECK(slot[i] >= 0 && block < k_cache.size(0), "write_kv_cache: slot ", slot[i], " outside the cache's ",
+                 k_cache.size(0) * bs, " slots");
+      for (int64_t j = 0; j < h_kv; ++j) {
+        const size_t src = static_cast<size_t>((i * h_kv + j) * d) * es;
+        const size_t head = static_cast<size_t>((block * h_kv + j) * d * bs) * es;
+        for (int64_t x = 0; x < d; ++x)
+          std::memcpy(kd + head + static_cast<size_t>(x * bs + off) * es, ks + src + static_cast<size_t>(x) * es, es);
+        std::memcpy(vd + head + static_cast<size_t>(off * d) * es, vs + src, static_cast<size_t>(d) * es);
+      }
+    }
+    return;
+  }
+  using at::indexing::Slice;
+  const at::Tensor sl = slots.to(k_cache.device(), at::kLong);
+  const at::Tensor block = at::div(sl, bs, "floor"), off = at::remainder(sl, bs);
+  k_cache.index_put_({block, Slice(), Slice(), off}, kc);  // indexed dims first: [N, H_kv, d]
+  v_cache.index_put_({block, Slice(), off, Slice()}, vc);
 }
 
 RopeTables make_rope_tables(int64_t head_dim, int64_t max_seq_len, double theta) {

@@ -25,10 +25,16 @@ namespace andy {
 at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      int64_t q_offset);
 
+// Stores the keys and values of new tokens, k and v [N, H_kv, d], at flat cache slots `slots`
+// [N] (block * block_size + offset, int64) of one layer's k_cache and v_cache, in the block
+// layouts of core/model/kv_cache.h (converted to the cache's dtype).
+void write_kv_cache(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& slots, const at::Tensor& k,
+                    const at::Tensor& v);
+
 // Attention of packed queries over a paged KV cache (the inference path; no autograd).
-// q [N, H, d]: the batch's new tokens (rows grouped by sequence as in `batch`); k_cache, v_cache
-// [num_blocks * block_size, H_kv, d]: flat cache slots already holding this step's keys and
-// values. Each row attends to its sequence's cached positions up to its own (causal). Decodes
+// q [N, H, d]: the batch's new tokens (rows grouped by sequence as in `batch`); k_cache
+// [num_blocks, H_kv, d, block_size] and v_cache [num_blocks, H_kv, block_size, d] (one layer of
+// KvCache) already holding this step's keys and values. Each row attends to its sequence's cached positions up to its own (causal). Decodes
 // (one new token) are computed together over keys gathered to the longest context; prefills
 // and chunks one sequence at a time. Grouped-query heads are served by broadcasting, never by
 // repeating K/V. Softmax in fp32, scores scaled by 1/sqrt(d), as attention(). Returns [N, H, d].

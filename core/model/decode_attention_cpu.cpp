@@ -7,6 +7,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -18,16 +19,26 @@ namespace andy {
 
 namespace {
 
-// Cache elements: fp32, bf16 or fp16 (serve.kv_cache_dtype), read as fp32.
+#define ANDY_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
+
+// Cache elements: fp32, bf16 or fp16 (serve.kv_cache_dtype), read as fp32. load16 reads the
+// first `n` of 16 elements (the rest 0) under mask m = (1 << n) - 1, nothing beyond them.
 struct F32 {
   using T = float;
   static float scalar(const T* p) { return *p; }
   __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) { return _mm256_loadu_ps(p); }
+  ANDY_AVX512 static __m512 load16(const T* p) { return _mm512_loadu_ps(p); }
+  ANDY_AVX512 static __m512 load16(const T* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 };
 struct BF16 {
   using T = uint16_t;
   static float scalar(const T* p) { return bf16_bits_to_float(*p); }
   __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) { return load_bf16x8(p); }
+  ANDY_AVX512 static __m512 widen(__m256i w) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(w), 16));
+  }
+  ANDY_AVX512 static __m512 load16(const T* p) { return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  ANDY_AVX512 static __m512 load16(const T* p, __mmask16 m) { return widen(_mm256_maskz_loadu_epi16(m, p)); }
 };
 struct F16 {
   using T = uint16_t;
@@ -35,32 +46,15 @@ struct F16 {
   __attribute__((target("avx2,fma,f16c"))) static __m256 load8(const T* p) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  ANDY_AVX512 static __m512 load16(const T* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  ANDY_AVX512 static __m512 load16(const T* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
 };
-
-template <class E>
-float dot_portable(const float* a, const typename E::T* b, int64_t d) {
-  float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8)
-    for (int l = 0; l < 8; ++l) s[l] += a[i + l] * E::scalar(b + i + l);
-  float r = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-  for (; i < d; ++i) r += a[i] * E::scalar(b + i);
-  return r;
-}
 
 template <class E>
 void axpy_portable(float w, const typename E::T* x, float* y, int64_t d) {
   for (int64_t i = 0; i < d; ++i) y[i] += w * E::scalar(x + i);
-}
-
-template <class E>
-__attribute__((target("avx2,fma,f16c"))) float dot_avx2(const float* a, const typename E::T* b, int64_t d) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= d; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), E::load8(b + i), acc);
-  float r = hsum8(acc);
-  for (; i < d; ++i) r += a[i] * E::scalar(b + i);
-  return r;
 }
 
 template <class E>
@@ -89,43 +83,104 @@ __attribute__((target("avx2,fma"))) float exp_scores_avx2(float* scores, int64_t
   return sum;
 }
 
-// Sum of each of 8 vectors, as one vector [sum(a0), .., sum(a7)].
-__attribute__((target("avx2,fma"))) inline __m256 sum8(const __m256* a) {
-  __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
-  __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
-  __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+// Scores against transposed keys: kt[x * bs + r] is dimension x of key r (a block's keys of
+// one head, kv_cache.h), so the scores of `cols` keys come out of d vector products, with no
+// sums across lanes. Heads in pairs, each with two accumulators (even and odd dimensions).
+// dst[h * dst_stride + r] for the g heads of the group (queries q + h * d), r < cols.
+
+// 16 keys at a time (AVX-512), the first `cols` <= 16 of them.
+template <class E>
+ANDY_AVX512 void scores16_avx512(const float* q, int64_t g, int64_t d, const typename E::T* kt, int64_t bs,
+                                 int64_t cols, float* dst, int64_t dst_stride) {
+  const __mmask16 m = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
+  auto load = [&](int64_t x) { return cols >= 16 ? E::load16(kt + x * bs) : E::load16(kt + x * bs, m); };
+  int64_t h = 0;
+  for (; h + 2 <= g; h += 2) {
+    const float* q0 = q + h * d;
+    const float* q1 = q0 + d;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t x = 0;
+    for (; x + 2 <= d; x += 2) {
+      const __m512 k0 = load(x), k1 = load(x + 1);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), k0, a0);
+      b0 = _mm512_fmadd_ps(_mm512_set1_ps(q1[x]), k0, b0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x + 1]), k1, a1);
+      b1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[x + 1]), k1, b1);
+    }
+    if (x < d) {
+      const __m512 k0 = load(x);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), k0, a0);
+      b0 = _mm512_fmadd_ps(_mm512_set1_ps(q1[x]), k0, b0);
+    }
+    _mm512_mask_storeu_ps(dst + h * dst_stride, m, _mm512_add_ps(a0, a1));
+    _mm512_mask_storeu_ps(dst + (h + 1) * dst_stride, m, _mm512_add_ps(b0, b1));
+  }
+  if (h < g) {
+    const float* q0 = q + h * d;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    int64_t x = 0;
+    for (; x + 2 <= d; x += 2) {
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), load(x), a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x + 1]), load(x + 1), a1);
+    }
+    if (x < d) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), load(x), a0);
+    _mm512_mask_storeu_ps(dst + h * dst_stride, m, _mm512_add_ps(a0, a1));
+  }
 }
 
-// Scores of query `q` against 8 key rows `stride` apart, written to dst[0..8): 8 dot products
-// reduced together.
+// 8 keys (AVX2).
 template <class E>
-__attribute__((target("avx2,fma,f16c"))) void dot8_avx2(const float* q, const typename E::T* k, int64_t stride,
-                                                         int64_t d, float* dst) {
-  __m256 acc[8];
-  for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
-  for (int64_t x = 0; x < d; x += 8) {
-    const __m256 qv = _mm256_loadu_ps(q + x);
-    for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(qv, E::load8(k + i * stride + x), acc[i]);
+__attribute__((target("avx2,fma,f16c"))) void scores8_avx2(const float* q, int64_t g, int64_t d,
+                                                            const typename E::T* kt, int64_t bs, float* dst,
+                                                            int64_t dst_stride) {
+  int64_t h = 0;
+  for (; h + 2 <= g; h += 2) {
+    const float* q0 = q + h * d;
+    const float* q1 = q0 + d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    int64_t x = 0;
+    for (; x + 2 <= d; x += 2) {
+      const __m256 k0 = E::load8(kt + x * bs), k1 = E::load8(kt + (x + 1) * bs);
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[x]), k0, a0);
+      b0 = _mm256_fmadd_ps(_mm256_set1_ps(q1[x]), k0, b0);
+      a1 = _mm256_fmadd_ps(_mm256_set1_ps(q0[x + 1]), k1, a1);
+      b1 = _mm256_fmadd_ps(_mm256_set1_ps(q1[x + 1]), k1, b1);
+    }
+    if (x < d) {
+      const __m256 k0 = E::load8(kt + x * bs);
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[x]), k0, a0);
+      b0 = _mm256_fmadd_ps(_mm256_set1_ps(q1[x]), k0, b0);
+    }
+    _mm256_storeu_ps(dst + h * dst_stride, _mm256_add_ps(a0, a1));
+    _mm256_storeu_ps(dst + (h + 1) * dst_stride, _mm256_add_ps(b0, b1));
   }
-  _mm256_storeu_ps(dst, sum8(acc));
+  if (h < g) {
+    const float* q0 = q + h * d;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+    int64_t x = 0;
+    for (; x + 2 <= d; x += 2) {
+      a0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[x]), E::load8(kt + x * bs), a0);
+      a1 = _mm256_fmadd_ps(_mm256_set1_ps(q0[x + 1]), E::load8(kt + (x + 1) * bs), a1);
+    }
+    if (x < d) a0 = _mm256_fmadd_ps(_mm256_set1_ps(q0[x]), E::load8(kt + x * bs), a0);
+    _mm256_storeu_ps(dst + h * dst_stride, _mm256_add_ps(a0, a1));
+  }
 }
-// The scores of the G heads of a group against 8 key rows of head_dim 16 (the rows `stride`
-// apart), written to dst[h * dst_stride + (0..8)]: each key row is loaded once for the G heads.
-template <int G, class E>
-__attribute__((target("avx2,fma,f16c"))) void dot8x16_avx2(const float* q, const typename E::T* k,
-                                                            int64_t stride, float* dst, int64_t dst_stride) {
-  __m256 qv[G][2];
-  for (int h = 0; h < G; ++h) {
-    qv[h][0] = _mm256_loadu_ps(q + 16 * h);
-    qv[h][1] = _mm256_loadu_ps(q + 16 * h + 8);
+
+// One key at a time (portable; the AVX2 path's last keys of a block).
+template <class E>
+void scores1(const float* q, int64_t g, int64_t d, const typename E::T* kt, int64_t bs, float* dst,
+             int64_t dst_stride) {
+  for (int64_t h = 0; h < g; ++h) {
+    float a0 = 0, a1 = 0;
+    int64_t x = 0;
+    for (; x + 2 <= d; x += 2) {
+      a0 += q[h * d + x] * E::scalar(kt + x * bs);
+      a1 += q[h * d + x + 1] * E::scalar(kt + (x + 1) * bs);
+    }
+    if (x < d) a0 += q[h * d + x] * E::scalar(kt + x * bs);
+    dst[h * dst_stride] = a0 + a1;
   }
-  __m256 acc[G][8];
-  for (int i = 0; i < 8; ++i) {
-    const __m256 k0 = E::load8(k + i * stride), k1 = E::load8(k + i * stride + 8);
-    for (int h = 0; h < G; ++h) acc[h][i] = _mm256_fmadd_ps(qv[h][1], k1, _mm256_mul_ps(qv[h][0], k0));
-  }
-  for (int h = 0; h < G; ++h) _mm256_storeu_ps(dst + h * dst_stride, sum8(acc[h]));
 }
 
 // out[h * d + (0..d)] += sum_p w[h * stride + p] * v[p * vstride + (0..d)] for the G heads of a
@@ -138,7 +193,23 @@ __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, 
   __m256 acc[G * NV];
   for (int h = 0; h < G; ++h)
     for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_loadu_ps(out + h * NV * 8 + 8 * i);
-  for (int64_t p = 0; p < n; ++p) {
+  int64_t p = 0;
+  if (G * NV <= 4) {  // two rows at a time into two sets of accumulators (the FMA latency)
+    __m256 acc2[G * NV];
+    for (int i = 0; i < G * NV; ++i) acc2[i] = _mm256_setzero_ps();
+    for (; p + 2 <= n; p += 2) {
+      __m256 r0[NV], r1[NV];
+      for (int i = 0; i < NV; ++i) r0[i] = E::load8(v + p * vstride + 8 * i);
+      for (int i = 0; i < NV; ++i) r1[i] = E::load8(v + (p + 1) * vstride + 8 * i);
+      for (int h = 0; h < G; ++h) {
+        const __m256 w0 = _mm256_set1_ps(w[h * stride + p]), w1 = _mm256_set1_ps(w[h * stride + p + 1]);
+        for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_fmadd_ps(w0, r0[i], acc[h * NV + i]);
+        for (int i = 0; i < NV; ++i) acc2[h * NV + i] = _mm256_fmadd_ps(w1, r1[i], acc2[h * NV + i]);
+      }
+    }
+    for (int i = 0; i < G * NV; ++i) acc[i] = _mm256_add_ps(acc[i], acc2[i]);
+  }
+  for (; p < n; ++p) {
     __m256 row[NV];
     for (int i = 0; i < NV; ++i) row[i] = E::load8(v + p * vstride + 8 * i);
     for (int h = 0; h < G; ++h) {
@@ -148,6 +219,47 @@ __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, 
   }
   for (int h = 0; h < G; ++h)
     for (int i = 0; i < NV; ++i) _mm256_storeu_ps(out + h * NV * 8 + 8 * i, acc[h * NV + i]);
+}
+
+// The same with AVX-512 for d = 16 * M: U rows at a time into U sets of accumulators.
+template <int M, int G, class E>
+ANDY_AVX512 void weighted_sum_avx512(const float* w, int64_t stride, const typename E::T* v, int64_t vstride,
+                                     int64_t n, float* out) {
+  constexpr int U = G * M >= 8 ? 1 : 8 / (G * M);
+  __m512 acc[U][G * M];
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < G * M; ++i) acc[u][i] = u == 0 ? _mm512_loadu_ps(out + 16 * i) : _mm512_setzero_ps();
+  int64_t p = 0;
+  for (; p + U <= n; p += U)
+    for (int u = 0; u < U; ++u) {
+      __m512 row[M];
+      for (int m = 0; m < M; ++m) row[m] = E::load16(v + (p + u) * vstride + 16 * m);
+      for (int h = 0; h < G; ++h) {
+        const __m512 wv = _mm512_set1_ps(w[h * stride + p + u]);
+        for (int m = 0; m < M; ++m) acc[u][h * M + m] = _mm512_fmadd_ps(wv, row[m], acc[u][h * M + m]);
+      }
+    }
+  for (; p < n; ++p) {
+    __m512 row[M];
+    for (int m = 0; m < M; ++m) row[m] = E::load16(v + p * vstride + 16 * m);
+    for (int h = 0; h < G; ++h) {
+      const __m512 wv = _mm512_set1_ps(w[h * stride + p]);
+      for (int m = 0; m < M; ++m) acc[0][h * M + m] = _mm512_fmadd_ps(wv, row[m], acc[0][h * M + m]);
+    }
+  }
+  for (int u = 1; u < U; ++u)
+    for (int i = 0; i < G * M; ++i) acc[0][i] = _mm512_add_ps(acc[0][i], acc[u][i]);
+  for (int i = 0; i < G * M; ++i) _mm512_storeu_ps(out + 16 * i, acc[0][i]);
+}
+
+// The g heads' weighted sums with AVX-512 (d = 16 * M), two heads at a time where registers allow.
+template <int M, class E>
+void weighted_sums_avx512(const float* w, int64_t stride, int64_t g, const typename E::T* v, int64_t vstride,
+                          int64_t n, float* out) {
+  int64_t h = 0;
+  if (M <= 4)
+    for (; h + 2 <= g; h += 2) weighted_sum_avx512<M, 2, E>(w + h * stride, stride, v, vstride, n, out + h * 16 * M);
+  for (; h < g; ++h) weighted_sum_avx512<M, 1, E>(w + h * stride, stride, v, vstride, n, out + h * 16 * M);
 }
 
 // The weighted sums of `g` heads (weights rows of `stride`) over `n` value rows `vstride` apart,
@@ -183,60 +295,54 @@ void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const t
   }
 }
 
-// Prefetches `rows` rows of `bytes` each, `stride` elements apart, into L1.
-template <class T>
-void prefetch_rows(const T* p, int64_t rows, int64_t stride, int64_t bytes) {
-  for (int64_t r = 0; r < rows; ++r, p += stride)
-    for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + b, _MM_HINT_T0);
+// Prefetches `bytes` bytes from p into L1.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(static_cast<const char*>(p) + b, _MM_HINT_T0);
 }
 
+CpuIsa best_isa() {
+  if (has_avx512_bw_vl() && has_f16c()) return CpuIsa::kAvx512;
+  if (has_avx2_fma() && has_f16c()) return CpuIsa::kAvx2;
+  return CpuIsa::kPortable;
+}
+std::atomic<int> g_isa_limit{static_cast<int>(CpuIsa::kAvx512)};
+
 // One (sequence, kv head): the group's query heads against the sequence's context, block by
-// block of the paged cache. Each block is a page of its own somewhere in the pool, where the
-// hardware prefetcher starts over, so the next block's rows are prefetched while this one is
-// computed. Pass 1: the scores of every head of the group, 8 rows at a time (the 8 key rows
-// stay in L1 for the group's heads); then a softmax per head, whose 1/sum is applied to the
-// output at the end; pass 2: the weighted sums of the values, accumulated in registers.
+// block of the paged cache. A block holds this head's keys (transposed) and values each as one
+// contiguous run (kv_cache.h), somewhere in the pool where the hardware prefetcher starts over,
+// so the next block's run is prefetched while this one is computed. Pass 1: the scores of every
+// head of the group, 16 (AVX-512) or 8 (AVX2) keys at a time; then a softmax per head, whose
+// 1/sum is applied to the output at the end; pass 2: the weighted sums of the values,
+// accumulated in registers.
 template <class E>
-void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::vector<float>& scores) {
+void attend(const DecodeAttentionArgs& a, CpuIsa isa, int64_t s, int64_t j, std::vector<float>& scores) {
   using T = typename E::T;
   const int64_t d = a.head_dim, h_kv = a.n_kv_head, g = a.n_head / h_kv, ctx = a.context_len[s];
   const int64_t bs = a.block_size;
   const std::vector<int64_t>& table = *a.tables[s];
   const float* q = a.q + (a.rows[s] * a.n_head + j * g) * d;
   float* out = a.out + (a.rows[s] * a.n_head + j * g) * d;
-  const int64_t row_stride = h_kv * d;  // between consecutive slots
-  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  const int64_t run = d * bs;  // elements of one head's keys (or values) in a block
+  const int64_t run_bytes = run * static_cast<int64_t>(sizeof(T));
   const int64_t n_blocks = (ctx + bs - 1) / bs;
   auto rows_in = [&](int64_t b) { return std::min(bs, ctx - b * bs); };
-  auto base = [&](const void* cache, int64_t b) {
-    return static_cast<const T*>(cache) + (table[b] * bs * h_kv + j) * d;
-  };
-  constexpr int64_t kChunk = 8;
+  auto base = [&](const void* cache, int64_t b) { return static_cast<const T*>(cache) + (table[b] * h_kv + j) * run; };
+  const bool avx2 = isa != CpuIsa::kPortable;
   scores.resize(static_cast<size_t>(g * ctx + g));  // the scores, then 1/sum of each head
   float* inv = scores.data() + g * ctx;
-  const bool vec8 = avx2 && d % 8 == 0;
-  prefetch_rows(base(a.k_cache, 0), rows_in(0), row_stride, row_bytes);
+  prefetch_bytes(base(a.k_cache, 0), run_bytes);
   for (int64_t b = 0; b < n_blocks; ++b) {
-    if (b + 1 < n_blocks) prefetch_rows(base(a.k_cache, b + 1), rows_in(b + 1), row_stride, row_bytes);
-    const T* k = base(a.k_cache, b);
-    const int64_t n = rows_in(b), p0 = b * bs;
+    if (b + 1 < n_blocks) prefetch_bytes(base(a.k_cache, b + 1), run_bytes);
+    const T* kt = base(a.k_cache, b);
+    const int64_t n = rows_in(b);
+    float* dst = scores.data() + b * bs;
     int64_t r = 0;
-    float* dst = scores.data() + p0;
-    if (vec8 && d == 16 && g <= 2) {  // small heads: each key row loaded once for the group
-      for (; r + kChunk <= n; r += kChunk) {
-        if (g == 2)
-          dot8x16_avx2<2, E>(q, k + r * row_stride, row_stride, dst + r, ctx);
-        else
-          dot8x16_avx2<1, E>(q, k + r * row_stride, row_stride, dst + r, ctx);
-      }
-    } else if (vec8) {
-      for (; r + kChunk <= n; r += kChunk)
-        for (int64_t h = 0; h < g; ++h) dot8_avx2<E>(q + h * d, k + r * row_stride, row_stride, d, dst + h * ctx + r);
+    if (isa == CpuIsa::kAvx512) {
+      for (; r < n; r += 16) scores16_avx512<E>(q, g, d, kt + r, bs, std::min<int64_t>(16, n - r), dst + r, ctx);
+    } else if (avx2) {
+      for (; r + 8 <= n; r += 8) scores8_avx2<E>(q, g, d, kt + r, bs, dst + r, ctx);
     }
-    for (; r < n; ++r)
-      for (int64_t h = 0; h < g; ++h)
-        scores[h * ctx + p0 + r] = avx2 ? dot_avx2<E>(q + h * d, k + r * row_stride, d)
-                                        : dot_portable<E>(q + h * d, k + r * row_stride, d);
+    for (; r < n; ++r) scores1<E>(q, g, d, kt + r, bs, dst + r, ctx);
   }
   for (int64_t h = 0; h < g; ++h) {  // scale > 0: the largest scaled score is scale * max
     float* sc = scores.data() + h * ctx;
@@ -253,21 +359,31 @@ void attend(const DecodeAttentionArgs& a, bool avx2, int64_t s, int64_t j, std::
     inv[h] = 1.0f / sum;
   }
   std::fill(out, out + g * d, 0.0f);
-  prefetch_rows(base(a.v_cache, 0), rows_in(0), row_stride, row_bytes);
+  const int64_t m16 = isa == CpuIsa::kAvx512 && d % 16 == 0 ? d / 16 : 0;
+  prefetch_bytes(base(a.v_cache, 0), run_bytes);
   for (int64_t b = 0; b < n_blocks; ++b) {
-    if (b + 1 < n_blocks) prefetch_rows(base(a.v_cache, b + 1), rows_in(b + 1), row_stride, row_bytes);
-    weighted_sums<E>(avx2, scores.data() + b * bs, ctx, g, base(a.v_cache, b), row_stride, rows_in(b), d, out);
+    if (b + 1 < n_blocks) prefetch_bytes(base(a.v_cache, b + 1), run_bytes);
+    const float* w = scores.data() + b * bs;
+    const T* v = base(a.v_cache, b);  // [bs, d]
+    const int64_t n = rows_in(b);
+    switch (m16) {
+      case 1: weighted_sums_avx512<1, E>(w, ctx, g, v, d, n, out); break;
+      case 2: weighted_sums_avx512<2, E>(w, ctx, g, v, d, n, out); break;
+      case 4: weighted_sums_avx512<4, E>(w, ctx, g, v, d, n, out); break;
+      case 8: weighted_sums_avx512<8, E>(w, ctx, g, v, d, n, out); break;
+      default: weighted_sums<E>(avx2, w, ctx, g, v, d, n, d, out);
+    }
   }
   for (int64_t h = 0; h < g; ++h)
     for (int64_t x = 0; x < d; ++x) out[h * d + x] *= inv[h];
 }
 
 template <class E>
-void attend_all(const DecodeAttentionArgs& a, bool avx2) {
+void attend_all(const DecodeAttentionArgs& a, CpuIsa isa) {
   const int64_t n = static_cast<int64_t>(a.rows.size());
   at::parallel_for(0, n * a.n_kv_head, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t i = begin; i < end; ++i) attend<E>(a, avx2, i / a.n_kv_head, i % a.n_kv_head, scores);
+    for (int64_t i = begin; i < end; ++i) attend<E>(a, isa, i / a.n_kv_head, i % a.n_kv_head, scores);
   });
 }
 
@@ -277,12 +393,19 @@ bool decode_attention_cpu_supports(c10::ScalarType kv_dtype) {
   return kv_dtype == at::kFloat || kv_dtype == at::kBFloat16 || kv_dtype == at::kHalf;
 }
 
+CpuIsa decode_attention_cpu_isa() {
+  static const CpuIsa best = best_isa();
+  return static_cast<CpuIsa>(std::min(static_cast<int>(best), g_isa_limit.load()));
+}
+
+void decode_attention_cpu_limit_isa(CpuIsa isa) { g_isa_limit.store(static_cast<int>(isa)); }
+
 void decode_attention_cpu(const DecodeAttentionArgs& a) {
-  const bool avx2 = has_avx2_fma() && has_f16c();
+  const CpuIsa isa = decode_attention_cpu_isa();
   switch (a.kv_dtype) {
-    case at::kFloat: return attend_all<F32>(a, avx2);
-    case at::kBFloat16: return attend_all<BF16>(a, avx2);
-    case at::kHalf: return attend_all<F16>(a, avx2);
+    case at::kFloat: return attend_all<F32>(a, isa);
+    case at::kBFloat16: return attend_all<BF16>(a, isa);
+    case at::kHalf: return attend_all<F16>(a, isa);
     default: ANDY_CHECK(false, "decode_attention_cpu: KV cache dtype ", a.kv_dtype, " (fp32, bf16 or fp16 expected)");
   }
 }

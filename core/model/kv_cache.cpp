@@ -23,13 +23,15 @@ KvCache::KvCache(const ModelConfig& cfg, int tp_size, int64_t block_size, int64_
   ANDY_CHECK_T(ConfigError, block_size > 0 && num_blocks > 0, "KvCache: block_size (", block_size,
                ") and num_blocks (", num_blocks, ") must be positive");
   const int64_t kv_local = cfg.n_kv_head / tp_size;
-  // One pool for every layer's keys and values; each layer's K and V are contiguous views.
-  const std::vector<int64_t> shape = {2, cfg.n_layer, num_blocks, block_size, kv_local, head_dim(cfg)};
+  // One pool for every layer's keys and values; each layer's K and V are contiguous views, in
+  // the block layouts of kv_cache.h.
+  const int64_t d = head_dim(cfg);
+  const std::vector<int64_t> shape = {2, cfg.n_layer, num_blocks, kv_local * d * block_size};
   const at::Tensor pool =
       options.device().is_cpu() ? cpu_zeros_on_huge_pages(shape, options) : at::zeros(shape, options);
   for (int64_t l = 0; l < cfg.n_layer; ++l) {
-    k_.push_back(pool[0][l]);
-    v_.push_back(pool[1][l]);
+    k_.push_back(pool[0][l].view({num_blocks, kv_local, d, block_size}));
+    v_.push_back(pool[1][l].view({num_blocks, kv_local, block_size, d}));
   }
   for (int64_t b = 0; b < num_blocks; ++b) free_.insert(b);
 }

@@ -1,6 +1,11 @@
 // Key/value cache for incremental decoding, laid out in blocks of a fixed number of tokens so
-// the server can page it (vLLM's PagedAttention layout):
-//   k(layer), v(layer): [num_blocks, block_size, n_kv_head_local, head_dim]
+// the server can page it (vLLM's PagedAttention), each block head-major as vLLM's:
+//   k(layer): [num_blocks, n_kv_head_local, head_dim, block_size]  (each head's keys transposed)
+//   v(layer): [num_blocks, n_kv_head_local, block_size, head_dim]
+// so one kv head's keys (or values) in a block are one contiguous run, and a decode step's
+// scores for a block are head_dim vector products over block_size keys at once (the CPU
+// kernel, core/model/decode_attention_cpu.h). write_kv_cache and paged_attention
+// (core/model/attention.h) are the only code that reads or writes them by token.
 // A sequence owns a block table (block ids, in token order) and a length; token p of the
 // sequence lives in block table[p / block_size], slot p % block_size. Each TP rank holds the
 // cache for its own kv heads only. Blocks are handed out lowest id first, so ranks that make

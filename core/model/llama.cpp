@@ -86,11 +86,8 @@ at::Tensor LlamaAttentionImpl::forward_batch(const at::Tensor& x, const RopeRows
   at::Tensor q = rotate(q_proj(x), n_head_local_);
   at::Tensor k = rotate(k_proj(x), n_kv_head_local_);
   at::Tensor v = v_proj(x).view({n, n_kv_head_local_, head_dim_});
-  at::Tensor k_flat = cache.k(layer).view({-1, n_kv_head_local_, head_dim_});
-  at::Tensor v_flat = cache.v(layer).view({-1, n_kv_head_local_, head_dim_});
-  k_flat.index_copy_(0, slots, k.to(k_flat.scalar_type()));
-  v_flat.index_copy_(0, slots, v.to(v_flat.scalar_type()));
-  at::Tensor o = paged_attention(q, k_flat, v_flat, batch, cache.block_size());
+  write_kv_cache(cache.k(layer), cache.v(layer), slots, k, v);
+  at::Tensor o = paged_attention(q, cache.k(layer), cache.v(layer), batch, cache.block_size());
   return o_proj(o.reshape({n, n_head_local_ * head_dim_}));
 }
 
