@@ -16,6 +16,7 @@ int bench_data(const ParsedArgs& args, World* world);  // launch/cmd_bench_data.
 int bench_train(const ParsedArgs& args, World* world);  // launch/cmd_bench_train.cpp
 int bench_generate(const ParsedArgs& args, World* world);  // launch/cmd_bench_generate.cpp
 int bench_serve(const ParsedArgs& args, World* world);     // launch/cmd_bench_serve.cpp
+int bench_attention(const ParsedArgs& args, World* world);  // launch/cmd_bench_attention.cpp
 
 namespace {
 
@@ -77,17 +78,19 @@ int bench_comm(const ParsedArgs& args, World* world) {
 Subcommand make_bench_command() {
   Subcommand c;
   c.name = "bench";
-  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share), generate (engine throughput and latency), serve (an OpenAI server over HTTP)";
+  c.summary = "benchmarks: comm (collective bandwidth and correctness, nccl-tests style), data (loader), train (tokens/s, MFU, comm share), generate (engine throughput and latency), serve (an OpenAI server over HTTP), attention (the CPU decode-attention kernel per instruction set)";
   c.usage =
       "usage: mpirun -np N andyllm bench comm [--min_bytes B --max_bytes B --factor F --dtype T --group world|tp --no_raw]\n"
       "       [mpirun -np N] andyllm bench data [--train_file PATH --seq_len N --batch_size N --step_ms MS]\n"
       "       mpirun -np N andyllm bench train --config FILE [--set K=V ...] [--steps N --warmup N --profile FILE]\n"
       "       mpirun -np TP andyllm bench generate --model DIR [--concurrency 1,8,32 --input_len N --output_len N]\n"
-      "       andyllm bench serve --url http://127.0.0.1:8000 [--concurrency 1,8,32 --num_prompts N --input_len N --output_len N]";
+      "       andyllm bench serve --url http://127.0.0.1:8000 [--concurrency 1,8,32 --num_prompts N --input_len N --output_len N]\n"
+      "       [mpirun -np N] andyllm bench attention [--seqs N --context N --heads N --kv_heads N --head_dim N --layers N\n"
+      "       --block_size N --kv_cache_dtype fp32|bf16|fp16 --iters N]";
   c.flags = {{"min_bytes", "B", "smallest buffer (default 8)"},
              {"max_bytes", "B", "largest buffer (default 8388608)"},
              {"factor", "F", "size multiplier between rows (default 8)"},
-             {"iters", "N", "timed iterations per size (default 5)"},
+             {"iters", "N", "comm: timed iterations per size (default 5); attention: timed steps per round (default 100)"},
              {"warmup", "N", "untimed iterations per size (default 2)"},
              {"dtype", "T", "comm: fp32 (default), fp64, bf16, fp16, int32, int64; generate: the served model's (serve.dtype: auto, fp32, bf16)"},
              {"op", "OP", "all (default), all_reduce, all_gather, reduce_scatter, broadcast"},
@@ -126,6 +129,13 @@ Subcommand make_bench_command() {
                              "concurrency's decode rate over the first one's, per round and their median: "
                              "rates a round apart are measured under the same machine load"},
              {"output", "FILE", "generate: also write the rows as JSON"},
+             // bench attention (also --iters, --block_size, --kv_cache_dtype)
+             {"seqs", "N", "attention: sequences decoded per step (default 32)"},
+             {"context", "N", "attention: cached tokens per sequence (default 192)"},
+             {"heads", "N", "attention: query heads per rank (default 4)"},
+             {"kv_heads", "N", "attention: kv heads per rank (default 2)"},
+             {"head_dim", "N", "attention: head size (default 16)"},
+             {"layers", "N", "attention: layers, each with its own cache (default 4)"},
              // bench serve (also --concurrency, --input_len, --output_len, --num_prompts)
              {"url", "URL", "serve: the server (default http://127.0.0.1:8000)"}};
   for (const Flag& f : serving_flags())
@@ -140,7 +150,9 @@ Subcommand make_bench_command() {
     if (target == "train") return bench_train(args, world);
     if (target == "generate") return bench_generate(args, world);
     if (target == "serve") return bench_serve(args, world);
-    throw ConfigError("andyllm bench: expected a target: comm, data, train, generate or serve (got '" + target + "')");
+    if (target == "attention") return bench_attention(args, world);
+    throw ConfigError("andyllm bench: expected a target: comm, data, train, generate, serve or attention (got '" + target +
+                      "')");
   };
   return c;
 }

@@ -88,12 +88,26 @@ __attribute__((target("avx2,fma"))) float exp_scores_avx2(float* scores, int64_t
 // sums across lanes. Heads in pairs, each with two accumulators (even and odd dimensions).
 // dst[h * dst_stride + r] for the g heads of the group (queries q + h * d), r < cols.
 
-// 16 keys at a time (AVX-512), the first `cols` <= 16 of them.
-template <class E>
+// 16 keys at a time (AVX-512); Full: all 16, else the first `cols` under mask m (masked loads
+// read nothing beyond them). Whole vectors are stored plainly: a masked store does not forward
+// to the softmax's loads that follow.
+template <bool Full, class E>
+ANDY_AVX512 inline __m512 load_keys(const typename E::T* p, __mmask16 m) {
+  if constexpr (Full)
+    return E::load16(p);
+  else
+    return E::load16(p, m);
+}
+template <bool Full>
+ANDY_AVX512 inline void store_scores(float* p, __mmask16 m, __m512 x) {
+  if constexpr (Full)
+    _mm512_storeu_ps(p, x);
+  else
+    _mm512_mask_storeu_ps(p, m, x);
+}
+template <bool Full, class E>
 ANDY_AVX512 void scores16_avx512(const float* q, int64_t g, int64_t d, const typename E::T* kt, int64_t bs,
-                                 int64_t cols, float* dst, int64_t dst_stride) {
-  const __mmask16 m = cols >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << cols) - 1);
-  auto load = [&](int64_t x) { return cols >= 16 ? E::load16(kt + x * bs) : E::load16(kt + x * bs, m); };
+                                 __mmask16 m, float* dst, int64_t dst_stride) {
   int64_t h = 0;
   for (; h + 2 <= g; h += 2) {
     const float* q0 = q + h * d;
@@ -101,30 +115,30 @@ ANDY_AVX512 void scores16_avx512(const float* q, int64_t g, int64_t d, const typ
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
     int64_t x = 0;
     for (; x + 2 <= d; x += 2) {
-      const __m512 k0 = load(x), k1 = load(x + 1);
+      const __m512 k0 = load_keys<Full, E>(kt + x * bs, m), k1 = load_keys<Full, E>(kt + (x + 1) * bs, m);
       a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), k0, a0);
       b0 = _mm512_fmadd_ps(_mm512_set1_ps(q1[x]), k0, b0);
       a1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x + 1]), k1, a1);
       b1 = _mm512_fmadd_ps(_mm512_set1_ps(q1[x + 1]), k1, b1);
     }
     if (x < d) {
-      const __m512 k0 = load(x);
+      const __m512 k0 = load_keys<Full, E>(kt + x * bs, m);
       a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), k0, a0);
       b0 = _mm512_fmadd_ps(_mm512_set1_ps(q1[x]), k0, b0);
     }
-    _mm512_mask_storeu_ps(dst + h * dst_stride, m, _mm512_add_ps(a0, a1));
-    _mm512_mask_storeu_ps(dst + (h + 1) * dst_stride, m, _mm512_add_ps(b0, b1));
+    store_scores<Full>(dst + h * dst_stride, m, _mm512_add_ps(a0, a1));
+    store_scores<Full>(dst + (h + 1) * dst_stride, m, _mm512_add_ps(b0, b1));
   }
   if (h < g) {
     const float* q0 = q + h * d;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
     int64_t x = 0;
     for (; x + 2 <= d; x += 2) {
-      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), load(x), a0);
-      a1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x + 1]), load(x + 1), a1);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), load_keys<Full, E>(kt + x * bs, m), a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x + 1]), load_keys<Full, E>(kt + (x + 1) * bs, m), a1);
     }
-    if (x < d) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), load(x), a0);
-    _mm512_mask_storeu_ps(dst + h * dst_stride, m, _mm512_add_ps(a0, a1));
+    if (x < d) a0 = _mm512_fmadd_ps(_mm512_set1_ps(q0[x]), load_keys<Full, E>(kt + x * bs, m), a0);
+    store_scores<Full>(dst + h * dst_stride, m, _mm512_add_ps(a0, a1));
   }
 }
 
@@ -338,7 +352,9 @@ void attend(const DecodeAttentionArgs& a, CpuIsa isa, int64_t s, int64_t j, std:
     float* dst = scores.data() + b * bs;
     int64_t r = 0;
     if (isa == CpuIsa::kAvx512) {
-      for (; r < n; r += 16) scores16_avx512<E>(q, g, d, kt + r, bs, std::min<int64_t>(16, n - r), dst + r, ctx);
+      for (; r + 16 <= n; r += 16) scores16_avx512<true, E>(q, g, d, kt + r, bs, 0xFFFF, dst + r, ctx);
+      if (r < n) scores16_avx512<false, E>(q, g, d, kt + r, bs, static_cast<__mmask16>((1u << (n - r)) - 1), dst + r, ctx);
+      r = n;
     } else if (avx2) {
       for (; r + 8 <= n; r += 8) scores8_avx2<E>(q, g, d, kt + r, bs, dst + r, ctx);
     }
