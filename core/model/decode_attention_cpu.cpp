@@ -1,5 +1,7 @@
 // CPU decode attention (see decode_attention_cpu.h). The AVX2 functions carry
-// target("avx2,fma,f16c") and run only where has_avx2_fma() and has_f16c() (core/base/avx2_math.h).
+// target("avx2,fma,f16c") and run only where has_avx2_fma() and has_f16c(); the AVX-512 ones
+// (ANDY_AVX512) only where has_avx512_bw_vl() too (core/base/avx2_math.h). Functions of one
+// target are not inlined into code of another (lambdas included), so each path is written out.
 #include "core/model/decode_attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -427,3 +429,5 @@ void decode_attention_cpu(const DecodeAttentionArgs& a) {
 }
 
 }  // namespace andy
+
+#undef ANDY_AVX512
