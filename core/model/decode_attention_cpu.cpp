@@ -17,6 +17,12 @@
 #include "core/base/avx2_math.h"
 #include "core/base/error.h"
 
+// GCC 12's AVX-512 intrinsics build their "undefined" vectors by self-initialization, which
+// -Wmaybe-uninitialized reports at every inlined use (a false positive; GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
 namespace andy {
 
 namespace {
