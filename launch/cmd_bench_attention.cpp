@@ -14,11 +14,13 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <optional>
 #include <cstdio>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "core/base/dtype_names.h"
 #include "core/base/error.h"
 #include "core/model/decode_attention_cpu.h"
 #include "core/model/kv_cache.h"
@@ -27,18 +29,6 @@
 #include "parallel/world.h"
 
 namespace andy {
-
-namespace {
-
-const char* isa_name(CpuIsa isa) {
-  switch (isa) {
-    case CpuIsa::kPortable: return "portable";
-    case CpuIsa::kAvx2: return "avx2";
-    default: return "avx512";
-  }
-}
-
-}  // namespace
 
 int bench_attention(const ParsedArgs& args, World* world) {
   const int64_t seqs = args.get_int("seqs", 32), context = args.get_int("context", 192);
@@ -50,12 +40,10 @@ int bench_attention(const ParsedArgs& args, World* world) {
       bs < 1 || iters < 1)
     throw ConfigError("andyllm bench attention: expected positive --seqs, --context, --head_dim, --layers, "
                       "--block_size, --iters and --heads a multiple of --kv_heads");
-  const at::ScalarType dtype = dtype_name == "fp32"   ? at::kFloat
-                               : dtype_name == "bf16" ? at::kBFloat16
-                               : dtype_name == "fp16" ? at::kHalf
-                                                      : at::kByte;
-  if (dtype == at::kByte)
+  const std::optional<at::ScalarType> named = scalar_type_named(dtype_name);
+  if (!named || !decode_attention_cpu_supports(*named))
     throw ConfigError("andyllm bench attention: --kv_cache_dtype " + dtype_name + ": expected fp32, bf16 or fp16");
+  const at::ScalarType dtype = *named;
   at::set_num_threads(1);
   const bool root = !world || world->is_root();
 
@@ -86,11 +74,7 @@ int bench_attention(const ParsedArgs& args, World* world) {
     layouts[1].tables.emplace_back(order.begin() + first, order.begin() + last);
   }
 
-  std::vector<CpuIsa> isas;
-  for (CpuIsa isa : {CpuIsa::kAvx512, CpuIsa::kAvx2, CpuIsa::kPortable}) {
-    decode_attention_cpu_limit_isa(isa);
-    if (decode_attention_cpu_isa() == isa) isas.push_back(isa);
-  }
+  const std::vector<CpuIsa> isas = decode_attention_cpu_isas();  // widest first
   // One decode step over every layer into `out` [seqs, heads, d].
   auto step = [&](const Layout& lay, at::Tensor& out) {
     for (int64_t l = 0; l < layers; ++l) {
@@ -156,7 +140,7 @@ int bench_attention(const ParsedArgs& args, World* world) {
       med.push_back(t[t.size() / 2]);
     }
     for (size_t ii = 0; ii < isas.size(); ++ii)
-      std::printf("  %-12s %-9s %12.1f %10.2f %9.2fx\n", layouts[li].name, isa_name(isas[ii]), med[ii],
+      std::printf("  %-12s %-9s %12.1f %10.2f %9.2fx\n", layouts[li].name, cpu_isa_name(isas[ii]), med[ii],
                   bytes / med[ii] / 1e3, med[0] / med[ii]);
   }
   std::printf("# outputs of the %zu instruction sets agree: largest relative difference %.2e\n", isas.size(), worst);

@@ -205,13 +205,14 @@ void scores1(const float* q, int64_t g, int64_t d, const typename E::T* kt, int6
   }
 }
 
-// out[h * d + (0..d)] += sum_p w[h * stride + p] * v[p * vstride + (0..d)] for the G heads of a
+// out[h * d + (0..d)] += sum_p w[h * stride + p] * v[p * d + (0..d)] for the G heads of a
 // group, over `n` rows, accumulated in registers (d = 8 * NV): each value row is loaded once for
 // all G heads.
 template <int NV, int G, class E>
 __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, int64_t stride,
-                                                                const typename E::T* v, int64_t vstride,
-                                                                int64_t n, float* out) {
+                                                                const typename E::T* v, int64_t n,
+                                                                float* out) {
+  constexpr int64_t d = 8 * NV;
   __m256 acc[G * NV];
   for (int h = 0; h < G; ++h)
     for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_loadu_ps(out + h * NV * 8 + 8 * i);
@@ -221,8 +222,8 @@ __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, 
     for (int i = 0; i < G * NV; ++i) acc2[i] = _mm256_setzero_ps();
     for (; p + 2 <= n; p += 2) {
       __m256 r0[NV], r1[NV];
-      for (int i = 0; i < NV; ++i) r0[i] = E::load8(v + p * vstride + 8 * i);
-      for (int i = 0; i < NV; ++i) r1[i] = E::load8(v + (p + 1) * vstride + 8 * i);
+      for (int i = 0; i < NV; ++i) r0[i] = E::load8(v + p * d + 8 * i);
+      for (int i = 0; i < NV; ++i) r1[i] = E::load8(v + (p + 1) * d + 8 * i);
       for (int h = 0; h < G; ++h) {
         const __m256 w0 = _mm256_set1_ps(w[h * stride + p]), w1 = _mm256_set1_ps(w[h * stride + p + 1]);
         for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_fmadd_ps(w0, r0[i], acc[h * NV + i]);
@@ -233,7 +234,7 @@ __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, 
   }
   for (; p < n; ++p) {
     __m256 row[NV];
-    for (int i = 0; i < NV; ++i) row[i] = E::load8(v + p * vstride + 8 * i);
+    for (int i = 0; i < NV; ++i) row[i] = E::load8(v + p * d + 8 * i);
     for (int h = 0; h < G; ++h) {
       const __m256 wv = _mm256_set1_ps(w[h * stride + p]);
       for (int i = 0; i < NV; ++i) acc[h * NV + i] = _mm256_fmadd_ps(wv, row[i], acc[h * NV + i]);
@@ -245,8 +246,8 @@ __attribute__((target("avx2,fma,f16c"))) void weighted_sum_avx2(const float* w, 
 
 // The same with AVX-512 for d = 16 * M: U rows at a time into U sets of accumulators.
 template <int M, int G, class E>
-ANDY_AVX512 void weighted_sum_avx512(const float* w, int64_t stride, const typename E::T* v, int64_t vstride,
-                                     int64_t n, float* out) {
+ANDY_AVX512 void weighted_sum_avx512(const float* w, int64_t stride, const typename E::T* v, int64_t n, float* out) {
+  constexpr int64_t d = 16 * M;
   constexpr int U = G * M >= 8 ? 1 : 8 / (G * M);
   __m512 acc[U][G * M];
   for (int u = 0; u < U; ++u)
@@ -255,7 +256,7 @@ ANDY_AVX512 void weighted_sum_avx512(const float* w, int64_t stride, const typen
   for (; p + U <= n; p += U)
     for (int u = 0; u < U; ++u) {
       __m512 row[M];
-      for (int m = 0; m < M; ++m) row[m] = E::load16(v + (p + u) * vstride + 16 * m);
+      for (int m = 0; m < M; ++m) row[m] = E::load16(v + (p + u) * d + 16 * m);
       for (int h = 0; h < G; ++h) {
         const __m512 wv = _mm512_set1_ps(w[h * stride + p + u]);
         for (int m = 0; m < M; ++m) acc[u][h * M + m] = _mm512_fmadd_ps(wv, row[m], acc[u][h * M + m]);
@@ -263,7 +264,7 @@ ANDY_AVX512 void weighted_sum_avx512(const float* w, int64_t stride, const typen
     }
   for (; p < n; ++p) {
     __m512 row[M];
-    for (int m = 0; m < M; ++m) row[m] = E::load16(v + p * vstride + 16 * m);
+    for (int m = 0; m < M; ++m) row[m] = E::load16(v + p * d + 16 * m);
     for (int h = 0; h < G; ++h) {
       const __m512 wv = _mm512_set1_ps(w[h * stride + p]);
       for (int m = 0; m < M; ++m) acc[0][h * M + m] = _mm512_fmadd_ps(wv, row[m], acc[0][h * M + m]);
@@ -276,32 +277,32 @@ ANDY_AVX512 void weighted_sum_avx512(const float* w, int64_t stride, const typen
 
 // The g heads' weighted sums with AVX-512 (d = 16 * M), two heads at a time where registers allow.
 template <int M, class E>
-void weighted_sums_avx512(const float* w, int64_t stride, int64_t g, const typename E::T* v, int64_t vstride,
-                          int64_t n, float* out) {
+void weighted_sums_avx512(const float* w, int64_t stride, int64_t g, const typename E::T* v, int64_t n,
+                          float* out) {
   int64_t h = 0;
   if (M <= 4)
-    for (; h + 2 <= g; h += 2) weighted_sum_avx512<M, 2, E>(w + h * stride, stride, v, vstride, n, out + h * 16 * M);
-  for (; h < g; ++h) weighted_sum_avx512<M, 1, E>(w + h * stride, stride, v, vstride, n, out + h * 16 * M);
+    for (; h + 2 <= g; h += 2) weighted_sum_avx512<M, 2, E>(w + h * stride, stride, v, n, out + h * 16 * M);
+  for (; h < g; ++h) weighted_sum_avx512<M, 1, E>(w + h * stride, stride, v, n, out + h * 16 * M);
 }
 
-// The weighted sums of `g` heads (weights rows of `stride`) over `n` value rows `vstride` apart,
+// The weighted sums of `g` heads (weights rows of `stride`) over `n` contiguous value rows of d,
 // added to out, fused where registers allow.
 template <class E>
 void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const typename E::T* v,
-                   int64_t vstride, int64_t n, int64_t d, float* out) {
+                   int64_t n, int64_t d, float* out) {
   if (avx2) {
     const int64_t nv = d / 8;
     if (d % 8 == 0) {
-      if (nv == 2 && g == 1) return weighted_sum_avx2<2, 1, E>(w, stride, v, vstride, n, out);
-      if (nv == 2 && g == 2) return weighted_sum_avx2<2, 2, E>(w, stride, v, vstride, n, out);
-      if (nv == 2 && g == 4) return weighted_sum_avx2<2, 4, E>(w, stride, v, vstride, n, out);
-      if (nv == 4 && g == 1) return weighted_sum_avx2<4, 1, E>(w, stride, v, vstride, n, out);
-      if (nv == 4 && g == 2) return weighted_sum_avx2<4, 2, E>(w, stride, v, vstride, n, out);
-      if (nv == 8 && g == 1) return weighted_sum_avx2<8, 1, E>(w, stride, v, vstride, n, out);
-      if (nv == 16 && g == 1) return weighted_sum_avx2<16, 1, E>(w, stride, v, vstride, n, out);
+      if (nv == 2 && g == 1) return weighted_sum_avx2<2, 1, E>(w, stride, v, n, out);
+      if (nv == 2 && g == 2) return weighted_sum_avx2<2, 2, E>(w, stride, v, n, out);
+      if (nv == 2 && g == 4) return weighted_sum_avx2<2, 4, E>(w, stride, v, n, out);
+      if (nv == 4 && g == 1) return weighted_sum_avx2<4, 1, E>(w, stride, v, n, out);
+      if (nv == 4 && g == 2) return weighted_sum_avx2<4, 2, E>(w, stride, v, n, out);
+      if (nv == 8 && g == 1) return weighted_sum_avx2<8, 1, E>(w, stride, v, n, out);
+      if (nv == 16 && g == 1) return weighted_sum_avx2<16, 1, E>(w, stride, v, n, out);
       if (g > 1) {  // one head at a time
         for (int64_t h = 0; h < g; ++h)
-          weighted_sums<E>(avx2, w + h * stride, stride, 1, v, vstride, n, d, out + h * d);
+          weighted_sums<E>(avx2, w + h * stride, stride, 1, v, n, d, out + h * d);
         return;
       }
     }
@@ -310,9 +311,9 @@ void weighted_sums(bool avx2, const float* w, int64_t stride, int64_t g, const t
     float* o = out + h * d;
     for (int64_t p = 0; p < n; ++p) {
       if (avx2)
-        axpy_avx2<E>(w[h * stride + p], v + p * vstride, o, d);
+        axpy_avx2<E>(w[h * stride + p], v + p * d, o, d);
       else
-        axpy_portable<E>(w[h * stride + p], v + p * vstride, o, d);
+        axpy_portable<E>(w[h * stride + p], v + p * d, o, d);
     }
   }
 }
@@ -391,11 +392,11 @@ void attend(const DecodeAttentionArgs& a, CpuIsa isa, int64_t s, int64_t j, std:
     const T* v = base(a.v_cache, b);  // [bs, d]
     const int64_t n = rows_in(b);
     switch (m16) {
-      case 1: weighted_sums_avx512<1, E>(w, ctx, g, v, d, n, out); break;
-      case 2: weighted_sums_avx512<2, E>(w, ctx, g, v, d, n, out); break;
-      case 4: weighted_sums_avx512<4, E>(w, ctx, g, v, d, n, out); break;
-      case 8: weighted_sums_avx512<8, E>(w, ctx, g, v, d, n, out); break;
-      default: weighted_sums<E>(avx2, w, ctx, g, v, d, n, d, out);
+      case 1: weighted_sums_avx512<1, E>(w, ctx, g, v, n, out); break;
+      case 2: weighted_sums_avx512<2, E>(w, ctx, g, v, n, out); break;
+      case 4: weighted_sums_avx512<4, E>(w, ctx, g, v, n, out); break;
+      case 8: weighted_sums_avx512<8, E>(w, ctx, g, v, n, out); break;
+      default: weighted_sums<E>(avx2, w, ctx, g, v, n, d, out);
     }
   }
   for (int64_t h = 0; h < g; ++h)
@@ -418,11 +419,26 @@ bool decode_attention_cpu_supports(c10::ScalarType kv_dtype) {
 }
 
 CpuIsa decode_attention_cpu_isa() {
-  static const CpuIsa best = best_isa();
+  static const CpuIsa best = best_isa();  // the CPU checks are cached themselves
   return static_cast<CpuIsa>(std::min(static_cast<int>(best), g_isa_limit.load()));
 }
 
 void decode_attention_cpu_limit_isa(CpuIsa isa) { g_isa_limit.store(static_cast<int>(isa)); }
+
+std::vector<CpuIsa> decode_attention_cpu_isas() {
+  std::vector<CpuIsa> out;
+  for (int i = static_cast<int>(best_isa()); i >= 0; --i) out.push_back(static_cast<CpuIsa>(i));
+  return out;
+}
+
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::kPortable: return "portable";
+    case CpuIsa::kAvx2: return "avx2";
+    case CpuIsa::kAvx512: return "avx512";
+  }
+  return "?";
+}
 
 void decode_attention_cpu(const DecodeAttentionArgs& a) {
   const CpuIsa isa = decode_attention_cpu_isa();

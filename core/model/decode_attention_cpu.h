@@ -38,5 +38,9 @@ void decode_attention_cpu(const DecodeAttentionArgs& a);
 enum class CpuIsa : int { kPortable = 0, kAvx2 = 1, kAvx512 = 2 };
 CpuIsa decode_attention_cpu_isa();
 void decode_attention_cpu_limit_isa(CpuIsa isa);
+// Every instruction set this CPU can run the kernel with, widest first, and their names
+// ("avx512", "avx2", "portable").
+std::vector<CpuIsa> decode_attention_cpu_isas();
+const char* cpu_isa_name(CpuIsa isa);
 
 }  // namespace andy
