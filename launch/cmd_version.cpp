@@ -6,6 +6,7 @@
 #include <string>
 
 #include "core/base/torch_compat.h"
+#include "core/model/fused_ops.h"
 #include "launch/commands.h"
 #include "parallel/process_grid.h"
 
@@ -28,7 +29,9 @@ Subcommand make_version_command() {
     std::printf("  mpi       %s\n", mpi_s.c_str());
     std::printf("  nccl      %s\n", nccl_compiled_in() ? "compiled in"
                                                          : "not compiled in (CUDA toolkit or NCCL not found at build time)");
-    std::printf("  threads   %d intra-op\n", at::get_num_threads());
+    const int intra = at::get_num_threads(), ours = kernel_threads();
+    std::printf("  threads   %d intra-op; our CPU kernels use %d%s\n", intra, ours,
+                ours < intra ? " (built without OpenMP: see the OpenMP line of cmake's output)" : "");
     return 0;
   };
   return c;

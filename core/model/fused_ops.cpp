@@ -611,6 +611,18 @@ at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t q_offs
   return causal_softmax_unfused(scores, scale, q_offset);
 }
 
+int kernel_threads() {
+  const int64_t n = 4 * static_cast<int64_t>(at::get_num_threads());
+  std::vector<char> used(static_cast<size_t>(at::get_num_threads()), 0);
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num();
+    if (t >= 0 && t < static_cast<int>(used.size())) used[static_cast<size_t>(t)] = 1;
+  });
+  int count = 0;
+  for (char u : used) count += u;
+  return count;
+}
+
 double sum_of_squares_unfused(const at::Tensor& g) { return g.to(at::kDouble).pow(2).sum().item<double>(); }
 
 double sum_of_squares(const at::Tensor& g) {

@@ -19,6 +19,13 @@ namespace andy {
 // Whether the fused CPU kernels run for tensors like `x`.
 bool fused_ops_apply(const at::Tensor& x);
 
+// How many threads an at::parallel_for in our CPU kernels (these, the decode attention, the
+// cross-entropy, int8 and bf16 products) spreads over from the calling thread: at::get_num_threads()
+// where they were compiled with OpenMP (CMake's ANDYLLM_OPENMP: LibTorch's OpenMP runtime is
+// GCC's libgomp.so.1), 1 otherwise (at::parallel_for is a header: without _OPENMP it runs the
+// whole range on the caller).
+int kernel_threads();
+
 // weight * (x / sqrt(mean(x^2, -1) + eps)), normalised in fp32 and rounded to x's dtype before
 // the scale, as transformers' LlamaRMSNorm. x [..., D]; weight [D].
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);

@@ -198,6 +198,71 @@ TEST_P(FusedOps, SumOfSquaresMatchesCompositeAndFlagsNonFinite) {
     }
 }
 
+// The kernels split their rows over the intra-op threads (at::parallel_for) only where they were
+// compiled with OpenMP; the build enables it where LibTorch shares GCC's libgomp (CMakeLists.txt).
+TEST_P(FusedOps, KernelsUseTheIntraOpThreads) {
+#if ANDYLLM_OPENMP
+  EXPECT_EQ(kernel_threads(), GetParam());
+#else
+  EXPECT_EQ(kernel_threads(), 1);
+  GTEST_SKIP() << "built without OpenMP (LibTorch does not share GCC's libgomp): the kernels run on one thread";
+#endif
+}
+
+// Inputs large enough that each kernel's at::parallel_for splits them (rows above row_grain),
+// so that with 2 threads every chunk boundary and the per-thread parts of RMSNorm's weight
+// gradient are exercised.
+TEST_P(FusedOps, InputsSplitAcrossThreadsMatchComposites) {
+  for (const Case& c : kCases) {
+    const std::string dt = c10::toString(c.dtype);
+    {
+      at::Tensor x = at::randn({601, 128}).mul(3).to(c.dtype), w = at::rand({128}).add(0.5);
+      at::Tensor up = at::randn({601, 128});
+      expect_close(value_and_grads([&](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up),
+                   value_and_grads([&](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up),
+                   c.tol * 4, "rms_norm, 601 rows " + dt);
+    }
+    {
+      at::Tensor g = at::randn({41, 1000}).mul(4).to(c.dtype), u = at::randn({41, 1000}).to(c.dtype);
+      at::Tensor up = at::randn({41, 1000});
+      expect_close(value_and_grads([&](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, up),
+                   value_and_grads([&](auto& in) { return swiglu_unfused(in[0], in[1]); }, {g, u}, up), c.tol,
+                   "swiglu, 41000 elements " + dt);
+    }
+    {
+      const int64_t b = 2, t = 130, h = 8, d = 32;
+      RopeTables tables = make_rope_tables(d, 256, 10000.0);
+      at::Tensor pos = at::randint(0, 256, {b, t}, at::kLong);
+      at::Tensor cos = tables.cos.index_select(0, pos.view(-1)).view({b, t, d});
+      at::Tensor sin = tables.sin.index_select(0, pos.view(-1)).view({b, t, d});
+      at::Tensor x = at::randn({b, t, h, d}).to(c.dtype), up = at::randn({b, t, h, d});
+      expect_close(value_and_grads([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, up),
+                   value_and_grads([&](auto& in) { return rope_bthd_unfused(in[0], cos, sin); }, {x}, up), c.tol,
+                   "rope, 2080 rows " + dt);
+    }
+    {
+      at::Tensor x = at::randn({2, 4, 129, 129}).mul(4).to(c.dtype), up = at::randn({2, 4, 129, 129});
+      expect_close(value_and_grads([&](auto& in) { return causal_softmax(in[0], 0.37, 0); }, {x}, up),
+                   value_and_grads([&](auto& in) { return causal_softmax_unfused(in[0], 0.37, 0); }, {x}, up),
+                   c.tol, "causal_softmax, 1032 rows " + dt);
+    }
+    {
+      const int64_t n = 301, width = 512, vocab = 512;
+      at::Tensor targets = at::randint(0, vocab, {n}, at::kLong);
+      targets[0] = -100;
+      at::Tensor logits = at::randn({n, width}).mul(5).to(c.dtype), up = at::randn({n});
+      expect_close(
+          value_and_grads(
+              [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, true); },
+              {logits}, up),
+          value_and_grads(
+              [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, false); },
+              {logits}, up),
+          c.dtype == at::kFloat ? 2e-6 : 1e-2, "cross-entropy, 301 rows " + dt);
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Threads, FusedOps, ::testing::Values(1, 2));
 
 }  // namespace
