@@ -36,8 +36,8 @@ GradReducer::GradReducer(std::vector<at::Tensor> params, CommPtr dp, GradReducer
   for (auto& b : buckets_) b.flat = at::zeros({b.numel}, params_[b.params[0]].options().dtype(at::kFloat));
   std::weak_ptr<bool> alive = alive_;
   for (size_t k = 0; k < params_.size(); ++k) {
-    params_[k].register_hook([this, k, alive](const at::Tensor& grad) {
-      if (alive.lock()) on_grad(k, grad);
+    params_[k].register_hook([this, k, alive](const at::Tensor& grad) -> at::Tensor {
+      return alive.lock() ? on_grad(k, grad) : at::Tensor();
     });
   }
 }
@@ -52,35 +52,56 @@ void GradReducer::set_sync(bool sync) { sync_ = sync; }
 std::vector<size_t> GradReducer::bucket_params(int b) const { return buckets_.at(b).params; }
 int64_t GradReducer::bucket_numel(int b) const { return buckets_.at(b).numel; }
 
-void GradReducer::on_grad(size_t k, const at::Tensor& grad) {
-  if (!sync_ || !active()) return;
+bool GradReducer::grad_is_bucket_view(size_t k) const {
+  const at::Tensor& g = params_[k].grad();
+  if (!g.defined()) return false;
+  auto [bi, slot] = where_[k];
+  const Bucket& b = buckets_[bi];
+  return g.data_ptr() == static_cast<const float*>(b.flat.data_ptr()) + b.offsets[slot];
+}
+
+at::Tensor GradReducer::on_grad(size_t k, const at::Tensor& grad) {
+  if (!sync_ || !active()) return {};
   pending_ = true;
   auto [bi, slot] = where_[k];
   Bucket& b = buckets_[bi];
   if (seen_[k]) {  // a second gradient for one parameter: finish() repacks everything
     repack_ = true;
-    return;
+    // If .grad is this bucket's slice, autograd is about to add the new gradient into it in
+    // place: the bucket's all-reduce must not be running then. Once it is done, the slice holds
+    // the average of the first gradients; finish() repacks it as .grad (the average plus the
+    // new gradient) and averages again, which gives the average of the sums.
+    if (grad_is_bucket_view(k) && b.work) b.work->wait();
+    return {};
   }
   seen_[k] = true;
   at::NoGradGuard no_grad;
-  const at::Tensor& p = params_[k];
+  at::Tensor& p = params_[k];
   at::Tensor dst = b.flat.narrow(0, b.offsets[slot], p.numel()).view(p.sizes());
+  // .grad still the slice from an earlier step (nobody reset it): a copy, so that autograd's
+  // in-place accumulation below goes there and not into the bucket being packed.
+  if (grad_is_bucket_view(k)) p.mutable_grad() = p.grad().clone();
   at::Tensor prev = p.grad();
+  at::Tensor replace;
   if (prev.defined()) {
     at::add_out(dst, prev.to(at::kFloat), grad.to(at::kFloat));
   } else {
     dst.copy_(grad);
+    // Autograd keeps the returned slice as .grad when the layouts agree (contiguous fp32).
+    if (grad.scalar_type() == at::kFloat && p.scalar_type() == at::kFloat && p.is_contiguous()) replace = dst;
   }
   if (++b.ready == b.params.size()) {
     launch(b);
     ++stats_.buckets_launched_in_backward;
   }
   progress();
+  return replace;
 }
 
 void GradReducer::pack_from_grads(Bucket& b) {
   for (size_t s = 0; s < b.params.size(); ++s) {
     const at::Tensor& p = params_[b.params[s]];
+    if (grad_is_bucket_view(b.params[s])) continue;  // already there
     at::Tensor dst = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
     if (p.grad().defined()) dst.copy_(p.grad());
     else dst.zero_();
@@ -124,6 +145,7 @@ double GradReducer::finish() {
     b.work->wait();
     for (size_t s = 0; s < b.params.size(); ++s) {
       at::Tensor& p = params_[b.params[s]];
+      if (grad_is_bucket_view(b.params[s])) continue;  // averaged in place
       at::Tensor src = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
       if (p.grad().defined()) {
         p.mutable_grad().copy_(src);
