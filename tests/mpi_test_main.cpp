@@ -9,6 +9,8 @@
 
 #include "tests/mpi_test_main.h"
 
+#include "parallel/process_grid.h"
+
 namespace {
 andy::World* g_world = nullptr;
 
@@ -29,6 +31,12 @@ class RankFailurePrinter : public testing::EmptyTestEventListener {
 }  // namespace
 
 andy::World& andy::test_world() { return *g_world; }
+
+andy::CommPtr andy::test_world_comm() {
+  static CommPtr comm = make_communicator(Backend::kMpi, MpiComm(MPI_COMM_WORLD, false), "world", -1,
+                                          std::chrono::milliseconds(60000));
+  return comm;
+}
 
 int main(int argc, char** argv) {
   andy::World world(&argc, &argv);

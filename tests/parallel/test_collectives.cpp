@@ -21,11 +21,7 @@ using namespace andy;
 
 namespace {
 
-CommPtr world_comm() {
-  static CommPtr comm = make_communicator(Backend::kMpi, MpiComm(MPI_COMM_WORLD, false), "world",
-                                          -1, std::chrono::milliseconds(60000));
-  return comm;
-}
+CommPtr world_comm() { return test_world_comm(); }
 
 const std::vector<at::ScalarType> kAllTypes = {at::kFloat, at::kDouble, at::kBFloat16,
                                                at::kHalf,  at::kInt,    at::kLong};

@@ -9,19 +9,12 @@
 #include <vector>
 
 #include "parallel/grad_reducer.h"
-#include "parallel/mpi_communicator.h"
-#include "parallel/process_grid.h"
 #include "tests/mpi_test_main.h"
 
 using namespace andy;
 
 namespace {
 
-CommPtr world_comm() {
-  static CommPtr comm = make_communicator(Backend::kMpi, MpiComm(MPI_COMM_WORLD, false), "world",
-                                          -1, std::chrono::milliseconds(60000));
-  return comm;
-}
 
 // Parameters of a few shapes; with tiny buckets they spread over several buckets.
 std::vector<at::Tensor> make_params(at::ScalarType dtype = at::kFloat) {
@@ -52,13 +45,19 @@ void expect_grads(const std::vector<at::Tensor>& ps, double factor, const char* 
   }
 }
 
+// Every test: the world communicator, this rank, and fresh fp32 parameters.
+class GradReducerTest : public ::testing::Test {
+ protected:
+  CommPtr comm = test_world_comm();
+  const int n = comm->size(), r = comm->rank();
+  std::vector<at::Tensor> ps = make_params();
+};
+
 }  // namespace
 
-TEST(GradReducer, AveragesIntoBucketViews) {
-  auto comm = world_comm();
-  const int n = comm->size(), r = comm->rank();
+TEST_F(GradReducerTest, AveragesIntoBucketViews) {
   for (bool one_bucket : {false, true}) {
-    auto ps = make_params();
+    ps = make_params();
     GradReducer reducer(ps, comm, one_bucket ? GradReducerOptions() : tiny_buckets());
     for (int step = 0; step < 3; ++step) {
       for (auto& p : ps) p.mutable_grad() = at::Tensor();
@@ -68,17 +67,16 @@ TEST(GradReducer, AveragesIntoBucketViews) {
       expect_grads(ps, mean_c(n) * (step + 1), one_bucket ? "one bucket" : "a bucket each");
       // fp32 gradients are the bucket's memory, not tensors of their own: in one bucket, every
       // .grad is a slice of the same storage.
-      if (one_bucket)
+      if (one_bucket) {
         for (auto& p : ps) EXPECT_EQ(p.grad().storage().data(), ps[0].grad().storage().data()) << "step " << step;
+      }
     }
     EXPECT_GT(reducer.stats().buckets_launched_in_backward, 0);
   }
 }
 
-TEST(GradReducer, Bf16ParametersKeepGradientsOfTheirOwn) {
-  auto comm = world_comm();
-  const int n = comm->size(), r = comm->rank();
-  auto ps = make_params(at::kBFloat16);
+TEST_F(GradReducerTest, Bf16ParametersKeepGradientsOfTheirOwn) {
+  ps = make_params(at::kBFloat16);
   GradReducer reducer(ps, comm, tiny_buckets());
   reducer.set_sync(true);
   loss_of(ps, r + 1).backward();
@@ -90,10 +88,7 @@ TEST(GradReducer, Bf16ParametersKeepGradientsOfTheirOwn) {
   }
 }
 
-TEST(GradReducer, AccumulatesMicroStepsThenAverages) {
-  auto comm = world_comm();
-  const int n = comm->size(), r = comm->rank();
-  auto ps = make_params();
+TEST_F(GradReducerTest, AccumulatesMicroStepsThenAverages) {
   GradReducer reducer(ps, comm, tiny_buckets());
   for (int step = 0; step < 2; ++step) {
     for (auto& p : ps) p.mutable_grad() = at::Tensor();
@@ -106,10 +101,7 @@ TEST(GradReducer, AccumulatesMicroStepsThenAverages) {
   }
 }
 
-TEST(GradReducer, TwoBackwardsBeforeFinishSumThenAverage) {
-  auto comm = world_comm();
-  const int n = comm->size(), r = comm->rank();
-  auto ps = make_params();
+TEST_F(GradReducerTest, TwoBackwardsBeforeFinishSumThenAverage) {
   GradReducer reducer(ps, comm, tiny_buckets());
   for (int step = 0; step < 2; ++step) {
     for (auto& p : ps) p.mutable_grad() = at::Tensor();
@@ -121,12 +113,9 @@ TEST(GradReducer, TwoBackwardsBeforeFinishSumThenAverage) {
   }
 }
 
-TEST(GradReducer, GradientsLeftFromAnEarlierStepAddUp) {
+TEST_F(GradReducerTest, GradientsLeftFromAnEarlierStepAddUp) {
   // Without resetting .grad, the second step reduces (the first average + the new gradients),
   // as LibTorch's accumulation into .grad would: avg(c) + avg(2c).
-  auto comm = world_comm();
-  const int n = comm->size(), r = comm->rank();
-  auto ps = make_params();
   GradReducer reducer(ps, comm, tiny_buckets());
   reducer.set_sync(true);
   loss_of(ps, r + 1).backward();
@@ -138,10 +127,7 @@ TEST(GradReducer, GradientsLeftFromAnEarlierStepAddUp) {
   expect_grads(ps, mean_c(n) * 3, "second step, .grad kept");
 }
 
-TEST(GradReducer, ParameterWithoutGradientGetsZeros) {
-  auto comm = world_comm();
-  const int n = comm->size(), r = comm->rank();
-  auto ps = make_params();
+TEST_F(GradReducerTest, ParameterWithoutGradientGetsZeros) {
   GradReducer reducer(ps, comm, tiny_buckets());
   std::vector<at::Tensor> used(ps.begin(), ps.end() - 1);
   reducer.set_sync(true);
