@@ -110,29 +110,39 @@ void decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::
 }
 
 // One sequence with several new tokens (a prefill or a chunk of one): causal over its context.
+// The g query heads of a kv head are one matrix of g * t rows, so each product is one plain
+// batched product over the kv heads (oneDNN's sgemm on CPU, parallel/cpu_gemm.h).
 void prefill_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                       const ForwardBatch& batch, int64_t s, int64_t block_size, at::Tensor& out) {
+                       const at::Tensor& k_new, const at::Tensor& v_new, const ForwardBatch& batch, int64_t s,
+                       int64_t block_size, at::Tensor& out) {
   const int64_t t = batch.query_len(s), ctx = batch.context_len[s], start = batch.query_start[s];
   const int64_t h = q.size(1), d = q.size(2), h_kv = k_cache.size(1), g = h / h_kv;
-  const int64_t n_blocks = (ctx + block_size - 1) / block_size;
-  const std::vector<int64_t> table = padded_tables(batch, {s}, n_blocks);
-  at::Tensor keys = gather_blocks(k_cache, true, table, 1, n_blocks, q.device())[0]
-                        .narrow(0, 0, ctx).to(q.scalar_type());  // [ctx, h_kv, d]
-  at::Tensor vals = gather_blocks(v_cache, false, table, 1, n_blocks, q.device())[0]
-                        .narrow(0, 0, ctx).to(q.scalar_type());
-  at::Tensor qs = q.narrow(0, start, t).view({t, h_kv, g, d}).permute({1, 2, 0, 3});  // [h_kv, g, t, d]
+  at::Tensor keys, vals;  // [ctx, h_kv, d]
+  if (ctx == t && k_new.defined() && k_new.scalar_type() == k_cache.scalar_type() &&
+      v_new.scalar_type() == v_cache.scalar_type()) {
+    keys = k_new.narrow(0, start, t);
+    vals = v_new.narrow(0, start, t);
+  } else {
+    const int64_t n_blocks = (ctx + block_size - 1) / block_size;
+    const std::vector<int64_t> table = padded_tables(batch, {s}, n_blocks);
+    keys = gather_blocks(k_cache, true, table, 1, n_blocks, q.device())[0].narrow(0, 0, ctx);
+    vals = gather_blocks(v_cache, false, table, 1, n_blocks, q.device())[0].narrow(0, 0, ctx);
+  }
+  keys = keys.to(q.scalar_type());
+  vals = vals.to(q.scalar_type());
+  const at::Tensor qs = q.narrow(0, start, t).view({t, h_kv, g, d}).permute({1, 2, 0, 3}).reshape({h_kv, g * t, d});
   const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-  at::Tensor scores = at::matmul(qs, keys.permute({1, 2, 0}).unsqueeze(1));  // [h_kv, g, t, ctx]
-  at::Tensor probs = causal_softmax(scores, scale, ctx - t);  // fused on CPU
-  at::Tensor o = at::matmul(probs, vals.permute({1, 0, 2}).unsqueeze(1));  // [h_kv, g, t, d]
-  out.narrow(0, start, t).copy_(o.permute({2, 0, 1, 3}).reshape({t, h, d}));
+  const at::Tensor scores = cpu_matmul(qs, keys.permute({1, 2, 0}));  // [h_kv, g * t, ctx]
+  const at::Tensor probs = causal_softmax(scores.view({h_kv, g, t, ctx}), scale, ctx - t);  // fused on CPU
+  const at::Tensor o = cpu_matmul(probs.reshape({h_kv, g * t, ctx}), vals.permute({1, 0, 2}));  // [h_kv, g * t, d]
+  out.narrow(0, start, t).view({t, h_kv, g, d}).copy_(o.view({h_kv, g, t, d}).permute({2, 0, 1, 3}));
 }
 
 }  // namespace
 
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const ForwardBatch& batch,
-                           int64_t block_size) {
+                           int64_t block_size, const at::Tensor& k_new, const at::Tensor& v_new) {
   ANDY_CHECK(q.dim() == 3 && q.size(0) == batch.num_tokens() && k_cache.dim() == 4 && v_cache.dim() == 4 &&
                  k_cache.size(3) == block_size &&
                  v_cache.sizes() == at::IntArrayRef({k_cache.size(0), k_cache.size(1), block_size, q.size(2)}) &&
@@ -145,14 +155,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
   // A bf16 / fp16 model on CPU (serve.dtype): the CPU decode kernel reads fp32 queries (a few
   // KB per step) and the cache in its own dtype; LibTorch's generic path would gather the cache.
   if (q.is_cpu() && q.scalar_type() != at::kFloat && decode_attention_cpu_supports(k_cache.scalar_type()))
-    return paged_attention(q.to(at::kFloat), k_cache, v_cache, batch, block_size).to(q.scalar_type());
+    return paged_attention(q.to(at::kFloat), k_cache, v_cache, batch, block_size, k_new, v_new).to(q.scalar_type());
   at::Tensor out = at::empty(q.sizes(), q.options());  // contiguous
   std::vector<int64_t> decodes;
   for (int64_t s = 0; s < batch.num_sequences(); ++s) {
     if (batch.query_len(s) == 1)
       decodes.push_back(s);
     else
-      prefill_attention(q, k_cache, v_cache, batch, s, block_size, out);
+      prefill_attention(q, k_cache, v_cache, k_new, v_new, batch, s, block_size, out);
   }
   if (decodes.empty()) return out;
   const bool cpu_kernel = q.is_cpu() && q.scalar_type() == at::kFloat && k_cache.is_cpu() &&

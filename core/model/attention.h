@@ -36,11 +36,14 @@ void write_kv_cache(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
 // [num_blocks, H_kv, d, block_size] and v_cache [num_blocks, H_kv, block_size, d] (one layer of
 // KvCache) already holding this step's keys and values. Each row attends to its sequence's cached positions up to its own (causal). Decodes
 // (one new token) are computed together over keys gathered to the longest context; prefills
-// and chunks one sequence at a time. Grouped-query heads are served by broadcasting, never by
-// repeating K/V. Softmax in fp32, scores scaled by 1/sqrt(d), as attention(). Returns [N, H, d].
+// and chunks one sequence at a time. Grouped-query heads share their kv head's keys and values
+// (a prefill's g query heads as one matrix of g * t rows), never repeating K/V. Softmax in fp32, scores scaled by 1/sqrt(d), as attention(). Returns [N, H, d].
+// k_new, v_new [N, H_kv, d] (optional): this step's keys and values as written to the cache. A
+// prefill with no earlier context reads them instead of gathering its blocks back, where the
+// cache holds them exactly (the same dtype).
 at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, const ForwardBatch& batch,
-                           int64_t block_size);
+                           int64_t block_size, const at::Tensor& k_new = {}, const at::Tensor& v_new = {});
 
 // Rotary tables for positions [0, max_seq_len): cos and sin, each [max_seq_len, head_dim] fp32.
 struct RopeTables {

@@ -87,7 +87,7 @@ at::Tensor LlamaAttentionImpl::forward_batch(const at::Tensor& x, const RopeRows
   at::Tensor k = rotate(k_proj(x), n_kv_head_local_);
   at::Tensor v = v_proj(x).view({n, n_kv_head_local_, head_dim_});
   write_kv_cache(cache.k(layer), cache.v(layer), slots, k, v);
-  at::Tensor o = paged_attention(q, cache.k(layer), cache.v(layer), batch, cache.block_size());
+  at::Tensor o = paged_attention(q, cache.k(layer), cache.v(layer), batch, cache.block_size(), k, v);
   return o_proj(o.reshape({n, n_head_local_ * head_dim_}));
 }
 

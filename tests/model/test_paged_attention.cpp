@@ -4,7 +4,8 @@
 // (serve.kv_cache_dtype), head sizes 16 and 64 (the kernel's register-blocked paths) and 24 (its
 // generic one), grouped kv heads, scattered blocks, blocks of 4, 16 and 24 tokens (shorter than
 // the kernel's 8 or 16 keys, equal, and with a remainder). The cache is filled by
-// write_kv_cache, whose block layout is checked element by element.
+// write_kv_cache, whose block layout is checked element by element. Fresh prefills that read the
+// step's own keys and values against the path that reads them back from the cache.
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
@@ -147,6 +148,49 @@ TEST(PagedAttention, MatchesDenseAttentionForEveryCacheDtype) {
         EXPECT_GT(drift, 1e-5) << dtype;
         EXPECT_LT(drift, dtype == at::kBFloat16 ? 2e-2 : 2e-3) << dtype;
       }
+    }
+  }
+}
+
+// Fresh prefills (no earlier context) read the step's own keys and values (k_new, v_new) in
+// place of their blocks where the cache holds them exactly (the same dtype), and the cache
+// otherwise; chunks after a prefix and decodes always read the cache. Prompts of 1 to 40 tokens,
+// grouped heads, blocks of 16.
+TEST(PagedAttention, FreshPrefillsReadTheNewKeysAndMatchTheCachePath) {
+  const int64_t block_size = 16, num_blocks = 32;
+  for (const Geometry geo : {Geometry{8, 4, 16}, Geometry{6, 2, 24}, Geometry{4, 4, 64}})
+  for (const at::ScalarType dtype : {at::kFloat, at::kBFloat16}) {
+    at::manual_seed(5);
+    at::Tensor k32 = at::randn({num_blocks * block_size, geo.n_kv_head, geo.head_dim});
+    at::Tensor v32 = at::randn({num_blocks * block_size, geo.n_kv_head, geo.head_dim});
+    auto [k_cache, v_cache] = filled_cache(k32, v32, block_size, dtype);
+    ForwardBatch b;
+    std::vector<int64_t> slots;  // each new token's cache slot, in row order
+    auto add = [&](int64_t t, int64_t ctx, std::vector<int64_t> table) {
+      b.add_sequence(std::vector<int64_t>(static_cast<size_t>(t), 0), ctx, table);
+      for (int64_t p = ctx - t; p < ctx; ++p) slots.push_back(table[p / block_size] * block_size + p % block_size);
+    };
+    add(40, 40, {5, 17, 2});      // fresh prefills
+    add(1, 7, {9});               // a decode
+    add(16, 16, {30});
+    add(5, 21, {11, 3});          // a chunk after 16 cached tokens
+    add(1, 1, {20});              // a fresh one-token prompt (computed as a decode)
+    add(23, 23, {8, 25});
+    const at::Tensor idx = at::tensor(slots, at::kLong);
+    const at::Tensor k_new = k32.index_select(0, idx).to(dtype), v_new = v32.index_select(0, idx).to(dtype);
+    at::Tensor q = at::randn({b.num_tokens(), geo.n_head, geo.head_dim});
+    const at::Tensor cache_path = paged_attention(q, k_cache, v_cache, b, block_size);
+    const at::Tensor new_path = paged_attention(q, k_cache, v_cache, b, block_size, k_new, v_new);
+    const at::Tensor want = reference(q, k32.to(dtype), v32.to(dtype), b, block_size);
+    const std::string what = std::to_string(geo.n_head) + "/" + std::to_string(geo.n_kv_head) + " heads of " +
+                             std::to_string(geo.head_dim) + ", cache " + c10::toString(dtype);
+    EXPECT_LT((new_path.to(at::kDouble) - want).norm().item<double>() / want.norm().item<double>(), 1e-5) << what;
+    EXPECT_LT((cache_path.to(at::kDouble) - want).norm().item<double>() / want.norm().item<double>(), 1e-5) << what;
+    // Where the new keys are not what the cache holds (fp32 keys, a bf16 cache), the cache is read.
+    if (dtype != at::kFloat) {
+      const at::Tensor mismatched = paged_attention(q, k_cache, v_cache, b, block_size, k32.index_select(0, idx),
+                                                    v32.index_select(0, idx));
+      EXPECT_TRUE(at::equal(mismatched, cache_path)) << what;
     }
   }
 }
