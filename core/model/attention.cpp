@@ -152,6 +152,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& k_cache,
              k_cache.sizes(), " and ", v_cache.sizes());
   ANDY_CHECK(q.size(1) % k_cache.size(1) == 0, "paged_attention: ", q.size(1),
              " query heads are not a multiple of ", k_cache.size(1), " kv heads");
+  ANDY_CHECK(!k_new.defined() || (k_new.sizes() == at::IntArrayRef({q.size(0), k_cache.size(1), q.size(2)}) &&
+                                  v_new.defined() && v_new.sizes() == k_new.sizes()),
+             "paged_attention: k_new and v_new [N, H_kv, d] = [", q.size(0), ", ", k_cache.size(1), ", ", q.size(2),
+             "] expected, got ", k_new.sizes(), " and ", v_new.defined() ? v_new.sizes() : at::IntArrayRef{});
   // A bf16 / fp16 model on CPU (serve.dtype): the CPU decode kernel reads fp32 queries (a few
   // KB per step) and the cache in its own dtype; LibTorch's generic path would gather the cache.
   if (q.is_cpu() && q.scalar_type() != at::kFloat && decode_attention_cpu_supports(k_cache.scalar_type()))
