@@ -29,9 +29,12 @@ Subcommand make_version_command() {
     std::printf("  mpi       %s\n", mpi_s.c_str());
     std::printf("  nccl      %s\n", nccl_compiled_in() ? "compiled in"
                                                          : "not compiled in (CUDA toolkit or NCCL not found at build time)");
-    const int intra = at::get_num_threads(), ours = kernel_threads();
-    std::printf("  threads   %d intra-op; our CPU kernels use %d%s\n", intra, ours,
-                ours < intra ? " (built without OpenMP: see the OpenMP line of cmake's output)" : "");
+    std::printf("  threads   %d intra-op; our CPU kernels use %d\n", at::get_num_threads(), kernel_threads());
+#if ANDYLLM_OPENMP
+    std::printf("  openmp    on: our CPU kernels split their work over the intra-op threads\n");
+#else
+    std::printf("  openmp    off: our CPU kernels run on the calling thread (see cmake's OpenMP line)\n");
+#endif
     return 0;
   };
   return c;
