@@ -34,15 +34,19 @@ class FusedOps : public ::testing::TestWithParam<int> {
   }
 };
 
+// Each test also runs inputs large enough that the kernel's at::parallel_for splits them (rows
+// above row_grain), so that with 2 threads every chunk boundary and the per-thread parts of
+// RMSNorm's weight gradient are exercised.
 TEST_P(FusedOps, RmsNormMatchesComposite) {
   for (const Case& c : kCases) {
-    for (int64_t d : {128, 37}) {
-      at::Tensor x = at::randn({3, 5, d}).mul(3).to(c.dtype);
+    for (const std::vector<int64_t>& shape : {std::vector<int64_t>{3, 5, 128}, {3, 5, 37}, {601, 128}}) {
+      const int64_t d = shape.back();
+      at::Tensor x = at::randn(shape).mul(3).to(c.dtype);
       at::Tensor w = at::rand({d}).add(0.5);
-      at::Tensor up = at::randn({3, 5, d});
+      at::Tensor up = at::randn(shape);
       auto fused = value_and_grads([&](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up);
       auto ref = value_and_grads([&](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up);
-      expect_close(fused, ref, c.tol, "rms_norm d=" + std::to_string(d) + " " + c10::toString(c.dtype));
+      expect_close(fused, ref, c.tol, "rms_norm " + c10::str(at::IntArrayRef(shape)) + " " + c10::toString(c.dtype));
     }
   }
 }
@@ -70,7 +74,8 @@ TEST_P(FusedOps, CausalSoftmaxMatchesComposite) {
   for (const Case& c : kCases) {
     // [B, H, T, S]: whole sequences (q_offset 0) and a chunk of queries after a prefix, widths
     // that are not multiples of 8.
-    for (auto [t, s, off] : {std::tuple<int64_t, int64_t, int64_t>{13, 13, 0}, {16, 16, 0}, {5, 21, 16}, {1, 9, 8}}) {
+    for (auto [t, s, off] : {std::tuple<int64_t, int64_t, int64_t>{13, 13, 0}, {16, 16, 0}, {5, 21, 16}, {1, 9, 8},
+                             {129, 129, 0}}) {
       at::Tensor x = at::randn({2, 3, t, s}).mul(4).to(c.dtype);
       at::Tensor up = at::randn({2, 3, t, s});
       auto fused = value_and_grads([&](auto& in) { return causal_softmax(in[0], 0.37, off); }, {x}, up);
@@ -88,33 +93,36 @@ TEST_P(FusedOps, CausalSoftmaxMatchesComposite) {
 }
 
 TEST_P(FusedOps, SwigluMatchesComposite) {
-  for (const Case& c : kCases) {
-    at::Tensor g = at::randn({4, 7, 131}).mul(4).to(c.dtype), u = at::randn({4, 7, 131}).to(c.dtype);
-    at::Tensor up = at::randn({4, 7, 131});
+  for (const Case& c : kCases)
+  for (const std::vector<int64_t>& shape : {std::vector<int64_t>{4, 7, 131}, {41, 1000}}) {
+    at::Tensor g = at::randn(shape).mul(4).to(c.dtype), u = at::randn(shape).to(c.dtype);
+    at::Tensor up = at::randn(shape);
     auto fused = value_and_grads([&](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, up);
     auto ref = value_and_grads([&](auto& in) { return swiglu_unfused(in[0], in[1]); }, {g, u}, up);
-    expect_close(fused, ref, c.tol, std::string("swiglu ") + c10::toString(c.dtype));
+    expect_close(fused, ref, c.tol, "swiglu " + c10::str(at::IntArrayRef(shape)) + " " + c10::toString(c.dtype));
   }
 }
 
 TEST_P(FusedOps, RopeMatchesCompositeAndInvertsItself) {
-  const int64_t b = 2, t = 9, h = 3, d = 20;
-  RopeTables tables = make_rope_tables(d, 64, 10000.0);
-  at::Tensor pos = at::randint(0, 64, {b, t}, at::kLong);
-  at::Tensor cos = tables.cos.index_select(0, pos.view(-1)).view({b, t, d});
-  at::Tensor sin = tables.sin.index_select(0, pos.view(-1)).view({b, t, d});
-  for (const Case& c : kCases) {
-    // A strided input (a transposed view), as the attention hands it over.
-    at::Tensor x = at::randn({b, h, t, d}).to(c.dtype).transpose(1, 2);
-    at::Tensor up = at::randn({b, t, h, d});
-    auto fused = value_and_grads([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, up);
-    auto ref = value_and_grads([&](auto& in) { return rope_bthd_unfused(in[0], cos, sin); }, {x}, up);
-    expect_close(fused, ref, c.tol, std::string("rope ") + c10::toString(c.dtype));
+  for (auto [b, t, h, d] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{2, 9, 3, 20}, {2, 130, 8, 32}}) {
+    RopeTables tables = make_rope_tables(d, 256, 10000.0);
+    at::Tensor pos = at::randint(0, 256, {b, t}, at::kLong);
+    at::Tensor cos = tables.cos.index_select(0, pos.view(-1)).view({b, t, d});
+    at::Tensor sin = tables.sin.index_select(0, pos.view(-1)).view({b, t, d});
+    const std::string rows = std::to_string(b * t * h) + " rows of " + std::to_string(d) + " ";
+    for (const Case& c : kCases) {
+      // A strided input (a transposed view), as the attention hands it over.
+      at::Tensor x = at::randn({b, h, t, d}).to(c.dtype).transpose(1, 2);
+      at::Tensor up = at::randn({b, t, h, d});
+      auto fused = value_and_grads([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, up);
+      auto ref = value_and_grads([&](auto& in) { return rope_bthd_unfused(in[0], cos, sin); }, {x}, up);
+      expect_close(fused, ref, c.tol, "rope " + rows + c10::toString(c.dtype));
+    }
+    // A rotation preserves each pair's norm: the fused kernel's backward is its transpose.
+    at::Tensor x = at::randn({b, t, h, d});
+    at::Tensor y = rope_bthd(x, cos, sin);
+    EXPECT_LT(rel_err(y.pow(2).sum(-1), x.pow(2).sum(-1)), 1e-5) << rows;
   }
-  // A rotation preserves each pair's norm: the fused kernel's backward is its transpose.
-  at::Tensor x = at::randn({b, t, h, d});
-  at::Tensor y = rope_bthd(x, cos, sin);
-  EXPECT_LT(rel_err(y.pow(2).sum(-1), x.pow(2).sum(-1)), 1e-5);
 }
 
 TEST_P(FusedOps, AdamWMatchesCompositeOverSteps) {
@@ -154,25 +162,29 @@ TEST_P(FusedOps, GroupedAttentionMatchesRepeatedKv) {
 
 TEST_P(FusedOps, CrossEntropyMatchesComposite) {
   // A rank's slice of a padded vocabulary: columns 0..29 of 32 are real (global ids 40..69,
-  // vocab_size 70), targets outside the slice, inside it, and ignored.
-  const int64_t n = 11, width = 32, start = 40, vocab = 70;
-  at::Tensor targets = at::randint(0, vocab, {n}, at::kLong);
-  targets[0] = -100;
-  targets[1] = start + 3;
-  targets[2] = start + 29;
-  targets[3] = 5;
-  for (const Case& c : kCases) {
-    at::Tensor logits = at::randn({n, width}).mul(5).to(c.dtype);
-    at::Tensor up = at::randn({n});
-    auto fused = value_and_grads(
-        [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, start, vocab, -100, true); },
-        {logits}, up);
-    auto ref = value_and_grads(
-        [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, start, vocab, -100, false); },
-        {logits}, up);
-    expect_close(fused, ref, c.dtype == at::kFloat ? 2e-6 : 1e-2, std::string("cross-entropy ") + c10::toString(c.dtype));
-    EXPECT_EQ(fused[1].narrow(1, 30, 2).abs().max().item<float>(), 0.0f);  // padding columns
-    EXPECT_EQ(fused[1][0].abs().max().item<float>(), 0.0f);                // ignored target
+  // vocab_size 70), targets outside the slice, inside it, and ignored; then 301 rows of a
+  // 512-wide slice with 510 real columns (split over the threads).
+  for (auto [n, width, start, vocab] : {std::tuple<int64_t, int64_t, int64_t, int64_t>{11, 32, 40, 70}, {301, 512, 0, 510}}) {
+    const int64_t real = vocab - start;
+    at::Tensor targets = at::randint(0, vocab, {n}, at::kLong);
+    targets[0] = -100;
+    targets[1] = start + 3;
+    targets[2] = start + 29;
+    targets[3] = 5;
+    for (const Case& c : kCases) {
+      at::Tensor logits = at::randn({n, width}).mul(5).to(c.dtype);
+      at::Tensor up = at::randn({n});
+      auto fused = value_and_grads(
+          [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, start, vocab, -100, true); },
+          {logits}, up);
+      auto ref = value_and_grads(
+          [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, start, vocab, -100, false); },
+          {logits}, up);
+      expect_close(fused, ref, c.dtype == at::kFloat ? 2e-6 : 1e-2,
+                   "cross-entropy " + std::to_string(n) + " rows " + c10::toString(c.dtype));
+      EXPECT_EQ(fused[1].narrow(1, real, width - real).abs().max().item<float>(), 0.0f);  // padding columns
+      EXPECT_EQ(fused[1][0].abs().max().item<float>(), 0.0f);                              // ignored target
+    }
   }
 }
 
@@ -207,60 +219,6 @@ TEST_P(FusedOps, KernelsUseTheIntraOpThreads) {
   EXPECT_EQ(kernel_threads(), 1);
   GTEST_SKIP() << "built without OpenMP (LibTorch does not share GCC's libgomp): the kernels run on one thread";
 #endif
-}
-
-// Inputs large enough that each kernel's at::parallel_for splits them (rows above row_grain),
-// so that with 2 threads every chunk boundary and the per-thread parts of RMSNorm's weight
-// gradient are exercised.
-TEST_P(FusedOps, InputsSplitAcrossThreadsMatchComposites) {
-  for (const Case& c : kCases) {
-    const std::string dt = c10::toString(c.dtype);
-    {
-      at::Tensor x = at::randn({601, 128}).mul(3).to(c.dtype), w = at::rand({128}).add(0.5);
-      at::Tensor up = at::randn({601, 128});
-      expect_close(value_and_grads([&](auto& in) { return rms_norm(in[0], in[1], 1e-5); }, {x, w}, up),
-                   value_and_grads([&](auto& in) { return rms_norm_unfused(in[0], in[1], 1e-5); }, {x, w}, up),
-                   c.tol * 4, "rms_norm, 601 rows " + dt);
-    }
-    {
-      at::Tensor g = at::randn({41, 1000}).mul(4).to(c.dtype), u = at::randn({41, 1000}).to(c.dtype);
-      at::Tensor up = at::randn({41, 1000});
-      expect_close(value_and_grads([&](auto& in) { return swiglu(in[0], in[1]); }, {g, u}, up),
-                   value_and_grads([&](auto& in) { return swiglu_unfused(in[0], in[1]); }, {g, u}, up), c.tol,
-                   "swiglu, 41000 elements " + dt);
-    }
-    {
-      const int64_t b = 2, t = 130, h = 8, d = 32;
-      RopeTables tables = make_rope_tables(d, 256, 10000.0);
-      at::Tensor pos = at::randint(0, 256, {b, t}, at::kLong);
-      at::Tensor cos = tables.cos.index_select(0, pos.view(-1)).view({b, t, d});
-      at::Tensor sin = tables.sin.index_select(0, pos.view(-1)).view({b, t, d});
-      at::Tensor x = at::randn({b, t, h, d}).to(c.dtype), up = at::randn({b, t, h, d});
-      expect_close(value_and_grads([&](auto& in) { return rope_bthd(in[0], cos, sin); }, {x}, up),
-                   value_and_grads([&](auto& in) { return rope_bthd_unfused(in[0], cos, sin); }, {x}, up), c.tol,
-                   "rope, 2080 rows " + dt);
-    }
-    {
-      at::Tensor x = at::randn({2, 4, 129, 129}).mul(4).to(c.dtype), up = at::randn({2, 4, 129, 129});
-      expect_close(value_and_grads([&](auto& in) { return causal_softmax(in[0], 0.37, 0); }, {x}, up),
-                   value_and_grads([&](auto& in) { return causal_softmax_unfused(in[0], 0.37, 0); }, {x}, up),
-                   c.tol, "causal_softmax, 1032 rows " + dt);
-    }
-    {
-      const int64_t n = 301, width = 512, vocab = 512;
-      at::Tensor targets = at::randint(0, vocab, {n}, at::kLong);
-      targets[0] = -100;
-      at::Tensor logits = at::randn({n, width}).mul(5).to(c.dtype), up = at::randn({n});
-      expect_close(
-          value_and_grads(
-              [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, true); },
-              {logits}, up),
-          value_and_grads(
-              [&](auto& in) { return vocab_parallel_cross_entropy(in[0], targets, nullptr, 0, vocab, -100, false); },
-              {logits}, up),
-          c.dtype == at::kFloat ? 2e-6 : 1e-2, "cross-entropy, 301 rows " + dt);
-    }
-  }
 }
 
 INSTANTIATE_TEST_SUITE_P(Threads, FusedOps, ::testing::Values(1, 2));

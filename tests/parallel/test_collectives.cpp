@@ -21,8 +21,6 @@ using namespace andy;
 
 namespace {
 
-CommPtr world_comm() { return test_world_comm(); }
-
 const std::vector<at::ScalarType> kAllTypes = {at::kFloat, at::kDouble, at::kBFloat16,
                                                at::kHalf,  at::kInt,    at::kLong};
 const std::vector<int64_t> kSizes = {1, 7, 1023, 4099};
@@ -40,7 +38,7 @@ double max_abs_diff(const at::Tensor& a, const at::Tensor& b) {
 }  // namespace
 
 TEST(Collectives, AllReduceEveryDtypeAndOp) {
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   const int n = comm->size(), r = comm->rank();
   for (auto t : kAllTypes) {
     for (int64_t size : kSizes) {
@@ -69,7 +67,7 @@ TEST(Collectives, AllReduceEveryDtypeAndOp) {
 TEST(Collectives, NarrowFloatSumIsRoundedOnce) {
   // 1 + n * 2^-9: each partial sum in bf16 would round away the small terms; fp32 staging keeps
   // them until the final rounding, so every rank gets the same correctly rounded value.
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   const int n = comm->size();
   auto x = at::full({5}, comm->rank() == 0 ? 1.0 : std::ldexp(1.0, -9), at::kBFloat16);
   comm->all_reduce(x, {ReduceOp::kSum})->wait();
@@ -79,7 +77,7 @@ TEST(Collectives, NarrowFloatSumIsRoundedOnce) {
 }
 
 TEST(Collectives, AllGatherEqualAndUneven) {
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   const int n = comm->size(), r = comm->rank();
   for (auto t : kAllTypes) {
     for (int64_t size : {int64_t{0}, int64_t{1}, int64_t{5}, int64_t{1001}}) {
@@ -105,7 +103,7 @@ TEST(Collectives, AllGatherEqualAndUneven) {
 }
 
 TEST(Collectives, ReduceScatterEqualAndUneven) {
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   const int n = comm->size(), r = comm->rank();
   const double tri = n * (n + 1) / 2.0;
   for (auto t : kAllTypes) {
@@ -135,7 +133,7 @@ TEST(Collectives, ReduceScatterEqualAndUneven) {
 }
 
 TEST(Collectives, BroadcastFromEveryRoot) {
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   const int n = comm->size(), r = comm->rank();
   for (auto t : kAllTypes) {
     for (int root = 0; root < n; ++root) {
@@ -183,7 +181,7 @@ TEST(Collectives, GatherToEveryRoot) {
 }
 
 TEST(Collectives, MultiDimensionalAndEmptyTensors) {
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   auto x = at::ones({3, 0, 2});
   EXPECT_NO_THROW(comm->all_reduce(x)->wait());
   auto y = at::ones({2, 3, 4}, at::kFloat);
@@ -193,7 +191,7 @@ TEST(Collectives, MultiDimensionalAndEmptyTensors) {
 }
 
 TEST(Collectives, AsyncHandlesOverlap) {
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   const int n = comm->size();
   std::vector<at::Tensor> bufs;
   std::vector<WorkPtr> works;
@@ -211,7 +209,7 @@ TEST(Collectives, AsyncHandlesOverlap) {
 }
 
 TEST(Collectives, ArgumentErrorsAreReported) {
-  auto comm = world_comm();
+  auto comm = test_world_comm();
   auto expect_comm_error = [](auto&& f, const std::string& part) {
     try {
       f();
