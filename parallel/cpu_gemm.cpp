@@ -1,5 +1,6 @@
 // oneDNN sgemm for fp32 CPU linears (see cpu_gemm.h).
 #include "parallel/cpu_gemm.h"
+#include "parallel/cpu_panel_gemm.h"
 
 #include <ATen/Parallel.h>
 #include <dlfcn.h>
@@ -116,6 +117,7 @@ struct PackedWeight {
   at::ScalarType dtype;
   std::shared_ptr<void> buffer;  // 64-byte aligned
   int64_t bytes = 0;             // of the packed layout
+  bool panels = false;           // our panel layout (cpu_panel_gemm.h), else oneDNN's
 };
 
 struct PackedWeights {
@@ -151,6 +153,21 @@ void pack_weight(const PackedGemm<T>& g, const at::Tensor& w, PackedWeight& e) {
   ANDY_CHECK(status == 0, "cpu_linear: oneDNN's pack failed with status ", status, " (N ", n, ", K ", k, ")");
 }
 
+// Packs fp32 w into e.buffer in cpu_panel_gemm.h's panels.
+void pack_panels(const at::Tensor& w, PackedWeight& e) {
+  const int64_t n = w.size(0), k = w.size(1);
+  const size_t bytes = static_cast<size_t>(panel_gemm_packed_size(n, k)) * sizeof(float);
+  void* raw = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+  ANDY_CHECK(raw, "cpu_linear: out of memory packing a ", n, "x", k, " weight (", bytes, " bytes)");
+  e.buffer.reset(raw, std::free);
+  e.bytes = static_cast<int64_t>(bytes);
+  e.panels = true;
+  panel_gemm_pack(w.data_ptr<float>(), n, k, static_cast<float*>(raw));
+}
+
+// fp32 weights go to our panel kernel where the CPU runs it (AVX-512), else to oneDNN's.
+bool fp32_panels() { return panel_gemm_available(); }
+
 // The packed copy of w, packed on first use (and again if w changed in place); null when the
 // packing is off or does not apply.
 std::shared_ptr<void> packed_for(const at::Tensor& w) {
@@ -162,7 +179,9 @@ std::shared_ptr<void> packed_for(const at::Tensor& w) {
   for (auto e = p.by_tensor.begin(); e != p.by_tensor.end();)  // drop the packs of freed weights
     e = e->second.owner.expired() ? p.by_tensor.erase(e) : std::next(e);
   PackedWeight e(w);
-  if (w.scalar_type() == at::kFloat) {
+  if (w.scalar_type() == at::kFloat && fp32_panels()) {
+    pack_panels(w, e);
+  } else if (w.scalar_type() == at::kFloat) {
     pack_weight(packed_sgemm(), w, e);
   } else {
     pack_weight(packed_bf16_gemm(), w, e);
@@ -177,7 +196,8 @@ std::shared_ptr<void> packed_for(const at::Tensor& w) {
 bool packed_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
   if (at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad())) return false;
   if (!(cpu_linear_operands(x, w) && w.is_contiguous() && x.scalar_type() == w.scalar_type())) return false;
-  const bool fp32 = x.scalar_type() == at::kFloat && !compat::autocast_enabled(at::kCPU) && packed_sgemm().available();
+  const bool fp32 = x.scalar_type() == at::kFloat && !compat::autocast_enabled(at::kCPU) &&
+                    (fp32_panels() || packed_sgemm().available());
   const bool bf16 = x.scalar_type() == at::kBFloat16 && packed_bf16_gemm().available();
   if (!fp32 && !bf16) return false;
   if (x.numel() / w.size(1) > kPackedMaxRows) return false;
@@ -187,6 +207,13 @@ bool packed_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
   const float beta = 0;
   const at::Tensor x2 = x.reshape({m, k}).contiguous();
   at::Tensor out = at::empty({m, n}, x.options().dtype(at::kFloat));
+  auto shape = x.sizes().vec();
+  shape.back() = n;
+  if (fp32 && fp32_panels()) {
+    panel_gemm(x2.data_ptr<float>(), m, k, k, static_cast<const float*>(packed.get()), n, out.data_ptr<float>(), n);
+    y = out.view(shape);
+    return true;
+  }
   int status = fp32 ? packed_sgemm().compute("P", "N", &n, &m, &k, static_cast<const float*>(packed.get()), &lda,
                                              x2.data_ptr<float>(), &ldb, &beta, out.data_ptr<float>(), &ldc)
                     : packed_bf16_gemm().compute("P", "N", &n, &m, &k, static_cast<const uint16_t*>(packed.get()), &lda,
@@ -194,8 +221,6 @@ bool packed_linear(const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
                                                  out.data_ptr<float>(), &ldc);
   ANDY_CHECK(status == 0, "cpu_linear: oneDNN's packed product failed with status ", status, " (M ", m, ", N ", n,
              ", K ", k, ")");
-  auto shape = x.sizes().vec();
-  shape.back() = n;
   y = (bf16 ? out.to(at::kBFloat16) : out).view(shape);
   return true;
 }
@@ -362,7 +387,8 @@ void set_cpu_packed_weights(bool on) {
 }
 
 bool cpu_packed_weights_available(at::ScalarType dtype) {
-  return dtype == at::kFloat ? packed_sgemm().available() : dtype == at::kBFloat16 && packed_bf16_gemm().available();
+  return dtype == at::kFloat ? fp32_panels() || packed_sgemm().available()
+                             : dtype == at::kBFloat16 && packed_bf16_gemm().available();
 }
 
 int64_t cpu_packed_weight_bytes() {

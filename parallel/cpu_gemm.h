@@ -27,15 +27,18 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight);
 
 // Packed weights (inference on CPU; serve.cpu_packed_weights): when on, cpu_linear without
 // gradients multiplies fp32 and bf16 inputs of up to 64 rows (batched decode steps; larger
-// prefill products keep the unpacked paths) by a copy of the weight packed once
-// (on first use, again if the weight changed in place) into the layout oneDNN's GEMM kernels
-// read, through oneDNN's packed-GEMM functions (libdnnl.so.2's gemm_pack.hpp, looked up at run
-// time). A product of a few rows then reads the weights once instead of copying them first: the
-// 32-row products of decoding run 1.0-1.7x (fp32) and 2-2.5x (bf16, against LibTorch's bf16
-// linear) as fast. Costs one more copy of every weight used so. Off by default; turning it off
-// frees the packs. A process without those functions (PyTorch's own builds, which link oneDNN
-// statically; ANDYLLM_CPU_GEMM=blas) keeps the unpacked paths. fp32 results equal the unpacked
-// oneDNN sgemm's to fp32 rounding (bit-identical from 32 rows up).
+// prefill products keep the unpacked paths) by a copy of the weight packed once (on first use,
+// again if the weight changed in place). fp32 weights go into the column panels of our own kernel
+// (parallel/cpu_panel_gemm.h) where the CPU has AVX-512: it prefetches the next panel while it
+// computes one, so 32-row products of weights that are not in the cache run 1.2-2.3x as fast as
+// oneDNN's packed sgemm, and each row's result is the same whatever the other rows of the
+// product (up to 64). Elsewhere fp32, and bf16 always, go through oneDNN's packed-GEMM
+// functions (libdnnl.so.2's gemm_pack.hpp, looked up at run time): 32-row products 1.0-1.7x
+// (fp32) and 2-2.5x (bf16, against LibTorch's bf16 linear) as fast as unpacked. Costs one more
+// copy of every weight used so. Off by default; turning it off frees the packs. A process with
+// neither (no AVX-512 and PyTorch's own builds, which link oneDNN statically;
+// ANDYLLM_CPU_GEMM=blas) keeps the unpacked paths. fp32 results equal the unpacked products to
+// fp32 rounding.
 void set_cpu_packed_weights(bool on);
 bool cpu_packed_weights_available(at::ScalarType dtype);
 // Bytes held by the packs of live weights.

@@ -4,6 +4,9 @@
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cstring>
+#include <vector>
+
 #include "core/base/error.h"
 #include "parallel/cpu_gemm.h"
 #include "parallel/tp_ops.h"
@@ -122,7 +125,8 @@ PartitionSpec RowParallelLinearImpl::partition_spec() const {
 }
 
 at::Tensor RowParallelLinearImpl::forward(const at::Tensor& x) {
-  return reduce_from_tp_region(int8_ ? int8_->forward(x) : linear_rows(x, weight), options.tp());
+  at::Tensor y = int8_ ? int8_->forward(x) : linear_rows(x, weight);
+  return reduce_from_tp_region_owned(std::move(y), options.tp());  // y: this product's own
 }
 
 void RowParallelLinearImpl::load_int8_weight(const at::Tensor& q, const at::Tensor& scale) {
@@ -161,6 +165,26 @@ int64_t VocabParallelEmbeddingImpl::vocab_start() const {
 at::Tensor VocabParallelEmbeddingImpl::forward(const at::Tensor& ids) {
   if (!tp_active(options.tp())) return at::embedding(weight, ids);
   int64_t start = vocab_start(), n = local_vocab();
+  if (!at::GradMode::is_enabled() && weight.is_cpu() && weight.is_contiguous()) {
+    // Inference on CPU: each row this rank's slice holds copied, the others zero, in one pass
+    // (the masked ops below take seven), then summed in place.
+    const at::Tensor idx = ids.to(at::kLong).contiguous();
+    std::vector<int64_t> shape(ids.sizes().begin(), ids.sizes().end());
+    shape.push_back(weight.size(1));
+    at::Tensor out = at::empty(shape, weight.options());
+    const int64_t* id = idx.data_ptr<int64_t>();
+    const size_t row_bytes = static_cast<size_t>(weight.size(1) * weight.element_size());
+    const char* w = static_cast<const char*>(weight.data_ptr());
+    char* o = static_cast<char*>(out.data_ptr());
+    for (int64_t i = 0; i < idx.numel(); ++i, o += row_bytes) {
+      const int64_t local = id[i] - start;
+      if (local >= 0 && local < n)
+        std::memcpy(o, w + static_cast<size_t>(local) * row_bytes, row_bytes);
+      else
+        std::memset(o, 0, row_bytes);
+    }
+    return reduce_from_tp_region_owned(std::move(out), options.tp());
+  }
   at::Tensor outside = (ids < start).logical_or(ids >= start + n);
   at::Tensor local = (ids - start).masked_fill(outside, 0);
   at::Tensor out = at::embedding(weight, local).masked_fill(outside.unsqueeze(-1), 0.0);

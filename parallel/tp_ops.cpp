@@ -90,6 +90,14 @@ at::Tensor reduce_from_tp_region(const at::Tensor& x, const CommPtr& tp) {
   return ReduceFromTpRegion::apply(x, tp.get());
 }
 
+at::Tensor reduce_from_tp_region_owned(at::Tensor x, const CommPtr& tp) {
+  if (!tp_active(tp)) return x;
+  if (at::GradMode::is_enabled() && x.requires_grad()) return ReduceFromTpRegion::apply(x, tp.get());
+  if (!x.is_contiguous()) x = x.contiguous();
+  tp->all_reduce_sync(x);
+  return x;
+}
+
 at::Tensor gather_to_tp_root(const at::Tensor& x, const CommPtr& tp) {
   if (!tp_active(tp)) return x;
   const at::Tensor in = x.contiguous();

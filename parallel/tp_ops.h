@@ -26,6 +26,10 @@ at::Tensor copy_to_tp_region(const at::Tensor& x, const CommPtr& tp);
 // Sums over the group forward; identity backward (the "g" of Megatron). Used after
 // row-parallel layers and the vocab-parallel embedding.
 at::Tensor reduce_from_tp_region(const at::Tensor& x, const CommPtr& tp);
+// The same sum for an x the caller hands over (a product's fresh output, used nowhere else):
+// without a gradient to track (inference) it is summed in x's own storage, with no copy;
+// otherwise as reduce_from_tp_region.
+at::Tensor reduce_from_tp_region_owned(at::Tensor x, const CommPtr& tp);
 // Concatenates every rank's x along the last dimension (forward all-gather); backward keeps
 // this rank's slice of the gradient. Used where full logits are needed (sampling, tests).
 at::Tensor gather_from_tp_region(const at::Tensor& x, const CommPtr& tp);

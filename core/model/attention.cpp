@@ -211,27 +211,36 @@ void write_kv_cache(at::Tensor& k_cache, at::Tensor& v_cache, const at::Tensor& 
   const at::Tensor kc = k.to(k_cache.scalar_type()).contiguous(), vc = v.to(v_cache.scalar_type()).contiguous();
   if (k_cache.is_cpu() && k_cache.is_contiguous() && v_cache.is_contiguous()) {
     // Element copies in place: a decode step writes a few KB, less than the dispatch of
-    // LibTorch's indexing ops would cost.
+    // LibTorch's indexing ops would cost. Typed by element size, so that the compiler copies a
+    // key's d elements (strided by bs in the transposed block) without a call per element.
     const at::Tensor sl = slots.to(at::kLong).contiguous();
     const int64_t* slot = sl.data_ptr<int64_t>();
-    const size_t es = static_cast<size_t>(k_cache.element_size());
-    const char* ks = static_cast<const char*>(kc.data_ptr());
-    const char* vs = static_cast<const char*>(vc.data_ptr());
-    char* kd = static_cast<char*>(k_cache.data_ptr());
-    char* vd = static_cast<char*>(v_cache.data_ptr());
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t block = slot[i] / bs, off = slot[i] % bs;
-      ANDY_CHECK(slot[i] >= 0 && block < k_cache.size(0), "write_kv_cache: slot ", slot[i], " outside the cache's ",
-                 k_cache.size(0) * bs, " slots");
-      for (int64_t j = 0; j < h_kv; ++j) {
-        const size_t src = static_cast<size_t>((i * h_kv + j) * d) * es;
-        const size_t head = static_cast<size_t>((block * h_kv + j) * d * bs) * es;
-        for (int64_t x = 0; x < d; ++x)
-          std::memcpy(kd + head + static_cast<size_t>(x * bs + off) * es, ks + src + static_cast<size_t>(x) * es, es);
-        std::memcpy(vd + head + static_cast<size_t>(off * d) * es, vs + src, static_cast<size_t>(d) * es);
+    for (int64_t i = 0; i < n; ++i)
+      ANDY_CHECK(slot[i] >= 0 && slot[i] / bs < k_cache.size(0), "write_kv_cache: slot ", slot[i],
+                 " outside the cache's ", k_cache.size(0) * bs, " slots");
+    auto copy = [&](auto tag) {
+      using E = decltype(tag);
+      const E* ks = static_cast<const E*>(kc.data_ptr());
+      const E* vs = static_cast<const E*>(vc.data_ptr());
+      E* kd = static_cast<E*>(k_cache.data_ptr());
+      E* vd = static_cast<E*>(v_cache.data_ptr());
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t block = slot[i] / bs, off = slot[i] % bs;
+        for (int64_t j = 0; j < h_kv; ++j) {
+          const E* ksrc = ks + (i * h_kv + j) * d;
+          const E* vsrc = vs + (i * h_kv + j) * d;
+          E* kdst = kd + (block * h_kv + j) * d * bs + off;  // [d, bs]: element x at x * bs
+          E* vdst = vd + (block * h_kv + j) * d * bs + off * d;
+          for (int64_t x = 0; x < d; ++x) kdst[x * bs] = ksrc[x];
+          std::memcpy(vdst, vsrc, static_cast<size_t>(d) * sizeof(E));
+        }
       }
+    };
+    switch (k_cache.element_size()) {
+      case 4: copy(float{}); return;  // fp32
+      case 2: copy(uint16_t{}); return;  // bf16, fp16: as their bits (decode_attention_cpu.cpp reads them so)
+      default: ANDY_CHECK(false, "write_kv_cache: ", k_cache.scalar_type(), " cache (4- or 2-byte elements expected)");
     }
-    return;
   }
   using at::indexing::Slice;
   const at::Tensor sl = slots.to(k_cache.device(), at::kLong);

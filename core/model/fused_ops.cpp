@@ -469,6 +469,34 @@ bool fused_ops_apply(const at::Tensor& x) {
          (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16);
 }
 
+at::Tensor add_rms_norm_fp32_(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& weight, double eps) {
+  const auto f32 = at::kFloat;
+  if (at::GradMode::is_enabled() || !fused_kernels_enabled() || !residual.is_cpu() || !delta.is_cpu() ||
+      !weight.is_cpu() || residual.scalar_type() != f32 || delta.scalar_type() != f32 || weight.scalar_type() != f32 ||
+      !residual.is_contiguous() || delta.sizes() != residual.sizes() || weight.dim() != 1 ||
+      residual.size(-1) != weight.size(0))
+    return {};
+  const at::Tensor dl = delta.contiguous(), w = weight.contiguous();
+  const int64_t d = residual.size(-1), rows = residual.numel() / std::max<int64_t>(1, d);
+  at::Tensor y = at::empty(residual.sizes(), residual.options());
+  float* r = residual.data_ptr<float>();
+  const float* a = dl.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // rms_forward_kernel's arithmetic on the sum
+      float* xr = r + row * d;
+      const float* ar = a + row * d;
+      for (int64_t i = 0; i < d; ++i) xr[i] += ar[i];
+      const float rs = 1.0f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + e);
+      float* yr = out + row * d;
+      for (int64_t i = 0; i < d; ++i) yr[i] = wp[i] * (xr[i] * rs);
+    }
+  });
+  return y;
+}
+
 at::Tensor rms_norm_unfused(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor h = x.to(at::kFloat);
   at::Tensor var = h.pow(2).mean(-1, /*keepdim=*/true);

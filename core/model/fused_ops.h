@@ -36,6 +36,12 @@ at::Tensor rms_norm_unfused(const at::Tensor& x, const at::Tensor& weight, doubl
 // docs/PERFORMANCE.md).
 at::Tensor rms_norm_in_dtype(const at::Tensor& x, const at::Tensor& weight, double eps);
 
+// Inference's residual step of a pre-norm block (vLLM's fused_add_rms_norm): residual += delta
+// in place, then rms_norm(residual, weight, eps), in one pass over each row. For fp32 CPU
+// tensors (fused kernels on) with no gradient to track; returns an undefined tensor, touching
+// nothing, otherwise. The values equal those of the two ops.
+at::Tensor add_rms_norm_fp32_(at::Tensor& residual, const at::Tensor& delta, const at::Tensor& weight, double eps);
+
 // silu(gate) * up (the LLaMA MLP's gate), elementwise.
 at::Tensor swiglu(const at::Tensor& gate, const at::Tensor& up);
 at::Tensor swiglu_unfused(const at::Tensor& gate, const at::Tensor& up);

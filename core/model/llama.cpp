@@ -37,6 +37,13 @@ at::Tensor RMSNormImpl::forward(const at::Tensor& x) {
   return rms_norm(x, weight, eps);  // fused on CPU and CUDA (core/model/fused_ops.h)
 }
 
+at::Tensor RMSNormImpl::forward_add_(at::Tensor& residual, const at::Tensor& delta) {
+  at::Tensor y = add_rms_norm_fp32_(residual, delta, weight, eps);
+  if (y.defined()) return y;
+  residual = residual + delta;
+  return forward(residual);
+}
+
 // ---- attention -----------------------------------------------------------------------------
 
 LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
@@ -132,11 +139,12 @@ at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const RopeRows& r
   return h + mlp(post_attention_layernorm(h));
 }
 
-at::Tensor LlamaDecoderLayerImpl::forward_batch(const at::Tensor& x, const RopeRows& rope,
-                                                KvCache& cache, int64_t layer,
-                                                const ForwardBatch& batch, const at::Tensor& slots) {
-  at::Tensor h = x + self_attn->forward_batch(input_layernorm(x), rope, cache, layer, batch, slots);
-  return h + mlp(post_attention_layernorm(h));
+void LlamaDecoderLayerImpl::forward_batch(at::Tensor& residual, at::Tensor& normed, RMSNormImpl& next_norm,
+                                          const RopeRows& rope, KvCache& cache, int64_t layer,
+                                          const ForwardBatch& batch, const at::Tensor& slots) {
+  const at::Tensor a = self_attn->forward_batch(normed, rope, cache, layer, batch, slots);
+  const at::Tensor m = mlp(post_attention_layernorm->forward_add_(residual, a));
+  normed = next_norm.forward_add_(residual, m);
 }
 
 // ---- decoder stack -------------------------------------------------------------------------
@@ -273,12 +281,19 @@ at::Tensor LlamaForCausalLMImpl::forward_batch(const ForwardBatch& batch, KvCach
   rope.cos = rope.cos.squeeze(0);
   rope.sin = rope.sin.squeeze(0);
   at::Tensor h = model->embed_tokens(tokens.view({1, -1})).squeeze(0);  // [N, dim]
-  int64_t l = 0;
-  for (const auto& layer : *model->layers)
-    h = layer->as<LlamaDecoderLayer>()->forward_batch(h, rope, cache, l++, batch, slots);
-  // The final norm and the head only for the rows that are sampled.
-  h = h.index_select(0, on_device(batch.sample_rows));
-  return logits_from_hidden(model->norm(h));
+  const int64_t n_layer = static_cast<int64_t>(model->layers->size());
+  auto layer_at = [&](int64_t l) { return model->layers[l]->as<LlamaDecoderLayer>(); };
+  // Each layer's last residual add is fused with the next norm: the next layer's input norm, or
+  // the final norm.
+  at::Tensor normed = layer_at(0)->input_layernorm(h);
+  for (int64_t l = 0; l < n_layer; ++l)
+    layer_at(l)->forward_batch(h, normed, l + 1 < n_layer ? *layer_at(l + 1)->input_layernorm : *model->norm, rope,
+                               cache, l, batch, slots);
+  // The head only for the rows that are sampled (every row of a step of decodes, in order).
+  const auto& rows = batch.sample_rows;
+  bool all_rows = static_cast<int64_t>(rows.size()) == normed.size(0);
+  for (size_t i = 0; all_rows && i < rows.size(); ++i) all_rows = rows[i] == static_cast<int64_t>(i);
+  return logits_from_hidden(all_rows ? normed : normed.index_select(0, on_device(rows)));
 }
 
 at::Tensor LlamaForCausalLMImpl::forward_cached(const at::Tensor& tokens, KvCache& cache,

@@ -45,6 +45,10 @@ class RMSNormImpl : public torch::nn::Module {
   // with the fp32 weight (the reduced-precision residual stream) gives x's dtype
   // (rms_norm_in_dtype: the weight cast to x's dtype).
   at::Tensor forward(const at::Tensor& x);
+  // Inference: residual += delta, then forward(residual); in one pass where
+  // add_rms_norm_fp32_ applies (core/model/fused_ops.h), else as the two ops (residual then
+  // refers to the sum's new tensor).
+  at::Tensor forward_add_(at::Tensor& residual, const at::Tensor& delta);
   at::Tensor weight;
   double eps;
 };
@@ -93,8 +97,12 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
   LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
                         const std::string& prefix);
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
-  at::Tensor forward_batch(const at::Tensor& x, const RopeRows& rope, KvCache& cache,
-                           int64_t layer, const ForwardBatch& batch, const at::Tensor& slots);
+  // Inference over a packed batch (LlamaAttentionImpl::forward_batch): adds the layer's attention
+  // and MLP outputs to `residual` [N, dim] in place. On entry `normed` is
+  // input_layernorm(residual); on return it is next_norm(residual): the next layer's input norm
+  // or the final norm, each residual add fused with the norm after it (RMSNormImpl::forward_add_).
+  void forward_batch(at::Tensor& residual, at::Tensor& normed, RMSNormImpl& next_norm, const RopeRows& rope,
+                     KvCache& cache, int64_t layer, const ForwardBatch& batch, const at::Tensor& slots);
   RMSNorm input_layernorm{nullptr}, post_attention_layernorm{nullptr};
   LlamaAttention self_attn{nullptr};
   LlamaMLP mlp{nullptr};

@@ -3,12 +3,16 @@
 // intra-op threads; AdamW over several steps; the fused cross-entropy; attention with grouped kv
 // heads against the same attention on repeated keys and values.
 #include <gtest/gtest.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
+#include "core/base/avx2_math.h"
 #include "core/model/attention.h"
 #include "core/model/fused_ops.h"
 #include "parallel/tp_cross_entropy.h"
@@ -68,6 +72,34 @@ TEST_P(FusedOps, RmsNormInBf16WithoutGradMatchesComposite) {
     EXPECT_LT(differ, 0.01) << "d=" << d;
     EXPECT_TRUE(at::allclose(g, r, 1e-2, 1e-2)) << "d=" << d << " max diff " << (g - r).abs().max().item<float>();
   }
+}
+
+// Inference's residual add fused with the next norm: bit for bit the two ops' values, the
+// residual updated in place; nothing done (an undefined result, the residual untouched) where it
+// does not apply: with gradients tracked, bf16, mismatched shapes.
+TEST_P(FusedOps, AddRmsNormEqualsAddThenNorm) {
+  for (const std::vector<int64_t>& shape : {std::vector<int64_t>{32, 128}, {3, 37}, {601, 128}}) {
+    const int64_t d = shape.back();
+    const at::Tensor x = at::randn(shape).mul(3), delta = at::randn(shape), w = at::rand({d}).add(0.5);
+    const at::Tensor sum = x + delta, want = rms_norm(sum, w, 1e-5);
+    at::Tensor residual = x.clone();
+    at::Tensor got;
+    {
+      at::NoGradGuard no_grad;
+      got = add_rms_norm_fp32_(residual, delta, w, 1e-5);
+    }
+    ASSERT_TRUE(got.defined()) << at::IntArrayRef(shape);
+    EXPECT_TRUE(at::equal(residual, sum)) << at::IntArrayRef(shape);
+    EXPECT_TRUE(at::equal(got, want)) << at::IntArrayRef(shape) << " max diff " << (got - want).abs().max().item<float>();
+  }
+  const at::Tensor x = at::randn({4, 16}), w = at::ones({16});
+  at::Tensor r = x.clone();
+  EXPECT_FALSE(add_rms_norm_fp32_(r, x, w, 1e-5).defined()) << "gradient mode is on";
+  at::NoGradGuard no_grad;
+  at::Tensor rb = x.to(at::kBFloat16);
+  EXPECT_FALSE(add_rms_norm_fp32_(rb, rb, w, 1e-5).defined()) << "bf16";
+  EXPECT_FALSE(add_rms_norm_fp32_(r, at::randn({4, 8}), w, 1e-5).defined()) << "shapes";
+  EXPECT_TRUE(at::equal(r, x));
 }
 
 TEST_P(FusedOps, CausalSoftmaxMatchesComposite) {
@@ -208,6 +240,36 @@ TEST_P(FusedOps, SumOfSquaresMatchesCompositeAndFlagsNonFinite) {
       g[at] = bad;
       EXPECT_FALSE(std::isfinite(sum_of_squares(g))) << bad << " at " << at;
     }
+}
+
+// The vectorized maximum and argmax (the softmaxes' shift, greedy sampling) against scalar loops:
+// every length around their 32- and 8-wide steps, the maximum (and ties) at every position class,
+// all -inf, and NaN anywhere flagged.
+TEST(VectorMath, MaxAndArgmaxMatchScalarLoops) {
+  if (!has_avx2_fma()) GTEST_SKIP() << "no AVX2";
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(3);
+  const float inf = std::numeric_limits<float>::infinity();
+  for (int64_t n : {1, 7, 8, 9, 31, 32, 33, 40, 63, 64, 65, 100, 2048, 2051}) {
+    for (int64_t at_pos : {int64_t{0}, n / 3, n - 1}) {
+      std::vector<float> x(static_cast<size_t>(n));
+      const at::Tensor r = at::randn({n}, gen);
+      std::copy(r.data_ptr<float>(), r.data_ptr<float>() + n, x.begin());
+      x[at_pos] = 100;
+      if (at_pos + 9 < n) x[at_pos + 9] = 100;  // a later tie: the first one wins
+      bool nan = true;
+      EXPECT_EQ(argmax_f32_avx2(x.data(), n, nan), at_pos) << "n=" << n;
+      EXPECT_FALSE(nan);
+      EXPECT_EQ(max_avx2(x.data(), n), 100.0f) << "n=" << n;
+      x[n - 1 - at_pos / 2] = std::numeric_limits<float>::quiet_NaN();
+      argmax_f32_avx2(x.data(), n, nan);
+      EXPECT_TRUE(nan) << "n=" << n;
+    }
+    std::vector<float> all(static_cast<size_t>(n), -inf);
+    bool nan = true;
+    EXPECT_EQ(argmax_f32_avx2(all.data(), n, nan), 0) << "n=" << n;
+    EXPECT_FALSE(nan);
+    EXPECT_EQ(max_avx2(all.data(), n), -inf);
+  }
 }
 
 // The kernels split their rows over the intra-op threads (at::parallel_for) only where they were

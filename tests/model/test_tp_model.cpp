@@ -4,9 +4,11 @@
 // vocab-parallel cross-entropy against the dense one, and KV-cache decoding.
 #include <gtest/gtest.h>
 #include <mpi.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <torch/torch.h>
 
 #include <limits>
+#include <vector>
 
 #include "core/base/error.h"
 #include "core/model/llama.h"
@@ -214,6 +216,38 @@ TEST(TensorParallel, GreedyTokensToRootMatchFullArgmax) {
     EXPECT_THROW(model->greedy_tokens_to_root(mine_nan), Error);
   else
     EXPECT_TRUE(model->greedy_tokens_to_root(mine_nan).empty());
+}
+
+// Without gradients the TP layers take their inference forms: the vocab-parallel embedding's
+// one-pass lookup (ids in every rank's slice, in the padding and beyond it), and the row-parallel
+// sum taken in the product's own storage. Both equal the autograd forms exactly, and the
+// row-parallel layer leaves its input alone.
+TEST(TensorParallel, InferencePathsEqualAutogradPaths) {
+  CommPtr tp = world_tp();
+  const int64_t vocab = 97, padded = 100, dim = 24;
+  VocabParallelEmbedding emb(VocabParallelEmbeddingOptions(vocab, padded, dim, tp).seed(11));
+  std::vector<int64_t> id_list;
+  for (int64_t i = 0; i < padded + 3; ++i) id_list.push_back((i * 37) % (padded + 3));
+  const at::Tensor ids = at::tensor(id_list, at::kLong).view({1, -1});
+  const at::Tensor with_grad = emb->forward(ids);
+  ASSERT_TRUE(with_grad.requires_grad());
+  at::NoGradGuard no_grad;
+  const at::Tensor inference = emb->forward(ids);
+  EXPECT_TRUE(at::equal(inference, with_grad.detach())) << tag("embedding");
+  EXPECT_TRUE(at::equal(inference[0][0], emb->forward(at::tensor({id_list[0]}, at::kLong))[0])) << tag("1-d ids");
+
+  const int64_t in = 8 * tp->size(), out = 12;
+  RowParallelLinear row(RowParallelLinearOptions(in, out, tp).seed(5));
+  at::Generator gen = at::make_generator<at::CPUGeneratorImpl>(100 + tp->rank());
+  const at::Tensor x = at::randn({5, in / tp->size()}, gen), x_before = x.clone();
+  at::Tensor row_grad;
+  {
+    at::AutoGradMode grad(true);
+    row_grad = row->forward(x);
+    ASSERT_TRUE(row_grad.requires_grad());
+  }
+  EXPECT_TRUE(at::equal(row->forward(x), row_grad.detach())) << tag("row-parallel linear");
+  EXPECT_TRUE(at::equal(x, x_before));
 }
 
 TEST(TensorParallel, KvCacheDecodingMatchesFullForward) {

@@ -8,11 +8,14 @@
 #include <torch/torch.h>
 
 #include <cmath>
+#include <cstdint>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "core/base/torch_compat.h"
 #include "parallel/cpu_gemm.h"
+#include "parallel/cpu_panel_gemm.h"
 #include "parallel/tp_layers.h"
 
 namespace andy {
@@ -161,9 +164,11 @@ TEST(CpuGemm, Bf16RowProductSumsInFp32AndRoundsOnce) {
 }
 
 // Packed weights (serve.cpu_packed_weights): off by default; when on, inference products of up to
-// 64 rows read a copy of the weight packed once (more rows: the unpacked paths, checked too). fp32 equals the unpacked sgemm to fp32
-// rounding (bit-identical from 32 rows up, where both run the same kernels); bf16 sums the exact products in fp32 and rounds once (within one bf16 rounding of a double
-// reference). A weight changed in place is packed again; turning packing off frees the packs;
+// 64 rows read a copy of the weight packed once (more rows: the unpacked paths, checked too). fp32
+// equals the unpacked sgemm to fp32 rounding: through our panel kernel (AVX-512) each row's result
+// is also that of the row alone, bit for bit; through oneDNN's packed sgemm the results are
+// bit-identical from 32 rows up, where both run the same kernels. bf16 sums the exact products in
+// fp32 and rounds once (within one bf16 rounding of a double reference). A weight changed in place is packed again; turning packing off frees the packs;
 // products that need gradients never use them.
 TEST(CpuGemm, PackedWeightsMatchTheUnpackedProducts) {
   if (!cpu_packed_weights_available(at::kFloat) || !cpu_packed_weights_available(at::kBFloat16))
@@ -183,7 +188,11 @@ TEST(CpuGemm, PackedWeightsMatchTheUnpackedProducts) {
       set_cpu_packed_weights(true);
       const at::Tensor got = cpu_linear(x, w);
       EXPECT_LT(rel_err(got, want), 2e-6) << n << "x" << k << ", " << m << " rows";
-      if (m >= 32) {
+      if (m <= 64 && panel_gemm_available()) {
+        // Our panel kernel: each row's sums do not depend on the other rows.
+        EXPECT_TRUE(at::equal(got.narrow(0, m - 1, 1), cpu_linear(x.narrow(0, m - 1, 1), w)))
+            << n << "x" << k << ", " << m << " rows";
+      } else if (m >= 32) {  // oneDNN's packed and unpacked sgemm run the same kernels
         EXPECT_TRUE(at::equal(got, want)) << n << "x" << k << ", " << m << " rows";
       }
       const at::Tensor gotb = cpu_linear(xb.view({1, m, k}), wb);
@@ -228,6 +237,41 @@ TEST(CpuGemm, PackedWeightsMatchTheUnpackedProducts) {
     EXPECT_GE(cpu_packed_weight_bytes(), 256 * 256 * 4);
   }
   EXPECT_EQ(cpu_packed_weight_bytes(), 0);
+}
+
+// The panel kernel itself (cpu_panel_gemm.h) against a double reference: row counts around its
+// 12-row passes, column counts around its 32-column panels (the last one partial), odd and
+// single-element depths, leading dimensions wider than the rows, one and two threads. Every row
+// equals its product alone, bit for bit, and columns beyond n are not written.
+TEST(CpuGemm, PanelKernelMatchesADoubleReference) {
+  if (!panel_gemm_available()) GTEST_SKIP() << "no AVX-512 on this CPU";
+  torch::manual_seed(5);
+  const int threads = at::get_num_threads();
+  for (int t : {1, 2}) {
+    at::set_num_threads(t);
+    for (const auto& [n, k] : std::vector<std::pair<int64_t, int64_t>>{
+             {1, 1}, {5, 3}, {16, 7}, {17, 64}, {31, 128}, {32, 33}, {33, 128}, {100, 257}, {2048, 128}}) {
+      const at::Tensor w = at::randn({n, k});
+      std::vector<float> packed(static_cast<size_t>(panel_gemm_packed_size(n, k)) + 16);
+      float* aligned = packed.data() + (16 - reinterpret_cast<uintptr_t>(packed.data()) / 4 % 16) % 16;
+      panel_gemm_pack(w.data_ptr<float>(), n, k, aligned);
+      for (int64_t m : {1, 2, 11, 12, 13, 24, 25, 64}) {
+        const int64_t lda = k + 3, ldy = n + 5;
+        const at::Tensor xs = at::randn({m, lda}), x = xs.narrow(1, 0, k);
+        at::Tensor ys = at::full({m, ldy}, 7.0f);
+        panel_gemm(xs.data_ptr<float>(), m, k, lda, aligned, n, ys.data_ptr<float>(), ldy);
+        const at::Tensor want = at::matmul(x.to(at::kDouble), w.to(at::kDouble).t());
+        const std::string what = c10::str(m, " x ", k, " x ", n, ", ", t, " thread(s)");
+        const double bound = 1e-6 * std::sqrt(static_cast<double>(k)) * 4;
+        EXPECT_LT(rel_err(ys.narrow(1, 0, n), want), bound) << what;
+        EXPECT_TRUE(ys.narrow(1, n, 5).eq(7.0f).all().item<bool>()) << what << ": wrote beyond n";
+        at::Tensor one = at::empty({1, n});
+        panel_gemm(xs.data_ptr<float>() + (m - 1) * lda, 1, k, lda, aligned, n, one.data_ptr<float>(), n);
+        EXPECT_TRUE(at::equal(one, ys.narrow(0, m - 1, 1).narrow(1, 0, n))) << what << ": the last row alone";
+      }
+    }
+  }
+  at::set_num_threads(threads);
 }
 
 }  // namespace andy
