@@ -30,8 +30,8 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight);
 // prefill products keep the unpacked paths) by a copy of the weight packed once (on first use,
 // again if the weight changed in place). fp32 weights go into the column panels of our own kernel
 // (parallel/cpu_panel_gemm.h) where the CPU has AVX-512: it prefetches the next panel while it
-// computes one, so 32-row products of weights that are not in the cache run 1.2-2.3x as fast as
-// oneDNN's packed sgemm, and each row's result is the same whatever the other rows of the
+// computes one, so 32-row products of weights that are not in the cache run 1.0-2.4x as fast as
+// oneDNN's packed sgemm (most for small ones), and each row's result is the same whatever the other rows of the
 // product (up to 64). Elsewhere fp32, and bf16 always, go through oneDNN's packed-GEMM
 // functions (libdnnl.so.2's gemm_pack.hpp, looked up at run time): 32-row products 1.0-1.7x
 // (fp32) and 2-2.5x (bf16, against LibTorch's bf16 linear) as fast as unpacked. Costs one more

@@ -5,9 +5,8 @@
 // (two AVX-512 vectors; the last panel zero-padded), one contiguous run after another. A panel's
 // rows are read once for up to 12 rows of x, whose sums stay in 24 registers; while a panel is
 // computed the next one is prefetched, so that the weights stream from memory during the
-// arithmetic. oneDNN's packed sgemm (cpu_gemm.h) reads weights that are not in the cache at
-// about 6 GB/s with 32 rows, and then runs at half its speed on cached weights
-// (docs/PERFORMANCE.md).
+// arithmetic: 1.0-2.4x oneDNN's packed sgemm (cpu_gemm.h) on weights that are not in the cache,
+// as in every decode step (docs/PERFORMANCE.md).
 //
 // Each output element is one fp32 sum over k in order (fused multiply-adds), the same whatever the
 // number of rows: a row's result does not depend on the other rows of the product.
