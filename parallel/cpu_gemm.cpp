@@ -391,6 +391,13 @@ bool cpu_packed_weights_available(at::ScalarType dtype) {
                              : dtype == at::kBFloat16 && packed_bf16_gemm().available();
 }
 
+bool cpu_fp32_panels_on() {
+  if (!fp32_panels()) return false;
+  PackedWeights& p = packed_weights();
+  std::lock_guard<std::mutex> lock(p.mu);
+  return p.enabled;
+}
+
 int64_t cpu_packed_weight_bytes() {
   PackedWeights& p = packed_weights();
   std::lock_guard<std::mutex> lock(p.mu);

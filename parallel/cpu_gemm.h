@@ -41,6 +41,10 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight);
 // fp32 rounding.
 void set_cpu_packed_weights(bool on);
 bool cpu_packed_weights_available(at::ScalarType dtype);
+// Whether packed weights are on and fp32 products go to the panel kernel (AVX-512): then a single
+// fp32 row without gradient goes there too (linear_rows), so that a decode step's rows give the
+// same bits alone as in a batch.
+bool cpu_fp32_panels_on();
 // Bytes held by the packs of live weights.
 int64_t cpu_packed_weight_bytes();
 

@@ -22,7 +22,11 @@ at::Tensor seeded_normal(at::IntArrayRef shape, double std, uint64_t seed) {
 
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight) {
   const bool one_row = x.device().is_cpu() && weight.device().is_cpu() && x.dim() >= 1 && x.numel() == x.size(-1);
-  if (one_row && x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat) {
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad());
+  const bool fp32 = x.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat;
+  // Packed weights in panels (serving): one row like several, bit for bit (cpu_fp32_panels_on).
+  if (one_row && fp32 && !grad && cpu_fp32_panels_on()) return cpu_linear(x, weight);
+  if (one_row && fp32) {
     auto shape = x.sizes().vec();
     shape.back() = weight.size(0);
     return at::mv(weight, x.reshape({-1})).view(shape);
@@ -30,7 +34,6 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight) {
   // bf16 (serve.dtype = bf16): our kernel, which sums in fp32 and reads the weights at memory
   // speed (LibTorch 1.13's bf16 mv rounds partial sums to bf16; at tp 4 a quarter of the engine
   // test's greedy tokens then left the fp32 reference far from ties).
-  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad());
   if (one_row && !grad && x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16)
     return cpu_bf16_gemv(x, weight);
   return cpu_linear(x, weight);  // oneDNN's sgemm for CPU fp32, at::linear otherwise

@@ -22,11 +22,12 @@
 
 namespace andy {
 
-// x [..., in] times weight [out, in]^T, as at::linear; a single row on CPU goes through a
+// x [..., in] times weight [out, in]^T, as at::linear; a single fp32 row on CPU goes through a
 // matrix-vector product instead (OpenBLAS's sgemm packs the whole weight for one row: decoding
-// one sequence of the 25 M model spent 2x longer in its linears); a single bf16 row outside
-// autograd through cpu_bf16_gemv; other CPU fp32 rows through oneDNN's sgemm where it is
-// available (cpu_linear, parallel/cpu_gemm.h).
+// one sequence of the 25 M model spent 2x longer in its linears), or, outside autograd with
+// weights packed in panels (cpu_fp32_panels_on: serving), through the panel kernel like a batch
+// of rows, so that a row's result does not depend on the batch; a single bf16 row outside
+// autograd through cpu_bf16_gemv; other CPU fp32 rows through cpu_linear (parallel/cpu_gemm.h).
 at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight);
 
 // The full tensor of `shape` drawn from normal(0, std) with a CPU generator seeded by `seed`.

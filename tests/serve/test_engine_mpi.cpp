@@ -196,6 +196,43 @@ TEST(ForwardBatch, MixedPrefillChunkAndDecodeMatchFullForward) {
   EXPECT_LT(rel, 1e-5);
 }
 
+// With packed weights in panels (serving on an AVX-512 CPU) a decode row's logits are the same
+// bits whether the sequence steps alone or in a batch: every product, norm, attention and
+// all-reduce of the step is row by row (cpu_fp32_panels_on). Two caches filled by the same
+// prefill; then one step of three decodes against three steps of one.
+TEST(ForwardBatch, DecodeRowsAreTheSameBitsAloneAndInABatchWithPanels) {
+  at::NoGradGuard no_grad;
+  set_cpu_packed_weights(true);
+  struct Off {
+    ~Off() { set_cpu_packed_weights(false); }
+  } off;
+  if (!cpu_fp32_panels_on()) GTEST_SKIP() << "no panel kernel on this CPU (AVX-512)";
+  const ModelConfig m = model_config();
+  KvCache batched(m, world_tp()->size(), /*block_size=*/4, /*num_blocks=*/16),
+      alone(m, world_tp()->size(), /*block_size=*/4, /*num_blocks=*/16);
+  const std::vector<std::vector<int64_t>> prompts = {{5, 17, 3, 9, 44, 2, 8}, {61, 7, 7}, {90, 1, 33, 4, 12}};
+  const std::vector<std::vector<int64_t>> tables = {{0, 1, 2}, {3, 4}, {5, 6}};
+  ForwardBatch prefill;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    prefill.add_sequence(prompts[i], static_cast<int64_t>(prompts[i].size()), tables[i]);
+  prefill.sample_last_rows();
+  tp_model()->forward_batch(prefill, batched);
+  tp_model()->forward_batch(prefill, alone);
+  const std::vector<int64_t> next = {11, 23, 35};
+  ForwardBatch step;
+  for (size_t i = 0; i < prompts.size(); ++i)
+    step.add_sequence({next[i]}, static_cast<int64_t>(prompts[i].size()) + 1, tables[i]);
+  step.sample_last_rows();
+  const at::Tensor together = tp_model()->forward_batch(step, batched);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    ForwardBatch one;
+    one.add_sequence({next[i]}, static_cast<int64_t>(prompts[i].size()) + 1, tables[i]);
+    one.sample_last_rows();
+    const at::Tensor got = tp_model()->forward_batch(one, alone);
+    EXPECT_TRUE(at::equal(got[0], together[static_cast<int64_t>(i)])) << tag() << "sequence " << i;
+  }
+}
+
 TEST(Engine, GreedyAloneEqualsBatchedChunkedAndTheFullForwardReference) {
   auto requests = mixed_requests();
   EngineOptions o = options(/*num_blocks=*/256);
