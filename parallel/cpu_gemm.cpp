@@ -117,7 +117,6 @@ struct PackedWeight {
   at::ScalarType dtype;
   std::shared_ptr<void> buffer;  // 64-byte aligned
   int64_t bytes = 0;             // of the packed layout
-  bool panels = false;           // our panel layout (cpu_panel_gemm.h), else oneDNN's
 };
 
 struct PackedWeights {
@@ -161,7 +160,6 @@ void pack_panels(const at::Tensor& w, PackedWeight& e) {
   ANDY_CHECK(raw, "cpu_linear: out of memory packing a ", n, "x", k, " weight (", bytes, " bytes)");
   e.buffer.reset(raw, std::free);
   e.bytes = static_cast<int64_t>(bytes);
-  e.panels = true;
   panel_gemm_pack(w.data_ptr<float>(), n, k, static_cast<float*>(raw));
 }
 
