@@ -56,6 +56,14 @@ inline const float* row_as_float(const T* src, int64_t d, float* buf) {
   }
 }
 
+// One row: y = w * round_T(x * rstd) stored as Y, x given as floats; returns rstd.
+template <typename T, typename Y>
+inline float rms_forward_row(const float* xr, const float* w, Y* yr, int64_t d, float eps) {
+  const float rs = 1.0f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + eps);
+  for (int64_t i = 0; i < d; ++i) yr[i] = from_f<Y>(w[i] * round_as<T>(xr[i] * rs));
+  return rs;
+}
+
 // y = w * round_T(x * rstd) per row, stored as Y; rstd saved for backward unless null.
 template <typename T, typename Y = float>
 void rms_forward_kernel(const T* x, const float* w, Y* y, float* rstd, int64_t rows, int64_t d,
@@ -63,11 +71,20 @@ void rms_forward_kernel(const T* x, const float* w, Y* y, float* rstd, int64_t r
   at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
     std::vector<float> buf(std::is_same_v<T, float> ? 0 : d);
     for (int64_t r = begin; r < end; ++r) {
-      const float* xr = row_as_float(x + r * d, d, buf.data());
-      const float rs = 1.0f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + eps);
+      const float rs = rms_forward_row<T, Y>(row_as_float(x + r * d, d, buf.data()), w, y + r * d, d, eps);
       if (rstd) rstd[r] = rs;
-      Y* yr = y + r * d;
-      for (int64_t i = 0; i < d; ++i) yr[i] = from_f<Y>(w[i] * round_as<T>(xr[i] * rs));
+    }
+  });
+}
+
+// fp32 rows: x += a in place, then y = rms_forward_kernel's norm of the sum, row by row.
+void add_rms_forward_kernel(float* x, const float* a, const float* w, float* y, int64_t rows, int64_t d, float eps) {
+  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      float* xr = x + r * d;
+      const float* ar = a + r * d;
+      for (int64_t i = 0; i < d; ++i) xr[i] += ar[i];
+      rms_forward_row<float, float>(xr, w, y + r * d, d, eps);
     }
   });
 }
@@ -479,21 +496,8 @@ at::Tensor add_rms_norm_fp32_(at::Tensor& residual, const at::Tensor& delta, con
   const at::Tensor dl = delta.contiguous(), w = weight.contiguous();
   const int64_t d = residual.size(-1), rows = residual.numel() / std::max<int64_t>(1, d);
   at::Tensor y = at::empty(residual.sizes(), residual.options());
-  float* r = residual.data_ptr<float>();
-  const float* a = dl.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* out = y.data_ptr<float>();
-  const float e = static_cast<float>(eps);
-  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {  // rms_forward_kernel's arithmetic on the sum
-      float* xr = r + row * d;
-      const float* ar = a + row * d;
-      for (int64_t i = 0; i < d; ++i) xr[i] += ar[i];
-      const float rs = 1.0f / std::sqrt(dot(xr, xr, d) / static_cast<float>(d) + e);
-      float* yr = out + row * d;
-      for (int64_t i = 0; i < d; ++i) yr[i] = wp[i] * (xr[i] * rs);
-    }
-  });
+  add_rms_forward_kernel(residual.data_ptr<float>(), dl.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(),
+                         rows, d, static_cast<float>(eps));
   return y;
 }
 
