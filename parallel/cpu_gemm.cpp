@@ -31,10 +31,19 @@ using SgemmFn = int (*)(char transa, char transb, int64_t m, int64_t n, int64_t 
 
 // The process's `dnnl_sgemm` (Debian's libtorch_cpu links libdnnl.so.2; PyTorch's own builds link
 // oneDNN statically and do not export it), or null.
+// ANDYLLM_CPU_GEMM=blas: every fp32 product through at::linear / at::matmul (OpenBLAS), none of
+// ours or oneDNN's.
+bool blas_requested() {
+  static const bool yes = [] {
+    const char* env = std::getenv("ANDYLLM_CPU_GEMM");
+    return env && std::string(env) == "blas";
+  }();
+  return yes;
+}
+
 SgemmFn sgemm_fn() {
   static const SgemmFn fn = [] {
-    const char* env = std::getenv("ANDYLLM_CPU_GEMM");
-    if (env && std::string(env) == "blas") return SgemmFn{nullptr};
+    if (blas_requested()) return SgemmFn{nullptr};
     return reinterpret_cast<SgemmFn>(dlsym(RTLD_DEFAULT, "dnnl_sgemm"));
   }();
   return fn;
@@ -66,8 +75,7 @@ struct PackedGemm {
 template <typename T>
 PackedGemm<T> lookup_packed_gemm(const char* size_name, const char* pack_name, const char* compute_name) {
   PackedGemm<T> g;
-  const char* env = std::getenv("ANDYLLM_CPU_GEMM");
-  if (env && std::string(env) == "blas") return g;
+  if (blas_requested()) return g;
   g.size = reinterpret_cast<PackSizeFn>(dlsym(RTLD_DEFAULT, size_name));
   g.pack = reinterpret_cast<PackFn<T>>(dlsym(RTLD_DEFAULT, pack_name));
   g.compute = reinterpret_cast<ComputeFn<T>>(dlsym(RTLD_DEFAULT, compute_name));
@@ -164,7 +172,7 @@ void pack_panels(const at::Tensor& w, PackedWeight& e) {
 }
 
 // fp32 weights go to our panel kernel where the CPU runs it (AVX-512), else to oneDNN's.
-bool fp32_panels() { return panel_gemm_available(); }
+bool fp32_panels() { return panel_gemm_available() && !blas_requested(); }
 
 // The packed copy of w, packed on first use (and again if w changed in place); null when the
 // packing is off or does not apply.
