@@ -216,6 +216,34 @@ class ShmWork : public Work {
   bool done_ = false;
 };
 
+constexpr int64_t kShmDirectAllReduceBytes = int64_t{1} << 20;  // above: direct (polled communicators)
+
+// dst[0, n) = every rank's n floats at byte `offset` of its buffer of a direct operation,
+// reduced in rank order (the slots' order, so every path gives the same bits), read in pieces
+// that stay in cache.
+void reduce_direct(const ShmCollectives::Reader& read, int size, int64_t offset, float* dst, int64_t n, ReduceOp op) {
+  constexpr int64_t kPiece = 32 << 10;  // floats: 128 KB from each rank
+  const int64_t piece = std::min(n, kPiece);
+  std::vector<float> tmp(static_cast<size_t>(size * piece));
+  std::vector<const float*> in(static_cast<size_t>(size));
+  for (int64_t i = 0; i < n; i += kPiece) {
+    const int64_t m = std::min(kPiece, n - i);
+    for (int r = 0; r < size; ++r) {
+      float* t = tmp.data() + r * piece;
+      read(r, offset + i * static_cast<int64_t>(sizeof(float)), t, m * static_cast<int64_t>(sizeof(float)));
+      in[r] = t;
+    }
+    ShmCollectives::reduce(dst + i, in, m, op);
+  }
+}
+
+// Where rank r's part of n elements starts when they are split evenly over `size` ranks (in
+// whole cache lines of floats).
+int64_t even_split(int64_t n, int size, int r) {
+  if (r >= size) return n;
+  return std::min(n, (n * r / size + 15) / 16 * 16);
+}
+
 // The communication thread of one MpiCommunicator: runs the posted blocking collectives one
 // after the other, in posting order, and wakes the waiters. It sleeps on a condition variable
 // while the FIFO is empty, so it takes no core between collectives.
@@ -357,6 +385,18 @@ WorkPtr MpiCommunicator::post_shm(const char* op, std::vector<ShmPiece> pieces, 
   return std::make_shared<ShmWork>(describe(op), timeout_, shm_, seq, std::move(on_complete));
 }
 
+WorkPtr MpiCommunicator::post_direct(const char* op, const void* data, int64_t bytes,
+                                     std::vector<ShmCollectives::DirectCombine> steps,
+                                     const std::vector<at::Tensor>& owner, std::function<void()> on_complete) {
+  const auto start = std::chrono::steady_clock::now();
+  uint64_t seq = 0;
+  for (auto& step : steps) {
+    seq = shm_->post_direct(data, bytes, std::move(step), owner, start + timeout_);
+    if (seq == 0) throw_collective_timeout(describe(op), start);
+  }
+  return std::make_shared<ShmWork>(describe(op), timeout_, shm_, seq, std::move(on_complete));
+}
+
 MpiComm MpiCommunicator::dup_group() {
   MPI_Comm out = MPI_COMM_NULL;
   auto work = std::make_shared<MpiWork>(describe("dup_group"), timeout_);
@@ -386,6 +426,32 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
   // blocking call at its own speed), any size in slot-size pieces on a polled one (its
   // MPI_Iallreduce runs at under half the blocking call's speed from 1 MB).
   const int64_t slot_floats = shm_ ? shm_->capacity_bytes() / static_cast<int64_t>(sizeof(float)) : 0;
+  std::function<void()> copy_back;
+  if (!buf.is_same(tensor)) copy_back = [buf, tensor]() mutable { tensor.copy_(buf); };
+  // Larger ones on a polled communicator: read straight from the other ranks' buffers. Each
+  // rank reduces its share of the buffer from every rank's (in rank order) into its own buffer,
+  // then, once all have, reads the others' reduced shares: two direct operations, one copy of
+  // each share per step (where the slots copy everything in and every rank sums it all).
+  if (shm_ && shm_->direct_available() && !thread_ && buf.scalar_type() == at::kFloat &&
+      buf.numel() * static_cast<int64_t>(sizeof(float)) > kShmDirectAllReduceBytes) {
+    float* p = buf.data_ptr<float>();
+    const int64_t n = buf.numel();
+    const ReduceOp op = opts.op;
+    const int me = rank_, size = size_;
+    auto reduce_mine = [p, n, op, me, size](const ShmCollectives::Reader& read) {
+      const int64_t lo = even_split(n, size, me), hi = even_split(n, size, me + 1);
+      if (hi > lo) reduce_direct(read, size, lo * static_cast<int64_t>(sizeof(float)), p + lo, hi - lo, op);
+    };
+    auto gather_theirs = [p, n, me, size](const ShmCollectives::Reader& read) {
+      for (int r = 0; r < size; ++r) {
+        if (r == me) continue;
+        const int64_t lo = even_split(n, size, r), hi = even_split(n, size, r + 1);
+        read(r, lo * static_cast<int64_t>(sizeof(float)), p + lo, (hi - lo) * static_cast<int64_t>(sizeof(float)));
+      }
+    };
+    return post_direct("all_reduce", p, n * static_cast<int64_t>(sizeof(float)), {reduce_mine, gather_theirs}, {buf},
+                       std::move(copy_back));
+  }
   if (shm_ && buf.scalar_type() == at::kFloat && (!thread_ || buf.numel() <= slot_floats)) {
     float* p = buf.data_ptr<float>();
     const ReduceOp op = opts.op;
@@ -400,8 +466,6 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
                           ShmCollectives::reduce(piece, in, n, op);
                         }});
     }
-    std::function<void()> copy_back;
-    if (!buf.is_same(tensor)) copy_back = [buf, tensor]() mutable { tensor.copy_(buf); };
     return post_shm("all_reduce", std::move(pieces), {buf}, std::move(copy_back));
   }
   void* ptr = buf.data_ptr();
@@ -431,18 +495,31 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
   check_cpu(output, "all_gather");
   auto counts = resolve_counts(opts.counts, output.numel(), input.numel(), "all_gather");
   const int64_t esize = input.element_size();
-  // Through shared memory up to 128 KB gathered: each part is copied twice (into the segment,
-  // then out), where Open MPI copies a peer's part once, straight from its buffer (CMA): from
-  // 256 KB that costs more than the MPI round trip saves (2 ranks here: 64 KB 5.4 against 7.2 µs
-  // through the thread, 256 KB 20 against 12.5).
-  constexpr int64_t kShmAllGatherBytes = 128 << 10;
-  if (shm_ && output.numel() * esize <= std::min(kShmAllGatherBytes, shm_->capacity_bytes())) {
+  const int64_t out_bytes = output.numel() * esize;
+  std::vector<int64_t> offsets(counts.size() + 1, 0);  // in elements
+  for (size_t r = 0; r < counts.size(); ++r) offsets[r + 1] = offsets[r] + counts[r];
+  // Through shared memory: up to 32 KB gathered through the slots (each part copied twice, into
+  // the segment and out of it), larger ones read straight from each rank's buffer (one copy, as
+  // Open MPI's CMA does, without its messages); without direct reads, through the slots up to
+  // 128 KB (beyond that the second copy costs more than MPI's round trip saves); else MPI.
+  // Measured: docs/PERFORMANCE.md, "Collectives".
+  constexpr int64_t kSlotsAllGatherBytes = 32 << 10, kSlotsOnlyAllGatherBytes = 128 << 10;
+  const bool direct = shm_ && shm_->direct_available();
+  if (direct && out_bytes > std::min(kSlotsAllGatherBytes, shm_->capacity_bytes())) {
     char* out = static_cast<char*>(output.data_ptr());
-    auto combine = [out, counts, esize](const std::function<const void*(int)>& slot) {
-      int64_t off = 0;
-      for (size_t r = 0; r < counts.size(); ++r) {
-        if (counts[r] > 0) std::memcpy(out + off * esize, slot(static_cast<int>(r)), static_cast<size_t>(counts[r] * esize));
-        off += counts[r];
+    auto combine = [out, offsets, esize](const ShmCollectives::Reader& read) {
+      for (size_t r = 0; r + 1 < offsets.size(); ++r)
+        read(static_cast<int>(r), 0, out + offsets[r] * esize, (offsets[r + 1] - offsets[r]) * esize);
+    };
+    return post_direct("all_gather", input.numel() ? input.data_ptr() : nullptr, input.numel() * esize, {combine},
+                       {input, output}, nullptr);
+  }
+  if (shm_ && out_bytes <= std::min(direct ? kSlotsAllGatherBytes : kSlotsOnlyAllGatherBytes, shm_->capacity_bytes())) {
+    char* out = static_cast<char*>(output.data_ptr());
+    auto combine = [out, offsets, esize](const std::function<const void*(int)>& slot) {
+      for (size_t r = 0; r + 1 < offsets.size(); ++r) {
+        const int64_t n = offsets[r + 1] - offsets[r];
+        if (n > 0) std::memcpy(out + offsets[r] * esize, slot(static_cast<int>(r)), static_cast<size_t>(n * esize));
       }
     };
     return post_shm("all_gather", {{input.numel() ? input.data_ptr() : nullptr, input.numel() * esize, combine}},
@@ -491,8 +568,24 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
   bool narrow = is_narrow_float(input.scalar_type());
   at::Tensor in = narrow ? input.to(at::kFloat) : input;
   at::Tensor out = narrow ? at::empty({output.numel()}, output.options().dtype(at::kFloat)) : output;
-  if (shm_ && in.scalar_type() == at::kFloat &&
-      in.numel() * static_cast<int64_t>(sizeof(float)) <= shm_->capacity_bytes()) {
+  // Larger than a slot on a polled communicator: this rank's share read straight from every
+  // rank's buffer and reduced in rank order (the same bits as through the slots).
+  const int64_t in_bytes = in.numel() * static_cast<int64_t>(sizeof(float));
+  if (shm_ && shm_->direct_available() && !thread_ && in.scalar_type() == at::kFloat &&
+      in_bytes > shm_->capacity_bytes()) {
+    const int64_t mine = counts[rank_];
+    const int64_t off = std::accumulate(counts.begin(), counts.begin() + rank_, int64_t{0});
+    float* dst = out.numel() ? out.data_ptr<float>() : nullptr;
+    const ReduceOp op = opts.op;
+    auto combine = [dst, mine, off, op, size = size_](const ShmCollectives::Reader& read) {
+      if (mine > 0) reduce_direct(read, size, off * static_cast<int64_t>(sizeof(float)), dst, mine, op);
+    };
+    at::Tensor target = output;
+    return post_direct("reduce_scatter", in.data_ptr(), in_bytes, {combine}, {in, out},
+                       out.is_same(target) ? std::function<void()>()
+                                           : std::function<void()>([out, target]() mutable { target.view({-1}).copy_(out); }));
+  }
+  if (shm_ && in.scalar_type() == at::kFloat && in_bytes <= shm_->capacity_bytes()) {
     const int64_t mine = counts[rank_];
     const int64_t off = std::accumulate(counts.begin(), counts.begin() + rank_, int64_t{0});
     float* dst = out.numel() ? out.data_ptr<float>() : nullptr;

@@ -31,9 +31,12 @@ class MpiCommunicator : public Communicator {
   // like the constructor): when every rank of the group is on this node and /dev/shm has room,
   // collectives go through shared memory (parallel/shm_collectives.h) where each rank's part fits
   // a slot of shm_bytes: all_reduce and reduce_scatter (fp32, and bf16 / fp16 in fp32),
-  // all_reduce of any size in slot-size pieces when there is no thread, all_gather (any dtype)
-  // up to 128 KB gathered. Broadcast, gather, barrier, integer reductions and larger buffers
-  // keep MPI.
+  // all_reduce of any size when there is no thread (up to 1 MB through the slots, larger ones
+  // read directly from the other ranks' buffers, else in slot-size pieces), reduce_scatter of
+  // any size when there is no thread (direct above a slot), all_gather of any dtype and size
+  // (up to 32 KB gathered through the slots, larger ones direct; through the slots up to 128
+  // KB when direct reads are not allowed). Broadcast, gather, barrier, integer reductions and
+  // what is left keep MPI.
   MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout,
                   bool use_thread = true, int64_t shm_bytes = 0);
   // Lets the communication thread finish what was issued, then joins it. A thread stuck in a
@@ -57,6 +60,8 @@ class MpiCommunicator : public Communicator {
   bool threaded() const { return thread_ != nullptr; }
   // The slot size of the shared-memory collectives; 0 when this communicator has none.
   int64_t shm_slot_bytes() const;
+  // True when its shared-memory collectives may read the other ranks' buffers directly.
+  bool shm_direct() const { return shm_ && shm_->direct_available(); }
   // A new MPI communicator over the same group (MPI_Comm_dup, ordered after every collective
   // issued so far). For callers that need raw MPI calls beside this communicator (bench comm).
   MpiComm dup_group();
@@ -72,6 +77,9 @@ class MpiCommunicator : public Communicator {
   };
   WorkPtr post_shm(const char* op, std::vector<ShmPiece> pieces, const std::vector<at::Tensor>& owner,
                    std::function<void()> on_complete);
+  // Direct shared-memory operations on one buffer (`data`, `bytes`), one per step, in order.
+  WorkPtr post_direct(const char* op, const void* data, int64_t bytes, std::vector<ShmCollectives::DirectCombine> steps,
+                      const std::vector<at::Tensor>& owner, std::function<void()> on_complete);
 
   MpiComm comm_;
   std::unique_ptr<CollectiveThread> thread_;  // null: nonblocking collectives polled by wait()

@@ -67,8 +67,9 @@ ProcessGrid::ProcessGrid(const World& world, const GridOptions& opts)
                                   /*comm_thread=*/true, kShmSlotBytes);
   // except on the tensor-parallel group: its collectives are synchronous and, when decoding, a
   // few KB: polled, no thread (tiny model, TP=2, one sequence: 4,500 against 3,600 tokens/s
-  // through the thread), and all-reduces of any size through shared memory in 1 MB pieces (2-16
-  // MB: 0.8-1.0x the blocking MPI_Allreduce, where the polled MPI_Iallreduce reaches 0.4x).
+  // through the thread), and all-reduces and reduce-scatters of any size through shared memory,
+  // above 1 MB read directly from the other ranks' buffers (4-64 MB: 1.1-1.6x the blocking
+  // MPI_Allreduce, where the polled MPI_Iallreduce reaches 0.4x).
   tp_comm_ = make_communicator(opts.backend, tp_mpi_, "tp[dp_rank=" + std::to_string(dp_rank()) + "]",
                                opts.device, opts.timeout, /*comm_thread=*/false, kShmSlotBytes);
   dp_comm_ = make_communicator(opts.backend, dp_mpi_, "dp[tp_rank=" + std::to_string(tp_rank()) + "]",

@@ -1,18 +1,23 @@
-// Shared-memory collectives (see shm_collectives.h). The segment: one 128-byte header per rank
-// (the last operation it posted, the last it completed; a cache line each), then kSlots slots
-// of capacity bytes per rank.
+// Shared-memory collectives (see shm_collectives.h). The segment: one 192-byte header per rank
+// (the last operation it posted, the last it completed, its process id and the address at
+// which it mapped the segment; a cache line each), then kSlots slots of capacity bytes per
+// rank. A direct operation's slot holds only the address and size of the rank's buffer.
 #include "parallel/shm_collectives.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 
 #include "core/base/error.h"
 
@@ -22,12 +27,42 @@ struct alignas(64) ShmCollectives::Flag {
   std::atomic<uint64_t> value;
 };
 
+struct alignas(64) ShmCollectives::Peer {
+  int64_t pid;
+  uint64_t base;  // where that rank mapped the segment
+};
+
 namespace {
 
 constexpr int64_t kPage = 4096;
-constexpr size_t kHeaderPerRank = 128;  // posted, done: a cache line each
+constexpr size_t kHeaderPerRank = 192;  // posted, done, peer: a cache line each
+
+// What a direct operation's slot holds.
+struct Descriptor {
+  uint64_t addr;
+  int64_t bytes;
+};
 
 int64_t round_up(int64_t x, int64_t to) { return (x + to - 1) / to * to; }
+
+// Copies n bytes at `addr` in process `pid` into dst; 0 or the errno of the failure.
+int cma_read(int64_t pid, uint64_t addr, void* dst, int64_t n) {
+  char* out = static_cast<char*>(dst);
+  while (n > 0) {
+    iovec local{out, static_cast<size_t>(n)};
+    iovec remote{reinterpret_cast<void*>(addr), static_cast<size_t>(n)};
+    const ssize_t got = process_vm_readv(static_cast<pid_t>(pid), &local, 1, &remote, 1, 0);
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return errno;
+    }
+    if (got == 0) return EFAULT;
+    out += got;
+    addr += static_cast<uint64_t>(got);
+    n -= got;
+  }
+  return 0;
+}
 
 }  // namespace
 
@@ -93,12 +128,31 @@ std::unique_ptr<ShmCollectives> ShmCollectives::create(MPI_Comm comm, int64_t ca
     if (base) munmap(base, bytes);
     return nullptr;
   }
-  return std::unique_ptr<ShmCollectives>(new ShmCollectives(base, bytes, header, rank, size, capacity));
+  // Direct reads: every rank publishes its process id and where it mapped the segment, then
+  // reads every other rank's record through that rank's memory; all must succeed (and agree).
+  auto peer_at = [base](int r) {
+    return reinterpret_cast<Peer*>(static_cast<char*>(base) + r * kHeaderPerRank + 128);
+  };
+  peer_at(rank)->pid = getpid();
+  peer_at(rank)->base = reinterpret_cast<uint64_t>(base);
+  MPI_CHECK(MPI_Barrier(comm));
+  const char* env = std::getenv("ANDYLLM_MPI_SHM_DIRECT");  // "0": slots only
+  int direct = !(env && std::string(env) == "0");
+  for (int r = 0; r < size && direct; ++r) {
+    if (r == rank) continue;
+    const Peer expect = *peer_at(r);
+    Peer got{};
+    direct = cma_read(expect.pid, expect.base + r * kHeaderPerRank + 128, &got, sizeof got) == 0 &&
+             got.pid == expect.pid && got.base == expect.base;
+  }
+  MPI_CHECK(MPI_Allreduce(MPI_IN_PLACE, &direct, 1, MPI_INT, MPI_MIN, comm));
+  return std::unique_ptr<ShmCollectives>(new ShmCollectives(base, bytes, header, rank, size, capacity, direct != 0));
 }
 
-ShmCollectives::ShmCollectives(void* base, size_t bytes, int64_t header, int rank, int size, int64_t capacity)
+ShmCollectives::ShmCollectives(void* base, size_t bytes, int64_t header, int rank, int size, int64_t capacity,
+                               bool direct)
     : base_(base), slots_(static_cast<char*>(base) + header), bytes_(bytes), rank_(rank), size_(size),
-      capacity_(capacity) {}
+      capacity_(capacity), direct_(direct) {}
 
 ShmCollectives::~ShmCollectives() { munmap(base_, bytes_); }
 
@@ -108,6 +162,10 @@ ShmCollectives::Flag& ShmCollectives::posted(int r) const {
 
 ShmCollectives::Flag& ShmCollectives::done(int r) const {
   return *reinterpret_cast<Flag*>(static_cast<char*>(base_) + r * kHeaderPerRank + 64);
+}
+
+ShmCollectives::Peer& ShmCollectives::peer(int r) const {
+  return *reinterpret_cast<Peer*>(static_cast<char*>(base_) + r * kHeaderPerRank + 128);
 }
 
 char* ShmCollectives::slot(int r, uint64_t seq) const {
@@ -135,18 +193,49 @@ uint64_t ShmCollectives::post(const void* data, int64_t bytes, Combine combine, 
                              Deadline deadline) {
   ANDY_CHECK_T(CommError, bytes >= 0 && bytes <= capacity_, "shared-memory collective: ", bytes,
                " bytes exceed its slot of ", capacity_);
+  Pending p;
+  p.combine = std::move(combine);
+  p.owner = std::move(owner);
   std::lock_guard<std::mutex> lock(mu_);
+  return post_locked(std::move(p), data, bytes, deadline);
+}
+
+uint64_t ShmCollectives::post_direct(const void* data, int64_t bytes, DirectCombine combine,
+                                    std::vector<at::Tensor> owner, Deadline deadline) {
+  ANDY_CHECK_T(CommError, direct_, "shared-memory collective: direct reads are not available");
+  ANDY_CHECK_T(CommError, bytes >= 0, "shared-memory collective: negative size ", bytes);
+  Pending p;
+  p.direct = std::move(combine);
+  p.data = data;
+  p.bytes = bytes;
+  p.owner = std::move(owner);
+  const Descriptor d{reinterpret_cast<uint64_t>(data), bytes};
+  std::lock_guard<std::mutex> lock(mu_);
+  return post_locked(std::move(p), &d, sizeof d, deadline);
+}
+
+uint64_t ShmCollectives::post_locked(Pending pending, const void* slot_data, int64_t slot_bytes, Deadline deadline) {
   const uint64_t seq = issued_ + 1;
   if (seq > static_cast<uint64_t>(kSlots)) {
     // The slot's previous operation must be read by every rank; ours we complete ourselves.
     const uint64_t prev = seq - kSlots;
     if (!complete_locked(prev, deadline, true) || !wait_all(false, prev, deadline, true)) return 0;
   }
-  if (bytes > 0) std::memcpy(slot(rank_, seq), data, static_cast<size_t>(bytes));
+  if (slot_bytes > 0) std::memcpy(slot(rank_, seq), slot_data, static_cast<size_t>(slot_bytes));
   posted(rank_).value.store(seq, std::memory_order_release);
   issued_ = seq;
-  pending_.push_back({seq, std::move(combine), std::move(owner)});
+  pending.seq = seq;
+  pending_.push_back(std::move(pending));
   return seq;
+}
+
+void ShmCollectives::read_peer(int r, uint64_t seq, int64_t offset, void* dst, int64_t n) const {
+  const Descriptor d = *reinterpret_cast<const Descriptor*>(slot(r, seq));
+  ANDY_CHECK_T(CommError, offset >= 0 && n >= 0 && offset + n <= d.bytes, "shared-memory collective: reading ", n,
+               " bytes at ", offset, " of rank ", r, "'s buffer of ", d.bytes, " bytes (the ranks disagree on the sizes)");
+  const int err = cma_read(peer(r).pid, d.addr + static_cast<uint64_t>(offset), dst, n);
+  ANDY_CHECK_T(CommError, err == 0, "shared-memory collective: reading rank ", r, "'s buffer (process ", peer(r).pid,
+               ") failed: ", std::strerror(err));
 }
 
 bool ShmCollectives::complete(uint64_t seq, Deadline deadline) {
@@ -161,10 +250,26 @@ bool ShmCollectives::try_complete(uint64_t seq) {
 
 bool ShmCollectives::complete_locked(uint64_t seq, Deadline deadline, bool block) {
   while (!pending_.empty() && pending_.front().seq <= seq) {
-    const Pending& p = pending_.front();
-    if (!wait_all(true, p.seq, deadline, block)) return false;
-    p.combine([this, &p](int r) -> const void* { return slot(r, p.seq); });
-    done(rank_).value.store(p.seq, std::memory_order_release);
+    Pending& p = pending_.front();
+    if (!p.combined) {
+      if (!wait_all(true, p.seq, deadline, block)) return false;
+      if (p.direct) {
+        p.direct([this, &p](int r, int64_t offset, void* dst, int64_t n) {
+          if (n <= 0) return;
+          if (r != rank_) return read_peer(r, p.seq, offset, dst, n);
+          ANDY_CHECK_T(CommError, offset >= 0 && offset + n <= p.bytes, "shared-memory collective: reading ", n,
+                       " bytes at ", offset, " of this rank's buffer of ", p.bytes, " bytes");
+          std::memcpy(dst, static_cast<const char*>(p.data) + offset, static_cast<size_t>(n));
+        });
+      } else {
+        p.combine([this, &p](int r) -> const void* { return slot(r, p.seq); });
+      }
+      done(rank_).value.store(p.seq, std::memory_order_release);
+      p.combined = true;
+    }
+    // A direct operation's buffer is read from where the caller keeps it: complete only once
+    // every rank has read it.
+    if (p.direct && !wait_all(false, p.seq, deadline, block)) return false;
     pending_.pop_front();
   }
   return true;

@@ -12,6 +12,15 @@
 // itself meanwhile), so operations may be issued ahead of their waits without limit as long as
 // every rank issues the same operations in the same order, as for any collective. Waiting
 // spins, then yields the core, then sleeps (ranks may share cores), and gives up at a deadline.
+//
+// Direct operations (post_direct) copy nothing into the segment: each rank publishes the address
+// of its buffer, and each rank reads the others' buffers straight from their memory with Linux's
+// cross-memory attach (process_vm_readv), one copy where the slots take two, as Open MPI's
+// shared-memory transport does for large messages. Such an operation completes on a rank only
+// once every rank has finished reading it, since the caller may reuse its buffer then. They
+// need every rank to be allowed to read every other's memory (the ptrace rules: same user, and
+// Yama or a container may forbid it); create() checks that, and direct_available() says.
+// ANDYLLM_MPI_SHM_DIRECT=0 turns them off.
 #pragma once
 
 #include <chrono>
@@ -45,6 +54,8 @@ class ShmCollectives {
 
   int64_t capacity_bytes() const { return capacity_; }
   int size() const { return size_; }
+  // True when every rank can read every other's memory: post_direct may be used.
+  bool direct_available() const { return direct_; }
 
   // Copies `bytes` <= capacity_bytes() from `data` into this rank's slot and publishes them;
   // `combine` runs when the operation completes. `owner` (the tensors combine writes or reads
@@ -53,6 +64,14 @@ class ShmCollectives {
   // issued then).
   uint64_t post(const void* data, int64_t bytes, Combine combine, std::vector<at::Tensor> owner,
                 Deadline deadline);
+  // A direct operation: publishes `data` (`bytes` long, any size) in place. `combine` gets a
+  // reader, read(r, offset, dst, n), that copies n bytes from offset of rank r's buffer into dst
+  // (memcpy for this rank's own). `data` must stay unchanged, and `owner` keeps it alive, until
+  // the operation completes. Only when direct_available(). Returns as post() does.
+  using Reader = std::function<void(int r, int64_t offset, void* dst, int64_t n)>;
+  using DirectCombine = std::function<void(const Reader& read)>;
+  uint64_t post_direct(const void* data, int64_t bytes, DirectCombine combine, std::vector<at::Tensor> owner,
+                       Deadline deadline);
   // Completes every operation up to `seq` in order. False when the deadline passed first (call
   // again to go on waiting).
   bool complete(uint64_t seq, Deadline deadline);
@@ -65,12 +84,20 @@ class ShmCollectives {
  private:
   struct Pending {
     uint64_t seq;
-    Combine combine;
+    Combine combine;              // slot operations
+    DirectCombine direct;         // direct operations
+    const void* data = nullptr;   // a direct operation's buffer (this rank's)
+    int64_t bytes = 0;
+    bool combined = false;        // this rank has its result (a direct one: peers may still read)
     std::vector<at::Tensor> owner;
   };
   struct alignas(64) Flag;
-  ShmCollectives(void* base, size_t bytes, int64_t header, int rank, int size, int64_t capacity);
+  struct Peer;  // a rank's process id and address of its segment (for direct reads)
+  ShmCollectives(void* base, size_t bytes, int64_t header, int rank, int size, int64_t capacity, bool direct);
+  uint64_t post_locked(Pending pending, const void* slot_data, int64_t slot_bytes, Deadline deadline);
+  void read_peer(int r, uint64_t seq, int64_t offset, void* dst, int64_t n) const;
   Flag& posted(int r) const;
+  Peer& peer(int r) const;
   Flag& done(int r) const;
   char* slot(int r, uint64_t seq) const;
   // Waits until every rank's flag (posted or done) is at least `seq`; false at the deadline.
@@ -82,6 +109,7 @@ class ShmCollectives {
   size_t bytes_;
   int rank_, size_;
   int64_t capacity_;
+  bool direct_;
   uint64_t issued_ = 0;  // the last operation posted
   std::deque<Pending> pending_;
   std::mutex mu_;

@@ -9,6 +9,7 @@
 #include <memory>
 #include <numeric>
 #include <random>
+#include <thread>
 #include <tuple>
 
 #include "core/base/error.h"
@@ -334,8 +335,8 @@ TEST_P(CollectivesInFlight, IssueOrderAndResultsHold) {
   const double tri = n * (n + 1) / 2.0;
   std::vector<InFlight> flights;
   for (int i = 0; i < 60; ++i) {
-    // Tiny, odd, 32 KiB, 280 KB.
-    const int64_t sizes[] = {3, 1000 + i, 8190 + i % 5, 70000};
+    // Tiny, odd, 32 KiB, 280 KB, and now and then 1.2 MB (the shared-memory direct reads).
+    const int64_t sizes[] = {3, 1000 + i, 8190 + i % 5, i % 8 == 7 ? 300000 : 70000};
     const int64_t size = sizes[i % 4];
     const at::ScalarType t = (i % 5 == 4) ? at::kBFloat16 : (i % 7 == 6) ? at::kDouble : at::kFloat;
     InFlight f;
@@ -450,9 +451,10 @@ TEST_P(CollectivesTimeout, LateRanksTimeOutTheWaitThenComplete) {
   comm->barrier()->wait();
 }
 
-// A small and a large buffer (Open MPI picks different algorithms).
+// A small and a large buffer (Open MPI picks different algorithms), and one that the
+// shared-memory path without a thread reads directly from the other ranks.
 INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
-                         testing::Combine(kEveryPath, testing::Values(int64_t{5000}, int64_t{100000})),
+                         testing::Combine(kEveryPath, testing::Values(int64_t{5000}, int64_t{100000}, int64_t{300000})),
                          [](const testing::TestParamInfo<std::tuple<Path, int64_t>>& p) {
                            return path_name(std::get<0>(p.param)) + "_" +
                                   std::to_string(std::get<1>(p.param) * 4 / 1000) + "KB";
@@ -460,14 +462,21 @@ INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
 
 // The shared-memory collectives (every group of the grid, on one node), polled: random fp32
 // values, so the order of a sum shows; every rank must hold the same bits, those of the sum in
-// rank order, for all_reduce around the slot size (one piece, two, four), every op, bf16
-// through the fp32 staging, more operations issued ahead of their waits than there are slots,
-// a work dropped unwaited; all_gather of every kind of dtype and reduce_scatter; a segment too
-// large for /dev/shm refused; the grid's groups have them.
-TEST(Collectives, SharedMemoryCollectivesGiveEveryRankTheSameBits) {
+// rank order, for all_reduce around the slot size (one piece, two, four; or read directly from
+// the other ranks' buffers above a slot), every op, bf16 through the fp32 staging, more
+// operations issued ahead of their waits than there are slots, a work dropped unwaited;
+// all_gather of every kind of dtype and reduce_scatter (both sides of a slot); a segment too
+// large for /dev/shm refused; the grid's groups have them. With and without direct reads.
+class SharedMemory : public testing::TestWithParam<bool> {};
+
+TEST_P(SharedMemory, CollectivesGiveEveryRankTheSameBits) {
+  const bool direct = GetParam();
+  if (!direct) setenv("ANDYLLM_MPI_SHM_DIRECT", "0", 1);
   auto comm = own_comm(false, "shm", std::chrono::milliseconds(20000), kShmSlotBytes);
+  unsetenv("ANDYLLM_MPI_SHM_DIRECT");
   const int n = comm->size(), r = comm->rank();
   ASSERT_EQ(comm->shm_slot_bytes(), kShmSlotBytes);  // one node
+  ASSERT_EQ(comm->shm_direct(), direct);  // one user, no ptrace restriction here
   const int64_t cap = kShmSlotBytes / 4;           // fp32 elements in a slot
   auto input = [](int q, int64_t size, int i) {
     at::Generator g = at::detail::createCPUGenerator(1000 * i + q);
@@ -533,14 +542,17 @@ TEST(Collectives, SharedMemoryCollectivesGiveEveryRankTheSameBits) {
     }
   }
   for (ReduceOp op : ops) {
-    std::vector<int64_t> counts;
-    for (int q = 0; q < n; ++q) counts.push_back(cap / n - 3 * q);
-    const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
-    const int64_t off = std::accumulate(counts.begin(), counts.begin() + r, int64_t{0});
-    const at::Tensor expect = rank_order(total, 500 + int(op), op);
-    at::Tensor out = at::zeros({counts[r]}, at::kFloat);
-    comm->reduce_scatter(out, input(r, total, 500 + int(op)), {op, counts})->wait();
-    EXPECT_TRUE(at::equal(out, expect.narrow(0, off, counts[r]))) << "reduce_scatter op " << int(op);
+    // Within a slot; beyond one, read directly (MPI's own order of a sum is not the slots').
+    for (int64_t per_rank : direct ? std::vector<int64_t>{cap / n, 3 * cap / n + 5} : std::vector<int64_t>{cap / n}) {
+      std::vector<int64_t> counts;
+      for (int q = 0; q < n; ++q) counts.push_back(per_rank - 3 * q);
+      const int64_t total = std::accumulate(counts.begin(), counts.end(), int64_t{0});
+      const int64_t off = std::accumulate(counts.begin(), counts.begin() + r, int64_t{0});
+      const at::Tensor expect = rank_order(total, 500 + int(op), op);
+      at::Tensor out = at::zeros({counts[r]}, at::kFloat);
+      comm->reduce_scatter(out, input(r, total, 500 + int(op)), {op, counts})->wait();
+      EXPECT_TRUE(at::equal(out, expect.narrow(0, off, counts[r]))) << "reduce_scatter op " << int(op) << " " << total;
+    }
   }
   at::Tensor rs = at::zeros({700}, at::kBFloat16);
   comm->reduce_scatter(rs, at::full({700 * n}, 0.5 * (r + 1), at::kBFloat16), {ReduceOp::kSum, {}})->wait();
@@ -558,3 +570,33 @@ TEST(Collectives, SharedMemoryCollectivesGiveEveryRankTheSameBits) {
   for (Communicator* c : {&grid.tp(), &grid.world(), &grid.dp()})  // dp: one rank, nothing to share
     EXPECT_EQ(dynamic_cast<MpiCommunicator&>(*c).shm_slot_bytes(), c->size() > 1 ? kShmSlotBytes : 0) << c->name();
 }
+
+// A direct operation reads the other ranks' buffers where their callers keep them: it may
+// complete on a rank only once every rank has read that rank's buffer. Rank 0 overwrites its
+// buffers as soon as its wait returns, while the others come to theirs 100 ms later.
+TEST(Collectives, DirectReadsCompleteOnlyOnceEveryRankHasRead) {
+  auto comm = own_comm(false, "direct", std::chrono::milliseconds(20000), kShmSlotBytes);
+  if (!comm->shm_direct()) GTEST_SKIP() << "direct reads are not allowed here";
+  const int n = comm->size(), r = comm->rank();
+  const int64_t size = 400000;  // 1.6 MB: all_reduce and all_gather both read directly
+  at::Tensor reduced = at::full({size}, r + 1.0, at::kFloat);
+  at::Tensor mine = at::full({size}, 10.0 * (r + 1), at::kFloat);
+  at::Tensor gathered = at::zeros({size * n}, at::kFloat);
+  WorkPtr a = comm->all_reduce(reduced, {ReduceOp::kSum});
+  WorkPtr g = comm->all_gather(gathered, mine);
+  if (r != 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  a->wait();
+  g->wait();
+  if (r == 0) {
+    reduced.fill_(-1);
+    mine.fill_(-1);
+  }
+  if (r != 0) EXPECT_EQ(max_abs_diff(reduced, at::full({size}, n * (n + 1) / 2.0, at::kDouble)), 0);
+  std::vector<at::Tensor> parts;
+  for (int q = 0; q < n; ++q) parts.push_back(at::full({size}, 10.0 * (q + 1), at::kDouble));
+  EXPECT_EQ(max_abs_diff(gathered, at::cat(parts)), 0);
+  comm->barrier()->wait();
+}
+
+INSTANTIATE_TEST_SUITE_P(DirectReads, SharedMemory, testing::Bool(),
+                         [](const testing::TestParamInfo<bool>& p) { return p.param ? "Direct" : "SlotsOnly"; });
