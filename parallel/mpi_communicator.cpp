@@ -295,8 +295,13 @@ class CollectiveThread {
       q.items.pop_front();
       q.running = true;
       lock.unlock();
-      int rc = item.call.blocking(comm);
       std::string error;
+      int rc = MPI_SUCCESS;
+      try {
+        rc = item.call.blocking(comm);
+      } catch (const std::exception& e) {  // a shared-memory operation run here (post_direct)
+        error = e.what();
+      }
       if (rc != MPI_SUCCESS) {
         error = where(__FILE__, __LINE__) + item.call.name + " failed in " + item.work->what() +
                 ": " + mpi_error_string(rc);
@@ -356,7 +361,11 @@ MpiCommunicator::MpiCommunicator(const MpiComm& group, std::string name,
       comm_(group.dup()) {
   MPI_CHECK(MPI_Comm_set_errhandler(comm_.get(), MPI_ERRORS_RETURN));
   if (shm_bytes > 0 && size_ > 1) shm_ = ShmCollectives::create(comm_.get(), shm_bytes);
-  if (use_thread && mpi_thread_multiple()) thread_ = std::make_unique<CollectiveThread>(comm_.get());
+  if (use_thread && mpi_thread_multiple()) {
+    // The thread's own segment, for the direct operations it runs (addresses only: 4 KB slots).
+    if (shm_ && shm_->direct_available()) shm_thread_ = ShmCollectives::create(comm_.get(), 4096);
+    thread_ = std::make_unique<CollectiveThread>(comm_.get());
+  }
 }
 
 MpiCommunicator::~MpiCommunicator() {
@@ -387,7 +396,28 @@ WorkPtr MpiCommunicator::post_shm(const char* op, std::vector<ShmPiece> pieces, 
 
 WorkPtr MpiCommunicator::post_direct(const char* op, const void* data, int64_t bytes,
                                      std::vector<ShmCollectives::DirectCombine> steps,
-                                     const std::vector<at::Tensor>& owner, std::function<void()> on_complete) {
+                                     const std::vector<at::Tensor>& owner, std::function<void()> on_complete,
+                                     bool on_thread) {
+  if (on_thread) {
+    // Posted and completed by the communication thread, in its issue order, through a segment
+    // of its own (the caller's slot operations keep theirs): it overlaps the caller's work as
+    // Open MPI's blocking calls there do.
+    auto work = std::make_shared<MpiWork>(describe(op), timeout_);
+    for (const at::Tensor& t : owner) work->keep(t);
+    if (on_complete) work->on_complete(std::move(on_complete));
+    auto run = [shm = shm_thread_, data, bytes, steps = std::move(steps), timeout = timeout_,
+                what = describe(op)](MPI_Comm) {
+      const auto start = std::chrono::steady_clock::now();
+      uint64_t seq = 0;
+      for (const auto& step : steps) {
+        seq = shm->post_direct(data, bytes, step, {}, start + timeout);
+        if (seq == 0) throw_collective_timeout(what, start);
+      }
+      if (!shm->complete(seq, start + timeout)) throw_collective_timeout(what, start);
+      return MPI_SUCCESS;
+    };
+    return issue(comm_.get(), thread_.get(), work, {"the shared-memory direct reads", run, nullptr});
+  }
   const auto start = std::chrono::steady_clock::now();
   uint64_t seq = 0;
   for (auto& step : steps) {
@@ -428,12 +458,14 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
   const int64_t slot_floats = shm_ ? shm_->capacity_bytes() / static_cast<int64_t>(sizeof(float)) : 0;
   std::function<void()> copy_back;
   if (!buf.is_same(tensor)) copy_back = [buf, tensor]() mutable { tensor.copy_(buf); };
-  // Larger ones on a polled communicator: read straight from the other ranks' buffers. Each
-  // rank reduces its share of the buffer from every rank's (in rank order) into its own buffer,
-  // then, once all have, reads the others' reduced shares: two direct operations, one copy of
-  // each share per step (where the slots copy everything in and every rank sums it all).
-  if (shm_ && shm_->direct_available() && !thread_ && buf.scalar_type() == at::kFloat &&
-      buf.numel() * static_cast<int64_t>(sizeof(float)) > kShmDirectAllReduceBytes) {
+  // Larger ones read straight from the other ranks' buffers (above 1 MB on a polled
+  // communicator; above a slot on a threaded one, run by its thread). Each rank reduces its
+  // share of the buffer from every rank's (in rank order) into its own buffer, then, once all
+  // have, reads the others' reduced shares: two direct operations, one copy of each share per
+  // step (where the slots copy everything in and every rank sums it all).
+  const int64_t bytes = buf.numel() * static_cast<int64_t>(sizeof(float));
+  if (shm_ && shm_->direct_available() && buf.scalar_type() == at::kFloat &&
+      (thread_ ? shm_thread_ && bytes > shm_->capacity_bytes() : bytes > kShmDirectAllReduceBytes)) {
     float* p = buf.data_ptr<float>();
     const int64_t n = buf.numel();
     const ReduceOp op = opts.op;
@@ -449,8 +481,8 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
         read(r, lo * static_cast<int64_t>(sizeof(float)), p + lo, (hi - lo) * static_cast<int64_t>(sizeof(float)));
       }
     };
-    return post_direct("all_reduce", p, n * static_cast<int64_t>(sizeof(float)), {reduce_mine, gather_theirs}, {buf},
-                       std::move(copy_back));
+    return post_direct("all_reduce", p, bytes, {reduce_mine, gather_theirs}, {buf}, std::move(copy_back),
+                       thread_ != nullptr);
   }
   if (shm_ && buf.scalar_type() == at::kFloat && (!thread_ || buf.numel() <= slot_floats)) {
     float* p = buf.data_ptr<float>();
@@ -568,10 +600,10 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
   bool narrow = is_narrow_float(input.scalar_type());
   at::Tensor in = narrow ? input.to(at::kFloat) : input;
   at::Tensor out = narrow ? at::empty({output.numel()}, output.options().dtype(at::kFloat)) : output;
-  // Larger than a slot on a polled communicator: this rank's share read straight from every
-  // rank's buffer and reduced in rank order (the same bits as through the slots).
+  // Larger than a slot: this rank's share read straight from every rank's buffer and reduced in
+  // rank order (the same bits as through the slots); on a threaded communicator, by its thread.
   const int64_t in_bytes = in.numel() * static_cast<int64_t>(sizeof(float));
-  if (shm_ && shm_->direct_available() && !thread_ && in.scalar_type() == at::kFloat &&
+  if (shm_ && shm_->direct_available() && (!thread_ || shm_thread_) && in.scalar_type() == at::kFloat &&
       in_bytes > shm_->capacity_bytes()) {
     const int64_t mine = counts[rank_];
     const int64_t off = std::accumulate(counts.begin(), counts.begin() + rank_, int64_t{0});
@@ -583,7 +615,8 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
     at::Tensor target = output;
     return post_direct("reduce_scatter", in.data_ptr(), in_bytes, {combine}, {in, out},
                        out.is_same(target) ? std::function<void()>()
-                                           : std::function<void()>([out, target]() mutable { target.view({-1}).copy_(out); }));
+                                           : std::function<void()>([out, target]() mutable { target.view({-1}).copy_(out); }),
+                       thread_ != nullptr);
   }
   if (shm_ && in.scalar_type() == at::kFloat && in_bytes <= shm_->capacity_bytes()) {
     const int64_t mine = counts[rank_];

@@ -30,13 +30,13 @@ class MpiCommunicator : public Communicator {
   // picks the communication thread when MPI provides MPI_THREAD_MULTIPLE. shm_bytes > 0 (collective
   // like the constructor): when every rank of the group is on this node and /dev/shm has room,
   // collectives go through shared memory (parallel/shm_collectives.h) where each rank's part fits
-  // a slot of shm_bytes: all_reduce and reduce_scatter (fp32, and bf16 / fp16 in fp32),
-  // all_reduce of any size when there is no thread (up to 1 MB through the slots, larger ones
-  // read directly from the other ranks' buffers, else in slot-size pieces), reduce_scatter of
-  // any size when there is no thread (direct above a slot), all_gather of any dtype and size
-  // (up to 32 KB gathered through the slots, larger ones direct; through the slots up to 128
-  // KB when direct reads are not allowed). Broadcast, gather, barrier, integer reductions and
-  // what is left keep MPI.
+  // a slot of shm_bytes: all_reduce and reduce_scatter (fp32, and bf16 / fp16 in fp32) through
+  // the slots up to a slot (up to 1 MB for all_reduce without a thread), larger ones read
+  // directly from the other ranks' buffers (by the thread when there is one), all_gather of any
+  // dtype and size (up to 32 KB gathered through the slots, larger ones direct). Without direct
+  // reads (not allowed, or ANDYLLM_MPI_SHM_DIRECT=0): all_reduce of any size in slot-size
+  // pieces when there is no thread, all_gather through the slots up to 128 KB. Broadcast,
+  // gather, barrier, integer reductions and what is left keep MPI.
   MpiCommunicator(const MpiComm& group, std::string name, std::chrono::milliseconds timeout,
                   bool use_thread = true, int64_t shm_bytes = 0);
   // Lets the communication thread finish what was issued, then joins it. A thread stuck in a
@@ -77,13 +77,15 @@ class MpiCommunicator : public Communicator {
   };
   WorkPtr post_shm(const char* op, std::vector<ShmPiece> pieces, const std::vector<at::Tensor>& owner,
                    std::function<void()> on_complete);
-  // Direct shared-memory operations on one buffer (`data`, `bytes`), one per step, in order.
+  // Direct shared-memory operations on one buffer (`data`, `bytes`), one per step, in order;
+  // on_thread: run by the communication thread (through shm_thread_), else completed by wait().
   WorkPtr post_direct(const char* op, const void* data, int64_t bytes, std::vector<ShmCollectives::DirectCombine> steps,
-                      const std::vector<at::Tensor>& owner, std::function<void()> on_complete);
+                      const std::vector<at::Tensor>& owner, std::function<void()> on_complete, bool on_thread = false);
 
   MpiComm comm_;
   std::unique_ptr<CollectiveThread> thread_;  // null: nonblocking collectives polled by wait()
   std::shared_ptr<ShmCollectives> shm_;       // null: every collective through MPI
+  std::shared_ptr<ShmCollectives> shm_thread_;  // the thread's direct operations; null: MPI there
 };
 
 }  // namespace andy

@@ -62,7 +62,8 @@ ProcessGrid::ProcessGrid(const World& world, const GridOptions& opts)
   dp_mpi_ = world.comm().split(coords_.tp_rank, coords_.dp_rank);
   // On one node, collectives of up to 1 MB per rank go through shared memory on every group
   // (64 KB: 1.1-2x Open MPI's blocking calls here; docs/PERFORMANCE.md, "Collectives"); larger
-  // ones run Open MPI's blocking calls on the communication thread,
+  // ones run on the communication thread (all_reduce and reduce_scatter reading the other
+  // ranks' buffers directly, the rest as Open MPI's blocking calls),
   world_comm_ = make_communicator(opts.backend, world.comm(), "world", opts.device, opts.timeout,
                                   /*comm_thread=*/true, kShmSlotBytes);
   // except on the tensor-parallel group: its collectives are synchronous and, when decoding, a

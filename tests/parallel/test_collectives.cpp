@@ -466,17 +466,23 @@ INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesTimeout,
 // the other ranks' buffers above a slot), every op, bf16 through the fp32 staging, more
 // operations issued ahead of their waits than there are slots, a work dropped unwaited;
 // all_gather of every kind of dtype and reduce_scatter (both sides of a slot); a segment too
-// large for /dev/shm refused; the grid's groups have them. With and without direct reads.
-class SharedMemory : public testing::TestWithParam<bool> {};
+// large for /dev/shm refused; the grid's groups have them. Polled with and without direct
+// reads, and threaded with them (its thread runs the direct reads above a slot).
+enum class ShmPath { kSlotsOnly, kDirect, kDirectOnThread };
+class SharedMemory : public testing::TestWithParam<ShmPath> {};
 
 TEST_P(SharedMemory, CollectivesGiveEveryRankTheSameBits) {
-  const bool direct = GetParam();
+  const bool direct = GetParam() != ShmPath::kSlotsOnly;
+  const bool threaded = GetParam() == ShmPath::kDirectOnThread;
   if (!direct) setenv("ANDYLLM_MPI_SHM_DIRECT", "0", 1);
-  auto comm = own_comm(false, "shm", std::chrono::milliseconds(20000), kShmSlotBytes);
+  auto comm = own_comm(threaded, "shm", std::chrono::milliseconds(20000), kShmSlotBytes);
   unsetenv("ANDYLLM_MPI_SHM_DIRECT");
   const int n = comm->size(), r = comm->rank();
   ASSERT_EQ(comm->shm_slot_bytes(), kShmSlotBytes);  // one node
   ASSERT_EQ(comm->shm_direct(), direct);  // one user, no ptrace restriction here
+  int provided = 0;
+  MPI_Query_thread(&provided);
+  if (threaded && provided != MPI_THREAD_MULTIPLE) GTEST_SKIP() << "no MPI_THREAD_MULTIPLE: no thread";
   const int64_t cap = kShmSlotBytes / 4;           // fp32 elements in a slot
   auto input = [](int q, int64_t size, int i) {
     at::Generator g = at::detail::createCPUGenerator(1000 * i + q);
@@ -598,5 +604,10 @@ TEST(Collectives, DirectReadsCompleteOnlyOnceEveryRankHasRead) {
   comm->barrier()->wait();
 }
 
-INSTANTIATE_TEST_SUITE_P(DirectReads, SharedMemory, testing::Bool(),
-                         [](const testing::TestParamInfo<bool>& p) { return p.param ? "Direct" : "SlotsOnly"; });
+INSTANTIATE_TEST_SUITE_P(DirectReads, SharedMemory,
+                         testing::Values(ShmPath::kSlotsOnly, ShmPath::kDirect, ShmPath::kDirectOnThread),
+                         [](const testing::TestParamInfo<ShmPath>& p) {
+                           return p.param == ShmPath::kSlotsOnly ? "SlotsOnly"
+                                  : p.param == ShmPath::kDirect  ? "Direct"
+                                                                 : "DirectOnThread";
+                         });
