@@ -504,17 +504,21 @@ int tokenizer_threads(const PreprocessOptions& o, const RankGroup& ranks) {
   return default_threads_per_rank(ranks.local_size);
 }
 
-// Encodes docs[b, e) on up to `threads` threads (this one among them); rethrows a thread's error.
+// Encodes docs[b, e) on up to `threads` threads (this one among them), thread t through
+// caches[t] (kept by the caller across batches: the threads are new each time); rethrows a
+// thread's error.
 std::vector<std::vector<int32_t>> encode_batch(const Tokenizer& tok,
                                                const std::vector<std::string>& docs, size_t b,
-                                               size_t e, int threads) {
+                                               size_t e, int threads,
+                                               std::vector<Tokenizer::WordCache>& caches) {
   std::vector<std::vector<int32_t>> ids(e - b);
   std::atomic<size_t> next{b};
   std::exception_ptr err;
   std::mutex err_mu;
-  auto work = [&] {
+  if (caches.size() < static_cast<size_t>(std::max(threads, 1))) caches.resize(std::max(threads, 1));
+  auto work = [&](int t) {
     try {
-      for (size_t d; (d = next++) < e;) ids[d - b] = tok.encode(docs[d]);
+      for (size_t d; (d = next++) < e;) ids[d - b] = tok.encode(docs[d], &caches[t]);
     } catch (...) {
       std::lock_guard<std::mutex> l(err_mu);
       err = std::current_exception();
@@ -522,9 +526,10 @@ std::vector<std::vector<int32_t>> encode_batch(const Tokenizer& tok,
   };
   std::vector<std::thread> pool;
   int n_threads = static_cast<int>(std::min<size_t>(threads, e - b));
-  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work);
-  work();
+  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
+  work(0);
   for (auto& t : pool) t.join();
+  Tokenizer::share_words(caches);
   if (err) std::rethrow_exception(err);
   return ids;
 }
@@ -631,7 +636,7 @@ class ShardWriting {
   void write_batch() {
     if (batch_.empty()) return;
     const auto t0 = Clock::now();
-    std::vector<std::vector<int32_t>> ids = encode_batch(tok_, batch_, 0, batch_.size(), threads_);
+    std::vector<std::vector<int32_t>> ids = encode_batch(tok_, batch_, 0, batch_.size(), threads_, caches_);
     progress_.add_encode_seconds(std::chrono::duration<double>(Clock::now() - t0).count());
     int64_t tokens = 0;
     for (size_t d = 0; d < batch_.size(); ++d) {
@@ -651,6 +656,7 @@ class ShardWriting {
   const DocumentCounts& counts_;
   const DocumentSplit& split_;
   const int threads_;
+  std::vector<Tokenizer::WordCache> caches_;  // one per encoding thread, across batches
   ShardSink sink_;
   Progress progress_;
   ReadOptions reread_;

@@ -14,7 +14,16 @@
 namespace andy::sp {
 
 // Bumped whenever a virtual below changes; andyllm_sp_api() refuses other versions.
-constexpr int kApiVersion = 2;
+constexpr int kApiVersion = 3;
+
+// How encode(text) splits into encodings of its words (a BPE model whose pieces never join a
+// character to a "▁" after it; data/sp_module.cpp says how that is read from the model):
+enum class WordSplit {
+  kNone,        // not at all: encode whole texts
+  kEverySpace,  // before every space, each piece with encode() (removes extra whitespace)
+  kSpaceRuns,   // before every run of spaces that follows something else; the first piece with
+                // encode(), the others with encode_continuation() (keeps every space)
+};
 
 // A loaded sentencepiece model. Thread-safe for concurrent encode/decode (const).
 class Model {
@@ -25,6 +34,8 @@ class Model {
   // Encodes text that continues a text already encoded (no dummy "▁" prefix added), so a long
   // document encoded in pieces decodes to exactly its text.
   virtual bool encode_continuation(const std::string& text, std::vector<int>* ids, std::string* error) const = 0;
+  // How a text may be encoded word by word with the same ids (see WordSplit).
+  virtual WordSplit word_split() const = 0;
   virtual int vocab_size() const = 0;
   virtual int pad_id() const = 0;
   virtual int bos_id() const = 0;

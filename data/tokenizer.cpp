@@ -5,9 +5,12 @@
 #include <dlfcn.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cstdlib>
 #include <filesystem>
 #include <mutex>
 #include <regex>
+#include <unordered_map>
 
 #include "core/base/error.h"
 #include "core/base/logging.h"
@@ -95,6 +98,10 @@ Tokenizer Tokenizer::load(const std::string& path) {
   t.bos_id_ = m->bos_id();
   t.eos_id_ = m->eos_id();
   t.unk_id_ = m->unk_id();
+  const char* cache_env = std::getenv("ANDYLLM_TOKENIZER_WORD_CACHE");
+  if (!(cache_env && std::string(cache_env) == "0")) t.word_split_ = m->word_split();
+  static std::atomic<uint64_t> instances{0};
+  t.instance_ = ++instances;
   ANDY_CHECK_T(
       ConfigError, t.eos_id_ >= 0, "tokenizer ", path,
       ": the model has no eos piece (documents are ended with eos); retrain it with eos_id set");
@@ -151,8 +158,77 @@ void Tokenizer::train(const TokenizerTrainOptions& o) {
   ANDY_THROW(ConfigError, "sentencepiece training failed: ", err);
 }
 
-std::vector<int32_t> Tokenizer::encode(const std::string& text) const {
+namespace {
+
+constexpr size_t kMaxCachedWordBytes = 64;       // longer pieces are encoded each time
+constexpr size_t kMaxCachedWords = size_t{1} << 18;  // then the cache starts over
+
+}  // namespace
+
+void Tokenizer::encode_words(const std::string& text, WordCache& cache, std::vector<int32_t>& out) const {
+  if (cache.owner_ != instance_) {
+    cache.words_.clear();
+    cache.owner_ = instance_;
+  }
+  const bool runs = word_split_ == sp::WordSplit::kSpaceRuns;
+  std::vector<int> ids;
+  std::string err, word;
+  // Words [start, end), cut before every space that follows neither a space nor a "▁" (U+2581,
+  // which the text may hold: sentencepiece reads it as an escaped space), so a word takes the
+  // whole run of spaces before it, where pieces of several "▁" may merge either way. Each word
+  // is encoded alone: kEverySpace turns its leading spaces into the dummy prefix "▁", as they
+  // become one "▁" in the text; with kSpaceRuns every word but the first is a continuation (no
+  // dummy prefix), each of its spaces a "▁".
+  static constexpr char kMeta[] = "\xE2\x96\x81";  // "▁"
+  for (size_t start = 0; start < text.size();) {
+    size_t end = start + 1;
+    for (; end < text.size(); ++end)
+      if (text[end] == ' ' && text[end - 1] != ' ' && !(end >= 3 && text.compare(end - 3, 3, kMeta) == 0)) break;
+    word.assign(text, start, end - start);
+    const bool first = start == 0;
+    start = end;
+    // The first word of a kSpaceRuns text is encoded differently from the same word later.
+    const bool cacheable = word.size() <= kMaxCachedWordBytes && !(runs && first);
+    auto hit = cacheable ? cache.words_.find(word) : cache.words_.end();
+    if (hit != cache.words_.end()) {
+      out.insert(out.end(), hit->second.begin(), hit->second.end());
+      continue;
+    }
+    ids.clear();
+    const bool ok = runs && !first ? model_->encode_continuation(word, &ids, &err) : model_->encode(word, &ids, &err);
+    ANDY_CHECK_T(Error, ok, "tokenizer ", path_, ": encode failed: ", err);
+    std::vector<int32_t> encoded(ids.begin(), ids.end());
+    out.insert(out.end(), encoded.begin(), encoded.end());
+    if (cacheable) {
+      if (cache.words_.size() >= kMaxCachedWords) {
+        cache.words_.clear();
+        cache.fresh_.clear();
+      }
+      cache.words_.emplace(word, std::move(encoded));
+      cache.fresh_.push_back(word);
+    }
+  }
+}
+
+void Tokenizer::share_words(std::vector<WordCache>& caches) {
+  for (WordCache& from : caches) {
+    for (const std::string& word : from.fresh_) {
+      auto it = from.words_.find(word);
+      if (it == from.words_.end()) continue;
+      for (WordCache& to : caches)
+        if (&to != &from && to.owner_ == from.owner_ && to.words_.size() < kMaxCachedWords) to.words_.emplace(word, it->second);
+    }
+  }
+  for (WordCache& c : caches) c.fresh_.clear();
+}
+
+std::vector<int32_t> Tokenizer::encode(const std::string& text, WordCache* cache) const {
   std::vector<int32_t> out;
+  if (word_split_ != sp::WordSplit::kNone && text.size() <= kEncodePieceBytes) {
+    thread_local WordCache own;
+    encode_words(text, cache ? *cache : own, out);
+    return out;
+  }
   std::vector<int> ids;
   std::string err;
   // Long texts in pieces of about kEncodePieceBytes, cut after a newline (else a space, else a

@@ -19,11 +19,10 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
-namespace andy::sp {
-class Model;
-}
+#include "data/sp_module_api.h"
 
 namespace andy::data {
 
@@ -54,7 +53,28 @@ class Tokenizer {
   // largest size sentencepiece reports possible), IoError for file problems.
   static void train(const TokenizerTrainOptions& opts);
 
-  std::vector<int32_t> encode(const std::string& text) const;
+  // The ids of `text`. For a BPE model whose pieces never join a character to a space after it
+  // (sp::WordSplit: every BPE model andyllm preprocess trains, and sentencepiece's defaults) the
+  // text is encoded word by word, each word (with the spaces before it) once per thread and
+  // then taken from the thread's cache, as Hugging Face's BPE does: the same ids as
+  // sentencepiece encoding the whole text, with far fewer calls into it.
+  // ANDYLLM_TOKENIZER_WORD_CACHE=0 (read by load()) encodes whole texts.
+  // Encoded words, for callers that keep one per worker across short-lived threads
+  // (preprocess's encoding batches). One thread at a time; for one tokenizer at a time.
+  class WordCache {
+   private:
+    friend class Tokenizer;
+    uint64_t owner_ = 0;  // Tokenizer::instance_
+    std::unordered_map<std::string, std::vector<int32_t>> words_;
+    std::vector<std::string> fresh_;  // words added since share_words()
+  };
+  // Gives each cache the words the others encoded since the last call (while no thread uses
+  // them), so that workers do not each encode the same new words.
+  static void share_words(std::vector<WordCache>& caches);
+  // cache: where the words go; nullptr: the calling thread's own.
+  std::vector<int32_t> encode(const std::string& text, WordCache* cache = nullptr) const;
+  // True when encode() goes word by word through the cache.
+  bool word_cache() const { return word_split_ != sp::WordSplit::kNone; }
   std::string decode(const std::vector<int32_t>& ids) const;
   std::string id_to_piece(int id) const;
 
@@ -68,7 +88,12 @@ class Tokenizer {
   const std::string& checksum() const { return checksum_; }
 
  private:
+  // Appends the ids of text (at most kEncodePieceBytes) through `cache`.
+  void encode_words(const std::string& text, WordCache& cache, std::vector<int32_t>& out) const;
+
   std::shared_ptr<const sp::Model> model_;
+  sp::WordSplit word_split_ = sp::WordSplit::kNone;
+  uint64_t instance_ = 0;  // tells the thread-local word caches of two tokenizers apart
   std::string path_, checksum_;
   int vocab_size_ = 0, pad_id_ = -1, bos_id_ = -1, eos_id_ = -1, unk_id_ = -1;
 };

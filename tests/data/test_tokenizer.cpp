@@ -4,6 +4,9 @@
 #include <gtest/gtest.h>
 #include <torch/torch.h>
 
+#include <cstdlib>
+#include <random>
+
 #include "core/base/error.h"
 #include "data/checksum.h"
 #include "data/tokenizer.h"
@@ -140,4 +143,126 @@ TEST_F(TokenizerTest, PythonSentencepieceGivesTheSameIds) {
                                     "混合 mixed 😀 🇨🇳 text\nline two", "unseen: Ωмир 🦄"};
   const auto python = python_sentencepiece_ids(*dir_ / "tok.model", texts, dir_->path());
   for (size_t i = 0; i < texts.size(); ++i) EXPECT_EQ(python[i], tok.encode(texts[i])) << "text: " << texts[i];
+}
+
+namespace {
+
+// Texts for the word cache: runs of spaces anywhere (leading, trailing, inside), tabs and
+// newlines, the "▁" character itself, Chinese, emoji and characters outside the vocabulary
+// (byte fallback), digits, combining and non-ASCII spaces, words longer than the cache takes,
+// and the same words many times (cache hits); then random strings of such parts.
+std::vector<std::string> word_cache_texts() {
+  std::vector<std::string> texts = {
+      "",
+      " ",
+      "  ",
+      "a",
+      " a",
+      "  a",
+      "a ",
+      "a  ",
+      "the quick  brown   fox ",
+      "  the the  the   the",
+      "\tthe\n the \n\nthe",
+      "▁the ▁▁the the▁ ▁",
+      "机器 学习  需要 数据。",
+      "😀 😀  🦄🦄 Ωмир",
+      "12345 678 9",
+      std::string(200, 'x') + " " + std::string(100, 'y') + "  " + std::string(200, 'x'),
+      "  a b  a",
+      "e\u0301 \u00a0the\u3000 the"};
+  std::mt19937 rng(7);
+  const std::vector<std::string> parts = {
+      " ",  " ",  " ", " ", "the", "a", "b", "quick", "fox",    "\n",     "\t",    "▁",
+      "中", "文", "😀", "Ω", "1",   "2", ".", ",",     "\u0301", "\u00a0", "\u3000"};
+  for (int i = 0; i < 600; ++i) {
+    std::string t;
+    for (int k = 0, n = static_cast<int>(rng() % 24); k < n; ++k) t += parts[rng() % parts.size()];
+    texts.push_back(t);
+  }
+  return texts;
+}
+
+Tokenizer load_without_word_cache(const std::string& model) {
+  setenv("ANDYLLM_TOKENIZER_WORD_CACHE", "0", 1);
+  Tokenizer t = Tokenizer::load(model);
+  unsetenv("ANDYLLM_TOKENIZER_WORD_CACHE");
+  return t;
+}
+
+}  // namespace
+
+// Our tokenizers keep every space (remove_extra_whitespaces off, whitespace-only pieces): words
+// take the spaces before them and are encoded as continuations. Word by word, through the
+// cache (twice: the second time from it), the ids are those of the whole text. Also with a
+// model trained on indented text, which has pieces of several spaces ("▁▁▁▁"): a run of spaces
+// may then merge either way, so a word must take all of the spaces before it.
+TEST_F(TokenizerTest, WordCacheGivesTheIdsOfWholeTexts) {
+  std::string code;
+  for (int i = 0; i < 400; ++i)
+    code += "def f" + std::to_string(i) + "(x):\n    if x  >  " + std::to_string(i % 7) +
+            ":\n        return  x\n" + std::string(i % 9, ' ') + "the  quick   fox\n";
+  write_file(*dir_ / "code.txt", code);
+  TokenizerTrainOptions o;
+  o.input_files = {*dir_ / "code.txt", *dir_ / "corpus.txt"};
+  o.model_prefix = *dir_ / "code";
+  o.vocab_size = 600;
+  Tokenizer::train(o);
+  for (const std::string model : {*dir_ / "tok.model", *dir_ / "code.model"}) {
+    Tokenizer cached = Tokenizer::load(model);
+    Tokenizer whole = load_without_word_cache(model);
+    ASSERT_TRUE(cached.word_cache());
+    ASSERT_FALSE(whole.word_cache());
+    if (model == *dir_ / "code.model") {
+      bool runs = false;
+      for (int id = 0; id < cached.vocab_size(); ++id)
+        runs = runs || cached.id_to_piece(id) == "▁▁▁▁";
+      ASSERT_TRUE(runs) << "expected a piece of four spaces in " << model;
+    }
+    const auto texts = word_cache_texts();
+    for (int round = 0; round < 2; ++round) {
+      for (const auto& t : texts) {
+        const auto ids = cached.encode(t);
+        ASSERT_EQ(ids, whole.encode(t)) << "round " << round << ", text: [" << t << "]";
+        if (t.find("▁") == std::string::npos)
+          ASSERT_EQ(cached.decode(ids), t);  // "▁" decodes to " "
+      }
+    }
+  }
+}
+
+// Sentencepiece's defaults (nmt_nfkc normalization, extra whitespace removed, a dummy prefix):
+// each word with its spaces is encoded alone, and the ids are what Debian's Python
+// sentencepiece gives for the whole text. A unigram model, or one with pieces across spaces, is
+// not split at all.
+TEST_F(TokenizerTest, WordCacheOnSentencepieceDefaultsMatchesPython) {
+  if (!python_has("sentencepiece"))
+    GTEST_SKIP()
+        << "/usr/bin/python3 has no sentencepiece module (apt install python3-sentencepiece)";
+  const std::string dir = dir_->path();
+  auto [rc, out] = shell("cd " + dir +
+                         " && /usr/bin/python3 -c \"import sentencepiece as spm\n"
+                         "for t in ('bpe', 'unigram'):\n"
+                         "    spm.SentencePieceTrainer.train(input='corpus.txt', "
+                         "model_prefix='default_' + t, model_type=t,"
+                         " vocab_size=400, byte_fallback=True)\n"
+                         "spm.SentencePieceTrainer.train(input='corpus.txt', model_prefix='across_spaces',"
+                         " model_type='bpe', vocab_size=400, byte_fallback=True, split_by_whitespace=False)\"");
+  ASSERT_EQ(rc, 0) << out;
+  Tokenizer bpe = Tokenizer::load(dir + "/default_bpe.model");
+  EXPECT_TRUE(bpe.word_cache());
+  EXPECT_FALSE(Tokenizer::load(dir + "/default_unigram.model").word_cache());
+  // Pieces across spaces ("▁of▁the"): not split.
+  Tokenizer across = Tokenizer::load(dir + "/across_spaces.model");
+  bool spans = false;
+  for (int id = 0; id < across.vocab_size(); ++id)
+    spans = spans || across.id_to_piece(id).find("▁", 1) != std::string::npos;
+  EXPECT_TRUE(spans);
+  EXPECT_FALSE(across.word_cache());
+  const auto texts = word_cache_texts();
+  const auto python = python_sentencepiece_ids(dir + "/default_bpe.model", texts, dir);
+  for (int round = 0; round < 2; ++round)
+    for (size_t i = 0; i < texts.size(); ++i)
+      ASSERT_EQ(bpe.encode(texts[i]), python[i])
+          << "round " << round << ", text: [" << texts[i] << "]";
 }
