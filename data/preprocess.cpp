@@ -515,7 +515,9 @@ std::vector<std::vector<int32_t>> encode_batch(const Tokenizer& tok,
   std::atomic<size_t> next{b};
   std::exception_ptr err;
   std::mutex err_mu;
-  if (caches.size() < static_cast<size_t>(std::max(threads, 1))) caches.resize(std::max(threads, 1));
+  // 512 Ki words each (about 50 MB): a corpus's vocabulary of words, so the cache rarely
+  // starts over.
+  while (caches.size() < static_cast<size_t>(std::max(threads, 1))) caches.emplace_back(size_t{1} << 19);
   auto work = [&](int t) {
     try {
       for (size_t d; (d = next++) < e;) ids[d - b] = tok.encode(docs[d], &caches[t]);

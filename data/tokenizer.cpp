@@ -161,7 +161,6 @@ void Tokenizer::train(const TokenizerTrainOptions& o) {
 namespace {
 
 constexpr size_t kMaxCachedWordBytes = 64;       // longer pieces are encoded each time
-constexpr size_t kMaxCachedWords = size_t{1} << 18;  // then the cache starts over
 
 }  // namespace
 
@@ -200,7 +199,7 @@ void Tokenizer::encode_words(const std::string& text, WordCache& cache, std::vec
     std::vector<int32_t> encoded(ids.begin(), ids.end());
     out.insert(out.end(), encoded.begin(), encoded.end());
     if (cacheable) {
-      if (cache.words_.size() >= kMaxCachedWords) {
+      if (cache.words_.size() >= cache.max_words_) {
         cache.words_.clear();
         cache.fresh_.clear();
       }
@@ -216,7 +215,7 @@ void Tokenizer::share_words(std::vector<WordCache>& caches) {
       auto it = from.words_.find(word);
       if (it == from.words_.end()) continue;
       for (WordCache& to : caches)
-        if (&to != &from && to.owner_ == from.owner_ && to.words_.size() < kMaxCachedWords) to.words_.emplace(word, it->second);
+        if (&to != &from && to.owner_ == from.owner_ && to.words_.size() < to.max_words_) to.words_.emplace(word, it->second);
     }
   }
   for (WordCache& c : caches) c.fresh_.clear();

@@ -62,8 +62,14 @@ class Tokenizer {
   // Encoded words, for callers that keep one per worker across short-lived threads
   // (preprocess's encoding batches). One thread at a time; for one tokenizer at a time.
   class WordCache {
+   public:
+    // When full (about 100 bytes a word), the cache starts over. The default (64 Ki words, about
+    // 7 MB) is what each thread's own cache gets: a server has many threads.
+    explicit WordCache(size_t max_words = size_t{1} << 16) : max_words_(max_words) {}
+
    private:
     friend class Tokenizer;
+    size_t max_words_;
     uint64_t owner_ = 0;  // Tokenizer::instance_
     std::unordered_map<std::string, std::vector<int32_t>> words_;
     std::vector<std::string> fresh_;  // words added since share_words()
