@@ -29,8 +29,6 @@ namespace {
 using SgemmFn = int (*)(char transa, char transb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
                         int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 
-// The process's `dnnl_sgemm` (Debian's libtorch_cpu links libdnnl.so.2; PyTorch's own builds link
-// oneDNN statically and do not export it), or null.
 // ANDYLLM_CPU_GEMM=blas: every fp32 product through at::linear / at::matmul (OpenBLAS), none of
 // ours or oneDNN's.
 bool blas_requested() {
@@ -41,6 +39,8 @@ bool blas_requested() {
   return yes;
 }
 
+// The process's `dnnl_sgemm` (Debian's libtorch_cpu links libdnnl.so.2; PyTorch's own builds link
+// oneDNN statically and do not export it), or null.
 SgemmFn sgemm_fn() {
   static const SgemmFn fn = [] {
     if (blas_requested()) return SgemmFn{nullptr};

@@ -464,7 +464,7 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
   // have, reads the others' reduced shares: two direct operations, one copy of each share per
   // step (where the slots copy everything in and every rank sums it all).
   const int64_t bytes = buf.numel() * static_cast<int64_t>(sizeof(float));
-  if (shm_ && shm_->direct_available() && buf.scalar_type() == at::kFloat &&
+  if (shm_direct() && buf.scalar_type() == at::kFloat &&
       (thread_ ? shm_thread_ && bytes > shm_->capacity_bytes() : bytes > kShmDirectAllReduceBytes)) {
     float* p = buf.data_ptr<float>();
     const int64_t n = buf.numel();
@@ -536,7 +536,7 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
   // 128 KB (beyond that the second copy costs more than MPI's round trip saves); else MPI.
   // Measured: docs/PERFORMANCE.md, "Collectives".
   constexpr int64_t kSlotsAllGatherBytes = 32 << 10, kSlotsOnlyAllGatherBytes = 128 << 10;
-  const bool direct = shm_ && shm_->direct_available();
+  const bool direct = shm_direct();
   if (direct && out_bytes > std::min(kSlotsAllGatherBytes, shm_->capacity_bytes())) {
     char* out = static_cast<char*>(output.data_ptr());
     auto combine = [out, offsets, esize](const ShmCollectives::Reader& read) {
@@ -600,41 +600,34 @@ WorkPtr MpiCommunicator::reduce_scatter(at::Tensor& output, const at::Tensor& in
   bool narrow = is_narrow_float(input.scalar_type());
   at::Tensor in = narrow ? input.to(at::kFloat) : input;
   at::Tensor out = narrow ? at::empty({output.numel()}, output.options().dtype(at::kFloat)) : output;
-  // Larger than a slot: this rank's share read straight from every rank's buffer and reduced in
-  // rank order (the same bits as through the slots); on a threaded communicator, by its thread.
+  // Through shared memory: this rank's share of every rank's buffer reduced in rank order (every
+  // path gives the same bits), through the slots up to a slot, larger ones read straight from
+  // every rank's buffer (on a threaded communicator, by its thread).
   const int64_t in_bytes = in.numel() * static_cast<int64_t>(sizeof(float));
-  if (shm_ && shm_->direct_available() && (!thread_ || shm_thread_) && in.scalar_type() == at::kFloat &&
-      in_bytes > shm_->capacity_bytes()) {
+  const bool via_direct = shm_direct() && (!thread_ || shm_thread_) && in_bytes > shm_->capacity_bytes();
+  if (shm_ && in.scalar_type() == at::kFloat && (via_direct || in_bytes <= shm_->capacity_bytes())) {
     const int64_t mine = counts[rank_];
     const int64_t off = std::accumulate(counts.begin(), counts.begin() + rank_, int64_t{0});
     float* dst = out.numel() ? out.data_ptr<float>() : nullptr;
     const ReduceOp op = opts.op;
-    auto combine = [dst, mine, off, op, size = size_](const ShmCollectives::Reader& read) {
-      if (mine > 0) reduce_direct(read, size, off * static_cast<int64_t>(sizeof(float)), dst, mine, op);
-    };
     at::Tensor target = output;
-    return post_direct("reduce_scatter", in.data_ptr(), in_bytes, {combine}, {in, out},
-                       out.is_same(target) ? std::function<void()>()
-                                           : std::function<void()>([out, target]() mutable { target.view({-1}).copy_(out); }),
-                       thread_ != nullptr);
-  }
-  if (shm_ && in.scalar_type() == at::kFloat && in_bytes <= shm_->capacity_bytes()) {
-    const int64_t mine = counts[rank_];
-    const int64_t off = std::accumulate(counts.begin(), counts.begin() + rank_, int64_t{0});
-    float* dst = out.numel() ? out.data_ptr<float>() : nullptr;
-    const ReduceOp op = opts.op;
+    std::function<void()> copy_back;
+    if (!out.is_same(target)) copy_back = [out, target]() mutable { target.view({-1}).copy_(out); };
+    if (via_direct) {
+      auto combine = [dst, mine, off, op, size = size_](const ShmCollectives::Reader& read) {
+        if (mine > 0) reduce_direct(read, size, off * static_cast<int64_t>(sizeof(float)), dst, mine, op);
+      };
+      return post_direct("reduce_scatter", in.data_ptr(), in_bytes, {combine}, {in, out}, std::move(copy_back),
+                         thread_ != nullptr);
+    }
     auto combine = [dst, mine, off, op, size = size_](const std::function<const void*(int)>& slot) {
       if (mine == 0) return;
       std::vector<const float*> parts;
       for (int r = 0; r < size; ++r) parts.push_back(static_cast<const float*>(slot(r)) + off);
       ShmCollectives::reduce(dst, parts, mine, op);
     };
-    at::Tensor target = output;
-    return post_shm("reduce_scatter",
-                    {{in.numel() ? in.data_ptr() : nullptr, in.numel() * static_cast<int64_t>(sizeof(float)), combine}},
-                    {in, out},
-                    out.is_same(target) ? std::function<void()>()
-                                        : std::function<void()>([out, target]() mutable { target.view({-1}).copy_(out); }));
+    return post_shm("reduce_scatter", {{in.numel() ? in.data_ptr() : nullptr, in_bytes, combine}}, {in, out},
+                    std::move(copy_back));
   }
   MPI_Datatype dt = mpi_copy_type(in.scalar_type());
   MPI_Op op = mpi_op(opts.op);

@@ -206,8 +206,6 @@ uint64_t ShmCollectives::post_direct(const void* data, int64_t bytes, DirectComb
   ANDY_CHECK_T(CommError, bytes >= 0, "shared-memory collective: negative size ", bytes);
   Pending p;
   p.direct = std::move(combine);
-  p.data = data;
-  p.bytes = bytes;
   p.owner = std::move(owner);
   const Descriptor d{reinterpret_cast<uint64_t>(data), bytes};
   std::lock_guard<std::mutex> lock(mu_);
@@ -229,10 +227,15 @@ uint64_t ShmCollectives::post_locked(Pending pending, const void* slot_data, int
   return seq;
 }
 
-void ShmCollectives::read_peer(int r, uint64_t seq, int64_t offset, void* dst, int64_t n) const {
+void ShmCollectives::read_part(int r, uint64_t seq, int64_t offset, void* dst, int64_t n) const {
+  if (n <= 0) return;
   const Descriptor d = *reinterpret_cast<const Descriptor*>(slot(r, seq));
-  ANDY_CHECK_T(CommError, offset >= 0 && n >= 0 && offset + n <= d.bytes, "shared-memory collective: reading ", n,
+  ANDY_CHECK_T(CommError, offset >= 0 && offset + n <= d.bytes, "shared-memory collective: reading ", n,
                " bytes at ", offset, " of rank ", r, "'s buffer of ", d.bytes, " bytes (the ranks disagree on the sizes)");
+  if (r == rank_) {
+    std::memcpy(dst, reinterpret_cast<const char*>(d.addr) + offset, static_cast<size_t>(n));
+    return;
+  }
   const int err = cma_read(peer(r).pid, d.addr + static_cast<uint64_t>(offset), dst, n);
   ANDY_CHECK_T(CommError, err == 0, "shared-memory collective: reading rank ", r, "'s buffer (process ", peer(r).pid,
                ") failed: ", std::strerror(err));
@@ -254,13 +257,7 @@ bool ShmCollectives::complete_locked(uint64_t seq, Deadline deadline, bool block
     if (!p.combined) {
       if (!wait_all(true, p.seq, deadline, block)) return false;
       if (p.direct) {
-        p.direct([this, &p](int r, int64_t offset, void* dst, int64_t n) {
-          if (n <= 0) return;
-          if (r != rank_) return read_peer(r, p.seq, offset, dst, n);
-          ANDY_CHECK_T(CommError, offset >= 0 && offset + n <= p.bytes, "shared-memory collective: reading ", n,
-                       " bytes at ", offset, " of this rank's buffer of ", p.bytes, " bytes");
-          std::memcpy(dst, static_cast<const char*>(p.data) + offset, static_cast<size_t>(n));
-        });
+        p.direct([this, &p](int r, int64_t offset, void* dst, int64_t n) { read_part(r, p.seq, offset, dst, n); });
       } else {
         p.combine([this, &p](int r) -> const void* { return slot(r, p.seq); });
       }

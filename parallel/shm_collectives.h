@@ -85,9 +85,7 @@ class ShmCollectives {
   struct Pending {
     uint64_t seq;
     Combine combine;              // slot operations
-    DirectCombine direct;         // direct operations
-    const void* data = nullptr;   // a direct operation's buffer (this rank's)
-    int64_t bytes = 0;
+    DirectCombine direct;         // direct operations (their buffers: the slot's Descriptor)
     bool combined = false;        // this rank has its result (a direct one: peers may still read)
     std::vector<at::Tensor> owner;
   };
@@ -95,7 +93,8 @@ class ShmCollectives {
   struct Peer;  // a rank's process id and address of its segment (for direct reads)
   ShmCollectives(void* base, size_t bytes, int64_t header, int rank, int size, int64_t capacity, bool direct);
   uint64_t post_locked(Pending pending, const void* slot_data, int64_t slot_bytes, Deadline deadline);
-  void read_peer(int r, uint64_t seq, int64_t offset, void* dst, int64_t n) const;
+  // A direct operation's read: n bytes at offset of rank r's buffer (this rank's too).
+  void read_part(int r, uint64_t seq, int64_t offset, void* dst, int64_t n) const;
   Flag& posted(int r) const;
   Peer& peer(int r) const;
   Flag& done(int r) const;

@@ -208,7 +208,7 @@ TEST_F(TokenizerTest, WordCacheGivesTheIdsOfWholeTexts) {
   o.model_prefix = *dir_ / "code";
   o.vocab_size = 600;
   Tokenizer::train(o);
-  for (const std::string model : {*dir_ / "tok.model", *dir_ / "code.model"}) {
+  for (const std::string& model : {*dir_ / "tok.model", *dir_ / "code.model"}) {
     Tokenizer cached = Tokenizer::load(model);
     Tokenizer whole = load_without_word_cache(model);
     ASSERT_TRUE(cached.word_cache());
@@ -224,8 +224,9 @@ TEST_F(TokenizerTest, WordCacheGivesTheIdsOfWholeTexts) {
       for (const auto& t : texts) {
         const auto ids = cached.encode(t);
         ASSERT_EQ(ids, whole.encode(t)) << "round " << round << ", text: [" << t << "]";
-        if (t.find("▁") == std::string::npos)
+        if (t.find("▁") == std::string::npos) {
           ASSERT_EQ(cached.decode(ids), t);  // "▁" decodes to " "
+        }
       }
     }
   }

@@ -597,7 +597,9 @@ TEST(Collectives, DirectReadsCompleteOnlyOnceEveryRankHasRead) {
     reduced.fill_(-1);
     mine.fill_(-1);
   }
-  if (r != 0) EXPECT_EQ(max_abs_diff(reduced, at::full({size}, n * (n + 1) / 2.0, at::kDouble)), 0);
+  if (r != 0) {
+    EXPECT_EQ(max_abs_diff(reduced, at::full({size}, n * (n + 1) / 2.0, at::kDouble)), 0);
+  }
   std::vector<at::Tensor> parts;
   for (int q = 0; q < n; ++q) parts.push_back(at::full({size}, 10.0 * (q + 1), at::kDouble));
   EXPECT_EQ(max_abs_diff(gathered, at::cat(parts)), 0);
