@@ -15,6 +15,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "core/base/cpu.h"
+#include "core/base/failpoint.h"
 #include "core/base/format.h"
 #include "core/base/logging.h"
 #include "data/permutation.h"
@@ -114,8 +116,8 @@ class Progress {
     tokens_ += tokens;
     if (std::chrono::duration<double>(Clock::now() - last_).count() >= 2.0) print(false);
   }
-  // Wall time spent in the encoder itself (encode_batch), for the final line: the encoding rate
-  // apart from reading the text and writing the shards.
+  // Wall time spent encoding (BatchEncoder::seconds(); with more than one thread it overlaps
+  // the writing and reading of the batches around it), for the final line.
   void add_encode_seconds(double s) { encode_seconds_ += s; }
   void print(bool final) {
     last_ = Clock::now();
@@ -504,59 +506,117 @@ int tokenizer_threads(const PreprocessOptions& o, const RankGroup& ranks) {
   return default_threads_per_rank(ranks.local_size);
 }
 
-// Encodes docs[b, e) on up to `threads` threads (this one among them), thread t through
-// caches[t] (kept by the caller across batches: the threads are new each time); rethrows a
-// thread's error.
-std::vector<std::vector<int32_t>> encode_batch(const Tokenizer& tok,
-                                               const std::vector<std::string>& docs, size_t b,
-                                               size_t e, int threads,
-                                               std::vector<Tokenizer::WordCache>& caches) {
-  std::vector<std::vector<int32_t>> ids(e - b);
-  std::atomic<size_t> next{b};
-  std::exception_ptr err;
-  std::mutex err_mu;
-  // 512 Ki words each (about 50 MB): a corpus's vocabulary of words, so the cache rarely
-  // starts over.
-  while (caches.size() < static_cast<size_t>(std::max(threads, 1))) caches.emplace_back(size_t{1} << 19);
-  auto work = [&](int t) {
+// Encodes a batch of documents on `threads` threads, the caller's among them. start() sets the
+// other threads going at once, so that the caller can do its own work meanwhile (write the
+// previous batch, read the next); finish() joins in on the documents left, waits for the
+// others and returns the ids. Thread t encodes through caches_[t], kept across batches (the
+// threads are new each batch), and the caches share their new words after each batch.
+class BatchEncoder {
+ public:
+  BatchEncoder(const Tokenizer& tok, int threads) : tok_(tok), threads_(std::max(threads, 1)) {
+    // 512 Ki words each (about 50 MB): a corpus's vocabulary of words, so the cache rarely
+    // starts over.
+    for (int t = 0; t < threads_; ++t) caches_.emplace_back(size_t{1} << 19);
+  }
+  BatchEncoder(const BatchEncoder&) = delete;
+  BatchEncoder& operator=(const BatchEncoder&) = delete;
+  ~BatchEncoder() { stop(); }
+  // The threads take no more documents, and are joined (on an error elsewhere, before the
+  // documents go away).
+  void stop() {
+    if (docs_) next_ = docs_->size();
+    join();
+  }
+
+  // Starts encoding *docs, which must stay unchanged until finish().
+  void start(const std::vector<std::string>* docs) {
+    docs_ = docs;
+    ids_.assign(docs->size(), {});
+    next_ = 0;
+    err_ = nullptr;
+    t0_ = Clock::now();
+    const int n = static_cast<int>(std::min<size_t>(threads_, docs->size()));
+    for (int t = 1; t < n; ++t) pool_.emplace_back([this, t] { work(t); });
+  }
+  // Encodes what is left on this thread, waits for the others; rethrows a thread's error.
+  std::vector<std::vector<int32_t>> finish() {
+    if (pool_.empty()) t0_ = Clock::now();  // one thread: the encoding starts only now
+    work(0);
+    join();
+    Tokenizer::share_words(caches_);
+    seconds_ += std::chrono::duration<double>(Clock::now() - t0_).count();
+    docs_ = nullptr;
+    if (err_) std::rethrow_exception(err_);
+    return std::move(ids_);
+  }
+  // Wall time from each start() to its finish() (from finish() on one thread), summed.
+  double seconds() const { return seconds_; }
+
+ private:
+  void work(int t) {
     try {
-      for (size_t d; (d = next++) < e;) ids[d - b] = tok.encode(docs[d], &caches[t]);
+      for (size_t d; (d = next_++) < docs_->size();) ids_[d] = tok_.encode((*docs_)[d], &caches_[t]);
     } catch (...) {
-      std::lock_guard<std::mutex> l(err_mu);
-      err = std::current_exception();
+      std::lock_guard<std::mutex> l(err_mu_);
+      err_ = std::current_exception();
     }
-  };
-  std::vector<std::thread> pool;
-  int n_threads = static_cast<int>(std::min<size_t>(threads, e - b));
-  for (int t = 1; t < n_threads; ++t) pool.emplace_back(work, t);
-  work(0);
-  for (auto& t : pool) t.join();
-  Tokenizer::share_words(caches);
-  if (err) std::rethrow_exception(err);
-  return ids;
-}
+  }
+  void join() {
+    for (auto& th : pool_) th.join();
+    pool_.clear();
+  }
+
+  const Tokenizer& tok_;
+  const int threads_;
+  std::vector<Tokenizer::WordCache> caches_;
+  std::vector<std::thread> pool_;
+  const std::vector<std::string>* docs_ = nullptr;
+  std::vector<std::vector<int32_t>> ids_;
+  std::atomic<size_t> next_{0};
+  std::exception_ptr err_;
+  std::mutex err_mu_;
+  Clock::time_point t0_;
+  double seconds_ = 0;
+};
 
 // This rank's open shard of each split, <split>/shard-<rank>-<index>.h5. A shard is closed and
 // listed when the next document would take it past --shard_tokens: documents are never split.
-// Not thread-safe.
+// With `background`, a full shard is written out (HDF5, rename, checksum) on a thread of its own
+// while the next one fills; finish() waits for them. Not thread-safe.
 class ShardSink {
  public:
-  ShardSink(const Pipeline& p, const Tokenizer& tok) : p_(p), tok_(tok) {
+  ShardSink(const Pipeline& p, const Tokenizer& tok, bool background)
+      : p_(p), tok_(tok), background_(background) {
     options_.chunk_tokens = p.opts.chunk_tokens;
     options_.compression = p.opts.compression;
   }
   void add(Split s, const std::vector<int32_t>& ids) {
     writer_for(s, static_cast<int64_t>(ids.size())).add_document(ids.data(), ids.size());
   }
-  // Closes the open shards (train first); returns every shard written, as manifest entries
-  // with their "split".
+  // Closes the open shards (train first); returns every shard written, in the order they were
+  // closed, as manifest entries with their "split". Rethrows a background write's error.
   nlohmann::json finish() {
     close(kTrain);
     close(kValidation);
-    return std::move(shards_);
+    nlohmann::json shards = nlohmann::json::array();
+    for (Closing& c : closing_) {
+      const ShardSummary sum = c.summary.get();
+      shards.push_back({{"split", kSplitNames[c.split]},
+                        {"file", fs::relative(sum.path, p_.out).string()},
+                        {"tokens", sum.tokens},
+                        {"documents", sum.documents},
+                        {"checksum", sum.checksum}});
+    }
+    closing_.clear();
+    return shards;
   }
 
  private:
+  struct Closing {
+    Split split;
+    std::future<ShardSummary> summary;  // std::async's: its destructor waits for the write
+  };
+
   ShardWriter& writer_for(Split s, int64_t n_tokens) {
     if (writers_[s] && writers_[s]->tokens() > 0 &&
         writers_[s]->tokens() + n_tokens > p_.opts.shard_tokens)
@@ -572,43 +632,65 @@ class ShardSink {
   }
   void close(Split s) {
     if (!writers_[s] || writers_[s]->documents() == 0) return;
-    ShardSummary sum = writers_[s]->finish();
-    shards_.push_back({{"split", kSplitNames[s]},
-                       {"file", fs::relative(sum.path, p_.out).string()},
-                       {"tokens", sum.tokens},
-                       {"documents", sum.documents},
-                       {"checksum", sum.checksum}});
-    writers_[s].reset();
+    std::shared_ptr<ShardWriter> w(std::move(writers_[s]));
+    auto write = [w] { return w->finish(); };
+    if (background_) {
+      closing_.push_back({s, std::async(std::launch::async, write)});
+    } else {
+      std::promise<ShardSummary> done;
+      done.set_value(write());
+      closing_.push_back({s, done.get_future()});
+    }
   }
 
   const Pipeline& p_;
   const Tokenizer& tok_;
+  const bool background_;
   ShardWriteOptions options_;
   std::unique_ptr<ShardWriter> writers_[2];
   int shard_index_[2] = {0, 0};
-  nlohmann::json shards_ = nlohmann::json::array();
+  std::vector<Closing> closing_;
 };
 
-// Step 5 on one rank, inside one agreed() call: reads the rank's files again, encodes them
-// batch by batch and adds every document, eos appended, to its split's shard.
+// Step 5 on one rank, inside one agreed() call: reads the rank's files again and encodes them
+// batch by batch, adding every document, eos appended, to its split's shard. A pipeline: while
+// the other threads encode batch k, this one writes batch k - 1 and reads batch k + 1, then
+// helps encode what is left of batch k; full shards go to disk on a thread of their own. With
+// one thread the same steps run one after another on it.
 class ShardWriting {
  public:
   ShardWriting(const Pipeline& p, const Tokenizer& tok, const DocumentCounts& counts,
                const DocumentSplit& split, int threads)
       : p_(p),
-        tok_(tok),
         counts_(counts),
         split_(split),
-        threads_(threads),
-        sink_(p, tok),
+        eos_(tok.eos_id()),
+        encoder_(tok, threads),
+        sink_(p, tok, threads > 1),
         progress_(counts.my_document_bytes, p.ranks.size),
         reread_(p.opts.read) {
     reread_.log_problems = false;  // step 3 reported them
   }
   // Writes the files `mine` (indices into p.files); returns this rank's shards (ShardSink).
   nlohmann::json run(const std::vector<size_t>& mine) {
-    for (size_t fi : mine) read_file(fi);
-    write_batch();
+    mine_ = &mine;
+    Batch cur = next_batch(), prev;
+    struct StopOnError {  // destroyed before cur, whose documents the threads may be reading
+      BatchEncoder& e;
+      ~StopOnError() { e.stop(); }
+    } stop_on_error{encoder_};
+    while (!cur.docs.empty()) {
+      encoder_.start(&cur.docs);
+      write(prev);
+      if (failpoint_fires("preprocess.read"))  // a read failing while the other threads encode
+        throw IoError("failpoint preprocess.read");
+      Batch next = next_batch();
+      cur.ids = encoder_.finish();
+      prev = std::move(cur);
+      cur = std::move(next);
+    }
+    write(prev);
+    progress_.add_encode_seconds(encoder_.seconds());
     nlohmann::json shards = sink_.finish();
     progress_.print(true);
     return shards;
@@ -621,50 +703,61 @@ class ShardWriting {
   static constexpr size_t kBatch = 512;
   static constexpr int64_t kBatchBytes = 8 << 20;
 
-  void read_file(size_t fi) {
-    std::vector<std::string> docs = read_documents(p_.files[fi], reread_).docs;
-    ANDY_CHECK_T(IoError, static_cast<int64_t>(docs.size()) == counts_.per_file[fi],
-                 p_.files[fi].path, ": changed while preprocessing (", counts_.per_file[fi],
-                 " documents, now ", docs.size(), ")");
-    for (size_t d = 0; d < docs.size(); ++d) {
-      batch_bytes_ += static_cast<int64_t>(docs[d].size());
-      batch_.push_back(std::move(docs[d]));
-      batch_index_.push_back(counts_.first_doc[fi] + static_cast<int64_t>(d));
-      if (batch_.size() >= kBatch || batch_bytes_ >= kBatchBytes) write_batch();
+  struct Batch {
+    std::vector<std::string> docs;
+    std::vector<int64_t> index;  // their global document indices
+    int64_t bytes = 0;
+    std::vector<std::vector<int32_t>> ids;
+  };
+
+  // The next batch of documents in order, reading files as needed; empty at the end.
+  Batch next_batch() {
+    Batch b;
+    while (b.docs.size() < kBatch && b.bytes < kBatchBytes) {
+      if (file_doc_ == file_docs_.size()) {
+        if (next_file_ == mine_->size()) break;
+        const size_t fi = (*mine_)[next_file_++];
+        file_docs_ = read_documents(p_.files[fi], reread_).docs;
+        ANDY_CHECK_T(IoError, static_cast<int64_t>(file_docs_.size()) == counts_.per_file[fi],
+                     p_.files[fi].path, ": changed while preprocessing (", counts_.per_file[fi],
+                     " documents, now ", file_docs_.size(), ")");
+        file_doc_ = 0;
+        file_first_ = counts_.first_doc[fi];
+        continue;
+      }
+      b.bytes += static_cast<int64_t>(file_docs_[file_doc_].size());
+      b.index.push_back(file_first_ + static_cast<int64_t>(file_doc_));
+      b.docs.push_back(std::move(file_docs_[file_doc_++]));
     }
+    return b;
   }
-  // Encodes the batch, adds its documents in order (eos appended) to their split's shard, and
-  // empties it.
-  void write_batch() {
-    if (batch_.empty()) return;
-    const auto t0 = Clock::now();
-    std::vector<std::vector<int32_t>> ids = encode_batch(tok_, batch_, 0, batch_.size(), threads_, caches_);
-    progress_.add_encode_seconds(std::chrono::duration<double>(Clock::now() - t0).count());
+  // Adds an encoded batch's documents in order (eos appended) to their split's shard.
+  void write(Batch& b) {
+    if (b.docs.empty()) return;
     int64_t tokens = 0;
-    for (size_t d = 0; d < batch_.size(); ++d) {
-      auto& v = ids[d];
-      v.push_back(tok_.eos_id());
-      sink_.add(split_.of(batch_index_[d]), v);
+    for (size_t d = 0; d < b.docs.size(); ++d) {
+      auto& v = b.ids[d];
+      v.push_back(eos_);
+      sink_.add(split_.of(b.index[d]), v);
       tokens += static_cast<int64_t>(v.size());
     }
-    progress_.add(batch_bytes_, static_cast<int64_t>(batch_.size()), tokens);
-    batch_.clear();
-    batch_index_.clear();
-    batch_bytes_ = 0;
+    progress_.add(b.bytes, static_cast<int64_t>(b.docs.size()), tokens);
+    b = Batch();
   }
 
   const Pipeline& p_;
-  const Tokenizer& tok_;
   const DocumentCounts& counts_;
   const DocumentSplit& split_;
-  const int threads_;
-  std::vector<Tokenizer::WordCache> caches_;  // one per encoding thread, across batches
+  const int32_t eos_;
+  BatchEncoder encoder_;
   ShardSink sink_;
   Progress progress_;
   ReadOptions reread_;
-  std::vector<std::string> batch_;      // documents read, not yet written
-  std::vector<int64_t> batch_index_;    // their global document indices
-  int64_t batch_bytes_ = 0;
+  const std::vector<size_t>* mine_ = nullptr;
+  size_t next_file_ = 0;                   // the next of mine_ to read
+  std::vector<std::string> file_docs_;     // the file being taken into batches
+  size_t file_doc_ = 0;                    // its next document
+  int64_t file_first_ = 0;                 // its first document's global index
 };
 
 // 5. Tokenize (threads) and write this rank's shards; returns them (ShardSink::finish).

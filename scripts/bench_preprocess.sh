@@ -4,7 +4,8 @@
 # about SIZE_MB made from copies of the demo corpus (data/demo/raw, from scripts/quickstart.sh):
 #   python   : one process, SentencePieceProcessor.encode of every document (what the seed did)
 #   andyllm  : preprocess --tokenizer_path (the same model, so no tokenizer training is timed)
-#              with --threads 1, --threads 2, and mpirun -np 2 --threads 1
+#              with --threads 1, --threads 2, and mpirun -np 2 --threads 1 (whose rates are
+#              rank 0's share: twice that in all)
 # Reported: the tokenize step's MB/s from preprocess's progress line (reading the text again,
 # encoding, writing the shards), the encoder's own rate (the time inside the encoder only, as
 # the Python figure is), and the whole command's wall time (reading, counting, tokenizing, HDF5
@@ -66,4 +67,6 @@ run "--threads 2" "$BIN" preprocess --threads 2
 run "mpirun -np 2 --threads 1" mpirun -np 2 "$BIN" preprocess --threads 1
 ANDYLLM_TOKENIZER_WORD_CACHE=0 run "--threads 1, no word cache" "$BIN" preprocess --threads 1
 IN="$WORK/corpus/copy1" run "--threads 1, one copy" "$BIN" preprocess --threads 1
+IN="$WORK/corpus/copy1" run "--threads 2, one copy" "$BIN" preprocess --threads 2
+IN="$WORK/corpus/copy1" run "mpirun -np 2 --threads 1, one copy" mpirun -np 2 "$BIN" preprocess --threads 1
 IN="$WORK/corpus/copy1" ANDYLLM_TOKENIZER_WORD_CACHE=0 run "--threads 1, one copy, no cache" "$BIN" preprocess --threads 1

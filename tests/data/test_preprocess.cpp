@@ -242,6 +242,43 @@ TEST_F(Preprocessed, RerunRefusesWithoutOverwriteAndReusesAGivenTokenizer) {
       << m;
 }
 
+// The tokenize step runs as a pipeline (the other threads encode a batch of 512 documents
+// while the first writes the one before and reads the next): 1,300 documents in three files
+// make three batches that span files, and every thread count writes the same shards.
+TEST(PreprocessThreads, OneTwoAndThreeThreadsWriteTheSameShards) {
+  TempDir dir;
+  make_corpus(dir / "raw", 1300);
+  auto o = base_options(dir / "raw", dir / "t1");
+  o.shard_tokens = 20000;
+  o.threads = 1;
+  const PreprocessResult r1 = run_preprocess(o);
+  EXPECT_EQ(r1.documents, 1300);
+  auto files = [](const std::string& d) {
+    std::vector<std::string> v;
+    for (const char* split : {"train", "validation"})
+      for (const auto& e : std::filesystem::directory_iterator(d + "/" + split))
+        v.push_back(std::string(split) + "/" + e.path().filename().string());
+    std::sort(v.begin(), v.end());
+    return v;
+  };
+  const std::vector<std::string> want = files(dir / "t1");
+  EXPECT_GT(want.size(), 2u);
+  for (int threads : {2, 3}) {
+    const std::string out = dir / ("t" + std::to_string(threads));
+    o.output_dir = out;
+    o.threads = threads;
+    o.tokenizer_path = dir / "t1/tokenizer.model";
+    o.vocab_size = 0;
+    const PreprocessResult r = run_preprocess(o);
+    EXPECT_EQ(r.train_tokens, r1.train_tokens) << threads << " threads";
+    EXPECT_EQ(r.validation_tokens, r1.validation_tokens) << threads << " threads";
+    ASSERT_EQ(files(out), want) << threads << " threads";
+    for (const std::string& f : want)
+      EXPECT_EQ(ShardReader(out + "/" + f).read_all(), ShardReader(dir / "t1/" + f).read_all())
+          << f << ", " << threads << " threads";
+  }
+}
+
 TEST(PreprocessErrors, MissingEmptyAndUnreadableInput) {
   TempDir dir;
   std::string m = error_of([&] { run_preprocess(base_options(dir / "none", dir / "out")); });
@@ -339,4 +376,15 @@ TEST(PreprocessCli, CommandLineRunsAndFailsWithExitCodes) {
             (dir / "out/tokenizer.model") + " --seq_len 16 --batch_size 2 --batches 20");
   ASSERT_EQ(rc, 0) << out;
   EXPECT_NE(out.find("ms/batch"), std::string::npos) << out;
+
+  // A read that fails while the other threads encode a batch (700 documents: two batches):
+  // the threads stop before its documents go, the run fails, and no dataset is left.
+  make_corpus(dir / "raw700", 700);
+  std::tie(rc, out) = shell("ANDYLLM_FAILPOINTS=preprocess.read " + bin + " preprocess --input_dir " +
+                            (dir / "raw700") + " --output_dir " + (dir / "out700") +
+                            " --tokenizer_path " + (dir / "out/tokenizer.model") +
+                            " --txt_docs blank_lines --threads 2");
+  EXPECT_NE(rc, 0) << out;
+  EXPECT_NE(out.find("failpoint preprocess.read"), std::string::npos) << out;
+  EXPECT_FALSE(std::filesystem::exists(dir / "out700/manifest.json")) << out;
 }
