@@ -378,10 +378,10 @@ at::Tensor cpu_bf16_gemv(const at::Tensor& x, const at::Tensor& weight) {
 bool cpu_gemm_enabled() { return sgemm_fn() != nullptr; }
 
 void cpu_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-               const float* b, int64_t ldb, float* c, int64_t ldc) {
+               const float* b, int64_t ldb, float* c, int64_t ldc, float beta) {
   const SgemmFn fn = sgemm_fn();
   ANDY_CHECK(fn, "cpu_sgemm: oneDNN's dnnl_sgemm is not available in this process");
-  const int status = fn(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, 0.0f, c, ldc);
+  const int status = fn(trans_a ? 'T' : 'N', trans_b ? 'T' : 'N', m, n, k, 1.0f, a, lda, b, ldb, beta, c, ldc);
   ANDY_CHECK(status == 0, "cpu_sgemm: dnnl_sgemm failed with status ", status, " (M ", m, ", N ", n, ", K ", k, ")");
 }
 

@@ -62,9 +62,9 @@ at::Tensor cpu_matmul(const at::Tensor& a, const at::Tensor& b);
 // a single row at a third of memory speed.
 at::Tensor cpu_bf16_gemv(const at::Tensor& x, const at::Tensor& weight);
 
-// Row-major C[M, N] = op(A) op(B), op transposing when asked (A is [M, K] or, transposed,
-// [K, M]; B is [K, N] or [N, K]). Requires cpu_gemm_enabled().
+// Row-major C[M, N] = op(A) op(B) + beta C, op transposing when asked (A is [M, K] or,
+// transposed, [K, M]; B is [K, N] or [N, K]). Requires cpu_gemm_enabled().
 void cpu_sgemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
-               const float* b, int64_t ldb, float* c, int64_t ldc);
+               const float* b, int64_t ldb, float* c, int64_t ldc, float beta = 0.0f);
 
 }  // namespace andy

@@ -49,6 +49,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k_in, const at::Tens
     return compat::fused_sdpa(q, k, v, causal_mask(q.size(2), k.size(2), q_offset, q.device()),
                               false);
   }
+  if (q_offset == 0 && q.size(2) == k_in.size(2)) {  // whole sequences: in [B, T, H, d], causal blocks
+    const at::Tensor qt = q.transpose(1, 2), kt = k_in.transpose(1, 2), vt = v_in.transpose(1, 2);
+    if (causal_attention_cpu_applies(qt, kt, vt)) return causal_attention_cpu(qt, kt, vt).transpose(1, 2);
+  }
   return explicit_attention(q, k_in, v_in, q_offset);
 }
 

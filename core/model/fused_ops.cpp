@@ -17,6 +17,7 @@
 #include "core/base/error.h"
 #include "core/base/torch_compat.h"
 #include "core/base/avx2_math.h"
+#include "parallel/cpu_gemm.h"
 
 namespace andy {
 
@@ -479,6 +480,99 @@ struct CausalSoftmaxFn : public torch::autograd::Function<CausalSoftmaxFn> {
   }
 };
 
+// causal_attention_cpu (fused_ops.h). For each (sequence b, kv head j), each of its g query heads
+// h and each block of query rows [t0, t1), the keys it sees are [0, t1):
+//   S = Q[t0:t1] K[0:t1]^T, P = causal softmax(scale S) (row t sees keys 0..t; zeros up to t1),
+//   O[t0:t1] = P V[0:t1];
+// backward with dO:
+//   dP = dO[t0:t1] V[0:t1]^T, dS = scale P (dP - rowsum(P dP)), dQ[t0:t1] = dS K[0:t1],
+//   dK[0:t1] += dS^T Q[t0:t1], dV[0:t1] += P^T dO[t0:t1].
+// P is kept for the backward in a [B, H, T, T] buffer of which only those blocks are written.
+// The tasks are the (b, j) pairs: a kv head's gradients are summed by one task.
+struct CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
+  struct Shape {
+    int64_t b, t, h, h_kv, d, g;
+    explicit Shape(const at::Tensor& q, const at::Tensor& k)
+        : b(q.size(0)), t(q.size(1)), h(q.size(2)), h_kv(k.size(2)), d(q.size(3)), g(q.size(2) / k.size(2)) {}
+    // Row t0 of query head h (or kv head j) in sequence b, and the strides between rows.
+    int64_t q_at(int64_t bi, int64_t t0, int64_t hi) const { return ((bi * t + t0) * h + hi) * d; }
+    int64_t kv_at(int64_t bi, int64_t t0, int64_t j) const { return ((bi * t + t0) * h_kv + j) * d; }
+    int64_t p_at(int64_t bi, int64_t hi, int64_t t0) const { return ((bi * h + hi) * t + t0) * t; }
+    int64_t ldq() const { return h * d; }
+    int64_t ldkv() const { return h_kv * d; }
+  };
+
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    const Shape sh(q, k);
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(sh.d)));
+    at::Tensor p = at::empty({sh.b, sh.h, sh.t, sh.t}, q.options());
+    at::Tensor o = at::empty(q.sizes(), q.options());
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    float *pp = p.data_ptr<float>(), *op = o.data_ptr<float>();
+    at::parallel_for(0, sh.b * sh.h_kv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> e(static_cast<size_t>(sh.t));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bi = task / sh.h_kv, j = task % sh.h_kv;
+        for (int64_t hi = j * sh.g; hi < (j + 1) * sh.g; ++hi)
+          for (int64_t t0 = 0; t0 < sh.t; t0 += kCausalBlockRows) {
+            const int64_t t1 = std::min(sh.t, t0 + kCausalBlockRows), rows = t1 - t0;
+            float* pb = pp + sh.p_at(bi, hi, t0);
+            cpu_sgemm(false, true, rows, t1, sh.d, qp + sh.q_at(bi, t0, hi), sh.ldq(), kp + sh.kv_at(bi, 0, j),
+                      sh.ldkv(), pb, sh.t);
+            for (int64_t r = 0; r < rows; ++r)  // in place: the row is read before it is written
+              causal_softmax_row<float>(pb + r * sh.t, t0 + r + 1, t1, scale, pb + r * sh.t, e.data());
+            cpu_sgemm(false, false, rows, sh.d, t1, pb, sh.t, vp + sh.kv_at(bi, 0, j), sh.ldkv(),
+                      op + sh.q_at(bi, t0, hi), sh.ldq());
+          }
+      }
+    });
+    ctx->save_for_backward({q, k, v, p});
+    return o;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &p = saved[3];
+    const at::Tensor dout = grads[0].to(at::kFloat).contiguous();
+    const Shape sh(q, k);
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(sh.d)));
+    at::Tensor dq = at::empty(q.sizes(), q.options()), dk = at::zeros(k.sizes(), k.options()),
+               dv = at::zeros(v.sizes(), v.options());
+    const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>(),
+                *pp = p.data_ptr<float>(), *gp = dout.data_ptr<float>();
+    float *dqp = dq.data_ptr<float>(), *dkp = dk.data_ptr<float>(), *dvp = dv.data_ptr<float>();
+    at::parallel_for(0, sh.b * sh.h_kv, 1, [&](int64_t begin, int64_t end) {
+      std::vector<float> ds(static_cast<size_t>(kCausalBlockRows * sh.t));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t bi = task / sh.h_kv, j = task % sh.h_kv;
+        const float *kj = kp + sh.kv_at(bi, 0, j), *vj = vp + sh.kv_at(bi, 0, j);
+        float *dkj = dkp + sh.kv_at(bi, 0, j), *dvj = dvp + sh.kv_at(bi, 0, j);
+        for (int64_t hi = j * sh.g; hi < (j + 1) * sh.g; ++hi)
+          for (int64_t t0 = 0; t0 < sh.t; t0 += kCausalBlockRows) {
+            const int64_t t1 = std::min(sh.t, t0 + kCausalBlockRows), rows = t1 - t0;
+            const float* pb = pp + sh.p_at(bi, hi, t0);
+            const float* gb = gp + sh.q_at(bi, t0, hi);
+            cpu_sgemm(false, true, rows, t1, sh.d, gb, sh.ldq(), vj, sh.ldkv(), ds.data(), t1);  // dP
+            for (int64_t r = 0; r < rows; ++r) {
+              const int64_t n = t0 + r + 1;
+              const float* pr = pb + r * sh.t;
+              float* dr = ds.data() + r * t1;
+              const float dot_pd = dot(pr, dr, n);
+              int64_t c = 0;
+              for (; c < n; ++c) dr[c] = scale * pr[c] * (dr[c] - dot_pd);
+              for (; c < t1; ++c) dr[c] = 0.0f;
+            }
+            cpu_sgemm(false, false, rows, sh.d, t1, ds.data(), t1, kj, sh.ldkv(), dqp + sh.q_at(bi, t0, hi), sh.ldq());
+            cpu_sgemm(true, false, t1, sh.d, rows, ds.data(), t1, qp + sh.q_at(bi, t0, hi), sh.ldq(), dkj, sh.ldkv(),
+                      1.0f);
+            cpu_sgemm(true, false, t1, sh.d, rows, pb, sh.t, gb, sh.ldq(), dvj, sh.ldkv(), 1.0f);
+          }
+      }
+    });
+    return {dq, dk, dv};
+  }
+};
+
 }  // namespace
 
 bool fused_ops_apply(const at::Tensor& x) {
@@ -641,6 +735,19 @@ at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t q_offs
              " and q_offset ", q_offset);
   if (fused_ops_apply(scores) && scores.numel() > 0) return CausalSoftmaxFn::apply(scores, scale, q_offset);
   return causal_softmax_unfused(scores, scale, q_offset);
+}
+
+bool causal_attention_cpu_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  auto fp32_cpu = [](const at::Tensor& x) { return x.is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4; };
+  return fused_kernels_enabled() && cpu_gemm_enabled() && !compat::autocast_enabled(at::kCPU) && fp32_cpu(q) &&
+         fp32_cpu(k) && fp32_cpu(v) && k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(1) == k.size(1) &&
+         q.size(3) == k.size(3) && k.size(2) > 0 && q.size(2) % k.size(2) == 0 && q.numel() > 0;
+}
+
+at::Tensor causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  ANDY_CHECK(causal_attention_cpu_applies(q, k, v), "causal_attention_cpu: q ", q.sizes(), " k ", k.sizes(), " v ",
+             v.sizes(), " (CPU fp32 [B, T, H, d] and [B, T, H_kv, d] expected, fused kernels and oneDNN's sgemm on)");
+  return CausalAttentionFn::apply(q.contiguous(), k.contiguous(), v.contiguous());
 }
 
 int kernel_threads() {

@@ -62,6 +62,19 @@ at::Tensor causal_mask(int64_t t, int64_t s, int64_t q_offset, const at::Device&
 at::Tensor causal_softmax(const at::Tensor& scores, double scale, int64_t q_offset);
 at::Tensor causal_softmax_unfused(const at::Tensor& scores, double scale, int64_t q_offset);
 
+// Causal self-attention of whole sequences (queries and keys at positions 0..T-1) on the CPU in
+// fp32: q [B, T, H, d], k and v [B, T, H_kv, d], contiguous (the projections' own layout, so
+// nothing is transposed or copied), H a multiple of H_kv; returns [B, T, H, d], differentiable.
+// Each query head works against its kv head (GQA without repeated keys). Queries go in row
+// blocks of kCausalBlockRows, each multiplied only by the keys it sees: the blocks above the
+// diagonal, half the products of long sequences, are never computed (as flash attention skips
+// them). Products through oneDNN's sgemm, the causal softmax fused. Where
+// causal_attention_cpu_applies (fused kernels on, oneDNN's sgemm present, CPU fp32 tensors of
+// those shapes, no autocast); attention() uses it then, its explicit products otherwise.
+constexpr int64_t kCausalBlockRows = 64;
+bool causal_attention_cpu_applies(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+at::Tensor causal_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+
 // One AdamW step of one parameter (decoupled weight decay, bias corrections bc1/bc2 given), on
 // the gradient times grad_scale (gradient clipping's factor, applied here instead of in a pass
 // of its own; the gradient itself is left as it is):

@@ -15,6 +15,7 @@
 #include "core/base/avx2_math.h"
 #include "core/model/attention.h"
 #include "core/model/fused_ops.h"
+#include "parallel/cpu_gemm.h"
 #include "parallel/tp_cross_entropy.h"
 #include "tests/model/fused_test_util.h"
 
@@ -190,6 +191,34 @@ TEST_P(FusedOps, GroupedAttentionMatchesRepeatedKv) {
       },
       {q, k, v}, up);
   expect_close(grouped, repeated, 1e-5, "attention");
+}
+
+// Causal attention of whole sequences in query blocks (only the keys each block sees) against
+// the composite on repeated keys and values: lengths around the 64-row blocks, 1 to 3 query
+// heads per kv head, values and the gradients of q, k and v.
+TEST_P(FusedOps, CausalBlockAttentionMatchesComposite) {
+  if (!cpu_gemm_enabled()) GTEST_SKIP() << "no oneDNN sgemm in this process";
+  for (auto [t, h, h_kv] : {std::tuple<int64_t, int64_t, int64_t>{1, 2, 2}, {37, 4, 2}, {64, 3, 1}, {65, 6, 2},
+                            {150, 4, 4}, {200, 6, 2}}) {
+    const int64_t b = 2, d = 16;
+    at::Tensor q = at::randn({b, t, h, d}), k = at::randn({b, t, h_kv, d}), v = at::randn({b, t, h_kv, d});
+    at::Tensor up = at::randn({b, t, h, d});
+    const std::string what = "t=" + std::to_string(t) + " h=" + std::to_string(h) + " h_kv=" + std::to_string(h_kv);
+    ASSERT_TRUE(causal_attention_cpu_applies(q, k, v)) << what;
+    auto fused = value_and_grads([&](auto& in) { return causal_attention_cpu(in[0], in[1], in[2]); }, {q, k, v}, up);
+    auto ref = value_and_grads(
+        [&](auto& in) {
+          const at::Tensor qh = in[0].transpose(1, 2), kh = in[1].transpose(1, 2).repeat_interleave(h / h_kv, 1),
+                           vh = in[2].transpose(1, 2).repeat_interleave(h / h_kv, 1);
+          const at::Tensor probs = causal_softmax_unfused(at::matmul(qh, kh.transpose(-2, -1)), 1.0 / std::sqrt(d), 0);
+          return at::matmul(probs, vh).transpose(1, 2);
+        },
+        {q, k, v}, up);
+    expect_close(fused, ref, 1e-5, "causal block attention " + what);
+    // attention() on [B, H, T, d] views takes this path and gives the same.
+    const at::Tensor via = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0).transpose(1, 2);
+    EXPECT_LT(rel_err(via, fused[0]), 1e-6) << what;
+  }
 }
 
 TEST_P(FusedOps, CrossEntropyMatchesComposite) {
