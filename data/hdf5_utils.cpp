@@ -15,8 +15,15 @@ void hdf5_quiet() {
     // closes the half-written file again and crashed the process (exit 139) after the error was
     // reported. Every file is closed explicitly by its owner (H5Handle), so nothing is lost.
     H5dont_atexit();
-    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
   });
+  // Debian's libhdf5 is a thread-safe build, where the automatic printing of errors is set per
+  // thread: each thread that calls HDF5 (preprocess's shard writers, the loader's read-ahead)
+  // turns it off for itself.
+  thread_local bool quiet = false;
+  if (!quiet) {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    quiet = true;
+  }
 }
 
 namespace {

@@ -17,7 +17,8 @@ std::recursive_mutex& hdf5_mutex();
 // HDF5's current error stack as one line (and clears it); also turns HDF5's own printing off.
 std::string hdf5_error_text();
 // Disables HDF5's automatic error printing (our messages carry the stack instead) and its
-// library shutdown at exit (which crashed after a failed close). Call before any other HDF5 call.
+// library shutdown at exit (which crashed after a failed close). Call before any other HDF5 call,
+// on every thread that makes them (the printing is set per thread).
 void hdf5_quiet();
 
 // Owning hid_t: closes with the matching H5?close. Copy deleted, move allowed.

@@ -600,7 +600,8 @@ class ShardSink {
     close(kValidation);
     nlohmann::json shards = nlohmann::json::array();
     for (Closing& c : closing_) {
-      const ShardSummary sum = c.summary.get();
+      take(c);
+      const ShardSummary& sum = c.written;
       shards.push_back({{"split", kSplitNames[c.split]},
                         {"file", fs::relative(sum.path, p_.out).string()},
                         {"tokens", sum.tokens},
@@ -615,7 +616,15 @@ class ShardSink {
   struct Closing {
     Split split;
     std::future<ShardSummary> summary;  // std::async's: its destructor waits for the write
+    bool taken = false;
+    ShardSummary written;  // once taken
   };
+  // The write's summary, or its error (thrown here).
+  static void take(Closing& c) {
+    if (c.taken) return;
+    c.taken = true;
+    c.written = c.summary.get();
+  }
 
   ShardWriter& writer_for(Split s, int64_t n_tokens) {
     if (writers_[s] && writers_[s]->tokens() > 0 &&
@@ -632,14 +641,17 @@ class ShardSink {
   }
   void close(Split s) {
     if (!writers_[s] || writers_[s]->documents() == 0) return;
+    // A background write that failed (a full disk) ends the run now, not at the end.
+    for (Closing& c : closing_)
+      if (!c.taken && c.summary.wait_for(std::chrono::seconds(0)) == std::future_status::ready) take(c);
     std::shared_ptr<ShardWriter> w(std::move(writers_[s]));
     auto write = [w] { return w->finish(); };
     if (background_) {
-      closing_.push_back({s, std::async(std::launch::async, write)});
+      closing_.push_back({s, std::async(std::launch::async, write), false, {}});
     } else {
       std::promise<ShardSummary> done;
       done.set_value(write());
-      closing_.push_back({s, done.get_future()});
+      closing_.push_back({s, done.get_future(), false, {}});
     }
   }
 

@@ -53,6 +53,19 @@ TEST(Faults, PreprocessOntoAFullDiskFailsCleanly) {
     EXPECT_FALSE(fs::exists(disk.at + "/out/manifest.json")) << "an incomplete dataset looks complete";
   }
   EXPECT_GT(failures, 0) << "no size was small enough to fail";
+
+  // Shards of 50,000 tokens written on their own thread while the next fill (--threads 2): the
+  // write that meets the full disk ends the run the same way.
+  SmallDisk disk(dir / "disk-shards", "3m");
+  auto r = run_command(andyllm_bin() + " preprocess --input_dir " + dir / "raw" + " --output_dir " + disk.at +
+                       "/out --vocab_size 4096 --threads 2 --shard_tokens 50000");
+  EXPECT_EQ(r.exit_code, 1) << r.output;
+  EXPECT_TRUE(r.output.find("No space left on device") != std::string::npos ||
+              r.output.find("disk full") != std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("shard-00000-"), std::string::npos) << "the file is named\n" << r.output;
+  EXPECT_EQ(r.output.find("HDF5-DIAG"), std::string::npos) << "HDF5's own printing is off on every thread\n"
+                                                           << r.output;
+  EXPECT_FALSE(fs::exists(disk.at + "/out/manifest.json")) << "an incomplete dataset looks complete";
 }
 
 
