@@ -217,6 +217,11 @@ class ShmWork : public Work {
 };
 
 constexpr int64_t kShmDirectAllReduceBytes = int64_t{1} << 20;  // above: direct (polled communicators)
+// Above: direct, run by the thread (threaded communicators); from a slot up to this, Open MPI's
+// blocking call on the thread. The direct reads are at parity with it at 4 MB and ahead from 8 MB
+// (bench comm), and tiny's gradient buckets (1 and 4 MB) waited 1.7-4.1 % of the step through
+// them against 0.3-0.6 % through Open MPI (docs/PERFORMANCE.md).
+constexpr int64_t kShmDirectThreadedAllReduceBytes = int64_t{4} << 20;
 
 // dst[0, n) = every rank's n floats at byte `offset` of its buffer of a direct operation,
 // reduced in rank order (the slots' order, so every path gives the same bits), read in pieces
@@ -459,13 +464,14 @@ WorkPtr MpiCommunicator::all_reduce(at::Tensor& tensor, const AllReduceOptions& 
   std::function<void()> copy_back;
   if (!buf.is_same(tensor)) copy_back = [buf, tensor]() mutable { tensor.copy_(buf); };
   // Larger ones read straight from the other ranks' buffers (above 1 MB on a polled
-  // communicator; above a slot on a threaded one, run by its thread). Each rank reduces its
+  // communicator; above 4 MB on a threaded one, run by its thread). Each rank reduces its
   // share of the buffer from every rank's (in rank order) into its own buffer, then, once all
   // have, reads the others' reduced shares: two direct operations, one copy of each share per
   // step (where the slots copy everything in and every rank sums it all).
   const int64_t bytes = buf.numel() * static_cast<int64_t>(sizeof(float));
   if (shm_direct() && buf.scalar_type() == at::kFloat &&
-      (thread_ ? shm_thread_ && bytes > shm_->capacity_bytes() : bytes > kShmDirectAllReduceBytes)) {
+      (thread_ ? shm_thread_ && bytes > std::max(kShmDirectThreadedAllReduceBytes, shm_->capacity_bytes())
+               : bytes > kShmDirectAllReduceBytes)) {
     float* p = buf.data_ptr<float>();
     const int64_t n = buf.numel();
     const ReduceOp op = opts.op;
