@@ -615,7 +615,7 @@ class ShardSink {
  private:
   struct Closing {
     Split split;
-    std::future<ShardSummary> summary;  // std::async's: its destructor waits for the write
+    std::future<ShardSummary> summary;  // std::async's: an async one's destructor waits for the write
     bool taken = false;
     ShardSummary written;  // once taken
   };
@@ -646,13 +646,8 @@ class ShardSink {
       if (!c.taken && c.summary.wait_for(std::chrono::seconds(0)) == std::future_status::ready) take(c);
     std::shared_ptr<ShardWriter> w(std::move(writers_[s]));
     auto write = [w] { return w->finish(); };
-    if (background_) {
-      closing_.push_back({s, std::async(std::launch::async, write), false, {}});
-    } else {
-      std::promise<ShardSummary> done;
-      done.set_value(write());
-      closing_.push_back({s, done.get_future(), false, {}});
-    }
+    closing_.push_back({s, std::async(background_ ? std::launch::async : std::launch::deferred, write), false, {}});
+    if (!background_) take(closing_.back());  // written here and now
   }
 
   const Pipeline& p_;

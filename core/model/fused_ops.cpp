@@ -264,7 +264,16 @@ void causal_softmax_forward_kernel(const T* x, T* p, int64_t rows, int64_t s, in
   });
 }
 
-// dx = scale * p * (dp - sum(dp * p)) over the visible keys, 0 elsewhere.
+// One row of the causal softmax's backward: dx = scale * p * (dp - sum(dp * p)) over the n visible
+// keys, 0 up to s. dx may be dp (each element is read before it is written).
+template <typename T>
+void causal_softmax_backward_row(const float* p, const float* dp, int64_t n, int64_t s, float scale, T* dx) {
+  const float dot_pd = dot(p, dp, n);
+  int64_t j = 0;
+  for (; j < n; ++j) dx[j] = from_f<T>(scale * p[j] * (dp[j] - dot_pd));
+  for (; j < s; ++j) dx[j] = from_f<T>(0.0f);
+}
+
 template <typename T>
 void causal_softmax_backward_kernel(const T* dp, const T* p, T* dx, int64_t rows, int64_t s, int64_t t,
                                     int64_t q_offset, float scale) {
@@ -274,11 +283,7 @@ void causal_softmax_backward_kernel(const T* dp, const T* p, T* dx, int64_t rows
       const int64_t n = std::min(s, q_offset + r % t + 1);
       const float* pr = row_as_float(p + r * s, n, bp.data());
       const float* dr = row_as_float(dp + r * s, n, bd.data());
-      const float dot_pd = dot(pr, dr, n);
-      T* out = dx + r * s;
-      int64_t j = 0;
-      for (; j < n; ++j) out[j] = from_f<T>(scale * pr[j] * (dr[j] - dot_pd));
-      for (; j < s; ++j) out[j] = from_f<T>(0.0f);
+      causal_softmax_backward_row<T>(pr, dr, n, s, scale, dx + r * s);
     }
   });
 }
@@ -553,15 +558,9 @@ struct CausalAttentionFn : public torch::autograd::Function<CausalAttentionFn> {
             const float* pb = pp + sh.p_at(bi, hi, t0);
             const float* gb = gp + sh.q_at(bi, t0, hi);
             cpu_sgemm(false, true, rows, t1, sh.d, gb, sh.ldq(), vj, sh.ldkv(), ds.data(), t1);  // dP
-            for (int64_t r = 0; r < rows; ++r) {
-              const int64_t n = t0 + r + 1;
-              const float* pr = pb + r * sh.t;
-              float* dr = ds.data() + r * t1;
-              const float dot_pd = dot(pr, dr, n);
-              int64_t c = 0;
-              for (; c < n; ++c) dr[c] = scale * pr[c] * (dr[c] - dot_pd);
-              for (; c < t1; ++c) dr[c] = 0.0f;
-            }
+            for (int64_t r = 0; r < rows; ++r)  // dS in place of dP
+              causal_softmax_backward_row<float>(pb + r * sh.t, ds.data() + r * t1, t0 + r + 1, t1, scale,
+                                                 ds.data() + r * t1);
             cpu_sgemm(false, false, rows, sh.d, t1, ds.data(), t1, kj, sh.ldkv(), dqp + sh.q_at(bi, t0, hi), sh.ldq());
             cpu_sgemm(true, false, t1, sh.d, rows, ds.data(), t1, qp + sh.q_at(bi, t0, hi), sh.ldq(), dkj, sh.ldkv(),
                       1.0f);
