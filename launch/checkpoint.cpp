@@ -289,7 +289,12 @@ std::string save_checkpoint(Trainer& tr) {
   const std::string tmp_dir = final_dir + ".tmp";
   agree_or_throw(g, g.rank() == 0 ? create_tmp_dir(root, tmp_dir) : "", tr.device());
   const at::Tensor all_rng = gather_rng_states(g, tr.device());
-  agree_or_throw(g, write_rank_shard(tr, tmp_dir), tr.device(), tmp_dir);
+  // A distributed optimizer's moments, gathered into DP rank 0 for the file (the format is the
+  // same either way) and freed again after it.
+  tr.optimizer().gather_full_state();
+  std::string shard_err = write_rank_shard(tr, tmp_dir);
+  tr.optimizer().release_full_state();
+  agree_or_throw(g, shard_err, tr.device(), tmp_dir);
   std::string err;
   if (g.rank() == 0) {
     try {
@@ -616,8 +621,11 @@ void load_checkpoint(Trainer& tr, const std::string& dir) {
   // A damaged shard may be read by some ranks only: every rank agrees before training starts.
   std::string err;
   try {
+    tr.optimizer().allocate_full_state();  // a distributed optimizer reads the full moments
     load_checkpoint_local(tr, dir);
+    tr.optimizer().scatter_full_state();   // and keeps its own pieces of them
   } catch (const std::exception& e) {
+    tr.optimizer().release_full_state();
     err = e.what();
     if (err.find("checkpoint") == std::string::npos) err = "checkpoint " + dir + ": " + err;
   }

@@ -157,7 +157,7 @@ AdamW::AdamW(const std::vector<ParamInfo>& params, const TrainConfig& t)
   }
 }
 
-void AdamW::step(double lr, double grad_scale) {
+void AdamW::step(double lr, double grad_scale, const std::function<void(int)>& bucket_done) {
   at::NoGradGuard no_grad;
   ++steps_;
   AdamWHyper h;
@@ -169,6 +169,25 @@ void AdamW::step(double lr, double grad_scale) {
   h.bc2 = 1.0 - std::pow(beta2_, static_cast<double>(steps_));
   h.grad_scale = grad_scale;
   // Two groups, decayed and not (one multi-tensor update each on CUDA; fused per parameter on CPU).
+  if (sharded()) {
+    const auto& segs = reducer_->shard_segments();
+    for (int b = 0; b < reducer_->num_buckets(); ++b) {
+      for (const bool decay : {true, false}) {
+        std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+        for (size_t i = 0; i < segs.size(); ++i) {
+          if (segs[i].bucket != b || slots_[segs[i].param].decay != decay) continue;
+          params.push_back(segs[i].param_part);
+          grads.push_back(segs[i].grad_part);
+          exp_avgs.push_back(seg_exp_avg_[i]);
+          exp_avg_sqs.push_back(seg_exp_avg_sq_[i]);
+        }
+        h.weight_decay = decay ? weight_decay_ : 0.0;
+        adamw_update_group(params, grads, exp_avgs, exp_avg_sqs, h, steps_);
+      }
+      if (bucket_done) bucket_done(b);
+    }
+    return;
+  }
   for (const bool decay : {true, false}) {
     std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
     for (auto& s : slots_) {
@@ -181,6 +200,86 @@ void AdamW::step(double lr, double grad_scale) {
     h.weight_decay = decay ? weight_decay_ : 0.0;
     adamw_update_group(params, grads, exp_avgs, exp_avg_sqs, h, steps_);
   }
+}
+
+void AdamW::shard(const GradReducer& reducer) {
+  ANDY_CHECK(reducer.sharded(), "AdamW::shard: the gradient reducer is not sharded");
+  ANDY_CHECK(steps_ == 0, "AdamW::shard: call before the first step");
+  reducer_ = &reducer;
+  const auto& segs = reducer.shard_segments();
+  for (int b = 0; b < reducer.num_buckets(); ++b) {
+    const auto opts = slots_.at(reducer.bucket_params(b).at(0)).param.options().dtype(at::kFloat);
+    shard_exp_avg_.push_back(at::zeros({reducer.shard_numel(b)}, opts));
+    shard_exp_avg_sq_.push_back(at::zeros({reducer.shard_numel(b)}, opts));
+  }
+  for (const auto& seg : segs) {
+    seg_exp_avg_.push_back(shard_exp_avg_[seg.bucket].narrow(0, seg.shard_offset, seg.numel));
+    seg_exp_avg_sq_.push_back(shard_exp_avg_sq_[seg.bucket].narrow(0, seg.shard_offset, seg.numel));
+  }
+  release_full_state();
+}
+
+int64_t AdamW::state_bytes() const {
+  int64_t n = 0;
+  if (sharded())
+    for (size_t b = 0; b < shard_exp_avg_.size(); ++b) n += shard_exp_avg_[b].numel() + shard_exp_avg_sq_[b].numel();
+  else
+    for (const auto& s : slots_) n += s.exp_avg.numel() + s.exp_avg_sq.numel();
+  return n * static_cast<int64_t>(sizeof(float));
+}
+
+void AdamW::gather_full_state() {
+  if (!sharded()) return;
+  // Into DP rank 0 (the one that writes checkpoints); the others' slots stay empty.
+  at::NoGradGuard no_grad;
+  const CommPtr& dp = reducer_->dp();
+  for (int b = 0; b < reducer_->num_buckets(); ++b) {
+    at::Tensor full[2];
+    std::vector<WorkPtr> works;
+    const std::vector<at::Tensor>* shards[2] = {&shard_exp_avg_, &shard_exp_avg_sq_};
+    const bool root = dp->rank() == 0;
+    for (int i = 0; i < 2; ++i) {
+      full[i] = at::empty({root ? reducer_->shard_numel(b) * dp->size() : 0}, (*shards[i])[b].options());
+      works.push_back(dp->gather(full[i], (*shards[i])[b], 0));
+    }
+    for (auto& w : works) w->wait();
+    if (!root) continue;
+    const auto params = reducer_->bucket_params(b);
+    for (size_t s = 0; s < params.size(); ++s) {
+      Slot& slot = slots_.at(params[s]);
+      const int64_t off = reducer_->bucket_param_offset(b, s), n = slot.param.numel();
+      // Copies of their own (a view would take the bucket's whole storage into the file).
+      slot.exp_avg = full[0].narrow(0, off, n).view(slot.param.sizes()).clone();
+      slot.exp_avg_sq = full[1].narrow(0, off, n).view(slot.param.sizes()).clone();
+    }
+  }
+}
+
+void AdamW::allocate_full_state() {
+  if (!sharded()) return;
+  for (auto& s : slots_) {
+    s.exp_avg = at::zeros_like(s.param, s.param.options().dtype(at::kFloat));
+    s.exp_avg_sq = at::zeros_like(s.param, s.param.options().dtype(at::kFloat));
+  }
+}
+
+void AdamW::scatter_full_state() {
+  if (!sharded()) return;
+  at::NoGradGuard no_grad;
+  const auto& segs = reducer_->shard_segments();
+  for (size_t i = 0; i < segs.size(); ++i) {
+    const Slot& slot = slots_.at(segs[i].param);
+    ANDY_CHECK(slot.exp_avg.defined() && slot.exp_avg_sq.defined(), "AdamW::scatter_full_state: no full moments for ",
+               slot.name);
+    seg_exp_avg_[i].copy_(slot.exp_avg.reshape({-1}).narrow(0, segs[i].param_offset, segs[i].numel));
+    seg_exp_avg_sq_[i].copy_(slot.exp_avg_sq.reshape({-1}).narrow(0, segs[i].param_offset, segs[i].numel));
+  }
+  release_full_state();
+}
+
+void AdamW::release_full_state() {
+  if (!sharded()) return;
+  for (auto& s : slots_) s.exp_avg = s.exp_avg_sq = at::Tensor();
 }
 
 // ---- LossScaler ----------------------------------------------------------------------------
@@ -243,8 +342,10 @@ Trainer::Trainer(const Config& cfg, TrainGrid grid, TrainerOptions opts)
   reducer_ = std::make_unique<GradReducer>(
       tensors, grid_.dp, GradReducerOptions()
                    .set_bucket_mb(cfg_.train.bucket_size_mb)
-                   .set_first_bucket_mb(cfg_.train.first_bucket_mb));
+                   .set_first_bucket_mb(cfg_.train.first_bucket_mb)
+                   .set_shard(cfg_.parallel.distributed_optimizer));
   optimizer_ = std::make_unique<AdamW>(params_, cfg_.train);
+  if (reducer_->sharded()) optimizer_->shard(*reducer_);
   scaler_ = std::make_unique<LossScaler>(cfg_.precision, cfg_.precision.mode == "fp16" || opts_.force_loss_scaler);
 
   // An unfinished preprocess (killed) is named before anything else about the data.
@@ -626,6 +727,9 @@ StepRecord Trainer::train_step(TrainResult& result, RunState& rs) {
                 scale, " -> ", scaler_->scale());
   } else {
     clip_and_apply(rec);
+    const double gathered = gather_params();  // distributed optimizer: every rank's updated shard
+    rs.interval.comm_wait += gathered;
+    result.comm_wait_seconds += gathered;
   }
   const double step_dt = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_t0).count();
   result.step_seconds += step_dt;
@@ -661,8 +765,18 @@ double Trainer::forward_backward(double scale) {
 
 bool Trainer::unscale_and_find_nonfinite(double scale) {
   at::NoGradGuard no_grad;
-  if (opts_.inject_inf_rank == grid_.rank() && (opts_.inject_inf_step == step_ + 1 || opts_.inject_inf_step == -2))
-    params_[0].param.mutable_grad().view({-1})[0] = std::numeric_limits<float>::infinity();
+  // The gradients this rank reads: its DP-averaged shard pieces (distributed optimizer), else
+  // every parameter's .grad; each with whether its parameter is TP-sharded.
+  std::vector<std::pair<at::Tensor, bool>> grads;
+  if (reducer_->sharded()) {
+    for (const auto& seg : reducer_->shard_segments()) grads.emplace_back(seg.grad_part, params_[seg.param].tp_sharded());
+  } else {
+    for (auto& p : params_)
+      if (p.param.grad().defined()) grads.emplace_back(p.param.grad(), p.tp_sharded());
+  }
+  if (opts_.inject_inf_rank == grid_.rank() && (opts_.inject_inf_step == step_ + 1 || opts_.inject_inf_step == -2) &&
+      !grads.empty())
+    grads[0].first.view({-1})[0] = std::numeric_limits<float>::infinity();
   // One pass per gradient: its sum of squares is the gradient norm's part and is finite exactly
   // when every element is (it was an isfinite pass here and a double copy in the norm).
   grad_sq_sharded_ = grad_sq_replicated_ = 0;
@@ -670,8 +784,7 @@ bool Trainer::unscale_and_find_nonfinite(double scale) {
     // On a GPU: multi-tensor kernels (the unscale, one fp32 norm per gradient) for all the
     // gradients at once, and one copy to the host.
     std::vector<at::Tensor> groups[2];  // TP-sharded, replicated
-    for (auto& p : params_)
-      if (p.param.grad().defined()) groups[p.tp_sharded() ? 0 : 1].push_back(p.param.grad());
+    for (auto& [g, tp_sharded] : grads) groups[tp_sharded ? 0 : 1].push_back(g);
     at::Tensor sums[2];
     for (int i = 0; i < 2; ++i) {
       if (groups[i].empty()) {
@@ -686,21 +799,33 @@ bool Trainer::unscale_and_find_nonfinite(double scale) {
     grad_sq_replicated_ = host[1].item<double>();
     return !std::isfinite(grad_sq_sharded_ + grad_sq_replicated_);
   }
-  for (auto& p : params_) {
-    at::Tensor g = p.param.grad();
-    if (!g.defined()) continue;
+  for (auto& [g, tp_sharded] : grads) {
     if (scale != 1.0) g.mul_(1.0 / scale);
-    (p.tp_sharded() ? grad_sq_sharded_ : grad_sq_replicated_) += sum_of_squares(g);
+    (tp_sharded ? grad_sq_sharded_ : grad_sq_replicated_) += sum_of_squares(g);
   }
   return !std::isfinite(grad_sq_sharded_ + grad_sq_replicated_);
 }
 
 void Trainer::clip_and_apply(StepRecord& rec) {
+  if (reducer_->sharded()) {  // each DP rank summed the squares of its own shard
+    at::Tensor sums = at::tensor({grad_sq_sharded_, grad_sq_replicated_}, at::kDouble);
+    all_reduce_host(grid_.dp.get(), sums, ReduceOp::kSum, device_);
+    grad_sq_sharded_ = sums[0].item<double>();
+    grad_sq_replicated_ = sums[1].item<double>();
+  }
   rec.grad_norm = global_grad_norm(grad_sq_sharded_, grad_sq_replicated_, grid_.tp.get(), device_);
   const double clip = cfg_.train.grad_clip;
   // Clipping as torch.nn.utils.clip_grad_norm_, its factor applied inside AdamW's pass.
   const double c = clip > 0 && rec.grad_norm > clip ? clip / (rec.grad_norm + 1e-6) : 1.0;
-  optimizer_->step(rec.lr, c);
+  // Distributed optimizer: each bucket's updated shard is all-gathered while the next is updated.
+  optimizer_->step(rec.lr, c, [this](int b) { reducer_->start_param_gather(b); });
+}
+
+double Trainer::gather_params() {
+  if (!reducer_->sharded()) return 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  reducer_->gather_params();  // waits for the gathers clip_and_apply started
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 void Trainer::log_progress(const StepRecord& rec, RunState& rs) {

@@ -54,13 +54,36 @@ class AdamW {
   };
   AdamW(const std::vector<ParamInfo>& params, const TrainConfig& t);
   // grad_scale: gradient clipping's factor, applied inside the update (grads are not changed).
-  void step(double lr, double grad_scale = 1.0);
+  // Sharded: the shard is updated bucket by bucket, and bucket_done(b) is called after bucket b
+  // (the trainer starts its parameter all-gather there, overlapping the next buckets' updates).
+  void step(double lr, double grad_scale = 1.0, const std::function<void(int)>& bucket_done = {});
   int64_t steps() const { return steps_; }
   void set_steps(int64_t s) { steps_ = s; }
   std::vector<Slot>& slots() { return slots_; }
 
+  // ZeRO-1 (parallel.distributed_optimizer): from here on the moments are kept, and step()
+  // updates, only this DP rank's pieces of the parameters (reducer.shard_segments(), whose
+  // gradients are the DP-averaged shards); the slots' exp_avg / exp_avg_sq are then undefined
+  // except around a checkpoint. Call before any step. The reducer must outlive the optimizer.
+  void shard(const GradReducer& reducer);
+  bool sharded() const { return reducer_ != nullptr; }
+  // Bytes of AdamW moments this rank keeps (outside a checkpoint's full state).
+  int64_t state_bytes() const;
+  // Checkpoints of a sharded optimizer keep the unsharded format: gather_full_state() fills
+  // every slot's moments on DP rank 0 from all DP ranks' shards (collective over DP), allocate_full_state()
+  // gives every slot zero moments to load into, and scatter_full_state() copies this rank's
+  // pieces of the slots' moments into its shards; release_full_state() frees the slots' moments.
+  // No-ops unless sharded.
+  void gather_full_state();
+  void allocate_full_state();
+  void scatter_full_state();
+  void release_full_state();
+
  private:
   std::vector<Slot> slots_;
+  const GradReducer* reducer_ = nullptr;
+  std::vector<at::Tensor> shard_exp_avg_, shard_exp_avg_sq_;  // per bucket: this rank's shard
+  std::vector<at::Tensor> seg_exp_avg_, seg_exp_avg_sq_;      // per shard segment: views of them
   double beta1_, beta2_, eps_, weight_decay_;
   int64_t steps_ = 0;
 };
@@ -146,6 +169,7 @@ class Trainer {
 
   LlamaForCausalLM& model() { return model_; }
   AdamW& optimizer() { return *optimizer_; }
+  const GradReducer& grad_reducer() const { return *reducer_; }
   LossScaler& scaler() { return *scaler_; }
   int64_t total_steps() const { return total_steps_; }
   const Config& config() const { return cfg_; }
@@ -218,6 +242,7 @@ class Trainer {
   bool unscale_and_find_nonfinite(double scale);
   double grad_sq_sharded_ = 0, grad_sq_replicated_ = 0;
   void clip_and_apply(StepRecord& rec);               // sets rec.grad_norm, steps AdamW
+  double gather_params();                             // distributed optimizer; seconds waited
   void log_progress(const StepRecord& rec, RunState& rs);
   void evaluate_if_due(TrainResult& result, RunState& rs);
   void checkpoint_if_due(TrainResult& result, RunState& rs);

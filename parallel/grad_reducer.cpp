@@ -10,7 +10,7 @@
 namespace andy {
 
 GradReducer::GradReducer(std::vector<at::Tensor> params, CommPtr dp, GradReducerOptions opts)
-    : params_(std::move(params)), dp_(std::move(dp)) {
+    : params_(std::move(params)), dp_(std::move(dp)), shard_(opts.shard) {
   alive_ = std::make_shared<bool>(true);
   where_.assign(params_.size(), {-1, -1});
   seen_.assign(params_.size(), false);
@@ -33,7 +33,12 @@ GradReducer::GradReducer(std::vector<at::Tensor> params, CommPtr dp, GradReducer
     b.offsets.push_back(b.numel);
     b.numel += p.numel();
   }
-  for (auto& b : buckets_) b.flat = at::zeros({b.numel}, params_[b.params[0]].options().dtype(at::kFloat));
+  const int64_t ranks = dp_->size();
+  for (auto& b : buckets_) {
+    b.padded = shard_ ? (b.numel + ranks - 1) / ranks * ranks : b.numel;
+    b.flat = at::zeros({b.padded}, params_[b.params[0]].options().dtype(at::kFloat));
+  }
+  if (shard_) setup_shards();
   std::weak_ptr<bool> alive = alive_;
   for (size_t k = 0; k < params_.size(); ++k) {
     params_[k].register_hook([this, k, alive](const at::Tensor& grad) -> at::Tensor {
@@ -45,6 +50,55 @@ GradReducer::GradReducer(std::vector<at::Tensor> params, CommPtr dp, GradReducer
 GradReducer::~GradReducer() {
   // Hooks stay registered on the parameters; they check `alive_` and do nothing afterwards.
   alive_.reset();
+}
+
+void GradReducer::setup_shards() {
+  at::NoGradGuard no_grad;
+  const int64_t dp = dp_->size(), me = dp_->rank();
+  for (size_t bi = 0; bi < buckets_.size(); ++bi) {
+    Bucket& b = buckets_[bi];
+    const at::Tensor& first = params_[b.params[0]];
+    b.params_flat = at::zeros({b.padded}, first.options().dtype(at::kFloat));
+    const int64_t shard = b.padded / dp, lo = me * shard, hi = lo + shard;
+    b.grad_shard = at::zeros({shard}, b.params_flat.options());
+    for (size_t s = 0; s < b.params.size(); ++s) {
+      at::Tensor& p = params_[b.params[s]];
+      ANDY_CHECK(p.scalar_type() == at::kFloat && p.is_contiguous() && p.device() == first.device(),
+                 "GradReducer: the distributed optimizer needs contiguous fp32 parameters on one device; parameter ",
+                 b.params[s], " is ", p.scalar_type(), " on ", p.device());
+      at::Tensor view = b.params_flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());
+      view.copy_(p);
+      p.set_data(view);  // the parameter now lives in the bucket's flat buffer
+      const int64_t a = std::max(lo, b.offsets[s]), e = std::min(hi, b.offsets[s] + p.numel());
+      if (e <= a) continue;
+      ShardSegment seg;
+      seg.param = b.params[s];
+      seg.bucket = static_cast<int>(bi);
+      seg.param_offset = a - b.offsets[s];
+      seg.shard_offset = a - lo;
+      seg.numel = e - a;
+      seg.param_part = b.params_flat.narrow(0, a, e - a);
+      seg.grad_part = b.grad_shard.narrow(0, a - lo, e - a);
+      segments_.push_back(std::move(seg));
+    }
+  }
+}
+
+void GradReducer::start_param_gather(int bi) {
+  if (!sharded()) return;
+  Bucket& b = buckets_.at(bi);
+  if (b.gather) return;
+  const int64_t shard = b.padded / dp_->size();
+  b.gather = dp_->all_gather(b.params_flat, b.params_flat.narrow(0, dp_->rank() * shard, shard));
+}
+
+void GradReducer::gather_params() {
+  if (!sharded()) return;
+  for (int b = 0; b < num_buckets(); ++b) start_param_gather(b);
+  for (auto& b : buckets_) {
+    b.gather->wait();
+    b.gather.reset();
+  }
 }
 
 void GradReducer::set_sync(bool sync) { sync_ = sync; }
@@ -109,6 +163,10 @@ void GradReducer::pack_from_grads(Bucket& b) {
 }
 
 void GradReducer::launch(Bucket& b) {
+  if (shard_) {
+    b.work = dp_->reduce_scatter(b.grad_shard, b.flat, {ReduceOp::kAvg});
+    return;
+  }
   b.work = dp_->all_reduce(b.flat, {ReduceOp::kAvg});
 }
 
@@ -143,7 +201,8 @@ double GradReducer::finish() {
   }
   for (auto& b : buckets_) {
     b.work->wait();
-    for (size_t s = 0; s < b.params.size(); ++s) {
+    // Sharded: this rank's averaged shard is in grad_shard; .grad keeps the local gradients.
+    for (size_t s = 0; s < b.params.size() && !shard_; ++s) {
       at::Tensor& p = params_[b.params[s]];
       if (grad_is_bucket_view(b.params[s])) continue;  // averaged in place
       at::Tensor src = b.flat.narrow(0, b.offsets[s], p.numel()).view(p.sizes());

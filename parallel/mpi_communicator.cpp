@@ -573,6 +573,8 @@ WorkPtr MpiCommunicator::all_gather(at::Tensor& output, const at::Tensor& input,
   const void* in = input.numel() ? input.data_ptr() : nullptr;
   int count = static_cast<int>(input.numel());
   void* out = output.data_ptr();
+  // In place (the input is this rank's part of the output): MPI forbids aliased buffers.
+  if (in && in == static_cast<const char*>(out) + offsets[rank_] * esize) in = MPI_IN_PLACE;
   work->keep(input);
   work->keep(output);
   if (opts.counts.empty()) {  // equal shares: the tuned MPI_Allgather

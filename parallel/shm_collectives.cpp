@@ -233,7 +233,8 @@ void ShmCollectives::read_part(int r, uint64_t seq, int64_t offset, void* dst, i
   ANDY_CHECK_T(CommError, offset >= 0 && offset + n <= d.bytes, "shared-memory collective: reading ", n,
                " bytes at ", offset, " of rank ", r, "'s buffer of ", d.bytes, " bytes (the ranks disagree on the sizes)");
   if (r == rank_) {
-    std::memcpy(dst, reinterpret_cast<const char*>(d.addr) + offset, static_cast<size_t>(n));
+    const char* src = reinterpret_cast<const char*>(d.addr) + offset;
+    if (src != dst) std::memcpy(dst, src, static_cast<size_t>(n));  // in place: already there
     return;
   }
   const int err = cma_read(peer(r).pid, d.addr + static_cast<uint64_t>(offset), dst, n);

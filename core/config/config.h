@@ -69,6 +69,9 @@ struct ParallelConfig {
   int64_t tensor_parallel_size = 1;
   std::string backend = "auto";  // auto: nccl for cuda, mpi for cpu
   double collective_timeout_s = 300.0;
+  // ZeRO-1 (Megatron-LM's distributed optimizer): each DP rank keeps and updates the AdamW
+  // state of 1/dp of the parameters; gradients are reduce-scattered, parameters all-gathered.
+  bool distributed_optimizer = false;
 };
 
 struct PrecisionConfig {

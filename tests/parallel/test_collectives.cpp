@@ -419,6 +419,26 @@ TEST_P(CollectivesInFlight, IssueOrderAndResultsHold) {
 INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesInFlight, kEveryPath,
                          [](const testing::TestParamInfo<Path>& p) { return path_name(p.param); });
 
+// all_gather in place (the input is this rank's part of the output, as the distributed
+// optimizer's parameter gather): MPI_IN_PLACE on MPI's path (aliased buffers are an error there),
+// nothing copied onto itself on the shared-memory paths; small and large.
+class CollectivesInPlace : public testing::TestWithParam<Path> {};
+
+TEST_P(CollectivesInPlace, AllGatherOfOwnPart) {
+  auto comm = path_comm(GetParam(), "in_place");
+  const int n = comm->size(), r = comm->rank();
+  for (int64_t share : {int64_t{3}, int64_t{3000}, int64_t{300000}}) {
+    at::Tensor out = at::full({share * n}, -1.0f);
+    out.narrow(0, r * share, share).copy_(pattern(share, 4.0 * r, 4, at::kFloat));
+    comm->all_gather(out, out.narrow(0, r * share, share))->wait();
+    std::vector<at::Tensor> parts;
+    for (int q = 0; q < n; ++q) parts.push_back(pattern(share, 4.0 * q, 4, at::kDouble));
+    EXPECT_EQ(max_abs_diff(out, at::cat(parts)), 0) << "share " << share;
+  }
+}
+INSTANTIATE_TEST_SUITE_P(EveryPath, CollectivesInPlace, kEveryPath,
+                         [](const testing::TestParamInfo<Path>& p) { return path_name(p.param); });
+
 class CollectivesTimeout : public testing::TestWithParam<std::tuple<Path, int64_t>> {};
 
 // Rank 0 waits for an all_reduce the others issue only later: its wait() throws the TimeoutError

@@ -249,6 +249,162 @@ TEST(Trainer, ResumeWithOtherDpSize) {
   EXPECT_LT(weight_diff("weights at step 4", t2.model(), run.full->model()), kWeightTol);
 }
 
+// parallel.distributed_optimizer (ZeRO-1): each DP rank keeps the AdamW moments of 1/dp of the
+// parameters, receives its shard of the averaged gradients (reduce-scatter) and all-gathers the
+// updated parameters. Without clipping (whose norm it sums in another order) it is the same
+// computation as the all-reduce run: at DP = 2 (a sum of two, the same in any order) losses and
+// weights equal bit for bit; at DP = 4 to roundoff (the all-reduce of a bucket under 4 MB is
+// Open MPI's, which orders the sum otherwise); and the DP=1 run to roundoff.
+TEST(DistributedOptimizer, MatchesAllReduceBitForBitAndSingleRank) {
+  const int n = world_size();
+  Config base = tiny_run("zero_off" + std::to_string(n));
+  base.train.batch_size = 8 / n;
+  base.train.grad_clip = 0;
+  Trainer a(base, world_grid(1), quiet());
+  TrainResult ra = a.run();
+  Config zero = base;
+  zero.train.output_dir = dataset().root + "/runs/zero_on" + std::to_string(n);
+  zero.parallel.distributed_optimizer = true;
+  Trainer b(zero, world_grid(1), quiet());
+  TrainResult rb = b.run();
+  ASSERT_TRUE(b.optimizer().sharded());
+  const double exact = n == 2 ? 0.0 : 1e-5;
+  EXPECT_LE(loss_diff("DP=" + std::to_string(n) + " distributed optimizer vs all-reduce", rb, ra), exact);
+  EXPECT_LE(weight_diff("weights after 5 steps", b.model(), a.model()), n == 2 ? 0.0 : kWeightTol);
+  // Each rank keeps about 1/n of the moments (buckets are padded to a multiple of n).
+  const int64_t full = a.optimizer().state_bytes(), mine = b.optimizer().state_bytes();
+  if (world_rank() == 0)
+    std::printf("  AdamW moments per rank: %lld bytes (all-reduce run %lld)\n", static_cast<long long>(mine),
+                static_cast<long long>(full));
+  EXPECT_LE(mine, full / n + 64 * n * static_cast<int64_t>(sizeof(float)) * b.grad_reducer().num_buckets());
+  Config ref = tiny_run(per_rank("zero_ref"));
+  ref.train.grad_clip = 0;
+  Trainer c(ref, TrainGrid::single(), quiet());
+  TrainResult rc = c.run();
+  EXPECT_LT(loss_diff("distributed optimizer vs DP=1 x 8", rb, rc), 1e-5);
+  EXPECT_LT(weight_diff("weights after 5 steps", b.model(), c.model()), kWeightTol);
+}
+
+// TP = 2 x DP = world / 2 with the distributed optimizer and active clipping (its norm summed
+// over the DP shards, then TP) against TP = 1 x DP = 1; the DP replicas stay bitwise equal.
+TEST(DistributedOptimizer, TensorTimesDataParallelMatchesSingleRank) {
+  const int n = world_size();
+  if (n < 4) GTEST_SKIP() << "needs DP >= 2 beside TP = 2";
+  Config par = tiny_run("zero_tp2dp" + std::to_string(n / 2));
+  par.parallel.tensor_parallel_size = 2;
+  par.parallel.distributed_optimizer = true;
+  par.train.batch_size = 8 / (n / 2);
+  par.train.grad_clip = 0.5;
+  Trainer a(par, world_grid(2), quiet());
+  TrainResult ra = a.run();
+  ASSERT_TRUE(a.optimizer().sharded());
+  Config ref = tiny_run(per_rank("zero_tp1_ref"));
+  ref.train.grad_clip = 0.5;
+  Trainer b(ref, TrainGrid::single(), quiet());
+  TrainResult rb = b.run();
+  EXPECT_LT(loss_diff("TP=2 x DP=" + std::to_string(n / 2) + " distributed optimizer vs TP=1", ra, rb), 1e-5);
+  EXPECT_LT(weight_diff("weights after 5 steps", a.model(), b.model()), kWeightTol);
+  double worst = 0;
+  for (size_t i = 0; i < ra.steps.size() && i < rb.steps.size(); ++i)
+    worst = std::max(worst, std::abs(ra.steps[i].grad_norm - rb.steps[i].grad_norm) / rb.steps[i].grad_norm);
+  worst = max_over_ranks(worst);
+  EXPECT_LT(worst, 1e-5) << "clipping norm";
+  MPI_Comm dp_comm;
+  MPI_Comm_split(MPI_COMM_WORLD, world_rank() % 2, world_rank() / 2, &dp_comm);
+  int differing = 0;
+  for (const auto& p : a.params()) {
+    at::Tensor mine = p.param.detach().contiguous().clone(), first = mine.clone();
+    MPI_Bcast(first.data_ptr(), static_cast<int>(first.numel()), MPI_FLOAT, 0, dp_comm);
+    if (!mine.equal(first)) ++differing;
+  }
+  MPI_Comm_free(&dp_comm);
+  EXPECT_EQ(max_over_ranks(differing), 0) << "DP replicas drifted apart";
+}
+
+// Checkpoints keep one format: the distributed optimizer's moments are gathered into the same
+// files (at DP = 2 byte for byte those of the all-reduce run); a sharded run stopped and resumed
+// (sharded, or not) reproduces the uninterrupted run, and an all-reduce checkpoint resumes
+// sharded: exactly at DP = 2, to roundoff at DP = 4 (see above).
+TEST(DistributedOptimizer, CheckpointsAreTheSameFilesAndResumeExactly) {
+  const int n = world_size();
+  Config base = tiny_run("zero_ckpt_full", 4);
+  base.train.batch_size = 8 / n;
+  base.train.grad_clip = 0;
+  base.checkpoint.interval = 2;
+  Trainer full(base, world_grid(1), quiet());
+  TrainResult rf = full.run();
+
+  Config part = base;
+  part.train.output_dir = dataset().root + "/runs/zero_ckpt_part";
+  part.parallel.distributed_optimizer = true;
+  TrainerOptions stop = quiet();
+  stop.stop_after_steps = 2;
+  TrainResult r1;
+  {
+    Trainer t(part, world_grid(1), stop);
+    r1 = t.run();
+  }
+  ASSERT_EQ(r1.final_step, 2);
+  const std::string step2 = "/checkpoints/step_00000002/";
+  const double tol = n == 2 ? 0.0 : 1e-5, wtol = n == 2 ? 0.0 : kWeightTol;
+  if (world_rank() == 0 && n == 2) {
+    EXPECT_TRUE(data::testing::read_text(part.train.output_dir + step2 + "shard_tp00.pt") ==
+                data::testing::read_text(base.train.output_dir + step2 + "shard_tp00.pt"))
+        << "the sharded run's optimizer file differs from the all-reduce run's";
+    EXPECT_TRUE(data::testing::read_text(part.train.output_dir + step2 + "model_tp00.safetensors") ==
+                data::testing::read_text(base.train.output_dir + step2 + "model_tp00.safetensors"));
+  }
+  for (const bool resume_sharded : {true, false}) {
+    Config cont = part;
+    cont.parallel.distributed_optimizer = resume_sharded;
+    cont.checkpoint.resume = part.train.output_dir + step2;
+    cont.train.output_dir = dataset().root + "/runs/zero_ckpt_cont" + std::to_string(resume_sharded);
+    Trainer t2(cont, world_grid(1), quiet());
+    TrainResult r2 = t2.run();
+    ASSERT_EQ(r2.start_step, 2);
+    EXPECT_LE(resumed_loss_diff(r2, rf), tol) << "resumed " << (resume_sharded ? "sharded" : "with all-reduce");
+    EXPECT_LE(weight_diff("weights at step 4", t2.model(), full.model()), wtol);
+  }
+  // The all-reduce run's checkpoint, resumed with the distributed optimizer.
+  Config cont = base;
+  cont.parallel.distributed_optimizer = true;
+  cont.checkpoint.resume = base.train.output_dir + step2;
+  cont.train.output_dir = dataset().root + "/runs/zero_ckpt_from_ar";
+  Trainer t3(cont, world_grid(1), quiet());
+  TrainResult r3 = t3.run();
+  ASSERT_EQ(r3.start_step, 2);
+  EXPECT_LE(resumed_loss_diff(r3, rf), tol);
+  EXPECT_LE(weight_diff("weights at step 4", t3.model(), full.model()), wtol);
+}
+
+// An inf injected into one rank's gradient shard: every rank skips the step, the replicas stay
+// equal.
+TEST(DistributedOptimizer, InjectedInfIsSkippedEverywhere) {
+  const int n = world_size();
+  Config c = tiny_run("zero_scaler", 3);
+  c.train.batch_size = 8 / n;
+  c.parallel.distributed_optimizer = true;
+  c.precision.loss_scale_init = 1024;
+  TrainerOptions o = quiet();
+  o.force_loss_scaler = true;
+  o.inject_inf_rank = n - 1;
+  o.inject_inf_step = 2;
+  Trainer t(c, world_grid(1), o);
+  TrainResult r = t.run();
+  ASSERT_EQ(r.steps.size(), 3u);
+  EXPECT_FALSE(r.steps[0].skipped);
+  EXPECT_TRUE(r.steps[1].skipped);
+  EXPECT_FALSE(r.steps[2].skipped);
+  EXPECT_EQ(r.steps[2].loss_scale, 512);
+  int differing = 0;
+  for (const auto& p : t.params()) {
+    at::Tensor mine = p.param.detach().contiguous().clone(), first = mine.clone();
+    MPI_Bcast(first.data_ptr(), static_cast<int>(first.numel()), MPI_FLOAT, 0, MPI_COMM_WORLD);
+    if (!mine.equal(first)) ++differing;
+  }
+  EXPECT_EQ(max_over_ranks(differing), 0);
+}
+
 TEST(Trainer, TruncatedOrPartialCheckpointIsRefusedNamingTheFile) {
   Config c = tiny_run("damaged", 2);
   c.train.batch_size = 8 / world_size();
