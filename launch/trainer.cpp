@@ -645,6 +645,10 @@ void Trainer::begin_run(TrainResult& result, const RunState& rs) {
               " sequences = micro-batch ", t.batch_size, " x accumulation ", accum, " x dp ",
               grid_.dp_size(), "; ", static_cast<int64_t>(rs.tokens_per_step), " tokens per step; precision ",
               cfg_.precision.mode, "; ", train_->steps_per_epoch(), " micro-batches per epoch");
+    if (optimizer_->sharded())
+      log::info("distributed optimizer: each of the ", grid_.dp_size(), " DP ranks keeps AdamW's state for 1/",
+                grid_.dp_size(), " of the parameters (", format_printf("%.1f", optimizer_->state_bytes() / 1048576.0),
+                " MiB on rank 0; parallel.distributed_optimizer = false all-reduces instead)");
     fs::create_directories(t.output_dir);
   }
   if (val_ && step_ == 0) {  // the untrained model's validation loss: the curve's start

@@ -119,7 +119,7 @@ std::vector<KeySpec> build_schema() {
   s.push_back(int_key(&ParallelConfig::tensor_parallel_size, &C::parallel, "parallel", "tensor_parallel_size", 1, 4096, "ranks that split each layer; world size must be a multiple"));
   s.push_back(str_key(&ParallelConfig::backend, &C::parallel, "parallel", "backend", {"auto", "mpi", "nccl"}, "communication backend; auto picks nccl on cuda, mpi on cpu"));
   s.push_back(float_key(&ParallelConfig::collective_timeout_s, &C::parallel, "parallel", "collective_timeout_s", 0, 1e7, true, "a collective not done after this many seconds aborts the job"));
-  s.push_back(bool_key(&ParallelConfig::distributed_optimizer, &C::parallel, "parallel", "distributed_optimizer", "ZeRO-1: each DP rank holds and updates the AdamW state of 1/dp of the parameters (gradients reduce-scattered, parameters all-gathered); checkpoints are the same either way"));
+  s.push_back(bool_key(&ParallelConfig::distributed_optimizer, &C::parallel, "parallel", "distributed_optimizer", "ZeRO-1: each DP rank holds and updates the AdamW state of 1/dp of the parameters (gradients reduce-scattered, parameters all-gathered); false: every DP rank all-reduces the gradients and updates all parameters; checkpoints are the same either way"));
   // [precision]
   s.push_back(str_key(&PrecisionConfig::mode, &C::precision, "precision", "mode", {"fp32", "bf16", "fp16"}, "fp32, bf16 (autocast, CPU and GPU) or fp16 (autocast + loss scaling, GPU)"));
   s.push_back(float_key(&PrecisionConfig::loss_scale_init, &C::precision, "precision", "loss_scale_init", 0, 1e30, true, "fp16: initial loss scale"));

@@ -71,7 +71,7 @@ struct ParallelConfig {
   double collective_timeout_s = 300.0;
   // ZeRO-1 (Megatron-LM's distributed optimizer): each DP rank keeps and updates the AdamW
   // state of 1/dp of the parameters; gradients are reduce-scattered, parameters all-gathered.
-  bool distributed_optimizer = false;
+  bool distributed_optimizer = true;
 };
 
 struct PrecisionConfig {

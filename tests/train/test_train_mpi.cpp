@@ -260,6 +260,7 @@ TEST(DistributedOptimizer, MatchesAllReduceBitForBitAndSingleRank) {
   Config base = tiny_run("zero_off" + std::to_string(n));
   base.train.batch_size = 8 / n;
   base.train.grad_clip = 0;
+  base.parallel.distributed_optimizer = false;
   Trainer a(base, world_grid(1), quiet());
   TrainResult ra = a.run();
   Config zero = base;
@@ -330,6 +331,7 @@ TEST(DistributedOptimizer, CheckpointsAreTheSameFilesAndResumeExactly) {
   Config base = tiny_run("zero_ckpt_full", 4);
   base.train.batch_size = 8 / n;
   base.train.grad_clip = 0;
+  base.parallel.distributed_optimizer = false;
   base.checkpoint.interval = 2;
   Trainer full(base, world_grid(1), quiet());
   TrainResult rf = full.run();
