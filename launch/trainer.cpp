@@ -55,7 +55,9 @@ extern "C" void on_stop_signal(int sig) {
 // precision.fp32_residual = false).
 at::ScalarType reduced_dtype(const std::string& mode) { return mode == "bf16" ? at::kBFloat16 : at::kHalf; }
 
-// Autocast on for the scope (bf16/fp16), restoring the previous state.
+// Autocast on for the scope (bf16/fp16), restoring the previous state. Autocast's casts of the
+// weights stay cached after the scope (a step's micro-batches use the same weights: each is cast
+// once per step, not once per micro-batch) until clear_autocast_cache() at the step's end.
 class AutocastScope {
  public:
   AutocastScope(const std::string& mode, at::Device device) {
@@ -65,14 +67,17 @@ class AutocastScope {
     on_ = true;
   }
   ~AutocastScope() {
-    if (!on_) return;
-    compat::set_autocast(type_, false, at::kBFloat16);
-    at::autocast::clear_cache();
+    if (on_) compat::set_autocast(type_, false, at::kBFloat16);
   }
 
  private:
   bool on_ = false;
   at::DeviceType type_ = at::kCPU;
+};
+
+// Drops autocast's cached weight casts (they hold the weights' values before the update).
+struct ClearAutocastCacheAtExit {
+  ~ClearAutocastCacheAtExit() { at::autocast::clear_cache(); }
 };
 
 at::Device pick_device(const Config& cfg, const TrainGrid& grid) {
@@ -443,6 +448,8 @@ void Trainer::write_metrics(const std::string& line) {
 double Trainer::evaluate() {
   if (!val_) return std::numeric_limits<double>::quiet_NaN();
   at::NoGradGuard no_grad;
+  // Casts made without gradients must not reach a training step's backward.
+  ClearAutocastCacheAtExit clear_casts;
   val_->seek({0, 0});
   int64_t n = std::min<int64_t>(cfg_.train.eval_batches, val_->steps_per_epoch());
   double sum = 0;
@@ -763,6 +770,7 @@ double Trainer::forward_backward(double scale) {
   const int64_t accum = cfg_.train.gradient_accumulation_steps;
   // Summed on the device: one host sync per step, not one per micro-step (GPU queues stay full).
   at::Tensor loss_sum = at::zeros({}, at::TensorOptions().dtype(at::kDouble).device(device_));
+  ClearAutocastCacheAtExit clear_casts;  // before the optimizer changes the weights
   for (int64_t micro = 0; micro < accum; ++micro) {
     data::Batch b = train_->next_batch();
     reducer_->set_sync(micro == accum - 1);

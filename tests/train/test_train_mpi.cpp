@@ -688,6 +688,36 @@ TEST(Trainer, Bf16LossFalls) {
   EXPECT_LT(last, first - 0.5);
 }
 
+// bf16 with accumulation: autocast's weight casts are kept for the step's micro-batches (one cast
+// per weight per step), so every micro-batch's backward must still reach the fp32 weights through
+// them, and casts an evaluation made without gradients must not leak into the next step. 4 x 2
+// with an evaluation after every step against 1 x 8 without: the gradient norms (before clipping) agree
+// to bf16's rounding step by step (a micro-batch whose gradient stopped at a cached cast, or a
+// step after an evaluation, would lose a quarter or all of it), and so do the losses.
+TEST(Trainer, Bf16AccumulationKeepsEveryMicroBatchsGradient) {
+  Config acc = tiny_run(per_rank("bf16_acc4x2"), 6);
+  acc.precision.mode = "bf16";
+  acc.train.batch_size = 2;
+  acc.train.gradient_accumulation_steps = 4;
+  acc.train.eval_interval = 1;
+  TrainResult a = Trainer(acc, TrainGrid::single(), quiet()).run();
+  Config big = tiny_run(per_rank("bf16_acc1x8"), 6);  // no evaluations in between
+  big.precision.mode = "bf16";
+  TrainResult b = Trainer(big, TrainGrid::single(), quiet()).run();
+  ASSERT_EQ(a.steps.size(), b.steps.size());
+  ASSERT_EQ(a.val_losses.size(), 7u) << "an evaluation before the first step and after each";
+  double norm = 0, loss = 0;
+  for (size_t i = 0; i < a.steps.size(); ++i) {
+    norm = std::max(norm, std::abs(a.steps[i].grad_norm - b.steps[i].grad_norm) / b.steps[i].grad_norm);
+    loss = std::max(loss, std::abs(a.steps[i].loss - b.steps[i].loss));
+  }
+  if (world_rank() == 0)
+    std::printf("  bf16 4 x 2 vs 1 x 8: grad norm step 1 %.5f / %.5f, largest relative difference %.2e; "
+                "largest loss difference %.4f\n", a.steps[0].grad_norm, b.steps[0].grad_norm, norm, loss);
+  EXPECT_LT(norm, 0.03);
+  EXPECT_LT(loss, 0.02);
+}
+
 // precision.fp32_residual = false (the residual stream in bf16): the same run's losses stay within
 // bf16's rounding of the fp32-residual run's, step by step, and fall as much.
 TEST(Trainer, Bf16ResidualStreamTracksFp32Residual) {
