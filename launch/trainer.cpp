@@ -57,7 +57,8 @@ at::ScalarType reduced_dtype(const std::string& mode) { return mode == "bf16" ? 
 
 // Autocast on for the scope (bf16/fp16), restoring the previous state. Autocast's casts of the
 // weights stay cached after the scope (a step's micro-batches use the same weights: each is cast
-// once per step, not once per micro-batch) until clear_autocast_cache() at the step's end.
+// once per step, not once per micro-batch) until a ClearAutocastCacheAtExit ends (the step's
+// forward_backward, an evaluation).
 class AutocastScope {
  public:
   AutocastScope(const std::string& mode, at::Device device) {
