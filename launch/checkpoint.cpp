@@ -561,8 +561,11 @@ void apply_shard_state(Trainer& tr, const ShardState& st) {
   at::NoGradGuard no_grad;
   for (auto& s : tr.optimizer().slots()) {
     at::Tensor* targets[] = {&s.param, &s.exp_avg, &s.exp_avg_sq};
-    for (size_t i = 0; i < optimizer_prefixes().size(); ++i)
-      targets[i]->copy_(st.tensors.at(optimizer_prefixes()[i] + s.name));
+    for (size_t i = 0; i < optimizer_prefixes().size(); ++i) {
+      const at::Tensor& loaded = st.tensors.at(optimizer_prefixes()[i] + s.name);
+      if (targets[i]->defined()) targets[i]->copy_(loaded);
+      else *targets[i] = loaded;  // a distributed optimizer's moments (AdamW::scatter_full_state)
+    }
   }
   tr.optimizer().set_steps(st.optimizer_steps);
   tr.scaler().set_state(st.loss_scale, st.growth_tracker);
@@ -621,9 +624,8 @@ void load_checkpoint(Trainer& tr, const std::string& dir) {
   // A damaged shard may be read by some ranks only: every rank agrees before training starts.
   std::string err;
   try {
-    tr.optimizer().allocate_full_state();  // a distributed optimizer reads the full moments
     load_checkpoint_local(tr, dir);
-    tr.optimizer().scatter_full_state();   // and keeps its own pieces of them
+    tr.optimizer().scatter_full_state();  // a distributed optimizer keeps its pieces of the moments
   } catch (const std::exception& e) {
     tr.optimizer().release_full_state();
     err = e.what();

@@ -266,18 +266,15 @@ void AdamW::gather_full_state() {
     for (size_t s = 0; s < params.size(); ++s) {
       Slot& slot = slots_.at(params[s]);
       const int64_t off = reducer_->bucket_param_offset(b, s), n = slot.param.numel();
-      // Copies of their own (a view would take the bucket's whole storage into the file).
-      slot.exp_avg = full[0].narrow(0, off, n).view(slot.param.sizes()).clone();
-      slot.exp_avg_sq = full[1].narrow(0, off, n).view(slot.param.sizes()).clone();
+      // Copies of their own (a view would take the bucket's whole storage into the file), in
+      // host memory (the full state of a large model does not fit beside it on one GPU).
+      auto own_host_copy = [&](const at::Tensor& t) {
+        at::Tensor v = t.narrow(0, off, n).view(slot.param.sizes());
+        return v.is_cpu() ? v.clone() : v.cpu();
+      };
+      slot.exp_avg = own_host_copy(full[0]);
+      slot.exp_avg_sq = own_host_copy(full[1]);
     }
-  }
-}
-
-void AdamW::allocate_full_state() {
-  if (!sharded()) return;
-  for (auto& s : slots_) {
-    s.exp_avg = at::zeros_like(s.param, s.param.options().dtype(at::kFloat));
-    s.exp_avg_sq = at::zeros_like(s.param, s.param.options().dtype(at::kFloat));
   }
 }
 

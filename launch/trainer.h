@@ -70,12 +70,11 @@ class AdamW {
   // Bytes of AdamW moments this rank keeps (outside a checkpoint's full state).
   int64_t state_bytes() const;
   // Checkpoints of a sharded optimizer keep the unsharded format: gather_full_state() fills
-  // every slot's moments on DP rank 0 from all DP ranks' shards (collective over DP), allocate_full_state()
-  // gives every slot zero moments to load into, and scatter_full_state() copies this rank's
-  // pieces of the slots' moments into its shards; release_full_state() frees the slots' moments.
-  // No-ops unless sharded.
+  // every slot's moments on DP rank 0 from all DP ranks' shards (collective over DP), bucket by
+  // bucket into host memory; a load puts the file's full moments in the slots, and
+  // scatter_full_state() copies this rank's pieces of them into its shards;
+  // release_full_state() frees the slots' moments. No-ops unless sharded.
   void gather_full_state();
-  void allocate_full_state();
   void scatter_full_state();
   void release_full_state();
 
