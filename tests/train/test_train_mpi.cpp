@@ -109,11 +109,13 @@ TEST(Trainer, DataParallelAccumulationNeedsNoCommunicationOnNonFinalSteps) {
 }
 
 // TP = 2 (x DP = world / 2) against TP = 1 x DP = 1: losses, weights and the global grad norm
-// (before clipping) against the dense norm of the TP=1 run, step by step.
+// (before clipping) against the dense norm of the TP=1 run, step by step. With the gradients
+// all-reduced (DistributedOptimizer.TensorTimesDataParallelMatchesSingleRank: sharded).
 TEST(Trainer, TensorTimesDataParallelMatchesSingleRank) {
   const int n = world_size();
   Config par = tiny_run("tp2dp" + std::to_string(n / 2));
   par.parallel.tensor_parallel_size = 2;
+  par.parallel.distributed_optimizer = false;
   par.train.batch_size = 8 / (n / 2);
   par.train.grad_clip = 0.5;  // clipping active: a wrong norm changes the weights
   Trainer a(par, world_grid(2), quiet());
