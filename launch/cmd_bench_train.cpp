@@ -87,8 +87,9 @@ int bench_train(const ParsedArgs& args, World* world) {
   }
   if (world->is_root()) {
     ParamCounts pc = count_parameters(cfg.model);
-    std::printf("# bench train: %lld parameters, tp %d x dp %d, micro-batch %lld x accumulation %lld, seq %lld, %s, %d intra-op threads per rank\n",
+    std::printf("# bench train: %lld parameters, tp %d x dp %d%s, micro-batch %lld x accumulation %lld, seq %lld, %s, %d intra-op threads per rank\n",
                 static_cast<long long>(pc.total), grid.tp_size(), grid.dp_size(),
+                trainer.optimizer().sharded() ? " (distributed optimizer)" : "",
                 static_cast<long long>(cfg.train.batch_size),
                 static_cast<long long>(cfg.train.gradient_accumulation_steps),
                 static_cast<long long>(cfg.data.seq_len), cfg.precision.mode.c_str(), at::get_num_threads());
@@ -105,7 +106,8 @@ int bench_train(const ParsedArgs& args, World* world) {
       std::printf("MFU vs measured    %.1f%% of the %s matmul rate measured on the ranks (%.1f GFLOP/s in all)\n",
                   100 * fpt * tps / peak.item<double>(), matmul_dtype == at::kFloat ? "fp32" : "bf16",
                   peak.item<double>() / 1e9);
-    std::printf("comm wait share    %.1f%% of step time waiting for the DP gradient all-reduce\n", 100 * comm_share);
+    std::printf("comm wait share    %.1f%% of step time waiting for the DP gradient %s\n", 100 * comm_share,
+                trainer.optimizer().sharded() ? "reduce-scatter and parameter all-gather" : "all-reduce");
     // For profilers (scripts/profile_train.sh keeps the samples of this window).
     if (!r.step_starts.empty())
       std::printf("timed window       %.6f %.6f (rank 0, CLOCK_MONOTONIC seconds)\n",

@@ -6,8 +6,9 @@
 # micro-batch 8 per rank) unless CONFIG / overrides say otherwise.
 #
 # AndyLLM runs three times per mode: as shipped, with its malloc tuning off and with its fused
-# CPU kernels off (the ratio each buys); in fp32 a fourth time with OpenBLAS's sgemm instead of
-# oneDNN's for the linears.
+# CPU kernels off (the ratio each buys); with several ranks once more with the gradients
+# all-reduced instead of the distributed optimizer; in fp32 once more with OpenBLAS's sgemm
+# instead of oneDNN's for the linears.
 #   scripts/bench_train.sh [RANKS] [STEPS]        # default 2 ranks, 20 steps (3 untimed)
 #   CONFIG=configs/bench_medium_cpu.toml scripts/bench_train.sh 2 10   # a 25 M parameter model
 set -euo pipefail
@@ -34,6 +35,12 @@ for mode in fp32 bf16; do
   mpirun -np "$RANKS" --oversubscribe -x ANDYLLM_FUSED_OPS=0 "$BIN" bench train --config "$CONFIG" \
     --steps "$STEPS" --warmup 3 --set precision.mode=$mode --set train.intra_op_threads=1 2>&1 |
     grep -E "^(step time|tokens/s)"
+  if [ "$RANKS" -gt 1 ]; then
+    echo "# the same with the gradients all-reduced (parallel.distributed_optimizer=false, docs/TRAINING.md):"
+    mpirun -np "$RANKS" --oversubscribe "$BIN" bench train --config "$CONFIG" --steps "$STEPS" --warmup 3 \
+      --set precision.mode=$mode --set train.intra_op_threads=1 --set parallel.distributed_optimizer=false 2>&1 |
+      grep -E "^(step time|tokens/s|comm wait share)"
+  fi
   if [ "$mode" = fp32 ]; then
     echo "# the same with OpenBLAS's sgemm for the linears (ANDYLLM_CPU_GEMM=blas, parallel/cpu_gemm.h):"
     mpirun -np "$RANKS" --oversubscribe -x ANDYLLM_CPU_GEMM=blas "$BIN" bench train --config "$CONFIG" \
