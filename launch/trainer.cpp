@@ -188,21 +188,13 @@ void AdamW::step(double lr, double grad_scale, const std::function<void(int)>& b
   h.grad_scale = grad_scale;
   // Two groups, decayed and not (one multi-tensor update each on CUDA; fused per parameter on CPU).
   if (sharded()) {
-    const auto& segs = reducer_->shard_segments();
-    for (int b = 0; b < reducer_->num_buckets(); ++b) {
+    for (size_t b = 0; b < shard_groups_.size(); ++b) {
       for (const bool decay : {true, false}) {
-        std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
-        for (size_t i = 0; i < segs.size(); ++i) {
-          if (segs[i].bucket != b || slots_[segs[i].param].decay != decay) continue;
-          params.push_back(segs[i].param_part);
-          grads.push_back(segs[i].grad_part);
-          exp_avgs.push_back(seg_exp_avg_[i]);
-          exp_avg_sqs.push_back(seg_exp_avg_sq_[i]);
-        }
+        const ShardGroup& g = shard_groups_[b][decay ? 0 : 1];
         h.weight_decay = decay ? weight_decay_ : 0.0;
-        adamw_update_group(params, grads, exp_avgs, exp_avg_sqs, h, steps_);
+        adamw_update_group(g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, h, steps_);
       }
-      if (bucket_done) bucket_done(b);
+      if (bucket_done) bucket_done(static_cast<int>(b));
     }
     return;
   }
@@ -230,9 +222,17 @@ void AdamW::shard(const GradReducer& reducer) {
     shard_exp_avg_.push_back(at::zeros({reducer.shard_numel(b)}, opts));
     shard_exp_avg_sq_.push_back(at::zeros({reducer.shard_numel(b)}, opts));
   }
+  // The update's operands are views into buffers that never move: grouped once, by bucket and
+  // by decay, here.
+  shard_groups_.resize(reducer.num_buckets());
   for (const auto& seg : segs) {
     seg_exp_avg_.push_back(shard_exp_avg_[seg.bucket].narrow(0, seg.shard_offset, seg.numel));
     seg_exp_avg_sq_.push_back(shard_exp_avg_sq_[seg.bucket].narrow(0, seg.shard_offset, seg.numel));
+    ShardGroup& g = shard_groups_[seg.bucket][slots_.at(seg.param).decay ? 0 : 1];
+    g.params.push_back(seg.param_part);
+    g.grads.push_back(seg.grad_part);
+    g.exp_avgs.push_back(seg_exp_avg_.back());
+    g.exp_avg_sqs.push_back(seg_exp_avg_sq_.back());
   }
   release_full_state();
 }

@@ -21,6 +21,7 @@
 
 #include <torch/torch.h>
 
+#include <array>
 #include <cstdint>
 #include <chrono>
 #include <functional>
@@ -83,6 +84,11 @@ class AdamW {
   const GradReducer* reducer_ = nullptr;
   std::vector<at::Tensor> shard_exp_avg_, shard_exp_avg_sq_;  // per bucket: this rank's shard
   std::vector<at::Tensor> seg_exp_avg_, seg_exp_avg_sq_;      // per shard segment: views of them
+  // step()'s operands when sharded: per bucket, the decayed segments [0] and the others [1].
+  struct ShardGroup {
+    std::vector<at::Tensor> params, grads, exp_avgs, exp_avg_sqs;
+  };
+  std::vector<std::array<ShardGroup, 2>> shard_groups_;
   double beta1_, beta2_, eps_, weight_decay_;
   int64_t steps_ = 0;
 };

@@ -47,8 +47,8 @@ namespace andy {
 struct GradReducerOptions {
   double bucket_mb = 25.0;       // Default: 25 MiB
   double first_bucket_mb = 1.0;  // Default: 1 MiB (PyTorch DDP's first bucket)
-  GradReducerOptions& set_bucket_mb(double v) { bucket_mb = v; return *this; }
   bool shard = false;             // Default: all-reduce (no ZeRO)
+  GradReducerOptions& set_bucket_mb(double v) { bucket_mb = v; return *this; }
   GradReducerOptions& set_first_bucket_mb(double v) { first_bucket_mb = v; return *this; }
   GradReducerOptions& set_shard(bool v) { shard = v; return *this; }
 };
