@@ -293,6 +293,67 @@ at::Tensor matmul_nt(const at::Tensor& x2, const at::Tensor& w) {
   return batched_product(x2.unsqueeze(0), false, w.unsqueeze(0), true).squeeze(0);
 }
 
+// dst [cols, rows] = src [rows, cols] transposed, both row-major: 8x8 tiles through AVX registers
+// where the CPU has AVX2.
+__attribute__((target("avx2,fma"))) void transpose_avx2(const float* src, int64_t rows, int64_t cols, float* dst) {
+  constexpr int64_t kTile = 64;  // 64x64 floats in, 64x64 out: both in L1
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = std::min(cols, c0 + kTile);
+      int64_t r = r0;
+      for (; r + 8 <= r1; r += 8) {
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) {
+          __m256 v[8], t[8];
+          for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (r + i) * cols + c);
+          for (int i = 0; i < 4; ++i) {
+            t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
+          }
+          for (int i = 0; i < 2; ++i) {
+            v[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+            v[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+            v[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+            v[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+          }
+          for (int i = 0; i < 4; ++i) {
+            _mm256_storeu_ps(dst + (c + i) * rows + r, _mm256_permute2f128_ps(v[i], v[4 + i], 0x20));
+            _mm256_storeu_ps(dst + (c + 4 + i) * rows + r, _mm256_permute2f128_ps(v[i], v[4 + i], 0x31));
+          }
+        }
+        for (; c < c1; ++c)
+          for (int64_t i = r; i < r + 8; ++i) dst[c * rows + i] = src[i * cols + c];
+      }
+      for (; r < r1; ++r)
+        for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
+    }
+  }
+}
+
+void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
+  if (has_avx2_fma()) return transpose_avx2(src, rows, cols, dst);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
+}
+
+// dW [N, K] = dy^T x for dy [M, N] and x [M, K], both contiguous. Where N is at least 4 K and
+// the matrix large (the tied LM head: N = vocabulary), oneDNN's sgemm runs dW^T = x^T dy 1.3x
+// as fast as dy^T x (one thread, 1024 x 4096 x 512: 165 against 122 GFLOP/s with the operands
+// out of the cache), and the transpose back costs a pass over dW; elsewhere dy^T x directly.
+at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
+  const int64_t m = dy.size(0), n = dy.size(1), k = x.size(1);
+  at::Tensor dw = at::empty({n, k}, x.options());
+  if (n >= 4 * k && n * k >= (int64_t{1} << 20)) {
+    at::Tensor dwt = at::empty({k, n}, x.options());
+    cpu_sgemm(true, false, k, n, m, x.data_ptr<float>(), k, dy.data_ptr<float>(), n, dwt.data_ptr<float>(), n);
+    transpose(dwt.data_ptr<float>(), k, n, dw.data_ptr<float>());
+  } else {
+    cpu_sgemm(true, false, n, k, m, dy.data_ptr<float>(), n, x.data_ptr<float>(), k, dw.data_ptr<float>(), k);
+  }
+  return dw;
+}
+
 struct CpuLinearFn : public torch::autograd::Function<CpuLinearFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2, const at::Tensor& w) {
     ctx->save_for_backward({x2, w});
@@ -301,11 +362,54 @@ struct CpuLinearFn : public torch::autograd::Function<CpuLinearFn> {
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const at::Tensor dy = grads[0].contiguous().unsqueeze(0);
+    const at::Tensor dy = grads[0].contiguous();
     at::Tensor dx, dw;
-    if (ctx->needs_input_grad(0)) dx = batched_product(dy, false, saved[1].unsqueeze(0), false).squeeze(0);  // dy w
-    if (ctx->needs_input_grad(1)) dw = batched_product(dy, true, saved[0].unsqueeze(0), false).squeeze(0);   // dy^T x2
+    if (ctx->needs_input_grad(0))
+      dx = batched_product(dy.unsqueeze(0), false, saved[1].unsqueeze(0), false).squeeze(0);  // dy w
+    if (ctx->needs_input_grad(1)) dw = weight_grad(dy, saved[0]);                              // dy^T x2
     return {dx, dw};
+  }
+};
+
+// ys[i] = x2 W_i^T: one autograd node for several products of one input. Its backward sums the
+// input gradient in sgemm's output (dx = dy_0 W_0, then dx += dy_i W_i through beta = 1), where
+// separate nodes would have autograd add their input gradients in passes of their own.
+struct CpuLinearGroupFn : public torch::autograd::Function<CpuLinearGroupFn> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x2,
+                                                at::TensorList ws) {
+    ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no product for it
+    std::vector<at::Tensor> saved{x2};
+    torch::autograd::variable_list ys;
+    for (const at::Tensor& w : ws) {
+      saved.push_back(w);
+      ys.push_back(matmul_nt(x2, w));
+    }
+    ctx->save_for_backward(saved);
+    return ys;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor& x2 = saved[0];
+    const int64_t m = x2.size(0), k = x2.size(1);
+    torch::autograd::variable_list out(saved.size());
+    at::Tensor dx;
+    if (ctx->needs_input_grad(0)) dx = at::empty({m, k}, x2.options());
+    bool first = true;
+    for (size_t i = 0; i < grads.size(); ++i) {
+      if (!grads[i].defined()) continue;
+      const at::Tensor dy = grads[i].contiguous();
+      const at::Tensor& w = saved[1 + i];
+      if (dx.defined()) {
+        cpu_sgemm(false, false, m, k, w.size(0), dy.data_ptr<float>(), w.size(0), w.data_ptr<float>(), k,
+                  dx.data_ptr<float>(), k, first ? 0.0f : 1.0f);
+        first = false;
+      }
+      if (ctx->needs_input_grad(1 + i)) out[1 + i] = weight_grad(dy, x2);
+    }
+    if (dx.defined() && first) dx.zero_();
+    out[0] = dx;
+    return out;
   }
 };
 
@@ -424,6 +528,30 @@ at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight) {
   if (at::GradMode::is_enabled() && (x.requires_grad() || weight.requires_grad())) y = CpuLinearFn::apply(x2, w);
   else y = matmul_nt(x2, w);
   return y.view(shape);
+}
+
+std::vector<at::Tensor> cpu_linear_group(const at::Tensor& x, at::TensorList weights) {
+  bool grouped = at::GradMode::is_enabled() && !weights.empty();
+  bool grad = x.requires_grad();
+  for (const at::Tensor& w : weights) {
+    grouped = grouped && applies(x, w);
+    grad = grad || w.requires_grad();
+  }
+  std::vector<at::Tensor> ys;
+  if (!grouped || !grad) {
+    for (const at::Tensor& w : weights) ys.push_back(cpu_linear(x, w));
+    return ys;
+  }
+  const at::Tensor x2 = x.reshape({-1, x.size(-1)}).contiguous();
+  std::vector<at::Tensor> ws;
+  for (const at::Tensor& w : weights) ws.push_back(w.contiguous());
+  ys = CpuLinearGroupFn::apply(x2, at::TensorList(ws));
+  for (size_t i = 0; i < ys.size(); ++i) {
+    auto shape = x.sizes().vec();
+    shape.back() = weights[i].size(0);
+    ys[i] = ys[i].view(shape);
+  }
+  return ys;
 }
 
 at::Tensor cpu_matmul(const at::Tensor& a, const at::Tensor& b) {

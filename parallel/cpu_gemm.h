@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace andy {
 
@@ -24,6 +25,13 @@ bool cpu_gemm_enabled();
 // W's packed copy when packed weights are on (see below) and no gradient is needed; oneDNN's
 // sgemm for CPU fp32 tensors outside autocast when cpu_gemm_enabled(); at::linear otherwise.
 at::Tensor cpu_linear(const at::Tensor& x, const at::Tensor& weight);
+
+// [x W_0^T, x W_1^T, ...] for x [..., K] and weights W_i [N_i, K] (the q/k/v and gate/up
+// projections of one input): with gradients, CPU fp32 outside autocast and oneDNN's sgemm, one
+// autograd node whose backward sums dx = sum_i dy_i W_i in sgemm's output instead of autograd
+// adding the separate products' input gradients in passes of their own; otherwise cpu_linear of
+// each. Values and gradients as cpu_linear's to fp32 rounding.
+std::vector<at::Tensor> cpu_linear_group(const at::Tensor& x, at::TensorList weights);
 
 // Packed weights (inference on CPU; serve.cpu_packed_weights): when on, cpu_linear without
 // gradients multiplies fp32 and bf16 inputs of up to 64 rows (batched decode steps; larger

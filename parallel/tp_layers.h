@@ -62,6 +62,7 @@ class ColumnParallelLinearImpl : public torch::nn::Module {
   // `weight` is released. CPU only, no autograd.
   void load_int8_weight(const at::Tensor& q, const at::Tensor& scale);
   int64_t local_out_features() const { return int8_ ? int8_->out_features() : weight.size(0); }
+  bool is_int8() const { return int8_ != nullptr; }
 
   ColumnParallelLinearOptions options;
   at::Tensor weight;

@@ -12,6 +12,7 @@
 #include "core/base/error.h"
 #include "core/model/fused_ops.h"
 #include "core/model/model_config.h"
+#include "parallel/cpu_gemm.h"
 #include "parallel/tp_cross_entropy.h"
 #include "parallel/tp_ops.h"
 
@@ -22,6 +23,24 @@ namespace {
 // Residual-stream output projections (o_proj, down_proj) start with std / sqrt(2 n_layer), as
 // GPT-2 and Megatron-LM do; every other matrix with init_std; norms with ones.
 double residual_std(const ModelConfig& cfg) { return cfg.init_std / std::sqrt(2.0 * cfg.n_layer); }
+
+// The column-parallel projections of one input (q/k/v, gate/up): in training (gradients on) one
+// autograd node on CPU fp32 (cpu_linear_group: the input gradient summed in the products'
+// output), each module's own forward otherwise (inference, int8 weights).
+std::vector<at::Tensor> project(const at::Tensor& x, std::initializer_list<ColumnParallelLinearImpl*> projections) {
+  bool group = at::GradMode::is_enabled();
+  bool grad = x.requires_grad();
+  std::vector<at::Tensor> weights;
+  for (ColumnParallelLinearImpl* p : projections) {
+    group = group && !p->is_int8();
+    grad = grad || p->weight.requires_grad();
+    weights.push_back(p->weight);
+  }
+  if (group && grad) return cpu_linear_group(x, weights);
+  std::vector<at::Tensor> ys;
+  for (ColumnParallelLinearImpl* p : projections) ys.push_back(p->forward(x));
+  return ys;
+}
 
 }  // namespace
 
@@ -72,11 +91,10 @@ LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint6
 at::Tensor LlamaAttentionImpl::forward(const at::Tensor& x, const RopeRows& rope) {
   const int64_t b = x.size(0), t = x.size(1);
   at::Tensor xc = copy_to_tp_region(x, tp_);
-  at::Tensor q = rope_bthd(q_proj(xc).view({b, t, n_head_local_, head_dim_}), rope.cos, rope.sin)
-                     .transpose(1, 2);
-  at::Tensor k = rope_bthd(k_proj(xc).view({b, t, n_kv_head_local_, head_dim_}), rope.cos, rope.sin)
-                     .transpose(1, 2);
-  at::Tensor v = v_proj(xc).view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
+  const std::vector<at::Tensor> qkv = project(xc, {q_proj.get(), k_proj.get(), v_proj.get()});
+  at::Tensor q = rope_bthd(qkv[0].view({b, t, n_head_local_, head_dim_}), rope.cos, rope.sin).transpose(1, 2);
+  at::Tensor k = rope_bthd(qkv[1].view({b, t, n_kv_head_local_, head_dim_}), rope.cos, rope.sin).transpose(1, 2);
+  at::Tensor v = qkv[2].view({b, t, n_kv_head_local_, head_dim_}).transpose(1, 2);
   at::Tensor o = attention(q, k, v, /*q_offset=*/0);
   return o_proj(o.transpose(1, 2).reshape({b, t, n_head_local_ * head_dim_}));
 }
@@ -120,7 +138,8 @@ LlamaMLPImpl::LlamaMLPImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, co
 
 at::Tensor LlamaMLPImpl::forward(const at::Tensor& x) {
   at::Tensor xc = copy_to_tp_region(x, tp_);
-  return down_proj(swiglu(gate_proj(xc), up_proj(xc)));  // fused on CPU
+  const std::vector<at::Tensor> gate_up = project(xc, {gate_proj.get(), up_proj.get()});
+  return down_proj(swiglu(gate_up[0], gate_up[1]));  // fused on CPU
 }
 
 // ---- decoder layer -------------------------------------------------------------------------

@@ -66,7 +66,9 @@ TEST(CpuGemm, LinearValuesAndGradientsMatchAtLinear) {
   torch::manual_seed(2);
   // [batch, seq, in] training shapes, 32-row decode shapes, odd sizes.
   const std::vector<std::pair<std::vector<int64_t>, int64_t>> cases = {
-      {{4, 16, 128}, 384}, {{32, 512}, 1536}, {{3, 7, 29}, 53}, {{2, 64}, 4096}};
+      {{4, 16, 128}, 384}, {{32, 512}, 1536}, {{3, 7, 29}, 53}, {{2, 64}, 4096},
+      // dW through the transposed product and a transpose back (N >= 4 K, N K >= 2^20), odd sizes
+      {{3, 5, 257}, 4100}};
   for (const auto& [xs, out] : cases) {
     const at::Tensor x0 = at::randn(xs), w0 = at::randn({out, xs.back()}) * 0.1;
     const at::Tensor g = at::randn([&] {
@@ -91,6 +93,49 @@ TEST(CpuGemm, LinearValuesAndGradientsMatchAtLinear) {
     EXPECT_LT(rel_err(cpu_linear(x0, w0), y2.detach()), 1e-5);
     EXPECT_LT(rel_err(linear_rows(x0, w0), y2.detach()), 1e-5);
   }
+}
+
+// The q/k/v (and gate/up) projections as one autograd node: values and every gradient against
+// separate at::linear products, with one output unused (its gradient undefined), a frozen input,
+// a frozen weight, and without gradients (cpu_linear of each).
+TEST(CpuGemm, LinearGroupMatchesSeparateLinears) {
+  torch::manual_seed(3);
+  const at::Tensor x0 = at::randn({2, 9, 64});
+  const std::vector<at::Tensor> w0 = {at::randn({64, 64}) * 0.1, at::randn({32, 64}) * 0.1, at::randn({40, 64}) * 0.1};
+  for (int unused = -1; unused < 3; ++unused) {
+    for (bool x_grad : {true, false}) {
+      at::Tensor x1 = x0.clone().requires_grad_(x_grad), x2 = x0.clone().requires_grad_(x_grad);
+      std::vector<at::Tensor> w1, w2;
+      for (size_t i = 0; i < w0.size(); ++i) {
+        const bool frozen = i == 1 && !x_grad;  // one frozen weight with the frozen input
+        w1.push_back(w0[i].clone().requires_grad_(!frozen));
+        w2.push_back(w0[i].clone().requires_grad_(!frozen));
+      }
+      const std::vector<at::Tensor> y1 = cpu_linear_group(x1, w1);
+      ASSERT_EQ(y1.size(), w0.size());
+      at::Tensor loss1 = at::zeros({}), loss2 = at::zeros({});
+      for (size_t i = 0; i < w0.size(); ++i) {
+        const at::Tensor y2 = at::linear(x2, w2[i]);
+        ASSERT_EQ(y1[i].sizes(), y2.sizes());
+        EXPECT_LT(rel_err(y1[i], y2), 1e-5);
+        if (static_cast<int>(i) == unused) continue;
+        const at::Tensor g = at::randn(y2.sizes());
+        loss1 = loss1 + (y1[i] * g).sum();
+        loss2 = loss2 + (y2 * g).sum();
+      }
+      loss1.backward();
+      loss2.backward();
+      const std::string what = "unused " + std::to_string(unused) + " x_grad " + std::to_string(x_grad);
+      if (x_grad) EXPECT_LT(rel_err(x1.grad(), x2.grad()), 1e-5) << what;
+      for (size_t i = 0; i < w0.size(); ++i) {
+        ASSERT_EQ(w1[i].grad().defined(), w2[i].grad().defined()) << what << " weight " << i;
+        if (w2[i].grad().defined()) EXPECT_LT(rel_err(w1[i].grad(), w2[i].grad()), 1e-5) << what << " weight " << i;
+      }
+    }
+  }
+  torch::NoGradGuard no_grad;
+  const std::vector<at::Tensor> y = cpu_linear_group(x0, w0);
+  for (size_t i = 0; i < w0.size(); ++i) EXPECT_TRUE(at::equal(y[i], cpu_linear(x0, w0[i])));
 }
 
 // The attention's two products: scores = q k^T (k a transposed view) and out = p v, values and
