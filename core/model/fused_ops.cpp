@@ -310,6 +310,54 @@ double sum_sq_chunk(const float* x, int64_t n) {
 
 #pragma GCC pop_options
 
+// GCC 12's AVX-512 intrinsics build their "undefined" vectors by self-initialization, which
+// -Wmaybe-uninitialized reports at every inlined use (a false positive; GCC bug 105593).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+
+#define ANDY_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma")))
+
+// 1 / (1 + e^-g), 16 lanes.
+ANDY_AVX512 inline __m512 sigmoid16(__m512 g) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+// swiglu_forward_kernel / swiglu_backward_kernel for fp32 in one pass of 16 lanes over elements
+// [lo, hi) (the AVX2 kernels take the sigmoids of 256 elements into a buffer, then a second loop;
+// one thread, 1.44 M elements (a 25 M model layer): forward 1.1-1.5 -> 0.7-1.1 ns per element,
+// backward 2.0-2.3 -> 1.5-1.9).
+ANDY_AVX512 void swiglu_forward_f32_avx512(const float* g, const float* u, float* out, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; i += 16) {
+    const __mmask16 m = hi - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hi - i)) - 1);
+    const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
+    _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv));
+  }
+}
+
+ANDY_AVX512 void swiglu_backward_f32_avx512(const float* dy, const float* g, const float* u, float* dg, float* du,
+                                            int64_t lo, int64_t hi) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = lo; i < hi; i += 16) {
+    const __mmask16 m = hi - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hi - i)) - 1);
+    const __m512 d = _mm512_maskz_loadu_ps(m, dy + i), gv = _mm512_maskz_loadu_ps(m, g + i),
+                 uv = _mm512_maskz_loadu_ps(m, u + i);
+    const __m512 s = sigmoid16(gv);
+    // dg = dy u s (1 + g (1 - s)), du = dy g s
+    const __m512 dus = _mm512_mul_ps(_mm512_mul_ps(d, uv), s);
+    _mm512_mask_storeu_ps(dg + i, m, _mm512_mul_ps(dus, _mm512_fmadd_ps(gv, _mm512_sub_ps(one, s), one)));
+    _mm512_mask_storeu_ps(du + i, m, _mm512_mul_ps(_mm512_mul_ps(d, gv), s));
+  }
+}
+
+// Runs f(lo, hi) over [0, n) in parallel, in chunks of whole kBlock blocks.
+template <typename F>
+void for_element_blocks(int64_t n, F&& f) {
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 64,
+                   [&](int64_t begin, int64_t end) { f(begin * kBlock, std::min(n, end * kBlock)); });
+}
+
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
@@ -372,12 +420,25 @@ struct SwigluCpuKernels {
   static void forward(const at::Tensor& g, const at::Tensor& u, at::Tensor& out) {
     on_float_or_bf16(g, [&](auto t) {
       using T = decltype(t);
+      if constexpr (std::is_same_v<T, float>) {
+        if (has_avx512_bw_vl())
+          return for_element_blocks(g.numel(), [&](int64_t lo, int64_t hi) {
+            swiglu_forward_f32_avx512(g.data_ptr<T>(), u.data_ptr<T>(), out.data_ptr<T>(), lo, hi);
+          });
+      }
       swiglu_forward_kernel<T>(g.data_ptr<T>(), u.data_ptr<T>(), out.data_ptr<T>(), g.numel());
     });
   }
   static void backward(const at::Tensor& dy, const at::Tensor& g, const at::Tensor& u, at::Tensor& dg, at::Tensor& du) {
     on_float_or_bf16(g, [&](auto t) {
       using T = decltype(t);
+      if constexpr (std::is_same_v<T, float>) {
+        if (has_avx512_bw_vl())
+          return for_element_blocks(g.numel(), [&](int64_t lo, int64_t hi) {
+            swiglu_backward_f32_avx512(dy.data_ptr<T>(), g.data_ptr<T>(), u.data_ptr<T>(), dg.data_ptr<T>(),
+                                       du.data_ptr<T>(), lo, hi);
+          });
+      }
       swiglu_backward_kernel<T>(dy.data_ptr<T>(), g.data_ptr<T>(), u.data_ptr<T>(), dg.data_ptr<T>(),
                                 du.data_ptr<T>(), g.numel());
     });
