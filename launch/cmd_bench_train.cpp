@@ -1,6 +1,7 @@
 // `andyllm bench train`: runs the real Trainer for --steps optimizer steps of a config (no
 // validation, checkpoints or sample) and reports, over the steps after --warmup: tokens/s, MFU
-// (against train.peak_tflops or the GPU's datasheet peak, and against the fp32 matmul rate measured here on every rank), and
+// (against train.peak_tflops or the GPU's datasheet peak, and against the matmul rate measured on every rank
+// before and after the steps), and
 // the share of step time spent waiting for the DP gradient all-reduce.
 #include <torch/torch.h>
 
@@ -65,6 +66,14 @@ int bench_train(const ParsedArgs& args, World* world) {
     compat::profiler_stop(trace_path);
     log::info("profile of ", profile_steps, " step(s) after the timed ones written to ", trace_path);
   }
+  // The matmul rate again after the steps: a VM's speed drifts with its neighbours' load (the
+  // 25 M fp32 step and the rate measured before it each moved by up to 10 % from run to run on
+  // the 2-core VMs), so MFU is quoted against the mean of the rates before and after the steps.
+  at::Tensor peak_after =
+      at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops(matmul_dtype) : 0.0, at::kDouble);
+  all_reduce_host(&grid.world(), peak_after, ReduceOp::kSum, dev);
+  const double rate_before = peak.item<double>(), rate_after = peak_after.item<double>();
+  const double rate = 0.5 * (rate_before + rate_after);
   r.step_times.resize(std::min<size_t>(r.step_times.size(), static_cast<size_t>(steps)));
   r.step_starts.resize(std::min<size_t>(r.step_starts.size(), static_cast<size_t>(steps)));
   const int64_t tokens_per_step = cfg.train.batch_size * cfg.train.gradient_accumulation_steps *
@@ -102,10 +111,11 @@ int bench_train(const ParsedArgs& args, World* world) {
       std::printf("MFU                %.1f%% of %s x %d ranks\n", 100 * fpt * tps / configured,
                   configured_what.c_str(), world->size());
     else std::printf("MFU                unknown (set train.peak_tflops)\n");
-    if (peak.item<double>() > 0)
-      std::printf("MFU vs measured    %.1f%% of the %s matmul rate measured on the ranks (%.1f GFLOP/s in all)\n",
-                  100 * fpt * tps / peak.item<double>(), matmul_dtype == at::kFloat ? "fp32" : "bf16",
-                  peak.item<double>() / 1e9);
+    if (rate > 0)
+      std::printf("MFU vs measured    %.1f%% of the %s matmul rate measured on the ranks (%.1f GFLOP/s in all: "
+                  "%.1f before the steps, %.1f after)\n",
+                  100 * fpt * tps / rate, matmul_dtype == at::kFloat ? "fp32" : "bf16", rate / 1e9,
+                  rate_before / 1e9, rate_after / 1e9);
     std::printf("comm wait share    %.1f%% of step time waiting for the DP gradient %s\n", 100 * comm_share,
                 trainer.optimizer().sharded() ? "reduce-scatter and parameter all-gather" : "all-reduce");
     // For profilers (scripts/profile_train.sh keeps the samples of this window).

@@ -377,6 +377,9 @@ TEST(TrainE2e, BenchTrainRunsBesideAnEarlierRunAndLeavesItAlone) {
   auto b = run_command(mpirun(1) + andyllm_bin() + " bench train --config " + cfg + " --steps 3 --warmup 1");
   ASSERT_EQ(b.exit_code, 0) << b.output;
   EXPECT_NE(b.output.find("tokens/s"), std::string::npos) << b.output;
+  // MFU against the matmul rate measured before and after the steps (their mean).
+  EXPECT_NE(b.output.find("MFU vs measured"), std::string::npos) << b.output;
+  EXPECT_NE(b.output.find(" before the steps, "), std::string::npos) << b.output;
   EXPECT_EQ(count_lines(dir / "out/metrics.jsonl"), rows);
   EXPECT_EQ(dt::read_text(dir / "out/checkpoints/latest"), latest);
   EXPECT_FALSE(fs::exists(dir / "out/archive"));
