@@ -12,6 +12,7 @@
 
 #include <ATen/ATen.h>
 
+#include <utility>
 #include <vector>
 
 namespace andy {
@@ -35,6 +36,14 @@ at::Tensor rms_norm_unfused(const at::Tensor& x, const at::Tensor& weight, doubl
 // LibTorch's fused rms_norm (an RMSNorm kernel of our own with the fp32 weight was slower there:
 // docs/PERFORMANCE.md).
 at::Tensor rms_norm_in_dtype(const at::Tensor& x, const at::Tensor& weight, double eps);
+
+// Training's residual step of a pre-norm block: h = x + delta and rms_norm(h, weight, eps), both
+// differentiable. For fp32 CPU tensors (fused kernels on) one pass over each row forward, and
+// the gradient h gets from the residual stream added into the norm's input gradient within the
+// norm's backward pass (separate ops leave that sum to autograd, a pass of its own); the same
+// values as the two ops. The two ops otherwise.
+std::pair<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::Tensor& delta, const at::Tensor& weight,
+                                               double eps);
 
 // Inference's residual step of a pre-norm block (vLLM's fused_add_rms_norm): residual += delta
 // in place, then rms_norm(residual, weight, eps), in one pass over each row. For fp32 CPU

@@ -63,6 +63,13 @@ at::Tensor RMSNormImpl::forward_add_(at::Tensor& residual, const at::Tensor& del
   return forward(residual);
 }
 
+std::pair<at::Tensor, at::Tensor> RMSNormImpl::forward_add(const at::Tensor& residual, const at::Tensor& delta) {
+  const bool reduced = residual.scalar_type() == at::kBFloat16 || residual.scalar_type() == at::kHalf;
+  if (!reduced) return add_rms_norm(residual, delta, weight, eps);
+  at::Tensor h = residual + delta;
+  return {h, forward(h)};
+}
+
 // ---- attention -----------------------------------------------------------------------------
 
 LlamaAttentionImpl::LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
@@ -154,8 +161,17 @@ LlamaDecoderLayerImpl::LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp,
 }
 
 at::Tensor LlamaDecoderLayerImpl::forward(const at::Tensor& x, const RopeRows& rope) {
-  at::Tensor h = x + self_attn(input_layernorm(x), rope);
-  return h + mlp(post_attention_layernorm(h));
+  at::Tensor residual = x, pending;
+  forward_residual(residual, pending, rope);
+  return residual + pending;
+}
+
+void LlamaDecoderLayerImpl::forward_residual(at::Tensor& residual, at::Tensor& pending, const RopeRows& rope) {
+  at::Tensor normed;
+  if (pending.defined()) std::tie(residual, normed) = input_layernorm->forward_add(residual, pending);
+  else normed = input_layernorm(residual);
+  std::tie(residual, normed) = post_attention_layernorm->forward_add(residual, self_attn(normed, rope));
+  pending = mlp(normed);
 }
 
 void LlamaDecoderLayerImpl::forward_batch(at::Tensor& residual, at::Tensor& normed, RMSNormImpl& next_norm,
@@ -263,8 +279,9 @@ at::Tensor LlamaForCausalLMImpl::hidden_states(const at::Tensor& tokens) {
   const RopeRows& rope = train_rope_;
   at::Tensor h = model->embed_tokens(tokens);
   if (residual_dtype_) h = h.to(*residual_dtype_);
-  for (const auto& layer : *model->layers) h = layer->as<LlamaDecoderLayer>()->forward(h, rope);
-  return model->norm(h);
+  at::Tensor pending;  // the last layer's MLP output, not yet added to h
+  for (const auto& layer : *model->layers) layer->as<LlamaDecoderLayer>()->forward_residual(h, pending, rope);
+  return pending.defined() ? model->norm->forward_add(h, pending).second : model->norm(h);
 }
 
 at::Tensor LlamaForCausalLMImpl::forward(const at::Tensor& tokens) {

@@ -27,6 +27,7 @@
 
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/config/config.h"
@@ -49,6 +50,9 @@ class RMSNormImpl : public torch::nn::Module {
   // add_rms_norm_fp32_ applies (core/model/fused_ops.h), else as the two ops (residual then
   // refers to the sum's new tensor).
   at::Tensor forward_add_(at::Tensor& residual, const at::Tensor& delta);
+  // Training's residual step: {residual + delta, forward(residual + delta)}, differentiable; fused
+  // (add_rms_norm, core/model/fused_ops.h) where it applies.
+  std::pair<at::Tensor, at::Tensor> forward_add(const at::Tensor& residual, const at::Tensor& delta);
   at::Tensor weight;
   double eps;
 };
@@ -64,6 +68,11 @@ class LlamaAttentionImpl : public torch::nn::Module {
   LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& prefix);
   // x [B, T, dim] replicated -> [B, T, dim] replicated.
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
+  // forward() with each residual add fused with the norm after it (RMSNormImpl::forward_add):
+  // the layer's input is residual + pending (pending undefined: residual alone); on return
+  // `residual` is the stream after the attention block and `pending` the MLP's output, for the
+  // next layer (or the final norm) to add. The values of forward(residual + pending).
+  void forward_residual(at::Tensor& residual, at::Tensor& pending, const RopeRows& rope);
   // Inference over a packed batch: x [N, dim], rope rows [N, d]; writes this layer's k, v of
   // the new tokens into their cache slots (`slots` [N]), then attends over each sequence's
   // cached tokens (paged_attention). Returns [N, dim].
@@ -97,6 +106,11 @@ class LlamaDecoderLayerImpl : public torch::nn::Module {
   LlamaDecoderLayerImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed,
                         const std::string& prefix);
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
+  // forward() with each residual add fused with the norm after it (RMSNormImpl::forward_add):
+  // the layer's input is residual + pending (pending undefined: residual alone); on return
+  // `residual` is the stream after the attention block and `pending` the MLP's output, for the
+  // next layer (or the final norm) to add. The values of forward(residual + pending).
+  void forward_residual(at::Tensor& residual, at::Tensor& pending, const RopeRows& rope);
   // Inference over a packed batch (LlamaAttentionImpl::forward_batch): adds the layer's attention
   // and MLP outputs to `residual` [N, dim] in place. On entry `normed` is
   // input_layernorm(residual); on return it is next_norm(residual): the next layer's input norm

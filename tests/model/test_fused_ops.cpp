@@ -75,6 +75,42 @@ TEST_P(FusedOps, RmsNormInBf16WithoutGradMatchesComposite) {
   }
 }
 
+// Training's residual add fused with the next norm (add_rms_norm): bit for bit the values and
+// the gradients (x, delta, weight) of the two ops (x + delta, then rms_norm), with both outputs
+// used, only the norm's (the final norm), and only the sum's.
+TEST_P(FusedOps, TrainingAddRmsNormEqualsAddThenNorm) {
+  for (const std::vector<int64_t>& shape : {std::vector<int64_t>{3, 5, 128}, {3, 37}, {601, 128}}) {
+    const int64_t d = shape.back();
+    const at::Tensor x = at::randn(shape).mul(3), delta = at::randn(shape), w = at::rand({d}).add(0.5);
+    const at::Tensor up_h = at::randn(shape), up_y = at::randn(shape);
+    for (int use = 0; use < 3; ++use) {  // 0: both outputs, 1: the norm's only, 2: the sum's only
+      auto run = [&](bool fused) {
+        at::Tensor xl = x.clone().requires_grad_(true), dl = delta.clone().requires_grad_(true),
+                   wl = w.clone().requires_grad_(true);
+        at::Tensor h, y;
+        if (fused) {
+          std::tie(h, y) = add_rms_norm(xl, dl, wl, 1e-5);
+        } else {
+          h = xl + dl;
+          y = rms_norm(h, wl, 1e-5);
+        }
+        at::Tensor loss = at::zeros({});
+        if (use != 1) loss = loss + (h * up_h).sum();
+        if (use != 2) loss = loss + (y * up_y).sum();
+        loss.backward();
+        return std::vector<at::Tensor>{h.detach(), y.detach(), xl.grad(), dl.grad(), wl.grad()};
+      };
+      const auto got = run(true), want = run(false);
+      for (size_t i = 0; i < want.size(); ++i) {
+        const std::string what = c10::str(at::IntArrayRef(shape)) + " use " + std::to_string(use) + " #" +
+                                 std::to_string(i);
+        ASSERT_EQ(got[i].defined(), want[i].defined()) << what;
+        if (want[i].defined()) EXPECT_TRUE(at::equal(got[i], want[i])) << what;
+      }
+    }
+  }
+}
+
 // Inference's residual add fused with the next norm: bit for bit the two ops' values, the
 // residual updated in place; nothing done (an undefined result, the residual untouched) where it
 // does not apply: with gradients tracked, bf16, mismatched shapes.
