@@ -37,12 +37,16 @@ int bench_train(const ParsedArgs& args, World* world) {
   const GridOptions g = grid_options_from(cfg, cfg.train.device, "[train] device",
                                           static_cast<int>(cfg.parallel.tensor_parallel_size), world);
   ProcessGrid grid(*world, g);
-  // Measured matmul peak: every rank at once (as they run during training), summed.
+  // Measured matmul rate (CPU): every rank at once (as they run during training), summed.
   const at::ScalarType matmul_dtype = cpu_matmul_dtype(cfg.precision.mode);
-  at::Tensor peak =
-      at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops(matmul_dtype) : 0.0, at::kDouble);
   at::Device dev = g.device >= 0 ? at::Device(at::kCUDA, static_cast<c10::DeviceIndex>(g.device)) : at::Device(at::kCPU);
-  all_reduce_host(&grid.world(), peak, ReduceOp::kSum, dev);
+  auto measured_rate = [&] {
+    at::Tensor rate =
+        at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops(matmul_dtype) : 0.0, at::kDouble);
+    all_reduce_host(&grid.world(), rate, ReduceOp::kSum, dev);
+    return rate.item<double>();
+  };
+  const double rate_before = measured_rate();
 
   TrainerOptions o;
   o.sample_tokens = 0;
@@ -69,10 +73,7 @@ int bench_train(const ParsedArgs& args, World* world) {
   // The matmul rate again after the steps: a VM's speed drifts with its neighbours' load (the
   // 25 M fp32 step and the rate measured before it each moved by up to 10 % from run to run on
   // the 2-core VMs), so MFU is quoted against the mean of the rates before and after the steps.
-  at::Tensor peak_after =
-      at::full({1}, cfg.train.device == "cpu" ? measure_matmul_flops(matmul_dtype) : 0.0, at::kDouble);
-  all_reduce_host(&grid.world(), peak_after, ReduceOp::kSum, dev);
-  const double rate_before = peak.item<double>(), rate_after = peak_after.item<double>();
+  const double rate_after = measured_rate();
   const double rate = 0.5 * (rate_before + rate_after);
   r.step_times.resize(std::min<size_t>(r.step_times.size(), static_cast<size_t>(steps)));
   r.step_starts.resize(std::min<size_t>(r.step_starts.size(), static_cast<size_t>(steps)));

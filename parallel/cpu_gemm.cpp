@@ -293,63 +293,19 @@ at::Tensor matmul_nt(const at::Tensor& x2, const at::Tensor& w) {
   return batched_product(x2.unsqueeze(0), false, w.unsqueeze(0), true).squeeze(0);
 }
 
-// dst [cols, rows] = src [rows, cols] transposed, both row-major: 8x8 tiles through AVX registers
-// where the CPU has AVX2.
-__attribute__((target("avx2,fma"))) void transpose_avx2(const float* src, int64_t rows, int64_t cols, float* dst) {
-  constexpr int64_t kTile = 64;  // 64x64 floats in, 64x64 out: both in L1
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t r1 = std::min(rows, r0 + kTile);
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t c1 = std::min(cols, c0 + kTile);
-      int64_t r = r0;
-      for (; r + 8 <= r1; r += 8) {
-        int64_t c = c0;
-        for (; c + 8 <= c1; c += 8) {
-          __m256 v[8], t[8];
-          for (int i = 0; i < 8; ++i) v[i] = _mm256_loadu_ps(src + (r + i) * cols + c);
-          for (int i = 0; i < 4; ++i) {
-            t[2 * i] = _mm256_unpacklo_ps(v[2 * i], v[2 * i + 1]);
-            t[2 * i + 1] = _mm256_unpackhi_ps(v[2 * i], v[2 * i + 1]);
-          }
-          for (int i = 0; i < 2; ++i) {
-            v[4 * i + 0] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
-            v[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
-            v[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
-            v[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
-          }
-          for (int i = 0; i < 4; ++i) {
-            _mm256_storeu_ps(dst + (c + i) * rows + r, _mm256_permute2f128_ps(v[i], v[4 + i], 0x20));
-            _mm256_storeu_ps(dst + (c + 4 + i) * rows + r, _mm256_permute2f128_ps(v[i], v[4 + i], 0x31));
-          }
-        }
-        for (; c < c1; ++c)
-          for (int64_t i = r; i < r + 8; ++i) dst[c * rows + i] = src[i * cols + c];
-      }
-      for (; r < r1; ++r)
-        for (int64_t c = c0; c < c1; ++c) dst[c * rows + r] = src[r * cols + c];
-    }
-  }
-}
-
-void transpose(const float* src, int64_t rows, int64_t cols, float* dst) {
-  if (has_avx2_fma()) return transpose_avx2(src, rows, cols, dst);
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < cols; ++c) dst[c * rows + r] = src[r * cols + c];
-}
-
 // dW [N, K] = dy^T x for dy [M, N] and x [M, K], both contiguous. Where N is at least 4 K and
 // the matrix large (the tied LM head: N = vocabulary), oneDNN's sgemm runs dW^T = x^T dy faster
-// than dy^T x, transpose back included: one thread, M 1024, N 4096, K 512, through this backward
-// with the operands out of the cache, 38.4-38.7 -> 29.8-33.2 ms (1.2-1.3x). Elsewhere dy^T x
-// directly: transposing dy first, for an 'N' 'N' product, was 3-13 % slower at the 25 M model's
-// other shapes.
+// than dy^T x, LibTorch's transposing copy back included: one thread, M 1024, N 4096, K 512,
+// through this backward with the operands out of the cache, 38.4-38.7 -> 28.4-30.4 ms (a
+// hand-written AVX2 transpose was no faster: 27.9-30.1 ms). Elsewhere dy^T x directly:
+// transposing dy first, for an 'N' 'N' product, was 3-13 % slower at the 25 M model's other shapes.
 at::Tensor weight_grad(const at::Tensor& dy, const at::Tensor& x) {
   const int64_t m = dy.size(0), n = dy.size(1), k = x.size(1);
   at::Tensor dw = at::empty({n, k}, x.options());
   if (n >= 4 * k && n * k >= (int64_t{1} << 20)) {
     at::Tensor dwt = at::empty({k, n}, x.options());
     cpu_sgemm(true, false, k, n, m, x.data_ptr<float>(), k, dy.data_ptr<float>(), n, dwt.data_ptr<float>(), n);
-    transpose(dwt.data_ptr<float>(), k, n, dw.data_ptr<float>());
+    dw.copy_(dwt.t());
   } else {
     cpu_sgemm(true, false, n, k, m, dy.data_ptr<float>(), n, x.data_ptr<float>(), k, dw.data_ptr<float>(), k);
   }

@@ -176,6 +176,11 @@ __attribute__((target("avx2,fma"))) inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
 }
 
+// The mask of the first min(n, 16) lanes of a 16-lane operation (n > 0): a row's tail.
+inline __mmask16 first_lanes16(int64_t n) {
+  return n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+}
+
 // exp8's method on 16 floats (the same operations lane by lane, so the same values); call only
 // where has_avx512_bw_vl().
 __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) inline __m512 exp16(__m512 x) {

@@ -101,7 +101,7 @@ ANDY_AVX512 float exp_scores_avx512(float* scores, int64_t n, float scale) {
     m1 = _mm512_max_ps(m1, _mm512_loadu_ps(scores + i + 16));
   }
   for (; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = first_lanes16(n - i);
     m0 = _mm512_mask_max_ps(m0, m, m0, _mm512_maskz_loadu_ps(m, scores + i));
   }
   // Lanes through memory, and a masked max: GCC 12 warns of _mm512_reduce_*'s and (here)
@@ -111,7 +111,7 @@ ANDY_AVX512 float exp_scores_avx512(float* scores, int64_t n, float scale) {
   const __m512 sv = _mm512_set1_ps(scale), mv = _mm512_set1_ps(scale * *std::max_element(lanes, lanes + 16));
   __m512 acc = _mm512_setzero_ps();
   for (i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __mmask16 m = first_lanes16(n - i);
     const __m512 e = exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, scores + i), sv, mv));
     _mm512_mask_storeu_ps(scores + i, m, e);
     acc = _mm512_mask_add_ps(acc, m, acc, e);
@@ -398,7 +398,7 @@ void attend(const DecodeAttentionArgs& a, CpuIsa isa, int64_t s, int64_t j, std:
     int64_t r = 0;
     if (isa == CpuIsa::kAvx512) {
       for (; r + 16 <= n; r += 16) scores16_avx512<true, E>(q, g, d, kt + r, bs, 0xFFFF, dst + r, ctx);
-      if (r < n) scores16_avx512<false, E>(q, g, d, kt + r, bs, static_cast<__mmask16>((1u << (n - r)) - 1), dst + r, ctx);
+      if (r < n) scores16_avx512<false, E>(q, g, d, kt + r, bs, first_lanes16(n - r), dst + r, ctx);
       r = n;
     } else if (avx2) {
       for (; r + 8 <= n; r += 8) scores8_avx2<E>(q, g, d, kt + r, bs, dst + r, ctx);

@@ -78,27 +78,17 @@ void rms_forward_kernel(const T* x, const float* w, Y* y, float* rstd, int64_t r
   });
 }
 
-// fp32 rows: x += a in place, then y = rms_forward_kernel's norm of the sum, row by row.
-void add_rms_forward_kernel(float* x, const float* a, const float* w, float* y, int64_t rows, int64_t d, float eps) {
-  at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      float* xr = x + r * d;
-      const float* ar = a + r * d;
-      for (int64_t i = 0; i < d; ++i) xr[i] += ar[i];
-      rms_forward_row<float, float>(xr, w, y + r * d, d, eps);
-    }
-  });
-}
-
-// fp32 rows: h = x + a, then y = rms_forward_kernel's norm of h, row by row; rstd saved.
-void add_rms_forward_train_kernel(const float* x, const float* a, const float* w, float* h, float* y, float* rstd,
-                                  int64_t rows, int64_t d, float eps) {
+// fp32 rows: h = x + a (h may be x: the sum in place), then y = rms_forward_kernel's norm of h,
+// row by row; rstd saved unless null.
+void add_rms_forward_kernel(const float* x, const float* a, const float* w, float* h, float* y, float* rstd,
+                            int64_t rows, int64_t d, float eps) {
   at::parallel_for(0, rows, row_grain(d), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float *xr = x + r * d, *ar = a + r * d;
       float* hr = h + r * d;
       for (int64_t i = 0; i < d; ++i) hr[i] = xr[i] + ar[i];
-      rstd[r] = rms_forward_row<float, float>(hr, w, y + r * d, d, eps);
+      const float rs = rms_forward_row<float, float>(hr, w, y + r * d, d, eps);
+      if (rstd) rstd[r] = rs;
     }
   });
 }
@@ -146,14 +136,21 @@ inline void sigmoid_block(const float* g, float* s, int64_t n) {
 
 constexpr int64_t kBlock = 256;
 
+// Runs f(lo, hi) over [0, n) in parallel, in chunks of whole kBlock blocks.
+template <typename F>
+void for_element_blocks(int64_t n, F&& f) {
+  at::parallel_for(0, (n + kBlock - 1) / kBlock, 64,
+                   [&](int64_t begin, int64_t end) { f(begin * kBlock, std::min(n, end * kBlock)); });
+}
+
 // Runs f(o, m, g, s) over blocks of at most kBlock elements, in parallel: elements o..o+m-1
 // of `gate` as floats in g, their sigmoids in s.
 template <typename T, typename F>
 void for_gate_blocks(const T* gate, int64_t n, F&& f) {
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 64, [&](int64_t begin, int64_t end) {
+  for_element_blocks(n, [&](int64_t lo, int64_t hi) {
     float g[kBlock], s[kBlock];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t o = blk * kBlock, m = std::min(kBlock, n - o);
+    for (int64_t o = lo; o < hi; o += kBlock) {
+      const int64_t m = std::min(kBlock, hi - o);
       for (int64_t i = 0; i < m; ++i) g[i] = to_f(gate[o + i]);
       sigmoid_block(g, s, m);
       f(o, m, g, s);
@@ -349,7 +346,7 @@ ANDY_AVX512 inline __m512 sigmoid16(__m512 g) {
 // backward 2.0-2.3 -> 1.5-1.9).
 ANDY_AVX512 void swiglu_forward_f32_avx512(const float* g, const float* u, float* out, int64_t lo, int64_t hi) {
   for (int64_t i = lo; i < hi; i += 16) {
-    const __mmask16 m = hi - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hi - i)) - 1);
+    const __mmask16 m = first_lanes16(hi - i);
     const __m512 gv = _mm512_maskz_loadu_ps(m, g + i), uv = _mm512_maskz_loadu_ps(m, u + i);
     _mm512_mask_storeu_ps(out + i, m, _mm512_mul_ps(_mm512_mul_ps(gv, sigmoid16(gv)), uv));
   }
@@ -359,7 +356,7 @@ ANDY_AVX512 void swiglu_backward_f32_avx512(const float* dy, const float* g, con
                                             int64_t lo, int64_t hi) {
   const __m512 one = _mm512_set1_ps(1.0f);
   for (int64_t i = lo; i < hi; i += 16) {
-    const __mmask16 m = hi - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (hi - i)) - 1);
+    const __mmask16 m = first_lanes16(hi - i);
     const __m512 d = _mm512_maskz_loadu_ps(m, dy + i), gv = _mm512_maskz_loadu_ps(m, g + i),
                  uv = _mm512_maskz_loadu_ps(m, u + i);
     const __m512 s = sigmoid16(gv);
@@ -392,7 +389,7 @@ ANDY_AVX512 void rms_backward_rows_f32_avx512(const float* dy, const float* x, c
       acc1 = _mm512_fmadd_ps(_mm512_mul_ps(dy1, _mm512_loadu_ps(w + i + 16)), xn1, acc1);
     }
     for (; i < d; i += 16) {
-      const __mmask16 k = d - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (d - i)) - 1);
+      const __mmask16 k = first_lanes16(d - i);
       const __m512 dyv = _mm512_maskz_loadu_ps(k, dyr + i), xn = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr + i), rs);
       _mm512_mask_storeu_ps(dw + i, k, _mm512_fmadd_ps(dyv, xn, _mm512_maskz_loadu_ps(k, dw + i)));
       acc0 = _mm512_fmadd_ps(_mm512_mul_ps(dyv, _mm512_maskz_loadu_ps(k, w + i)), xn, acc0);
@@ -400,7 +397,7 @@ ANDY_AVX512 void rms_backward_rows_f32_avx512(const float* dy, const float* x, c
     const __m512 m = _mm512_set1_ps(_mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) / static_cast<float>(d));
     float* dxr = dx + r * d;
     for (i = 0; i < d; i += 16) {
-      const __mmask16 k = d - i >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (d - i)) - 1);
+      const __mmask16 k = first_lanes16(d - i);
       const __m512 gh = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, dyr + i), _mm512_maskz_loadu_ps(k, w + i));
       const __m512 xn = _mm512_mul_ps(_mm512_maskz_loadu_ps(k, xr + i), rs);
       _mm512_mask_storeu_ps(dxr + i, k, _mm512_mul_ps(rs, _mm512_fnmadd_ps(xn, m, gh)));
@@ -424,13 +421,6 @@ void rms_backward(const float* dy, const T* x, const float* w, const float* rstd
     }
   }
   rms_backward_kernel<T>(dy, x, w, rstd, dx, dw_parts, rows, d, add);
-}
-
-// Runs f(lo, hi) over [0, n) in parallel, in chunks of whole kBlock blocks.
-template <typename F>
-void for_element_blocks(int64_t n, F&& f) {
-  at::parallel_for(0, (n + kBlock - 1) / kBlock, 64,
-                   [&](int64_t begin, int64_t end) { f(begin * kBlock, std::min(n, end * kBlock)); });
 }
 
 using torch::autograd::AutogradContext;
@@ -478,8 +468,8 @@ struct AddRmsNormFn : public torch::autograd::Function<AddRmsNormFn> {
     const int64_t d = x.size(-1), rows = x.numel() / std::max<int64_t>(1, d);
     at::Tensor h = at::empty(x.sizes(), x.options()), y = at::empty(x.sizes(), x.options());
     at::Tensor rstd = at::empty({rows}, x.options());
-    add_rms_forward_train_kernel(x.data_ptr<float>(), delta.data_ptr<float>(), w.data_ptr<float>(), h.data_ptr<float>(),
-                                 y.data_ptr<float>(), rstd.data_ptr<float>(), rows, d, static_cast<float>(eps));
+    add_rms_forward_kernel(x.data_ptr<float>(), delta.data_ptr<float>(), w.data_ptr<float>(), h.data_ptr<float>(),
+                           y.data_ptr<float>(), rstd.data_ptr<float>(), rows, d, static_cast<float>(eps));
     ctx->save_for_backward({h, w, rstd});
     return {h, y};
   }
@@ -757,8 +747,8 @@ at::Tensor add_rms_norm_fp32_(at::Tensor& residual, const at::Tensor& delta, con
   const at::Tensor dl = delta.contiguous(), w = weight.contiguous();
   const int64_t d = residual.size(-1), rows = residual.numel() / std::max<int64_t>(1, d);
   at::Tensor y = at::empty(residual.sizes(), residual.options());
-  add_rms_forward_kernel(residual.data_ptr<float>(), dl.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(),
-                         rows, d, static_cast<float>(eps));
+  add_rms_forward_kernel(residual.data_ptr<float>(), dl.data_ptr<float>(), w.data_ptr<float>(),
+                         residual.data_ptr<float>(), y.data_ptr<float>(), nullptr, rows, d, static_cast<float>(eps));
   return y;
 }
 

@@ -68,11 +68,6 @@ class LlamaAttentionImpl : public torch::nn::Module {
   LlamaAttentionImpl(const ModelConfig& cfg, CommPtr tp, uint64_t seed, const std::string& prefix);
   // x [B, T, dim] replicated -> [B, T, dim] replicated.
   at::Tensor forward(const at::Tensor& x, const RopeRows& rope);
-  // forward() with each residual add fused with the norm after it (RMSNormImpl::forward_add):
-  // the layer's input is residual + pending (pending undefined: residual alone); on return
-  // `residual` is the stream after the attention block and `pending` the MLP's output, for the
-  // next layer (or the final norm) to add. The values of forward(residual + pending).
-  void forward_residual(at::Tensor& residual, at::Tensor& pending, const RopeRows& rope);
   // Inference over a packed batch: x [N, dim], rope rows [N, d]; writes this layer's k, v of
   // the new tokens into their cache slots (`slots` [N]), then attends over each sequence's
   // cached tokens (paged_attention). Returns [N, dim].

@@ -126,10 +126,14 @@ TEST(CpuGemm, LinearGroupMatchesSeparateLinears) {
       loss1.backward();
       loss2.backward();
       const std::string what = "unused " + std::to_string(unused) + " x_grad " + std::to_string(x_grad);
-      if (x_grad) EXPECT_LT(rel_err(x1.grad(), x2.grad()), 1e-5) << what;
+      if (x_grad) {
+        EXPECT_LT(rel_err(x1.grad(), x2.grad()), 1e-5) << what;
+      }
       for (size_t i = 0; i < w0.size(); ++i) {
         ASSERT_EQ(w1[i].grad().defined(), w2[i].grad().defined()) << what << " weight " << i;
-        if (w2[i].grad().defined()) EXPECT_LT(rel_err(w1[i].grad(), w2[i].grad()), 1e-5) << what << " weight " << i;
+        if (w2[i].grad().defined()) {
+          EXPECT_LT(rel_err(w1[i].grad(), w2[i].grad()), 1e-5) << what << " weight " << i;
+        }
       }
     }
   }
